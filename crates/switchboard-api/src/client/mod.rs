@@ -1,0 +1,26 @@
+//! The Client-Server API, served under both `/_matrix/client/v3` and the legacy `/r0` prefix.
+
+mod account;
+mod directory;
+mod events;
+mod rooms;
+mod sync;
+mod versions;
+
+use std::sync::Arc;
+
+use axum::Router;
+use switchboard_core::Homeserver;
+
+pub(crate) fn router() -> Router<Arc<Homeserver>> {
+    let api = Router::new()
+        .merge(account::routes())
+        .merge(rooms::routes())
+        .merge(events::routes())
+        .merge(directory::routes())
+        .merge(sync::routes());
+    Router::new()
+        .merge(versions::routes())
+        .nest("/_matrix/client/v3", api.clone())
+        .nest("/_matrix/client/r0", api)
+}

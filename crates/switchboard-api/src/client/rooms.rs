@@ -1,0 +1,205 @@
+//! Room creation and membership.
+
+use std::sync::Arc;
+
+use axum::{
+    Json, Router,
+    extract::{Path, State},
+    routing::{get, post},
+};
+use ruma::{OwnedRoomAliasId, OwnedRoomId, OwnedUserId};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use switchboard_core::{Error, Homeserver, rooms::CreateRoom};
+
+use crate::{
+    error::ApiResult,
+    extract::{Auth, Body},
+};
+
+pub(super) fn routes() -> Router<Arc<Homeserver>> {
+    Router::new()
+        .route("/createRoom", post(create_room))
+        .route("/join/{room}", post(join_by_id_or_alias))
+        .route("/rooms/{room_id}/join", post(join))
+        .route("/rooms/{room_id}/leave", post(leave))
+        .route("/rooms/{room_id}/invite", post(invite))
+        .route("/rooms/{room_id}/kick", post(kick))
+        .route("/rooms/{room_id}/ban", post(ban))
+        .route("/rooms/{room_id}/unban", post(unban))
+        .route("/rooms/{room_id}/forget", post(forget))
+        .route("/joined_rooms", get(joined_rooms))
+}
+
+pub(super) fn room_id(raw: &str) -> Result<OwnedRoomId, Error> {
+    OwnedRoomId::try_from(raw)
+        .map_err(|e| Error::InvalidParam(format!("invalid room ID {raw}: {e}")))
+}
+
+pub(super) fn alias(raw: &str) -> Result<OwnedRoomAliasId, Error> {
+    OwnedRoomAliasId::try_from(raw)
+        .map_err(|e| Error::InvalidParam(format!("invalid room alias {raw}: {e}")))
+}
+
+async fn create_room(
+    State(hs): State<Arc<Homeserver>>,
+    Auth(session): Auth,
+    Body(body): Body<CreateRoom>,
+) -> ApiResult<Json<Value>> {
+    let displayname = hs.accounts.displayname(&session.user_id).await?;
+    let (room_id, alias) = hs
+        .rooms
+        .create_room(&session.user_id, displayname.as_deref(), body)
+        .await?;
+    let mut response = json!({ "room_id": room_id });
+    if let Some(alias) = alias {
+        response["room_alias"] = json!(alias);
+    }
+    Ok(Json(response))
+}
+
+#[derive(Deserialize, Default)]
+struct ReasonBody {
+    reason: Option<String>,
+}
+
+async fn join_by_id_or_alias(
+    State(hs): State<Arc<Homeserver>>,
+    Auth(session): Auth,
+    Path(target): Path<String>,
+    Body(_body): Body<ReasonBody>,
+) -> ApiResult<Json<Value>> {
+    let room_id = if target.starts_with('#') {
+        hs.rooms.resolve_alias(&alias(&target)?).await?
+    } else {
+        room_id(&target)?
+    };
+    do_join(&hs, &session.user_id, &room_id).await
+}
+
+async fn join(
+    State(hs): State<Arc<Homeserver>>,
+    Auth(session): Auth,
+    Path(raw): Path<String>,
+    Body(_body): Body<ReasonBody>,
+) -> ApiResult<Json<Value>> {
+    do_join(&hs, &session.user_id, &room_id(&raw)?).await
+}
+
+async fn do_join(
+    hs: &Homeserver,
+    user: &OwnedUserId,
+    room_id: &OwnedRoomId,
+) -> ApiResult<Json<Value>> {
+    let displayname = hs.accounts.displayname(user).await?;
+    hs.rooms.join(room_id, user, displayname.as_deref()).await?;
+    Ok(Json(json!({ "room_id": room_id })))
+}
+
+async fn leave(
+    State(hs): State<Arc<Homeserver>>,
+    Auth(session): Auth,
+    Path(raw): Path<String>,
+    Body(body): Body<ReasonBody>,
+) -> ApiResult<Json<Value>> {
+    hs.rooms
+        .leave(&room_id(&raw)?, &session.user_id, body.reason.as_deref())
+        .await?;
+    Ok(Json(json!({})))
+}
+
+#[derive(Deserialize)]
+struct TargetBody {
+    user_id: OwnedUserId,
+    reason: Option<String>,
+    #[serde(default)]
+    is_direct: bool,
+}
+
+async fn invite(
+    State(hs): State<Arc<Homeserver>>,
+    Auth(session): Auth,
+    Path(raw): Path<String>,
+    Body(body): Body<TargetBody>,
+) -> ApiResult<Json<Value>> {
+    let room = room_id(&raw)?;
+    hs.rooms
+        .invite(
+            &room,
+            &session.user_id,
+            &body.user_id,
+            body.reason.as_deref(),
+            body.is_direct,
+        )
+        .await?;
+    Ok(Json(json!({})))
+}
+
+async fn kick(
+    State(hs): State<Arc<Homeserver>>,
+    Auth(session): Auth,
+    Path(raw): Path<String>,
+    Body(body): Body<TargetBody>,
+) -> ApiResult<Json<Value>> {
+    hs.rooms
+        .kick(
+            &room_id(&raw)?,
+            &session.user_id,
+            &body.user_id,
+            body.reason.as_deref(),
+        )
+        .await?;
+    Ok(Json(json!({})))
+}
+
+async fn ban(
+    State(hs): State<Arc<Homeserver>>,
+    Auth(session): Auth,
+    Path(raw): Path<String>,
+    Body(body): Body<TargetBody>,
+) -> ApiResult<Json<Value>> {
+    hs.rooms
+        .ban(
+            &room_id(&raw)?,
+            &session.user_id,
+            &body.user_id,
+            body.reason.as_deref(),
+        )
+        .await?;
+    Ok(Json(json!({})))
+}
+
+async fn unban(
+    State(hs): State<Arc<Homeserver>>,
+    Auth(session): Auth,
+    Path(raw): Path<String>,
+    Body(body): Body<TargetBody>,
+) -> ApiResult<Json<Value>> {
+    hs.rooms
+        .unban(
+            &room_id(&raw)?,
+            &session.user_id,
+            &body.user_id,
+            body.reason.as_deref(),
+        )
+        .await?;
+    Ok(Json(json!({})))
+}
+
+async fn forget(
+    State(hs): State<Arc<Homeserver>>,
+    Auth(session): Auth,
+    Path(raw): Path<String>,
+) -> ApiResult<Json<Value>> {
+    hs.rooms.forget(&room_id(&raw)?, &session.user_id).await?;
+    Ok(Json(json!({})))
+}
+
+async fn joined_rooms(
+    State(hs): State<Arc<Homeserver>>,
+    Auth(session): Auth,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(
+        json!({ "joined_rooms": hs.rooms.joined_rooms(&session.user_id).await? }),
+    ))
+}

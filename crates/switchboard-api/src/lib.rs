@@ -1,0 +1,73 @@
+//! The HTTP surface of Switchboard: axum routers, one module per area of the Client-Server API.
+//! Handlers stay thin: extract, call one service method, shape the response. Errors become Matrix
+//! errors in `error.rs`.
+
+mod client;
+pub mod error;
+mod extract;
+
+use std::sync::Arc;
+
+use axum::{
+    Router,
+    extract::{DefaultBodyLimit, Request},
+    http::{HeaderValue, Method, StatusCode, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+};
+use switchboard_core::Homeserver;
+
+use crate::error::matrix_error;
+
+/// The complete router for a listener serving the `client` resource.
+pub fn router(hs: Arc<Homeserver>) -> Router {
+    let limit = hs.config.max_request_size;
+    Router::new()
+        .merge(client::router())
+        .fallback(unrecognized)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn(cors))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(hs)
+}
+
+async fn unrecognized() -> Response {
+    matrix_error(
+        StatusCode::NOT_FOUND,
+        "M_UNRECOGNIZED",
+        "Unrecognized request",
+    )
+}
+
+async fn method_not_allowed() -> Response {
+    matrix_error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "M_UNRECOGNIZED",
+        "Unrecognized request method",
+    )
+}
+
+/// The CORS headers the spec requires on every response, and the answer to preflights, so web
+/// clients such as Element work from any origin.
+async fn cors(request: Request, next: Next) -> Response {
+    let mut response = if request.method() == Method::OPTIONS {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        next.run(request).await
+    };
+    let headers = response.headers_mut();
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, OPTIONS"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("X-Requested-With, Content-Type, Authorization, Date"),
+    );
+    response
+}

@@ -1,0 +1,427 @@
+//! Accounts, devices and access tokens: registration, password login, logout.
+
+use std::{collections::HashMap, sync::RwLock};
+
+use argon2::{
+    Argon2, PasswordHash, PasswordHasher, PasswordVerifier,
+    password_hash::{SaltString, rand_core::OsRng},
+};
+use ruma::{OwnedServerName, OwnedUserId, UserId};
+use serde_json::Value;
+use switchboard_store::{NewUser, Store};
+
+use crate::{
+    Error, Result,
+    util::{now_ms, random_string, sha256_hex},
+};
+
+/// Who an access token belongs to.
+#[derive(Clone, Debug)]
+pub struct Session {
+    pub user_id: OwnedUserId,
+    pub device_id: String,
+    pub is_admin: bool,
+}
+
+pub struct Registration {
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub device_id: Option<String>,
+    pub initial_device_display_name: Option<String>,
+    pub inhibit_login: bool,
+    /// The `auth` dict of user-interactive authentication.
+    pub auth: Option<Value>,
+}
+
+pub struct LoggedIn {
+    pub user_id: OwnedUserId,
+    pub access_token: Option<String>,
+    pub device_id: Option<String>,
+}
+
+pub struct Accounts {
+    store: Store,
+    server_name: OwnedServerName,
+    /// Token hash → session; the database is the truth, this saves a query per request.
+    sessions: RwLock<HashMap<String, Session>>,
+}
+
+const USERNAME_CHARS: &str = "abcdefghijklmnopqrstuvwxyz0123456789._=-/+";
+
+impl Accounts {
+    pub fn new(store: Store, server_name: OwnedServerName) -> Self {
+        Self {
+            store,
+            server_name,
+            sessions: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// Validates a requested localpart the way Synapse does and builds the user ID.
+    pub fn user_id_for(&self, localpart: &str) -> Result<OwnedUserId> {
+        if localpart.is_empty() {
+            return Err(Error::InvalidUsername("User ID cannot be empty".to_owned()));
+        }
+        if localpart.starts_with('_') {
+            return Err(Error::InvalidUsername(
+                "User ID may not begin with _".to_owned(),
+            ));
+        }
+        if !localpart.chars().all(|c| USERNAME_CHARS.contains(c)) {
+            return Err(Error::InvalidUsername(
+                "User ID can only contain characters a-z, 0-9, or '=_-./+'".to_owned(),
+            ));
+        }
+        let user_id = format!("@{localpart}:{}", self.server_name);
+        if user_id.len() > 255 {
+            return Err(Error::InvalidUsername(
+                "User ID may not be longer than 255 characters".to_owned(),
+            ));
+        }
+        OwnedUserId::try_from(user_id).map_err(|e| Error::InvalidUsername(e.to_string()))
+    }
+
+    /// Accepts a localpart or a full user ID of this server.
+    pub fn parse_user(&self, user: &str) -> Result<OwnedUserId> {
+        if user.starts_with('@') {
+            let id = OwnedUserId::try_from(user).map_err(|e| Error::InvalidParam(e.to_string()))?;
+            if id.server_name() != self.server_name {
+                return Err(Error::InvalidParam(format!(
+                    "{id} is not a user of this server"
+                )));
+            }
+            Ok(id)
+        } else {
+            OwnedUserId::try_from(format!("@{}:{}", user.to_lowercase(), self.server_name))
+                .map_err(|e| Error::InvalidParam(e.to_string()))
+        }
+    }
+
+    /// `GET /register/available`.
+    pub async fn username_available(&self, localpart: &str) -> Result<()> {
+        let user_id = self.user_id_for(localpart)?;
+        if self.store.user(user_id.as_str()).await?.is_some() {
+            return Err(Error::UserInUse);
+        }
+        Ok(())
+    }
+
+    /// `POST /register` with user-interactive auth (`m.login.dummy`).
+    pub async fn register(&self, request: Registration) -> Result<LoggedIn> {
+        let localpart = match &request.username {
+            Some(name) => name.clone(),
+            None => random_string(12).to_lowercase(),
+        };
+        // Check the name before auth, so clients learn about a taken name at the first request.
+        self.username_available(&localpart).await?;
+        let stage = request
+            .auth
+            .as_ref()
+            .and_then(|a| a.get("type"))
+            .and_then(Value::as_str);
+        match stage {
+            Some("m.login.dummy") => {}
+            other => {
+                let session = request
+                    .auth
+                    .as_ref()
+                    .and_then(|a| a.get("session"))
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| random_string(24));
+                return Err(Error::UiaRequired {
+                    session,
+                    flows: vec![vec!["m.login.dummy".to_owned()]],
+                    error: other.map(|t| format!("Unsupported authentication stage {t}")),
+                });
+            }
+        }
+        let password = request
+            .password
+            .ok_or_else(|| Error::MissingParam("Missing password".to_owned()))?;
+        let user_id = self.create_user(&localpart, Some(&password), false).await?;
+        if request.inhibit_login {
+            return Ok(LoggedIn {
+                user_id,
+                access_token: None,
+                device_id: None,
+            });
+        }
+        let (token, device) = self
+            .new_session(
+                &user_id,
+                request.device_id,
+                request.initial_device_display_name.as_deref(),
+            )
+            .await?;
+        Ok(LoggedIn {
+            user_id,
+            access_token: Some(token),
+            device_id: Some(device),
+        })
+    }
+
+    /// Creates an account (used by `/register` and the `register-user` command).
+    pub async fn create_user(
+        &self,
+        localpart: &str,
+        password: Option<&str>,
+        admin: bool,
+    ) -> Result<OwnedUserId> {
+        let user_id = self.user_id_for(localpart)?;
+        let hash = match password {
+            Some(password) => Some(hash_password(password.to_owned()).await?),
+            None => None,
+        };
+        let created = self
+            .store
+            .create_user(&NewUser {
+                user_id: user_id.as_str(),
+                password_hash: hash.as_deref(),
+                is_admin: admin,
+                appservice_id: None,
+                created_ts: now_ms() as i64,
+            })
+            .await?;
+        if !created {
+            return Err(Error::UserInUse);
+        }
+        tracing::info!(%user_id, admin, "user registered");
+        Ok(user_id)
+    }
+
+    /// `m.login.password`. A wrong user and a wrong password give the same answer.
+    pub async fn login_password(
+        &self,
+        user_id: &UserId,
+        password: &str,
+        device_id: Option<String>,
+        display_name: Option<&str>,
+    ) -> Result<LoggedIn> {
+        let invalid = || Error::Forbidden("Invalid username or password".to_owned());
+        let user = self
+            .store
+            .user(user_id.as_str())
+            .await?
+            .ok_or_else(invalid)?;
+        if user.deactivated {
+            return Err(Error::UserDeactivated);
+        }
+        let hash = user.password_hash.ok_or_else(invalid)?;
+        if !verify_password(password.to_owned(), hash).await? {
+            return Err(invalid());
+        }
+        let (token, device) = self.new_session(user_id, device_id, display_name).await?;
+        Ok(LoggedIn {
+            user_id: user_id.to_owned(),
+            access_token: Some(token),
+            device_id: Some(device),
+        })
+    }
+
+    async fn new_session(
+        &self,
+        user_id: &UserId,
+        device_id: Option<String>,
+        display_name: Option<&str>,
+    ) -> Result<(String, String)> {
+        let device_id = device_id.unwrap_or_else(|| random_string(10).to_uppercase());
+        let token = format!("sb_{}", random_string(40));
+        let hash = sha256_hex(&token);
+        // Drop cached sessions of a device whose token this login replaces.
+        if let Ok(mut sessions) = self.sessions.write() {
+            sessions.retain(|_, s| !(s.user_id == user_id && s.device_id == device_id));
+        }
+        self.store
+            .add_device_token(
+                user_id.as_str(),
+                &device_id,
+                display_name,
+                &hash,
+                now_ms() as i64,
+            )
+            .await?;
+        Ok((token, device_id))
+    }
+
+    /// Resolves an access token to its session.
+    pub async fn authenticate(&self, token: &str) -> Result<Session> {
+        let hash = sha256_hex(token);
+        if let Some(session) = self
+            .sessions
+            .read()
+            .ok()
+            .and_then(|s| s.get(&hash).cloned())
+        {
+            return Ok(session);
+        }
+        let (user_id, device_id) = self
+            .store
+            .session_by_token(&hash)
+            .await?
+            .ok_or(Error::UnknownToken)?;
+        let user = self
+            .store
+            .user(&user_id)
+            .await?
+            .ok_or(Error::UnknownToken)?;
+        let session = Session {
+            user_id: OwnedUserId::try_from(user_id).map_err(Error::internal)?,
+            device_id,
+            is_admin: user.is_admin,
+        };
+        if let Ok(mut sessions) = self.sessions.write() {
+            sessions.insert(hash, session.clone());
+        }
+        Ok(session)
+    }
+
+    pub async fn logout(&self, session: &Session) -> Result<()> {
+        if let Ok(mut sessions) = self.sessions.write() {
+            sessions
+                .retain(|_, s| !(s.user_id == session.user_id && s.device_id == session.device_id));
+        }
+        self.store
+            .delete_device(session.user_id.as_str(), &session.device_id)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn logout_all(&self, user_id: &UserId) -> Result<()> {
+        if let Ok(mut sessions) = self.sessions.write() {
+            sessions.retain(|_, s| s.user_id != user_id);
+        }
+        self.store.delete_all_devices(user_id.as_str()).await?;
+        Ok(())
+    }
+
+    /// The display name a user's member events carry (their localpart until profiles exist).
+    pub async fn displayname(&self, user_id: &UserId) -> Result<Option<String>> {
+        Ok(self.store.user(user_id.as_str()).await?.map(|u| {
+            u.displayname
+                .unwrap_or_else(|| user_id.localpart().to_owned())
+        }))
+    }
+
+    pub async fn is_admin(&self, user_id: &UserId) -> Result<bool> {
+        Ok(self
+            .store
+            .user(user_id.as_str())
+            .await?
+            .is_some_and(|u| u.is_admin))
+    }
+}
+
+/// Argon2id hashing runs on the blocking pool: it is deliberately slow.
+async fn hash_password(password: String) -> Result<String> {
+    tokio::task::spawn_blocking(move || {
+        let salt = SaltString::generate(&mut OsRng);
+        Argon2::default()
+            .hash_password(password.as_bytes(), &salt)
+            .map(|h| h.to_string())
+            .map_err(Error::internal)
+    })
+    .await
+    .map_err(Error::internal)?
+}
+
+async fn verify_password(password: String, hash: String) -> Result<bool> {
+    tokio::task::spawn_blocking(move || {
+        let parsed = PasswordHash::new(&hash).map_err(Error::internal)?;
+        Ok(Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok())
+    })
+    .await
+    .map_err(Error::internal)?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn accounts() -> (tempfile::TempDir, Accounts) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open_sqlite(&dir.path().join("db"))
+            .await
+            .expect("store");
+        (
+            dir,
+            Accounts::new(store, "example.org".try_into().expect("server name")),
+        )
+    }
+
+    #[tokio::test]
+    async fn username_rules() {
+        let (_dir, accounts) = accounts().await;
+        assert!(accounts.user_id_for("alice.b-c=d/e+f_").is_ok());
+        for bad in ["", "_bot", "Alice", "a b", "a:b", "ü"] {
+            assert!(
+                matches!(accounts.user_id_for(bad), Err(Error::InvalidUsername(_))),
+                "{bad:?}"
+            );
+        }
+        assert!(accounts.user_id_for(&"a".repeat(250)).is_err());
+    }
+
+    #[tokio::test]
+    async fn register_login_logout() {
+        let (_dir, accounts) = accounts().await;
+        let request = |auth: Option<Value>| Registration {
+            username: Some("alice".into()),
+            password: Some("pw".into()),
+            device_id: None,
+            initial_device_display_name: None,
+            inhibit_login: false,
+            auth,
+        };
+        assert!(matches!(
+            accounts.register(request(None)).await,
+            Err(Error::UiaRequired { .. })
+        ));
+        let done = accounts
+            .register(request(Some(serde_json::json!({"type": "m.login.dummy"}))))
+            .await
+            .expect("registered");
+        let token = done.access_token.expect("token");
+        assert_eq!(
+            accounts
+                .authenticate(&token)
+                .await
+                .expect("session")
+                .user_id,
+            done.user_id
+        );
+        assert!(matches!(
+            accounts.register(request(None)).await,
+            Err(Error::UserInUse)
+        ));
+
+        assert!(matches!(
+            accounts
+                .login_password(&done.user_id, "wrong", None, None)
+                .await,
+            Err(Error::Forbidden(_))
+        ));
+        let again = accounts
+            .login_password(&done.user_id, "pw", Some("DEV".into()), None)
+            .await
+            .expect("login");
+        let session = accounts
+            .authenticate(again.access_token.as_deref().expect("token"))
+            .await
+            .expect("session");
+        assert_eq!(session.device_id, "DEV");
+        accounts.logout(&session).await.expect("logout");
+        assert!(matches!(
+            accounts
+                .authenticate(again.access_token.as_deref().expect("t"))
+                .await,
+            Err(Error::UnknownToken)
+        ));
+        assert!(
+            accounts.authenticate(&token).await.is_ok(),
+            "other devices stay logged in"
+        );
+    }
+}

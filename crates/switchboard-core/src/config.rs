@@ -1,0 +1,503 @@
+//! The homeserver configuration: Synapse's `homeserver.yaml` key names, so an admin's existing
+//! knowledge (and most of their file) carries over.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+/// A configuration that cannot be used; the message names the file and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid YAML: {message}")]
+    Yaml { path: String, message: String },
+    #[error("config file {path}: key `{key}`: {message}")]
+    Key {
+        path: String,
+        key: String,
+        message: String,
+    },
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The domain part of every user ID and room alias on this server.
+    pub server_name: String,
+    #[serde(default)]
+    pub public_baseurl: Option<String>,
+    #[serde(default)]
+    pub listeners: Vec<Listener>,
+    #[serde(default)]
+    pub database: Database,
+    #[serde(default = "default_media_store")]
+    pub media_store_path: PathBuf,
+    #[serde(default)]
+    pub signing_key_path: Option<PathBuf>,
+    #[serde(default)]
+    pub enable_registration: bool,
+    #[serde(default)]
+    pub enable_registration_without_verification: bool,
+    #[serde(default)]
+    pub registration_shared_secret: Option<String>,
+    #[serde(default)]
+    pub app_service_config_files: Vec<PathBuf>,
+    #[serde(default = "default_room_version")]
+    pub default_room_version: String,
+    #[serde(default = "RateLimit::message_default")]
+    pub rc_message: RateLimit,
+    #[serde(default = "RateLimit::registration_default")]
+    pub rc_registration: RateLimit,
+    #[serde(default)]
+    pub rc_login: LoginRateLimits,
+    /// Largest request body accepted on the client API, in bytes (media uploads excepted).
+    #[serde(default = "default_max_request_size")]
+    pub max_request_size: usize,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    pub port: u16,
+    #[serde(default = "default_bind_addresses")]
+    pub bind_addresses: Vec<String>,
+    #[serde(default = "default_listener_type", rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub tls: bool,
+    #[serde(default)]
+    pub x_forwarded: bool,
+    #[serde(default)]
+    pub resources: Vec<ListenerResource>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerResource {
+    #[serde(default)]
+    pub names: Vec<String>,
+    #[serde(default)]
+    pub compress: bool,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Database {
+    /// `sqlite3` (embedded default) or `psycopg2` (PostgreSQL, not built yet).
+    pub name: String,
+    #[serde(default)]
+    pub args: BTreeMap<String, serde_json::Value>,
+}
+
+impl Default for Database {
+    fn default() -> Self {
+        let mut args = BTreeMap::new();
+        args.insert(
+            "database".to_owned(),
+            serde_json::Value::from("homeserver.db"),
+        );
+        Self {
+            name: "sqlite3".to_owned(),
+            args,
+        }
+    }
+}
+
+/// A token bucket as Synapse configures it.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub per_second: f64,
+    pub burst_count: f64,
+}
+
+impl RateLimit {
+    fn message_default() -> Self {
+        Self {
+            per_second: 0.2,
+            burst_count: 10.0,
+        }
+    }
+    fn registration_default() -> Self {
+        Self {
+            per_second: 0.17,
+            burst_count: 3.0,
+        }
+    }
+    fn login_default() -> Self {
+        Self {
+            per_second: 0.003,
+            burst_count: 5.0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRateLimits {
+    #[serde(default = "RateLimit::login_default")]
+    pub address: RateLimit,
+    #[serde(default = "RateLimit::login_default")]
+    pub account: RateLimit,
+    #[serde(default = "RateLimit::registration_default")]
+    pub failed_attempts: RateLimit,
+}
+
+impl Default for LoginRateLimits {
+    fn default() -> Self {
+        Self {
+            address: RateLimit::login_default(),
+            account: RateLimit::login_default(),
+            failed_attempts: RateLimit::registration_default(),
+        }
+    }
+}
+
+fn default_media_store() -> PathBuf {
+    PathBuf::from("media_store")
+}
+fn default_room_version() -> String {
+    "11".to_owned()
+}
+fn default_bind_addresses() -> Vec<String> {
+    vec!["127.0.0.1".to_owned()]
+}
+fn default_listener_type() -> String {
+    "http".to_owned()
+}
+fn default_max_request_size() -> usize {
+    1024 * 1024
+}
+
+/// Top-level keys Synapse knows that Switchboard accepts without using; they are not worth a warning
+/// each start, since admins copy whole Synapse files.
+const QUIET_SYNAPSE_KEYS: &[&str] = &[
+    "pid_file",
+    "log_config",
+    "report_stats",
+    "macaroon_secret_key",
+    "form_secret",
+    "trusted_key_servers",
+    "suppress_key_server_warning",
+];
+
+impl Config {
+    /// Loads a config file. Relative paths in it are resolved against the file's directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, &path.display().to_string(), base)
+    }
+
+    /// Parses config text; `origin` names the file in errors.
+    pub fn parse(text: &str, origin: &str, base: &Path) -> Result<Self, ConfigError> {
+        let value: serde_json::Value =
+            serde_saphyr::from_str(text).map_err(|e| ConfigError::Yaml {
+                path: origin.to_owned(),
+                message: e.to_string(),
+            })?;
+        let mut map = match value {
+            serde_json::Value::Object(map) => map,
+            _ => {
+                return Err(ConfigError::Yaml {
+                    path: origin.to_owned(),
+                    message: "the top level must be a mapping of keys".to_owned(),
+                });
+            }
+        };
+        let known = known_top_level_keys();
+        map.retain(|key, _| {
+            let keep = known.contains(&key.as_str());
+            if !keep && !QUIET_SYNAPSE_KEYS.contains(&key.as_str()) {
+                tracing::warn!(file = origin, key, "ignoring unknown config key");
+            }
+            keep
+        });
+        let mut config: Config = serde_path_to_error::deserialize(serde_json::Value::Object(map))
+            .map_err(|e| ConfigError::Key {
+            path: origin.to_owned(),
+            key: key_path(e.path()),
+            message: e.inner().to_string(),
+        })?;
+        config.validate(origin)?;
+        config.resolve_paths(base);
+        Ok(config)
+    }
+
+    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let bad = |key: &str, message: String| ConfigError::Key {
+            path: origin.to_owned(),
+            key: key.to_owned(),
+            message,
+        };
+        if ruma::ServerName::parse(&self.server_name).is_err() {
+            return Err(bad(
+                "server_name",
+                format!("`{}` is not a valid server name", self.server_name),
+            ));
+        }
+        match self.database.name.as_str() {
+            "sqlite3" => {
+                if !matches!(
+                    self.database.args.get("database"),
+                    Some(serde_json::Value::String(_)) | None
+                ) {
+                    return Err(bad(
+                        "database.args.database",
+                        "must be a file path".to_owned(),
+                    ));
+                }
+            }
+            "psycopg2" => {
+                return Err(bad(
+                    "database.name",
+                    "the PostgreSQL backend (psycopg2) is not available yet; use sqlite3"
+                        .to_owned(),
+                ));
+            }
+            other => {
+                return Err(bad(
+                    "database.name",
+                    format!("unknown database `{other}`; use sqlite3"),
+                ));
+            }
+        }
+        if self.enable_registration && !self.enable_registration_without_verification {
+            return Err(bad(
+                "enable_registration_without_verification",
+                "enable_registration needs it set to true: no email or captcha verification is available"
+                    .to_owned(),
+            ));
+        }
+        if self.client_listeners().next().is_none() {
+            return Err(bad(
+                "listeners",
+                "no `http` listener serves the `client` resource, so nothing could reach the server"
+                    .to_owned(),
+            ));
+        }
+        if let Err(e) = crate::pdu::RoomVersion::parse(&self.default_room_version) {
+            return Err(bad("default_room_version", e.to_string()));
+        }
+        for (key, limit) in [
+            ("rc_message", self.rc_message),
+            ("rc_registration", self.rc_registration),
+        ] {
+            if limit.per_second < 0.0 || limit.burst_count < 1.0 {
+                return Err(bad(
+                    key,
+                    "per_second must be ≥ 0 and burst_count ≥ 1".to_owned(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |p: &Path| {
+            if p.is_absolute() {
+                p.to_owned()
+            } else {
+                base.join(p)
+            }
+        };
+        self.media_store_path = resolve(&self.media_store_path);
+        let key = self
+            .signing_key_path
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("{}.signing.key", self.server_name)));
+        self.signing_key_path = Some(resolve(&key));
+        self.app_service_config_files = self
+            .app_service_config_files
+            .iter()
+            .map(|p| resolve(p))
+            .collect();
+        if let Some(serde_json::Value::String(db)) = self.database.args.get("database") {
+            if db != ":memory:" {
+                let resolved = resolve(Path::new(db)).display().to_string();
+                self.database
+                    .args
+                    .insert("database".to_owned(), resolved.into());
+            }
+        }
+    }
+
+    /// Listeners that serve the Client-Server API.
+    pub fn client_listeners(&self) -> impl Iterator<Item = &Listener> {
+        self.listeners.iter().filter(|l| {
+            l.kind == "http"
+                && l.resources
+                    .iter()
+                    .any(|r| r.names.iter().any(|n| n == "client"))
+        })
+    }
+
+    /// Path of the SQLite database file.
+    pub fn sqlite_path(&self) -> PathBuf {
+        match self.database.args.get("database") {
+            Some(serde_json::Value::String(p)) => PathBuf::from(p),
+            _ => PathBuf::from("homeserver.db"),
+        }
+    }
+
+    pub fn signing_key_path(&self) -> PathBuf {
+        self.signing_key_path
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("signing.key"))
+    }
+
+    /// A ready-to-run config for `generate-config`, rooted at `data_dir`.
+    pub fn generated(server_name: &str, data_dir: &Path, port: u16, shared_secret: String) -> Self {
+        Self {
+            server_name: server_name.to_owned(),
+            public_baseurl: None,
+            listeners: vec![Listener {
+                port,
+                bind_addresses: default_bind_addresses(),
+                kind: default_listener_type(),
+                tls: false,
+                x_forwarded: false,
+                resources: vec![ListenerResource {
+                    names: vec!["client".to_owned()],
+                    compress: false,
+                }],
+            }],
+            database: Database {
+                name: "sqlite3".to_owned(),
+                args: BTreeMap::from([(
+                    "database".to_owned(),
+                    data_dir.join("homeserver.db").display().to_string().into(),
+                )]),
+            },
+            media_store_path: data_dir.join("media"),
+            signing_key_path: Some(data_dir.join("signing.key")),
+            enable_registration: true,
+            enable_registration_without_verification: true,
+            registration_shared_secret: Some(shared_secret),
+            app_service_config_files: Vec::new(),
+            default_room_version: default_room_version(),
+            rc_message: RateLimit::message_default(),
+            rc_registration: RateLimit::registration_default(),
+            rc_login: LoginRateLimits::default(),
+            max_request_size: default_max_request_size(),
+        }
+    }
+}
+
+fn known_top_level_keys() -> Vec<&'static str> {
+    vec![
+        "server_name",
+        "public_baseurl",
+        "listeners",
+        "database",
+        "media_store_path",
+        "signing_key_path",
+        "enable_registration",
+        "enable_registration_without_verification",
+        "registration_shared_secret",
+        "app_service_config_files",
+        "default_room_version",
+        "rc_message",
+        "rc_registration",
+        "rc_login",
+        "max_request_size",
+    ]
+}
+
+fn key_path(path: &serde_path_to_error::Path) -> String {
+    let text = path.to_string();
+    if text == "." {
+        "(top level)".to_owned()
+    } else {
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"
+server_name: localhost
+listeners:
+  - port: 8008
+    bind_addresses: ['127.0.0.1']
+    type: http
+    resources: [{names: [client]}]
+database: {name: sqlite3, args: {database: data/homeserver.db}}
+media_store_path: data/media
+signing_key_path: data/signing.key
+enable_registration: true
+enable_registration_without_verification: true
+registration_shared_secret: "s3cret"
+app_service_config_files: []
+some_future_key: 1
+"#;
+
+    #[test]
+    fn parses_synapse_style_config() {
+        let c = Config::parse(SAMPLE, "hs.yaml", Path::new("/etc/sb")).expect("valid");
+        assert_eq!(c.server_name, "localhost");
+        assert_eq!(c.sqlite_path(), PathBuf::from("/etc/sb/data/homeserver.db"));
+        assert_eq!(
+            c.signing_key_path(),
+            PathBuf::from("/etc/sb/data/signing.key")
+        );
+        assert_eq!(c.client_listeners().count(), 1);
+        assert_eq!(
+            c.rc_message,
+            RateLimit {
+                per_second: 0.2,
+                burst_count: 10.0
+            }
+        );
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let text = SAMPLE.replace("port: 8008", "port: eighty");
+        let err = Config::parse(&text, "hs.yaml", Path::new(".")).expect_err("invalid");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("hs.yaml") && msg.contains("listeners[0].port"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn missing_required_key_names_it() {
+        let text = SAMPLE.replace("server_name: localhost", "");
+        let msg = Config::parse(&text, "hs.yaml", Path::new("."))
+            .expect_err("invalid")
+            .to_string();
+        assert!(msg.contains("server_name"), "{msg}");
+    }
+
+    #[test]
+    fn rejects_postgres_until_it_exists() {
+        let text = SAMPLE.replace("name: sqlite3", "name: psycopg2");
+        let msg = Config::parse(&text, "hs.yaml", Path::new("."))
+            .expect_err("invalid")
+            .to_string();
+        assert!(msg.contains("database.name"), "{msg}");
+    }
+
+    #[test]
+    fn generated_config_round_trips() {
+        let c = Config::generated("example.org", Path::new("/srv/sb"), 8008, "x".into());
+        let text = serde_saphyr::to_string(&c).expect("yaml");
+        let back = Config::parse(&text, "gen.yaml", Path::new("/")).expect("parses");
+        assert_eq!(back.server_name, "example.org");
+        assert_eq!(back.sqlite_path(), PathBuf::from("/srv/sb/homeserver.db"));
+    }
+}

@@ -1,0 +1,63 @@
+//! The homeserver's error type. Each variant corresponds to one Matrix `errcode`; the HTTP layer
+//! maps them to status codes and bodies in one place (`switchboard_api::error`).
+
+use switchboard_store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    BadJson(String),
+    #[error("{0}")]
+    InvalidParam(String),
+    #[error("{0}")]
+    MissingParam(String),
+    #[error("Missing access token")]
+    MissingToken,
+    #[error("Unknown access token")]
+    UnknownToken,
+    #[error("User ID already taken")]
+    UserInUse,
+    #[error("{0}")]
+    InvalidUsername(String),
+    #[error("Room alias already taken")]
+    RoomInUse,
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    UnsupportedRoomVersion(String),
+    #[error("Too many requests")]
+    LimitExceeded { retry_after_ms: u64 },
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("{0}")]
+    Unrecognized(String),
+    #[error("{0}")]
+    BadState(String),
+    #[error("This account has been deactivated")]
+    UserDeactivated,
+    #[error("Registration is disabled")]
+    RegistrationDisabled,
+    /// User-interactive auth: more stages needed. Carries the UIA session ID.
+    #[error("user-interactive authentication required")]
+    UiaRequired {
+        session: String,
+        flows: Vec<Vec<String>>,
+        error: Option<String>,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn internal(e: impl std::fmt::Display) -> Self {
+        Self::Internal(e.to_string())
+    }
+}

@@ -1,0 +1,168 @@
+//! Event filters (`POST /user/{userId}/filter`, `filter=` on `/sync` and `/messages`).
+
+use serde::{Deserialize, Serialize};
+
+use crate::pdu::Pdu;
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Filter {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_fields: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_format: Option<String>,
+    pub presence: EventFilter,
+    pub account_data: EventFilter,
+    pub room: RoomFilter,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct EventFilter {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_senders: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_types: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub senders: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub types: Option<Vec<String>>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct RoomFilter {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_rooms: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rooms: Option<Vec<String>>,
+    pub include_leave: bool,
+    pub ephemeral: RoomEventFilter,
+    pub state: RoomEventFilter,
+    pub timeline: RoomEventFilter,
+    pub account_data: RoomEventFilter,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct RoomEventFilter {
+    #[serde(flatten)]
+    pub events: EventFilter,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_rooms: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rooms: Option<Vec<String>>,
+    pub lazy_load_members: bool,
+    pub include_redundant_members: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub contains_url: Option<bool>,
+}
+
+/// Matches an event type against a filter pattern; `*` is a wildcard.
+fn type_matches(pattern: &str, kind: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == kind,
+        Some((prefix, rest)) => {
+            kind.starts_with(prefix)
+                && (rest.is_empty()
+                    || kind.len() >= prefix.len() && type_matches_tail(rest, &kind[prefix.len()..]))
+        }
+    }
+}
+
+fn type_matches_tail(pattern: &str, kind: &str) -> bool {
+    (0..=kind.len())
+        .filter(|&i| kind.is_char_boundary(i))
+        .any(|i| type_matches(pattern, &kind[i..]))
+}
+
+impl EventFilter {
+    pub fn matches(&self, kind: &str, sender: &str) -> bool {
+        if self.not_types.iter().any(|p| type_matches(p, kind))
+            || self.not_senders.iter().any(|s| s == sender)
+        {
+            return false;
+        }
+        self.types
+            .as_ref()
+            .is_none_or(|t| t.iter().any(|p| type_matches(p, kind)))
+            && self
+                .senders
+                .as_ref()
+                .is_none_or(|s| s.iter().any(|s| s == sender))
+    }
+}
+
+impl RoomEventFilter {
+    pub fn matches(&self, pdu: &Pdu) -> bool {
+        if !self
+            .events
+            .matches(&pdu.kind.to_string(), pdu.sender.as_str())
+            || !self.room_allowed(pdu.room_id.as_str())
+        {
+            return false;
+        }
+        match self.contains_url {
+            Some(want) => want == pdu.content_value().get("url").is_some(),
+            None => true,
+        }
+    }
+
+    pub fn room_allowed(&self, room_id: &str) -> bool {
+        !self.not_rooms.iter().any(|r| r == room_id)
+            && self
+                .rooms
+                .as_ref()
+                .is_none_or(|r| r.iter().any(|r| r == room_id))
+    }
+}
+
+impl RoomFilter {
+    pub fn room_allowed(&self, room_id: &str) -> bool {
+        !self.not_rooms.iter().any(|r| r == room_id)
+            && self
+                .rooms
+                .as_ref()
+                .is_none_or(|r| r.iter().any(|r| r == room_id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcards() {
+        assert!(type_matches("m.room.*", "m.room.message"));
+        assert!(type_matches("*", "anything"));
+        assert!(type_matches("m.*.member", "m.room.member"));
+        assert!(!type_matches("m.room.*", "m.call.invite"));
+        assert!(!type_matches("m.room.message", "m.room.messages"));
+    }
+
+    #[test]
+    fn types_and_senders() {
+        let f: EventFilter = serde_json::from_value(serde_json::json!({
+            "types": ["m.room.*"], "not_types": ["m.room.member"], "not_senders": ["@spam:x"]
+        }))
+        .expect("filter");
+        assert!(f.matches("m.room.message", "@a:x"));
+        assert!(!f.matches("m.room.member", "@a:x"));
+        assert!(!f.matches("m.room.message", "@spam:x"));
+        assert!(!f.matches("org.custom", "@a:x"));
+    }
+
+    #[test]
+    fn room_event_filter_reads_flattened_fields() {
+        let f: RoomEventFilter = serde_json::from_value(
+            serde_json::json!({"limit": 3, "lazy_load_members": true, "senders": ["@a:x"]}),
+        )
+        .expect("filter");
+        assert_eq!(f.events.limit, Some(3));
+        assert!(f.lazy_load_members);
+        assert!(f.events.matches("m.room.message", "@a:x"));
+        assert!(!f.events.matches("m.room.message", "@b:x"));
+    }
+}

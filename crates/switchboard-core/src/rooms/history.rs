@@ -1,0 +1,156 @@
+//! Reading a room's history: what a user may see, `/messages` pagination, state at a point.
+
+use std::{collections::HashSet, sync::Arc};
+
+use ruma::{RoomId, UserId, events::StateEventType};
+
+use super::Rooms;
+use crate::{Error, Result, filter::RoomEventFilter, pdu::Pdu, sync::StreamToken};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    Backward,
+    Forward,
+}
+
+pub struct MessagesPage {
+    pub start: StreamToken,
+    pub end: Option<StreamToken>,
+    pub chunk: Vec<Pdu>,
+    /// Member events of the chunk's senders, when the filter asks for lazy loading.
+    pub state: Vec<Arc<Pdu>>,
+}
+
+impl Rooms {
+    /// The newest stream position of the room the user may see: everything while they are in the
+    /// room (history visibility `shared`), up to their leave or ban once they are out, and all of a
+    /// `world_readable` room. Never-members of other rooms get `M_FORBIDDEN`.
+    pub async fn visible_until(&self, room_id: &RoomId, user: &UserId) -> Result<i64> {
+        let current = self.stream.current();
+        if let Some(member) = self
+            .state_event(room_id, &StateEventType::RoomMember, user.as_str())
+            .await?
+        {
+            match member.membership().as_deref() {
+                Some("join" | "invite") => return Ok(current),
+                Some("leave" | "ban") => return Ok(member.stream_pos),
+                _ => {}
+            }
+        }
+        let world_readable = self
+            .state_event(room_id, &StateEventType::RoomHistoryVisibility, "")
+            .await?
+            .is_some_and(|e| e.content_value()["history_visibility"] == "world_readable");
+        if world_readable {
+            return Ok(current);
+        }
+        Err(Error::Forbidden(format!(
+            "User {user} is not in room {room_id}"
+        )))
+    }
+
+    /// One event, if the user may see it.
+    pub async fn event_for_user(
+        &self,
+        room_id: &RoomId,
+        event_id: &str,
+        user: &UserId,
+    ) -> Result<Pdu> {
+        let until = self.visible_until(room_id, user).await?;
+        match self.event(event_id).await? {
+            Some(pdu) if pdu.room_id == room_id && pdu.stream_pos <= until => Ok(pdu),
+            _ => Err(Error::NotFound("Event not found.".to_owned())),
+        }
+    }
+
+    /// The room state a user may see: current state while in the room, the state at their
+    /// departure otherwise.
+    pub async fn state_for_user(&self, room_id: &RoomId, user: &UserId) -> Result<Vec<Arc<Pdu>>> {
+        let until = self.visible_until(room_id, user).await?;
+        if until >= self.stream.current() {
+            return self.current_state(room_id).await;
+        }
+        self.state_at(room_id, until).await
+    }
+
+    /// Room state right after the event at stream position `pos`.
+    pub async fn state_at(&self, room_id: &RoomId, pos: i64) -> Result<Vec<Arc<Pdu>>> {
+        self.store
+            .state_at(room_id.as_str(), pos)
+            .await?
+            .into_iter()
+            .map(|row| Pdu::from_row(row).map(Arc::new))
+            .collect()
+    }
+
+    /// `GET /rooms/{roomId}/messages`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn messages(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+        from: Option<StreamToken>,
+        to: Option<StreamToken>,
+        dir: Direction,
+        limit: u64,
+        filter: &RoomEventFilter,
+    ) -> Result<MessagesPage> {
+        let until = self.visible_until(room_id, user).await?;
+        let limit = limit.clamp(1, 1000) as i64;
+        let (start, rows) = match dir {
+            Direction::Backward => {
+                let start = from.unwrap_or(StreamToken(self.stream.current()));
+                let after = to.map_or(0, |t| t.0);
+                (
+                    start,
+                    self.store
+                        .room_events(room_id.as_str(), after, start.0.min(until), limit, true)
+                        .await?,
+                )
+            }
+            Direction::Forward => {
+                let start = from.unwrap_or(StreamToken(0));
+                let upto = to.map_or(until, |t| t.0.min(until));
+                (
+                    start,
+                    self.store
+                        .room_events(room_id.as_str(), start.0, upto, limit, false)
+                        .await?,
+                )
+            }
+        };
+        let full_page = rows.len() as i64 == limit;
+        let mut chunk: Vec<Pdu> = rows.into_iter().map(Pdu::from_row).collect::<Result<_>>()?;
+        if dir == Direction::Backward {
+            chunk.reverse();
+        }
+        // The next page starts after the last event of this one, whether or not the filter kept it.
+        let end = match (full_page, dir, chunk.last()) {
+            (true, Direction::Backward, Some(last)) => Some(StreamToken(last.stream_pos - 1)),
+            (true, Direction::Forward, Some(last)) => Some(StreamToken(last.stream_pos)),
+            _ => None,
+        };
+        chunk.retain(|e| filter.matches(e));
+        let state = if filter.lazy_load_members {
+            let senders: HashSet<&str> = chunk.iter().map(|e| e.sender.as_str()).collect();
+            let mut members = Vec::new();
+            for sender in senders {
+                if let Some(m) = self
+                    .state_event(room_id, &StateEventType::RoomMember, sender)
+                    .await?
+                {
+                    members.push(m);
+                }
+            }
+            members
+        } else {
+            Vec::new()
+        };
+        Ok(MessagesPage {
+            start,
+            end,
+            chunk,
+            state,
+        })
+    }
+}

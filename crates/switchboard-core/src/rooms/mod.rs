@@ -1,0 +1,218 @@
+//! Rooms: the event pipeline, room creation, membership, aliases and history.
+//!
+//! Each room has one [`RoomHandle`] in memory holding its current state and forward extremity
+//! behind an async lock. Every event — client-sent or server-made — goes through
+//! [`Rooms::send`] (see `pipeline.rs`), which holds that lock from building the event until it is
+//! stored, so `prev_events` are always right; rooms proceed in parallel.
+
+mod aliases;
+mod create;
+mod history;
+mod membership;
+mod pipeline;
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex as StdMutex},
+};
+
+use ruma::{
+    OwnedEventId, OwnedRoomId, OwnedServerName, RoomId, UserId,
+    events::{StateEventType, TimelineEventType},
+};
+use switchboard_store::Store;
+use tokio::sync::Mutex;
+
+pub use create::CreateRoom;
+pub use history::{Direction, MessagesPage};
+pub use pipeline::EventDraft;
+
+use crate::{
+    Error, Result,
+    keys::SigningKey,
+    pdu::{Pdu, RoomVersion},
+    stream::EventStream,
+};
+
+/// Current state, keyed by `(type, state_key)`.
+pub type StateMap = HashMap<(StateEventType, String), Arc<Pdu>>;
+
+pub struct RoomHandle {
+    pub room_id: OwnedRoomId,
+    pub version: RoomVersion,
+    inner: Mutex<RoomInner>,
+}
+
+struct RoomInner {
+    state: StateMap,
+    /// The newest event and its depth: the only forward extremity, since this server never forks.
+    head: Option<(OwnedEventId, u64)>,
+}
+
+pub struct Rooms {
+    store: Store,
+    server_name: OwnedServerName,
+    key: Arc<SigningKey>,
+    stream: Arc<EventStream>,
+    default_version: String,
+    cache: StdMutex<HashMap<OwnedRoomId, Arc<RoomHandle>>>,
+}
+
+impl Rooms {
+    pub fn new(
+        store: Store,
+        server_name: OwnedServerName,
+        key: Arc<SigningKey>,
+        stream: Arc<EventStream>,
+        default_version: String,
+    ) -> Self {
+        Self {
+            store,
+            server_name,
+            key,
+            stream,
+            default_version,
+            cache: StdMutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn server_name(&self) -> &ruma::ServerName {
+        &self.server_name
+    }
+
+    /// The in-memory handle of a room, loading it from the database on first use.
+    pub async fn handle(&self, room_id: &RoomId) -> Result<Arc<RoomHandle>> {
+        if let Some(handle) = self.cached(room_id) {
+            return Ok(handle);
+        }
+        let version = self
+            .store
+            .room_version(room_id.as_str())
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("Unknown room {room_id}")))?;
+        let version = RoomVersion::parse(&version)?;
+        let mut state = StateMap::new();
+        for row in self.store.current_state(room_id.as_str()).await? {
+            let pdu = Pdu::from_row(row)?;
+            let key = (
+                StateEventType::from(pdu.kind.to_string()),
+                pdu.state_key.clone().unwrap_or_default(),
+            );
+            state.insert(key, Arc::new(pdu));
+        }
+        let head = self
+            .store
+            .room_head(room_id.as_str())
+            .await?
+            .map(|(id, depth)| {
+                OwnedEventId::try_from(id.as_str())
+                    .map(|id| (id, depth as u64))
+                    .map_err(|e| Error::Internal(format!("stored event ID {id}: {e}")))
+            })
+            .transpose()?;
+        let handle = Arc::new(RoomHandle {
+            room_id: room_id.to_owned(),
+            version,
+            inner: Mutex::new(RoomInner { state, head }),
+        });
+        // Another request may have loaded it meanwhile; keep the first so there is one lock per room.
+        let mut cache = self
+            .cache
+            .lock()
+            .map_err(|_| Error::internal("room cache poisoned"))?;
+        Ok(cache.entry(room_id.to_owned()).or_insert(handle).clone())
+    }
+
+    fn cached(&self, room_id: &RoomId) -> Option<Arc<RoomHandle>> {
+        self.cache.lock().ok()?.get(room_id).cloned()
+    }
+
+    fn insert_handle(&self, handle: Arc<RoomHandle>) -> Result<()> {
+        let mut cache = self
+            .cache
+            .lock()
+            .map_err(|_| Error::internal("room cache poisoned"))?;
+        cache.insert(handle.room_id.clone(), handle);
+        Ok(())
+    }
+
+    /// One current state event.
+    pub async fn state_event(
+        &self,
+        room_id: &RoomId,
+        kind: &StateEventType,
+        state_key: &str,
+    ) -> Result<Option<Arc<Pdu>>> {
+        let handle = self.handle(room_id).await?;
+        let inner = handle.inner.lock().await;
+        Ok(inner
+            .state
+            .get(&(kind.clone(), state_key.to_owned()))
+            .cloned())
+    }
+
+    /// All current state events, oldest first.
+    pub async fn current_state(&self, room_id: &RoomId) -> Result<Vec<Arc<Pdu>>> {
+        let handle = self.handle(room_id).await?;
+        let inner = handle.inner.lock().await;
+        let mut events: Vec<_> = inner.state.values().cloned().collect();
+        events.sort_by_key(|e| e.stream_pos);
+        Ok(events)
+    }
+
+    /// A user's current membership in a room (`join`, `invite`, `leave`, `ban`, `knock`).
+    pub async fn membership(&self, room_id: &RoomId, user_id: &UserId) -> Result<Option<String>> {
+        Ok(self
+            .state_event(room_id, &StateEventType::RoomMember, user_id.as_str())
+            .await?
+            .and_then(|e| e.membership()))
+    }
+
+    /// Members with the given membership.
+    pub async fn members_with(&self, room_id: &RoomId, membership: &str) -> Result<Vec<Arc<Pdu>>> {
+        Ok(self
+            .current_state(room_id)
+            .await?
+            .into_iter()
+            .filter(|e| {
+                e.kind == TimelineEventType::RoomMember
+                    && e.membership().as_deref() == Some(membership)
+            })
+            .collect())
+    }
+
+    /// Fails with `M_FORBIDDEN` unless the user is joined.
+    pub async fn require_joined(&self, room_id: &RoomId, user_id: &UserId) -> Result<()> {
+        match self.membership(room_id, user_id).await? {
+            Some(m) if m == "join" => Ok(()),
+            _ => Err(Error::Forbidden(format!(
+                "User {user_id} is not in room {room_id}"
+            ))),
+        }
+    }
+
+    /// Rooms the user is joined to.
+    pub async fn joined_rooms(&self, user_id: &UserId) -> Result<Vec<String>> {
+        Ok(self
+            .store
+            .user_memberships(user_id.as_str())
+            .await?
+            .into_iter()
+            .filter(|(_, membership, _)| membership == "join")
+            .map(|(room, _, _)| room)
+            .collect())
+    }
+
+    /// A stored event by ID.
+    pub async fn event(&self, event_id: &str) -> Result<Option<Pdu>> {
+        self.store
+            .event(event_id)
+            .await?
+            .map(Pdu::from_row)
+            .transpose()
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+}

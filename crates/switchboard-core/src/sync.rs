@@ -1,0 +1,344 @@
+//! `/sync`: what changed for a user since a token, waiting for news when there is none.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    str::FromStr,
+    sync::Arc,
+    time::Duration,
+};
+
+use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId, events::TimelineEventType};
+use serde_json::{Map, Value, json};
+use switchboard_store::Store;
+
+use crate::{Error, Result, filter::Filter, pdu::Pdu, rooms::Rooms, stream::EventStream};
+
+/// A position in the event stream, as handed to clients (`s42`). Used for `next_batch`,
+/// `prev_batch` and `/messages` tokens alike: on a single server the stream order is also each
+/// room's topological order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct StreamToken(pub i64);
+
+impl fmt::Display for StreamToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "s{}", self.0)
+    }
+}
+
+impl FromStr for StreamToken {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        // Later streams (typing, receipts, …) will append `_`-separated parts; the event position
+        // stays first, so tokens issued now remain valid.
+        let events = s.strip_prefix('s').and_then(|rest| rest.split('_').next());
+        match events.and_then(|n| n.parse::<i64>().ok()) {
+            Some(n) if n >= 0 => Ok(Self(n)),
+            _ => Err(Error::InvalidParam(format!(
+                "invalid pagination token `{s}`"
+            ))),
+        }
+    }
+}
+
+pub struct SyncRequest {
+    pub user: OwnedUserId,
+    pub device: String,
+    pub since: Option<StreamToken>,
+    pub timeout: Duration,
+    pub full_state: bool,
+    pub filter: Filter,
+}
+
+pub struct SyncService {
+    rooms: Arc<Rooms>,
+    store: Store,
+    stream: Arc<EventStream>,
+}
+
+const DEFAULT_TIMELINE_LIMIT: u64 = 10;
+
+impl SyncService {
+    pub fn new(rooms: Arc<Rooms>, store: Store, stream: Arc<EventStream>) -> Self {
+        Self {
+            rooms,
+            store,
+            stream,
+        }
+    }
+
+    /// Answers at once if anything changed since the token (or for an initial sync), otherwise
+    /// waits until something does or the timeout passes. New events wake the wait immediately.
+    pub async fn sync(&self, request: &SyncRequest) -> Result<Value> {
+        let deadline = tokio::time::Instant::now() + request.timeout;
+        let mut news = self.stream.subscribe();
+        loop {
+            let current = *news.borrow_and_update();
+            let (response, has_news) = self.compute(request, current).await?;
+            if has_news || request.since.is_none() || request.full_state {
+                return Ok(response);
+            }
+            tokio::select! {
+                changed = tokio::time::timeout_at(deadline, news.changed()) => match changed {
+                    Ok(Ok(())) => continue,
+                    _ => return Ok(response),
+                },
+                () = self.stream.closed() => return Ok(response),
+            }
+        }
+    }
+
+    async fn compute(&self, request: &SyncRequest, current: i64) -> Result<(Value, bool)> {
+        let user: &UserId = &request.user;
+        let since = request.since.map(|t| t.0.min(current));
+        let changed: Option<HashSet<String>> = match since {
+            Some(since) if !request.full_state => Some(
+                self.store
+                    .rooms_with_events(since, current)
+                    .await?
+                    .into_iter()
+                    .collect(),
+            ),
+            _ => None,
+        };
+        let forgotten: HashSet<String> = self
+            .store
+            .forgotten_rooms(user.as_str())
+            .await?
+            .into_iter()
+            .collect();
+        let room_filter = &request.filter.room;
+
+        let (mut join, mut invite, mut leave) = (Map::new(), Map::new(), Map::new());
+        for (room_id, membership, pos) in self.store.user_memberships(user.as_str()).await? {
+            if !room_filter.room_allowed(&room_id)
+                || changed.as_ref().is_some_and(|c| !c.contains(&room_id))
+            {
+                continue;
+            }
+            let room_id = OwnedRoomId::try_from(room_id).map_err(Error::internal)?;
+            let newly = since.is_none_or(|s| pos > s);
+            match membership.as_str() {
+                "join" => {
+                    let section = self
+                        .room_section(request, &room_id, since.filter(|_| !newly), current)
+                        .await?;
+                    if let Some(section) = section {
+                        join.insert(room_id.to_string(), section);
+                    }
+                }
+                "invite" if newly => {
+                    invite.insert(
+                        room_id.to_string(),
+                        self.invite_section(&room_id, user).await?,
+                    );
+                }
+                "leave" | "ban" => {
+                    let wanted = if since.is_some() {
+                        newly
+                    } else {
+                        room_filter.include_leave
+                    };
+                    if wanted && !forgotten.contains(room_id.as_str()) {
+                        if let Some(section) =
+                            self.room_section(request, &room_id, since, pos).await?
+                        {
+                            leave.insert(room_id.to_string(), section);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let has_news = !(join.is_empty() && invite.is_empty() && leave.is_empty());
+        let response = json!({
+            "next_batch": StreamToken(current).to_string(),
+            "rooms": { "join": join, "invite": invite, "leave": leave, "knock": {} },
+            "account_data": { "events": [] },
+            "presence": { "events": [] },
+            "to_device": { "events": [] },
+            "device_lists": { "changed": [], "left": [] },
+            "device_one_time_keys_count": {},
+        });
+        Ok((response, has_news))
+    }
+
+    /// Timeline and state of one room between `since` (exclusive; `None` = from the start, with
+    /// full state) and `until`. `None` if there is nothing to say for an incremental sync.
+    async fn room_section(
+        &self,
+        request: &SyncRequest,
+        room_id: &RoomId,
+        since: Option<i64>,
+        until: i64,
+    ) -> Result<Option<Value>> {
+        let filter = &request.filter.room;
+        let limit = filter
+            .timeline
+            .events
+            .limit
+            .unwrap_or(DEFAULT_TIMELINE_LIMIT)
+            .clamp(1, 500) as i64;
+        let after = since.unwrap_or(0);
+        let mut rows = self
+            .store
+            .room_events(room_id.as_str(), after, until, limit + 1, true)
+            .await?;
+        let limited = rows.len() as i64 > limit;
+        if limited {
+            rows.remove(0);
+        }
+        if since.is_some() && rows.is_empty() && !request.full_state {
+            return Ok(None);
+        }
+        let timeline: Vec<Pdu> = rows.into_iter().map(Pdu::from_row).collect::<Result<_>>()?;
+        let start = timeline.first().map_or(until, |e| e.stream_pos - 1);
+
+        // State up to the start of the timeline: all of it for a new room or a gap that the
+        // client cannot fill, only what changed otherwise.
+        let mut state: Vec<Arc<Pdu>> = match since {
+            Some(since) if !request.full_state => {
+                if limited {
+                    let before: HashSet<_> = self
+                        .rooms
+                        .state_at(room_id, since)
+                        .await?
+                        .into_iter()
+                        .map(|e| e.event_id.clone())
+                        .collect();
+                    self.rooms
+                        .state_at(room_id, start)
+                        .await?
+                        .into_iter()
+                        .filter(|e| !before.contains(&e.event_id))
+                        .collect()
+                } else {
+                    Vec::new()
+                }
+            }
+            _ => self.rooms.state_at(room_id, start).await?,
+        };
+        let timeline: Vec<&Pdu> = timeline
+            .iter()
+            .filter(|e| filter.timeline.matches(e))
+            .collect();
+        state.retain(|e| filter.state.matches(e));
+        if filter.state.lazy_load_members {
+            let mut wanted: HashSet<&str> = timeline.iter().map(|e| e.sender.as_str()).collect();
+            wanted.insert(request.user.as_str());
+            let in_timeline: HashSet<_> = timeline.iter().map(|e| &e.event_id).collect();
+            state.retain(|e| {
+                e.kind != TimelineEventType::RoomMember
+                    || e.state_key.as_deref().is_some_and(|k| wanted.contains(k))
+            });
+            // Members whose event predates `since` are sent again so the client can render senders.
+            let present: HashSet<String> =
+                state.iter().filter_map(|e| e.state_key.clone()).collect();
+            for sender in wanted {
+                if present.contains(sender) {
+                    continue;
+                }
+                if let Some(m) = self
+                    .rooms
+                    .state_event(room_id, &ruma::events::StateEventType::RoomMember, sender)
+                    .await?
+                {
+                    if !in_timeline.contains(&m.event_id) && m.stream_pos <= until {
+                        state.push(m);
+                    }
+                }
+            }
+        }
+
+        let viewer = Some((&*request.user, request.device.as_str()));
+        let events: Vec<Value> = timeline.iter().map(|e| to_value(e, viewer)).collect();
+        let state: Vec<Value> = state.iter().map(|e| to_value(e, viewer)).collect();
+        let summary = self.summary(room_id, &request.user).await?;
+        Ok(Some(json!({
+            "timeline": { "events": events, "limited": limited, "prev_batch": StreamToken(start).to_string() },
+            "state": { "events": state },
+            "ephemeral": { "events": [] },
+            "account_data": { "events": [] },
+            "summary": summary,
+            "unread_notifications": { "highlight_count": 0, "notification_count": 0 },
+        })))
+    }
+
+    async fn invite_section(&self, room_id: &RoomId, user: &UserId) -> Result<Value> {
+        const STRIPPED: &[&str] = &[
+            "m.room.create",
+            "m.room.join_rules",
+            "m.room.name",
+            "m.room.avatar",
+            "m.room.canonical_alias",
+            "m.room.encryption",
+            "m.room.topic",
+        ];
+        let mut events = Vec::new();
+        for event in self.rooms.current_state(room_id).await? {
+            let own_member = event.kind == TimelineEventType::RoomMember
+                && event.state_key.as_deref() == Some(user.as_str());
+            if own_member || STRIPPED.contains(&event.kind.to_string().as_str()) {
+                events.push(event.to_stripped());
+            }
+        }
+        Ok(json!({ "invite_state": { "events": events } }))
+    }
+
+    /// `summary` with member counts and heroes, which clients use to name unnamed rooms.
+    async fn summary(&self, room_id: &RoomId, user: &UserId) -> Result<Value> {
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        let mut heroes = Vec::new();
+        for event in self.rooms.current_state(room_id).await? {
+            if event.kind != TimelineEventType::RoomMember {
+                continue;
+            }
+            let membership = event.membership().unwrap_or_default();
+            *counts.entry(membership.clone()).or_default() += 1;
+            if let Some(member) = &event.state_key {
+                if member != user.as_str()
+                    && (membership == "join" || membership == "invite")
+                    && heroes.len() < 5
+                {
+                    heroes.push(member.clone());
+                }
+            }
+        }
+        Ok(json!({
+            "m.heroes": heroes,
+            "m.joined_member_count": counts.get("join").copied().unwrap_or(0),
+            "m.invited_member_count": counts.get("invite").copied().unwrap_or(0),
+        }))
+    }
+}
+
+pub fn to_value(event: &Pdu, viewer: Option<(&UserId, &str)>) -> Value {
+    serde_json::to_value(event.to_client(viewer)).unwrap_or(Value::Null)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_round_trip() {
+        let token: StreamToken = "s42".parse().expect("valid");
+        assert_eq!(token, StreamToken(42));
+        assert_eq!(token.to_string(), "s42");
+        assert_eq!(
+            "s7_1_2".parse::<StreamToken>().expect("future form"),
+            StreamToken(7)
+        );
+    }
+
+    #[test]
+    fn bad_tokens_are_invalid_param() {
+        for bad in ["", "42", "s", "s-1", "sx", "t1-2"] {
+            assert!(
+                matches!(bad.parse::<StreamToken>(), Err(Error::InvalidParam(_))),
+                "{bad}"
+            );
+        }
+    }
+}

@@ -1,0 +1,96 @@
+-- Accounts, devices and access tokens.
+CREATE TABLE users (
+    user_id        TEXT PRIMARY KEY,
+    password_hash  TEXT,
+    is_admin       INTEGER NOT NULL DEFAULT 0,
+    appservice_id  TEXT,
+    displayname    TEXT,
+    avatar_url     TEXT,
+    deactivated    INTEGER NOT NULL DEFAULT 0,
+    created_ts     INTEGER NOT NULL
+);
+
+CREATE TABLE devices (
+    user_id       TEXT NOT NULL,
+    device_id     TEXT NOT NULL,
+    display_name  TEXT,
+    created_ts    INTEGER NOT NULL,
+    PRIMARY KEY (user_id, device_id)
+);
+
+-- Only a SHA-256 of each token is stored: a leaked database does not leak sessions.
+CREATE TABLE access_tokens (
+    token_hash  TEXT PRIMARY KEY,
+    user_id     TEXT NOT NULL,
+    device_id   TEXT NOT NULL,
+    created_ts  INTEGER NOT NULL
+);
+CREATE INDEX access_tokens_user ON access_tokens (user_id, device_id);
+
+CREATE TABLE rooms (
+    room_id       TEXT PRIMARY KEY,
+    room_version  TEXT NOT NULL,
+    creator       TEXT NOT NULL,
+    created_ts    INTEGER NOT NULL
+);
+
+-- Every accepted event, in the one global stream order. Rejected events are never stored,
+-- so stream_pos is gap-free.
+CREATE TABLE events (
+    stream_pos  INTEGER PRIMARY KEY,
+    event_id    TEXT NOT NULL UNIQUE,
+    room_id     TEXT NOT NULL,
+    sender      TEXT NOT NULL,
+    type        TEXT NOT NULL,
+    state_key   TEXT,
+    depth       INTEGER NOT NULL,
+    pdu         TEXT NOT NULL,
+    unsigned    TEXT,
+    txn_device  TEXT,
+    txn_id      TEXT
+);
+CREATE INDEX events_room_pos ON events (room_id, stream_pos);
+CREATE INDEX events_room_state ON events (room_id, type, state_key, stream_pos) WHERE state_key IS NOT NULL;
+
+-- The current state of each room; membership is copied out of member events for quick lookups.
+CREATE TABLE current_state (
+    room_id     TEXT NOT NULL,
+    type        TEXT NOT NULL,
+    state_key   TEXT NOT NULL,
+    event_id    TEXT NOT NULL,
+    stream_pos  INTEGER NOT NULL,
+    membership  TEXT,
+    PRIMARY KEY (room_id, type, state_key)
+);
+CREATE INDEX current_state_members ON current_state (state_key, membership) WHERE type = 'm.room.member';
+
+-- Client transaction IDs, written in the same database transaction as the event: a retry after a
+-- crash finds the original event.
+CREATE TABLE event_txns (
+    user_id    TEXT NOT NULL,
+    device_id  TEXT NOT NULL,
+    txn_id     TEXT NOT NULL,
+    event_id   TEXT NOT NULL,
+    PRIMARY KEY (user_id, device_id, txn_id)
+);
+
+CREATE TABLE room_aliases (
+    alias    TEXT PRIMARY KEY,
+    room_id  TEXT NOT NULL,
+    creator  TEXT NOT NULL
+);
+CREATE INDEX room_aliases_room ON room_aliases (room_id);
+
+CREATE TABLE filters (
+    user_id    TEXT NOT NULL,
+    filter_id  INTEGER NOT NULL,
+    filter     TEXT NOT NULL,
+    PRIMARY KEY (user_id, filter_id)
+);
+
+-- Rooms a user has forgotten; cleared by any new membership of theirs in the room.
+CREATE TABLE forgotten_rooms (
+    user_id  TEXT NOT NULL,
+    room_id  TEXT NOT NULL,
+    PRIMARY KEY (user_id, room_id)
+);

@@ -1,0 +1,534 @@
+//! Persistent storage for Switchboard.
+//!
+//! [`Store`] is the only place SQL lives. Its methods are named for what the homeserver does
+//! (`append_event`, `current_state`, …), so the layers above never see a database. The SQL uses
+//! `$N` placeholders and the dialect subset SQLite and PostgreSQL share, so a PostgreSQL backend can
+//! reuse the query text; only the pool type and the migrations differ.
+
+mod migrate;
+mod rows;
+
+use std::{path::Path, str::FromStr, time::Duration};
+
+use sqlx::{
+    AssertSqlSafe, Row,
+    sqlite::{
+        SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+    },
+};
+
+pub use rows::{EventRow, NewEvent, NewUser, UserRow};
+
+/// A storage failure. The homeserver maps all of these to `500 M_UNKNOWN`; the details go to the log.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("cannot open database {path}: {source}")]
+    Open { path: String, source: sqlx::Error },
+    #[error(
+        "database schema version {found} is newer than this binary supports ({supported}); \
+         run a newer Switchboard"
+    )]
+    SchemaTooNew { found: i64, supported: i64 },
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Handle to the database; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+const EVENT_COLUMNS: &str =
+    "stream_pos, event_id, room_id, sender, type, state_key, pdu, unsigned, txn_device, txn_id";
+
+impl Store {
+    /// Opens (creating if needed) the embedded SQLite database and applies migrations.
+    pub async fn open_sqlite(path: &Path) -> Result<Self> {
+        if let Some(parent) = path.parent() {
+            // A missing directory would otherwise surface as an opaque "unable to open" error.
+            let _ = std::fs::create_dir_all(parent);
+        }
+        let options = SqliteConnectOptions::from_str("sqlite:")
+            .map_err(|source| StoreError::Open {
+                path: path.display().to_string(),
+                source,
+            })?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // FULL: an acknowledged write survives power loss, not only a process crash.
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(options)
+            .await
+            .map_err(|source| StoreError::Open {
+                path: path.display().to_string(),
+                source,
+            })?;
+        migrate::run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    /// Closes all connections, waiting for running queries to finish.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    // ---- accounts --------------------------------------------------------------------------
+
+    /// Creates a user; returns `false` if the ID is taken.
+    pub async fn create_user(&self, user: &NewUser<'_>) -> Result<bool> {
+        let done = sqlx::query(
+            "INSERT INTO users (user_id, password_hash, is_admin, appservice_id, created_ts)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (user_id) DO NOTHING",
+        )
+        .bind(user.user_id)
+        .bind(user.password_hash)
+        .bind(user.is_admin)
+        .bind(user.appservice_id)
+        .bind(user.created_ts)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    pub async fn user(&self, user_id: &str) -> Result<Option<UserRow>> {
+        let row = sqlx::query(
+            "SELECT user_id, password_hash, is_admin, appservice_id, displayname, avatar_url, deactivated
+             FROM users WHERE user_id = $1",
+        )
+        .bind(user_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| rows::user_from_row(&r)).transpose()
+    }
+
+    pub async fn set_password_hash(&self, user_id: &str, hash: &str) -> Result<()> {
+        sqlx::query("UPDATE users SET password_hash = $2 WHERE user_id = $1")
+            .bind(user_id)
+            .bind(hash)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Creates the device if it does not exist and attaches a new access token to it.
+    pub async fn add_device_token(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        display_name: Option<&str>,
+        token_hash: &str,
+        now: i64,
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO devices (user_id, device_id, display_name, created_ts) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (user_id, device_id) DO NOTHING",
+        )
+        .bind(user_id)
+        .bind(device_id)
+        .bind(display_name)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        // A login with an existing device_id replaces that device's old session, as in Synapse.
+        sqlx::query("DELETE FROM access_tokens WHERE user_id = $1 AND device_id = $2")
+            .bind(user_id)
+            .bind(device_id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO access_tokens (token_hash, user_id, device_id, created_ts) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(token_hash)
+        .bind(user_id)
+        .bind(device_id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Looks up the `(user_id, device_id)` an access token belongs to.
+    pub async fn session_by_token(&self, token_hash: &str) -> Result<Option<(String, String)>> {
+        let row = sqlx::query("SELECT user_id, device_id FROM access_tokens WHERE token_hash = $1")
+            .bind(token_hash)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| (r.get(0), r.get(1))))
+    }
+
+    /// Logs out one device: its token and the device itself go.
+    pub async fn delete_device(&self, user_id: &str, device_id: &str) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM access_tokens WHERE user_id = $1 AND device_id = $2")
+            .bind(user_id)
+            .bind(device_id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM devices WHERE user_id = $1 AND device_id = $2")
+            .bind(user_id)
+            .bind(device_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Logs out every device of a user; returns the token hashes that were removed.
+    pub async fn delete_all_devices(&self, user_id: &str) -> Result<Vec<String>> {
+        let mut tx = self.pool.begin().await?;
+        let hashes =
+            sqlx::query("DELETE FROM access_tokens WHERE user_id = $1 RETURNING token_hash")
+                .bind(user_id)
+                .fetch_all(&mut *tx)
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+        sqlx::query("DELETE FROM devices WHERE user_id = $1")
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(hashes)
+    }
+
+    // ---- rooms and events ------------------------------------------------------------------
+
+    pub async fn room_version(&self, room_id: &str) -> Result<Option<String>> {
+        let row = sqlx::query("SELECT room_version FROM rooms WHERE room_id = $1")
+            .bind(room_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// Highest stream position in use (0 for an empty database).
+    pub async fn max_stream_pos(&self) -> Result<i64> {
+        let row = sqlx::query("SELECT COALESCE(MAX(stream_pos), 0) FROM events")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.get(0))
+    }
+
+    /// Appends one accepted event: the event row, the room row (for a create event), the current
+    /// state change and the client's transaction ID, all in one database transaction, so a crash
+    /// leaves either all of it or none.
+    pub async fn append_event(&self, event: &NewEvent<'_>) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        if let Some(version) = event.creates_room_version {
+            sqlx::query(
+                "INSERT INTO rooms (room_id, room_version, creator, created_ts) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(event.room_id)
+            .bind(version)
+            .bind(event.sender)
+            .bind(event.origin_server_ts)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query(
+            "INSERT INTO events (stream_pos, event_id, room_id, sender, type, state_key, depth, pdu,
+                                 unsigned, txn_device, txn_id)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        )
+        .bind(event.stream_pos)
+        .bind(event.event_id)
+        .bind(event.room_id)
+        .bind(event.sender)
+        .bind(event.kind)
+        .bind(event.state_key)
+        .bind(event.depth)
+        .bind(event.pdu)
+        .bind(event.unsigned)
+        .bind(event.txn.map(|t| t.1))
+        .bind(event.txn.map(|t| t.2))
+        .execute(&mut *tx)
+        .await?;
+        if let Some(state_key) = event.state_key {
+            sqlx::query(
+                "INSERT INTO current_state (room_id, type, state_key, event_id, stream_pos, membership)
+                 VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (room_id, type, state_key)
+                 DO UPDATE SET event_id = $4, stream_pos = $5, membership = $6",
+            )
+            .bind(event.room_id)
+            .bind(event.kind)
+            .bind(state_key)
+            .bind(event.event_id)
+            .bind(event.stream_pos)
+            .bind(event.membership)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if let (Some(user_id), Some(_)) = (event.state_key, event.membership) {
+            sqlx::query("DELETE FROM forgotten_rooms WHERE user_id = $1 AND room_id = $2")
+                .bind(user_id)
+                .bind(event.room_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if let Some((user_id, device_id, txn_id)) = event.txn {
+            sqlx::query(
+                "INSERT INTO event_txns (user_id, device_id, txn_id, event_id) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(user_id)
+            .bind(device_id)
+            .bind(txn_id)
+            .bind(event.event_id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The event a client transaction produced, if the transaction was seen before.
+    pub async fn txn_event(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        txn_id: &str,
+    ) -> Result<Option<String>> {
+        let row = sqlx::query(
+            "SELECT event_id FROM event_txns WHERE user_id = $1 AND device_id = $2 AND txn_id = $3",
+        )
+        .bind(user_id)
+        .bind(device_id)
+        .bind(txn_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    pub async fn event(&self, event_id: &str) -> Result<Option<EventRow>> {
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE event_id = $1"
+        )))
+        .bind(event_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| rows::event_from_row(&r)).transpose()
+    }
+
+    /// The newest event of a room (its forward extremity) and its depth.
+    pub async fn room_head(&self, room_id: &str) -> Result<Option<(String, i64)>> {
+        let row = sqlx::query(
+            "SELECT event_id, depth FROM events WHERE room_id = $1 ORDER BY stream_pos DESC LIMIT 1",
+        )
+        .bind(room_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| (r.get(0), r.get(1))))
+    }
+
+    /// Current state events of a room.
+    pub async fn current_state(&self, room_id: &str) -> Result<Vec<EventRow>> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {} FROM current_state c JOIN events e ON e.event_id = c.event_id
+             WHERE c.room_id = $1 ORDER BY e.stream_pos",
+            prefixed_event_columns("e")
+        )))
+        .bind(room_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(rows::event_from_row).collect()
+    }
+
+    /// State of a room as it was right after the event at `pos`: history is linear on a single
+    /// server, so that is the last state event of each `(type, state_key)` at or before `pos`.
+    pub async fn state_at(&self, room_id: &str, pos: i64) -> Result<Vec<EventRow>> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {} FROM events e
+             JOIN (SELECT MAX(stream_pos) AS p FROM events
+                   WHERE room_id = $1 AND state_key IS NOT NULL AND stream_pos <= $2
+                   GROUP BY type, state_key) latest ON e.stream_pos = latest.p
+             ORDER BY e.stream_pos",
+            prefixed_event_columns("e")
+        )))
+        .bind(room_id)
+        .bind(pos)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(rows::event_from_row).collect()
+    }
+
+    /// Events of a room with `after < stream_pos <= until`, oldest first, at most `limit`
+    /// (the newest ones when `newest` is set).
+    pub async fn room_events(
+        &self,
+        room_id: &str,
+        after: i64,
+        until: i64,
+        limit: i64,
+        newest: bool,
+    ) -> Result<Vec<EventRow>> {
+        let order = if newest { "DESC" } else { "ASC" };
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {EVENT_COLUMNS} FROM events
+             WHERE room_id = $1 AND stream_pos > $2 AND stream_pos <= $3
+             ORDER BY stream_pos {order} LIMIT $4"
+        )))
+        .bind(room_id)
+        .bind(after)
+        .bind(until)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut events: Vec<EventRow> = rows
+            .iter()
+            .map(rows::event_from_row)
+            .collect::<Result<_>>()?;
+        if newest {
+            events.reverse();
+        }
+        Ok(events)
+    }
+
+    /// The rooms a user has a current membership in, with that membership and its stream position.
+    pub async fn user_memberships(&self, user_id: &str) -> Result<Vec<(String, String, i64)>> {
+        let rows = sqlx::query(
+            "SELECT room_id, membership, stream_pos FROM current_state
+             WHERE type = 'm.room.member' AND state_key = $1",
+        )
+        .bind(user_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect())
+    }
+
+    /// The user's membership events in one room, oldest first: the windows of history they may see.
+    pub async fn membership_history(&self, room_id: &str, user_id: &str) -> Result<Vec<EventRow>> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {EVENT_COLUMNS} FROM events
+             WHERE room_id = $1 AND type = 'm.room.member' AND state_key = $2 ORDER BY stream_pos"
+        )))
+        .bind(room_id)
+        .bind(user_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(rows::event_from_row).collect()
+    }
+
+    /// Rooms that have any event with `after < stream_pos <= until`.
+    pub async fn rooms_with_events(&self, after: i64, until: i64) -> Result<Vec<String>> {
+        let rows = sqlx::query(
+            "SELECT DISTINCT room_id FROM events WHERE stream_pos > $1 AND stream_pos <= $2",
+        )
+        .bind(after)
+        .bind(until)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    pub async fn forget_room(&self, user_id: &str, room_id: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO forgotten_rooms (user_id, room_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        )
+        .bind(user_id)
+        .bind(room_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn forgotten_rooms(&self, user_id: &str) -> Result<Vec<String>> {
+        let rows = sqlx::query("SELECT room_id FROM forgotten_rooms WHERE user_id = $1")
+            .bind(user_id)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    // ---- aliases ---------------------------------------------------------------------------
+
+    /// Creates an alias; returns `false` if it already exists.
+    pub async fn create_alias(&self, alias: &str, room_id: &str, creator: &str) -> Result<bool> {
+        let done = sqlx::query(
+            "INSERT INTO room_aliases (alias, room_id, creator) VALUES ($1, $2, $3)
+             ON CONFLICT (alias) DO NOTHING",
+        )
+        .bind(alias)
+        .bind(room_id)
+        .bind(creator)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// `(room_id, creator)` of an alias.
+    pub async fn alias(&self, alias: &str) -> Result<Option<(String, String)>> {
+        let row = sqlx::query("SELECT room_id, creator FROM room_aliases WHERE alias = $1")
+            .bind(alias)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| (r.get(0), r.get(1))))
+    }
+
+    pub async fn delete_alias(&self, alias: &str) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM room_aliases WHERE alias = $1")
+            .bind(alias)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    pub async fn room_aliases(&self, room_id: &str) -> Result<Vec<String>> {
+        let rows = sqlx::query("SELECT alias FROM room_aliases WHERE room_id = $1 ORDER BY alias")
+            .bind(room_id)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    // ---- filters ---------------------------------------------------------------------------
+
+    /// Stores a sync filter and returns its new ID (per user, counting from 0).
+    pub async fn create_filter(&self, user_id: &str, filter: &str) -> Result<i64> {
+        let row = sqlx::query(
+            "INSERT INTO filters (user_id, filter_id, filter)
+             VALUES ($1, (SELECT COALESCE(MAX(filter_id) + 1, 0) FROM filters WHERE user_id = $1), $2)
+             RETURNING filter_id",
+        )
+        .bind(user_id)
+        .bind(filter)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.get(0))
+    }
+
+    pub async fn filter(&self, user_id: &str, filter_id: i64) -> Result<Option<String>> {
+        let row = sqlx::query("SELECT filter FROM filters WHERE user_id = $1 AND filter_id = $2")
+            .bind(user_id)
+            .bind(filter_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+}
+
+fn prefixed_event_columns(prefix: &str) -> String {
+    EVENT_COLUMNS
+        .split(", ")
+        .map(|c| format!("{prefix}.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,91 @@
+//! Plain row types passed across the storage interface.
+
+use sqlx::{Row, sqlite::SqliteRow};
+
+use crate::{Result, StoreError};
+
+pub struct NewUser<'a> {
+    pub user_id: &'a str,
+    pub password_hash: Option<&'a str>,
+    pub is_admin: bool,
+    pub appservice_id: Option<&'a str>,
+    pub created_ts: i64,
+}
+
+#[derive(Clone, Debug)]
+pub struct UserRow {
+    pub user_id: String,
+    pub password_hash: Option<String>,
+    pub is_admin: bool,
+    pub appservice_id: Option<String>,
+    pub displayname: Option<String>,
+    pub avatar_url: Option<String>,
+    pub deactivated: bool,
+}
+
+/// An accepted event ready to be appended to the stream.
+pub struct NewEvent<'a> {
+    pub stream_pos: i64,
+    pub event_id: &'a str,
+    pub room_id: &'a str,
+    pub sender: &'a str,
+    pub kind: &'a str,
+    pub state_key: Option<&'a str>,
+    pub depth: i64,
+    pub origin_server_ts: i64,
+    /// The signed PDU as canonical JSON (without `event_id`, as room versions ≥ 3 define it).
+    pub pdu: &'a str,
+    /// Server-computed `unsigned` data fixed at write time (`prev_content`, `replaces_state`).
+    pub unsigned: Option<&'a str>,
+    /// `(user_id, device_id, txn_id)` of the client request that produced the event.
+    pub txn: Option<(&'a str, &'a str, &'a str)>,
+    /// `membership` of an `m.room.member` event, copied into current state.
+    pub membership: Option<&'a str>,
+    /// Set on the `m.room.create` event: the room row is written in the same transaction.
+    pub creates_room_version: Option<&'a str>,
+}
+
+#[derive(Clone, Debug)]
+pub struct EventRow {
+    pub stream_pos: i64,
+    pub event_id: String,
+    pub room_id: String,
+    pub sender: String,
+    pub kind: String,
+    pub state_key: Option<String>,
+    pub pdu: String,
+    pub unsigned: Option<String>,
+    pub txn_device: Option<String>,
+    pub txn_id: Option<String>,
+}
+
+pub(crate) fn event_from_row(r: &SqliteRow) -> Result<EventRow> {
+    Ok(EventRow {
+        stream_pos: r.try_get(0)?,
+        event_id: r.try_get(1)?,
+        room_id: r.try_get(2)?,
+        sender: r.try_get(3)?,
+        kind: r.try_get(4)?,
+        state_key: r.try_get(5)?,
+        pdu: r.try_get(6)?,
+        unsigned: r.try_get(7)?,
+        txn_device: r.try_get(8)?,
+        txn_id: r.try_get(9)?,
+    })
+}
+
+pub(crate) fn user_from_row(r: &SqliteRow) -> Result<UserRow> {
+    let user_id: String = r.try_get(0)?;
+    if user_id.is_empty() {
+        return Err(StoreError::Corrupt("user row with empty user_id".into()));
+    }
+    Ok(UserRow {
+        user_id,
+        password_hash: r.try_get(1)?,
+        is_admin: r.try_get(2)?,
+        appservice_id: r.try_get(3)?,
+        displayname: r.try_get(4)?,
+        avatar_url: r.try_get(5)?,
+        deactivated: r.try_get(6)?,
+    })
+}

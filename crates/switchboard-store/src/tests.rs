@@ -1,0 +1,118 @@
+use super::*;
+
+async fn temp_store() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open_sqlite(&dir.path().join("db.sqlite"))
+        .await
+        .expect("open");
+    (dir, store)
+}
+
+fn event<'a>(pos: i64, id: &'a str, kind: &'a str, state_key: Option<&'a str>) -> NewEvent<'a> {
+    NewEvent {
+        stream_pos: pos,
+        event_id: id,
+        room_id: "!r:x",
+        sender: "@a:x",
+        kind,
+        state_key,
+        depth: pos,
+        origin_server_ts: 0,
+        pdu: "{}",
+        unsigned: None,
+        txn: None,
+        membership: None,
+        creates_room_version: None,
+    }
+}
+
+#[tokio::test]
+async fn state_at_follows_linear_history() {
+    let (_dir, store) = temp_store().await;
+    store
+        .append_event(&event(1, "$1", "m.room.name", Some("")))
+        .await
+        .expect("1");
+    store
+        .append_event(&event(2, "$2", "m.room.message", None))
+        .await
+        .expect("2");
+    store
+        .append_event(&event(3, "$3", "m.room.name", Some("")))
+        .await
+        .expect("3");
+    let at2: Vec<_> = store
+        .state_at("!r:x", 2)
+        .await
+        .expect("at2")
+        .into_iter()
+        .map(|e| e.event_id)
+        .collect();
+    assert_eq!(at2, vec!["$1"]);
+    let now: Vec<_> = store
+        .current_state("!r:x")
+        .await
+        .expect("now")
+        .into_iter()
+        .map(|e| e.event_id)
+        .collect();
+    assert_eq!(now, vec!["$3"]);
+    assert_eq!(store.max_stream_pos().await.expect("max"), 3);
+}
+
+#[tokio::test]
+async fn txn_is_recorded_with_the_event() {
+    let (_dir, store) = temp_store().await;
+    let mut e = event(1, "$1", "m.room.message", None);
+    e.txn = Some(("@a:x", "DEV", "t1"));
+    store.append_event(&e).await.expect("append");
+    assert_eq!(
+        store
+            .txn_event("@a:x", "DEV", "t1")
+            .await
+            .expect("q")
+            .as_deref(),
+        Some("$1")
+    );
+    assert_eq!(
+        store.txn_event("@a:x", "OTHER", "t1").await.expect("q"),
+        None
+    );
+    // A duplicate stream position is refused and leaves no half-written txn record.
+    let mut dup = event(1, "$2", "m.room.message", None);
+    dup.txn = Some(("@a:x", "DEV", "t2"));
+    assert!(store.append_event(&dup).await.is_err());
+    assert_eq!(store.txn_event("@a:x", "DEV", "t2").await.expect("q"), None);
+}
+
+#[tokio::test]
+async fn refuses_newer_schema() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("db.sqlite");
+    let store = Store::open_sqlite(&path).await.expect("open");
+    sqlx::query("UPDATE schema_version SET version = 999")
+        .execute(&store.pool)
+        .await
+        .expect("bump");
+    store.close().await;
+    let err = Store::open_sqlite(&path).await.expect_err("must refuse");
+    assert!(
+        matches!(err, StoreError::SchemaTooNew { found: 999, .. }),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn filter_ids_count_per_user() {
+    let (_dir, store) = temp_store().await;
+    assert_eq!(store.create_filter("@a:x", "{}").await.expect("f"), 0);
+    assert_eq!(
+        store.create_filter("@a:x", "{\"x\":1}").await.expect("f"),
+        1
+    );
+    assert_eq!(store.create_filter("@b:x", "{}").await.expect("f"), 0);
+    assert_eq!(
+        store.filter("@a:x", 1).await.expect("f").as_deref(),
+        Some("{\"x\":1}")
+    );
+}

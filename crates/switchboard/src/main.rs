@@ -1,0 +1,201 @@
+//! The `switchboard` binary: run the homeserver, generate a config, register users offline.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use switchboard_core::{Homeserver, config::Config, keys, util::random_string};
+use tokio::net::TcpListener;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "switchboard",
+    version,
+    about = "A Matrix homeserver built around application services"
+)]
+struct Cli {
+    /// The homeserver config file (Synapse-style YAML).
+    #[arg(short, long, global = true, env = "SWITCHBOARD_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write a ready-to-run config and a fresh signing key.
+    GenerateConfig {
+        #[arg(long)]
+        server_name: String,
+        /// Where the database, media and key live (and where the config is written).
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+        #[arg(long, default_value_t = 8008)]
+        port: u16,
+        /// Overwrite an existing config file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Create an account without the server running.
+    RegisterUser {
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        password: String,
+        #[arg(long)]
+        admin: bool,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Some(Command::GenerateConfig {
+                server_name,
+                data_dir,
+                port,
+                force,
+            }) => generate_config(&server_name, &data_dir, port, force),
+            Some(Command::RegisterUser {
+                user,
+                password,
+                admin,
+            }) => {
+                let config = load_config(cli.config.as_deref())?;
+                let hs = Homeserver::open(config).await?;
+                let user_id = hs
+                    .accounts
+                    .create_user(&user, Some(&password), admin)
+                    .await?;
+                hs.store.close().await;
+                println!(
+                    "Registered {user_id}{}",
+                    if admin { " (admin)" } else { "" }
+                );
+                Ok(())
+            }
+            None => serve(load_config(cli.config.as_deref())?).await,
+        }
+    })
+}
+
+fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
+    let Some(path) = path else {
+        bail!(
+            "no config given: pass --config homeserver.yaml (create one with `switchboard generate-config`)"
+        );
+    };
+    Ok(Config::load(path)?)
+}
+
+fn generate_config(
+    server_name: &str,
+    data_dir: &Path,
+    port: u16,
+    force: bool,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create {}", data_dir.display()))?;
+    let data_dir = data_dir.canonicalize()?;
+    let config_path = data_dir.join("homeserver.yaml");
+    if config_path.exists() && !force {
+        bail!(
+            "{} exists; pass --force to overwrite it",
+            config_path.display()
+        );
+    }
+    let config = Config::generated(server_name, &data_dir, port, random_string(32));
+    let key_path = config.signing_key_path();
+    if !key_path.exists() {
+        std::fs::write(&key_path, keys::generate_key_file_contents())
+            .with_context(|| format!("cannot write {}", key_path.display()))?;
+    }
+    let yaml = serde_saphyr::to_string(&config)?;
+    std::fs::write(
+        &config_path,
+        format!("# Switchboard homeserver config (Synapse key names).\n{yaml}"),
+    )
+    .with_context(|| format!("cannot write {}", config_path.display()))?;
+    // Check that what we wrote loads, so a bad generator never hands out a broken file.
+    Config::load(&config_path)?;
+    println!("{}", config_path.display());
+    Ok(())
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let mut addresses = Vec::new();
+    for listener in config.client_listeners() {
+        for address in &listener.bind_addresses {
+            let ip = address
+                .parse()
+                .with_context(|| format!("listeners: bad bind address `{address}`"))?;
+            addresses.push(SocketAddr::new(ip, listener.port));
+        }
+    }
+    let hs = Arc::new(Homeserver::open(config).await?);
+    let app = switchboard_api::router(hs.clone());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut servers = Vec::new();
+    for address in addresses {
+        let listener = TcpListener::bind(address)
+            .await
+            .with_context(|| format!("cannot listen on {address}"))?;
+        tracing::info!(%address, server_name = %hs.server_name, "listening for clients");
+        let app = app
+            .clone()
+            .into_make_service_with_connect_info::<SocketAddr>();
+        let mut stop = stop_rx.clone();
+        servers.push(tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await
+        }));
+    }
+    shutdown_signal().await;
+    tracing::info!("shutting down: finishing requests in flight");
+    let _ = stop_tx.send(true);
+    hs.stream.close();
+    for server in servers {
+        server.await??;
+    }
+    hs.store.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}

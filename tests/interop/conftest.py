@@ -1,0 +1,247 @@
+"""Fixtures for the matrix-nio interop suite.
+
+``homeserver`` runs a real Switchboard binary on a free loopback port in a
+temporary directory; ``clients`` hands out nio ``AsyncClient``s against it
+and closes them all at teardown.
+
+Environment:
+    SWITCHBOARD_BIN  path to the server binary (default: target/debug/switchboard)
+    RUST_LOG         passed through to the server (default: info)
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from nio import AsyncClient, AsyncClientConfig, LoginResponse, RegisterResponse
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SERVER_NAME = "localhost"
+DEFAULT_PASSWORD = "correct horse battery staple"
+
+READY_TIMEOUT = 30.0  # seconds for the server to answer /versions
+STOP_TIMEOUT = 10.0  # seconds for the server to exit after SIGTERM
+LOG_TAIL_LINES = 60
+
+
+def server_binary() -> Path:
+    configured = os.environ.get("SWITCHBOARD_BIN")
+    return Path(configured).resolve() if configured else REPO_ROOT / "target/debug/switchboard"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def user_id(localpart: str) -> str:
+    return f"@{localpart}:{SERVER_NAME}"
+
+
+def _yaml_str(value: str | Path) -> str:
+    # A JSON string is a valid YAML double-quoted scalar.
+    return json.dumps(str(value))
+
+
+def write_config(data_dir: Path, port: int) -> Path:
+    """Writes a Synapse-style homeserver.yaml (and a signing key) into data_dir."""
+    signing_key = data_dir / "signing.key"
+    if not signing_key.exists():
+        seed = base64.b64encode(secrets.token_bytes(32)).decode().rstrip("=")
+        signing_key.write_text(f"ed25519 a_test {seed}\n")
+
+    config = data_dir / "homeserver.yaml"
+    config.write_text(
+        f"""\
+server_name: {SERVER_NAME}
+listeners:
+  - port: {port}
+    bind_addresses: ['127.0.0.1']
+    type: http
+    resources: [{{names: [client]}}]
+database: {{name: sqlite3, args: {{database: {_yaml_str(data_dir / "homeserver.db")}}}}}
+media_store_path: {_yaml_str(data_dir / "media")}
+signing_key_path: {_yaml_str(signing_key)}
+enable_registration: true
+enable_registration_without_verification: true
+registration_shared_secret: "{secrets.token_hex(16)}"
+app_service_config_files: []
+rc_message: {{per_second: 1000, burst_count: 1000}}
+rc_registration: {{per_second: 1000, burst_count: 1000}}
+rc_login:
+  address: {{per_second: 1000, burst_count: 1000}}
+  account: {{per_second: 1000, burst_count: 1000}}
+  failed_attempts: {{per_second: 1000, burst_count: 1000}}
+"""
+    )
+    return config
+
+
+class Homeserver:
+    """A Switchboard process serving the Client-Server API on 127.0.0.1:port."""
+
+    def __init__(self, binary: Path, data_dir: Path, port: int):
+        self.binary = binary
+        self.data_dir = data_dir
+        self.port = port
+        self.config_path = write_config(data_dir, port)
+        self.log_path = data_dir / "server.log"
+        self._proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        assert self._proc is None, "server already running"
+        env = dict(os.environ)
+        env.setdefault("RUST_LOG", "info")
+        with self.log_path.open("ab") as log:
+            log.write(f"\n===== starting {self.binary} =====\n".encode())
+            log.flush()
+            self._proc = subprocess.Popen(
+                [str(self.binary), "--config", str(self.config_path)],
+                cwd=self.data_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        self._wait_ready()
+
+    def stop(self) -> None:
+        """SIGTERM the server and wait for it to exit (SIGKILL and fail if it hangs)."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"server did not exit within {STOP_TIMEOUT}s of SIGTERM\n{self.log_tail()}")
+
+    def restart(self) -> None:
+        """Stops the server and starts it again on the same data directory and port."""
+        self.stop()
+        self.start()
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return "(no server log)"
+        tail = "\n".join(text.splitlines()[-lines:])
+        return f"--- last {lines} lines of {self.log_path} ---\n{tail}"
+
+    def _wait_ready(self) -> None:
+        versions = f"{self.url}/_matrix/client/versions"
+        deadline = time.monotonic() + READY_TIMEOUT
+        last_error = "no attempt"
+        while time.monotonic() < deadline:
+            assert self._proc is not None
+            code = self._proc.poll()
+            if code is not None:
+                self._proc = None
+                pytest.fail(f"server exited with status {code} during startup\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(versions, timeout=2) as resp:
+                    body = json.load(resp)
+                if isinstance(body.get("versions"), list):
+                    return
+                last_error = f"unexpected /versions body: {body!r}"
+            except (OSError, ValueError) as e:  # connection refused, HTTP error, bad JSON
+                last_error = repr(e)
+            time.sleep(0.1)
+        self.stop()
+        pytest.fail(
+            f"server not ready after {READY_TIMEOUT}s (GET {versions}: {last_error})\n{self.log_tail()}"
+        )
+
+
+@pytest.fixture
+def homeserver(tmp_path: Path):
+    binary = server_binary()
+    if not os.access(binary, os.X_OK):
+        pytest.fail(f"switchboard binary not found at {binary} (build it, or set SWITCHBOARD_BIN)")
+    server = Homeserver(binary, tmp_path, free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        # Shown by pytest only when the test fails.
+        print(server.log_tail())
+
+
+def client_config() -> AsyncClientConfig:
+    # Surface rate limits and dropped connections as failures instead of retrying.
+    return AsyncClientConfig(max_limit_exceeded=0, max_timeouts=0, request_timeout=30)
+
+
+async def register_user(
+    homeserver_url: str, username: str, password: str = DEFAULT_PASSWORD
+) -> AsyncClient:
+    """Registers `username` (UIA with m.login.dummy) and returns the logged-in client."""
+    client = AsyncClient(homeserver_url, config=client_config())
+    resp = await client.register(username, password)
+    if not isinstance(resp, RegisterResponse):
+        await client.close()
+        pytest.fail(f"registering {username!r} failed: {resp}")
+    assert resp.user_id == user_id(username), f"register returned user_id {resp.user_id!r}"
+    assert client.access_token, "register returned no access token"
+    return client
+
+
+class Clients:
+    """Creates nio clients against one homeserver and closes them all at teardown."""
+
+    def __init__(self, homeserver: Homeserver):
+        self.homeserver = homeserver
+        self._open: list[AsyncClient] = []
+
+    def new(self, username: str = "") -> AsyncClient:
+        """A fresh, logged-out client (login uses `username`)."""
+        client = AsyncClient(self.homeserver.url, username, config=client_config())
+        self._open.append(client)
+        return client
+
+    async def register(self, username: str, password: str = DEFAULT_PASSWORD) -> AsyncClient:
+        client = await register_user(self.homeserver.url, username, password)
+        self._open.append(client)
+        return client
+
+    async def login(self, username: str, password: str = DEFAULT_PASSWORD) -> AsyncClient:
+        client = self.new(username)
+        resp = await client.login(password)
+        assert isinstance(resp, LoginResponse), f"login as {username!r} failed: {resp}"
+        assert resp.user_id == user_id(username), f"login returned user_id {resp.user_id!r}"
+        return client
+
+    async def close_all(self) -> None:
+        for client in self._open:
+            await client.close()
+        self._open.clear()
+
+
+@pytest_asyncio.fixture
+async def clients(homeserver: Homeserver):
+    factory = Clients(homeserver)
+    try:
+        yield factory
+    finally:
+        await factory.close_all()
