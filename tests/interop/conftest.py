@@ -109,6 +109,7 @@ class Homeserver:
         assert self._proc is None, "server already running"
         env = dict(os.environ)
         env.setdefault("RUST_LOG", "info")
+        env.setdefault("NO_COLOR", "1")
         with self.log_path.open("ab") as log:
             log.write(f"\n===== starting {self.binary} =====\n".encode())
             log.flush()

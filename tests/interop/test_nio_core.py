@@ -15,6 +15,7 @@ from nio import (
     RoomCreateResponse,
     RoomMessagesResponse,
     RoomMessageText,
+    RoomPreset,
     RoomResolveAliasResponse,
     RoomSendError,
     RoomSendResponse,
@@ -122,7 +123,7 @@ async def test_two_users_chat_through_alias(clients: Clients):
     alice = await clients.register("alice")
     bob = await clients.register("bob")
 
-    room_id = await create_room(alice, alias="chat", name="Chat")
+    room_id = await create_room(alice, alias="chat", name="Chat", preset=RoomPreset.public_chat)
 
     resolved = await bob.room_resolve_alias(ALIAS)
     assert isinstance(resolved, RoomResolveAliasResponse), f"resolving {ALIAS} failed: {resolved}"
@@ -186,7 +187,7 @@ async def test_backward_pagination_from_prev_batch(clients: Clients):
 async def test_non_member_cannot_send(clients: Clients):
     alice = await clients.register("alice")
     carol = await clients.register("carol")
-    room_id = await create_room(alice, alias="chat")
+    room_id = await create_room(alice, alias="chat", preset=RoomPreset.public_chat)
 
     resp = await carol.room_send(room_id, "m.room.message", text("let me in"))
     assert isinstance(resp, RoomSendError), f"non-member send was not refused: {resp}"
@@ -200,7 +201,7 @@ async def test_non_member_cannot_send(clients: Clients):
 async def test_restart_keeps_accounts_rooms_and_history(clients: Clients, homeserver: Homeserver):
     alice = await clients.register("alice")
     bob = await clients.register("bob")
-    room_id = await create_room(alice, alias="chat")
+    room_id = await create_room(alice, alias="chat", preset=RoomPreset.public_chat)
     assert isinstance(await bob.join(ALIAS), JoinResponse), "bob could not join"
     bodies = ["before restart 1", "before restart 2", "before restart 3"]
     for body in bodies:
@@ -230,7 +231,7 @@ async def test_restart_keeps_accounts_rooms_and_history(clients: Clients, homese
 async def test_session_and_sync_token_survive_restart(clients: Clients, homeserver: Homeserver):
     alice = await clients.register("alice")
     bob = await clients.register("bob")
-    room_id = await create_room(alice, alias="chat")
+    room_id = await create_room(alice, alias="chat", preset=RoomPreset.public_chat)
     assert isinstance(await bob.join(ALIAS), JoinResponse), "bob could not join"
     await send_text(alice, room_id, "before restart")
     since = (await sync(alice, timeout=0)).next_batch

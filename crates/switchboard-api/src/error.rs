@@ -45,6 +45,7 @@ impl IntoResponse for ApiError {
             }
             Error::UserDeactivated => (StatusCode::FORBIDDEN, "M_USER_DEACTIVATED"),
             Error::NotFound(_) => (StatusCode::NOT_FOUND, "M_NOT_FOUND"),
+            Error::NotJson(_) => (StatusCode::BAD_REQUEST, "M_NOT_JSON"),
             Error::BadJson(_) => (StatusCode::BAD_REQUEST, "M_BAD_JSON"),
             Error::InvalidParam(_) => (StatusCode::BAD_REQUEST, "M_INVALID_PARAM"),
             Error::MissingParam(_) => (StatusCode::BAD_REQUEST, "M_MISSING_PARAM"),

@@ -6,12 +6,11 @@ use axum::{
     body::Bytes,
     extract::{ConnectInfo, FromRequest, FromRequestParts, Query, Request},
     http::{StatusCode, header, request::Parts},
-    response::{IntoResponse, Response},
 };
 use serde::de::DeserializeOwned;
 use switchboard_core::{Error, Homeserver, accounts::Session};
 
-use crate::error::{ApiError, matrix_error};
+use crate::error::ApiError;
 
 /// The authenticated session of a request: `Authorization: Bearer` or `?access_token=`.
 pub struct Auth(pub Session);
@@ -33,10 +32,9 @@ fn access_token(parts: &Parts) -> Option<String> {
         .headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
+        && let Some(token) = value.strip_prefix("Bearer ")
     {
-        if let Some(token) = value.strip_prefix("Bearer ") {
-            return Some(token.trim().to_owned());
-        }
+        return Some(token.trim().to_owned());
     }
     let query: Query<HashMap<String, String>> = Query::try_from_uri(&parts.uri).ok()?;
     query.0.get("access_token").cloned()
@@ -47,53 +45,31 @@ fn access_token(parts: &Parts) -> Option<String> {
 /// optional and clients send nothing.
 pub struct Body<T>(pub T);
 
-pub struct BodyRejection(Response);
-
-impl IntoResponse for BodyRejection {
-    fn into_response(self) -> Response {
-        self.0
-    }
-}
-
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
-    type Rejection = BodyRejection;
+    type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
-            BodyRejection(if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                matrix_error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "M_TOO_LARGE",
-                    "Request body too large",
-                )
+            ApiError(if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                Error::TooLarge("Request body too large".to_owned())
             } else {
-                matrix_error(StatusCode::BAD_REQUEST, "M_UNKNOWN", rejection.body_text())
+                Error::BadJson(rejection.body_text())
             })
         })?;
-        parse_json(&bytes).map(Body).map_err(BodyRejection)
+        parse_json(&bytes).map(Body)
     }
 }
 
-pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Response> {
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
         b"{}"
     } else {
         bytes
     };
-    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
-        matrix_error(
-            StatusCode::BAD_REQUEST,
-            "M_NOT_JSON",
-            format!("Content not JSON: {e}"),
-        )
-    })?;
-    serde_json::from_value(value).map_err(|e| {
-        matrix_error(
-            StatusCode::BAD_REQUEST,
-            "M_BAD_JSON",
-            format!("Invalid request body: {e}"),
-        )
-    })
+    let value: serde_json::Value = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError(Error::NotJson(format!("Content not JSON: {e}"))))?;
+    serde_json::from_value(value)
+        .map_err(|e| ApiError(Error::BadJson(format!("Invalid request body: {e}"))))
 }
 
 /// The client's address, for rate limiting: the peer, or `X-Forwarded-For` behind a proxy that

@@ -322,13 +322,13 @@ impl Config {
             .iter()
             .map(|p| resolve(p))
             .collect();
-        if let Some(serde_json::Value::String(db)) = self.database.args.get("database") {
-            if db != ":memory:" {
-                let resolved = resolve(Path::new(db)).display().to_string();
-                self.database
-                    .args
-                    .insert("database".to_owned(), resolved.into());
-            }
+        if let Some(serde_json::Value::String(db)) = self.database.args.get("database")
+            && db != ":memory:"
+        {
+            let resolved = resolve(Path::new(db)).display().to_string();
+            self.database
+                .args
+                .insert("database".to_owned(), resolved.into());
         }
     }
 

@@ -10,6 +10,8 @@ pub enum Error {
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
+    NotJson(String),
+    #[error("{0}")]
     BadJson(String),
     #[error("{0}")]
     InvalidParam(String),

@@ -161,10 +161,11 @@ impl Pdu {
             now.saturating_sub(self.origin_server_ts.get().into())
                 .into(),
         );
-        if let (Some((user, device)), Some((txn_device, txn_id))) = (viewer, &self.txn) {
-            if user == self.sender && device == txn_device {
-                unsigned.insert("transaction_id".to_owned(), txn_id.clone().into());
-            }
+        if let (Some((user, device)), Some((txn_device, txn_id))) = (viewer, &self.txn)
+            && user == self.sender
+            && device == txn_device
+        {
+            unsigned.insert("transaction_id".to_owned(), txn_id.clone().into());
         }
         ClientEvent {
             content: &self.content,

@@ -27,14 +27,28 @@ impl RateLimiter {
         self.check_at(key, Instant::now())
     }
 
-    /// Whether an action would be allowed now, without taking it.
-    pub fn would_allow(&self, key: &str) -> bool {
-        let Ok(buckets) = self.buckets.lock() else {
-            return true;
-        };
-        buckets
-            .get(key)
-            .is_none_or(|b| self.refilled(b, Instant::now()) >= 1.0)
+    /// Fails as [`RateLimiter::check`] would, without taking an action: for limits that count only
+    /// successes (registrations) or failures (wrong passwords).
+    pub fn peek(&self, key: &str) -> Result<()> {
+        let now = Instant::now();
+        let buckets = self
+            .buckets
+            .lock()
+            .map_err(|_| Error::internal("rate limiter poisoned"))?;
+        match buckets.get(key).map(|b| self.refilled(b, now)) {
+            Some(tokens) if tokens < 1.0 => Err(Error::LimitExceeded {
+                retry_after_ms: self.retry_after_ms(tokens),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    fn retry_after_ms(&self, tokens: f64) -> u64 {
+        if self.config.per_second > 0.0 {
+            ((1.0 - tokens) / self.config.per_second * 1000.0).ceil() as u64
+        } else {
+            u64::MAX / 2
+        }
     }
 
     fn refilled(&self, bucket: &Bucket, now: Instant) -> f64 {
@@ -67,12 +81,9 @@ impl RateLimiter {
             bucket.updated = now;
             return Ok(());
         }
-        let retry_after_ms = if self.config.per_second > 0.0 {
-            ((1.0 - tokens) / self.config.per_second * 1000.0).ceil() as u64
-        } else {
-            u64::MAX / 2
-        };
-        Err(Error::LimitExceeded { retry_after_ms })
+        Err(Error::LimitExceeded {
+            retry_after_ms: self.retry_after_ms(tokens),
+        })
     }
 }
 
@@ -100,5 +111,10 @@ mod tests {
         limiter
             .check_at("k", t0 + Duration::from_millis(500))
             .expect("refilled one token");
+        assert!(limiter.peek("k").is_err(), "peek sees the empty bucket");
+        limiter
+            .peek("fresh")
+            .expect("peek on an unknown key allows");
+        limiter.peek("fresh").expect("and does not consume");
     }
 }

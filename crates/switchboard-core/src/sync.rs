@@ -140,12 +140,12 @@ impl SyncService {
                     } else {
                         room_filter.include_leave
                     };
-                    if wanted && !forgotten.contains(room_id.as_str()) {
-                        if let Some(section) =
+                    if wanted
+                        && !forgotten.contains(room_id.as_str())
+                        && let Some(section) =
                             self.room_section(request, &room_id, since, pos).await?
-                        {
-                            leave.insert(room_id.to_string(), section);
-                        }
+                    {
+                        leave.insert(room_id.to_string(), section);
                     }
                 }
                 _ => {}
@@ -243,10 +243,10 @@ impl SyncService {
                     .rooms
                     .state_event(room_id, &ruma::events::StateEventType::RoomMember, sender)
                     .await?
+                    && !in_timeline.contains(&m.event_id)
+                    && m.stream_pos <= until
                 {
-                    if !in_timeline.contains(&m.event_id) && m.stream_pos <= until {
-                        state.push(m);
-                    }
+                    state.push(m);
                 }
             }
         }
@@ -296,13 +296,12 @@ impl SyncService {
             }
             let membership = event.membership().unwrap_or_default();
             *counts.entry(membership.clone()).or_default() += 1;
-            if let Some(member) = &event.state_key {
-                if member != user.as_str()
-                    && (membership == "join" || membership == "invite")
-                    && heroes.len() < 5
-                {
-                    heroes.push(member.clone());
-                }
+            if let Some(member) = &event.state_key
+                && member != user.as_str()
+                && (membership == "join" || membership == "invite")
+                && heroes.len() < 5
+            {
+                heroes.push(member.clone());
             }
         }
         Ok(json!({

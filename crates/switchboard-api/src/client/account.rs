@@ -54,7 +54,7 @@ async fn register(
     if !hs.config.enable_registration {
         return Err(Error::RegistrationDisabled.into());
     }
-    hs.limits.registration.check(&ip)?;
+    hs.limits.registration.peek(&ip)?;
     let done = hs
         .accounts
         .register(Registration {
@@ -66,6 +66,8 @@ async fn register(
             auth: body.auth,
         })
         .await?;
+    // Only completed registrations count, as in Synapse: UIA round trips are free.
+    let _ = hs.limits.registration.check(&ip);
     let mut response = json!({ "user_id": done.user_id, "home_server": hs.server_name });
     if let (Some(token), Some(device)) = (done.access_token, done.device_id) {
         response["access_token"] = json!(token);
@@ -84,7 +86,7 @@ async fn available(
     ClientIp(ip): ClientIp,
     Params(params): Params<AvailableParams>,
 ) -> ApiResult<Json<Value>> {
-    hs.limits.registration.check(&ip)?;
+    hs.limits.registration.peek(&ip)?;
     hs.accounts.username_available(&params.username).await?;
     Ok(Json(json!({ "available": true })))
 }
@@ -140,10 +142,8 @@ async fn login(
         .ok_or_else(|| Error::MissingParam("Missing password".to_owned()))?;
     let user_id = hs.accounts.parse_user(&user)?;
     hs.limits.login_account.check(user_id.as_str())?;
-    if !hs.limits.login_failed.would_allow(user_id.as_str()) {
-        // Too many wrong passwords: refuse without checking, as Synapse does.
-        hs.limits.login_failed.check(user_id.as_str())?;
-    }
+    // Too many wrong passwords: refuse without checking, as Synapse does.
+    hs.limits.login_failed.peek(user_id.as_str())?;
     let result = hs
         .accounts
         .login_password(

@@ -162,14 +162,13 @@ impl Rooms {
                 self.insert_handle(handle.clone())?;
             }
         }
-        if let Some(alias) = &alias {
-            if !self
+        if let Some(alias) = &alias
+            && !self
                 .store
                 .create_alias(alias.as_str(), room_id.as_str(), creator.as_str())
                 .await?
-            {
-                return Err(Error::RoomInUse);
-            }
+        {
+            return Err(Error::RoomInUse);
         }
         for invitee in &request.invite {
             self.invite(&room_id, creator, invitee, None, request.is_direct)

@@ -216,3 +216,6 @@ impl Rooms {
         &self.store
     }
 }
+
+#[cfg(test)]
+mod tests;

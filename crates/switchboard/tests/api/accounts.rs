@@ -1,0 +1,251 @@
+//! Registration, login, logout.
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::harness::{Server, errcode};
+
+#[tokio::test]
+async fn registration_flow() {
+    let s = Server::start().await;
+    // Without auth: the UIA flows, so the client knows to send m.login.dummy.
+    let (status, body) = s
+        .call(
+            Method::POST,
+            "/_matrix/client/v3/register",
+            None,
+            Some(json!({"username": "bob", "password": "pw"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(body["flows"][0]["stages"][0], "m.login.dummy");
+    assert!(body["session"].is_string());
+
+    let (status, body) = s
+        .call(
+            Method::GET,
+            "/_matrix/client/v3/register/available?username=bob",
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, body["available"].clone()),
+        (StatusCode::OK, json!(true))
+    );
+
+    let (status, body) = s
+        .call(
+            Method::POST,
+            "/_matrix/client/r0/register",
+            None,
+            Some(json!({"username": "bob", "password": "pw", "inhibit_login": true, "auth": {"type": "m.login.dummy"}})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["user_id"], "@bob:localhost");
+    assert!(
+        body.get("access_token").is_none(),
+        "inhibit_login gives no token"
+    );
+
+    let (status, body) = s
+        .call(
+            Method::GET,
+            "/_matrix/client/v3/register/available?username=bob",
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::BAD_REQUEST, "M_USER_IN_USE")
+    );
+    let (status, body) = s
+        .call(
+            Method::POST,
+            "/_matrix/client/v3/register",
+            None,
+            Some(json!({"username": "bob", "password": "x"})),
+        )
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::BAD_REQUEST, "M_USER_IN_USE")
+    );
+    let (status, body) = s
+        .call(
+            Method::POST,
+            "/_matrix/client/v3/register",
+            None,
+            Some(json!({"username": "Bad Name", "password": "x"})),
+        )
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::BAD_REQUEST, "M_INVALID_USERNAME")
+    );
+}
+
+#[tokio::test]
+async fn login_and_logout() {
+    let s = Server::start().await;
+    let alice = s.register("alice").await;
+    let (status, body) = s
+        .call(Method::GET, "/_matrix/client/v3/login", None, None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        body["flows"]
+            .as_array()
+            .expect("flows")
+            .iter()
+            .any(|f| f["type"] == "m.login.password")
+    );
+
+    let login = |user: &str, password: &str| json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": user}, "password": password});
+    let (status, body) = s
+        .call(
+            Method::POST,
+            "/_matrix/client/v3/login",
+            None,
+            Some(login("alice", "wrong")),
+        )
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::FORBIDDEN, "M_FORBIDDEN")
+    );
+    let (status, body) = s
+        .call(
+            Method::POST,
+            "/_matrix/client/v3/login",
+            None,
+            Some(login("nobody", "x")),
+        )
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::FORBIDDEN, "M_FORBIDDEN")
+    );
+
+    let (status, second) = s
+        .call(
+            Method::POST,
+            "/_matrix/client/v3/login",
+            None,
+            Some(login("@alice:localhost", "password")),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{second}");
+    let second_token = second["access_token"].as_str().expect("token").to_owned();
+    assert_ne!(
+        second["device_id"],
+        Value::from(alice.device_id.clone()),
+        "a login makes a new device"
+    );
+
+    s.ok(
+        Method::POST,
+        "/_matrix/client/v3/logout",
+        &second_token,
+        json!({}),
+    )
+    .await;
+    let (status, _) = s
+        .call(
+            Method::GET,
+            "/_matrix/client/v3/account/whoami",
+            Some(&second_token),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    s.ok(
+        Method::GET,
+        "/_matrix/client/v3/account/whoami",
+        &alice.token,
+        Value::Null,
+    )
+    .await;
+
+    s.ok(
+        Method::POST,
+        "/_matrix/client/v3/logout/all",
+        &alice.token,
+        json!({}),
+    )
+    .await;
+    let (status, body) = s
+        .call(
+            Method::GET,
+            "/_matrix/client/v3/account/whoami",
+            Some(&alice.token),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN")
+    );
+}
+
+#[tokio::test]
+async fn failed_logins_are_rate_limited() {
+    let limits = "rc_login: {failed_attempts: {per_second: 0.01, burst_count: 2}}";
+    let s = Server::start_with(&format!(
+        "{limits}\nrc_registration: {{per_second: 100, burst_count: 100}}"
+    ))
+    .await;
+    s.register("alice").await;
+    let wrong = json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "alice"}, "password": "no"});
+    for _ in 0..2 {
+        let (status, _) = s
+            .call(
+                Method::POST,
+                "/_matrix/client/v3/login",
+                None,
+                Some(wrong.clone()),
+            )
+            .await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+    }
+    let right = json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "alice"}, "password": "password"});
+    let (status, body) = s
+        .call(Method::POST, "/_matrix/client/v3/login", None, Some(right))
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::TOO_MANY_REQUESTS, "M_LIMIT_EXCEEDED")
+    );
+}
+
+#[tokio::test]
+async fn register_user_command_works_offline() {
+    let mut s = Server::start().await;
+    assert!(s.terminate().success());
+    let out = std::process::Command::new(crate::harness::binary())
+        .args([
+            "register-user",
+            "--user",
+            "admin",
+            "--password",
+            "secret",
+            "--admin",
+            "--config",
+        ])
+        .arg(s.config_path())
+        .output()
+        .expect("run register-user");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    s.restart().await;
+    let login = json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "admin"}, "password": "secret"});
+    let (status, body) = s
+        .call(Method::POST, "/_matrix/client/v3/login", None, Some(login))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}

@@ -1,0 +1,187 @@
+//! Nothing accepted is lost: restarts, crashes, graceful shutdown, bad configs.
+
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::harness::{Server, binary, enc};
+
+#[tokio::test]
+async fn txn_ids_survive_a_crash() {
+    let mut s = Server::start().await;
+    let alice = s.register("alice").await;
+    let room = s.create_room(&alice, json!({})).await;
+    let (_, first) = s.send_text(&alice, &room, "retry-me", "once").await;
+    s.crash_and_restart().await;
+    let (status, again) = s.send_text(&alice, &room, "retry-me", "once").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        again["event_id"], first["event_id"],
+        "a retry after a crash returns the original event"
+    );
+
+    let page = s
+        .ok(
+            Method::GET,
+            &format!(
+                "/_matrix/client/v3/rooms/{}/messages?dir=b&limit=50",
+                enc(&room)
+            ),
+            &alice.token,
+            Value::Null,
+        )
+        .await;
+    let copies = page["chunk"]
+        .as_array()
+        .expect("chunk")
+        .iter()
+        .filter(|e| e["content"]["body"] == "once")
+        .count();
+    assert_eq!(copies, 1);
+    // The same txn ID from another device is a different transaction.
+    let login = json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "alice"}, "password": "password"});
+    let other = s
+        .call(Method::POST, "/_matrix/client/v3/login", None, Some(login))
+        .await
+        .1;
+    let other_user = crate::harness::User {
+        user_id: alice.user_id.clone(),
+        token: other["access_token"].as_str().expect("token").to_owned(),
+        device_id: other["device_id"].as_str().expect("device").to_owned(),
+    };
+    let (_, third) = s.send_text(&other_user, &room, "retry-me", "once").await;
+    assert_ne!(third["event_id"], first["event_id"]);
+}
+
+#[tokio::test]
+async fn restart_keeps_everything_and_continues_the_stream() {
+    let mut s = Server::start().await;
+    let alice = s.register("alice").await;
+    let room = s
+        .create_room(&alice, json!({"room_alias_name": "kept"}))
+        .await;
+    s.send_text(&alice, &room, "1", "before").await;
+    let token = s.sync(&alice, "").await["next_batch"]
+        .as_str()
+        .expect("t")
+        .to_owned();
+    s.restart().await;
+    s.send_text(&alice, &room, "2", "after").await;
+    let sync = s.sync(&alice, &format!("since={token}")).await;
+    let events = sync["rooms"]["join"][&room]["timeline"]["events"]
+        .as_array()
+        .expect("timeline");
+    let bodies: Vec<_> = events
+        .iter()
+        .filter_map(|e| e["content"]["body"].as_str())
+        .collect();
+    assert_eq!(
+        bodies,
+        vec!["after"],
+        "old token still valid, nothing replayed, nothing skipped"
+    );
+    let resolved = s
+        .call(
+            Method::GET,
+            &format!(
+                "/_matrix/client/v3/directory/room/{}",
+                enc("#kept:localhost")
+            ),
+            None,
+            None,
+        )
+        .await
+        .1;
+    assert_eq!(resolved["room_id"], room.as_str());
+}
+
+#[tokio::test]
+async fn sigterm_ends_long_polls_and_exits_cleanly() {
+    let mut s = Server::start().await;
+    let alice = s.register("alice").await;
+    let since = s.sync(&alice, "").await["next_batch"]
+        .as_str()
+        .expect("t")
+        .to_owned();
+    let base = s.base.clone();
+    let token = alice.token.clone();
+    let poll = tokio::spawn(async move {
+        reqwest::Client::new()
+            .get(format!(
+                "{base}/_matrix/client/v3/sync?since={since}&timeout=60000"
+            ))
+            .bearer_auth(token)
+            .send()
+            .await
+            .map(|r| r.status())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let status = tokio::task::spawn_blocking(move || s.terminate())
+        .await
+        .expect("join");
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "shutdown does not wait out the long-poll"
+    );
+    assert_eq!(poll.await.expect("task").expect("answered"), StatusCode::OK);
+}
+
+#[test]
+fn bad_config_stops_startup_naming_the_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = crate::harness::config_text(crate::harness::free_port(), dir.path(), "")
+        .replace("enable_registration: true", "enable_registration: maybe");
+    let path = dir.path().join("homeserver.yaml");
+    std::fs::write(&path, text).expect("write");
+    let out = std::process::Command::new(binary())
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("enable_registration") && stderr.contains("homeserver.yaml"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn generate_config_gives_a_runnable_setup() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = std::process::Command::new(binary())
+        .args([
+            "generate-config",
+            "--server-name",
+            "example.org",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dir.path().join("signing.key").exists());
+    let text = std::fs::read_to_string(dir.path().join("homeserver.yaml")).expect("config");
+    assert!(text.contains("server_name: example.org"));
+    let again = std::process::Command::new(binary())
+        .args([
+            "generate-config",
+            "--server-name",
+            "example.org",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .expect("run");
+    assert!(
+        !again.status.success(),
+        "does not overwrite without --force"
+    );
+}

@@ -1,0 +1,290 @@
+//! Starts the real `switchboard` binary on a loopback port with a temporary data directory.
+
+use std::{
+    net::TcpListener,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+pub struct Server {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub base: String,
+}
+
+/// Generous limits so tests exercise behaviour, not the rate limiter (which has its own test).
+pub const RELAXED_LIMITS: &str = "
+rc_message: {per_second: 1000, burst_count: 1000}
+rc_registration: {per_second: 1000, burst_count: 1000}
+rc_login:
+  address: {per_second: 1000, burst_count: 1000}
+  account: {per_second: 1000, burst_count: 1000}
+  failed_attempts: {per_second: 1000, burst_count: 1000}
+";
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+pub fn config_text(port: u16, dir: &std::path::Path, extra: &str) -> String {
+    format!(
+        "server_name: localhost
+listeners:
+  - port: {port}
+    bind_addresses: ['127.0.0.1']
+    type: http
+    resources: [{{names: [client]}}]
+database: {{name: sqlite3, args: {{database: {dir}/homeserver.db}}}}
+media_store_path: {dir}/media
+signing_key_path: {dir}/signing.key
+enable_registration: true
+enable_registration_without_verification: true
+registration_shared_secret: test
+app_service_config_files: []
+{extra}",
+        dir = dir.display()
+    )
+}
+
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_switchboard"))
+}
+
+#[derive(Clone, Debug)]
+pub struct User {
+    pub user_id: String,
+    pub token: String,
+    pub device_id: String,
+}
+
+impl Server {
+    pub async fn start() -> Self {
+        Self::start_with(RELAXED_LIMITS).await
+    }
+
+    pub async fn start_with(extra_config: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        std::fs::write(
+            dir.path().join("homeserver.yaml"),
+            config_text(port, dir.path(), extra_config),
+        )
+        .expect("config");
+        let mut server = Self {
+            child: None,
+            dir,
+            base: format!("http://127.0.0.1:{port}"),
+        };
+        server.spawn().await;
+        server
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("homeserver.yaml")
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("server.log"))
+            .expect("log file");
+        let child = Command::new(binary())
+            .arg("--config")
+            .arg(self.config_path())
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start switchboard");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let client = reqwest::Client::new();
+        while Instant::now() < deadline {
+            if let Ok(r) = client
+                .get(format!("{}/_matrix/client/versions", self.base))
+                .send()
+                .await
+                && r.status().is_success()
+            {
+                return;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("switchboard exited with {status}: {}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("switchboard did not answer within 30 s: {}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    /// SIGTERM and wait; returns how the process exited.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()
+            .expect("kill -TERM");
+        child.wait().expect("wait")
+    }
+
+    /// SIGKILL: a crash, with no chance to flush anything.
+    pub fn crash(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().expect("kill -9");
+        child.wait().expect("wait");
+    }
+
+    pub async fn restart(&mut self) {
+        if self.child.is_some() {
+            assert!(self.terminate().success(), "clean shutdown: {}", self.log());
+        }
+        self.spawn().await;
+    }
+
+    pub async fn crash_and_restart(&mut self) {
+        self.crash();
+        self.spawn().await;
+    }
+
+    /// Sends a request; returns status and JSON body (`Null` if the body is not JSON).
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut request = reqwest::Client::new().request(method, format!("{}{path}", self.base));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("request");
+        let status = response.status();
+        let text = response.text().await.expect("body");
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// A request that must succeed; returns its body.
+    pub async fn ok(&self, method: Method, path: &str, token: &str, body: Value) -> Value {
+        let body = if method == Method::GET {
+            None
+        } else {
+            Some(body)
+        };
+        let (status, value) = self.call(method.clone(), path, Some(token), body).await;
+        assert_eq!(status, StatusCode::OK, "{method} {path}: {value}");
+        value
+    }
+
+    pub async fn register(&self, name: &str) -> User {
+        let (status, body) = self
+            .call(
+                Method::POST,
+                "/_matrix/client/v3/register",
+                None,
+                Some(json!({"username": name, "password": "password", "auth": {"type": "m.login.dummy"}})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "register {name}: {body}");
+        User {
+            user_id: body["user_id"].as_str().expect("user_id").to_owned(),
+            token: body["access_token"].as_str().expect("token").to_owned(),
+            device_id: body["device_id"].as_str().expect("device").to_owned(),
+        }
+    }
+
+    pub async fn create_room(&self, user: &User, body: Value) -> String {
+        let v = self
+            .ok(
+                Method::POST,
+                "/_matrix/client/v3/createRoom",
+                &user.token,
+                body,
+            )
+            .await;
+        v["room_id"].as_str().expect("room_id").to_owned()
+    }
+
+    pub async fn send_text(
+        &self,
+        user: &User,
+        room: &str,
+        txn: &str,
+        text: &str,
+    ) -> (StatusCode, Value) {
+        self.call(
+            Method::PUT,
+            &format!(
+                "/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}",
+                enc(room)
+            ),
+            Some(&user.token),
+            Some(json!({"msgtype": "m.text", "body": text})),
+        )
+        .await
+    }
+
+    /// Content of one state event, which must exist.
+    pub async fn state(&self, user: &User, room: &str, kind: &str, state_key: &str) -> Value {
+        let path = format!(
+            "/_matrix/client/v3/rooms/{}/state/{kind}/{}",
+            enc(room),
+            enc(state_key)
+        );
+        self.ok(Method::GET, &path, &user.token, Value::Null).await
+    }
+
+    pub async fn sync(&self, user: &User, query: &str) -> Value {
+        self.ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/sync?{query}"),
+            &user.token,
+            Value::Null,
+        )
+        .await
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Percent-encodes a path segment (room IDs and aliases carry `!`, `#` and `:`).
+pub fn enc(segment: &str) -> String {
+    segment
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+pub fn errcode(body: &Value) -> &str {
+    body["errcode"].as_str().unwrap_or("<none>")
+}

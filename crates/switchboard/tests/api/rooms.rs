@@ -1,0 +1,590 @@
+//! Rooms over HTTP: creation, membership, state, aliases, history.
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::harness::{Server, enc, errcode};
+
+#[tokio::test]
+async fn create_join_by_alias_and_talk() {
+    let s = Server::start().await;
+    let (alice, bob, carol) = (
+        s.register("alice").await,
+        s.register("bob").await,
+        s.register("carol").await,
+    );
+    let created = s
+        .ok(
+            Method::POST,
+            "/_matrix/client/v3/createRoom",
+            &alice.token,
+            json!({"room_alias_name": "chat", "name": "Chat", "topic": "Talk", "preset": "public_chat"}),
+        )
+        .await;
+    let room = created["room_id"].as_str().expect("room").to_owned();
+    assert_eq!(created["room_alias"], "#chat:localhost");
+
+    let (status, body) = s
+        .call(
+            Method::POST,
+            "/_matrix/client/v3/createRoom",
+            Some(&bob.token),
+            Some(json!({"room_alias_name": "chat"})),
+        )
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::BAD_REQUEST, "M_ROOM_IN_USE")
+    );
+
+    let joined = s
+        .ok(
+            Method::POST,
+            &format!("/_matrix/client/v3/join/{}", enc("#chat:localhost")),
+            &bob.token,
+            json!({}),
+        )
+        .await;
+    assert_eq!(joined["room_id"], room.as_str());
+    let (status, sent) = s.send_text(&bob, &room, "t1", "hello").await;
+    assert_eq!(status, StatusCode::OK, "{sent}");
+
+    // Not a member: refused by the auth rules.
+    let (status, body) = s.send_text(&carol, &room, "t1", "let me in").await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::FORBIDDEN, "M_FORBIDDEN")
+    );
+
+    let event = s
+        .ok(
+            Method::GET,
+            &format!(
+                "/_matrix/client/v3/rooms/{}/event/{}",
+                enc(&room),
+                enc(sent["event_id"].as_str().expect("id"))
+            ),
+            &alice.token,
+            Value::Null,
+        )
+        .await;
+    assert_eq!(event["content"]["body"], "hello");
+    assert_eq!(event["sender"], bob.user_id.as_str());
+    let (status, _) = s
+        .call(
+            Method::GET,
+            &format!(
+                "/_matrix/client/v3/rooms/{}/event/{}",
+                enc(&room),
+                enc(sent["event_id"].as_str().expect("id"))
+            ),
+            Some(&carol.token),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    let name = s
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/rooms/{}/state/m.room.name/", enc(&room)),
+            &bob.token,
+            Value::Null,
+        )
+        .await;
+    assert_eq!(name, json!({"name": "Chat"}));
+    let topic = s
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/rooms/{}/state/m.room.topic", enc(&room)),
+            &bob.token,
+            Value::Null,
+        )
+        .await;
+    assert_eq!(topic, json!({"topic": "Talk"}));
+
+    let joined_rooms = s
+        .ok(
+            Method::GET,
+            "/_matrix/client/v3/joined_rooms",
+            &bob.token,
+            Value::Null,
+        )
+        .await;
+    assert_eq!(joined_rooms["joined_rooms"], json!([room]));
+    let members = s
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/rooms/{}/joined_members", enc(&room)),
+            &bob.token,
+            Value::Null,
+        )
+        .await;
+    assert_eq!(members["joined"].as_object().expect("map").len(), 2);
+    assert_eq!(members["joined"][&alice.user_id]["display_name"], "alice");
+    let members = s
+        .ok(
+            Method::GET,
+            &format!(
+                "/_matrix/client/v3/rooms/{}/members?membership=join",
+                enc(&room)
+            ),
+            &bob.token,
+            Value::Null,
+        )
+        .await;
+    assert_eq!(members["chunk"].as_array().expect("chunk").len(), 2);
+}
+
+#[tokio::test]
+async fn state_and_power_levels() {
+    let s = Server::start().await;
+    let (alice, bob) = (s.register("alice").await, s.register("bob").await);
+    let room = s
+        .create_room(&alice, json!({"preset": "public_chat"}))
+        .await;
+    s.ok(
+        Method::POST,
+        &format!("/_matrix/client/v3/rooms/{}/join", enc(&room)),
+        &bob.token,
+        json!({}),
+    )
+    .await;
+
+    let path = format!("/_matrix/client/v3/rooms/{}/state/m.room.name/", enc(&room));
+    let (status, body) = s
+        .call(
+            Method::PUT,
+            &path,
+            Some(&bob.token),
+            Some(json!({"name": "Bob's"})),
+        )
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::FORBIDDEN, "M_FORBIDDEN"),
+        "power 0 cannot rename"
+    );
+    let put = s
+        .ok(Method::PUT, &path, &alice.token, json!({"name": "Alice's"}))
+        .await;
+    assert!(put["event_id"].as_str().expect("id").starts_with('$'));
+
+    let custom = format!(
+        "/_matrix/client/v3/rooms/{}/state/org.example.thing/some%2Fkey",
+        enc(&room)
+    );
+    s.ok(Method::PUT, &custom, &alice.token, json!({"x": 1}))
+        .await;
+    assert_eq!(
+        s.ok(Method::GET, &custom, &bob.token, Value::Null).await,
+        json!({"x": 1})
+    );
+    let all = s
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/rooms/{}/state", enc(&room)),
+            &bob.token,
+            Value::Null,
+        )
+        .await;
+    assert!(
+        all.as_array()
+            .expect("list")
+            .iter()
+            .any(|e| e["type"] == "org.example.thing" && e["state_key"] == "some/key")
+    );
+
+    let (status, body) = s
+        .call(
+            Method::GET,
+            &format!(
+                "/_matrix/client/v3/rooms/{}/state/m.room.avatar/",
+                enc(&room)
+            ),
+            Some(&bob.token),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::NOT_FOUND, "M_NOT_FOUND")
+    );
+
+    let (status, body) = s
+        .call(
+            Method::PUT,
+            &format!(
+                "/_matrix/client/v3/rooms/{}/send/m.room.message/1",
+                enc(&room)
+            ),
+            Some(&bob.token),
+            Some(json!([1])),
+        )
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::BAD_REQUEST, "M_BAD_JSON")
+    );
+}
+
+#[tokio::test]
+async fn invites_kicks_bans_and_forget() {
+    let s = Server::start().await;
+    let (alice, bob) = (s.register("alice").await, s.register("bob").await);
+    let room = s.create_room(&alice, json!({})).await;
+    let room_path = |action: &str| format!("/_matrix/client/v3/rooms/{}/{action}", enc(&room));
+
+    let (status, body) = s
+        .call(
+            Method::POST,
+            &room_path("join"),
+            Some(&bob.token),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::FORBIDDEN, "M_FORBIDDEN"),
+        "private room needs an invite"
+    );
+    s.ok(
+        Method::POST,
+        &room_path("invite"),
+        &alice.token,
+        json!({"user_id": bob.user_id}),
+    )
+    .await;
+    s.ok(Method::POST, &room_path("join"), &bob.token, json!({}))
+        .await;
+    s.ok(
+        Method::POST,
+        &room_path("kick"),
+        &alice.token,
+        json!({"user_id": bob.user_id, "reason": "bye"}),
+    )
+    .await;
+    let (status, _) = s.send_text(&bob, &room, "k", "still here?").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    s.ok(
+        Method::POST,
+        &room_path("ban"),
+        &alice.token,
+        json!({"user_id": bob.user_id}),
+    )
+    .await;
+    let (status, _) = s
+        .call(
+            Method::POST,
+            &room_path("invite"),
+            Some(&alice.token),
+            Some(json!({"user_id": bob.user_id})),
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "banned users cannot be invited"
+    );
+    s.ok(
+        Method::POST,
+        &room_path("unban"),
+        &alice.token,
+        json!({"user_id": bob.user_id}),
+    )
+    .await;
+    s.ok(Method::POST, &room_path("forget"), &bob.token, json!({}))
+        .await;
+
+    let (status, body) = s
+        .call(
+            Method::POST,
+            &room_path("forget"),
+            Some(&alice.token),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::BAD_REQUEST, "M_UNKNOWN"),
+        "joined users cannot forget"
+    );
+    s.ok(Method::POST, &room_path("leave"), &alice.token, json!({}))
+        .await;
+    let rooms = s
+        .ok(
+            Method::GET,
+            "/_matrix/client/v3/joined_rooms",
+            &alice.token,
+            Value::Null,
+        )
+        .await;
+    assert_eq!(rooms["joined_rooms"], json!([]));
+}
+
+#[tokio::test]
+async fn aliases() {
+    let s = Server::start().await;
+    let (alice, bob) = (s.register("alice").await, s.register("bob").await);
+    let room = s
+        .create_room(&alice, json!({"preset": "public_chat"}))
+        .await;
+    let alias_path = format!(
+        "/_matrix/client/v3/directory/room/{}",
+        enc("#extra:localhost")
+    );
+    s.ok(
+        Method::PUT,
+        &alias_path,
+        &alice.token,
+        json!({"room_id": room}),
+    )
+    .await;
+    let (status, body) = s
+        .call(
+            Method::PUT,
+            &alias_path,
+            Some(&bob.token),
+            Some(json!({"room_id": room})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let resolved = s.call(Method::GET, &alias_path, None, None).await.1;
+    assert_eq!(resolved["room_id"], room.as_str());
+    assert_eq!(resolved["servers"], json!(["localhost"]));
+
+    let listed = s
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/rooms/{}/aliases", enc(&room)),
+            &alice.token,
+            Value::Null,
+        )
+        .await;
+    assert_eq!(listed["aliases"], json!(["#extra:localhost"]));
+
+    let (status, _) = s
+        .call(Method::DELETE, &alias_path, Some(&bob.token), None)
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "only the creator or a room admin may delete"
+    );
+    s.ok(Method::DELETE, &alias_path, &alice.token, Value::Null)
+        .await;
+    let (status, body) = s.call(Method::GET, &alias_path, None, None).await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::NOT_FOUND, "M_NOT_FOUND")
+    );
+
+    let (status, body) = s
+        .call(
+            Method::PUT,
+            &format!(
+                "/_matrix/client/v3/directory/room/{}",
+                enc("#x:elsewhere.org")
+            ),
+            Some(&alice.token),
+            Some(json!({"room_id": room})),
+        )
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::BAD_REQUEST, "M_INVALID_PARAM")
+    );
+}
+
+#[tokio::test]
+async fn room_versions() {
+    let s = Server::start().await;
+    let alice = s.register("alice").await;
+    for version in ["9", "10", "11"] {
+        let room = s
+            .create_room(&alice, json!({"room_version": version}))
+            .await;
+        let create = s
+            .ok(
+                Method::GET,
+                &format!(
+                    "/_matrix/client/v3/rooms/{}/state/m.room.create/",
+                    enc(&room)
+                ),
+                &alice.token,
+                Value::Null,
+            )
+            .await;
+        assert_eq!(create["room_version"], version);
+    }
+    let (status, body) = s
+        .call(
+            Method::POST,
+            "/_matrix/client/v3/createRoom",
+            Some(&alice.token),
+            Some(json!({"room_version": "2"})),
+        )
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::BAD_REQUEST, "M_UNSUPPORTED_ROOM_VERSION")
+    );
+    let default_room = s.create_room(&alice, json!({})).await;
+    let create = s
+        .ok(
+            Method::GET,
+            &format!(
+                "/_matrix/client/v3/rooms/{}/state/m.room.create/",
+                enc(&default_room)
+            ),
+            &alice.token,
+            Value::Null,
+        )
+        .await;
+    assert_eq!(create["room_version"], "11");
+}
+
+#[tokio::test]
+async fn create_room_options() {
+    let s = Server::start().await;
+    let (alice, bob) = (s.register("alice").await, s.register("bob").await);
+    let room = s
+        .create_room(
+            &alice,
+            json!({
+                "preset": "trusted_private_chat",
+                "invite": [bob.user_id],
+                "is_direct": true,
+                "initial_state": [{"type": "m.room.encryption", "state_key": "", "content": {"algorithm": "m.megolm.v1.aes-sha2"}}],
+                "creation_content": {"m.federate": false},
+                "power_level_content_override": {"events_default": 10},
+            }),
+        )
+        .await;
+    assert_eq!(
+        s.state(&alice, &room, "m.room.encryption", "").await["algorithm"],
+        "m.megolm.v1.aes-sha2"
+    );
+    assert_eq!(
+        s.state(&alice, &room, "m.room.create", "").await["m.federate"],
+        false
+    );
+    let levels = s.state(&alice, &room, "m.room.power_levels", "").await;
+    assert_eq!(levels["events_default"], 10);
+    assert_eq!(
+        levels["users"][&bob.user_id], 100,
+        "trusted_private_chat gives invitees ops"
+    );
+    assert_eq!(
+        s.state(&alice, &room, "m.room.join_rules", "").await["join_rule"],
+        "invite"
+    );
+    let member = s
+        .ok(
+            Method::GET,
+            &format!(
+                "/_matrix/client/v3/rooms/{}/state/m.room.member/{}",
+                enc(&room),
+                enc(&bob.user_id)
+            ),
+            &alice.token,
+            Value::Null,
+        )
+        .await;
+    assert_eq!(member["membership"], "invite");
+    assert_eq!(member["is_direct"], true);
+}
+
+#[tokio::test]
+async fn messages_paginate_both_ways() {
+    let s = Server::start().await;
+    let alice = s.register("alice").await;
+    let room = s.create_room(&alice, json!({})).await;
+    for i in 0..25 {
+        s.send_text(&alice, &room, &format!("t{i}"), &format!("m{i}"))
+            .await;
+    }
+    let mut bodies = Vec::new();
+    let mut from: Option<String> = None;
+    for _ in 0..20 {
+        let query = match &from {
+            Some(token) => format!("dir=b&limit=10&from={token}"),
+            None => "dir=b&limit=10".to_owned(),
+        };
+        let page = s
+            .ok(
+                Method::GET,
+                &format!("/_matrix/client/v3/rooms/{}/messages?{query}", enc(&room)),
+                &alice.token,
+                Value::Null,
+            )
+            .await;
+        for event in page["chunk"].as_array().expect("chunk") {
+            if event["type"] == "m.room.message" {
+                bodies.push(event["content"]["body"].as_str().expect("body").to_owned());
+            }
+        }
+        match page["end"].as_str() {
+            Some(end) => from = Some(end.to_owned()),
+            None => break,
+        }
+    }
+    let expected: Vec<String> = (0..25).rev().map(|i| format!("m{i}")).collect();
+    assert_eq!(bodies, expected);
+
+    let forward = s
+        .ok(
+            Method::GET,
+            &format!(
+                "/_matrix/client/v3/rooms/{}/messages?dir=f&limit=5&filter={}",
+                enc(&room),
+                enc(r#"{"types":["m.room.message"]}"#)
+            ),
+            &alice.token,
+            Value::Null,
+        )
+        .await;
+    let chunk = forward["chunk"].as_array().expect("chunk");
+    assert!(chunk.iter().all(|e| e["type"] == "m.room.message"));
+    assert!(forward["end"].is_string());
+
+    let (status, body) = s
+        .call(
+            Method::GET,
+            &format!("/_matrix/client/v3/rooms/{}/messages?dir=x", enc(&room)),
+            Some(&alice.token),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::BAD_REQUEST, "M_INVALID_PARAM")
+    );
+    let (status, body) = s
+        .call(
+            Method::GET,
+            &format!(
+                "/_matrix/client/v3/rooms/{}/messages?dir=b&from=garbage",
+                enc(&room)
+            ),
+            Some(&alice.token),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::BAD_REQUEST, "M_INVALID_PARAM")
+    );
+}
+
+#[tokio::test]
+async fn oversized_event_is_too_large() {
+    let s = Server::start().await;
+    let alice = s.register("alice").await;
+    let room = s.create_room(&alice, json!({})).await;
+    let (status, body) = s.send_text(&alice, &room, "big", &"x".repeat(66_000)).await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::PAYLOAD_TOO_LARGE, "M_TOO_LARGE")
+    );
+}
