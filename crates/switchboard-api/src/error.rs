@@ -40,9 +40,7 @@ impl IntoResponse for ApiError {
         let e = self.0;
         let message = e.to_string();
         let (status, errcode) = match &e {
-            Error::Forbidden(_) | Error::RegistrationDisabled => {
-                (StatusCode::FORBIDDEN, "M_FORBIDDEN")
-            }
+            Error::Forbidden(_) | Error::RegistrationDisabled => (StatusCode::FORBIDDEN, "M_FORBIDDEN"),
             Error::UserDeactivated => (StatusCode::FORBIDDEN, "M_USER_DEACTIVATED"),
             Error::NotFound(_) => (StatusCode::NOT_FOUND, "M_NOT_FOUND"),
             Error::NotJson(_) => (StatusCode::BAD_REQUEST, "M_NOT_JSON"),
@@ -51,17 +49,14 @@ impl IntoResponse for ApiError {
             Error::MissingParam(_) => (StatusCode::BAD_REQUEST, "M_MISSING_PARAM"),
             Error::MissingToken => (StatusCode::UNAUTHORIZED, "M_MISSING_TOKEN"),
             Error::UnknownToken => {
-                let body =
-                    json!({ "errcode": "M_UNKNOWN_TOKEN", "error": message, "soft_logout": false });
+                let body = json!({ "errcode": "M_UNKNOWN_TOKEN", "error": message, "soft_logout": false });
                 return (StatusCode::UNAUTHORIZED, Json(body)).into_response();
             }
             Error::UserInUse => (StatusCode::BAD_REQUEST, "M_USER_IN_USE"),
             Error::InvalidUsername(_) => (StatusCode::BAD_REQUEST, "M_INVALID_USERNAME"),
             Error::RoomInUse => (StatusCode::BAD_REQUEST, "M_ROOM_IN_USE"),
             Error::Conflict(_) => (StatusCode::CONFLICT, "M_UNKNOWN"),
-            Error::UnsupportedRoomVersion(_) => {
-                (StatusCode::BAD_REQUEST, "M_UNSUPPORTED_ROOM_VERSION")
-            }
+            Error::UnsupportedRoomVersion(_) => (StatusCode::BAD_REQUEST, "M_UNSUPPORTED_ROOM_VERSION"),
             Error::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "M_TOO_LARGE"),
             Error::Unrecognized(_) => (StatusCode::NOT_FOUND, "M_UNRECOGNIZED"),
             Error::BadState(_) => (StatusCode::BAD_REQUEST, "M_UNKNOWN"),
@@ -79,10 +74,7 @@ impl IntoResponse for ApiError {
                 flows,
                 error,
             } => {
-                let flows: Vec<_> = flows
-                    .iter()
-                    .map(|stages| json!({ "stages": stages }))
-                    .collect();
+                let flows: Vec<_> = flows.iter().map(|stages| json!({ "stages": stages })).collect();
                 let mut body = json!({ "session": session, "flows": flows, "params": {} });
                 if let Some(error) = error {
                     body["errcode"] = json!("M_UNRECOGNIZED");

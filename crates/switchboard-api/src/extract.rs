@@ -18,10 +18,7 @@ pub struct Auth(pub Session);
 impl FromRequestParts<Arc<Homeserver>> for Auth {
     type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        hs: &Arc<Homeserver>,
-    ) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(parts: &mut Parts, hs: &Arc<Homeserver>) -> Result<Self, Self::Rejection> {
         let token = access_token(parts).ok_or(ApiError(Error::MissingToken))?;
         Ok(Auth(hs.accounts.authenticate(&token).await?))
     }
@@ -68,8 +65,7 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     };
     let value: serde_json::Value = serde_json::from_slice(bytes)
         .map_err(|e| ApiError(Error::NotJson(format!("Content not JSON: {e}"))))?;
-    serde_json::from_value(value)
-        .map_err(|e| ApiError(Error::BadJson(format!("Invalid request body: {e}"))))
+    serde_json::from_value(value).map_err(|e| ApiError(Error::BadJson(format!("Invalid request body: {e}"))))
 }
 
 /// The client's address, for rate limiting: the peer, or `X-Forwarded-For` behind a proxy that
@@ -79,16 +75,10 @@ pub struct ClientIp(pub String);
 impl FromRequestParts<Arc<Homeserver>> for ClientIp {
     type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        hs: &Arc<Homeserver>,
-    ) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(parts: &mut Parts, hs: &Arc<Homeserver>) -> Result<Self, Self::Rejection> {
         let trust_forwarded = hs.config.listeners.iter().any(|l| l.x_forwarded);
         if trust_forwarded {
-            let forwarded = parts
-                .headers
-                .get("x-forwarded-for")
-                .and_then(|v| v.to_str().ok());
+            let forwarded = parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
             if let Some(first) = forwarded.and_then(|v| v.split(',').next()) {
                 return Ok(ClientIp(first.trim().to_owned()));
             }

@@ -33,11 +33,7 @@ pub fn router(hs: Arc<Homeserver>) -> Router {
 }
 
 async fn unrecognized() -> Response {
-    matrix_error(
-        StatusCode::NOT_FOUND,
-        "M_UNRECOGNIZED",
-        "Unrecognized request",
-    )
+    matrix_error(StatusCode::NOT_FOUND, "M_UNRECOGNIZED", "Unrecognized request")
 }
 
 async fn method_not_allowed() -> Response {
@@ -57,10 +53,7 @@ async fn cors(request: Request, next: Next) -> Response {
         next.run(request).await
     };
     let headers = response.headers_mut();
-    headers.insert(
-        header::ACCESS_CONTROL_ALLOW_ORIGIN,
-        HeaderValue::from_static("*"),
-    );
+    headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
     headers.insert(
         header::ACCESS_CONTROL_ALLOW_METHODS,
         HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, OPTIONS"),

@@ -63,9 +63,7 @@ impl Accounts {
             return Err(Error::InvalidUsername("User ID cannot be empty".to_owned()));
         }
         if localpart.starts_with('_') {
-            return Err(Error::InvalidUsername(
-                "User ID may not begin with _".to_owned(),
-            ));
+            return Err(Error::InvalidUsername("User ID may not begin with _".to_owned()));
         }
         if !localpart.chars().all(|c| USERNAME_CHARS.contains(c)) {
             return Err(Error::InvalidUsername(
@@ -86,11 +84,11 @@ impl Accounts {
         if user.starts_with('@') {
             let id = OwnedUserId::try_from(user).map_err(|e| Error::InvalidParam(e.to_string()))?;
             if id.server_name() != self.server_name {
-                return Err(Error::InvalidParam(format!(
-                    "{id} is not a user of this server"
-                )));
+                return Err(Error::InvalidParam(format!("{id} is not a user of this server")));
             }
-            Ok(id)
+            // Password logins are case-insensitive, as in Synapse; local IDs are stored lowercase.
+            OwnedUserId::try_from(format!("@{}:{}", id.localpart().to_lowercase(), self.server_name))
+                .map_err(|e| Error::InvalidParam(e.to_string()))
         } else {
             OwnedUserId::try_from(format!("@{}:{}", user.to_lowercase(), self.server_name))
                 .map_err(|e| Error::InvalidParam(e.to_string()))
@@ -99,7 +97,7 @@ impl Accounts {
 
     /// `GET /register/available`.
     pub async fn username_available(&self, localpart: &str) -> Result<()> {
-        let user_id = self.user_id_for(localpart)?;
+        let user_id = self.user_id_for(&localpart.to_lowercase())?;
         if self.store.user(user_id.as_str()).await?.is_some() {
             return Err(Error::UserInUse);
         }
@@ -109,7 +107,8 @@ impl Accounts {
     /// `POST /register` with user-interactive auth (`m.login.dummy`).
     pub async fn register(&self, request: Registration) -> Result<LoggedIn> {
         let localpart = match &request.username {
-            Some(name) => name.clone(),
+            // Synapse lowercases the requested name rather than refusing capitals.
+            Some(name) => name.to_lowercase(),
             None => random_string(12).to_lowercase(),
         };
         // Check the name before auth, so clients learn about a taken name at the first request.
@@ -199,11 +198,7 @@ impl Accounts {
         display_name: Option<&str>,
     ) -> Result<LoggedIn> {
         let invalid = || Error::Forbidden("Invalid username or password".to_owned());
-        let user = self
-            .store
-            .user(user_id.as_str())
-            .await?
-            .ok_or_else(invalid)?;
+        let user = self.store.user(user_id.as_str()).await?.ok_or_else(invalid)?;
         if user.deactivated {
             return Err(Error::UserDeactivated);
         }
@@ -233,13 +228,7 @@ impl Accounts {
             sessions.retain(|_, s| !(s.user_id == user_id && s.device_id == device_id));
         }
         self.store
-            .add_device_token(
-                user_id.as_str(),
-                &device_id,
-                display_name,
-                &hash,
-                now_ms() as i64,
-            )
+            .add_device_token(user_id.as_str(), &device_id, display_name, &hash, now_ms() as i64)
             .await?;
         Ok((token, device_id))
     }
@@ -247,12 +236,7 @@ impl Accounts {
     /// Resolves an access token to its session.
     pub async fn authenticate(&self, token: &str) -> Result<Session> {
         let hash = sha256_hex(token);
-        if let Some(session) = self
-            .sessions
-            .read()
-            .ok()
-            .and_then(|s| s.get(&hash).cloned())
-        {
+        if let Some(session) = self.sessions.read().ok().and_then(|s| s.get(&hash).cloned()) {
             return Ok(session);
         }
         let (user_id, device_id) = self
@@ -260,11 +244,7 @@ impl Accounts {
             .session_by_token(&hash)
             .await?
             .ok_or(Error::UnknownToken)?;
-        let user = self
-            .store
-            .user(&user_id)
-            .await?
-            .ok_or(Error::UnknownToken)?;
+        let user = self.store.user(&user_id).await?.ok_or(Error::UnknownToken)?;
         let session = Session {
             user_id: OwnedUserId::try_from(user_id).map_err(Error::internal)?,
             device_id,
@@ -278,8 +258,7 @@ impl Accounts {
 
     pub async fn logout(&self, session: &Session) -> Result<()> {
         if let Ok(mut sessions) = self.sessions.write() {
-            sessions
-                .retain(|_, s| !(s.user_id == session.user_id && s.device_id == session.device_id));
+            sessions.retain(|_, s| !(s.user_id == session.user_id && s.device_id == session.device_id));
         }
         self.store
             .delete_device(session.user_id.as_str(), &session.device_id)
@@ -297,10 +276,11 @@ impl Accounts {
 
     /// The display name a user's member events carry (their localpart until profiles exist).
     pub async fn displayname(&self, user_id: &UserId) -> Result<Option<String>> {
-        Ok(self.store.user(user_id.as_str()).await?.map(|u| {
-            u.displayname
-                .unwrap_or_else(|| user_id.localpart().to_owned())
-        }))
+        Ok(self
+            .store
+            .user(user_id.as_str())
+            .await?
+            .map(|u| u.displayname.unwrap_or_else(|| user_id.localpart().to_owned())))
     }
 
     pub async fn is_admin(&self, user_id: &UserId) -> Result<bool> {
@@ -342,9 +322,7 @@ mod tests {
 
     async fn accounts() -> (tempfile::TempDir, Accounts) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open_sqlite(&dir.path().join("db"))
-            .await
-            .expect("store");
+        let store = Store::open_sqlite(&dir.path().join("db")).await.expect("store");
         (
             dir,
             Accounts::new(store, "example.org".try_into().expect("server name")),
@@ -385,11 +363,7 @@ mod tests {
             .expect("registered");
         let token = done.access_token.expect("token");
         assert_eq!(
-            accounts
-                .authenticate(&token)
-                .await
-                .expect("session")
-                .user_id,
+            accounts.authenticate(&token).await.expect("session").user_id,
             done.user_id
         );
         assert!(matches!(
@@ -398,9 +372,7 @@ mod tests {
         ));
 
         assert!(matches!(
-            accounts
-                .login_password(&done.user_id, "wrong", None, None)
-                .await,
+            accounts.login_password(&done.user_id, "wrong", None, None).await,
             Err(Error::Forbidden(_))
         ));
         let again = accounts

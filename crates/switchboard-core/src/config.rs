@@ -12,10 +12,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("config file {path} is not valid YAML: {message}")]
     Yaml { path: String, message: String },
     #[error("config file {path}: key `{key}`: {message}")]
@@ -27,7 +24,6 @@ pub enum ConfigError {
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
 pub struct Config {
     /// The domain part of every user ID and room alias on this server.
     pub server_name: String,
@@ -63,7 +59,6 @@ pub struct Config {
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
 pub struct Listener {
     pub port: u16,
     #[serde(default = "default_bind_addresses")]
@@ -79,7 +74,6 @@ pub struct Listener {
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
 pub struct ListenerResource {
     #[serde(default)]
     pub names: Vec<String>,
@@ -88,7 +82,6 @@ pub struct ListenerResource {
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
 pub struct Database {
     /// `sqlite3` (embedded default) or `psycopg2` (PostgreSQL, not built yet).
     pub name: String,
@@ -99,10 +92,7 @@ pub struct Database {
 impl Default for Database {
     fn default() -> Self {
         let mut args = BTreeMap::new();
-        args.insert(
-            "database".to_owned(),
-            serde_json::Value::from("homeserver.db"),
-        );
+        args.insert("database".to_owned(), serde_json::Value::from("homeserver.db"));
         Self {
             name: "sqlite3".to_owned(),
             args,
@@ -112,7 +102,6 @@ impl Default for Database {
 
 /// A token bucket as Synapse configures it.
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct RateLimit {
     pub per_second: f64,
     pub burst_count: f64,
@@ -140,7 +129,6 @@ impl RateLimit {
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
 pub struct LoginRateLimits {
     #[serde(default = "RateLimit::login_default")]
     pub address: RateLimit,
@@ -201,34 +189,30 @@ impl Config {
 
     /// Parses config text; `origin` names the file in errors.
     pub fn parse(text: &str, origin: &str, base: &Path) -> Result<Self, ConfigError> {
-        let value: serde_json::Value =
-            serde_saphyr::from_str(text).map_err(|e| ConfigError::Yaml {
+        let value: serde_json::Value = serde_saphyr::from_str(text).map_err(|e| ConfigError::Yaml {
+            path: origin.to_owned(),
+            message: e.to_string(),
+        })?;
+        if !value.is_object() {
+            return Err(ConfigError::Yaml {
                 path: origin.to_owned(),
-                message: e.to_string(),
+                message: "the top level must be a mapping of keys".to_owned(),
+            });
+        }
+        let mut unknown = Vec::new();
+        let mut record = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
+        let ignoring = serde_ignored::Deserializer::new(value, &mut record);
+        let mut config: Config =
+            serde_path_to_error::deserialize(ignoring).map_err(|e| ConfigError::Key {
+                path: origin.to_owned(),
+                key: key_path(e.path()),
+                message: e.inner().to_string(),
             })?;
-        let mut map = match value {
-            serde_json::Value::Object(map) => map,
-            _ => {
-                return Err(ConfigError::Yaml {
-                    path: origin.to_owned(),
-                    message: "the top level must be a mapping of keys".to_owned(),
-                });
-            }
-        };
-        let known = known_top_level_keys();
-        map.retain(|key, _| {
-            let keep = known.contains(&key.as_str());
-            if !keep && !QUIET_SYNAPSE_KEYS.contains(&key.as_str()) {
+        for key in unknown {
+            if !QUIET_SYNAPSE_KEYS.contains(&key.as_str()) {
                 tracing::warn!(file = origin, key, "ignoring unknown config key");
             }
-            keep
-        });
-        let mut config: Config = serde_path_to_error::deserialize(serde_json::Value::Object(map))
-            .map_err(|e| ConfigError::Key {
-            path: origin.to_owned(),
-            key: key_path(e.path()),
-            message: e.inner().to_string(),
-        })?;
+        }
         config.validate(origin)?;
         config.resolve_paths(base);
         Ok(config)
@@ -252,17 +236,13 @@ impl Config {
                     self.database.args.get("database"),
                     Some(serde_json::Value::String(_)) | None
                 ) {
-                    return Err(bad(
-                        "database.args.database",
-                        "must be a file path".to_owned(),
-                    ));
+                    return Err(bad("database.args.database", "must be a file path".to_owned()));
                 }
             }
             "psycopg2" => {
                 return Err(bad(
                     "database.name",
-                    "the PostgreSQL backend (psycopg2) is not available yet; use sqlite3"
-                        .to_owned(),
+                    "the PostgreSQL backend (psycopg2) is not available yet; use sqlite3".to_owned(),
                 ));
             }
             other => {
@@ -294,10 +274,7 @@ impl Config {
             ("rc_registration", self.rc_registration),
         ] {
             if limit.per_second < 0.0 || limit.burst_count < 1.0 {
-                return Err(bad(
-                    key,
-                    "per_second must be ≥ 0 and burst_count ≥ 1".to_owned(),
-                ));
+                return Err(bad(key, "per_second must be ≥ 0 and burst_count ≥ 1".to_owned()));
             }
         }
         Ok(())
@@ -317,29 +294,20 @@ impl Config {
             .clone()
             .unwrap_or_else(|| PathBuf::from(format!("{}.signing.key", self.server_name)));
         self.signing_key_path = Some(resolve(&key));
-        self.app_service_config_files = self
-            .app_service_config_files
-            .iter()
-            .map(|p| resolve(p))
-            .collect();
+        self.app_service_config_files = self.app_service_config_files.iter().map(|p| resolve(p)).collect();
         if let Some(serde_json::Value::String(db)) = self.database.args.get("database")
             && db != ":memory:"
         {
             let resolved = resolve(Path::new(db)).display().to_string();
-            self.database
-                .args
-                .insert("database".to_owned(), resolved.into());
+            self.database.args.insert("database".to_owned(), resolved.into());
         }
     }
 
     /// Listeners that serve the Client-Server API.
     pub fn client_listeners(&self) -> impl Iterator<Item = &Listener> {
-        self.listeners.iter().filter(|l| {
-            l.kind == "http"
-                && l.resources
-                    .iter()
-                    .any(|r| r.names.iter().any(|n| n == "client"))
-        })
+        self.listeners
+            .iter()
+            .filter(|l| l.kind == "http" && l.resources.iter().any(|r| r.names.iter().any(|n| n == "client")))
     }
 
     /// Path of the SQLite database file.
@@ -394,26 +362,6 @@ impl Config {
     }
 }
 
-fn known_top_level_keys() -> Vec<&'static str> {
-    vec![
-        "server_name",
-        "public_baseurl",
-        "listeners",
-        "database",
-        "media_store_path",
-        "signing_key_path",
-        "enable_registration",
-        "enable_registration_without_verification",
-        "registration_shared_secret",
-        "app_service_config_files",
-        "default_room_version",
-        "rc_message",
-        "rc_registration",
-        "rc_login",
-        "max_request_size",
-    ]
-}
-
 fn key_path(path: &serde_path_to_error::Path) -> String {
     let text = path.to_string();
     if text == "." {
@@ -445,14 +393,20 @@ some_future_key: 1
 "#;
 
     #[test]
+    fn nested_unknown_keys_are_ignored() {
+        let text = SAMPLE.replace(
+            "type: http",
+            "type: http\n    tag: main\n    request_id_header: X-Id",
+        );
+        assert!(Config::parse(&text, "hs.yaml", Path::new(".")).is_ok());
+    }
+
+    #[test]
     fn parses_synapse_style_config() {
         let c = Config::parse(SAMPLE, "hs.yaml", Path::new("/etc/sb")).expect("valid");
         assert_eq!(c.server_name, "localhost");
         assert_eq!(c.sqlite_path(), PathBuf::from("/etc/sb/data/homeserver.db"));
-        assert_eq!(
-            c.signing_key_path(),
-            PathBuf::from("/etc/sb/data/signing.key")
-        );
+        assert_eq!(c.signing_key_path(), PathBuf::from("/etc/sb/data/signing.key"));
         assert_eq!(c.client_listeners().count(), 1);
         assert_eq!(
             c.rc_message,

@@ -60,22 +60,28 @@ pub struct RoomEventFilter {
     pub contains_url: Option<bool>,
 }
 
-/// Matches an event type against a filter pattern; `*` is a wildcard.
+/// Matches an event type against a filter pattern; `*` matches any run of characters.
+/// Greedy with one backtrack point: O(len(pattern) × len(kind)) at worst, never exponential.
 fn type_matches(pattern: &str, kind: &str) -> bool {
-    match pattern.split_once('*') {
-        None => pattern == kind,
-        Some((prefix, rest)) => {
-            kind.starts_with(prefix)
-                && (rest.is_empty()
-                    || kind.len() >= prefix.len() && type_matches_tail(rest, &kind[prefix.len()..]))
+    let (p, k) = (pattern.as_bytes(), kind.as_bytes());
+    let (mut pi, mut ki) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ki < k.len() {
+        if pi < p.len() && p[pi] == b'*' {
+            star = Some((pi, ki));
+            pi += 1;
+        } else if pi < p.len() && p[pi] == k[ki] {
+            pi += 1;
+            ki += 1;
+        } else if let Some((star_pi, star_ki)) = star {
+            pi = star_pi + 1;
+            ki = star_ki + 1;
+            star = Some((star_pi, star_ki + 1));
+        } else {
+            return false;
         }
     }
-}
-
-fn type_matches_tail(pattern: &str, kind: &str) -> bool {
-    (0..=kind.len())
-        .filter(|&i| kind.is_char_boundary(i))
-        .any(|i| type_matches(pattern, &kind[i..]))
+    p[pi..].iter().all(|&c| c == b'*')
 }
 
 impl EventFilter {
@@ -97,9 +103,7 @@ impl EventFilter {
 
 impl RoomEventFilter {
     pub fn matches(&self, pdu: &Pdu) -> bool {
-        if !self
-            .events
-            .matches(&pdu.kind.to_string(), pdu.sender.as_str())
+        if !self.events.matches(&pdu.kind.to_string(), pdu.sender.as_str())
             || !self.room_allowed(pdu.room_id.as_str())
         {
             return false;
@@ -112,20 +116,14 @@ impl RoomEventFilter {
 
     pub fn room_allowed(&self, room_id: &str) -> bool {
         !self.not_rooms.iter().any(|r| r == room_id)
-            && self
-                .rooms
-                .as_ref()
-                .is_none_or(|r| r.iter().any(|r| r == room_id))
+            && self.rooms.as_ref().is_none_or(|r| r.iter().any(|r| r == room_id))
     }
 }
 
 impl RoomFilter {
     pub fn room_allowed(&self, room_id: &str) -> bool {
         !self.not_rooms.iter().any(|r| r == room_id)
-            && self
-                .rooms
-                .as_ref()
-                .is_none_or(|r| r.iter().any(|r| r == room_id))
+            && self.rooms.as_ref().is_none_or(|r| r.iter().any(|r| r == room_id))
     }
 }
 
@@ -140,6 +138,17 @@ mod tests {
         assert!(type_matches("m.*.member", "m.room.member"));
         assert!(!type_matches("m.room.*", "m.call.invite"));
         assert!(!type_matches("m.room.message", "m.room.messages"));
+        assert!(type_matches("m.*.*", "m.room.member"));
+        assert!(!type_matches("m.*.x", "m.room.member"));
+        assert!(type_matches("**", ""));
+    }
+
+    #[test]
+    fn adversarial_patterns_stay_fast() {
+        let kind = "a".repeat(255);
+        let started = std::time::Instant::now();
+        assert!(!type_matches("*a*a*a*a*a*a*a*a*b", &kind));
+        assert!(started.elapsed() < std::time::Duration::from_millis(50));
     }
 
     #[test]

@@ -10,15 +10,9 @@ use ruma::signatures::Ed25519KeyPair;
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error("cannot read signing key {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("cannot write signing key {path}: {source}")]
-    Write {
-        path: String,
-        source: std::io::Error,
-    },
+    Write { path: String, source: std::io::Error },
     #[error("signing key {path} is malformed: {reason}")]
     Malformed { path: String, reason: String },
 }
@@ -78,9 +72,7 @@ impl SigningKey {
             .find(|l| !l.trim().is_empty())
             .ok_or_else(|| malformed("the file is empty"))?;
         let mut parts = line.split_whitespace();
-        let (Some(algorithm), Some(version), Some(seed)) =
-            (parts.next(), parts.next(), parts.next())
-        else {
+        let (Some(algorithm), Some(version), Some(seed)) = (parts.next(), parts.next(), parts.next()) else {
             return Err(malformed("expected `ed25519 <version> <base64 seed>`"));
         };
         if algorithm != "ed25519" {
@@ -94,8 +86,8 @@ impl SigningKey {
         }
         let mut der = PKCS8_ED25519_PREFIX.to_vec();
         der.extend_from_slice(&seed);
-        let key_pair = Ed25519KeyPair::from_der(&der, version.to_owned())
-            .map_err(|e| malformed(&e.to_string()))?;
+        let key_pair =
+            Ed25519KeyPair::from_der(&der, version.to_owned()).map_err(|e| malformed(&e.to_string()))?;
         Ok(Self { key_pair })
     }
 }

@@ -1,8 +1,8 @@
 //! The stored form of an event (a PDU) and its client-facing serialisation.
 
 use ruma::{
-    MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, RoomVersionId,
-    UInt, UserId, events::TimelineEventType, room_version_rules::RoomVersionRules,
+    MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, RoomVersionId, UInt, UserId,
+    events::TimelineEventType, room_version_rules::RoomVersionRules,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -28,8 +28,8 @@ impl RoomVersion {
                 STABLE_ROOM_VERSIONS.join(", ")
             )));
         }
-        let id = RoomVersionId::try_from(version)
-            .map_err(|e| Error::UnsupportedRoomVersion(e.to_string()))?;
+        let id =
+            RoomVersionId::try_from(version).map_err(|e| Error::UnsupportedRoomVersion(e.to_string()))?;
         let rules = id.rules().ok_or_else(|| {
             Error::UnsupportedRoomVersion(format!("no rules known for room version {version}"))
         })?;
@@ -123,9 +123,8 @@ impl Pdu {
     }
 
     pub fn from_row(row: EventRow) -> Result<Self> {
-        let event_id = OwnedEventId::try_from(row.event_id.as_str()).map_err(|e| {
-            Error::Internal(format!("stored event ID {} is invalid: {e}", row.event_id))
-        })?;
+        let event_id = OwnedEventId::try_from(row.event_id.as_str())
+            .map_err(|e| Error::Internal(format!("stored event ID {} is invalid: {e}", row.event_id)))?;
         let mut pdu = Self::from_json(event_id, row.pdu)?;
         pdu.stream_pos = row.stream_pos;
         pdu.unsigned = row.unsigned.and_then(|u| RawValue::from_string(u).ok());
@@ -158,8 +157,7 @@ impl Pdu {
         let now = crate::util::now_ms();
         unsigned.insert(
             "age".to_owned(),
-            now.saturating_sub(self.origin_server_ts.get().into())
-                .into(),
+            now.saturating_sub(self.origin_server_ts.get().into()).into(),
         );
         if let (Some((user, device)), Some((txn_device, txn_id))) = (viewer, &self.txn)
             && user == self.sender

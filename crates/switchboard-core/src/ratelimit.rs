@@ -64,9 +64,7 @@ impl RateLimiter {
         if buckets.len() > 100_000 {
             // Full buckets carry no information; dropping them bounds memory under many keys.
             buckets.retain(|_, b| {
-                (b.tokens
-                    + now.saturating_duration_since(b.updated).as_secs_f64()
-                        * self.config.per_second)
+                (b.tokens + now.saturating_duration_since(b.updated).as_secs_f64() * self.config.per_second)
                     < self.config.burst_count
             });
         }
@@ -112,9 +110,7 @@ mod tests {
             .check_at("k", t0 + Duration::from_millis(500))
             .expect("refilled one token");
         assert!(limiter.peek("k").is_err(), "peek sees the empty bucket");
-        limiter
-            .peek("fresh")
-            .expect("peek on an unknown key allows");
+        limiter.peek("fresh").expect("peek on an unknown key allows");
         limiter.peek("fresh").expect("and does not consume");
     }
 }

@@ -32,12 +32,18 @@ impl EventStream {
         let _ = rx.wait_for(|closing| *closing).await;
     }
 
-    /// Reserves the right to write the next position. Drop the guard without calling
-    /// [`StreamSlot::commit`] and the position is not used.
+    /// Reserves the next position. Drop the guard without calling [`StreamSlot::commit`] and the
+    /// position is not used.
     pub async fn next_slot(&self) -> StreamSlot<'_> {
+        self.next_slots(1).await
+    }
+
+    /// Reserves `count` consecutive positions, starting at [`StreamSlot::pos`].
+    pub async fn next_slots(&self, count: i64) -> StreamSlot<'_> {
         let guard = self.last.lock().await;
         StreamSlot {
             pos: *guard + 1,
+            count,
             guard,
             stream: self,
         }
@@ -55,7 +61,9 @@ impl EventStream {
 }
 
 pub struct StreamSlot<'a> {
+    /// The first reserved position.
     pub pos: i64,
+    count: i64,
     guard: MutexGuard<'a, i64>,
     stream: &'a EventStream,
 }
@@ -63,8 +71,9 @@ pub struct StreamSlot<'a> {
 impl StreamSlot<'_> {
     /// Marks the position as used (its event is stored) and wakes everyone waiting.
     pub fn commit(mut self) {
-        *self.guard = self.pos;
-        self.stream.notify.send_replace(self.pos);
+        let last = self.pos + self.count - 1;
+        *self.guard = last;
+        self.stream.notify.send_replace(last);
     }
 }
 

@@ -35,9 +35,7 @@ impl FromStr for StreamToken {
         let events = s.strip_prefix('s').and_then(|rest| rest.split('_').next());
         match events.and_then(|n| n.parse::<i64>().ok()) {
             Some(n) if n >= 0 => Ok(Self(n)),
-            _ => Err(Error::InvalidParam(format!(
-                "invalid pagination token `{s}`"
-            ))),
+            _ => Err(Error::InvalidParam(format!("invalid pagination token `{s}`"))),
         }
     }
 }
@@ -61,11 +59,7 @@ const DEFAULT_TIMELINE_LIMIT: u64 = 10;
 
 impl SyncService {
     pub fn new(rooms: Arc<Rooms>, store: Store, stream: Arc<EventStream>) -> Self {
-        Self {
-            rooms,
-            store,
-            stream,
-        }
+        Self { rooms, store, stream }
     }
 
     /// Answers at once if anything changed since the token (or for an initial sync), otherwise
@@ -112,8 +106,11 @@ impl SyncService {
 
         let (mut join, mut invite, mut leave) = (Map::new(), Map::new(), Map::new());
         for (room_id, membership, pos) in self.store.user_memberships(user.as_str()).await? {
-            if !room_filter.room_allowed(&room_id)
-                || changed.as_ref().is_some_and(|c| !c.contains(&room_id))
+            if pos > current {
+                // Committed but not yet announced: the next sync reports it, in order.
+                continue;
+            }
+            if !room_filter.room_allowed(&room_id) || changed.as_ref().is_some_and(|c| !c.contains(&room_id))
             {
                 continue;
             }
@@ -129,10 +126,7 @@ impl SyncService {
                     }
                 }
                 "invite" if newly => {
-                    invite.insert(
-                        room_id.to_string(),
-                        self.invite_section(&room_id, user).await?,
-                    );
+                    invite.insert(room_id.to_string(), self.invite_section(&room_id, user).await?);
                 }
                 "leave" | "ban" => {
                     let wanted = if since.is_some() {
@@ -142,8 +136,7 @@ impl SyncService {
                     };
                     if wanted
                         && !forgotten.contains(room_id.as_str())
-                        && let Some(section) =
-                            self.room_section(request, &room_id, since, pos).await?
+                        && let Some(section) = self.room_section(request, &room_id, since, pos).await?
                     {
                         leave.insert(room_id.to_string(), section);
                     }
@@ -219,9 +212,10 @@ impl SyncService {
             }
             _ => self.rooms.state_at(room_id, start).await?,
         };
+        let visibility = self.rooms.visibility(room_id, &request.user).await?;
         let timeline: Vec<&Pdu> = timeline
             .iter()
-            .filter(|e| filter.timeline.matches(e))
+            .filter(|e| filter.timeline.matches(e) && visibility.can_see(e))
             .collect();
         state.retain(|e| filter.state.matches(e));
         if filter.state.lazy_load_members {
@@ -233,20 +227,21 @@ impl SyncService {
                     || e.state_key.as_deref().is_some_and(|k| wanted.contains(k))
             });
             // Members whose event predates `since` are sent again so the client can render senders.
-            let present: HashSet<String> =
-                state.iter().filter_map(|e| e.state_key.clone()).collect();
+            let present: HashSet<String> = state.iter().filter_map(|e| e.state_key.clone()).collect();
             for sender in wanted {
                 if present.contains(sender) {
                     continue;
                 }
-                if let Some(m) = self
-                    .rooms
-                    .state_event(room_id, &ruma::events::StateEventType::RoomMember, sender)
+                // As of the timeline's start: state never runs ahead of the timeline.
+                if let Some(row) = self
+                    .store
+                    .state_event_at(room_id.as_str(), "m.room.member", sender, start)
                     .await?
-                    && !in_timeline.contains(&m.event_id)
-                    && m.stream_pos <= until
                 {
-                    state.push(m);
+                    let member = Pdu::from_row(row)?;
+                    if !in_timeline.contains(&member.event_id) {
+                        state.push(Arc::new(member));
+                    }
                 }
             }
         }

@@ -12,9 +12,7 @@ use std::{path::Path, str::FromStr, time::Duration};
 
 use sqlx::{
     AssertSqlSafe, Row,
-    sqlite::{
-        SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-    },
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous},
 };
 
 pub use rows::{EventRow, NewEvent, NewUser, UserRow};
@@ -188,14 +186,13 @@ impl Store {
     /// Logs out every device of a user; returns the token hashes that were removed.
     pub async fn delete_all_devices(&self, user_id: &str) -> Result<Vec<String>> {
         let mut tx = self.pool.begin().await?;
-        let hashes =
-            sqlx::query("DELETE FROM access_tokens WHERE user_id = $1 RETURNING token_hash")
-                .bind(user_id)
-                .fetch_all(&mut *tx)
-                .await?
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
+        let hashes = sqlx::query("DELETE FROM access_tokens WHERE user_id = $1 RETURNING token_hash")
+            .bind(user_id)
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
         sqlx::query("DELETE FROM devices WHERE user_id = $1")
             .bind(user_id)
             .execute(&mut *tx)
@@ -222,73 +219,13 @@ impl Store {
         Ok(row.get(0))
     }
 
-    /// Appends one accepted event: the event row, the room row (for a create event), the current
-    /// state change and the client's transaction ID, all in one database transaction, so a crash
+    /// Appends accepted events: the event rows, the room row (for a create event), the current
+    /// state changes and the client's transaction ID, all in one database transaction, so a crash
     /// leaves either all of it or none.
-    pub async fn append_event(&self, event: &NewEvent<'_>) -> Result<()> {
+    pub async fn append_events(&self, events: &[NewEvent<'_>]) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        if let Some(version) = event.creates_room_version {
-            sqlx::query(
-                "INSERT INTO rooms (room_id, room_version, creator, created_ts) VALUES ($1, $2, $3, $4)",
-            )
-            .bind(event.room_id)
-            .bind(version)
-            .bind(event.sender)
-            .bind(event.origin_server_ts)
-            .execute(&mut *tx)
-            .await?;
-        }
-        sqlx::query(
-            "INSERT INTO events (stream_pos, event_id, room_id, sender, type, state_key, depth, pdu,
-                                 unsigned, txn_device, txn_id)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-        )
-        .bind(event.stream_pos)
-        .bind(event.event_id)
-        .bind(event.room_id)
-        .bind(event.sender)
-        .bind(event.kind)
-        .bind(event.state_key)
-        .bind(event.depth)
-        .bind(event.pdu)
-        .bind(event.unsigned)
-        .bind(event.txn.map(|t| t.1))
-        .bind(event.txn.map(|t| t.2))
-        .execute(&mut *tx)
-        .await?;
-        if let Some(state_key) = event.state_key {
-            sqlx::query(
-                "INSERT INTO current_state (room_id, type, state_key, event_id, stream_pos, membership)
-                 VALUES ($1, $2, $3, $4, $5, $6)
-                 ON CONFLICT (room_id, type, state_key)
-                 DO UPDATE SET event_id = $4, stream_pos = $5, membership = $6",
-            )
-            .bind(event.room_id)
-            .bind(event.kind)
-            .bind(state_key)
-            .bind(event.event_id)
-            .bind(event.stream_pos)
-            .bind(event.membership)
-            .execute(&mut *tx)
-            .await?;
-        }
-        if let (Some(user_id), Some(_)) = (event.state_key, event.membership) {
-            sqlx::query("DELETE FROM forgotten_rooms WHERE user_id = $1 AND room_id = $2")
-                .bind(user_id)
-                .bind(event.room_id)
-                .execute(&mut *tx)
-                .await?;
-        }
-        if let Some((user_id, device_id, txn_id)) = event.txn {
-            sqlx::query(
-                "INSERT INTO event_txns (user_id, device_id, txn_id, event_id) VALUES ($1, $2, $3, $4)",
-            )
-            .bind(user_id)
-            .bind(device_id)
-            .bind(txn_id)
-            .bind(event.event_id)
-            .execute(&mut *tx)
-            .await?;
+        for event in events {
+            append_in(&mut tx, event).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -299,13 +236,18 @@ impl Store {
         &self,
         user_id: &str,
         device_id: &str,
+        room_id: &str,
+        event_type: &str,
         txn_id: &str,
     ) -> Result<Option<String>> {
         let row = sqlx::query(
-            "SELECT event_id FROM event_txns WHERE user_id = $1 AND device_id = $2 AND txn_id = $3",
+            "SELECT event_id FROM event_txns
+             WHERE user_id = $1 AND device_id = $2 AND room_id = $3 AND event_type = $4 AND txn_id = $5",
         )
         .bind(user_id)
         .bind(device_id)
+        .bind(room_id)
+        .bind(event_type)
         .bind(txn_id)
         .fetch_optional(&self.pool)
         .await?;
@@ -364,6 +306,28 @@ impl Store {
         rows.iter().map(rows::event_from_row).collect()
     }
 
+    /// One state event as of stream position `pos`.
+    pub async fn state_event_at(
+        &self,
+        room_id: &str,
+        kind: &str,
+        state_key: &str,
+        pos: i64,
+    ) -> Result<Option<EventRow>> {
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {EVENT_COLUMNS} FROM events
+             WHERE room_id = $1 AND type = $2 AND state_key = $3 AND stream_pos <= $4
+             ORDER BY stream_pos DESC LIMIT 1"
+        )))
+        .bind(room_id)
+        .bind(kind)
+        .bind(state_key)
+        .bind(pos)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| rows::event_from_row(&r)).transpose()
+    }
+
     /// Events of a room with `after < stream_pos <= until`, oldest first, at most `limit`
     /// (the newest ones when `newest` is set).
     pub async fn room_events(
@@ -386,10 +350,7 @@ impl Store {
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        let mut events: Vec<EventRow> = rows
-            .iter()
-            .map(rows::event_from_row)
-            .collect::<Result<_>>()?;
+        let mut events: Vec<EventRow> = rows.iter().map(rows::event_from_row).collect::<Result<_>>()?;
         if newest {
             events.reverse();
         }
@@ -405,10 +366,7 @@ impl Store {
         .bind(user_id)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2)))
-            .collect())
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
     }
 
     /// The user's membership events in one room, oldest first: the windows of history they may see.
@@ -426,24 +384,21 @@ impl Store {
 
     /// Rooms that have any event with `after < stream_pos <= until`.
     pub async fn rooms_with_events(&self, after: i64, until: i64) -> Result<Vec<String>> {
-        let rows = sqlx::query(
-            "SELECT DISTINCT room_id FROM events WHERE stream_pos > $1 AND stream_pos <= $2",
-        )
-        .bind(after)
-        .bind(until)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows =
+            sqlx::query("SELECT DISTINCT room_id FROM events WHERE stream_pos > $1 AND stream_pos <= $2")
+                .bind(after)
+                .bind(until)
+                .fetch_all(&self.pool)
+                .await?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
     pub async fn forget_room(&self, user_id: &str, room_id: &str) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO forgotten_rooms (user_id, room_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-        )
-        .bind(user_id)
-        .bind(room_id)
-        .execute(&self.pool)
-        .await?;
+        sqlx::query("INSERT INTO forgotten_rooms (user_id, room_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+            .bind(user_id)
+            .bind(room_id)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -520,6 +475,74 @@ impl Store {
             .await?;
         Ok(row.map(|r| r.get(0)))
     }
+}
+
+async fn append_in(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, event: &NewEvent<'_>) -> Result<()> {
+    if let Some(version) = event.creates_room_version {
+        sqlx::query("INSERT INTO rooms (room_id, room_version, creator, created_ts) VALUES ($1, $2, $3, $4)")
+            .bind(event.room_id)
+            .bind(version)
+            .bind(event.sender)
+            .bind(event.origin_server_ts)
+            .execute(&mut **tx)
+            .await?;
+    }
+    sqlx::query(
+        "INSERT INTO events (stream_pos, event_id, room_id, sender, type, state_key, depth, pdu,
+                                 unsigned, txn_device, txn_id)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+    )
+    .bind(event.stream_pos)
+    .bind(event.event_id)
+    .bind(event.room_id)
+    .bind(event.sender)
+    .bind(event.kind)
+    .bind(event.state_key)
+    .bind(event.depth)
+    .bind(event.pdu)
+    .bind(event.unsigned)
+    .bind(event.txn.map(|t| t.1))
+    .bind(event.txn.map(|t| t.2))
+    .execute(&mut **tx)
+    .await?;
+    if let Some(state_key) = event.state_key {
+        sqlx::query(
+            "INSERT INTO current_state (room_id, type, state_key, event_id, stream_pos, membership)
+                 VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (room_id, type, state_key)
+                 DO UPDATE SET event_id = $4, stream_pos = $5, membership = $6",
+        )
+        .bind(event.room_id)
+        .bind(event.kind)
+        .bind(state_key)
+        .bind(event.event_id)
+        .bind(event.stream_pos)
+        .bind(event.membership)
+        .execute(&mut **tx)
+        .await?;
+    }
+    if let (Some(user_id), Some(_)) = (event.state_key, event.membership) {
+        sqlx::query("DELETE FROM forgotten_rooms WHERE user_id = $1 AND room_id = $2")
+            .bind(user_id)
+            .bind(event.room_id)
+            .execute(&mut **tx)
+            .await?;
+    }
+    if let Some((user_id, device_id, txn_id)) = event.txn {
+        sqlx::query(
+            "INSERT INTO event_txns (user_id, device_id, room_id, event_type, txn_id, event_id)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(user_id)
+        .bind(device_id)
+        .bind(event.room_id)
+        .bind(event.kind)
+        .bind(txn_id)
+        .bind(event.event_id)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
 }
 
 fn prefixed_event_columns(prefix: &str) -> String {

@@ -30,15 +30,15 @@ fn event<'a>(pos: i64, id: &'a str, kind: &'a str, state_key: Option<&'a str>) -
 async fn state_at_follows_linear_history() {
     let (_dir, store) = temp_store().await;
     store
-        .append_event(&event(1, "$1", "m.room.name", Some("")))
+        .append_events(&[event(1, "$1", "m.room.name", Some(""))])
         .await
         .expect("1");
     store
-        .append_event(&event(2, "$2", "m.room.message", None))
+        .append_events(&[event(2, "$2", "m.room.message", None)])
         .await
         .expect("2");
     store
-        .append_event(&event(3, "$3", "m.room.name", Some("")))
+        .append_events(&[event(3, "$3", "m.room.name", Some(""))])
         .await
         .expect("3");
     let at2: Vec<_> = store
@@ -65,24 +65,33 @@ async fn txn_is_recorded_with_the_event() {
     let (_dir, store) = temp_store().await;
     let mut e = event(1, "$1", "m.room.message", None);
     e.txn = Some(("@a:x", "DEV", "t1"));
-    store.append_event(&e).await.expect("append");
+    store.append_events(&[e]).await.expect("append");
     assert_eq!(
         store
-            .txn_event("@a:x", "DEV", "t1")
+            .txn_event("@a:x", "DEV", "!r:x", "m.room.message", "t1")
             .await
             .expect("q")
             .as_deref(),
         Some("$1")
     );
     assert_eq!(
-        store.txn_event("@a:x", "OTHER", "t1").await.expect("q"),
+        store
+            .txn_event("@a:x", "OTHER", "!r:x", "m.room.message", "t1")
+            .await
+            .expect("q"),
         None
     );
     // A duplicate stream position is refused and leaves no half-written txn record.
     let mut dup = event(1, "$2", "m.room.message", None);
     dup.txn = Some(("@a:x", "DEV", "t2"));
-    assert!(store.append_event(&dup).await.is_err());
-    assert_eq!(store.txn_event("@a:x", "DEV", "t2").await.expect("q"), None);
+    assert!(store.append_events(&[dup]).await.is_err());
+    assert_eq!(
+        store
+            .txn_event("@a:x", "DEV", "!r:x", "m.room.message", "t2")
+            .await
+            .expect("q"),
+        None
+    );
 }
 
 #[tokio::test]
@@ -106,10 +115,7 @@ async fn refuses_newer_schema() {
 async fn filter_ids_count_per_user() {
     let (_dir, store) = temp_store().await;
     assert_eq!(store.create_filter("@a:x", "{}").await.expect("f"), 0);
-    assert_eq!(
-        store.create_filter("@a:x", "{\"x\":1}").await.expect("f"),
-        1
-    );
+    assert_eq!(store.create_filter("@a:x", "{\"x\":1}").await.expect("f"), 1);
     assert_eq!(store.create_filter("@b:x", "{}").await.expect("f"), 0);
     assert_eq!(
         store.filter("@a:x", 1).await.expect("f").as_deref(),

@@ -55,13 +55,9 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         match cli.command {
             Some(Command::GenerateConfig {
@@ -77,15 +73,9 @@ fn main() -> anyhow::Result<()> {
             }) => {
                 let config = load_config(cli.config.as_deref())?;
                 let hs = Homeserver::open(config).await?;
-                let user_id = hs
-                    .accounts
-                    .create_user(&user, Some(&password), admin)
-                    .await?;
+                let user_id = hs.accounts.create_user(&user, Some(&password), admin).await?;
                 hs.store.close().await;
-                println!(
-                    "Registered {user_id}{}",
-                    if admin { " (admin)" } else { "" }
-                );
+                println!("Registered {user_id}{}", if admin { " (admin)" } else { "" });
                 Ok(())
             }
             None => serve(load_config(cli.config.as_deref())?).await,
@@ -102,21 +92,12 @@ fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
     Ok(Config::load(path)?)
 }
 
-fn generate_config(
-    server_name: &str,
-    data_dir: &Path,
-    port: u16,
-    force: bool,
-) -> anyhow::Result<()> {
-    std::fs::create_dir_all(data_dir)
-        .with_context(|| format!("cannot create {}", data_dir.display()))?;
+fn generate_config(server_name: &str, data_dir: &Path, port: u16, force: bool) -> anyhow::Result<()> {
+    std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
     let data_dir = data_dir.canonicalize()?;
     let config_path = data_dir.join("homeserver.yaml");
     if config_path.exists() && !force {
-        bail!(
-            "{} exists; pass --force to overwrite it",
-            config_path.display()
-        );
+        bail!("{} exists; pass --force to overwrite it", config_path.display());
     }
     let config = Config::generated(server_name, &data_dir, port, random_string(32));
     let key_path = config.signing_key_path();
@@ -155,9 +136,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot listen on {address}"))?;
         tracing::info!(%address, server_name = %hs.server_name, "listening for clients");
-        let app = app
-            .clone()
-            .into_make_service_with_connect_info::<SocketAddr>();
+        let app = app.clone().into_make_service_with_connect_info::<SocketAddr>();
         let mut stop = stop_rx.clone();
         servers.push(tokio::spawn(async move {
             axum::serve(listener, app)

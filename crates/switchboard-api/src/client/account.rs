@@ -173,10 +173,7 @@ async fn logout(State(hs): State<Arc<Homeserver>>, Auth(session): Auth) -> ApiRe
     Ok(Json(json!({})))
 }
 
-async fn logout_all(
-    State(hs): State<Arc<Homeserver>>,
-    Auth(session): Auth,
-) -> ApiResult<Json<Value>> {
+async fn logout_all(State(hs): State<Arc<Homeserver>>, Auth(session): Auth) -> ApiResult<Json<Value>> {
     hs.accounts.logout_all(&session.user_id).await?;
     Ok(Json(json!({})))
 }

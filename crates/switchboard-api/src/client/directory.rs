@@ -20,21 +20,13 @@ use crate::{
 
 pub(super) fn routes() -> Router<Arc<Homeserver>> {
     Router::new()
-        .route(
-            "/directory/room/{alias}",
-            get(resolve).put(create).delete(delete),
-        )
+        .route("/directory/room/{alias}", get(resolve).put(create).delete(delete))
         .route("/rooms/{room_id}/aliases", get(room_aliases))
 }
 
-async fn resolve(
-    State(hs): State<Arc<Homeserver>>,
-    Path(raw): Path<String>,
-) -> ApiResult<Json<Value>> {
+async fn resolve(State(hs): State<Arc<Homeserver>>, Path(raw): Path<String>) -> ApiResult<Json<Value>> {
     let room_id = hs.rooms.resolve_alias(&alias(&raw)?).await?;
-    Ok(Json(
-        json!({ "room_id": room_id, "servers": [hs.server_name] }),
-    ))
+    Ok(Json(json!({ "room_id": room_id, "servers": [hs.server_name] })))
 }
 
 #[derive(Deserialize)]
@@ -49,7 +41,7 @@ async fn create(
     Body(body): Body<CreateBody>,
 ) -> ApiResult<Json<Value>> {
     hs.rooms
-        .create_alias(&alias(&raw)?, &body.room_id, &session.user_id)
+        .create_alias(&alias(&raw)?, &body.room_id, &session.user_id, session.is_admin)
         .await?;
     Ok(Json(json!({})))
 }

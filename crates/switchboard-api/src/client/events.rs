@@ -59,17 +59,18 @@ async fn send(
     Body(body): Body<Value>,
 ) -> ApiResult<Json<Value>> {
     let room = room_id(&room)?;
+    let txn = (session.device_id.as_str(), txn_id.as_str());
+    // A retry gets its original answer even when the sender is now rate-limited.
+    if let Some(pdu) = hs
+        .rooms
+        .txn_event(&room, &session.user_id, &event_type, txn)
+        .await?
+    {
+        return Ok(Json(json!({ "event_id": pdu.event_id })));
+    }
     hs.limits.message.check(session.user_id.as_str())?;
     let draft = EventDraft::message(event_type, content_object(body)?);
-    let pdu = hs
-        .rooms
-        .send(
-            &room,
-            &session.user_id,
-            draft,
-            Some((&session.device_id, &txn_id)),
-        )
-        .await?;
+    let pdu = hs.rooms.send(&room, &session.user_id, draft, Some(txn)).await?;
     Ok(Json(json!({ "event_id": pdu.event_id })))
 }
 
@@ -88,15 +89,7 @@ async fn put_state_empty_key(
     Path((room, event_type)): Path<(String, String)>,
     Body(body): Body<Value>,
 ) -> ApiResult<Json<Value>> {
-    send_state(
-        &hs,
-        &session.user_id,
-        &room,
-        event_type,
-        String::new(),
-        body,
-    )
-    .await
+    send_state(&hs, &session.user_id, &room, event_type, String::new(), body).await
 }
 
 async fn send_state(
@@ -183,10 +176,7 @@ async fn event(
         .rooms
         .event_for_user(&room, &event_id, &session.user_id)
         .await?;
-    Ok(Json(to_value(
-        &pdu,
-        Some((&session.user_id, &session.device_id)),
-    )))
+    Ok(Json(to_value(&pdu, Some((&session.user_id, &session.device_id)))))
 }
 
 #[derive(Deserialize)]
@@ -209,9 +199,7 @@ async fn messages(
         Some("b") => Direction::Backward,
         Some("f") => Direction::Forward,
         Some(other) => {
-            return Err(
-                Error::InvalidParam(format!("dir must be `b` or `f`, not `{other}`")).into(),
-            );
+            return Err(Error::InvalidParam(format!("dir must be `b` or `f`, not `{other}`")).into());
         }
         None => return Err(Error::MissingParam("Missing dir parameter".to_owned()).into()),
     };
@@ -228,8 +216,9 @@ async fn messages(
         .map(str::parse::<StreamToken>)
         .transpose()?;
     let filter: RoomEventFilter = match params.filter.as_deref() {
-        Some(text) => serde_json::from_str(text)
-            .map_err(|e| Error::InvalidParam(format!("invalid filter: {e}")))?,
+        Some(text) => {
+            serde_json::from_str(text).map_err(|e| Error::InvalidParam(format!("invalid filter: {e}")))?
+        }
         None => RoomEventFilter::default(),
     };
     let page = hs
@@ -253,12 +242,7 @@ async fn messages(
         response["end"] = json!(end.to_string());
     }
     if !page.state.is_empty() {
-        response["state"] = json!(
-            page.state
-                .iter()
-                .map(|e| to_value(e, viewer))
-                .collect::<Vec<_>>()
-        );
+        response["state"] = json!(page.state.iter().map(|e| to_value(e, viewer)).collect::<Vec<_>>());
     }
     Ok(Json(response))
 }

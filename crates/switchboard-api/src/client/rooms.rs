@@ -32,13 +32,11 @@ pub(super) fn routes() -> Router<Arc<Homeserver>> {
 }
 
 pub(super) fn room_id(raw: &str) -> Result<OwnedRoomId, Error> {
-    OwnedRoomId::try_from(raw)
-        .map_err(|e| Error::InvalidParam(format!("invalid room ID {raw}: {e}")))
+    OwnedRoomId::try_from(raw).map_err(|e| Error::InvalidParam(format!("invalid room ID {raw}: {e}")))
 }
 
 pub(super) fn alias(raw: &str) -> Result<OwnedRoomAliasId, Error> {
-    OwnedRoomAliasId::try_from(raw)
-        .map_err(|e| Error::InvalidParam(format!("invalid room alias {raw}: {e}")))
+    OwnedRoomAliasId::try_from(raw).map_err(|e| Error::InvalidParam(format!("invalid room alias {raw}: {e}")))
 }
 
 async fn create_room(
@@ -86,11 +84,7 @@ async fn join(
     do_join(&hs, &session.user_id, &room_id(&raw)?).await
 }
 
-async fn do_join(
-    hs: &Homeserver,
-    user: &OwnedUserId,
-    room_id: &OwnedRoomId,
-) -> ApiResult<Json<Value>> {
+async fn do_join(hs: &Homeserver, user: &OwnedUserId, room_id: &OwnedRoomId) -> ApiResult<Json<Value>> {
     let displayname = hs.accounts.displayname(user).await?;
     hs.rooms.join(room_id, user, displayname.as_deref()).await?;
     Ok(Json(json!({ "room_id": room_id })))
@@ -195,10 +189,7 @@ async fn forget(
     Ok(Json(json!({})))
 }
 
-async fn joined_rooms(
-    State(hs): State<Arc<Homeserver>>,
-    Auth(session): Auth,
-) -> ApiResult<Json<Value>> {
+async fn joined_rooms(State(hs): State<Arc<Homeserver>>, Auth(session): Auth) -> ApiResult<Json<Value>> {
     Ok(Json(
         json!({ "joined_rooms": hs.rooms.joined_rooms(&session.user_id).await? }),
     ))

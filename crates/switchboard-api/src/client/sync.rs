@@ -65,11 +65,7 @@ async fn sync(
 }
 
 /// `filter=` is inline JSON when it starts with `{`, else the ID of a stored filter.
-async fn load_filter(
-    hs: &Homeserver,
-    session: &Session,
-    filter: Option<&str>,
-) -> Result<Filter, Error> {
+async fn load_filter(hs: &Homeserver, session: &Session, filter: Option<&str>) -> Result<Filter, Error> {
     let Some(filter) = filter else {
         return Ok(Filter::default());
     };
@@ -89,9 +85,7 @@ async fn load_filter(
 
 fn require_self(session: &Session, user: &str) -> Result<OwnedUserId, Error> {
     if session.user_id.as_str() != user {
-        return Err(Error::Forbidden(
-            "Cannot use filters of other users".to_owned(),
-        ));
+        return Err(Error::Forbidden("Cannot use filters of other users".to_owned()));
     }
     Ok(session.user_id.clone())
 }

@@ -25,8 +25,10 @@ async fn versions() -> Json<Value> {
 }
 
 async fn well_known(State(hs): State<Arc<Homeserver>>) -> ApiResult<Json<Value>> {
-    let base_url = hs.config.public_baseurl.as_ref().ok_or_else(|| {
-        Error::NotFound("No .well-known configured: set public_baseurl".to_owned())
-    })?;
+    let base_url = hs
+        .config
+        .public_baseurl
+        .as_ref()
+        .ok_or_else(|| Error::NotFound("No .well-known configured: set public_baseurl".to_owned()))?;
     Ok(Json(json!({ "m.homeserver": { "base_url": base_url } })))
 }

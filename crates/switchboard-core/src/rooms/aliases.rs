@@ -1,36 +1,53 @@
 //! Room aliases: the local directory from `#alias:server` to room ID.
 
-use ruma::{OwnedRoomId, RoomAliasId, RoomId, UserId, events::StateEventType};
+use ruma::{OwnedRoomAliasId, OwnedRoomId, RoomAliasId, RoomId, UserId, events::StateEventType};
 
 use super::Rooms;
 use crate::{Error, Result};
 
 impl Rooms {
+    /// `#localpart:this-server`, with Synapse's rule for the localpart (no whitespace or `:`).
+    pub(super) fn local_alias(&self, localpart: &str) -> Result<OwnedRoomAliasId> {
+        if localpart.is_empty() || localpart.chars().any(|c| c.is_whitespace() || c == ':') {
+            return Err(Error::InvalidParam(format!(
+                "Invalid characters in room alias `{localpart}`"
+            )));
+        }
+        OwnedRoomAliasId::try_from(format!("#{localpart}:{}", self.server_name))
+            .map_err(|e| Error::InvalidParam(format!("invalid room alias: {e}")))
+    }
+
     fn require_local_alias(&self, alias: &RoomAliasId) -> Result<()> {
         if alias.server_name() != self.server_name {
             return Err(Error::InvalidParam(format!(
                 "Room alias {alias} is not on this server"
             )));
         }
-        Ok(())
+        self.local_alias(alias.alias()).map(|_| ())
     }
 
+    /// Creating an alias needs membership of the room (or server admin), as Synapse's default
+    /// `require_membership_for_aliases`.
     pub async fn create_alias(
         &self,
         alias: &RoomAliasId,
         room_id: &RoomId,
         creator: &UserId,
+        is_admin: bool,
     ) -> Result<()> {
         self.require_local_alias(alias)?;
         self.handle(room_id).await?;
+        if !is_admin && self.membership(room_id, creator).await?.as_deref() != Some("join") {
+            return Err(Error::Forbidden(
+                "You must be in the room to create an alias for it".to_owned(),
+            ));
+        }
         if !self
             .store
             .create_alias(alias.as_str(), room_id.as_str(), creator.as_str())
             .await?
         {
-            return Err(Error::Conflict(format!(
-                "Room alias {alias} already exists"
-            )));
+            return Err(Error::Conflict(format!("Room alias {alias} already exists")));
         }
         Ok(())
     }
@@ -46,12 +63,7 @@ impl Rooms {
 
     /// Deleting is for the alias's creator, server admins, and room members allowed to change
     /// `m.room.canonical_alias` — Synapse's rule.
-    pub async fn delete_alias(
-        &self,
-        alias: &RoomAliasId,
-        user: &UserId,
-        is_admin: bool,
-    ) -> Result<()> {
+    pub async fn delete_alias(&self, alias: &RoomAliasId, user: &UserId, is_admin: bool) -> Result<()> {
         self.require_local_alias(alias)?;
         let (room_id, creator) = self
             .store
@@ -93,9 +105,8 @@ impl Rooms {
             return Ok(true);
         };
         let content = levels.content_value();
-        let level_of = |v: Option<&serde_json::Value>, default: i64| {
-            v.and_then(|v| v.as_i64()).unwrap_or(default)
-        };
+        let level_of =
+            |v: Option<&serde_json::Value>, default: i64| v.and_then(|v| v.as_i64()).unwrap_or(default);
         let user_level = level_of(
             content["users"].get(user.as_str()),
             level_of(content.get("users_default"), 0),

@@ -7,7 +7,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use tokio::sync::Mutex;
 
-use super::{EventDraft, RoomHandle, RoomInner, Rooms, StateMap};
+use super::{EventDraft, RoomHandle, RoomInner, Rooms, StateMap, pipeline::detached};
 use crate::{Error, Result, pdu::RoomVersion, util::random_string};
 
 /// The request body of `/createRoom`.
@@ -37,18 +37,30 @@ pub struct InitialState {
 }
 
 impl Rooms {
+    /// Creates a room with its initial events, stored atomically: a request that fails (a bad
+    /// `initial_state`, an override the auth rules refuse, a taken alias) leaves no room behind.
     pub async fn create_room(
-        &self,
+        self: &Arc<Self>,
         creator: &UserId,
         displayname: Option<&str>,
         request: CreateRoom,
     ) -> Result<(OwnedRoomId, Option<OwnedRoomAliasId>)> {
-        let version = RoomVersion::parse(
-            request
-                .room_version
-                .as_deref()
-                .unwrap_or(&self.default_version),
-        )?;
+        let this = self.clone();
+        let (creator, displayname) = (creator.to_owned(), displayname.map(str::to_owned));
+        detached(async move {
+            this.create_room_inner(&creator, displayname.as_deref(), request)
+                .await
+        })
+        .await
+    }
+
+    async fn create_room_inner(
+        self: &Arc<Self>,
+        creator: &UserId,
+        displayname: Option<&str>,
+        request: CreateRoom,
+    ) -> Result<(OwnedRoomId, Option<OwnedRoomAliasId>)> {
+        let version = RoomVersion::parse(request.room_version.as_deref().unwrap_or(&self.default_version))?;
         let public = request.visibility.as_deref() == Some("public");
         let preset = request.preset.clone().unwrap_or_else(|| {
             if public {
@@ -58,46 +70,32 @@ impl Rooms {
             }
         });
         let (join_rule, guest_access) = match preset.as_str() {
-            "public_chat" => ("public", "forbidden"),
-            "private_chat" | "trusted_private_chat" => ("invite", "can_join"),
+            "public_chat" => ("public", None),
+            "private_chat" | "trusted_private_chat" => ("invite", Some("can_join")),
             other => return Err(Error::BadJson(format!("unknown preset `{other}`"))),
         };
-
         let alias = match &request.room_alias_name {
-            Some(name) => {
-                let alias = OwnedRoomAliasId::try_from(format!("#{name}:{}", self.server_name))
-                    .map_err(|e| Error::InvalidParam(format!("invalid room_alias_name: {e}")))?;
-                if self.store.alias(alias.as_str()).await?.is_some() {
-                    return Err(Error::RoomInUse);
-                }
-                Some(alias)
-            }
+            Some(name) => Some(self.local_alias(name)?),
             None => None,
         };
         for user in &request.invite {
-            if user.server_name() != self.server_name {
-                return Err(Error::Forbidden(format!(
-                    "cannot invite {user}: federation is not supported"
-                )));
-            }
+            self.require_local_user(user).await?;
         }
-
         let room_id = OwnedRoomId::try_from(format!("!{}:{}", random_string(18), self.server_name))
             .map_err(Error::internal)?;
-        let handle = Arc::new(RoomHandle {
-            room_id: room_id.clone(),
-            version: version.clone(),
-            inner: Mutex::new(RoomInner {
-                state: StateMap::new(),
-                head: None,
-            }),
-        });
 
         let mut create = request.creation_content.clone().unwrap_or_default();
         create.insert("room_version".to_owned(), json!(version.id));
         if !version.rules.authorization.use_room_create_sender {
             create.insert("creator".to_owned(), json!(creator));
         }
+        // `initial_state` replaces the preset's events of the same type and key, as in Synapse.
+        let overridden = |kind: &str| {
+            request
+                .initial_state
+                .iter()
+                .any(|s| s.kind == kind && s.state_key.is_empty())
+        };
         let mut events = vec![
             EventDraft::state("m.room.create", "", Value::Object(create)),
             EventDraft::state(
@@ -118,50 +116,32 @@ impl Rooms {
                 json!({ "alias": alias }),
             ));
         }
-        events.push(EventDraft::state(
-            "m.room.join_rules",
-            "",
-            json!({ "join_rule": join_rule }),
-        ));
-        events.push(EventDraft::state(
-            "m.room.history_visibility",
-            "",
-            json!({ "history_visibility": "shared" }),
-        ));
-        events.push(EventDraft::state(
-            "m.room.guest_access",
-            "",
-            json!({ "guest_access": guest_access }),
-        ));
-        for state in request.initial_state {
-            events.push(EventDraft::state(
-                state.kind,
-                state.state_key,
-                state.content,
-            ));
+        let mut preset_state = vec![
+            ("m.room.join_rules", json!({ "join_rule": join_rule })),
+            (
+                "m.room.history_visibility",
+                json!({ "history_visibility": "shared" }),
+            ),
+        ];
+        if let Some(guest_access) = guest_access {
+            preset_state.push(("m.room.guest_access", json!({ "guest_access": guest_access })));
         }
-        if let Some(name) = request.name {
-            events.push(EventDraft::state(
-                "m.room.name",
-                "",
-                json!({ "name": name }),
-            ));
-        }
-        if let Some(topic) = request.topic {
-            events.push(EventDraft::state(
-                "m.room.topic",
-                "",
-                json!({ "topic": topic }),
-            ));
-        }
-
-        for (index, draft) in events.into_iter().enumerate() {
-            self.send_to(&handle, creator, draft, None).await?;
-            if index == 0 {
-                // The room exists once its create event is stored; make it findable for the rest.
-                self.insert_handle(handle.clone())?;
+        for (kind, content) in preset_state {
+            if !overridden(kind) {
+                events.push(EventDraft::state(kind, "", content));
             }
         }
+        for state in request.initial_state {
+            events.push(EventDraft::state(state.kind, state.state_key, state.content));
+        }
+        if let Some(name) = request.name {
+            events.push(EventDraft::state("m.room.name", "", json!({ "name": name })));
+        }
+        if let Some(topic) = request.topic {
+            events.push(EventDraft::state("m.room.topic", "", json!({ "topic": topic })));
+        }
+
+        // Reserve the alias first, so a concurrent request cannot take it between check and use.
         if let Some(alias) = &alias
             && !self
                 .store
@@ -170,6 +150,21 @@ impl Rooms {
         {
             return Err(Error::RoomInUse);
         }
+        let handle = Arc::new(RoomHandle {
+            room_id: room_id.clone(),
+            version: version.clone(),
+            inner: Mutex::new(RoomInner {
+                state: StateMap::new(),
+                head: None,
+            }),
+        });
+        if let Err(e) = self.send_batch(&handle, creator, events, None).await {
+            if let Some(alias) = &alias {
+                self.store.delete_alias(alias.as_str()).await?;
+            }
+            return Err(e);
+        }
+        self.insert_handle(handle)?;
         for invitee in &request.invite {
             self.invite(&room_id, creator, invitee, None, request.is_direct)
                 .await?;
@@ -179,11 +174,7 @@ impl Rooms {
     }
 }
 
-pub(super) fn member_content(
-    membership: &str,
-    displayname: Option<&str>,
-    is_direct: bool,
-) -> Value {
+pub(super) fn member_content(membership: &str, displayname: Option<&str>, is_direct: bool) -> Value {
     let mut content = json!({ "membership": membership });
     if let Some(name) = displayname {
         content["displayname"] = json!(name);
@@ -221,12 +212,10 @@ fn power_levels(creator: &UserId, request: &CreateRoom, preset: &str) -> Value {
         "ban": 50,
         "kick": 50,
         "redact": 50,
-        "invite": 0,
+        "invite": 50,
     });
-    if let (Some(overrides), Some(target)) = (
-        &request.power_level_content_override,
-        content.as_object_mut(),
-    ) {
+    if let (Some(overrides), Some(target)) = (&request.power_level_content_override, content.as_object_mut())
+    {
         for (key, value) in overrides {
             target.insert(key.clone(), value.clone());
         }

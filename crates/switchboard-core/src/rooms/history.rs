@@ -2,7 +2,10 @@
 
 use std::{collections::HashSet, sync::Arc};
 
-use ruma::{RoomId, UserId, events::StateEventType};
+use ruma::{
+    OwnedUserId, RoomId, UserId,
+    events::{StateEventType, TimelineEventType},
+};
 
 use super::Rooms;
 use crate::{Error, Result, filter::RoomEventFilter, pdu::Pdu, sync::StreamToken};
@@ -21,10 +24,74 @@ pub struct MessagesPage {
     pub state: Vec<Arc<Pdu>>,
 }
 
+/// What one user may see of one room's history, by the spec's history visibility rules.
+/// The room's current `history_visibility` applies to all of its history.
+pub struct Visibility {
+    user: OwnedUserId,
+    world_readable: bool,
+    history: String,
+    currently_joined: bool,
+    /// The user's membership events, oldest first: `(stream position, membership)`.
+    memberships: Vec<(i64, String)>,
+}
+
+impl Visibility {
+    pub fn can_see(&self, event: &Pdu) -> bool {
+        if self.world_readable {
+            return true;
+        }
+        if event.kind == TimelineEventType::RoomMember
+            && event.state_key.as_deref() == Some(self.user.as_str())
+        {
+            return true;
+        }
+        let at_event = self
+            .memberships
+            .iter()
+            .rev()
+            .find(|(pos, _)| *pos < event.stream_pos)
+            .map(|(_, m)| m.as_str());
+        match at_event {
+            Some("join") => true,
+            Some("invite") if self.history == "invited" => true,
+            _ => self.history == "shared" && self.currently_joined,
+        }
+    }
+}
+
 impl Rooms {
-    /// The newest stream position of the room the user may see: everything while they are in the
-    /// room (history visibility `shared`), up to their leave or ban once they are out, and all of a
-    /// `world_readable` room. Never-members of other rooms get `M_FORBIDDEN`.
+    pub async fn visibility(&self, room_id: &RoomId, user: &UserId) -> Result<Visibility> {
+        let history = self
+            .state_event(room_id, &StateEventType::RoomHistoryVisibility, "")
+            .await?
+            .and_then(|e| {
+                e.content_value()["history_visibility"]
+                    .as_str()
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| "shared".to_owned());
+        let mut memberships = Vec::new();
+        for row in self
+            .store
+            .membership_history(room_id.as_str(), user.as_str())
+            .await?
+        {
+            let pdu = Pdu::from_row(row)?;
+            memberships.push((pdu.stream_pos, pdu.membership().unwrap_or_default()));
+        }
+        Ok(Visibility {
+            user: user.to_owned(),
+            world_readable: history == "world_readable",
+            currently_joined: memberships.last().is_some_and(|(_, m)| m == "join"),
+            history,
+            memberships,
+        })
+    }
+
+    /// The newest stream position of the room the user may read from: now for members, their
+    /// leave or ban for former members, now for anyone in a `world_readable` room. Others,
+    /// including invitees, get `M_FORBIDDEN` (as in Synapse). Which events below that bound are
+    /// visible is [`Visibility::can_see`]'s business.
     pub async fn visible_until(&self, room_id: &RoomId, user: &UserId) -> Result<i64> {
         let current = self.stream.current();
         if let Some(member) = self
@@ -32,7 +99,7 @@ impl Rooms {
             .await?
         {
             match member.membership().as_deref() {
-                Some("join" | "invite") => return Ok(current),
+                Some("join") => return Ok(current),
                 Some("leave" | "ban") => return Ok(member.stream_pos),
                 _ => {}
             }
@@ -44,21 +111,17 @@ impl Rooms {
         if world_readable {
             return Ok(current);
         }
-        Err(Error::Forbidden(format!(
-            "User {user} is not in room {room_id}"
-        )))
+        Err(Error::Forbidden(format!("User {user} is not in room {room_id}")))
     }
 
     /// One event, if the user may see it.
-    pub async fn event_for_user(
-        &self,
-        room_id: &RoomId,
-        event_id: &str,
-        user: &UserId,
-    ) -> Result<Pdu> {
+    pub async fn event_for_user(&self, room_id: &RoomId, event_id: &str, user: &UserId) -> Result<Pdu> {
         let until = self.visible_until(room_id, user).await?;
+        let visibility = self.visibility(room_id, user).await?;
         match self.event(event_id).await? {
-            Some(pdu) if pdu.room_id == room_id && pdu.stream_pos <= until => Ok(pdu),
+            Some(pdu) if pdu.room_id == room_id && pdu.stream_pos <= until && visibility.can_see(&pdu) => {
+                Ok(pdu)
+            }
             _ => Err(Error::NotFound("Event not found.".to_owned())),
         }
     }
@@ -130,7 +193,8 @@ impl Rooms {
             (true, Direction::Forward, Some(last)) => Some(StreamToken(last.stream_pos)),
             _ => None,
         };
-        chunk.retain(|e| filter.matches(e));
+        let visibility = self.visibility(room_id, user).await?;
+        chunk.retain(|e| filter.matches(e) && visibility.can_see(e));
         let state = if filter.lazy_load_members {
             let senders: HashSet<&str> = chunk.iter().map(|e| e.sender.as_str()).collect();
             let mut members = Vec::new();

@@ -11,7 +11,7 @@ use crate::{Error, Result, pdu::Pdu};
 
 impl Rooms {
     pub async fn join(
-        &self,
+        self: &Arc<Self>,
         room_id: &RoomId,
         user: &UserId,
         displayname: Option<&str>,
@@ -20,11 +20,7 @@ impl Rooms {
         if current.as_deref() == Some("join") {
             // Joining again is a no-op in Synapse; answer with the existing event.
             if let Some(event) = self
-                .state_event(
-                    room_id,
-                    &ruma::events::StateEventType::RoomMember,
-                    user.as_str(),
-                )
+                .state_event(room_id, &ruma::events::StateEventType::RoomMember, user.as_str())
                 .await?
             {
                 return Ok(event);
@@ -35,18 +31,16 @@ impl Rooms {
             user.as_str(),
             member_content("join", displayname, false),
         );
-        self.send(room_id, user, draft, None)
-            .await
-            .map_err(|e| match e {
-                Error::Forbidden(reason) => {
-                    Error::Forbidden(format!("You are not allowed to join {room_id}: {reason}"))
-                }
-                other => other,
-            })
+        self.send(room_id, user, draft, None).await.map_err(|e| match e {
+            Error::Forbidden(reason) => {
+                Error::Forbidden(format!("You are not allowed to join {room_id}: {reason}"))
+            }
+            other => other,
+        })
     }
 
     pub async fn leave(
-        &self,
+        self: &Arc<Self>,
         room_id: &RoomId,
         user: &UserId,
         reason: Option<&str>,
@@ -54,17 +48,14 @@ impl Rooms {
         match self.membership(room_id, user).await?.as_deref() {
             Some("join" | "invite" | "knock") => {}
             _ => {
-                return Err(Error::Forbidden(format!(
-                    "User {user} is not in room {room_id}"
-                )));
+                return Err(Error::Forbidden(format!("User {user} is not in room {room_id}")));
             }
         }
-        self.set_membership(room_id, user, user, "leave", reason, false)
-            .await
+        self.set_membership(room_id, user, user, "leave", reason).await
     }
 
     pub async fn invite(
-        &self,
+        self: &Arc<Self>,
         room_id: &RoomId,
         sender: &UserId,
         target: &UserId,
@@ -76,23 +67,26 @@ impl Rooms {
                 "cannot invite {target}: federation is not supported"
             )));
         }
+        let displayname = self.require_local_user(target).await?;
         match self.membership(room_id, target).await?.as_deref() {
             Some("join") => {
                 return Err(Error::Forbidden(format!("{target} is already in the room")));
             }
             Some("ban") => {
-                return Err(Error::Forbidden(format!(
-                    "{target} is banned from the room"
-                )));
+                return Err(Error::Forbidden(format!("{target} is banned from the room")));
             }
             _ => {}
         }
-        self.set_membership(room_id, sender, target, "invite", reason, is_direct)
-            .await
+        let mut content = member_content("invite", displayname.as_deref(), is_direct);
+        if let Some(reason) = reason {
+            content["reason"] = json!(reason);
+        }
+        let draft = EventDraft::state("m.room.member", target.as_str(), content);
+        self.send(room_id, sender, draft, None).await
     }
 
     pub async fn kick(
-        &self,
+        self: &Arc<Self>,
         room_id: &RoomId,
         sender: &UserId,
         target: &UserId,
@@ -102,23 +96,22 @@ impl Rooms {
             Some("join" | "invite" | "knock") => {}
             _ => return Err(Error::Forbidden(format!("{target} is not in the room"))),
         }
-        self.set_membership(room_id, sender, target, "leave", reason, false)
+        self.set_membership(room_id, sender, target, "leave", reason)
             .await
     }
 
     pub async fn ban(
-        &self,
+        self: &Arc<Self>,
         room_id: &RoomId,
         sender: &UserId,
         target: &UserId,
         reason: Option<&str>,
     ) -> Result<Arc<Pdu>> {
-        self.set_membership(room_id, sender, target, "ban", reason, false)
-            .await
+        self.set_membership(room_id, sender, target, "ban", reason).await
     }
 
     pub async fn unban(
-        &self,
+        self: &Arc<Self>,
         room_id: &RoomId,
         sender: &UserId,
         target: &UserId,
@@ -127,12 +120,12 @@ impl Rooms {
         if self.membership(room_id, target).await?.as_deref() != Some("ban") {
             return Err(Error::Forbidden(format!("{target} is not banned")));
         }
-        self.set_membership(room_id, sender, target, "leave", reason, false)
+        self.set_membership(room_id, sender, target, "leave", reason)
             .await
     }
 
     /// Forgetting needs the user to be out of the room; forgotten rooms leave `/sync`.
-    pub async fn forget(&self, room_id: &RoomId, user: &UserId) -> Result<()> {
+    pub async fn forget(self: &Arc<Self>, room_id: &RoomId, user: &UserId) -> Result<()> {
         match self.membership(room_id, user).await?.as_deref() {
             Some("join" | "invite" | "knock") => Err(Error::BadState(
                 "The user must leave the room before forgetting it".to_owned(),
@@ -140,23 +133,19 @@ impl Rooms {
             None => Err(Error::NotFound(format!(
                 "User {user} was never in room {room_id}"
             ))),
-            Some(_) => Ok(self
-                .store
-                .forget_room(user.as_str(), room_id.as_str())
-                .await?),
+            Some(_) => Ok(self.store.forget_room(user.as_str(), room_id.as_str()).await?),
         }
     }
 
     async fn set_membership(
-        &self,
+        self: &Arc<Self>,
         room_id: &RoomId,
         sender: &UserId,
         target: &UserId,
         membership: &str,
         reason: Option<&str>,
-        is_direct: bool,
     ) -> Result<Arc<Pdu>> {
-        let mut content = member_content(membership, None, is_direct);
+        let mut content = member_content(membership, None, false);
         if let Some(reason) = reason {
             content["reason"] = json!(reason);
         }

@@ -24,7 +24,7 @@ use switchboard_store::Store;
 use tokio::sync::Mutex;
 
 pub use create::CreateRoom;
-pub use history::{Direction, MessagesPage};
+pub use history::{Direction, MessagesPage, Visibility};
 pub use pipeline::EventDraft;
 
 use crate::{
@@ -145,10 +145,7 @@ impl Rooms {
     ) -> Result<Option<Arc<Pdu>>> {
         let handle = self.handle(room_id).await?;
         let inner = handle.inner.lock().await;
-        Ok(inner
-            .state
-            .get(&(kind.clone(), state_key.to_owned()))
-            .cloned())
+        Ok(inner.state.get(&(kind.clone(), state_key.to_owned())).cloned())
     }
 
     /// All current state events, oldest first.
@@ -175,8 +172,7 @@ impl Rooms {
             .await?
             .into_iter()
             .filter(|e| {
-                e.kind == TimelineEventType::RoomMember
-                    && e.membership().as_deref() == Some(membership)
+                e.kind == TimelineEventType::RoomMember && e.membership().as_deref() == Some(membership)
             })
             .collect())
     }
@@ -203,13 +199,27 @@ impl Rooms {
             .collect())
     }
 
+    /// The display name of a local user who must exist (`404 M_NOT_FOUND` otherwise, as Synapse
+    /// answers an invite to an unknown user).
+    pub async fn require_local_user(&self, user_id: &UserId) -> Result<Option<String>> {
+        if user_id.server_name() != self.server_name {
+            return Err(Error::Forbidden(format!(
+                "{user_id} is not a user of this server; federation is not supported"
+            )));
+        }
+        let user = self
+            .store
+            .user(user_id.as_str())
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("Unknown user {user_id}")))?;
+        Ok(Some(
+            user.displayname.unwrap_or_else(|| user_id.localpart().to_owned()),
+        ))
+    }
+
     /// A stored event by ID.
     pub async fn event(&self, event_id: &str) -> Result<Option<Pdu>> {
-        self.store
-            .event(event_id)
-            .await?
-            .map(Pdu::from_row)
-            .transpose()
+        self.store.event(event_id).await?.map(Pdu::from_row).transpose()
     }
 
     pub fn store(&self) -> &Store {

@@ -44,11 +44,7 @@ impl EventDraft {
         }
     }
 
-    pub fn state(
-        kind: impl Into<String>,
-        state_key: impl Into<String>,
-        content: serde_json::Value,
-    ) -> Self {
+    pub fn state(kind: impl Into<String>, state_key: impl Into<String>, content: serde_json::Value) -> Self {
         Self {
             kind: kind.into(),
             state_key: Some(state_key.into()),
@@ -59,60 +55,137 @@ impl EventDraft {
     }
 }
 
+/// Current state with not-yet-stored events of the same batch laid over it.
+pub(super) struct StateView<'a> {
+    base: &'a StateMap,
+    overlay: StateMap,
+}
+
+impl StateView<'_> {
+    fn get(&self, key: &(StateEventType, String)) -> Option<&Arc<Pdu>> {
+        self.overlay.get(key).or_else(|| self.base.get(key))
+    }
+}
+
+/// A built and authorised event waiting to be stored.
+struct Accepted {
+    pdu: Pdu,
+    state_key: Option<(StateEventType, String)>,
+    unsigned: Option<String>,
+}
+
 impl Rooms {
     /// Sends an event into an existing room. With `txn` (`device_id`, `txn_id`), a repeated
     /// transaction returns the event the first one created — also after a restart.
+    ///
+    /// Runs in its own task: a client hanging up cannot cancel an event half-way through being
+    /// stored and announced.
     pub async fn send(
-        &self,
+        self: &Arc<Self>,
         room_id: &RoomId,
         sender: &UserId,
         draft: EventDraft,
         txn: Option<(&str, &str)>,
     ) -> Result<Arc<Pdu>> {
-        let handle = self.handle(room_id).await?;
-        self.send_to(&handle, sender, draft, txn).await
+        let this = self.clone();
+        let (room_id, sender) = (room_id.to_owned(), sender.to_owned());
+        let txn = txn.map(|(d, t)| (d.to_owned(), t.to_owned()));
+        detached(async move {
+            let handle = this.handle(&room_id).await?;
+            let txn = txn.as_ref().map(|(d, t)| (d.as_str(), t.as_str()));
+            let mut stored = this.send_batch(&handle, &sender, vec![draft], txn).await?;
+            stored.pop().ok_or_else(|| Error::internal("empty batch"))
+        })
+        .await
     }
 
-    pub(super) async fn send_to(
+    /// The event an earlier identical client transaction created, if any.
+    pub async fn txn_event(
         &self,
-        handle: &RoomHandle,
+        room_id: &RoomId,
         sender: &UserId,
-        draft: EventDraft,
-        txn: Option<(&str, &str)>,
-    ) -> Result<Arc<Pdu>> {
-        let mut inner = handle.inner.lock().await;
-        if let Some((device, txn_id)) = txn {
-            // Checked under the room lock, so two concurrent retries cannot both create an event.
-            if let Some(event_id) = self
-                .store
-                .txn_event(sender.as_str(), device, txn_id)
-                .await?
-            {
+        event_type: &str,
+        (device, txn_id): (&str, &str),
+    ) -> Result<Option<Arc<Pdu>>> {
+        let found = self
+            .store
+            .txn_event(sender.as_str(), device, room_id.as_str(), event_type, txn_id)
+            .await?;
+        match found {
+            Some(event_id) => {
                 let pdu = self.event(&event_id).await?.ok_or_else(|| {
                     Error::Internal(format!("transaction points at missing event {event_id}"))
                 })?;
-                return Ok(Arc::new(pdu));
+                Ok(Some(Arc::new(pdu)))
             }
+            None => Ok(None),
         }
-        let (pdu, auth) = self.build(handle, &inner, sender, draft)?;
-        authorize(&handle.version, &inner.state, &pdu, &auth)?;
-        self.persist(handle, &mut inner, pdu, txn).await
     }
 
-    /// Builds, hashes and signs an event against the room's current state.
+    /// Builds and authorises every draft in order, each against the state the previous ones
+    /// leave, then stores them in one database transaction: all of them or none.
+    pub(super) async fn send_batch(
+        &self,
+        handle: &RoomHandle,
+        sender: &UserId,
+        drafts: Vec<EventDraft>,
+        txn: Option<(&str, &str)>,
+    ) -> Result<Vec<Arc<Pdu>>> {
+        let mut inner = handle.inner.lock().await;
+        if let (Some(txn), [draft]) = (txn, drafts.as_slice()) {
+            // Checked under the room lock, so two concurrent retries cannot both create an event.
+            if let Some(pdu) = self.txn_event(&handle.room_id, sender, &draft.kind, txn).await? {
+                return Ok(vec![pdu]);
+            }
+        }
+        let mut view = StateView {
+            base: &inner.state,
+            overlay: StateMap::new(),
+        };
+        let mut head = inner.head.clone();
+        let mut accepted = Vec::with_capacity(drafts.len());
+        for draft in drafts {
+            let (pdu, auth) = self.build(handle, &view, head.as_ref(), sender, draft)?;
+            authorize(&handle.version, &view, &pdu, &auth)?;
+            let state_key = pdu
+                .state_key
+                .clone()
+                .map(|k| (StateEventType::from(pdu.kind.to_string()), k));
+            let unsigned = state_key.as_ref().and_then(|key| view.get(key)).map(|prev| {
+                json!({
+                    "replaces_state": prev.event_id,
+                    "prev_content": prev.content,
+                    "prev_sender": prev.sender,
+                })
+                .to_string()
+            });
+            head = Some((pdu.event_id.clone(), u64::from(pdu.depth)));
+            if let Some(key) = &state_key {
+                view.overlay.insert(key.clone(), Arc::new(pdu.clone()));
+            }
+            accepted.push(Accepted {
+                pdu,
+                state_key,
+                unsigned,
+            });
+        }
+        drop(view);
+        self.persist(handle, &mut inner, accepted, txn).await
+    }
+
+    /// Builds, hashes and signs an event against the given state and head.
     fn build(
         &self,
         handle: &RoomHandle,
-        inner: &RoomInner,
+        state: &StateView<'_>,
+        head: Option<&(OwnedEventId, u64)>,
         sender: &UserId,
         draft: EventDraft,
     ) -> Result<(Pdu, Vec<Arc<Pdu>>)> {
         let rules = &handle.version.rules;
         let mut content = draft.content;
         if !content.is_object() {
-            return Err(Error::BadJson(
-                "event content must be a JSON object".to_owned(),
-            ));
+            return Err(Error::BadJson("event content must be a JSON object".to_owned()));
         }
         let kind = TimelineEventType::from(draft.kind.as_str());
         let content_raw = serde_json::value::to_raw_value(&content).map_err(Error::internal)?;
@@ -126,9 +199,9 @@ impl Rooms {
         .map_err(Error::BadJson)?;
         let auth: Vec<Arc<Pdu>> = auth_types
             .into_iter()
-            .filter_map(|key| inner.state.get(&key).cloned())
+            .filter_map(|key| state.get(&key).cloned())
             .collect();
-        let (prev_events, depth) = match &inner.head {
+        let (prev_events, depth) = match head {
             Some((id, depth)) => (vec![id.to_string()], depth + 1),
             None => (Vec::new(), 1),
         };
@@ -178,71 +251,78 @@ impl Rooms {
         Ok((Pdu::from_json(event_id, json)?, auth))
     }
 
-    /// Stores an authorised event and publishes it: stream position, current state, caches.
+    /// Stores authorised events and publishes them: stream positions, current state, caches.
     async fn persist(
         &self,
         handle: &RoomHandle,
         inner: &mut RoomInner,
-        mut pdu: Pdu,
+        accepted: Vec<Accepted>,
         txn: Option<(&str, &str)>,
-    ) -> Result<Arc<Pdu>> {
-        let state_key_pair = pdu
-            .state_key
-            .clone()
-            .map(|k| (StateEventType::from(pdu.kind.to_string()), k));
-        let unsigned = state_key_pair
-            .as_ref()
-            .and_then(|key| inner.state.get(key))
-            .map(|prev| {
-                json!({
-                    "replaces_state": prev.event_id,
-                    "prev_content": prev.content,
-                    "prev_sender": prev.sender,
-                })
-                .to_string()
-            });
-        let membership = pdu.membership();
-        let creates = pdu.kind == TimelineEventType::RoomCreate;
-        let slot = self.stream.next_slot().await;
-        self.store
-            .append_event(&NewEvent {
-                stream_pos: slot.pos,
-                event_id: pdu.event_id.as_str(),
-                room_id: pdu.room_id.as_str(),
-                sender: pdu.sender.as_str(),
-                kind: &pdu.kind.to_string(),
-                state_key: pdu.state_key.as_deref(),
-                depth: i64::from(pdu.depth),
-                origin_server_ts: i64::from(pdu.origin_server_ts.get()),
-                pdu: &pdu.json,
-                unsigned: unsigned.as_deref(),
-                txn: txn.map(|(device, txn_id)| (pdu.sender.as_str(), device, txn_id)),
-                membership: membership.as_deref(),
-                creates_room_version: creates.then(|| handle.version.id.as_str()),
+    ) -> Result<Vec<Arc<Pdu>>> {
+        let slot = self.stream.next_slots(accepted.len() as i64).await;
+        let kinds: Vec<String> = accepted.iter().map(|a| a.pdu.kind.to_string()).collect();
+        let memberships: Vec<Option<String>> = accepted.iter().map(|a| a.pdu.membership()).collect();
+        let rows: Vec<NewEvent<'_>> = accepted
+            .iter()
+            .enumerate()
+            .map(|(i, a)| NewEvent {
+                stream_pos: slot.pos + i as i64,
+                event_id: a.pdu.event_id.as_str(),
+                room_id: a.pdu.room_id.as_str(),
+                sender: a.pdu.sender.as_str(),
+                kind: &kinds[i],
+                state_key: a.pdu.state_key.as_deref(),
+                depth: i64::from(a.pdu.depth),
+                origin_server_ts: i64::from(a.pdu.origin_server_ts.get()),
+                pdu: &a.pdu.json,
+                unsigned: a.unsigned.as_deref(),
+                txn: txn.map(|(device, txn_id)| (a.pdu.sender.as_str(), device, txn_id)),
+                membership: memberships[i].as_deref(),
+                creates_room_version: (a.pdu.kind == TimelineEventType::RoomCreate)
+                    .then(|| handle.version.id.as_str()),
             })
-            .await?;
-        pdu.stream_pos = slot.pos;
-        pdu.unsigned = unsigned.and_then(|u| serde_json::value::RawValue::from_string(u).ok());
-        pdu.txn = txn.map(|(d, t)| (d.to_owned(), t.to_owned()));
-        let pdu = Arc::new(pdu);
-        inner.head = Some((pdu.event_id.clone(), u64::from(pdu.depth)));
-        if let Some(key) = state_key_pair {
-            inner.state.insert(key, pdu.clone());
+            .collect();
+        self.store.append_events(&rows).await?;
+        drop(rows);
+
+        let mut stored = Vec::with_capacity(accepted.len());
+        for (
+            i,
+            Accepted {
+                mut pdu,
+                state_key,
+                unsigned,
+            },
+        ) in accepted.into_iter().enumerate()
+        {
+            pdu.stream_pos = slot.pos + i as i64;
+            pdu.unsigned = unsigned.and_then(|u| serde_json::value::RawValue::from_string(u).ok());
+            pdu.txn = txn.map(|(d, t)| (d.to_owned(), t.to_owned()));
+            let pdu = Arc::new(pdu);
+            inner.head = Some((pdu.event_id.clone(), u64::from(pdu.depth)));
+            if let Some(key) = state_key {
+                inner.state.insert(key, pdu.clone());
+            }
+            tracing::debug!(event_id = %pdu.event_id, room_id = %pdu.room_id, pos = pdu.stream_pos, "event stored");
+            stored.push(pdu);
         }
-        // Announce only after the caches hold the event, so a woken reader finds it.
+        // Announce only after the caches hold the events, so a woken reader finds them.
         slot.commit();
-        tracing::debug!(event_id = %pdu.event_id, room_id = %pdu.room_id, pos = pdu.stream_pos, "event stored");
-        Ok(pdu)
+        Ok(stored)
     }
 }
 
+/// Runs a write to completion in its own task, whatever happens to the request that asked for it.
+pub(super) async fn detached<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T>> + Send + 'static,
+) -> Result<T> {
+    tokio::spawn(work)
+        .await
+        .map_err(|e| Error::Internal(format!("event pipeline task failed: {e}")))?
+}
+
 /// The room version's authorisation rules against the current state.
-pub(super) fn authorize(
-    version: &RoomVersion,
-    state: &StateMap,
-    pdu: &Pdu,
-    auth: &[Arc<Pdu>],
-) -> Result<()> {
+fn authorize(version: &RoomVersion, state: &StateView<'_>, pdu: &Pdu, auth: &[Arc<Pdu>]) -> Result<()> {
     let rules = &version.rules.authorization;
     state_res::check_state_independent_auth_rules(rules, pdu, |id| {
         auth.iter().find(|e| e.event_id == id).cloned()

@@ -65,13 +65,15 @@ CREATE TABLE current_state (
 CREATE INDEX current_state_members ON current_state (state_key, membership) WHERE type = 'm.room.member';
 
 -- Client transaction IDs, written in the same database transaction as the event: a retry after a
--- crash finds the original event.
+-- crash finds the original event. The spec scopes a txn ID to the request path, hence room and type.
 CREATE TABLE event_txns (
-    user_id    TEXT NOT NULL,
-    device_id  TEXT NOT NULL,
-    txn_id     TEXT NOT NULL,
-    event_id   TEXT NOT NULL,
-    PRIMARY KEY (user_id, device_id, txn_id)
+    user_id     TEXT NOT NULL,
+    device_id   TEXT NOT NULL,
+    room_id     TEXT NOT NULL,
+    event_type  TEXT NOT NULL,
+    txn_id      TEXT NOT NULL,
+    event_id    TEXT NOT NULL,
+    PRIMARY KEY (user_id, device_id, room_id, event_type, txn_id)
 );
 
 CREATE TABLE room_aliases (

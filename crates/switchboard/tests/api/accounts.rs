@@ -29,10 +29,7 @@ async fn registration_flow() {
             None,
         )
         .await;
-    assert_eq!(
-        (status, body["available"].clone()),
-        (StatusCode::OK, json!(true))
-    );
+    assert_eq!((status, body["available"].clone()), (StatusCode::OK, json!(true)));
 
     let (status, body) = s
         .call(
@@ -44,10 +41,7 @@ async fn registration_flow() {
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["user_id"], "@bob:localhost");
-    assert!(
-        body.get("access_token").is_none(),
-        "inhibit_login gives no token"
-    );
+    assert!(body.get("access_token").is_none(), "inhibit_login gives no token");
 
     let (status, body) = s
         .call(
@@ -91,9 +85,7 @@ async fn registration_flow() {
 async fn login_and_logout() {
     let s = Server::start().await;
     let alice = s.register("alice").await;
-    let (status, body) = s
-        .call(Method::GET, "/_matrix/client/v3/login", None, None)
-        .await;
+    let (status, body) = s.call(Method::GET, "/_matrix/client/v3/login", None, None).await;
     assert_eq!(status, StatusCode::OK);
     assert!(
         body["flows"]
@@ -112,10 +104,7 @@ async fn login_and_logout() {
             Some(login("alice", "wrong")),
         )
         .await;
-    assert_eq!(
-        (status, errcode(&body)),
-        (StatusCode::FORBIDDEN, "M_FORBIDDEN")
-    );
+    assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"));
     let (status, body) = s
         .call(
             Method::POST,
@@ -124,10 +113,7 @@ async fn login_and_logout() {
             Some(login("nobody", "x")),
         )
         .await;
-    assert_eq!(
-        (status, errcode(&body)),
-        (StatusCode::FORBIDDEN, "M_FORBIDDEN")
-    );
+    assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"));
 
     let (status, second) = s
         .call(
@@ -237,11 +223,7 @@ async fn register_user_command_works_offline() {
         .arg(s.config_path())
         .output()
         .expect("run register-user");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     s.restart().await;
     let login = json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "admin"}, "password": "secret"});
     let (status, body) = s

@@ -24,10 +24,7 @@ async fn txn_ids_survive_a_crash() {
     let page = s
         .ok(
             Method::GET,
-            &format!(
-                "/_matrix/client/v3/rooms/{}/messages?dir=b&limit=50",
-                enc(&room)
-            ),
+            &format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=50", enc(&room)),
             &alice.token,
             Value::Null,
         )
@@ -58,9 +55,7 @@ async fn txn_ids_survive_a_crash() {
 async fn restart_keeps_everything_and_continues_the_stream() {
     let mut s = Server::start().await;
     let alice = s.register("alice").await;
-    let room = s
-        .create_room(&alice, json!({"room_alias_name": "kept"}))
-        .await;
+    let room = s.create_room(&alice, json!({"room_alias_name": "kept"})).await;
     s.send_text(&alice, &room, "1", "before").await;
     let token = s.sync(&alice, "").await["next_batch"]
         .as_str()
@@ -84,10 +79,7 @@ async fn restart_keeps_everything_and_continues_the_stream() {
     let resolved = s
         .call(
             Method::GET,
-            &format!(
-                "/_matrix/client/v3/directory/room/{}",
-                enc("#kept:localhost")
-            ),
+            &format!("/_matrix/client/v3/directory/room/{}", enc("#kept:localhost")),
             None,
             None,
         )
@@ -153,35 +145,75 @@ fn bad_config_stops_startup_naming_the_key() {
 fn generate_config_gives_a_runnable_setup() {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = std::process::Command::new(binary())
-        .args([
-            "generate-config",
-            "--server-name",
-            "example.org",
-            "--data-dir",
-        ])
+        .args(["generate-config", "--server-name", "example.org", "--data-dir"])
         .arg(dir.path())
         .output()
         .expect("run");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(dir.path().join("signing.key").exists());
     let text = std::fs::read_to_string(dir.path().join("homeserver.yaml")).expect("config");
     assert!(text.contains("server_name: example.org"));
     let again = std::process::Command::new(binary())
-        .args([
-            "generate-config",
-            "--server-name",
-            "example.org",
-            "--data-dir",
-        ])
+        .args(["generate-config", "--server-name", "example.org", "--data-dir"])
         .arg(dir.path())
         .output()
         .expect("run");
+    assert!(!again.status.success(), "does not overwrite without --force");
+}
+
+#[tokio::test]
+async fn clients_hanging_up_mid_send_break_nothing() {
+    let s = Server::start().await;
+    let alice = s.register("alice").await;
+    let room = s.create_room(&alice, json!({})).await;
+    // Clients that give up after a few milliseconds: their requests are dropped mid-flight.
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(3))
+        .build()
+        .expect("client");
+    let mut aborted = Vec::new();
+    for i in 0..40 {
+        let url = format!(
+            "{}/_matrix/client/v3/rooms/{}/send/m.room.message/gone{i}",
+            s.base,
+            enc(&room)
+        );
+        aborted.push(
+            impatient
+                .put(url)
+                .bearer_auth(&alice.token)
+                .json(&json!({"body": format!("g{i}")}))
+                .send(),
+        );
+    }
+    for request in aborted {
+        let _ = request.await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, body) = s.send_text(&alice, &room, "after", "still works").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // Every event that was stored is also announced: a full sync sees the newest one.
+    let sync = s.sync(&alice, "").await;
+    let events = sync["rooms"]["join"][&room]["timeline"]["events"]
+        .as_array()
+        .expect("timeline")
+        .clone();
+    assert_eq!(
+        events.last().map(|e| e["content"]["body"].clone()),
+        Some(json!("still works"))
+    );
+    let page = s
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=100", enc(&room)),
+            &alice.token,
+            Value::Null,
+        )
+        .await;
+    let count = page["chunk"].as_array().expect("chunk").len();
+    let next: i64 = sync["next_batch"].as_str().expect("t")[1..].parse().expect("pos");
     assert!(
-        !again.status.success(),
-        "does not overwrite without --force"
+        next as usize >= count,
+        "stream position {next} covers all {count} events"
     );
 }

@@ -115,11 +115,7 @@ impl Server {
             {
                 return;
             }
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 panic!("switchboard exited with {status}: {}", self.log());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -192,11 +188,7 @@ impl Server {
 
     /// A request that must succeed; returns its body.
     pub async fn ok(&self, method: Method, path: &str, token: &str, body: Value) -> Value {
-        let body = if method == Method::GET {
-            None
-        } else {
-            Some(body)
-        };
+        let body = if method == Method::GET { None } else { Some(body) };
         let (status, value) = self.call(method.clone(), path, Some(token), body).await;
         assert_eq!(status, StatusCode::OK, "{method} {path}: {value}");
         value
@@ -221,29 +213,15 @@ impl Server {
 
     pub async fn create_room(&self, user: &User, body: Value) -> String {
         let v = self
-            .ok(
-                Method::POST,
-                "/_matrix/client/v3/createRoom",
-                &user.token,
-                body,
-            )
+            .ok(Method::POST, "/_matrix/client/v3/createRoom", &user.token, body)
             .await;
         v["room_id"].as_str().expect("room_id").to_owned()
     }
 
-    pub async fn send_text(
-        &self,
-        user: &User,
-        room: &str,
-        txn: &str,
-        text: &str,
-    ) -> (StatusCode, Value) {
+    pub async fn send_text(&self, user: &User, room: &str, txn: &str, text: &str) -> (StatusCode, Value) {
         self.call(
             Method::PUT,
-            &format!(
-                "/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}",
-                enc(room)
-            ),
+            &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}", enc(room)),
             Some(&user.token),
             Some(json!({"msgtype": "m.text", "body": text})),
         )
@@ -285,9 +263,7 @@ pub fn enc(segment: &str) -> String {
     segment
         .bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
             _ => format!("%{b:02X}"),
         })
         .collect()

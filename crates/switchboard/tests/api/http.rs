@@ -53,10 +53,7 @@ async fn token_errors() {
     let (status, body) = s
         .call(
             Method::GET,
-            &format!(
-                "/_matrix/client/v3/account/whoami?access_token={}",
-                alice.token
-            ),
+            &format!("/_matrix/client/v3/account/whoami?access_token={}", alice.token),
             None,
             None,
         )
@@ -93,10 +90,7 @@ async fn malformed_bodies() {
             Some(json!({"invite": "not-a-list"})),
         )
         .await;
-    assert_eq!(
-        (status, errcode(&body)),
-        (StatusCode::BAD_REQUEST, "M_BAD_JSON")
-    );
+    assert_eq!((status, errcode(&body)), (StatusCode::BAD_REQUEST, "M_BAD_JSON"));
 
     let huge = "x".repeat(2 * 1024 * 1024);
     let r = client
@@ -118,10 +112,7 @@ async fn cors_on_every_response_and_preflight() {
     let s = Server::start().await;
     let client = reqwest::Client::new();
     let preflight = client
-        .request(
-            Method::OPTIONS,
-            format!("{}/_matrix/client/v3/sync", s.base),
-        )
+        .request(Method::OPTIONS, format!("{}/_matrix/client/v3/sync", s.base))
         .header("Origin", "https://app.element.io")
         .header("Access-Control-Request-Method", "GET")
         .send()
@@ -160,9 +151,7 @@ async fn discovery() {
         crate::harness::RELAXED_LIMITS
     ))
     .await;
-    let (status, body) = s
-        .call(Method::GET, "/_matrix/client/versions", None, None)
-        .await;
+    let (status, body) = s.call(Method::GET, "/_matrix/client/versions", None, None).await;
     assert_eq!(status, StatusCode::OK);
     assert!(
         body["versions"]
@@ -174,10 +163,7 @@ async fn discovery() {
     let (_, body) = s
         .call(Method::GET, "/.well-known/matrix/client", None, None)
         .await;
-    assert_eq!(
-        body["m.homeserver"]["base_url"],
-        "https://matrix.example.org/"
-    );
+    assert_eq!(body["m.homeserver"]["base_url"], "https://matrix.example.org/");
 }
 
 #[tokio::test]

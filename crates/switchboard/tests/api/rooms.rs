@@ -51,10 +51,7 @@ async fn create_join_by_alias_and_talk() {
 
     // Not a member: refused by the auth rules.
     let (status, body) = s.send_text(&carol, &room, "t1", "let me in").await;
-    assert_eq!(
-        (status, errcode(&body)),
-        (StatusCode::FORBIDDEN, "M_FORBIDDEN")
-    );
+    assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"));
 
     let event = s
         .ok(
@@ -125,10 +122,7 @@ async fn create_join_by_alias_and_talk() {
     let members = s
         .ok(
             Method::GET,
-            &format!(
-                "/_matrix/client/v3/rooms/{}/members?membership=join",
-                enc(&room)
-            ),
+            &format!("/_matrix/client/v3/rooms/{}/members?membership=join", enc(&room)),
             &bob.token,
             Value::Null,
         )
@@ -140,9 +134,7 @@ async fn create_join_by_alias_and_talk() {
 async fn state_and_power_levels() {
     let s = Server::start().await;
     let (alice, bob) = (s.register("alice").await, s.register("bob").await);
-    let room = s
-        .create_room(&alice, json!({"preset": "public_chat"}))
-        .await;
+    let room = s.create_room(&alice, json!({"preset": "public_chat"})).await;
     s.ok(
         Method::POST,
         &format!("/_matrix/client/v3/rooms/{}/join", enc(&room)),
@@ -174,8 +166,7 @@ async fn state_and_power_levels() {
         "/_matrix/client/v3/rooms/{}/state/org.example.thing/some%2Fkey",
         enc(&room)
     );
-    s.ok(Method::PUT, &custom, &alice.token, json!({"x": 1}))
-        .await;
+    s.ok(Method::PUT, &custom, &alice.token, json!({"x": 1})).await;
     assert_eq!(
         s.ok(Method::GET, &custom, &bob.token, Value::Null).await,
         json!({"x": 1})
@@ -198,34 +189,22 @@ async fn state_and_power_levels() {
     let (status, body) = s
         .call(
             Method::GET,
-            &format!(
-                "/_matrix/client/v3/rooms/{}/state/m.room.avatar/",
-                enc(&room)
-            ),
+            &format!("/_matrix/client/v3/rooms/{}/state/m.room.avatar/", enc(&room)),
             Some(&bob.token),
             None,
         )
         .await;
-    assert_eq!(
-        (status, errcode(&body)),
-        (StatusCode::NOT_FOUND, "M_NOT_FOUND")
-    );
+    assert_eq!((status, errcode(&body)), (StatusCode::NOT_FOUND, "M_NOT_FOUND"));
 
     let (status, body) = s
         .call(
             Method::PUT,
-            &format!(
-                "/_matrix/client/v3/rooms/{}/send/m.room.message/1",
-                enc(&room)
-            ),
+            &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/1", enc(&room)),
             Some(&bob.token),
             Some(json!([1])),
         )
         .await;
-    assert_eq!(
-        (status, errcode(&body)),
-        (StatusCode::BAD_REQUEST, "M_BAD_JSON")
-    );
+    assert_eq!((status, errcode(&body)), (StatusCode::BAD_REQUEST, "M_BAD_JSON"));
 }
 
 #[tokio::test]
@@ -281,11 +260,7 @@ async fn invites_kicks_bans_and_forget() {
             Some(json!({"user_id": bob.user_id})),
         )
         .await;
-    assert_eq!(
-        status,
-        StatusCode::FORBIDDEN,
-        "banned users cannot be invited"
-    );
+    assert_eq!(status, StatusCode::FORBIDDEN, "banned users cannot be invited");
     s.ok(
         Method::POST,
         &room_path("unban"),
@@ -326,18 +301,29 @@ async fn invites_kicks_bans_and_forget() {
 async fn aliases() {
     let s = Server::start().await;
     let (alice, bob) = (s.register("alice").await, s.register("bob").await);
-    let room = s
-        .create_room(&alice, json!({"preset": "public_chat"}))
+    let room = s.create_room(&alice, json!({"preset": "public_chat"})).await;
+    let alias_path = format!("/_matrix/client/v3/directory/room/{}", enc("#extra:localhost"));
+    s.ok(Method::PUT, &alias_path, &alice.token, json!({"room_id": room}))
         .await;
-    let alias_path = format!(
-        "/_matrix/client/v3/directory/room/{}",
-        enc("#extra:localhost")
+    let other_alias = format!("/_matrix/client/v3/directory/room/{}", enc("#bobs:localhost"));
+    let (status, body) = s
+        .call(
+            Method::PUT,
+            &other_alias,
+            Some(&bob.token),
+            Some(json!({"room_id": room})),
+        )
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::FORBIDDEN, "M_FORBIDDEN"),
+        "non-members may not alias a room"
     );
     s.ok(
-        Method::PUT,
-        &alias_path,
-        &alice.token,
-        json!({"room_id": room}),
+        Method::POST,
+        &format!("/_matrix/client/v3/join/{}", enc(&room)),
+        &bob.token,
+        json!({}),
     )
     .await;
     let (status, body) = s
@@ -349,6 +335,22 @@ async fn aliases() {
         )
         .await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let spaced = format!(
+        "/_matrix/client/v3/directory/room/{}",
+        enc("#has space:localhost")
+    );
+    let (status, body) = s
+        .call(
+            Method::PUT,
+            &spaced,
+            Some(&alice.token),
+            Some(json!({"room_id": room})),
+        )
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::BAD_REQUEST, "M_INVALID_PARAM")
+    );
     let resolved = s.call(Method::GET, &alias_path, None, None).await.1;
     assert_eq!(resolved["room_id"], room.as_str());
     assert_eq!(resolved["servers"], json!(["localhost"]));
@@ -363,29 +365,20 @@ async fn aliases() {
         .await;
     assert_eq!(listed["aliases"], json!(["#extra:localhost"]));
 
-    let (status, _) = s
-        .call(Method::DELETE, &alias_path, Some(&bob.token), None)
-        .await;
+    let (status, _) = s.call(Method::DELETE, &alias_path, Some(&bob.token), None).await;
     assert_eq!(
         status,
         StatusCode::FORBIDDEN,
         "only the creator or a room admin may delete"
     );
-    s.ok(Method::DELETE, &alias_path, &alice.token, Value::Null)
-        .await;
+    s.ok(Method::DELETE, &alias_path, &alice.token, Value::Null).await;
     let (status, body) = s.call(Method::GET, &alias_path, None, None).await;
-    assert_eq!(
-        (status, errcode(&body)),
-        (StatusCode::NOT_FOUND, "M_NOT_FOUND")
-    );
+    assert_eq!((status, errcode(&body)), (StatusCode::NOT_FOUND, "M_NOT_FOUND"));
 
     let (status, body) = s
         .call(
             Method::PUT,
-            &format!(
-                "/_matrix/client/v3/directory/room/{}",
-                enc("#x:elsewhere.org")
-            ),
+            &format!("/_matrix/client/v3/directory/room/{}", enc("#x:elsewhere.org")),
             Some(&alice.token),
             Some(json!({"room_id": room})),
         )
@@ -401,16 +394,11 @@ async fn room_versions() {
     let s = Server::start().await;
     let alice = s.register("alice").await;
     for version in ["9", "10", "11"] {
-        let room = s
-            .create_room(&alice, json!({"room_version": version}))
-            .await;
+        let room = s.create_room(&alice, json!({"room_version": version})).await;
         let create = s
             .ok(
                 Method::GET,
-                &format!(
-                    "/_matrix/client/v3/rooms/{}/state/m.room.create/",
-                    enc(&room)
-                ),
+                &format!("/_matrix/client/v3/rooms/{}/state/m.room.create/", enc(&room)),
                 &alice.token,
                 Value::Null,
             )

@@ -25,9 +25,7 @@ fn bodies(events: &[Value]) -> Vec<String> {
 async fn long_poll_wakes_at_once() {
     let s = Server::start().await;
     let (alice, bob) = (s.register("alice").await, s.register("bob").await);
-    let room = s
-        .create_room(&alice, json!({"preset": "public_chat"}))
-        .await;
+    let room = s.create_room(&alice, json!({"preset": "public_chat"})).await;
     s.ok(
         Method::POST,
         &format!("/_matrix/client/v3/join/{}", enc(&room)),
@@ -110,9 +108,7 @@ async fn incremental_sync_and_limited_timelines() {
             .await;
     }
     let filter = enc(r#"{"room":{"timeline":{"limit":5}}}"#);
-    let next = s
-        .sync(&alice, &format!("since={since}&filter={filter}"))
-        .await;
+    let next = s.sync(&alice, &format!("since={since}&filter={filter}")).await;
     let section = &next["rooms"]["join"][&room];
     assert_eq!(section["timeline"]["limited"], true);
     assert_eq!(
@@ -124,16 +120,10 @@ async fn incremental_sync_and_limited_timelines() {
         .filter_map(|e| e["unsigned"]["transaction_id"].as_str())
         .map(|_| "x")
         .collect();
-    assert_eq!(
-        txn_ids.len(),
-        5,
-        "the sending device sees its transaction IDs"
-    );
+    assert_eq!(txn_ids.len(), 5, "the sending device sees its transaction IDs");
 
     // The gap is filled from prev_batch with /messages.
-    let prev = section["timeline"]["prev_batch"]
-        .as_str()
-        .expect("prev_batch");
+    let prev = section["timeline"]["prev_batch"].as_str().expect("prev_batch");
     let page = s
         .ok(
             Method::GET,
@@ -146,10 +136,7 @@ async fn incremental_sync_and_limited_timelines() {
         )
         .await;
     let older = bodies(page["chunk"].as_array().expect("chunk"));
-    assert_eq!(
-        older,
-        (0..10).rev().map(|i| format!("m{i}")).collect::<Vec<_>>()
-    );
+    assert_eq!(older, (0..10).rev().map(|i| format!("m{i}")).collect::<Vec<_>>());
 }
 
 #[tokio::test]
@@ -160,9 +147,7 @@ async fn stored_filters_and_lazy_loading() {
         s.register("bob").await,
         s.register("carol").await,
     );
-    let room = s
-        .create_room(&alice, json!({"preset": "public_chat"}))
-        .await;
+    let room = s.create_room(&alice, json!({"preset": "public_chat"})).await;
     for user in [&bob, &carol] {
         s.ok(
             Method::POST,
@@ -188,10 +173,7 @@ async fn stored_filters_and_lazy_loading() {
     let stored = s
         .ok(
             Method::GET,
-            &format!(
-                "/_matrix/client/v3/user/{}/filter/{id}",
-                enc(&alice.user_id)
-            ),
+            &format!("/_matrix/client/v3/user/{}/filter/{id}", enc(&alice.user_id)),
             &alice.token,
             Value::Null,
         )
@@ -200,18 +182,12 @@ async fn stored_filters_and_lazy_loading() {
     let (status, body) = s
         .call(
             Method::GET,
-            &format!(
-                "/_matrix/client/v3/user/{}/filter/{id}",
-                enc(&alice.user_id)
-            ),
+            &format!("/_matrix/client/v3/user/{}/filter/{id}", enc(&alice.user_id)),
             Some(&bob.token),
             None,
         )
         .await;
-    assert_eq!(
-        (status, errcode(&body)),
-        (StatusCode::FORBIDDEN, "M_FORBIDDEN")
-    );
+    assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"));
 
     let sync = s.sync(&alice, &format!("filter={id}")).await;
     let section = &sync["rooms"]["join"][&room];
@@ -299,9 +275,6 @@ async fn invites_and_leaves_appear() {
         left.iter()
             .any(|e| e["type"] == "m.room.member" && e["content"]["membership"] == "leave")
     );
-    assert!(
-        bodies(&left).is_empty(),
-        "nothing after the kick is shown to bob"
-    );
+    assert!(bodies(&left).is_empty(), "nothing after the kick is shown to bob");
     assert!(sync["rooms"]["join"].get(&room).is_none());
 }
