@@ -82,6 +82,20 @@ impl IntoResponse for ApiError {
                 }
                 return (StatusCode::UNAUTHORIZED, Json(body)).into_response();
             }
+            Error::ServiceTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "M_UNKNOWN"),
+            Error::Exclusive(_) => (StatusCode::BAD_REQUEST, "M_EXCLUSIVE"),
+            Error::UnknownDevice(_) => (StatusCode::BAD_REQUEST, "M_UNKNOWN_DEVICE"),
+            Error::Ping { http_status, errcode, message, status, body } => {
+                let mut json = json!({ "errcode": errcode, "error": message });
+                if let Some(status) = status {
+                    json["status"] = json!(status);
+                }
+                if let Some(body) = body {
+                    json["body"] = json!(body);
+                }
+                let code = StatusCode::from_u16(*http_status).unwrap_or(StatusCode::BAD_GATEWAY);
+                return (code, Json(json)).into_response();
+            }
             Error::Store(_) | Error::Internal(_) => {
                 tracing::error!(error = %e, "internal error");
                 return matrix_error(

@@ -8,6 +8,7 @@ use axum::{
     http::{StatusCode, header, request::Parts},
 };
 use serde::de::DeserializeOwned;
+use ruma::OwnedUserId;
 use switchboard_core::{Error, Homeserver, accounts::Session};
 
 use crate::error::ApiError;
@@ -20,8 +21,67 @@ impl FromRequestParts<Arc<Homeserver>> for Auth {
 
     async fn from_request_parts(parts: &mut Parts, hs: &Arc<Homeserver>) -> Result<Self, Self::Rejection> {
         let token = access_token(parts).ok_or(ApiError(Error::MissingToken))?;
-        Ok(Auth(hs.accounts.authenticate(&token).await?))
+        Ok(Auth(authenticate(hs, parts, &token).await?))
     }
+}
+
+/// The session of a request that may or may not carry a token (`/register`, `/login`).
+pub struct MaybeAuth(pub Option<Session>);
+
+impl FromRequestParts<Arc<Homeserver>> for MaybeAuth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, hs: &Arc<Homeserver>) -> Result<Self, Self::Rejection> {
+        match access_token(parts) {
+            Some(token) => Ok(MaybeAuth(Some(authenticate(hs, parts, &token).await?))),
+            None => Ok(MaybeAuth(None)),
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct Assertion {
+    user_id: Option<String>,
+    device_id: Option<String>,
+    #[serde(rename = "org.matrix.msc3202.device_id")]
+    device_id_unstable: Option<String>,
+}
+
+/// A user's access token, or an application service's `as_token` acting as its sender or — with
+/// `?user_id=` — as a registered user in its namespace (Synapse's rules and error messages).
+async fn authenticate(hs: &Homeserver, parts: &Parts, token: &str) -> Result<Session, ApiError> {
+    match hs.accounts.authenticate(token).await {
+        Err(Error::UnknownToken) => {}
+        other => return Ok(other?),
+    }
+    let service = hs.appservices.authenticate(token).ok_or(ApiError(Error::UnknownToken))?;
+    let query: Assertion = Query::try_from_uri(&parts.uri)
+        .map(|q| q.0)
+        .map_err(|e| ApiError(Error::InvalidParam(e.body_text())))?;
+    let user_id = match query.user_id {
+        Some(user) => OwnedUserId::try_from(user.as_str())
+            .map_err(|e| ApiError(Error::InvalidParam(format!("invalid user_id {user}: {e}"))))?,
+        None => service.sender.clone(),
+    };
+    if !service.owns_user(user_id.as_str()) || user_id.server_name() != hs.server_name {
+        return Err(Error::Forbidden(format!(
+            "Application service cannot masquerade as this user ({user_id}): it is not in the service's namespace"
+        ))
+        .into());
+    }
+    if hs.store.user(user_id.as_str()).await?.is_none() {
+        return Err(Error::Forbidden(format!("Application service has not registered this user ({user_id})")).into());
+    }
+    let device_id = match query.device_id.or(query.device_id_unstable) {
+        Some(device) => {
+            if !hs.store.device_exists(user_id.as_str(), &device).await? {
+                return Err(Error::UnknownDevice(format!("{user_id} has no device {device}")).into());
+            }
+            device
+        }
+        None => String::new(),
+    };
+    Ok(Session { user_id, device_id, is_admin: false, appservice: Some(service) })
 }
 
 fn access_token(parts: &Parts) -> Option<String> {

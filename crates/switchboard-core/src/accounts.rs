@@ -1,6 +1,9 @@
 //! Accounts, devices and access tokens: registration, password login, logout.
 
-use std::{collections::HashMap, sync::RwLock};
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+};
 
 use argon2::{
     Argon2, PasswordHash, PasswordHasher, PasswordVerifier,
@@ -12,6 +15,7 @@ use switchboard_store::{NewUser, Store};
 
 use crate::{
     Error, Result,
+    appservice::AppService,
     util::{now_ms, random_string, sha256_hex},
 };
 
@@ -21,6 +25,19 @@ pub struct Session {
     pub user_id: OwnedUserId,
     pub device_id: String,
     pub is_admin: bool,
+    /// Set when the request came with an application service's `as_token`.
+    pub appservice: Option<Arc<AppService>>,
+}
+
+impl Session {
+    /// Whether rate limits apply: never to a service's sender, nor to its users when the
+    /// registration says `rate_limited: false`.
+    pub fn rate_limited(&self) -> bool {
+        match &self.appservice {
+            Some(service) => self.user_id != service.sender && service.registration.rate_limited,
+            None => true,
+        }
+    }
 }
 
 pub struct Registration {
@@ -189,6 +206,56 @@ impl Accounts {
         Ok(user_id)
     }
 
+    /// `m.login.application_service` registration of a user in a service's namespace: no UIA, no
+    /// password, and none of the localpart rules humans get (bridges rely on odd IDs).
+    pub async fn register_for_service(
+        &self,
+        service: &AppService,
+        user_id: &UserId,
+        device_id: Option<String>,
+        display_name: Option<&str>,
+        inhibit_login: bool,
+    ) -> Result<LoggedIn> {
+        let owned = service.owns_user_exclusively(user_id.as_str()).then(|| service.id());
+        let created = self
+            .store
+            .create_user(&NewUser {
+                user_id: user_id.as_str(),
+                password_hash: None,
+                is_admin: false,
+                appservice_id: owned,
+                created_ts: now_ms() as i64,
+            })
+            .await?;
+        if !created {
+            return Err(Error::UserInUse);
+        }
+        tracing::info!(%user_id, service = service.id(), "application service registered a user");
+        if inhibit_login {
+            return Ok(LoggedIn { user_id: user_id.to_owned(), access_token: None, device_id: None });
+        }
+        let (token, device) = self.new_session(user_id, device_id, display_name).await?;
+        Ok(LoggedIn { user_id: user_id.to_owned(), access_token: Some(token), device_id: Some(device) })
+    }
+
+    /// `m.login.application_service` login of an existing user in the service's namespace.
+    pub async fn login_for_service(
+        &self,
+        service: &AppService,
+        user_id: &UserId,
+        device_id: Option<String>,
+        display_name: Option<&str>,
+    ) -> Result<LoggedIn> {
+        if !service.owns_user(user_id.as_str()) {
+            return Err(Error::Exclusive(format!("{user_id} is not in the application service's namespace")));
+        }
+        if self.store.user(user_id.as_str()).await?.is_none() {
+            return Err(Error::Forbidden(format!("{user_id} is not registered")));
+        }
+        let (token, device) = self.new_session(user_id, device_id, display_name).await?;
+        Ok(LoggedIn { user_id: user_id.to_owned(), access_token: Some(token), device_id: Some(device) })
+    }
+
     /// `m.login.password`. A wrong user and a wrong password give the same answer.
     pub async fn login_password(
         &self,
@@ -249,6 +316,7 @@ impl Accounts {
             user_id: OwnedUserId::try_from(user_id).map_err(Error::internal)?,
             device_id,
             is_admin: user.is_admin,
+            appservice: None,
         };
         if let Ok(mut sessions) = self.sessions.write() {
             sessions.insert(hash, session.clone());

@@ -45,6 +45,10 @@ pub struct Config {
     pub registration_shared_secret: Option<String>,
     #[serde(default)]
     pub app_service_config_files: Vec<PathBuf>,
+    /// Also send `?access_token=hs_token` to services (Synapse's insecure legacy option, for
+    /// services older than spec v1.4).
+    #[serde(default)]
+    pub use_appservice_legacy_authorization: bool,
     #[serde(default = "default_room_version")]
     pub default_room_version: String,
     #[serde(default = "RateLimit::message_default")]
@@ -353,6 +357,7 @@ impl Config {
             enable_registration_without_verification: true,
             registration_shared_secret: Some(shared_secret),
             app_service_config_files: Vec::new(),
+            use_appservice_legacy_authorization: false,
             default_room_version: default_room_version(),
             rc_message: RateLimit::message_default(),
             rc_registration: RateLimit::registration_default(),

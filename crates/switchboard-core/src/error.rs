@@ -50,6 +50,17 @@ pub enum Error {
         flows: Vec<Vec<String>>,
         error: Option<String>,
     },
+    /// An application service did not answer a query in time.
+    #[error("{0}")]
+    ServiceTimeout(String),
+    /// A user ID or alias reserved by an application service.
+    #[error("{0}")]
+    Exclusive(String),
+    #[error("{0}")]
+    UnknownDevice(String),
+    /// A ping of an application service failed; carries the spec's errcode.
+    #[error("{message}")]
+    Ping { http_status: u16, errcode: &'static str, message: String, status: Option<u16>, body: Option<String> },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("internal error: {0}")]

@@ -2,6 +2,7 @@
 //! `switchboard-api` crate maps requests onto these services.
 
 pub mod accounts;
+pub mod appservice;
 pub mod config;
 pub mod error;
 pub mod filter;
@@ -22,6 +23,7 @@ pub use error::{Error, Result};
 
 use crate::{
     accounts::Accounts,
+    appservice::{AppServices, delivery::Delivery},
     config::Config,
     keys::{KeyError, SigningKey},
     ratelimit::RateLimiter,
@@ -39,6 +41,8 @@ pub enum StartupError {
     Key(#[from] KeyError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Registration(#[from] appservice::RegistrationError),
     #[error("{0}")]
     Other(String),
 }
@@ -62,6 +66,7 @@ pub struct Homeserver {
     pub sync: SyncService,
     pub stream: Arc<EventStream>,
     pub limits: Limits,
+    pub appservices: Arc<AppServices>,
 }
 
 impl Homeserver {
@@ -90,7 +95,15 @@ impl Homeserver {
             login_account: RateLimiter::new(config.rc_login.account),
             login_failed: RateLimiter::new(config.rc_login.failed_attempts),
         };
+        let legacy_auth = config.use_appservice_legacy_authorization;
+        let delivery = Arc::new(Delivery::new(store.clone(), rooms.clone(), stream.clone(), legacy_auth));
+        let appservices = Arc::new(AppServices::new(store.clone(), server_name.clone(), delivery, legacy_auth));
+        let count = appservices.load(&config.app_service_config_files).await?;
+        if count > 0 {
+            tracing::info!(count, "application services registered");
+        }
         Ok(Self {
+            appservices,
             accounts: Accounts::new(store.clone(), server_name.clone()),
             sync: SyncService::new(rooms.clone(), store.clone(), stream.clone()),
             config,
@@ -100,5 +113,33 @@ impl Homeserver {
             stream,
             limits,
         })
+    }
+}
+
+impl Homeserver {
+    /// Resolves a local alias; if it is unknown, the services whose alias namespace matches are
+    /// asked, and may create it on the spot.
+    pub async fn resolve_alias(&self, alias: &ruma::RoomAliasId) -> Result<ruma::OwnedRoomId> {
+        match self.rooms.resolve_alias(alias).await {
+            Err(Error::NotFound(message)) if alias.server_name() == self.server_name => {
+                if self.appservices.query_alias(alias.as_str()).await? {
+                    return self.rooms.resolve_alias(alias).await;
+                }
+                Err(Error::NotFound(message))
+            }
+            other => other,
+        }
+    }
+
+    /// Makes sure a local user exists, asking the services whose namespace covers it (they may
+    /// register it on the spot). Unknown users are `404 M_NOT_FOUND`.
+    pub async fn ensure_user(&self, user_id: &ruma::UserId) -> Result<()> {
+        if user_id.server_name() != self.server_name || self.store.user(user_id.as_str()).await?.is_some() {
+            return Ok(());
+        }
+        if self.appservices.query_user(user_id.as_str()).await? && self.store.user(user_id.as_str()).await?.is_some() {
+            return Ok(());
+        }
+        Err(Error::NotFound(format!("Unknown user {user_id}")))
     }
 }

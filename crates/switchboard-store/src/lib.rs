@@ -410,6 +410,130 @@ impl Store {
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
+    // ---- application services --------------------------------------------------------------
+
+    /// The delivery state of a service, created at `start_pos` (now, for a new service: it gets
+    /// what happens from its registration on, not the server's whole history).
+    pub async fn appservice_state(&self, as_id: &str, start_pos: i64) -> Result<(i64, i64)> {
+        sqlx::query("INSERT INTO appservice_state (as_id, last_pos) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+            .bind(as_id)
+            .bind(start_pos)
+            .execute(&self.pool)
+            .await?;
+        let row = sqlx::query("SELECT last_pos, last_txn_id FROM appservice_state WHERE as_id = $1")
+            .bind(as_id)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok((row.get(0), row.get(1)))
+    }
+
+    /// Records that every event up to `pos` was considered and none was for the service.
+    pub async fn appservice_skip_to(&self, as_id: &str, pos: i64) -> Result<()> {
+        sqlx::query("UPDATE appservice_state SET last_pos = $2 WHERE as_id = $1 AND last_pos < $2")
+            .bind(as_id)
+            .bind(pos)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Stores a new in-flight transaction with the next txn ID, before its first send.
+    pub async fn appservice_new_txn(&self, as_id: &str, last_pos: i64, event_count: i64, body: &str) -> Result<i64> {
+        let mut tx = self.pool.begin().await?;
+        let txn_id: i64 = sqlx::query(
+            "UPDATE appservice_state SET last_txn_id = last_txn_id + 1 WHERE as_id = $1 RETURNING last_txn_id",
+        )
+        .bind(as_id)
+        .fetch_one(&mut *tx)
+        .await?
+        .get(0);
+        sqlx::query(
+            "INSERT INTO appservice_txns (as_id, txn_id, last_pos, event_count, body) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(as_id)
+        .bind(txn_id)
+        .bind(last_pos)
+        .bind(event_count)
+        .bind(body)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(txn_id)
+    }
+
+    /// The in-flight transaction of a service: `(txn_id, last_pos, event_count, body)`.
+    pub async fn appservice_pending_txn(&self, as_id: &str) -> Result<Option<(i64, i64, i64, String)>> {
+        let row = sqlx::query("SELECT txn_id, last_pos, event_count, body FROM appservice_txns WHERE as_id = $1")
+            .bind(as_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))))
+    }
+
+    /// The service acknowledged the transaction: drop it and move the position past it, atomically.
+    pub async fn appservice_ack_txn(&self, as_id: &str, txn_id: i64) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query("DELETE FROM appservice_txns WHERE as_id = $1 AND txn_id = $2 RETURNING last_pos")
+            .bind(as_id)
+            .bind(txn_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if let Some(row) = row {
+            let pos: i64 = row.get(0);
+            sqlx::query("UPDATE appservice_state SET last_pos = $2 WHERE as_id = $1 AND last_pos < $2")
+                .bind(as_id)
+                .bind(pos)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Events with `after < stream_pos <= until`, oldest first, at most `limit`, across all rooms.
+    pub async fn events_after(&self, after: i64, until: i64, limit: i64) -> Result<Vec<EventRow>> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE stream_pos > $1 AND stream_pos <= $2
+             ORDER BY stream_pos LIMIT $3"
+        )))
+        .bind(after)
+        .bind(until)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(rows::event_from_row).collect()
+    }
+
+    /// Joined members of a room with the given server part (local members).
+    pub async fn joined_members(&self, room_id: &str) -> Result<Vec<String>> {
+        let rows = sqlx::query(
+            "SELECT state_key FROM current_state WHERE room_id = $1 AND type = 'm.room.member' AND membership = 'join'",
+        )
+        .bind(room_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    pub async fn set_user_appservice(&self, user_id: &str, as_id: &str) -> Result<()> {
+        sqlx::query("UPDATE users SET appservice_id = $2 WHERE user_id = $1")
+            .bind(user_id)
+            .bind(as_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Whether the user has a device with this ID.
+    pub async fn device_exists(&self, user_id: &str, device_id: &str) -> Result<bool> {
+        let row = sqlx::query("SELECT 1 FROM devices WHERE user_id = $1 AND device_id = $2")
+            .bind(user_id)
+            .bind(device_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.is_some())
+    }
+
     // ---- aliases ---------------------------------------------------------------------------
 
     /// Creates an alias; returns `false` if it already exists.

@@ -5,7 +5,10 @@ use sqlx::{AssertSqlSafe, Row, SqlitePool};
 use crate::{Result, StoreError};
 
 /// Migrations in order; the schema version is the number applied.
-const SQLITE_MIGRATIONS: &[&str] = &[include_str!("../migrations/sqlite/0001_core.sql")];
+const SQLITE_MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/sqlite/0001_core.sql"),
+    include_str!("../migrations/sqlite/0002_appservices.sql"),
+];
 
 pub(crate) async fn run(pool: &SqlitePool) -> Result<()> {
     sqlx::query("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")

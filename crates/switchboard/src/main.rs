@@ -146,6 +146,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 .await
         }));
     }
+    #[cfg(unix)]
+    tokio::spawn(reload_on_sighup(hs.clone()));
     shutdown_signal().await;
     tracing::info!("shutting down: finishing requests in flight");
     let _ = stop_tx.send(true);
@@ -156,6 +158,21 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     hs.store.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// `SIGHUP` re-reads the application service registrations: a valid set replaces the old one
+/// at once; an invalid one is refused, logged, and the old set kept.
+#[cfg(unix)]
+async fn reload_on_sighup(hs: Arc<Homeserver>) {
+    let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        match hs.appservices.reload().await {
+            Ok(count) => tracing::info!(count, "reloaded application service registrations"),
+            Err(e) => tracing::error!(error = %e, "registrations not reloaded; keeping the previous set"),
+        }
+    }
 }
 
 async fn shutdown_signal() {

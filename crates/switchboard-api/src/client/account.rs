@@ -9,11 +9,15 @@ use axum::{
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
-use switchboard_core::{Error, Homeserver, accounts::Registration};
+use ruma::OwnedUserId;
+use switchboard_core::{
+    Error, Homeserver,
+    accounts::{LoggedIn, Registration, Session},
+};
 
 use crate::{
     error::ApiResult,
-    extract::{Auth, Body, ClientIp, Params},
+    extract::{Auth, Body, ClientIp, MaybeAuth, Params},
 };
 
 pub(super) fn routes() -> Router<Arc<Homeserver>> {
@@ -28,6 +32,8 @@ pub(super) fn routes() -> Router<Arc<Homeserver>> {
 
 #[derive(Deserialize)]
 struct RegisterBody {
+    #[serde(rename = "type")]
+    kind: Option<String>,
     username: Option<String>,
     password: Option<String>,
     device_id: Option<String>,
@@ -45,9 +51,13 @@ struct RegisterParams {
 async fn register(
     State(hs): State<Arc<Homeserver>>,
     ClientIp(ip): ClientIp,
+    MaybeAuth(session): MaybeAuth,
     Params(params): Params<RegisterParams>,
     Body(body): Body<RegisterBody>,
 ) -> ApiResult<Json<Value>> {
+    if body.kind.as_deref() == Some(AS_LOGIN) {
+        return register_for_service(&hs, session, body).await;
+    }
     if params.kind.as_deref() == Some("guest") {
         return Err(Error::Forbidden("Guest access is disabled".to_owned()).into());
     }
@@ -55,6 +65,9 @@ async fn register(
         return Err(Error::RegistrationDisabled.into());
     }
     hs.limits.registration.peek(&ip)?;
+    if let Some(name) = &body.username {
+        require_not_reserved(&hs, name)?;
+    }
     let done = hs
         .accounts
         .register(Registration {
@@ -68,12 +81,7 @@ async fn register(
         .await?;
     // Only completed registrations count, as in Synapse: UIA round trips are free.
     let _ = hs.limits.registration.check(&ip);
-    let mut response = json!({ "user_id": done.user_id, "home_server": hs.server_name });
-    if let (Some(token), Some(device)) = (done.access_token, done.device_id) {
-        response["access_token"] = json!(token);
-        response["device_id"] = json!(device);
-    }
-    Ok(Json(response))
+    Ok(Json(logged_in(&hs, done)))
 }
 
 #[derive(Deserialize)]
@@ -87,12 +95,61 @@ async fn available(
     Params(params): Params<AvailableParams>,
 ) -> ApiResult<Json<Value>> {
     hs.limits.registration.peek(&ip)?;
+    require_not_reserved(&hs, &params.username)?;
     hs.accounts.username_available(&params.username).await?;
     Ok(Json(json!({ "available": true })))
 }
 
+const AS_LOGIN: &str = "m.login.application_service";
+
+/// Humans cannot take IDs a service claims exclusively (`M_EXCLUSIVE`, as in Synapse).
+fn require_not_reserved(hs: &Homeserver, localpart: &str) -> Result<(), Error> {
+    let user_id = format!("@{}:{}", localpart.to_lowercase(), hs.server_name);
+    if hs.appservices.registry().exclusive_user_owner(&user_id).is_some() {
+        return Err(Error::Exclusive("This user ID is reserved by an application service".to_owned()));
+    }
+    Ok(())
+}
+
+async fn register_for_service(hs: &Homeserver, session: Option<Session>, body: RegisterBody) -> ApiResult<Json<Value>> {
+    let service = session
+        .and_then(|s| s.appservice)
+        .ok_or_else(|| Error::Forbidden("m.login.application_service needs an application service's as_token".to_owned()))?;
+    let username = body.username.ok_or_else(|| Error::MissingParam("Missing username".to_owned()))?;
+    let user_id = OwnedUserId::try_from(format!("@{username}:{}", hs.server_name))
+        .map_err(|e| Error::InvalidUsername(format!("invalid user ID: {e}")))?;
+    if !service.owns_user(user_id.as_str()) {
+        return Err(Error::Exclusive(format!("{user_id} is not in the application service's users namespace")).into());
+    }
+    if let Some(owner) = hs.appservices.registry().exclusive_user_owner(user_id.as_str()) {
+        if owner.id() != service.id() {
+            return Err(Error::Exclusive(format!("{user_id} is reserved by another application service")).into());
+        }
+    }
+    let done = hs
+        .accounts
+        .register_for_service(
+            &service,
+            &user_id,
+            body.device_id,
+            body.initial_device_display_name.as_deref(),
+            body.inhibit_login,
+        )
+        .await?;
+    Ok(Json(logged_in(hs, done)))
+}
+
+fn logged_in(hs: &Homeserver, done: LoggedIn) -> Value {
+    let mut response = json!({ "user_id": done.user_id, "home_server": hs.server_name });
+    if let (Some(token), Some(device)) = (done.access_token, done.device_id) {
+        response["access_token"] = json!(token);
+        response["device_id"] = json!(device);
+    }
+    response
+}
+
 async fn login_flows() -> Json<Value> {
-    Json(json!({ "flows": [{ "type": "m.login.password" }] }))
+    Json(json!({ "flows": [{ "type": "m.login.password" }, { "type": AS_LOGIN }] }))
 }
 
 #[derive(Deserialize)]
@@ -117,8 +174,25 @@ struct Identifier {
 async fn login(
     State(hs): State<Arc<Homeserver>>,
     ClientIp(ip): ClientIp,
+    MaybeAuth(session): MaybeAuth,
     Body(body): Body<LoginBody>,
 ) -> ApiResult<Json<Value>> {
+    if body.kind == AS_LOGIN {
+        let service = session
+            .and_then(|s| s.appservice)
+            .ok_or_else(|| Error::Forbidden("m.login.application_service needs an application service's as_token".to_owned()))?;
+        let user = login_user(&body)?;
+        let user_id = if user.starts_with('@') {
+            OwnedUserId::try_from(user.as_str()).map_err(|e| Error::InvalidParam(e.to_string()))?
+        } else {
+            OwnedUserId::try_from(format!("@{user}:{}", hs.server_name)).map_err(|e| Error::InvalidParam(e.to_string()))?
+        };
+        let done = hs
+            .accounts
+            .login_for_service(&service, &user_id, body.device_id, body.initial_device_display_name.as_deref())
+            .await?;
+        return Ok(Json(logged_in(&hs, done)));
+    }
     hs.limits.login_address.check(&ip)?;
     if body.kind != "m.login.password" {
         return Err(Error::BadState(format!("Unknown login type {}", body.kind)).into());
@@ -166,6 +240,18 @@ async fn login(
         "device_id": done.device_id,
         "home_server": hs.server_name,
     })))
+}
+
+/// The user a login names: `identifier` of type `m.id.user`, or the deprecated top-level `user`.
+fn login_user(body: &LoginBody) -> Result<String, Error> {
+    match (&body.identifier, &body.user) {
+        (Some(Identifier { kind, user: Some(user) }), _) if kind == "m.id.user" => Ok(user.clone()),
+        (Some(Identifier { kind, .. }), _) if kind != "m.id.user" => {
+            Err(Error::BadState(format!("Unknown login identifier type {kind}")))
+        }
+        (_, Some(user)) => Ok(user.clone()),
+        _ => Err(Error::MissingParam("Missing user identifier".to_owned())),
+    }
 }
 
 async fn logout(State(hs): State<Arc<Homeserver>>, Auth(session): Auth) -> ApiResult<Json<Value>> {

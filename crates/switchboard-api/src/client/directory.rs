@@ -10,7 +10,7 @@ use axum::{
 use ruma::OwnedRoomId;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use switchboard_core::Homeserver;
+use switchboard_core::{Error, Homeserver, accounts::Session};
 
 use super::rooms::{alias, room_id};
 use crate::{
@@ -24,8 +24,24 @@ pub(super) fn routes() -> Router<Arc<Homeserver>> {
         .route("/rooms/{room_id}/aliases", get(room_aliases))
 }
 
+/// Aliases in a service's exclusive namespace are the service's: others get `M_EXCLUSIVE`. A service
+/// may only manage aliases in its own namespace, and needs no membership or creator check there.
+/// Returns whether the caller is privileged (server admin or owning service).
+pub(super) fn require_alias_rights(hs: &Homeserver, session: &Session, alias: &str) -> Result<bool, Error> {
+    if let Some(service) = &session.appservice {
+        if !service.aliases.matches(alias) {
+            return Err(Error::Exclusive("The application service has not reserved this kind of alias".to_owned()));
+        }
+        return Ok(true);
+    }
+    if hs.appservices.registry().exclusive_alias_owner(alias).is_some() {
+        return Err(Error::Exclusive("This alias is reserved by an application service".to_owned()));
+    }
+    Ok(session.is_admin)
+}
+
 async fn resolve(State(hs): State<Arc<Homeserver>>, Path(raw): Path<String>) -> ApiResult<Json<Value>> {
-    let room_id = hs.rooms.resolve_alias(&alias(&raw)?).await?;
+    let room_id = hs.resolve_alias(&alias(&raw)?).await?;
     Ok(Json(json!({ "room_id": room_id, "servers": [hs.server_name] })))
 }
 
@@ -40,9 +56,9 @@ async fn create(
     Path(raw): Path<String>,
     Body(body): Body<CreateBody>,
 ) -> ApiResult<Json<Value>> {
-    hs.rooms
-        .create_alias(&alias(&raw)?, &body.room_id, &session.user_id, session.is_admin)
-        .await?;
+    let alias = alias(&raw)?;
+    let privileged = require_alias_rights(&hs, &session, alias.as_str())?;
+    hs.rooms.create_alias(&alias, &body.room_id, &session.user_id, privileged).await?;
     Ok(Json(json!({})))
 }
 

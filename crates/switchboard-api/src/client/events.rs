@@ -11,6 +11,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use switchboard_core::{
     Error, Homeserver,
+    accounts::Session,
     filter::RoomEventFilter,
     rooms::{Direction, EventDraft},
     sync::{StreamToken, to_value},
@@ -52,10 +53,30 @@ fn content_object(body: Value) -> Result<Value, Error> {
     }
 }
 
+#[derive(Deserialize)]
+struct TsParams {
+    ts: Option<String>,
+}
+
+/// `?ts=` (timestamp massaging) is honoured for application services only, as in Synapse.
+fn timestamp(session: &Session, params: &TsParams) -> Result<Option<u64>, Error> {
+    match (&session.appservice, &params.ts) {
+        (Some(_), Some(ts)) => {
+            ts.parse().map(Some).map_err(|_| Error::InvalidParam(format!("ts must be milliseconds, not `{ts}`")))
+        }
+        _ => Ok(None),
+    }
+}
+
+fn check_rate(hs: &Homeserver, session: &Session) -> Result<(), Error> {
+    if session.rate_limited() { hs.limits.message.check(session.user_id.as_str()) } else { Ok(()) }
+}
+
 async fn send(
     State(hs): State<Arc<Homeserver>>,
     Auth(session): Auth,
     Path((room, event_type, txn_id)): Path<(String, String, String)>,
+    Params(params): Params<TsParams>,
     Body(body): Body<Value>,
 ) -> ApiResult<Json<Value>> {
     let room = room_id(&room)?;
@@ -68,8 +89,9 @@ async fn send(
     {
         return Ok(Json(json!({ "event_id": pdu.event_id })));
     }
-    hs.limits.message.check(session.user_id.as_str())?;
-    let draft = EventDraft::message(event_type, content_object(body)?);
+    check_rate(&hs, &session)?;
+    let mut draft = EventDraft::message(event_type, content_object(body)?);
+    draft.timestamp = timestamp(&session, &params)?;
     let pdu = hs.rooms.send(&room, &session.user_id, draft, Some(txn)).await?;
     Ok(Json(json!({ "event_id": pdu.event_id })))
 }
@@ -78,32 +100,36 @@ async fn put_state(
     State(hs): State<Arc<Homeserver>>,
     Auth(session): Auth,
     Path((room, event_type, state_key)): Path<(String, String, String)>,
+    Params(params): Params<TsParams>,
     Body(body): Body<Value>,
 ) -> ApiResult<Json<Value>> {
-    send_state(&hs, &session.user_id, &room, event_type, state_key, body).await
+    send_state(&hs, &session, &room, event_type, state_key, &params, body).await
 }
 
 async fn put_state_empty_key(
     State(hs): State<Arc<Homeserver>>,
     Auth(session): Auth,
     Path((room, event_type)): Path<(String, String)>,
+    Params(params): Params<TsParams>,
     Body(body): Body<Value>,
 ) -> ApiResult<Json<Value>> {
-    send_state(&hs, &session.user_id, &room, event_type, String::new(), body).await
+    send_state(&hs, &session, &room, event_type, String::new(), &params, body).await
 }
 
 async fn send_state(
     hs: &Homeserver,
-    user: &ruma::UserId,
+    session: &Session,
     room: &str,
     event_type: String,
     state_key: String,
+    params: &TsParams,
     body: Value,
 ) -> ApiResult<Json<Value>> {
     let room = room_id(room)?;
-    hs.limits.message.check(user.as_str())?;
-    let draft = EventDraft::state(event_type, state_key, content_object(body)?);
-    let pdu = hs.rooms.send(&room, user, draft, None).await?;
+    check_rate(hs, session)?;
+    let mut draft = EventDraft::state(event_type, state_key, content_object(body)?);
+    draft.timestamp = timestamp(session, params)?;
+    let pdu = hs.rooms.send(&room, &session.user_id, draft, None).await?;
     Ok(Json(json!({ "event_id": pdu.event_id })))
 }
 
@@ -132,7 +158,7 @@ async fn get_state_empty_key(
 
 async fn state_event(
     hs: &Homeserver,
-    session: &switchboard_core::accounts::Session,
+    session: &Session,
     room: &str,
     event_type: &str,
     state_key: &str,

@@ -1,6 +1,7 @@
 //! The Client-Server API, served under both `/_matrix/client/v3` and the legacy `/r0` prefix.
 
 mod account;
+mod appservice;
 mod directory;
 mod events;
 mod rooms;
@@ -21,6 +22,7 @@ pub(crate) fn router() -> Router<Arc<Homeserver>> {
         .merge(sync::routes());
     Router::new()
         .merge(versions::routes())
+        .merge(appservice::routes())
         .nest("/_matrix/client/v3", api.clone())
         .nest("/_matrix/client/r0", api)
 }

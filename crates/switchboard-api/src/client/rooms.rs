@@ -68,7 +68,7 @@ async fn join_by_id_or_alias(
     Body(_body): Body<ReasonBody>,
 ) -> ApiResult<Json<Value>> {
     let room_id = if target.starts_with('#') {
-        hs.rooms.resolve_alias(&alias(&target)?).await?
+        hs.resolve_alias(&alias(&target)?).await?
     } else {
         room_id(&target)?
     };

@@ -21,7 +21,8 @@ const VERSIONS: &[&str] = &[
 ];
 
 async fn versions() -> Json<Value> {
-    Json(json!({ "versions": VERSIONS, "unstable_features": {} }))
+    // fi.mau.msc2659.stable: the application-service ping works (mautrix bridges check it).
+    Json(json!({ "versions": VERSIONS, "unstable_features": { "fi.mau.msc2659.stable": true } }))
 }
 
 async fn well_known(State(hs): State<Arc<Homeserver>>) -> ApiResult<Json<Value>> {

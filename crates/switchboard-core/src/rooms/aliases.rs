@@ -26,8 +26,9 @@ impl Rooms {
         self.local_alias(alias.alias()).map(|_| ())
     }
 
-    /// Creating an alias needs membership of the room (or server admin), as Synapse's default
-    /// `require_membership_for_aliases`.
+    /// Creating an alias needs membership of the room, as Synapse's default
+    /// `require_membership_for_aliases`, unless `privileged` (a server admin, or an application
+    /// service within its alias namespace).
     pub async fn create_alias(
         &self,
         alias: &RoomAliasId,
@@ -61,8 +62,8 @@ impl Rooms {
         OwnedRoomId::try_from(room_id).map_err(Error::internal)
     }
 
-    /// Deleting is for the alias's creator, server admins, and room members allowed to change
-    /// `m.room.canonical_alias` — Synapse's rule.
+    /// Deleting is for the alias's creator, the privileged (server admins, the application service
+    /// owning the alias), and room members allowed to change `m.room.canonical_alias` — Synapse's rule.
     pub async fn delete_alias(&self, alias: &RoomAliasId, user: &UserId, is_admin: bool) -> Result<()> {
         self.require_local_alias(alias)?;
         let (room_id, creator) = self
@@ -70,8 +71,8 @@ impl Rooms {
             .alias(alias.as_str())
             .await?
             .ok_or_else(|| Error::NotFound(format!("Room alias {alias} not found")))?;
+        let room_id = OwnedRoomId::try_from(room_id).map_err(Error::internal)?;
         let allowed = is_admin || creator == user.as_str() || {
-            let room_id = OwnedRoomId::try_from(room_id).map_err(Error::internal)?;
             self.may_send_state(&room_id, user, &StateEventType::RoomCanonicalAlias)
                 .await?
         };
@@ -81,6 +82,7 @@ impl Rooms {
             ));
         }
         self.store.delete_alias(alias.as_str()).await?;
+        self.audience_changed(&room_id);
         Ok(())
     }
 

@@ -13,7 +13,10 @@ mod pipeline;
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex as StdMutex},
+    sync::{
+        Arc, Mutex as StdMutex,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use ruma::{
@@ -29,6 +32,7 @@ pub use pipeline::EventDraft;
 
 use crate::{
     Error, Result,
+    appservice::interest::RoomAudience,
     keys::SigningKey,
     pdu::{Pdu, RoomVersion},
     stream::EventStream,
@@ -56,6 +60,10 @@ pub struct Rooms {
     stream: Arc<EventStream>,
     default_version: String,
     cache: StdMutex<HashMap<OwnedRoomId, Arc<RoomHandle>>>,
+    /// Local joined members and aliases per room, for application-service interest.
+    audiences: StdMutex<HashMap<OwnedRoomId, Arc<RoomAudience>>>,
+    /// Bumped on every membership or alias change; an audience computed across a bump is not cached.
+    audience_epoch: AtomicU64,
 }
 
 impl Rooms {
@@ -73,6 +81,8 @@ impl Rooms {
             stream,
             default_version,
             cache: StdMutex::new(HashMap::new()),
+            audiences: StdMutex::new(HashMap::new()),
+            audience_epoch: AtomicU64::new(0),
         }
     }
 
@@ -215,6 +225,33 @@ impl Rooms {
         Ok(Some(
             user.displayname.unwrap_or_else(|| user_id.localpart().to_owned()),
         ))
+    }
+
+    /// Who and what makes a room interesting to application services: local joined members and
+    /// local aliases. Cached until they change.
+    pub async fn audience(&self, room_id: &RoomId) -> Result<Arc<RoomAudience>> {
+        if let Some(audience) = self.audiences.lock().ok().and_then(|a| a.get(room_id).cloned()) {
+            return Ok(audience);
+        }
+        let epoch = self.audience_epoch.load(Ordering::Acquire);
+        let suffix = format!(":{}", self.server_name);
+        let local_joined =
+            self.store.joined_members(room_id.as_str()).await?.into_iter().filter(|u| u.ends_with(&suffix)).collect();
+        let aliases = self.store.room_aliases(room_id.as_str()).await?;
+        let audience = Arc::new(RoomAudience { local_joined, aliases });
+        if self.audience_epoch.load(Ordering::Acquire) == epoch {
+            if let Ok(mut audiences) = self.audiences.lock() {
+                audiences.insert(room_id.to_owned(), audience.clone());
+            }
+        }
+        Ok(audience)
+    }
+
+    pub(crate) fn audience_changed(&self, room_id: &RoomId) {
+        self.audience_epoch.fetch_add(1, Ordering::AcqRel);
+        if let Ok(mut audiences) = self.audiences.lock() {
+            audiences.remove(room_id);
+        }
     }
 
     /// A stored event by ID.

@@ -284,6 +284,9 @@ impl Rooms {
             .collect();
         self.store.append_events(&rows).await?;
         drop(rows);
+        if memberships.iter().any(Option::is_some) {
+            self.audience_changed(&handle.room_id);
+        }
 
         let mut stored = Vec::with_capacity(accepted.len());
         for (

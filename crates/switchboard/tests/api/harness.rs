@@ -34,6 +34,8 @@ pub fn free_port() -> u16 {
 }
 
 pub fn config_text(port: u16, dir: &std::path::Path, extra: &str) -> String {
+    // Tests that register services pass their own `app_service_config_files`.
+    let services = if extra.contains("app_service_config_files") { "" } else { "app_service_config_files: []" };
     format!(
         "server_name: localhost
 listeners:
@@ -47,7 +49,7 @@ signing_key_path: {dir}/signing.key
 enable_registration: true
 enable_registration_without_verification: true
 registration_shared_secret: test
-app_service_config_files: []
+{services}
 {extra}",
         dir = dir.display()
     )

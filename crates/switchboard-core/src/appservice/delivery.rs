@@ -1,0 +1,307 @@
+//! Durable, ordered transaction delivery: one sender task per service.
+//!
+//! The queue is the event stream. Each service has a stored position up to which every event was
+//! considered. A sender selects the next interesting events (at most 100 and ~1 MiB), stores the
+//! transaction — next txn ID, covered position, the exact body — and only then sends it. On a 2xx
+//! the transaction is deleted and the position advanced in one database transaction; on failure
+//! the *stored* body is re-sent with the same txn ID after a backoff (2, 4 … 512 s with jitter), so a
+//! retry is byte-identical, also after a crash. One slow or dead service never delays another.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, RwLock},
+    time::{Duration, Instant},
+};
+
+use rand::Rng;
+use reqwest::Method;
+use serde_json::value::RawValue;
+use switchboard_store::Store;
+use tokio::sync::Notify;
+
+use super::{
+    AppService, Registry,
+    http::{Family, Reply, ServiceHttp},
+    interest::InterestCache,
+};
+use crate::{Result, pdu::Pdu, rooms::Rooms, stream::EventStream};
+
+pub const MAX_EVENTS_PER_TXN: usize = 100;
+const MAX_TXN_BYTES: usize = 1024 * 1024;
+const SCAN_BATCH: i64 = 500;
+const MAX_BACKOFF_STEP: u32 = 9; // 2^9 = 512 s, Synapse's cap
+
+/// What operators see of a sender.
+#[derive(Clone, Debug, Default)]
+pub struct SenderStatus {
+    pub up: bool,
+    pub consecutive_failures: u32,
+    pub last_error: Option<String>,
+    pub next_retry_in: Option<Duration>,
+    pub sent_transactions: u64,
+    pub failed_attempts: u64,
+    pub sent_events: u64,
+}
+
+pub struct Sender {
+    service: RwLock<Arc<AppService>>,
+    kick: Notify,
+    stop: tokio::sync::watch::Sender<bool>,
+    interest: InterestCache,
+    status: Mutex<(SenderStatus, Option<Instant>)>,
+}
+
+impl Sender {
+    pub fn service(&self) -> Arc<AppService> {
+        self.service.read().map(|s| s.clone()).unwrap_or_else(|e| e.into_inner().clone())
+    }
+
+    /// Retry now: the service is evidently back (it pinged, or made a request).
+    pub fn kick(&self) {
+        self.kick.notify_one();
+    }
+
+    pub fn status(&self) -> SenderStatus {
+        match self.status.lock() {
+            Ok(guard) => {
+                let (mut status, retry_at) = guard.clone();
+                status.next_retry_in = retry_at.map(|at| at.saturating_duration_since(Instant::now()));
+                status
+            }
+            Err(_) => SenderStatus::default(),
+        }
+    }
+
+    fn update(&self, f: impl FnOnce(&mut SenderStatus, &mut Option<Instant>)) {
+        if let Ok(mut guard) = self.status.lock() {
+            let (status, retry_at) = &mut *guard;
+            f(status, retry_at);
+        }
+    }
+}
+
+enum Step {
+    /// Something happened; look again at once.
+    Progress,
+    /// Nothing to send until new events arrive.
+    Idle,
+    /// Sending failed; wait this long (or for a kick).
+    Wait(Duration),
+}
+
+/// Shared by all senders.
+pub struct Delivery {
+    store: Store,
+    rooms: Arc<Rooms>,
+    stream: Arc<EventStream>,
+    http: ServiceHttp,
+    senders: Mutex<HashMap<String, Arc<Sender>>>,
+}
+
+impl Delivery {
+    pub fn new(store: Store, rooms: Arc<Rooms>, stream: Arc<EventStream>, legacy_auth: bool) -> Self {
+        Self {
+            store,
+            rooms,
+            stream,
+            http: ServiceHttp::new(Duration::from_secs(60), legacy_auth),
+            senders: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Starts, updates or stops senders so they match the registry. Kept services continue from
+    /// their stored position with their new URL and tokens; new ones start at the current stream
+    /// position; removed ones stop (their position is kept for a later return).
+    pub async fn apply(self: &Arc<Self>, registry: &Registry) -> Result<()> {
+        let current = self.stream.current();
+        let mut wanted = HashMap::new();
+        for service in &registry.services {
+            self.store.appservice_state(service.id(), current).await?;
+            wanted.insert(service.id().to_owned(), service.clone());
+        }
+        let mut senders = self.senders.lock().map_err(|_| crate::Error::internal("senders poisoned"))?;
+        senders.retain(|id, sender| {
+            let keep = wanted.contains_key(id);
+            if !keep {
+                let _ = sender.stop.send(true);
+                tracing::info!(service = %id, "application service removed; sender stopped");
+            }
+            keep
+        });
+        for (id, service) in wanted {
+            if let Some(sender) = senders.get(&id) {
+                if let Ok(mut slot) = sender.service.write() {
+                    *slot = service;
+                }
+                sender.kick();
+                continue;
+            }
+            let sender = Arc::new(Sender {
+                service: RwLock::new(service),
+                kick: Notify::new(),
+                stop: tokio::sync::watch::Sender::new(false),
+                interest: InterestCache::default(),
+                status: Mutex::new((SenderStatus { up: true, ..Default::default() }, None)),
+            });
+            senders.insert(id, sender.clone());
+            tokio::spawn(self.clone().run(sender));
+        }
+        Ok(())
+    }
+
+    pub fn sender(&self, id: &str) -> Option<Arc<Sender>> {
+        self.senders.lock().ok()?.get(id).cloned()
+    }
+
+    pub fn http(&self) -> &ServiceHttp {
+        &self.http
+    }
+
+    async fn run(self: Arc<Self>, sender: Arc<Sender>) {
+        let mut news = self.stream.subscribe();
+        let mut stop = sender.stop.subscribe();
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let step = match self.step(&sender).await {
+                Ok(step) => step,
+                Err(e) => {
+                    tracing::error!(service = sender.service().id(), error = %e, "application service sender failed");
+                    Step::Wait(Duration::from_secs(1))
+                }
+            };
+            match step {
+                Step::Progress => continue,
+                Step::Idle => {
+                    tokio::select! {
+                        _ = news.changed() => {}
+                        () = sender.kick.notified() => {}
+                        _ = stop.changed() => {}
+                        () = self.stream.closed() => return,
+                    }
+                }
+                Step::Wait(delay) => {
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = sender.kick.notified() => {}
+                        _ = stop.changed() => {}
+                        () = self.stream.closed() => return,
+                    }
+                }
+            }
+        }
+    }
+
+    async fn step(&self, sender: &Sender) -> Result<Step> {
+        let service = sender.service();
+        let id = service.id();
+        if let Some((txn_id, _, count, body)) = self.store.appservice_pending_txn(id).await? {
+            return Ok(self.push(sender, &service, txn_id, count, &body).await?);
+        }
+        let current = self.stream.current();
+        let (last_pos, _) = self.store.appservice_state(id, current).await?;
+        if last_pos >= current {
+            return Ok(Step::Idle);
+        }
+        let rows = self.store.events_after(last_pos, current, SCAN_BATCH).await?;
+        let mut upto = last_pos;
+        let mut selected: Vec<Box<RawValue>> = Vec::new();
+        let mut bytes = 0;
+        for row in rows {
+            let pdu = Pdu::from_row(row)?;
+            if sender.interest.is_interested(&service, &self.rooms, &pdu).await? {
+                let json = serde_json::value::to_raw_value(&pdu.to_client(None)).map_err(crate::Error::internal)?;
+                if selected.len() == MAX_EVENTS_PER_TXN || (!selected.is_empty() && bytes + json.get().len() > MAX_TXN_BYTES) {
+                    break;
+                }
+                bytes += json.get().len();
+                selected.push(json);
+            }
+            upto = pdu.stream_pos;
+        }
+        if selected.is_empty() || service.registration.url.is_none() {
+            // Nothing for this service (or it takes no traffic): remember how far we looked.
+            self.store.appservice_skip_to(id, upto).await?;
+            return Ok(Step::Progress);
+        }
+        let body = serde_json::json!({ "events": selected }).to_string();
+        let txn_id = self.store.appservice_new_txn(id, upto, selected.len() as i64, &body).await?;
+        tracing::debug!(service = id, txn_id, events = selected.len(), upto, "transaction stored");
+        Ok(Step::Progress)
+    }
+
+    async fn push(&self, sender: &Sender, service: &AppService, txn_id: i64, count: i64, body: &str) -> Result<Step> {
+        let started = Instant::now();
+        let path = format!("/transactions/{txn_id}");
+        let Some(reply) =
+            self.http.request(service, Family::Transactions, Method::PUT, &path, &path, Some(body)).await
+        else {
+            // The URL was removed by a reload: the transaction counts as delivered.
+            self.store.appservice_ack_txn(service.id(), txn_id).await?;
+            return Ok(Step::Progress);
+        };
+        if reply.is_success() {
+            self.store.appservice_ack_txn(service.id(), txn_id).await?;
+            sender.update(|status, retry_at| {
+                if !status.up {
+                    tracing::info!(service = service.id(), "application service is back up");
+                }
+                status.up = true;
+                status.consecutive_failures = 0;
+                status.sent_transactions += 1;
+                status.sent_events += count as u64;
+                *retry_at = None;
+            });
+            tracing::debug!(service = service.id(), txn_id, count, took_ms = started.elapsed().as_millis() as u64, "transaction delivered");
+            return Ok(Step::Progress);
+        }
+        // 429 means busy, not down: wait as asked, without escalating the backoff.
+        if let Reply::Status { status, retry_after, .. } = &reply {
+            if status.as_u16() == 429 {
+                let wait = retry_after.unwrap_or(Duration::from_secs(5));
+                sender.update(|_, retry_at| *retry_at = Some(Instant::now() + wait));
+                return Ok(Step::Wait(wait));
+            }
+        }
+        let mut wait = Duration::ZERO;
+        sender.update(|status, retry_at| {
+            status.up = false;
+            status.consecutive_failures += 1;
+            status.failed_attempts += 1;
+            status.last_error = Some(reply.describe());
+            wait = backoff(status.consecutive_failures);
+            *retry_at = Some(Instant::now() + wait);
+        });
+        tracing::warn!(
+            service = service.id(),
+            txn_id,
+            error = %reply.describe(),
+            retry_in_s = wait.as_secs_f32(),
+            "transaction failed; will retry"
+        );
+        Ok(Step::Wait(wait))
+    }
+}
+
+/// 2, 4, 8 … 512 s after 1, 2, 3 … consecutive failures, ±10 % so services coming back are not hit
+/// by every server at once.
+pub fn backoff(failures: u32) -> Duration {
+    let base = 2f64.powi(failures.clamp(1, MAX_BACKOFF_STEP) as i32);
+    let jitter = rand::thread_rng().gen_range(0.9..1.1);
+    Duration::from_secs_f64(base * jitter)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_a_cap() {
+        let secs: Vec<f64> = (1..=11).map(|n| backoff(n).as_secs_f64()).collect();
+        let expected = [2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 512.0, 512.0];
+        for (got, want) in secs.iter().zip(expected) {
+            assert!((got / want - 1.0).abs() <= 0.1 + 1e-9, "{got} vs {want}");
+        }
+    }
+}

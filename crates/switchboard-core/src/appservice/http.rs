@@ -1,0 +1,180 @@
+//! Talking HTTP to services: `hs_token` auth, and the spec's legacy-route fallback. When a
+//! service answers a `/_matrix/app/v1/...` route with 404, 405 or 501, the unprefixed route of that
+//! endpoint family is used instead and remembered; v1 is probed again after 30 minutes. A 5xx is a
+//! failure, never a reason to switch routes.
+
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use reqwest::{Method, StatusCode};
+
+use super::AppService;
+
+/// How long a service stays on legacy routes before v1 is tried again.
+const REPROBE_AFTER: Duration = Duration::from_secs(30 * 60);
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Family {
+    Transactions,
+    Users,
+    Rooms,
+    ThirdParty,
+}
+
+/// The outcome of one request to a service.
+#[derive(Debug)]
+pub enum Reply {
+    Status { status: StatusCode, retry_after: Option<Duration>, body: String },
+    /// Connection refused, reset, DNS failure: the service is not there.
+    Unreachable(String),
+    TimedOut,
+}
+
+impl Reply {
+    pub fn is_success(&self) -> bool {
+        matches!(self, Reply::Status { status, .. } if status.is_success())
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Reply::Status { status, body, .. } => format!("HTTP {status}: {}", body.chars().take(200).collect::<String>()),
+            Reply::Unreachable(e) => format!("unreachable: {e}"),
+            Reply::TimedOut => "timed out".to_owned(),
+        }
+    }
+}
+
+pub struct ServiceHttp {
+    client: reqwest::Client,
+    /// Also send `?access_token=hs_token` (Synapse's `use_appservice_legacy_authorization`).
+    legacy_auth: bool,
+    legacy_since: Mutex<HashMap<(String, Family), Instant>>,
+}
+
+impl ServiceHttp {
+    pub fn new(timeout: Duration, legacy_auth: bool) -> Self {
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .unwrap_or_default();
+        Self { client, legacy_auth, legacy_since: Mutex::new(HashMap::new()) }
+    }
+
+    fn on_legacy(&self, service: &AppService, family: Family) -> bool {
+        let Ok(mut map) = self.legacy_since.lock() else { return false };
+        let key = (service.id().to_owned(), family);
+        match map.get(&key) {
+            Some(since) if since.elapsed() < REPROBE_AFTER => true,
+            Some(_) => {
+                map.remove(&key);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn remember_legacy(&self, service: &AppService, family: Family) {
+        if let Ok(mut map) = self.legacy_since.lock() {
+            if map.insert((service.id().to_owned(), family), Instant::now()).is_none() {
+                tracing::info!(service = service.id(), ?family, "service lacks the v1 route; using the legacy route");
+            }
+        }
+    }
+
+    /// Sends a request to `v1_path` (under `/_matrix/app/v1`), falling back to `legacy_path`.
+    /// `None` when the service has no URL.
+    pub async fn request(
+        &self,
+        service: &AppService,
+        family: Family,
+        method: Method,
+        v1_path: &str,
+        legacy_path: &str,
+        body: Option<&str>,
+    ) -> Option<Reply> {
+        let base = service.registration.url.as_deref()?;
+        if !self.on_legacy(service, family) {
+            let reply = self.send(service, method.clone(), &format!("{base}/_matrix/app/v1{v1_path}"), body).await;
+            let missing = match &reply {
+                Reply::Status { status, body, .. } => route_missing(*status, body),
+                _ => false,
+            };
+            if !missing {
+                return Some(reply);
+            }
+            self.remember_legacy(service, family);
+        }
+        Some(self.send(service, method, &format!("{base}{legacy_path}"), body).await)
+    }
+
+    async fn send(&self, service: &AppService, method: Method, url: &str, body: Option<&str>) -> Reply {
+        let hs_token = &service.registration.hs_token;
+        let mut request = self.client.request(method, url).bearer_auth(hs_token);
+        if self.legacy_auth {
+            request = request.query(&[("access_token", hs_token)]);
+        }
+        if let Some(body) = body {
+            request = request.header(reqwest::header::CONTENT_TYPE, "application/json").body(body.to_owned());
+        }
+        match request.send().await {
+            Ok(response) => {
+                let status = response.status();
+                let retry_after = response
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map(Duration::from_secs);
+                let body = response.text().await.unwrap_or_default();
+                Reply::Status { status, retry_after, body }
+            }
+            Err(e) if e.is_timeout() => Reply::TimedOut,
+            Err(e) => Reply::Unreachable(error_chain(&e)),
+        }
+    }
+}
+
+/// Whether a reply means "no such route" rather than an answer from the route. A 404 with a Matrix
+/// error other than `M_UNRECOGNIZED` (say `M_NOT_FOUND` from a user query) is an answer; a bare or
+/// HTML 404, as a 2015-era service gives for the v1 paths, is a missing route.
+fn route_missing(status: StatusCode, body: &str) -> bool {
+    match status {
+        StatusCode::METHOD_NOT_ALLOWED | StatusCode::NOT_IMPLEMENTED => true,
+        StatusCode::NOT_FOUND => {
+            let errcode = serde_json::from_str::<serde_json::Value>(body)
+                .ok()
+                .and_then(|v| v.get("errcode").and_then(|e| e.as_str()).map(str::to_owned));
+            errcode.is_none_or(|code| code == "M_UNRECOGNIZED")
+        }
+        _ => false,
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tells_missing_routes_from_answers() {
+        assert!(route_missing(StatusCode::NOT_FOUND, "<html>Not Found</html>"));
+        assert!(route_missing(StatusCode::NOT_FOUND, r#"{"errcode":"M_UNRECOGNIZED"}"#));
+        assert!(!route_missing(StatusCode::NOT_FOUND, r#"{"errcode":"M_NOT_FOUND"}"#));
+        assert!(route_missing(StatusCode::NOT_IMPLEMENTED, ""));
+        assert!(!route_missing(StatusCode::INTERNAL_SERVER_ERROR, ""), "never fall back on 5xx");
+    }
+}

@@ -1,0 +1,59 @@
+//! Which events a service receives — Synapse's rules (`is_interested_in_event`):
+//! the sender or a member event's target is the service's sender or in its users namespace; the
+//! room ID matches its rooms namespace; a local alias of the room matches its aliases namespace;
+//! or a local joined member of the room is in its users namespace. Room-level answers are cached
+//! per room and recomputed when the room's members or aliases change, so the hot path reads no
+//! database.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use ruma::{OwnedRoomId, events::TimelineEventType};
+
+use super::AppService;
+use crate::{Result, pdu::Pdu, rooms::Rooms};
+
+/// The per-room facts interest depends on: local joined members and local aliases.
+#[derive(Debug, Default)]
+pub struct RoomAudience {
+    pub local_joined: Vec<String>,
+    pub aliases: Vec<String>,
+}
+
+/// One service's cached room-level interest.
+#[derive(Default)]
+pub struct InterestCache {
+    rooms: Mutex<HashMap<OwnedRoomId, (Arc<RoomAudience>, bool)>>,
+}
+
+impl InterestCache {
+    pub async fn is_interested(&self, service: &AppService, rooms: &Rooms, event: &Pdu) -> Result<bool> {
+        if service.owns_user(event.sender.as_str()) {
+            return Ok(true);
+        }
+        if event.kind == TimelineEventType::RoomMember
+            && event.state_key.as_deref().is_some_and(|target| service.owns_user(target))
+        {
+            return Ok(true);
+        }
+        if service.rooms.matches(event.room_id.as_str()) {
+            return Ok(true);
+        }
+        let audience = rooms.audience(&event.room_id).await?;
+        if let Ok(cache) = self.rooms.lock() {
+            if let Some((cached, answer)) = cache.get(&event.room_id) {
+                if Arc::ptr_eq(cached, &audience) {
+                    return Ok(*answer);
+                }
+            }
+        }
+        let answer = audience.aliases.iter().any(|a| service.aliases.matches(a))
+            || audience.local_joined.iter().any(|u| service.owns_user(u));
+        if let Ok(mut cache) = self.rooms.lock() {
+            cache.insert(event.room_id.clone(), (audience, answer));
+        }
+        Ok(answer)
+    }
+}

@@ -1,0 +1,295 @@
+//! Application services, homeserver side: registrations, interest, durable transaction delivery
+//! and user/alias queries.
+//!
+//! - `registration` parses and checks registration files.
+//! - [`Registry`] is one loaded set of services, swapped atomically on reload.
+//! - `interest` decides which events a service receives (Synapse's rules).
+//! - `delivery` runs one sender task per service over the event stream.
+//! - `query` asks services whether users and aliases exist (lazy creation).
+
+pub mod delivery;
+pub mod http;
+pub mod interest;
+pub mod query;
+pub mod registration;
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{Arc, RwLock},
+    time::{Duration, Instant},
+};
+
+use reqwest::Method;
+use ruma::{OwnedServerName, OwnedUserId, ServerName};
+use switchboard_store::{NewUser, Store};
+
+use crate::{Error, Result, util::now_ms};
+
+pub use registration::{Namespace, Registration, RegistrationError};
+
+/// One registered service, compiled for matching.
+#[derive(Debug)]
+pub struct AppService {
+    pub registration: Registration,
+    pub file: PathBuf,
+    /// `@sender_localpart:server`, the service's own user.
+    pub sender: OwnedUserId,
+    pub users: Namespace,
+    pub aliases: Namespace,
+    pub rooms: Namespace,
+}
+
+impl AppService {
+    pub fn id(&self) -> &str {
+        &self.registration.id
+    }
+
+    /// The service may act as this user: its sender, or a user in its users namespace.
+    pub fn owns_user(&self, user_id: &str) -> bool {
+        user_id == self.sender.as_str() || self.users.matches(user_id)
+    }
+
+    /// Exclusive ownership: the sender, or the users namespace's exclusive part.
+    pub fn owns_user_exclusively(&self, user_id: &str) -> bool {
+        user_id == self.sender.as_str() || self.users.matches_exclusive(user_id)
+    }
+}
+
+/// A loaded, validated set of registrations.
+#[derive(Debug, Default)]
+pub struct Registry {
+    pub services: Vec<Arc<AppService>>,
+    by_token: HashMap<String, usize>,
+    by_id: HashMap<String, usize>,
+}
+
+impl Registry {
+    /// Loads every file, or fails naming the bad file and field: nothing half-loads.
+    pub fn load(files: &[PathBuf], server_name: &ServerName) -> Result<Self, RegistrationError> {
+        let mut registry = Registry::default();
+        for path in files {
+            let (registration, file) = registration::load(path)?;
+            registry.add(registration, file, server_name)?;
+        }
+        Ok(registry)
+    }
+
+    fn add(&mut self, registration: Registration, file: PathBuf, server_name: &ServerName) -> Result<(), RegistrationError> {
+        let name = file.display().to_string();
+        let duplicate = |index: usize, what: String| RegistrationError::Duplicate {
+            first: self.services[index].file.display().to_string(),
+            second: name.clone(),
+            what,
+        };
+        if let Some(&index) = self.by_id.get(&registration.id) {
+            return Err(duplicate(index, format!("id `{}`", registration.id)));
+        }
+        if let Some(&index) = self.by_token.get(&registration.as_token) {
+            return Err(duplicate(index, "the same as_token".to_owned()));
+        }
+        let sender = OwnedUserId::try_from(format!("@{}:{server_name}", registration.sender_localpart)).map_err(|e| {
+            RegistrationError::Field { file: name.clone(), field: "sender_localpart".to_owned(), message: e.to_string() }
+        })?;
+        let namespaces = &registration.namespaces;
+        let service = AppService {
+            users: Namespace::compile(&namespaces.users, &name, "users")?,
+            aliases: Namespace::compile(&namespaces.aliases, &name, "aliases")?,
+            rooms: Namespace::compile(&namespaces.rooms, &name, "rooms")?,
+            sender,
+            file,
+            registration,
+        };
+        for warning in registration::warnings(&service.registration) {
+            tracing::warn!(file = %name, "{warning}");
+        }
+        let index = self.services.len();
+        self.by_id.insert(service.registration.id.clone(), index);
+        self.by_token.insert(service.registration.as_token.clone(), index);
+        self.services.push(Arc::new(service));
+        Ok(())
+    }
+
+    pub fn by_token(&self, token: &str) -> Option<&Arc<AppService>> {
+        self.by_token.get(token).map(|&i| &self.services[i])
+    }
+
+    pub fn by_id(&self, id: &str) -> Option<&Arc<AppService>> {
+        self.by_id.get(id).map(|&i| &self.services[i])
+    }
+
+    /// The service that claims this user ID exclusively (or as its sender), if any.
+    pub fn exclusive_user_owner(&self, user_id: &str) -> Option<&Arc<AppService>> {
+        self.services.iter().find(|s| s.owns_user_exclusively(user_id))
+    }
+
+    /// The service that claims this alias exclusively, if any.
+    pub fn exclusive_alias_owner(&self, alias: &str) -> Option<&Arc<AppService>> {
+        self.services.iter().find(|s| s.aliases.matches_exclusive(alias))
+    }
+
+    /// Warnings about services claiming the same exclusive regex (overlap of arbitrary regexes is
+    /// undecidable in practice; identical ones are the common copy-paste mistake).
+    pub fn overlap_warnings(&self) -> Vec<String> {
+        let mut seen: HashMap<&str, &str> = HashMap::new();
+        let mut warnings = Vec::new();
+        for service in &self.services {
+            let ns = &service.registration.namespaces;
+            for entry in ns.users.iter().chain(&ns.aliases).filter(|e| e.exclusive) {
+                if let Some(other) = seen.insert(&entry.regex, service.id()) {
+                    warnings.push(format!(
+                        "services `{other}` and `{}` both claim `{}` exclusively",
+                        service.id(),
+                        entry.regex
+                    ));
+                }
+            }
+        }
+        warnings
+    }
+}
+
+/// The application-service subsystem of a running server.
+pub struct AppServices {
+    registry: RwLock<Arc<Registry>>,
+    files: RwLock<Vec<PathBuf>>,
+    server_name: OwnedServerName,
+    store: Store,
+    pub delivery: Arc<delivery::Delivery>,
+    queries: query::Queries,
+}
+
+impl AppServices {
+    pub fn new(store: Store, server_name: OwnedServerName, delivery: Arc<delivery::Delivery>, legacy_auth: bool) -> Self {
+        Self {
+            registry: RwLock::new(Arc::new(Registry::default())),
+            files: RwLock::new(Vec::new()),
+            server_name,
+            store,
+            delivery,
+            queries: query::Queries::new(Duration::from_secs(30), legacy_auth),
+        }
+    }
+
+    pub fn registry(&self) -> Arc<Registry> {
+        self.registry.read().map(|r| r.clone()).unwrap_or_else(|e| e.into_inner().clone())
+    }
+
+    /// Loads (or reloads) the registration files. A valid set replaces the old one atomically;
+    /// an invalid set is refused and the old one kept.
+    pub async fn load(&self, files: &[PathBuf]) -> std::result::Result<usize, RegistrationError> {
+        let registry = Arc::new(Registry::load(files, &self.server_name)?);
+        for warning in registry.overlap_warnings() {
+            tracing::warn!("{warning}");
+        }
+        for service in &registry.services {
+            // The sender exists from the start; a later /register for it is M_USER_IN_USE.
+            let row = NewUser {
+                user_id: service.sender.as_str(),
+                password_hash: None,
+                is_admin: false,
+                appservice_id: Some(service.id()),
+                created_ts: now_ms() as i64,
+            };
+            if let Err(e) = self.store.create_user(&row).await {
+                tracing::error!(error = %e, "cannot create application service sender user");
+            }
+        }
+        if let Err(e) = self.delivery.apply(&registry).await {
+            tracing::error!(error = %e, "cannot start application service senders");
+        }
+        let count = registry.services.len();
+        if let Ok(mut slot) = self.registry.write() {
+            *slot = registry;
+        }
+        if let Ok(mut slot) = self.files.write() {
+            *slot = files.to_vec();
+        }
+        Ok(count)
+    }
+
+    /// Re-reads the files loaded last (SIGHUP).
+    pub async fn reload(&self) -> std::result::Result<usize, RegistrationError> {
+        let files = self.files.read().map(|f| f.clone()).unwrap_or_default();
+        self.load(&files).await
+    }
+
+    /// The service an `as_token` belongs to. Any request with it shows the service is alive, so a
+    /// sender waiting out a backoff retries at once.
+    pub fn authenticate(&self, token: &str) -> Option<Arc<AppService>> {
+        let service = self.registry().by_token(token).cloned()?;
+        if let Some(sender) = self.delivery.sender(service.id()) {
+            if !sender.status().up {
+                sender.kick();
+            }
+        }
+        Some(service)
+    }
+
+    /// Asks the services whose alias namespace matches whether `alias` exists (they may create it).
+    pub async fn query_alias(&self, alias: &str) -> Result<bool> {
+        let services = self.registry().services.iter().filter(|s| s.aliases.matches(alias)).cloned().collect();
+        self.queries.exists(query::Kind::Alias, alias, services).await
+    }
+
+    /// Asks the services whose users namespace matches whether `user_id` exists.
+    pub async fn query_user(&self, user_id: &str) -> Result<bool> {
+        let services = self.registry().services.iter().filter(|s| s.users.matches(user_id)).cloned().collect();
+        self.queries.exists(query::Kind::User, user_id, services).await
+    }
+
+    /// `POST /_matrix/client/v1/appservice/{id}/ping`: round trip to the service's `/ping`.
+    pub async fn ping(&self, service: &AppService, transaction_id: Option<&str>) -> Result<Duration> {
+        if service.registration.url.is_none() {
+            return Err(Error::Ping {
+                http_status: 400,
+                errcode: "M_URL_NOT_SET",
+                message: "The application service has no URL".to_owned(),
+                status: None,
+                body: None,
+            });
+        }
+        let body = match transaction_id {
+            Some(t) => serde_json::json!({ "transaction_id": t }),
+            None => serde_json::json!({}),
+        }
+        .to_string();
+        let started = Instant::now();
+        let reply = self
+            .delivery
+            .http()
+            .request(service, http::Family::Transactions, Method::POST, "/ping", "/ping", Some(&body))
+            .await;
+        let elapsed = started.elapsed();
+        match reply {
+            Some(r) if r.is_success() => {
+                if let Some(sender) = self.delivery.sender(service.id()) {
+                    sender.kick();
+                }
+                Ok(elapsed)
+            }
+            Some(http::Reply::Status { status, body, .. }) => Err(Error::Ping {
+                http_status: 502,
+                errcode: "M_BAD_STATUS",
+                message: format!("The application service answered HTTP {status}"),
+                status: Some(status.as_u16()),
+                body: Some(body),
+            }),
+            Some(http::Reply::TimedOut) => Err(Error::Ping {
+                http_status: 504,
+                errcode: "M_CONNECTION_TIMEOUT",
+                message: "The application service did not answer in time".to_owned(),
+                status: None,
+                body: None,
+            }),
+            Some(http::Reply::Unreachable(e)) => Err(Error::Ping {
+                http_status: 502,
+                errcode: "M_CONNECTION_FAILED",
+                message: format!("Cannot connect to the application service: {e}"),
+                status: None,
+                body: None,
+            }),
+            None => Err(Error::internal("service URL vanished")),
+        }
+    }
+}

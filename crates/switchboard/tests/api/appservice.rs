@@ -1,0 +1,1080 @@
+//! Application services, homeserver side, against an in-test service (`fake_as`): registration
+//! loading, transactions (auth, order, batching, byte-identical retries, crashes), interest rules,
+//! lazy alias creation on v1 and legacy routes, the client API for services, and ping.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::{
+    fake_as::{
+        FakeAs, Registration, Request, as_user, config_files_yaml, message_bodies, ping, register_ghost,
+        registration_yaml, start_server, write_registrations,
+    },
+    harness::{Server, binary, config_text, enc, errcode, free_port},
+};
+
+/// Upper bound for anything the tests wait for (the first retry comes after a 2 s backoff).
+const WAIT: Duration = Duration::from_secs(20);
+
+fn has_body(events: &[Value], body: &str) -> bool {
+    message_bodies(events).iter().any(|b| b == body)
+}
+
+fn room_path(room: &str, rest: &str) -> String {
+    format!("/_matrix/client/v3/rooms/{}/{rest}", enc(room))
+}
+
+/// Sends a text message as a service: as its sender, or as `user` when given. Returns the event ID.
+async fn as_send(s: &Server, token: &str, user: Option<&str>, room: &str, txn: &str, text: &str) -> String {
+    let path = room_path(room, &format!("send/m.room.message/{txn}"));
+    let path = match user {
+        Some(user) => as_user(&path, user),
+        None => path,
+    };
+    let sent = s
+        .ok(Method::PUT, &path, token, json!({"msgtype": "m.text", "body": text}))
+        .await;
+    sent["event_id"].as_str().expect("event_id").to_owned()
+}
+
+async fn send_ok(s: &Server, user: &crate::harness::User, room: &str, txn: &str, text: &str) {
+    let (status, body) = s.send_text(user, room, txn, text).await;
+    assert_eq!(status, StatusCode::OK, "send {text}: {body}");
+}
+
+async fn event_ts(s: &Server, token: &str, room: &str, event_id: &str) -> i64 {
+    let event = s
+        .ok(
+            Method::GET,
+            &room_path(room, &format!("event/{}", enc(event_id))),
+            token,
+            Value::Null,
+        )
+        .await;
+    event["origin_server_ts"].as_i64().expect("origin_server_ts")
+}
+
+fn bearer(token: &str) -> Option<String> {
+    Some(format!("Bearer {token}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Registration files: validation at startup
+
+/// Puts `app_service_config_files` listing `paths` into a config made by `config_text`.
+fn with_registration_files(config: String, paths: &[PathBuf]) -> String {
+    let key = config_files_yaml(paths);
+    if config.contains("app_service_config_files: []\n") {
+        config.replace("app_service_config_files: []\n", &key)
+    } else {
+        format!("{config}\n{key}")
+    }
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// Runs the binary with these registration files; it must stop with a failure. Returns its stderr.
+fn startup_fails(files: &[(&str, &str)]) -> String {
+    let (_regs, paths) = write_registrations(files);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("homeserver.yaml");
+    std::fs::write(
+        &config,
+        with_registration_files(config_text(free_port(), dir.path(), ""), &paths),
+    )
+    .expect("write config");
+    let (stdout_path, stderr_path) = (dir.path().join("stdout.log"), dir.path().join("stderr.log"));
+    let mut child = Command::new(binary())
+        .arg("--config")
+        .arg(&config)
+        .stdout(Stdio::from(std::fs::File::create(&stdout_path).expect("stdout")))
+        .stderr(Stdio::from(std::fs::File::create(&stderr_path).expect("stderr")))
+        .spawn()
+        .expect("run switchboard");
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "switchboard kept running with a bad registration; stderr: {}",
+                read(&stderr_path)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stderr = read(&stderr_path);
+    assert!(
+        !status.success(),
+        "exit status {status}; stderr: {stderr}; stdout: {}",
+        read(&stdout_path)
+    );
+    stderr
+}
+
+fn valid(id: &str, as_token: &str, prefix: &str) -> Registration {
+    Registration::new(id, Some("http://127.0.0.1:9"))
+        .tokens(as_token, &format!("hs_{as_token}"))
+        .sender(&format!("{prefix}bot"))
+        .users(&format!("@_{prefix}_.*:localhost"), true)
+}
+
+#[test]
+fn duplicate_id_stops_startup_naming_both_files() {
+    let (one, two) = (valid("twin", "token_one", "one"), valid("twin", "token_two", "two"));
+    let (one, two) = (one.yaml(), two.yaml());
+    let stderr = startup_fails(&[("first.yaml", &one), ("second.yaml", &two)]);
+    assert!(
+        stderr.contains("first.yaml") && stderr.contains("second.yaml"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn duplicate_as_token_stops_startup_naming_both_files() {
+    let (one, two) = (valid("one", "shared", "one"), valid("two", "shared", "two"));
+    let (one, two) = (one.yaml(), two.yaml());
+    let stderr = startup_fails(&[("first.yaml", &one), ("second.yaml", &two)]);
+    assert!(
+        stderr.contains("first.yaml") && stderr.contains("second.yaml") && stderr.contains("as_token"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn look_around_regex_stops_startup_naming_file_and_field() {
+    let good = valid("good", "token_good", "good").yaml();
+    let bad = registration_yaml(
+        "peeky",
+        Some("http://127.0.0.1:9"),
+        "token_peeky",
+        "hs_peeky",
+        "peekybot",
+        Some("@(?=x).*"),
+        None,
+        true,
+        "",
+    );
+    let stderr = startup_fails(&[("good.yaml", &good), ("lookaround.yaml", &bad)]);
+    assert!(
+        stderr.contains("lookaround.yaml") && stderr.contains("namespaces.users"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn missing_url_key_stops_startup() {
+    let yaml: String = valid("nourl", "token_nourl", "nourl")
+        .yaml()
+        .lines()
+        .filter(|line| !line.starts_with("url:"))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    assert!(!yaml.contains("url"), "{yaml}");
+    let stderr = startup_fails(&[("nourl.yaml", &yaml)]);
+    assert!(stderr.contains("nourl.yaml") && stderr.contains("url"), "{stderr}");
+}
+
+#[tokio::test]
+async fn null_url_and_unknown_keys_load() {
+    let quiet = Registration::new("quiet", None)
+        .sender("quietbot")
+        .users("@_quiet_.*:localhost", true)
+        .extra(
+            "rate_limited: false
+receive_ephemeral: true
+de.sorunome.msc2409.push_ephemeral: true
+io.element.msc4190: false
+protocols: [quiet]
+heisenbridge: {displayname: Quiet, media_url: 'http://example.org'}
+",
+        );
+    let (s, _regs) = start_server(&[&quiet]).await;
+    // The sender exists from the start and the as_token authenticates as it.
+    let me = s
+        .ok(Method::GET, "/_matrix/client/v3/account/whoami", &quiet.as_token, Value::Null)
+        .await;
+    assert_eq!(me["user_id"], "@quietbot:localhost");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Transactions
+
+#[tokio::test]
+async fn transactions_are_authenticated_ordered_and_catch_up_in_batches() {
+    let fake = FakeAs::start().await;
+    let reg = Registration::new("bridge", Some(&fake.url))
+        .sender("bridgebot")
+        .users("@_bridge_.*:localhost", true);
+    let (s, _regs) = start_server(&[&reg]).await;
+    let alice = s.register("alice").await;
+    let room = s.create_room(&alice, json!({"preset": "public_chat"})).await;
+    let ghost = register_ghost(&s, &reg.as_token, "_bridge_ghost").await;
+    s.ok(
+        Method::POST,
+        &as_user(&room_path(&room, "join"), &ghost),
+        &reg.as_token,
+        json!({}),
+    )
+    .await;
+    fake.wait_for_events(
+        |events| {
+            events.iter().any(|e| {
+                e["type"] == "m.room.member"
+                    && e["state_key"] == ghost.as_str()
+                    && e["content"]["membership"] == "join"
+            })
+        },
+        WAIT,
+    )
+    .await;
+
+    // The service goes down; 250 messages queue up.
+    fake.set_transaction_status(500);
+    for i in 0..250 {
+        send_ok(&s, &alice, &room, &format!("t{i}"), &format!("m{i:03}")).await;
+    }
+    fake.wait_for_requests(|r| r.iter().any(|r| r.txn_id.is_some() && r.status == 500), WAIT)
+        .await;
+    // It comes back and says so.
+    fake.set_transaction_status(200);
+    let (status, body) = ping(&s, &reg.id, &reg.as_token, "back").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let expected: Vec<String> = (0..250).map(|i| format!("m{i:03}")).collect();
+    let events = fake
+        .wait_for_events(|events| message_bodies(events).len() >= 250, WAIT)
+        .await;
+    assert_eq!(
+        message_bodies(&events),
+        expected,
+        "every message exactly once, in stream order"
+    );
+
+    let attempts = fake.transaction_attempts();
+    for attempt in &attempts {
+        assert_eq!(attempt.method, "PUT");
+        assert!(
+            attempt.v1 && attempt.path.starts_with("/_matrix/app/v1/transactions/"),
+            "{}",
+            attempt.path
+        );
+        assert_eq!(attempt.authorization, bearer(&reg.hs_token), "hs_token as a bearer header");
+        assert!(
+            attempt.query.as_deref().is_none_or(|q| !q.contains("access_token")),
+            "no token in the query string: {:?}",
+            attempt.query
+        );
+        assert!(
+            attempt.events().len() <= 100,
+            "{} events in one transaction",
+            attempt.events().len()
+        );
+    }
+    let all_ids: Vec<u64> = attempts.iter().map(Request::txn_number).collect();
+    assert!(
+        all_ids.windows(2).all(|w| w[0] <= w[1]),
+        "txnIds never go back: {all_ids:?}"
+    );
+    let accepted: Vec<&Request> = attempts.iter().filter(|a| a.succeeded()).collect();
+    let accepted_ids: Vec<u64> = accepted.iter().map(|a| a.txn_number()).collect();
+    assert!(
+        accepted_ids.windows(2).all(|w| w[0] < w[1]),
+        "txnIds strictly increase: {accepted_ids:?}"
+    );
+    let batches: Vec<usize> = accepted
+        .iter()
+        .map(|a| message_bodies(&a.events()).len())
+        .filter(|n| *n > 0)
+        .collect();
+    assert!(
+        batches.len() <= 10,
+        "catch-up is batched, not one transaction per event: {batches:?}"
+    );
+    assert_eq!(
+        batches.iter().max(),
+        Some(&100),
+        "a backlog fills transactions to 100 events: {batches:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_transaction_is_resent_byte_identical() {
+    let fake = FakeAs::start().await;
+    fake.queue_transaction_statuses([500]);
+    let reg = Registration::new("bridge", Some(&fake.url))
+        .sender("bridgebot")
+        .users("@_bridge_.*:localhost", true);
+    let (s, _regs) = start_server(&[&reg]).await;
+    // The service's own sender creates a room and talks in it: all of that is for the service.
+    let created = s
+        .ok(Method::POST, "/_matrix/client/v3/createRoom", &reg.as_token, json!({}))
+        .await;
+    let room = created["room_id"].as_str().expect("room_id").to_owned();
+    as_send(&s, &reg.as_token, None, &room, "1", "retry me").await;
+    fake.wait_for_events(|events| has_body(events, "retry me"), WAIT)
+        .await;
+
+    let attempts = fake.transaction_attempts();
+    assert!(attempts.len() >= 2, "{}", fake.summary());
+    let (first, second) = (&attempts[0], &attempts[1]);
+    assert_eq!(first.status, 500);
+    assert!(!first.events().is_empty(), "{}", fake.summary());
+    assert_eq!(second.txn_id, first.txn_id, "the retry keeps its txnId");
+    assert!(
+        second.body == first.body,
+        "the retry is byte-identical:\n{}\n{}",
+        String::from_utf8_lossy(&first.body),
+        String::from_utf8_lossy(&second.body)
+    );
+    assert!(second.succeeded());
+    for later in &attempts[2..] {
+        assert!(
+            later.txn_number() > first.txn_number(),
+            "a new transaction gets a new, greater txnId"
+        );
+    }
+}
+
+#[tokio::test]
+async fn kill_9_with_the_service_down_loses_and_reorders_nothing() {
+    let fake = FakeAs::start().await;
+    let reg = Registration::new("bridge", Some(&fake.url))
+        .sender("bridgebot")
+        .users("@_bridge_.*:localhost", true);
+    let (mut s, _regs) = start_server(&[&reg]).await;
+    let alice = s.register("alice").await;
+    let room = s.create_room(&alice, json!({"preset": "public_chat"})).await;
+    let ghost = register_ghost(&s, &reg.as_token, "_bridge_ghost").await;
+    s.ok(
+        Method::POST,
+        &as_user(&room_path(&room, "join"), &ghost),
+        &reg.as_token,
+        json!({}),
+    )
+    .await;
+    for i in 0..5 {
+        send_ok(&s, &alice, &room, &format!("b{i}"), &format!("before-{i}")).await;
+    }
+    fake.wait_for_events(|events| message_bodies(events).len() >= 5, WAIT)
+        .await;
+
+    fake.set_transaction_status(500);
+    for i in 0..50 {
+        send_ok(&s, &alice, &room, &format!("d{i}"), &format!("during-{i:02}")).await;
+    }
+    fake.wait_for_requests(|r| r.iter().any(|r| r.txn_id.is_some() && r.status == 500), WAIT)
+        .await;
+    let before_crash = fake.transaction_attempts().len();
+    s.crash_and_restart().await;
+    fake.set_transaction_status(200);
+    let (status, body) = ping(&s, &reg.id, &reg.as_token, "back").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let expected: Vec<String> = (0..5)
+        .map(|i| format!("before-{i}"))
+        .chain((0..50).map(|i| format!("during-{i:02}")))
+        .collect();
+    let events = fake
+        .wait_for_events(|events| message_bodies(events).len() >= expected.len(), WAIT)
+        .await;
+    assert_eq!(
+        message_bodies(&events),
+        expected,
+        "all once, in order, across kill -9"
+    );
+
+    let attempts = fake.transaction_attempts();
+    let (old, new) = attempts.split_at(before_crash);
+    let max_old = old
+        .iter()
+        .map(Request::txn_number)
+        .max()
+        .expect("attempts before the crash");
+    for attempt in new {
+        let id = attempt.txn_number();
+        if id > max_old {
+            continue;
+        }
+        // Only a transaction that never got through may come again, and then unchanged.
+        let earlier: Vec<&Request> = old.iter().filter(|o| o.txn_id == attempt.txn_id).collect();
+        assert!(
+            !earlier.is_empty(),
+            "txnId {id} after the restart is not above {max_old} and was never sent before: {}",
+            fake.summary()
+        );
+        assert!(
+            earlier.iter().all(|o| !o.succeeded()),
+            "txnId {id} was accepted before the crash and is reused: {}",
+            fake.summary()
+        );
+        assert!(
+            earlier.iter().all(|o| o.body == attempt.body),
+            "txnId {id} re-sent with a different body"
+        );
+    }
+    let accepted: Vec<u64> = attempts
+        .iter()
+        .filter(|a| a.succeeded())
+        .map(Request::txn_number)
+        .collect();
+    assert!(
+        accepted.windows(2).all(|w| w[0] < w[1]),
+        "accepted txnIds strictly increase across the restart: {accepted:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Interest
+
+#[tokio::test]
+async fn interest_follows_the_namespaces() {
+    let fake = FakeAs::start().await;
+    let reg = Registration::new("watch", Some(&fake.url))
+        .sender("watchbot")
+        .users("@_watch_.*:localhost", true)
+        .aliases("#bridged_.*:localhost", false);
+    let (s, _regs) = start_server(&[&reg]).await;
+    let alice = s.register("alice").await;
+    let ghost_a = register_ghost(&s, &reg.as_token, "_watch_a").await;
+    let ghost_b = register_ghost(&s, &reg.as_token, "_watch_b").await;
+
+    // Sender in the user namespace.
+    let created = s
+        .ok(
+            Method::POST,
+            &as_user("/_matrix/client/v3/createRoom", &ghost_a),
+            &reg.as_token,
+            json!({}),
+        )
+        .await;
+    let ghost_room = created["room_id"].as_str().expect("room_id").to_owned();
+    as_send(&s, &reg.as_token, Some(&ghost_a), &ghost_room, "g1", "from-ghost").await;
+
+    // A member event whose state_key is in the namespace: the invite goes to the service; the
+    // room's chatter does not while the ghost is only invited.
+    let invited_room = s.create_room(&alice, json!({})).await;
+    send_ok(&s, &alice, &invited_room, "b1", "before-invite").await;
+    s.ok(
+        Method::POST,
+        &room_path(&invited_room, "invite"),
+        &alice.token,
+        json!({"user_id": ghost_b}),
+    )
+    .await;
+    send_ok(&s, &alice, &invited_room, "b2", "while-invited").await;
+    as_send(&s, &reg.as_token, Some(&ghost_a), &ghost_room, "g2", "barrier-1").await;
+    fake.wait_for_events(|events| has_body(events, "barrier-1"), WAIT)
+        .await;
+    // Once a namespace user has joined, everything in the room is for the service.
+    s.ok(
+        Method::POST,
+        &as_user(&room_path(&invited_room, "join"), &ghost_b),
+        &reg.as_token,
+        json!({}),
+    )
+    .await;
+    send_ok(&s, &alice, &invited_room, "b3", "after-join").await;
+
+    // A local alias in the alias namespace, no namespace user in the room.
+    let aliased = s
+        .create_room(&alice, json!({"room_alias_name": "bridged_talk"}))
+        .await;
+    send_ok(&s, &alice, &aliased, "c1", "in-aliased-room").await;
+
+    // No interest at all.
+    let quiet = s.create_room(&alice, json!({})).await;
+    send_ok(&s, &alice, &quiet, "d1", "nobody-listens").await;
+    send_ok(&s, &alice, &aliased, "c2", "barrier-2").await;
+
+    let events = fake
+        .wait_for_events(|events| has_body(events, "barrier-2"), WAIT)
+        .await;
+    assert_eq!(
+        message_bodies(&events),
+        vec!["from-ghost", "barrier-1", "after-join", "in-aliased-room", "barrier-2"]
+    );
+    let invite = events
+        .iter()
+        .find(|e| {
+            e["type"] == "m.room.member"
+                && e["state_key"] == ghost_b.as_str()
+                && e["content"]["membership"] == "invite"
+        })
+        .unwrap_or_else(|| panic!("the invite of the ghost reaches the service: {}", fake.summary()));
+    assert_eq!(invite["room_id"], invited_room.as_str());
+    assert_eq!(invite["sender"], alice.user_id.as_str());
+    assert!(
+        events.iter().all(|e| e["room_id"] != quiet.as_str()),
+        "nothing from a room without interest"
+    );
+}
+
+#[tokio::test]
+async fn rooms_without_interest_produce_no_transaction() {
+    let fake = FakeAs::start().await;
+    let reg = Registration::new("watch", Some(&fake.url))
+        .sender("watchbot")
+        .users("@_watch_.*:localhost", true)
+        .aliases("#_watch_.*:localhost", true);
+    let (s, _regs) = start_server(&[&reg]).await;
+    let (alice, bob) = (s.register("alice").await, s.register("bob").await);
+    let room = s
+        .create_room(&alice, json!({"preset": "public_chat", "room_alias_name": "chatter"}))
+        .await;
+    s.ok(Method::POST, &room_path(&room, "join"), &bob.token, json!({}))
+        .await;
+    for i in 0..5 {
+        send_ok(&s, &alice, &room, &format!("a{i}"), "hi").await;
+        send_ok(&s, &bob, &room, &format!("b{i}"), "hello").await;
+    }
+    // A barrier in stream order: once the service has this, it has seen whatever came before.
+    let created = s
+        .ok(Method::POST, "/_matrix/client/v3/createRoom", &reg.as_token, json!({}))
+        .await;
+    let own_room = created["room_id"].as_str().expect("room_id").to_owned();
+    as_send(&s, &reg.as_token, None, &own_room, "1", "barrier").await;
+    fake.wait_for_events(|events| has_body(events, "barrier"), WAIT)
+        .await;
+    for attempt in fake.transaction_attempts() {
+        let events = attempt.events();
+        assert!(!events.is_empty(), "no empty transactions: {}", fake.summary());
+        assert!(
+            events.iter().all(|e| e["room_id"] == own_room.as_str()),
+            "only the service's own room: {}",
+            fake.summary()
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Queries: lazy alias creation (the 2015 blog post's scenario)
+
+async fn joining_a_missing_alias_creates_it(legacy: bool) {
+    let fake = if legacy {
+        FakeAs::start_legacy().await
+    } else {
+        FakeAs::start().await
+    };
+    let reg = Registration::new("logger", Some(&fake.url))
+        .sender("logbot")
+        .aliases("#logged_.*", true);
+    let (s, _regs) = start_server(&[&reg]).await;
+
+    // Asked about an alias in its namespace, the service creates the room (with the as_token),
+    // then answers 200. It declines `#logged_nothing`.
+    let created: Arc<Mutex<Option<String>>> = Arc::default();
+    {
+        let base = s.base.clone();
+        let token = reg.as_token.clone();
+        let created = created.clone();
+        fake.on_room_query(move |alias: String| {
+            let (base, token, created) = (base.clone(), token.clone(), created.clone());
+            async move {
+                let localpart = alias
+                    .trim_start_matches('#')
+                    .split(':')
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned();
+                if localpart == "logged_nothing" {
+                    return (404, json!({"errcode": "M_NOT_FOUND", "error": "not bridged"}));
+                }
+                let response = reqwest::Client::new()
+                    .post(format!("{base}/_matrix/client/v3/createRoom"))
+                    .bearer_auth(&token)
+                    .json(&json!({"room_alias_name": localpart, "preset": "public_chat"}))
+                    .send()
+                    .await;
+                match response {
+                    Ok(r) if r.status().is_success() => {
+                        let body: Value = r.json().await.unwrap_or(Value::Null);
+                        *created.lock().expect("lock") = body["room_id"].as_str().map(str::to_owned);
+                        (200, json!({}))
+                    }
+                    Ok(r) => {
+                        let status = r.status();
+                        let text = r.text().await.unwrap_or_default();
+                        (500, json!({"error": format!("createRoom answered {status}: {text}")}))
+                    }
+                    Err(e) => (500, json!({"error": e.to_string()})),
+                }
+            }
+        });
+    }
+
+    let alias = "#logged_test2:localhost";
+    let alice = s.register("alice").await;
+    let (status, joined) = s
+        .call(
+            Method::POST,
+            &format!("/_matrix/client/v3/join/{}", enc(alias)),
+            Some(&alice.token),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{joined}; service saw {}", fake.summary());
+    let room = created
+        .lock()
+        .expect("lock")
+        .clone()
+        .expect("the service created the room while answering the query");
+    assert_eq!(joined["room_id"], room.as_str(), "joined in the same request");
+
+    let is_query = |r: &Request, alias: &str| {
+        r.method == "GET" && r.decoded_path().ends_with(&format!("/rooms/{alias}"))
+    };
+    let queries: Vec<Request> = fake
+        .requests()
+        .into_iter()
+        .filter(|r| is_query(r, alias))
+        .collect();
+    let answered: Vec<&Request> = queries.iter().filter(|q| q.succeeded()).collect();
+    assert_eq!(answered.len(), 1, "one successful query: {}", fake.summary());
+    assert_eq!(answered[0].authorization, bearer(&reg.hs_token));
+    assert!(queries[0].v1, "v1 is tried first: {}", fake.summary());
+    if legacy {
+        assert_eq!(queries.len(), 2, "v1 (404), then legacy: {}", fake.summary());
+        assert_eq!(queries[0].status, 404);
+        assert_eq!(answered[0].decoded_path(), format!("/rooms/{alias}"));
+    } else {
+        assert_eq!(queries.len(), 1, "{}", fake.summary());
+        assert_eq!(
+            answered[0].decoded_path(),
+            format!("/_matrix/app/v1/rooms/{alias}")
+        );
+        assert!(
+            answered[0].path.starts_with("/_matrix/app/v1/rooms/%23"),
+            "the alias is percent-encoded: {}",
+            answered[0].path
+        );
+    }
+
+    // A message in the room reaches the service: the room has an alias in its namespace.
+    send_ok(&s, &alice, &room, "1", "hello logger").await;
+    fake.wait_for_events(|events| has_body(events, "hello logger"), WAIT)
+        .await;
+    let accepted: Vec<Request> = fake
+        .transaction_attempts()
+        .into_iter()
+        .filter(Request::succeeded)
+        .collect();
+    for txn in &accepted {
+        assert_eq!(txn.authorization, bearer(&reg.hs_token));
+        if legacy {
+            assert!(
+                !txn.v1 && txn.decoded_path().starts_with("/transactions/"),
+                "{}",
+                txn.path
+            );
+        } else {
+            assert!(txn.v1, "{}", txn.path);
+        }
+    }
+    if legacy {
+        let v1_attempts = fake.transaction_attempts().iter().filter(|t| t.v1).count();
+        assert!(
+            v1_attempts <= 1,
+            "the legacy route is remembered: {}",
+            fake.summary()
+        );
+    }
+
+    // Now it exists: joining again asks nobody.
+    let bob = s.register("bob").await;
+    let joined = s
+        .ok(
+            Method::POST,
+            &format!("/_matrix/client/v3/join/{}", enc(alias)),
+            &bob.token,
+            json!({}),
+        )
+        .await;
+    assert_eq!(joined["room_id"], room.as_str());
+    let after = fake.requests().iter().filter(|r| is_query(r, alias)).count();
+    assert_eq!(after, queries.len(), "no query for an existing alias");
+
+    // The service declines: 404 to the client.
+    let (status, body) = s
+        .call(
+            Method::POST,
+            &format!("/_matrix/client/v3/join/{}", enc("#logged_nothing:localhost")),
+            Some(&alice.token),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!((status, errcode(&body)), (StatusCode::NOT_FOUND, "M_NOT_FOUND"));
+    if legacy {
+        let v1_room_queries = fake
+            .requests()
+            .iter()
+            .filter(|r| r.method == "GET" && r.v1 && r.decoded_path().contains("/rooms/"))
+            .count();
+        assert_eq!(
+            v1_room_queries, 1,
+            "the legacy query route is remembered: {}",
+            fake.summary()
+        );
+    }
+
+    // Outside every alias namespace: no service is asked.
+    let before = fake.requests().len();
+    let (status, body) = s
+        .call(
+            Method::POST,
+            &format!("/_matrix/client/v3/join/{}", enc("#elsewhere:localhost")),
+            Some(&alice.token),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!((status, errcode(&body)), (StatusCode::NOT_FOUND, "M_NOT_FOUND"));
+    assert!(
+        fake.requests()[before..]
+            .iter()
+            .all(|r| !r.decoded_path().contains("#elsewhere")),
+        "{}",
+        fake.summary()
+    );
+}
+
+#[tokio::test]
+async fn joining_a_missing_alias_in_the_namespace_creates_it() {
+    joining_a_missing_alias_creates_it(false).await;
+}
+
+#[tokio::test]
+async fn legacy_service_on_unprefixed_routes_works() {
+    joining_a_missing_alias_creates_it(true).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The client API as a service
+
+fn bridge(url: &str) -> Registration {
+    Registration::new("bridge", Some(url))
+        .sender("bridgebot")
+        .users("@_bot_.*:localhost", true)
+        .users("@bridged_.*:localhost", true)
+}
+
+async fn as_register(s: &Server, token: Option<&str>, username: &str) -> (StatusCode, Value) {
+    s.call(
+        Method::POST,
+        "/_matrix/client/v3/register",
+        token,
+        Some(json!({"type": "m.login.application_service", "username": username})),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn services_register_their_users_and_humans_cannot() {
+    let fake = FakeAs::start().await;
+    let reg = bridge(&fake.url);
+    let (s, _regs) = start_server(&[&reg]).await;
+
+    let (status, body) = as_register(&s, Some(&reg.as_token), "_bot_alice").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["user_id"], "@_bot_alice:localhost");
+
+    let (status, body) = as_register(&s, Some(&reg.as_token), "outsider").await;
+    assert_eq!((status, errcode(&body)), (StatusCode::BAD_REQUEST, "M_EXCLUSIVE"));
+    let (status, body) = as_register(&s, Some(&reg.as_token), "_bot_alice").await;
+    assert_eq!((status, errcode(&body)), (StatusCode::BAD_REQUEST, "M_USER_IN_USE"));
+    // The sender exists from startup.
+    let (status, body) = as_register(&s, Some(&reg.as_token), "bridgebot").await;
+    assert_eq!((status, errcode(&body)), (StatusCode::BAD_REQUEST, "M_USER_IN_USE"));
+    // The service type without the service's token is refused.
+    let (status, body) = as_register(&s, None, "_bot_sneaky").await;
+    assert!(status.is_client_error(), "{status} {body}");
+
+    // Humans cannot take IDs in an exclusive namespace.
+    let human = |username: &str| {
+        json!({"username": username, "password": "password", "auth": {"type": "m.login.dummy"}})
+    };
+    let (status, body) = s
+        .call(Method::POST, "/_matrix/client/v3/register", None, Some(human("bridged_x")))
+        .await;
+    assert_eq!((status, errcode(&body)), (StatusCode::BAD_REQUEST, "M_EXCLUSIVE"));
+    let (status, body) = s
+        .call(Method::POST, "/_matrix/client/v3/register", None, Some(human("_bot_x")))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    // `_`-prefixed localparts are refused for humans anyway (as in Synapse); either reason will do.
+    assert!(
+        ["M_EXCLUSIVE", "M_INVALID_USERNAME"].contains(&errcode(&body)),
+        "{body}"
+    );
+    let (status, body) = s
+        .call(
+            Method::GET,
+            "/_matrix/client/v3/register/available?username=bridged_y",
+            None,
+            None,
+        )
+        .await;
+    assert_eq!((status, errcode(&body)), (StatusCode::BAD_REQUEST, "M_EXCLUSIVE"));
+}
+
+#[tokio::test]
+async fn services_masquerade_only_as_their_registered_users() {
+    let fake = FakeAs::start().await;
+    let reg = bridge(&fake.url);
+    let (s, _regs) = start_server(&[&reg]).await;
+    let ghost = register_ghost(&s, &reg.as_token, "_bot_alice").await;
+    s.register("carol").await;
+    let whoami = "/_matrix/client/v3/account/whoami";
+
+    let me = s
+        .ok(Method::GET, &as_user(whoami, &ghost), &reg.as_token, Value::Null)
+        .await;
+    assert_eq!(me["user_id"], "@_bot_alice:localhost");
+
+    let (status, body) = s
+        .call(
+            Method::GET,
+            &as_user(whoami, "@_bot_nobody:localhost"),
+            Some(&reg.as_token),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::FORBIDDEN, "M_FORBIDDEN"),
+        "in the namespace but not registered"
+    );
+    let (status, body) = s
+        .call(
+            Method::GET,
+            &as_user(whoami, "@carol:localhost"),
+            Some(&reg.as_token),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "outside the namespace: {body}");
+
+    let me = s
+        .ok(Method::GET, whoami, &reg.as_token, Value::Null)
+        .await;
+    assert_eq!(me["user_id"], reg.sender_id().as_str());
+    // The token may also come in the query string.
+    let (status, me) = s
+        .call(
+            Method::GET,
+            &format!("{whoami}?access_token={}", enc(&reg.as_token)),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{me}");
+    assert_eq!(me["user_id"], reg.sender_id().as_str());
+}
+
+#[tokio::test]
+async fn services_log_their_users_in() {
+    let fake = FakeAs::start().await;
+    let reg = bridge(&fake.url);
+    let (s, _regs) = start_server(&[&reg]).await;
+    register_ghost(&s, &reg.as_token, "_bot_alice").await;
+    s.register("carol").await;
+
+    let (status, flows) = s.call(Method::GET, "/_matrix/client/v3/login", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        flows["flows"]
+            .as_array()
+            .expect("flows")
+            .iter()
+            .any(|f| f["type"] == "m.login.application_service"),
+        "{flows}"
+    );
+
+    let login = |user: &str| {
+        json!({"type": "m.login.application_service", "identifier": {"type": "m.id.user", "user": user}})
+    };
+    let (status, body) = s
+        .call(
+            Method::POST,
+            "/_matrix/client/v3/login",
+            Some(&reg.as_token),
+            Some(login("_bot_alice")),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["user_id"], "@_bot_alice:localhost");
+    let token = body["access_token"].as_str().expect("access_token");
+    let me = s
+        .ok(Method::GET, "/_matrix/client/v3/account/whoami", token, Value::Null)
+        .await;
+    assert_eq!(me["user_id"], "@_bot_alice:localhost");
+
+    let (status, body) = s
+        .call(Method::POST, "/_matrix/client/v3/login", None, Some(login("_bot_alice")))
+        .await;
+    assert!(status.is_client_error(), "no as_token: {status} {body}");
+    let (status, body) = s
+        .call(
+            Method::POST,
+            "/_matrix/client/v3/login",
+            Some(&reg.as_token),
+            Some(login("carol")),
+        )
+        .await;
+    assert!(
+        status.is_client_error() && ["M_FORBIDDEN", "M_EXCLUSIVE"].contains(&errcode(&body)),
+        "outside the namespace: {status} {body}"
+    );
+}
+
+#[tokio::test]
+async fn ts_is_honoured_for_services_only() {
+    let fake = FakeAs::start().await;
+    let reg = bridge(&fake.url);
+    let (s, _regs) = start_server(&[&reg]).await;
+    let ghost = register_ghost(&s, &reg.as_token, "_bot_alice").await;
+    let alice = s.register("alice").await;
+    let ts: i64 = 1_600_000_000_000;
+
+    let created = s
+        .ok(
+            Method::POST,
+            "/_matrix/client/v3/createRoom",
+            &reg.as_token,
+            json!({"preset": "public_chat"}),
+        )
+        .await;
+    let room = created["room_id"].as_str().expect("room_id").to_owned();
+    for (user, token) in [(&ghost, &reg.as_token), (&alice.user_id, &alice.token)] {
+        let _ = user;
+        let path = if token == &reg.as_token {
+            as_user(&room_path(&room, "join"), &ghost)
+        } else {
+            room_path(&room, "join")
+        };
+        s.ok(Method::POST, &path, token, json!({})).await;
+    }
+
+    // The sender.
+    let sent = s
+        .ok(
+            Method::PUT,
+            &room_path(&room, &format!("send/m.room.message/s1?ts={ts}")),
+            &reg.as_token,
+            json!({"msgtype": "m.text", "body": "from the past"}),
+        )
+        .await;
+    let id = sent["event_id"].as_str().expect("event_id");
+    assert_eq!(event_ts(&s, &alice.token, &room, id).await, ts);
+    // A masqueraded user.
+    let sent = s
+        .ok(
+            Method::PUT,
+            &as_user(
+                &room_path(&room, &format!("send/m.room.message/g1?ts={}", ts + 1)),
+                &ghost,
+            ),
+            &reg.as_token,
+            json!({"msgtype": "m.text", "body": "bridged"}),
+        )
+        .await;
+    let id = sent["event_id"].as_str().expect("event_id");
+    assert_eq!(event_ts(&s, &alice.token, &room, id).await, ts + 1);
+    // State, too.
+    let sent = s
+        .ok(
+            Method::PUT,
+            &room_path(&room, &format!("state/m.room.topic/?ts={}", ts + 2)),
+            &reg.as_token,
+            json!({"topic": "old news"}),
+        )
+        .await;
+    let id = sent["event_id"].as_str().expect("event_id");
+    assert_eq!(event_ts(&s, &alice.token, &room, id).await, ts + 2);
+
+    // A human's `ts` is ignored.
+    let sent = s
+        .ok(
+            Method::PUT,
+            &room_path(&room, &format!("send/m.room.message/h1?ts={ts}")),
+            &alice.token,
+            json!({"msgtype": "m.text", "body": "now"}),
+        )
+        .await;
+    let id = sent["event_id"].as_str().expect("event_id");
+    let human_ts = event_ts(&s, &alice.token, &room, id).await;
+    assert!(human_ts > ts + 86_400_000, "ts ignored for a normal user: {human_ts}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ping
+
+#[tokio::test]
+async fn ping_reaches_the_service() {
+    let fake = FakeAs::start().await;
+    let pinged = Registration::new("pinged", Some(&fake.url))
+        .sender("pingbot")
+        .users("@_pinged_.*:localhost", true);
+    let silent = Registration::new("silent", None)
+        .sender("silentbot")
+        .users("@_silent_.*:localhost", true);
+    let (s, _regs) = start_server(&[&pinged, &silent]).await;
+
+    let (status, body) = ping(&s, "pinged", &pinged.as_token, "t1").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body["duration_ms"].is_u64(), "{body}");
+    let pings: Vec<Request> = fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.path == "/_matrix/app/v1/ping")
+        .collect();
+    assert_eq!(pings.len(), 1, "{}", fake.summary());
+    assert_eq!(pings[0].json(), json!({"transaction_id": "t1"}));
+    assert_eq!(pings[0].authorization, bearer(&pinged.hs_token));
+
+    let (status, body) = ping(&s, "silent", &silent.as_token, "t2").await;
+    assert_eq!((status, errcode(&body)), (StatusCode::BAD_REQUEST, "M_URL_NOT_SET"));
+    let (status, body) = ping(&s, "silent", &pinged.as_token, "t3").await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::FORBIDDEN, "M_FORBIDDEN"),
+        "another service's id"
+    );
+    let (status, body) = ping(&s, "nobody", &pinged.as_token, "t4").await;
+    assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"));
+    let alice = s.register("alice").await;
+    let (status, body) = ping(&s, "pinged", &alice.token, "t5").await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::FORBIDDEN, "M_FORBIDDEN"),
+        "not a service"
+    );
+
+    // The service answers with an error: the client learns its status.
+    fake.set_ping_status(500);
+    let (status, body) = ping(&s, "pinged", &pinged.as_token, "t6").await;
+    assert_eq!((status, errcode(&body)), (StatusCode::BAD_GATEWAY, "M_BAD_STATUS"));
+    assert_eq!(body["status"], 500, "{body}");
+
+    // mautrix only pings when the server advertises it.
+    let (_, versions) = s.call(Method::GET, "/_matrix/client/versions", None, None).await;
+    let minor_versions: Vec<u64> = versions["versions"]
+        .as_array()
+        .expect("versions")
+        .iter()
+        .filter_map(|v| v.as_str()?.strip_prefix("v1.")?.parse().ok())
+        .collect();
+    assert!(minor_versions.iter().any(|m| *m >= 7), "{versions}");
+    assert_eq!(versions["unstable_features"]["fi.mau.msc2659.stable"], true);
+}
