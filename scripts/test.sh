@@ -10,6 +10,6 @@ echo "==> cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "==> cargo test (unit + integration against the real binary)"
 cargo test --workspace
-echo "==> interop tests (matrix-nio)"
+echo "==> interop tests (matrix-nio, mautrix-python)"
 cargo build -p switchboard
 bash tests/interop/run.sh

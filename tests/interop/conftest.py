@@ -4,6 +4,10 @@
 temporary directory; ``clients`` hands out nio ``AsyncClient``s against it
 and closes them all at teardown.
 
+``app_service_registrations`` lists the application services the
+``homeserver`` fixture registers (none by default); a test module overrides
+that fixture to run the server with its own services.
+
 Environment:
     SWITCHBOARD_BIN  path to the server binary (default: target/debug/switchboard)
     RUST_LOG         passed through to the server (default: info)
@@ -21,6 +25,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -56,12 +61,76 @@ def _yaml_str(value: str | Path) -> str:
     return json.dumps(str(value))
 
 
-def write_config(data_dir: Path, port: int) -> Path:
+@dataclass(frozen=True)
+class NamespaceRule:
+    """One entry of a registration's users/aliases/rooms namespace."""
+
+    regex: str
+    exclusive: bool = True
+
+
+@dataclass
+class AppServiceRegistration:
+    """An application service registration file (Synapse's format)."""
+
+    id: str
+    url: str | None
+    sender_localpart: str
+    users: list[NamespaceRule] = field(default_factory=list)
+    aliases: list[NamespaceRule] = field(default_factory=list)
+    rooms: list[NamespaceRule] = field(default_factory=list)
+    as_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    hs_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    rate_limited: bool = False
+
+    def to_yaml(self) -> str:
+        def rules(kind: str, entries: list[NamespaceRule]) -> str:
+            if not entries:
+                return f"  {kind}: []\n"
+            lines = "".join(
+                f"    - {{exclusive: {str(e.exclusive).lower()}, regex: {_yaml_str(e.regex)}}}\n"
+                for e in entries
+            )
+            return f"  {kind}:\n{lines}"
+
+        url = "null" if self.url is None else _yaml_str(self.url)
+        return (
+            f"id: {_yaml_str(self.id)}\n"
+            f"url: {url}\n"
+            f"as_token: {_yaml_str(self.as_token)}\n"
+            f"hs_token: {_yaml_str(self.hs_token)}\n"
+            f"sender_localpart: {_yaml_str(self.sender_localpart)}\n"
+            f"rate_limited: {str(self.rate_limited).lower()}\n"
+            "namespaces:\n"
+            + rules("users", self.users)
+            + rules("aliases", self.aliases)
+            + rules("rooms", self.rooms)
+        )
+
+
+def write_registrations(data_dir: Path, registrations: list[AppServiceRegistration]) -> list[Path]:
+    """Writes one registration file per service into data_dir/appservices; returns their paths."""
+    if not registrations:
+        return []
+    directory = data_dir / "appservices"
+    directory.mkdir(exist_ok=True)
+    paths = []
+    for registration in registrations:
+        path = directory / f"{registration.id}.yaml"
+        path.write_text(registration.to_yaml())
+        paths.append(path)
+    return paths
+
+
+def write_config(
+    data_dir: Path, port: int, app_service_config_files: list[Path] | tuple[Path, ...] = ()
+) -> Path:
     """Writes a Synapse-style homeserver.yaml (and a signing key) into data_dir."""
     signing_key = data_dir / "signing.key"
     if not signing_key.exists():
         seed = base64.b64encode(secrets.token_bytes(32)).decode().rstrip("=")
         signing_key.write_text(f"ed25519 a_test {seed}\n")
+    app_service_files = ", ".join(_yaml_str(path) for path in app_service_config_files)
 
     config = data_dir / "homeserver.yaml"
     config.write_text(
@@ -78,7 +147,7 @@ signing_key_path: {_yaml_str(signing_key)}
 enable_registration: true
 enable_registration_without_verification: true
 registration_shared_secret: "{secrets.token_hex(16)}"
-app_service_config_files: []
+app_service_config_files: [{app_service_files}]
 rc_message: {{per_second: 1000, burst_count: 1000}}
 rc_registration: {{per_second: 1000, burst_count: 1000}}
 rc_login:
@@ -93,11 +162,20 @@ rc_login:
 class Homeserver:
     """A Switchboard process serving the Client-Server API on 127.0.0.1:port."""
 
-    def __init__(self, binary: Path, data_dir: Path, port: int):
+    def __init__(
+        self,
+        binary: Path,
+        data_dir: Path,
+        port: int,
+        app_services: list[AppServiceRegistration] | tuple[AppServiceRegistration, ...] = (),
+    ):
         self.binary = binary
         self.data_dir = data_dir
         self.port = port
-        self.config_path = write_config(data_dir, port)
+        self.app_services = list(app_services)
+        self.config_path = write_config(
+            data_dir, port, write_registrations(data_dir, self.app_services)
+        )
         self.log_path = data_dir / "server.log"
         self._proc: subprocess.Popen | None = None
 
@@ -175,11 +253,17 @@ class Homeserver:
 
 
 @pytest.fixture
-def homeserver(tmp_path: Path):
+def app_service_registrations() -> list[AppServiceRegistration]:
+    """The application services `homeserver` registers; override in a module to add some."""
+    return []
+
+
+@pytest.fixture
+def homeserver(tmp_path: Path, app_service_registrations: list[AppServiceRegistration]):
     binary = server_binary()
     if not os.access(binary, os.X_OK):
         pytest.fail(f"switchboard binary not found at {binary} (build it, or set SWITCHBOARD_BIN)")
-    server = Homeserver(binary, tmp_path, free_port())
+    server = Homeserver(binary, tmp_path, free_port(), app_services=app_service_registrations)
     server.start()
     try:
         yield server

@@ -85,7 +85,13 @@ impl IntoResponse for ApiError {
             Error::ServiceTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "M_UNKNOWN"),
             Error::Exclusive(_) => (StatusCode::BAD_REQUEST, "M_EXCLUSIVE"),
             Error::UnknownDevice(_) => (StatusCode::BAD_REQUEST, "M_UNKNOWN_DEVICE"),
-            Error::Ping { http_status, errcode, message, status, body } => {
+            Error::Ping {
+                http_status,
+                errcode,
+                message,
+                status,
+                body,
+            } => {
                 let mut json = json!({ "errcode": errcode, "error": message });
                 if let Some(status) = status {
                     json["status"] = json!(status);

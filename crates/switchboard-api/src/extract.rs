@@ -7,8 +7,8 @@ use axum::{
     extract::{ConnectInfo, FromRequest, FromRequestParts, Query, Request},
     http::{StatusCode, header, request::Parts},
 };
-use serde::de::DeserializeOwned;
 use ruma::OwnedUserId;
+use serde::de::DeserializeOwned;
 use switchboard_core::{Error, Homeserver, accounts::Session};
 
 use crate::error::ApiError;
@@ -25,17 +25,32 @@ impl FromRequestParts<Arc<Homeserver>> for Auth {
     }
 }
 
-/// The session of a request that may or may not carry a token (`/register`, `/login`).
+/// The session of a request that may or may not carry a token (`/register`, `/login`). An
+/// `as_token` identifies the service as its sender, whatever `?user_id=` says: mautrix sends the
+/// user it is about to register there, and Synapse ignores it on these endpoints.
 pub struct MaybeAuth(pub Option<Session>);
 
 impl FromRequestParts<Arc<Homeserver>> for MaybeAuth {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, hs: &Arc<Homeserver>) -> Result<Self, Self::Rejection> {
-        match access_token(parts) {
-            Some(token) => Ok(MaybeAuth(Some(authenticate(hs, parts, &token).await?))),
-            None => Ok(MaybeAuth(None)),
+        let Some(token) = access_token(parts) else {
+            return Ok(MaybeAuth(None));
+        };
+        match hs.accounts.authenticate(&token).await {
+            Err(Error::UnknownToken) => {}
+            other => return Ok(MaybeAuth(Some(other?))),
         }
+        let service = hs
+            .appservices
+            .authenticate(&token)
+            .ok_or(ApiError(Error::UnknownToken))?;
+        Ok(MaybeAuth(Some(Session {
+            user_id: service.sender.clone(),
+            device_id: String::new(),
+            is_admin: false,
+            appservice: Some(service),
+        })))
     }
 }
 
@@ -54,7 +69,10 @@ async fn authenticate(hs: &Homeserver, parts: &Parts, token: &str) -> Result<Ses
         Err(Error::UnknownToken) => {}
         other => return Ok(other?),
     }
-    let service = hs.appservices.authenticate(token).ok_or(ApiError(Error::UnknownToken))?;
+    let service = hs
+        .appservices
+        .authenticate(token)
+        .ok_or(ApiError(Error::UnknownToken))?;
     let query: Assertion = Query::try_from_uri(&parts.uri)
         .map(|q| q.0)
         .map_err(|e| ApiError(Error::InvalidParam(e.body_text())))?;
@@ -70,7 +88,10 @@ async fn authenticate(hs: &Homeserver, parts: &Parts, token: &str) -> Result<Ses
         .into());
     }
     if hs.store.user(user_id.as_str()).await?.is_none() {
-        return Err(Error::Forbidden(format!("Application service has not registered this user ({user_id})")).into());
+        return Err(Error::Forbidden(format!(
+            "Application service has not registered this user ({user_id})"
+        ))
+        .into());
     }
     let device_id = match query.device_id.or(query.device_id_unstable) {
         Some(device) => {
@@ -81,7 +102,12 @@ async fn authenticate(hs: &Homeserver, parts: &Parts, token: &str) -> Result<Ses
         }
         None => String::new(),
     };
-    Ok(Session { user_id, device_id, is_admin: false, appservice: Some(service) })
+    Ok(Session {
+        user_id,
+        device_id,
+        is_admin: false,
+        appservice: Some(service),
+    })
 }
 
 fn access_token(parts: &Parts) -> Option<String> {

@@ -2,6 +2,7 @@
 //! Handlers stay thin: extract, call one service method, shape the response. Errors become Matrix
 //! errors in `error.rs`.
 
+mod admin;
 mod client;
 pub mod error;
 mod extract;
@@ -24,6 +25,7 @@ pub fn router(hs: Arc<Homeserver>) -> Router {
     let limit = hs.config.max_request_size;
     Router::new()
         .merge(client::router())
+        .merge(admin::routes())
         .fallback(unrecognized)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))

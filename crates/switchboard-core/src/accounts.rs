@@ -216,7 +216,9 @@ impl Accounts {
         display_name: Option<&str>,
         inhibit_login: bool,
     ) -> Result<LoggedIn> {
-        let owned = service.owns_user_exclusively(user_id.as_str()).then(|| service.id());
+        let owned = service
+            .owns_user_exclusively(user_id.as_str())
+            .then(|| service.id());
         let created = self
             .store
             .create_user(&NewUser {
@@ -232,10 +234,18 @@ impl Accounts {
         }
         tracing::info!(%user_id, service = service.id(), "application service registered a user");
         if inhibit_login {
-            return Ok(LoggedIn { user_id: user_id.to_owned(), access_token: None, device_id: None });
+            return Ok(LoggedIn {
+                user_id: user_id.to_owned(),
+                access_token: None,
+                device_id: None,
+            });
         }
         let (token, device) = self.new_session(user_id, device_id, display_name).await?;
-        Ok(LoggedIn { user_id: user_id.to_owned(), access_token: Some(token), device_id: Some(device) })
+        Ok(LoggedIn {
+            user_id: user_id.to_owned(),
+            access_token: Some(token),
+            device_id: Some(device),
+        })
     }
 
     /// `m.login.application_service` login of an existing user in the service's namespace.
@@ -247,13 +257,19 @@ impl Accounts {
         display_name: Option<&str>,
     ) -> Result<LoggedIn> {
         if !service.owns_user(user_id.as_str()) {
-            return Err(Error::Exclusive(format!("{user_id} is not in the application service's namespace")));
+            return Err(Error::Exclusive(format!(
+                "{user_id} is not in the application service's namespace"
+            )));
         }
         if self.store.user(user_id.as_str()).await?.is_none() {
             return Err(Error::Forbidden(format!("{user_id} is not registered")));
         }
         let (token, device) = self.new_session(user_id, device_id, display_name).await?;
-        Ok(LoggedIn { user_id: user_id.to_owned(), access_token: Some(token), device_id: Some(device) })
+        Ok(LoggedIn {
+            user_id: user_id.to_owned(),
+            access_token: Some(token),
+            device_id: Some(device),
+        })
     }
 
     /// `m.login.password`. A wrong user and a wrong password give the same answer.

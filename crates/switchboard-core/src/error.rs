@@ -60,7 +60,13 @@ pub enum Error {
     UnknownDevice(String),
     /// A ping of an application service failed; carries the spec's errcode.
     #[error("{message}")]
-    Ping { http_status: u16, errcode: &'static str, message: String, status: Option<u16>, body: Option<String> },
+    Ping {
+        http_status: u16,
+        errcode: &'static str,
+        message: String,
+        status: Option<u16>,
+        body: Option<String>,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("internal error: {0}")]

@@ -96,8 +96,18 @@ impl Homeserver {
             login_failed: RateLimiter::new(config.rc_login.failed_attempts),
         };
         let legacy_auth = config.use_appservice_legacy_authorization;
-        let delivery = Arc::new(Delivery::new(store.clone(), rooms.clone(), stream.clone(), legacy_auth));
-        let appservices = Arc::new(AppServices::new(store.clone(), server_name.clone(), delivery, legacy_auth));
+        let delivery = Arc::new(Delivery::new(
+            store.clone(),
+            rooms.clone(),
+            stream.clone(),
+            legacy_auth,
+        ));
+        let appservices = Arc::new(AppServices::new(
+            store.clone(),
+            server_name.clone(),
+            delivery,
+            legacy_auth,
+        ));
         let count = appservices.load(&config.app_service_config_files).await?;
         if count > 0 {
             tracing::info!(count, "application services registered");
@@ -137,7 +147,9 @@ impl Homeserver {
         if user_id.server_name() != self.server_name || self.store.user(user_id.as_str()).await?.is_some() {
             return Ok(());
         }
-        if self.appservices.query_user(user_id.as_str()).await? && self.store.user(user_id.as_str()).await?.is_some() {
+        if self.appservices.query_user(user_id.as_str()).await?
+            && self.store.user(user_id.as_str()).await?.is_some()
+        {
             return Ok(());
         }
         Err(Error::NotFound(format!("Unknown user {user_id}")))

@@ -438,7 +438,13 @@ impl Store {
     }
 
     /// Stores a new in-flight transaction with the next txn ID, before its first send.
-    pub async fn appservice_new_txn(&self, as_id: &str, last_pos: i64, event_count: i64, body: &str) -> Result<i64> {
+    pub async fn appservice_new_txn(
+        &self,
+        as_id: &str,
+        last_pos: i64,
+        event_count: i64,
+        body: &str,
+    ) -> Result<i64> {
         let mut tx = self.pool.begin().await?;
         let txn_id: i64 = sqlx::query(
             "UPDATE appservice_state SET last_txn_id = last_txn_id + 1 WHERE as_id = $1 RETURNING last_txn_id",
@@ -463,21 +469,23 @@ impl Store {
 
     /// The in-flight transaction of a service: `(txn_id, last_pos, event_count, body)`.
     pub async fn appservice_pending_txn(&self, as_id: &str) -> Result<Option<(i64, i64, i64, String)>> {
-        let row = sqlx::query("SELECT txn_id, last_pos, event_count, body FROM appservice_txns WHERE as_id = $1")
-            .bind(as_id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row =
+            sqlx::query("SELECT txn_id, last_pos, event_count, body FROM appservice_txns WHERE as_id = $1")
+                .bind(as_id)
+                .fetch_optional(&self.pool)
+                .await?;
         Ok(row.map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))))
     }
 
     /// The service acknowledged the transaction: drop it and move the position past it, atomically.
     pub async fn appservice_ack_txn(&self, as_id: &str, txn_id: i64) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        let row = sqlx::query("DELETE FROM appservice_txns WHERE as_id = $1 AND txn_id = $2 RETURNING last_pos")
-            .bind(as_id)
-            .bind(txn_id)
-            .fetch_optional(&mut *tx)
-            .await?;
+        let row =
+            sqlx::query("DELETE FROM appservice_txns WHERE as_id = $1 AND txn_id = $2 RETURNING last_pos")
+                .bind(as_id)
+                .bind(txn_id)
+                .fetch_optional(&mut *tx)
+                .await?;
         if let Some(row) = row {
             let pos: i64 = row.get(0);
             sqlx::query("UPDATE appservice_state SET last_pos = $2 WHERE as_id = $1 AND last_pos < $2")

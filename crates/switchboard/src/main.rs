@@ -41,6 +41,17 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Inspect and steer application services on a running server (needs an admin's token).
+    Appservice {
+        #[command(subcommand)]
+        action: AppserviceAction,
+        /// The server's client URL; defaults to the first client listener of --config.
+        #[arg(long, global = true)]
+        homeserver: Option<String>,
+        /// A server admin's access token.
+        #[arg(long, global = true, env = "SWITCHBOARD_ADMIN_TOKEN")]
+        token: Option<String>,
+    },
     /// Create an account without the server running.
     RegisterUser {
         #[arg(long)]
@@ -50,6 +61,20 @@ enum Command {
         #[arg(long)]
         admin: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum AppserviceAction {
+    /// Every service: up/down, queue, errors.
+    List,
+    /// One service in detail.
+    Show { id: String },
+    /// Round trip to the service's /ping.
+    Ping { id: String },
+    /// Retry a failing service's transaction now instead of after its backoff.
+    Retry { id: String },
+    /// Re-read the registration files (as SIGHUP does).
+    Reload,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -78,6 +103,11 @@ fn main() -> anyhow::Result<()> {
                 println!("Registered {user_id}{}", if admin { " (admin)" } else { "" });
                 Ok(())
             }
+            Some(Command::Appservice {
+                action,
+                homeserver,
+                token,
+            }) => appservice_command(action, homeserver, token, cli.config.as_deref()).await,
             None => serve(load_config(cli.config.as_deref())?).await,
         }
     })
@@ -114,6 +144,82 @@ fn generate_config(server_name: &str, data_dir: &Path, port: u16, force: bool) -
     // Check that what we wrote loads, so a bad generator never hands out a broken file.
     Config::load(&config_path)?;
     println!("{}", config_path.display());
+    Ok(())
+}
+
+async fn appservice_command(
+    action: AppserviceAction,
+    homeserver: Option<String>,
+    token: Option<String>,
+    config: Option<&Path>,
+) -> anyhow::Result<()> {
+    let base = match homeserver {
+        Some(url) => url.trim_end_matches('/').to_owned(),
+        None => {
+            let config = load_config(config)
+                .context("pass --homeserver URL, or --config so the listener can be read from it")?;
+            let listener = config
+                .client_listeners()
+                .next()
+                .context("the config has no client listener")?;
+            let host = listener
+                .bind_addresses
+                .first()
+                .map_or("127.0.0.1", String::as_str);
+            let host = if host == "0.0.0.0" || host == "::" {
+                "127.0.0.1"
+            } else {
+                host
+            };
+            format!("http://{host}:{}", listener.port)
+        }
+    };
+    let token = token.context("pass --token (or SWITCHBOARD_ADMIN_TOKEN): a server admin's access token")?;
+    let admin = format!("{base}/_switchboard/admin/v1/appservices");
+    let client = reqwest::Client::new();
+    let request = match &action {
+        AppserviceAction::List => client.get(&admin),
+        AppserviceAction::Show { id } => client.get(format!("{admin}/{id}")),
+        AppserviceAction::Ping { id } => client.post(format!("{admin}/{id}/ping")),
+        AppserviceAction::Retry { id } => client.post(format!("{admin}/{id}/retry")),
+        AppserviceAction::Reload => client.post(format!("{admin}/reload")),
+    };
+    let response = request
+        .bearer_auth(token)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {base}"))?;
+    let status = response.status();
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    if !status.is_success() {
+        bail!(
+            "{status}: {} {}",
+            body["errcode"].as_str().unwrap_or(""),
+            body["error"].as_str().unwrap_or("")
+        );
+    }
+    match action {
+        AppserviceAction::List => {
+            println!(
+                "{:<20} {:<5} {:>8} {:>10} {:>12}  last error",
+                "id", "up", "failures", "undelivered", "oldest age s"
+            );
+            for s in body["appservices"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<20} {:<5} {:>8} {:>10} {:>12}  {}",
+                    s["id"].as_str().unwrap_or("?"),
+                    s["up"].as_bool().unwrap_or(false),
+                    s["consecutive_failures"],
+                    s["undelivered_stream_events"],
+                    s["oldest_undelivered_age_ms"]
+                        .as_u64()
+                        .map_or("-".to_owned(), |ms| (ms / 1000).to_string()),
+                    s["last_error"].as_str().unwrap_or("-"),
+                );
+            }
+        }
+        _ => println!("{}", serde_json::to_string_pretty(&body)?),
+    }
     Ok(())
 }
 
@@ -155,6 +261,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     for server in servers {
         server.await??;
     }
+    hs.appservices.delivery.shutdown().await;
     hs.store.close().await;
     tracing::info!("stopped");
     Ok(())

@@ -7,9 +7,9 @@ use axum::{
     extract::State,
     routing::{get, post},
 };
+use ruma::OwnedUserId;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use ruma::OwnedUserId;
 use switchboard_core::{
     Error, Homeserver,
     accounts::{LoggedIn, Registration, Session},
@@ -106,25 +106,36 @@ const AS_LOGIN: &str = "m.login.application_service";
 fn require_not_reserved(hs: &Homeserver, localpart: &str) -> Result<(), Error> {
     let user_id = format!("@{}:{}", localpart.to_lowercase(), hs.server_name);
     if hs.appservices.registry().exclusive_user_owner(&user_id).is_some() {
-        return Err(Error::Exclusive("This user ID is reserved by an application service".to_owned()));
+        return Err(Error::Exclusive(
+            "This user ID is reserved by an application service".to_owned(),
+        ));
     }
     Ok(())
 }
 
-async fn register_for_service(hs: &Homeserver, session: Option<Session>, body: RegisterBody) -> ApiResult<Json<Value>> {
-    let service = session
-        .and_then(|s| s.appservice)
-        .ok_or_else(|| Error::Forbidden("m.login.application_service needs an application service's as_token".to_owned()))?;
-    let username = body.username.ok_or_else(|| Error::MissingParam("Missing username".to_owned()))?;
+async fn register_for_service(
+    hs: &Homeserver,
+    session: Option<Session>,
+    body: RegisterBody,
+) -> ApiResult<Json<Value>> {
+    let service = session.and_then(|s| s.appservice).ok_or_else(|| {
+        Error::Forbidden("m.login.application_service needs an application service's as_token".to_owned())
+    })?;
+    let username = body
+        .username
+        .ok_or_else(|| Error::MissingParam("Missing username".to_owned()))?;
     let user_id = OwnedUserId::try_from(format!("@{username}:{}", hs.server_name))
         .map_err(|e| Error::InvalidUsername(format!("invalid user ID: {e}")))?;
     if !service.owns_user(user_id.as_str()) {
-        return Err(Error::Exclusive(format!("{user_id} is not in the application service's users namespace")).into());
+        return Err(Error::Exclusive(format!(
+            "{user_id} is not in the application service's users namespace"
+        ))
+        .into());
     }
-    if let Some(owner) = hs.appservices.registry().exclusive_user_owner(user_id.as_str()) {
-        if owner.id() != service.id() {
-            return Err(Error::Exclusive(format!("{user_id} is reserved by another application service")).into());
-        }
+    if let Some(owner) = hs.appservices.registry().exclusive_user_owner(user_id.as_str())
+        && owner.id() != service.id()
+    {
+        return Err(Error::Exclusive(format!("{user_id} is reserved by another application service")).into());
     }
     let done = hs
         .accounts
@@ -178,18 +189,24 @@ async fn login(
     Body(body): Body<LoginBody>,
 ) -> ApiResult<Json<Value>> {
     if body.kind == AS_LOGIN {
-        let service = session
-            .and_then(|s| s.appservice)
-            .ok_or_else(|| Error::Forbidden("m.login.application_service needs an application service's as_token".to_owned()))?;
+        let service = session.and_then(|s| s.appservice).ok_or_else(|| {
+            Error::Forbidden("m.login.application_service needs an application service's as_token".to_owned())
+        })?;
         let user = login_user(&body)?;
         let user_id = if user.starts_with('@') {
             OwnedUserId::try_from(user.as_str()).map_err(|e| Error::InvalidParam(e.to_string()))?
         } else {
-            OwnedUserId::try_from(format!("@{user}:{}", hs.server_name)).map_err(|e| Error::InvalidParam(e.to_string()))?
+            OwnedUserId::try_from(format!("@{user}:{}", hs.server_name))
+                .map_err(|e| Error::InvalidParam(e.to_string()))?
         };
         let done = hs
             .accounts
-            .login_for_service(&service, &user_id, body.device_id, body.initial_device_display_name.as_deref())
+            .login_for_service(
+                &service,
+                &user_id,
+                body.device_id,
+                body.initial_device_display_name.as_deref(),
+            )
             .await?;
         return Ok(Json(logged_in(&hs, done)));
     }
@@ -245,7 +262,13 @@ async fn login(
 /// The user a login names: `identifier` of type `m.id.user`, or the deprecated top-level `user`.
 fn login_user(body: &LoginBody) -> Result<String, Error> {
     match (&body.identifier, &body.user) {
-        (Some(Identifier { kind, user: Some(user) }), _) if kind == "m.id.user" => Ok(user.clone()),
+        (
+            Some(Identifier {
+                kind,
+                user: Some(user),
+            }),
+            _,
+        ) if kind == "m.id.user" => Ok(user.clone()),
         (Some(Identifier { kind, .. }), _) if kind != "m.id.user" => {
             Err(Error::BadState(format!("Unknown login identifier type {kind}")))
         }

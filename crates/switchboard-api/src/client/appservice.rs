@@ -31,10 +31,14 @@ async fn ping(
     Path(id): Path<String>,
     Body(body): Body<PingBody>,
 ) -> ApiResult<Json<Value>> {
-    let service = session
-        .appservice
-        .filter(|s| s.id() == id)
-        .ok_or_else(|| Error::Forbidden(format!("The access token is not application service `{id}`'s as_token")))?;
-    let took = hs.appservices.ping(&service, body.transaction_id.as_deref()).await?;
+    let service = session.appservice.filter(|s| s.id() == id).ok_or_else(|| {
+        Error::Forbidden(format!(
+            "The access token is not application service `{id}`'s as_token"
+        ))
+    })?;
+    let took = hs
+        .appservices
+        .ping(&service, body.transaction_id.as_deref())
+        .await?;
     Ok(Json(json!({ "duration_ms": took.as_millis() as u64 })))
 }

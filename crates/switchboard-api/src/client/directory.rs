@@ -30,12 +30,16 @@ pub(super) fn routes() -> Router<Arc<Homeserver>> {
 pub(super) fn require_alias_rights(hs: &Homeserver, session: &Session, alias: &str) -> Result<bool, Error> {
     if let Some(service) = &session.appservice {
         if !service.aliases.matches(alias) {
-            return Err(Error::Exclusive("The application service has not reserved this kind of alias".to_owned()));
+            return Err(Error::Exclusive(
+                "The application service has not reserved this kind of alias".to_owned(),
+            ));
         }
         return Ok(true);
     }
     if hs.appservices.registry().exclusive_alias_owner(alias).is_some() {
-        return Err(Error::Exclusive("This alias is reserved by an application service".to_owned()));
+        return Err(Error::Exclusive(
+            "This alias is reserved by an application service".to_owned(),
+        ));
     }
     Ok(session.is_admin)
 }
@@ -58,7 +62,9 @@ async fn create(
 ) -> ApiResult<Json<Value>> {
     let alias = alias(&raw)?;
     let privileged = require_alias_rights(&hs, &session, alias.as_str())?;
-    hs.rooms.create_alias(&alias, &body.room_id, &session.user_id, privileged).await?;
+    hs.rooms
+        .create_alias(&alias, &body.room_id, &session.user_id, privileged)
+        .await?;
     Ok(Json(json!({})))
 }
 

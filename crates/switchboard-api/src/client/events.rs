@@ -61,15 +61,20 @@ struct TsParams {
 /// `?ts=` (timestamp massaging) is honoured for application services only, as in Synapse.
 fn timestamp(session: &Session, params: &TsParams) -> Result<Option<u64>, Error> {
     match (&session.appservice, &params.ts) {
-        (Some(_), Some(ts)) => {
-            ts.parse().map(Some).map_err(|_| Error::InvalidParam(format!("ts must be milliseconds, not `{ts}`")))
-        }
+        (Some(_), Some(ts)) => ts
+            .parse()
+            .map(Some)
+            .map_err(|_| Error::InvalidParam(format!("ts must be milliseconds, not `{ts}`"))),
         _ => Ok(None),
     }
 }
 
 fn check_rate(hs: &Homeserver, session: &Session) -> Result<(), Error> {
-    if session.rate_limited() { hs.limits.message.check(session.user_id.as_str()) } else { Ok(()) }
+    if session.rate_limited() {
+        hs.limits.message.check(session.user_id.as_str())
+    } else {
+        Ok(())
+    }
 }
 
 async fn send(

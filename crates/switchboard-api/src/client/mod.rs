@@ -6,6 +6,7 @@ mod directory;
 mod events;
 mod rooms;
 mod sync;
+mod thirdparty;
 mod versions;
 
 use std::sync::Arc;
@@ -19,7 +20,8 @@ pub(crate) fn router() -> Router<Arc<Homeserver>> {
         .merge(rooms::routes())
         .merge(events::routes())
         .merge(directory::routes())
-        .merge(sync::routes());
+        .merge(sync::routes())
+        .merge(thirdparty::routes());
     Router::new()
         .merge(versions::routes())
         .merge(appservice::routes())

@@ -17,7 +17,7 @@ pub(super) fn routes() -> Router<Arc<Homeserver>> {
 /// Spec versions whose everyday client surface is served; see the README's feature table for
 /// what is still missing.
 const VERSIONS: &[&str] = &[
-    "r0.5.0", "r0.6.0", "r0.6.1", "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6",
+    "r0.5.0", "r0.6.0", "r0.6.1", "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7",
 ];
 
 async fn versions() -> Json<Value> {

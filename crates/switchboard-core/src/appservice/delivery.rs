@@ -53,7 +53,10 @@ pub struct Sender {
 
 impl Sender {
     pub fn service(&self) -> Arc<AppService> {
-        self.service.read().map(|s| s.clone()).unwrap_or_else(|e| e.into_inner().clone())
+        self.service
+            .read()
+            .map(|s| s.clone())
+            .unwrap_or_else(|e| e.into_inner().clone())
     }
 
     /// Retry now: the service is evidently back (it pinged, or made a request).
@@ -96,6 +99,7 @@ pub struct Delivery {
     stream: Arc<EventStream>,
     http: ServiceHttp,
     senders: Mutex<HashMap<String, Arc<Sender>>>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Delivery {
@@ -106,6 +110,30 @@ impl Delivery {
             stream,
             http: ServiceHttp::new(Duration::from_secs(60), legacy_auth),
             senders: Mutex::new(HashMap::new()),
+            tasks: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Stops every sender before storage closes. A transaction in flight is abandoned safely: it
+    /// is stored, and is sent again (same txn ID, same bytes) after the restart.
+    pub async fn shutdown(&self) {
+        if let Ok(senders) = self.senders.lock() {
+            for sender in senders.values() {
+                let _ = sender.stop.send(true);
+            }
+        }
+        let tasks = self
+            .tasks
+            .lock()
+            .map(|mut t| std::mem::take(&mut *t))
+            .unwrap_or_default();
+        for mut task in tasks {
+            if tokio::time::timeout(Duration::from_secs(3), &mut task)
+                .await
+                .is_err()
+            {
+                task.abort();
+            }
         }
     }
 
@@ -119,7 +147,10 @@ impl Delivery {
             self.store.appservice_state(service.id(), current).await?;
             wanted.insert(service.id().to_owned(), service.clone());
         }
-        let mut senders = self.senders.lock().map_err(|_| crate::Error::internal("senders poisoned"))?;
+        let mut senders = self
+            .senders
+            .lock()
+            .map_err(|_| crate::Error::internal("senders poisoned"))?;
         senders.retain(|id, sender| {
             let keep = wanted.contains_key(id);
             if !keep {
@@ -141,10 +172,20 @@ impl Delivery {
                 kick: Notify::new(),
                 stop: tokio::sync::watch::Sender::new(false),
                 interest: InterestCache::default(),
-                status: Mutex::new((SenderStatus { up: true, ..Default::default() }, None)),
+                status: Mutex::new((
+                    SenderStatus {
+                        up: true,
+                        ..Default::default()
+                    },
+                    None,
+                )),
             });
             senders.insert(id, sender.clone());
-            tokio::spawn(self.clone().run(sender));
+            let task = tokio::spawn(self.clone().run(sender));
+            if let Ok(mut tasks) = self.tasks.lock() {
+                tasks.retain(|t| !t.is_finished());
+                tasks.push(task);
+            }
         }
         Ok(())
     }
@@ -164,7 +205,11 @@ impl Delivery {
             if *stop.borrow() {
                 return;
             }
-            let step = match self.step(&sender).await {
+            let step = tokio::select! {
+                step = self.step(&sender) => step,
+                _ = stop.changed() => return,
+            };
+            let step = match step {
                 Ok(step) => step,
                 Err(e) => {
                     tracing::error!(service = sender.service().id(), error = %e, "application service sender failed");
@@ -197,7 +242,7 @@ impl Delivery {
         let service = sender.service();
         let id = service.id();
         if let Some((txn_id, _, count, body)) = self.store.appservice_pending_txn(id).await? {
-            return Ok(self.push(sender, &service, txn_id, count, &body).await?);
+            return self.push(sender, &service, txn_id, count, &body).await;
         }
         let current = self.stream.current();
         let (last_pos, _) = self.store.appservice_state(id, current).await?;
@@ -211,8 +256,11 @@ impl Delivery {
         for row in rows {
             let pdu = Pdu::from_row(row)?;
             if sender.interest.is_interested(&service, &self.rooms, &pdu).await? {
-                let json = serde_json::value::to_raw_value(&pdu.to_client(None)).map_err(crate::Error::internal)?;
-                if selected.len() == MAX_EVENTS_PER_TXN || (!selected.is_empty() && bytes + json.get().len() > MAX_TXN_BYTES) {
+                let json =
+                    serde_json::value::to_raw_value(&pdu.to_client(None)).map_err(crate::Error::internal)?;
+                if selected.len() == MAX_EVENTS_PER_TXN
+                    || (!selected.is_empty() && bytes + json.get().len() > MAX_TXN_BYTES)
+                {
                     break;
                 }
                 bytes += json.get().len();
@@ -226,16 +274,41 @@ impl Delivery {
             return Ok(Step::Progress);
         }
         let body = serde_json::json!({ "events": selected }).to_string();
-        let txn_id = self.store.appservice_new_txn(id, upto, selected.len() as i64, &body).await?;
-        tracing::debug!(service = id, txn_id, events = selected.len(), upto, "transaction stored");
+        let txn_id = self
+            .store
+            .appservice_new_txn(id, upto, selected.len() as i64, &body)
+            .await?;
+        tracing::debug!(
+            service = id,
+            txn_id,
+            events = selected.len(),
+            upto,
+            "transaction stored"
+        );
         Ok(Step::Progress)
     }
 
-    async fn push(&self, sender: &Sender, service: &AppService, txn_id: i64, count: i64, body: &str) -> Result<Step> {
+    async fn push(
+        &self,
+        sender: &Sender,
+        service: &AppService,
+        txn_id: i64,
+        count: i64,
+        body: &str,
+    ) -> Result<Step> {
         let started = Instant::now();
         let path = format!("/transactions/{txn_id}");
-        let Some(reply) =
-            self.http.request(service, Family::Transactions, Method::PUT, &path, &path, Some(body)).await
+        let Some(reply) = self
+            .http
+            .request(
+                service,
+                Family::Transactions,
+                Method::PUT,
+                &path,
+                &path,
+                Some(body),
+            )
+            .await
         else {
             // The URL was removed by a reload: the transaction counts as delivered.
             self.store.appservice_ack_txn(service.id(), txn_id).await?;
@@ -253,16 +326,24 @@ impl Delivery {
                 status.sent_events += count as u64;
                 *retry_at = None;
             });
-            tracing::debug!(service = service.id(), txn_id, count, took_ms = started.elapsed().as_millis() as u64, "transaction delivered");
+            tracing::debug!(
+                service = service.id(),
+                txn_id,
+                count,
+                took_ms = started.elapsed().as_millis() as u64,
+                "transaction delivered"
+            );
             return Ok(Step::Progress);
         }
         // 429 means busy, not down: wait as asked, without escalating the backoff.
-        if let Reply::Status { status, retry_after, .. } = &reply {
-            if status.as_u16() == 429 {
-                let wait = retry_after.unwrap_or(Duration::from_secs(5));
-                sender.update(|_, retry_at| *retry_at = Some(Instant::now() + wait));
-                return Ok(Step::Wait(wait));
-            }
+        if let Reply::Status {
+            status, retry_after, ..
+        } = &reply
+            && status.as_u16() == 429
+        {
+            let wait = retry_after.unwrap_or(Duration::from_secs(5));
+            sender.update(|_, retry_at| *retry_at = Some(Instant::now() + wait));
+            return Ok(Step::Wait(wait));
         }
         let mut wait = Duration::ZERO;
         sender.update(|status, retry_at| {

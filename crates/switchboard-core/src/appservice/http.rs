@@ -27,7 +27,11 @@ pub enum Family {
 /// The outcome of one request to a service.
 #[derive(Debug)]
 pub enum Reply {
-    Status { status: StatusCode, retry_after: Option<Duration>, body: String },
+    Status {
+        status: StatusCode,
+        retry_after: Option<Duration>,
+        body: String,
+    },
     /// Connection refused, reset, DNS failure: the service is not there.
     Unreachable(String),
     TimedOut,
@@ -40,7 +44,9 @@ impl Reply {
 
     pub fn describe(&self) -> String {
         match self {
-            Reply::Status { status, body, .. } => format!("HTTP {status}: {}", body.chars().take(200).collect::<String>()),
+            Reply::Status { status, body, .. } => {
+                format!("HTTP {status}: {}", body.chars().take(200).collect::<String>())
+            }
             Reply::Unreachable(e) => format!("unreachable: {e}"),
             Reply::TimedOut => "timed out".to_owned(),
         }
@@ -61,11 +67,17 @@ impl ServiceHttp {
             .connect_timeout(Duration::from_secs(10))
             .build()
             .unwrap_or_default();
-        Self { client, legacy_auth, legacy_since: Mutex::new(HashMap::new()) }
+        Self {
+            client,
+            legacy_auth,
+            legacy_since: Mutex::new(HashMap::new()),
+        }
     }
 
     fn on_legacy(&self, service: &AppService, family: Family) -> bool {
-        let Ok(mut map) = self.legacy_since.lock() else { return false };
+        let Ok(mut map) = self.legacy_since.lock() else {
+            return false;
+        };
         let key = (service.id().to_owned(), family);
         match map.get(&key) {
             Some(since) if since.elapsed() < REPROBE_AFTER => true,
@@ -78,10 +90,16 @@ impl ServiceHttp {
     }
 
     fn remember_legacy(&self, service: &AppService, family: Family) {
-        if let Ok(mut map) = self.legacy_since.lock() {
-            if map.insert((service.id().to_owned(), family), Instant::now()).is_none() {
-                tracing::info!(service = service.id(), ?family, "service lacks the v1 route; using the legacy route");
-            }
+        if let Ok(mut map) = self.legacy_since.lock()
+            && map
+                .insert((service.id().to_owned(), family), Instant::now())
+                .is_none()
+        {
+            tracing::info!(
+                service = service.id(),
+                ?family,
+                "service lacks the v1 route; using the legacy route"
+            );
         }
     }
 
@@ -98,7 +116,14 @@ impl ServiceHttp {
     ) -> Option<Reply> {
         let base = service.registration.url.as_deref()?;
         if !self.on_legacy(service, family) {
-            let reply = self.send(service, method.clone(), &format!("{base}/_matrix/app/v1{v1_path}"), body).await;
+            let reply = self
+                .send(
+                    service,
+                    method.clone(),
+                    &format!("{base}/_matrix/app/v1{v1_path}"),
+                    body,
+                )
+                .await;
             let missing = match &reply {
                 Reply::Status { status, body, .. } => route_missing(*status, body),
                 _ => false,
@@ -108,7 +133,10 @@ impl ServiceHttp {
             }
             self.remember_legacy(service, family);
         }
-        Some(self.send(service, method, &format!("{base}{legacy_path}"), body).await)
+        Some(
+            self.send(service, method, &format!("{base}{legacy_path}"), body)
+                .await,
+        )
     }
 
     async fn send(&self, service: &AppService, method: Method, url: &str, body: Option<&str>) -> Reply {
@@ -118,7 +146,9 @@ impl ServiceHttp {
             request = request.query(&[("access_token", hs_token)]);
         }
         if let Some(body) = body {
-            request = request.header(reqwest::header::CONTENT_TYPE, "application/json").body(body.to_owned());
+            request = request
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.to_owned());
         }
         match request.send().await {
             Ok(response) => {
@@ -130,7 +160,11 @@ impl ServiceHttp {
                     .and_then(|v| v.trim().parse::<u64>().ok())
                     .map(Duration::from_secs);
                 let body = response.text().await.unwrap_or_default();
-                Reply::Status { status, retry_after, body }
+                Reply::Status {
+                    status,
+                    retry_after,
+                    body,
+                }
             }
             Err(e) if e.is_timeout() => Reply::TimedOut,
             Err(e) => Reply::Unreachable(error_chain(&e)),
@@ -138,18 +172,19 @@ impl ServiceHttp {
     }
 }
 
-/// Whether a reply means "no such route" rather than an answer from the route. A 404 with a Matrix
-/// error other than `M_UNRECOGNIZED` (say `M_NOT_FOUND` from a user query) is an answer; a bare or
-/// HTML 404, as a 2015-era service gives for the v1 paths, is a missing route.
+/// Whether a reply means "no such route" rather than an answer from the route. A 404 with a JSON
+/// object body (`{}` from mautrix, `M_NOT_FOUND` from others) is an answer to a query, unless it is
+/// `M_UNRECOGNIZED`; a bare or HTML 404, as a 2015-era service gives for the v1 paths, is a
+/// missing route.
 fn route_missing(status: StatusCode, body: &str) -> bool {
     match status {
         StatusCode::METHOD_NOT_ALLOWED | StatusCode::NOT_IMPLEMENTED => true,
-        StatusCode::NOT_FOUND => {
-            let errcode = serde_json::from_str::<serde_json::Value>(body)
-                .ok()
-                .and_then(|v| v.get("errcode").and_then(|e| e.as_str()).map(str::to_owned));
-            errcode.is_none_or(|code| code == "M_UNRECOGNIZED")
-        }
+        StatusCode::NOT_FOUND => match serde_json::from_str::<serde_json::Value>(body) {
+            Ok(serde_json::Value::Object(object)) => {
+                object.get("errcode").and_then(|e| e.as_str()) == Some("M_UNRECOGNIZED")
+            }
+            _ => true,
+        },
         _ => false,
     }
 }
@@ -172,9 +207,18 @@ mod tests {
     #[test]
     fn tells_missing_routes_from_answers() {
         assert!(route_missing(StatusCode::NOT_FOUND, "<html>Not Found</html>"));
-        assert!(route_missing(StatusCode::NOT_FOUND, r#"{"errcode":"M_UNRECOGNIZED"}"#));
-        assert!(!route_missing(StatusCode::NOT_FOUND, r#"{"errcode":"M_NOT_FOUND"}"#));
+        assert!(route_missing(
+            StatusCode::NOT_FOUND,
+            r#"{"errcode":"M_UNRECOGNIZED"}"#
+        ));
+        assert!(!route_missing(
+            StatusCode::NOT_FOUND,
+            r#"{"errcode":"M_NOT_FOUND"}"#
+        ));
         assert!(route_missing(StatusCode::NOT_IMPLEMENTED, ""));
-        assert!(!route_missing(StatusCode::INTERNAL_SERVER_ERROR, ""), "never fall back on 5xx");
+        assert!(
+            !route_missing(StatusCode::INTERNAL_SERVER_ERROR, ""),
+            "never fall back on 5xx"
+        );
     }
 }

@@ -34,7 +34,10 @@ impl InterestCache {
             return Ok(true);
         }
         if event.kind == TimelineEventType::RoomMember
-            && event.state_key.as_deref().is_some_and(|target| service.owns_user(target))
+            && event
+                .state_key
+                .as_deref()
+                .is_some_and(|target| service.owns_user(target))
         {
             return Ok(true);
         }
@@ -42,12 +45,11 @@ impl InterestCache {
             return Ok(true);
         }
         let audience = rooms.audience(&event.room_id).await?;
-        if let Ok(cache) = self.rooms.lock() {
-            if let Some((cached, answer)) = cache.get(&event.room_id) {
-                if Arc::ptr_eq(cached, &audience) {
-                    return Ok(*answer);
-                }
-            }
+        if let Ok(cache) = self.rooms.lock()
+            && let Some((cached, answer)) = cache.get(&event.room_id)
+            && Arc::ptr_eq(cached, &audience)
+        {
+            return Ok(*answer);
         }
         let answer = audience.aliases.iter().any(|a| service.aliases.matches(a))
             || audience.local_joined.iter().any(|u| service.owns_user(u));

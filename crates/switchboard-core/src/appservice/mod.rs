@@ -12,6 +12,7 @@ pub mod http;
 pub mod interest;
 pub mod query;
 pub mod registration;
+pub mod thirdparty;
 
 use std::{
     collections::HashMap,
@@ -75,7 +76,12 @@ impl Registry {
         Ok(registry)
     }
 
-    fn add(&mut self, registration: Registration, file: PathBuf, server_name: &ServerName) -> Result<(), RegistrationError> {
+    fn add(
+        &mut self,
+        registration: Registration,
+        file: PathBuf,
+        server_name: &ServerName,
+    ) -> Result<(), RegistrationError> {
         let name = file.display().to_string();
         let duplicate = |index: usize, what: String| RegistrationError::Duplicate {
             first: self.services[index].file.display().to_string(),
@@ -88,9 +94,12 @@ impl Registry {
         if let Some(&index) = self.by_token.get(&registration.as_token) {
             return Err(duplicate(index, "the same as_token".to_owned()));
         }
-        let sender = OwnedUserId::try_from(format!("@{}:{server_name}", registration.sender_localpart)).map_err(|e| {
-            RegistrationError::Field { file: name.clone(), field: "sender_localpart".to_owned(), message: e.to_string() }
-        })?;
+        let sender = OwnedUserId::try_from(format!("@{}:{server_name}", registration.sender_localpart))
+            .map_err(|e| RegistrationError::Field {
+                file: name.clone(),
+                field: "sender_localpart".to_owned(),
+                message: e.to_string(),
+            })?;
         let namespaces = &registration.namespaces;
         let service = AppService {
             users: Namespace::compile(&namespaces.users, &name, "users")?,
@@ -160,7 +169,12 @@ pub struct AppServices {
 }
 
 impl AppServices {
-    pub fn new(store: Store, server_name: OwnedServerName, delivery: Arc<delivery::Delivery>, legacy_auth: bool) -> Self {
+    pub fn new(
+        store: Store,
+        server_name: OwnedServerName,
+        delivery: Arc<delivery::Delivery>,
+        legacy_auth: bool,
+    ) -> Self {
         Self {
             registry: RwLock::new(Arc::new(Registry::default())),
             files: RwLock::new(Vec::new()),
@@ -172,7 +186,10 @@ impl AppServices {
     }
 
     pub fn registry(&self) -> Arc<Registry> {
-        self.registry.read().map(|r| r.clone()).unwrap_or_else(|e| e.into_inner().clone())
+        self.registry
+            .read()
+            .map(|r| r.clone())
+            .unwrap_or_else(|e| e.into_inner().clone())
     }
 
     /// Loads (or reloads) the registration files. A valid set replaces the old one atomically;
@@ -218,24 +235,76 @@ impl AppServices {
     /// sender waiting out a backoff retries at once.
     pub fn authenticate(&self, token: &str) -> Option<Arc<AppService>> {
         let service = self.registry().by_token(token).cloned()?;
-        if let Some(sender) = self.delivery.sender(service.id()) {
-            if !sender.status().up {
-                sender.kick();
-            }
+        if let Some(sender) = self.delivery.sender(service.id())
+            && !sender.status().up
+        {
+            sender.kick();
         }
         Some(service)
     }
 
     /// Asks the services whose alias namespace matches whether `alias` exists (they may create it).
     pub async fn query_alias(&self, alias: &str) -> Result<bool> {
-        let services = self.registry().services.iter().filter(|s| s.aliases.matches(alias)).cloned().collect();
+        let services = self
+            .registry()
+            .services
+            .iter()
+            .filter(|s| s.aliases.matches(alias))
+            .cloned()
+            .collect();
         self.queries.exists(query::Kind::Alias, alias, services).await
     }
 
     /// Asks the services whose users namespace matches whether `user_id` exists.
     pub async fn query_user(&self, user_id: &str) -> Result<bool> {
-        let services = self.registry().services.iter().filter(|s| s.users.matches(user_id)).cloned().collect();
+        let services = self
+            .registry()
+            .services
+            .iter()
+            .filter(|s| s.users.matches(user_id))
+            .cloned()
+            .collect();
         self.queries.exists(query::Kind::User, user_id, services).await
+    }
+
+    /// What operators see of each service: registration facts and its sender's state.
+    pub async fn report(&self, service: &AppService, current_pos: i64) -> Result<serde_json::Value> {
+        let status = self
+            .delivery
+            .sender(service.id())
+            .map(|s| s.status())
+            .unwrap_or_default();
+        let (last_pos, last_txn_id) = self.store.appservice_state(service.id(), current_pos).await?;
+        let pending = self.store.appservice_pending_txn(service.id()).await?;
+        // The oldest event the service has not acknowledged, if any.
+        let oldest = self
+            .store
+            .events_after(last_pos, current_pos, 1)
+            .await?
+            .into_iter()
+            .next();
+        let oldest_age_ms = oldest
+            .and_then(|row| crate::pdu::Pdu::from_row(row).ok())
+            .map(|pdu| now_ms().saturating_sub(u64::from(pdu.origin_server_ts.get())));
+        Ok(serde_json::json!({
+            "id": service.id(),
+            "file": service.file.display().to_string(),
+            "url": service.registration.url,
+            "sender": service.sender,
+            "up": status.up,
+            "consecutive_failures": status.consecutive_failures,
+            "next_retry_in_ms": status.next_retry_in.map(|d| d.as_millis() as u64),
+            "last_error": status.last_error,
+            "sent_transactions": status.sent_transactions,
+            "failed_attempts": status.failed_attempts,
+            "sent_events": status.sent_events,
+            "acknowledged_position": last_pos,
+            "stream_position": current_pos,
+            "undelivered_stream_events": (current_pos - last_pos).max(0),
+            "oldest_undelivered_age_ms": oldest_age_ms,
+            "last_txn_id": last_txn_id,
+            "in_flight_txn": pending.map(|(txn_id, _, count, _)| serde_json::json!({ "txn_id": txn_id, "events": count })),
+        }))
     }
 
     /// `POST /_matrix/client/v1/appservice/{id}/ping`: round trip to the service's `/ping`.
@@ -258,7 +327,14 @@ impl AppServices {
         let reply = self
             .delivery
             .http()
-            .request(service, http::Family::Transactions, Method::POST, "/ping", "/ping", Some(&body))
+            .request(
+                service,
+                http::Family::Transactions,
+                Method::POST,
+                "/ping",
+                "/ping",
+                Some(&body),
+            )
             .await;
         let elapsed = started.elapsed();
         match reply {

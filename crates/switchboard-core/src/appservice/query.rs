@@ -49,20 +49,26 @@ impl Queries {
             return Ok(false);
         }
         let key = format!("{}{id}", matches!(kind, Kind::User) as u8);
-        if let Ok(negative) = self.negative.lock() {
-            if negative.get(&key).is_some_and(|at| at.elapsed() < NEGATIVE_TTL) {
-                return Ok(false);
-            }
+        if let Ok(negative) = self.negative.lock()
+            && negative.get(&key).is_some_and(|at| at.elapsed() < NEGATIVE_TTL)
+        {
+            return Ok(false);
         }
         let flight = {
-            let mut in_flight = self.in_flight.lock().map_err(|_| Error::internal("queries poisoned"))?;
+            let mut in_flight = self
+                .in_flight
+                .lock()
+                .map_err(|_| Error::internal("queries poisoned"))?;
             in_flight.entry(key.clone()).or_default().clone()
         };
-        let answer = flight.get_or_init(|| self.ask_all(kind, id, services)).await.clone();
-        if let Ok(mut in_flight) = self.in_flight.lock() {
-            if in_flight.get(&key).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
-                in_flight.remove(&key);
-            }
+        let answer = flight
+            .get_or_init(|| self.ask_all(kind, id, services))
+            .await
+            .clone();
+        if let Ok(mut in_flight) = self.in_flight.lock()
+            && in_flight.get(&key).is_some_and(|f| Arc::ptr_eq(f, &flight))
+        {
+            in_flight.remove(&key);
         }
         match answer {
             Ok(true) => Ok(true),
@@ -85,18 +91,26 @@ impl Queries {
         };
         let mut timed_out = None;
         for service in services {
-            match self.http.request(&service, family, Method::GET, &path, &path, None).await {
+            match self
+                .http
+                .request(&service, family, Method::GET, &path, &path, None)
+                .await
+            {
                 Some(reply) if reply.is_success() => return Ok(true),
                 Some(Reply::TimedOut) => {
                     tracing::warn!(service = service.id(), id, "application service query timed out");
                     timed_out = Some(service.id().to_owned());
                 }
-                Some(other) => tracing::debug!(service = service.id(), id, reply = %other.describe(), "query: no"),
+                Some(other) => {
+                    tracing::debug!(service = service.id(), id, reply = %other.describe(), "query: no")
+                }
                 None => {}
             }
         }
         match timed_out {
-            Some(service) => Err(format!("application service `{service}` did not answer whether {id} exists in time")),
+            Some(service) => Err(format!(
+                "application service `{service}` did not answer whether {id} exists in time"
+            )),
             None => Ok(false),
         }
     }

@@ -13,9 +13,17 @@ pub enum RegistrationError {
     #[error("application service registration {file} is not valid YAML: {message}")]
     Yaml { file: String, message: String },
     #[error("application service registration {file}: `{field}`: {message}")]
-    Field { file: String, field: String, message: String },
+    Field {
+        file: String,
+        field: String,
+        message: String,
+    },
     #[error("application service registrations {first} and {second} both use {what}")]
-    Duplicate { first: String, second: String, what: String },
+    Duplicate {
+        first: String,
+        second: String,
+        what: String,
+    },
 }
 
 /// The registration as written (Synapse's format, plus the unstable keys real bridges write).
@@ -76,7 +84,11 @@ impl Namespace {
             regex::Regex::new(&anchor(&entry.regex)).map_err(|e| RegistrationError::Field {
                 file: file.to_owned(),
                 field: format!("namespaces.{kind}[{i}].regex"),
-                message: format!("`{}` does not compile: {}", entry.regex, first_line(&e.to_string())),
+                message: format!(
+                    "`{}` does not compile: {}",
+                    entry.regex,
+                    first_line(&e.to_string())
+                ),
             })?;
         }
         let set = |pick: &dyn Fn(&NamespaceEntry) -> bool| {
@@ -88,7 +100,10 @@ impl Namespace {
                 }
             })
         };
-        Ok(Self { all: set(&|_| true)?, exclusive: set(&|e| e.exclusive)? })
+        Ok(Self {
+            all: set(&|_| true)?,
+            exclusive: set(&|e| e.exclusive)?,
+        })
     }
 
     pub fn matches(&self, value: &str) -> bool {
@@ -112,14 +127,20 @@ pub fn anchor(regex: &str) -> String {
 
 fn first_line(text: &str) -> String {
     // regex's errors are multi-line pictures; the last line says what is wrong.
-    text.lines().filter(|l| !l.trim().is_empty()).last().unwrap_or(text).trim().to_owned()
+    text.lines()
+        .rfind(|l| !l.trim().is_empty())
+        .unwrap_or(text)
+        .trim()
+        .to_owned()
 }
 
 /// Reads and checks one registration file.
 pub fn load(path: &Path) -> Result<(Registration, PathBuf), RegistrationError> {
     let file = path.display().to_string();
-    let text =
-        std::fs::read_to_string(path).map_err(|source| RegistrationError::Read { file: file.clone(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| RegistrationError::Read {
+        file: file.clone(),
+        source,
+    })?;
     parse(&text, &file).map(|r| (r, path.to_owned()))
 }
 
@@ -129,30 +150,51 @@ pub fn parse(text: &str, file: &str) -> Result<Registration, RegistrationError> 
         field: field.to_owned(),
         message,
     };
-    let value: serde_json::Value = serde_saphyr::from_str(text)
-        .map_err(|e| RegistrationError::Yaml { file: file.to_owned(), message: e.to_string() })?;
+    let value: serde_json::Value = serde_saphyr::from_str(text).map_err(|e| RegistrationError::Yaml {
+        file: file.to_owned(),
+        message: e.to_string(),
+    })?;
     let Some(map) = value.as_object() else {
-        return Err(RegistrationError::Yaml { file: file.to_owned(), message: "not a mapping of keys".to_owned() });
+        return Err(RegistrationError::Yaml {
+            file: file.to_owned(),
+            message: "not a mapping of keys".to_owned(),
+        });
     };
     // Synapse's rule: `url` must be present; only an explicit null turns traffic off, so a typo
     // cannot silently disable a bridge.
     match map.get("url") {
-        None => return Err(field("url", "is required (use `url: null` for a service that gets no traffic)".to_owned())),
+        None => {
+            return Err(field(
+                "url",
+                "is required (use `url: null` for a service that gets no traffic)".to_owned(),
+            ));
+        }
         Some(serde_json::Value::Null | serde_json::Value::String(_)) => {}
         Some(_) => return Err(field("url", "must be a string or null".to_owned())),
     }
     let mut registration: Registration = serde_path_to_error::deserialize(value.clone()).map_err(|e| {
         let path = e.path().to_string();
-        field(if path == "." { "(top level)" } else { &path }, e.inner().to_string())
+        field(
+            if path == "." { "(top level)" } else { &path },
+            e.inner().to_string(),
+        )
     })?;
     if registration.id.is_empty() || registration.id.contains('|') {
-        return Err(field("id", "must be non-empty and must not contain `|`".to_owned()));
+        return Err(field(
+            "id",
+            "must be non-empty and must not contain `|`".to_owned(),
+        ));
     }
     let localpart = &registration.sender_localpart;
     if localpart.is_empty()
-        || !localpart.chars().all(|c| c.is_ascii_alphanumeric() || "._=-/+".contains(c))
+        || !localpart
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._=-/+".contains(c))
     {
-        return Err(field("sender_localpart", format!("`{localpart}` is not a valid user localpart")));
+        return Err(field(
+            "sender_localpart",
+            format!("`{localpart}` is not a valid user localpart"),
+        ));
     }
     if registration.as_token.is_empty() || registration.hs_token.is_empty() {
         return Err(field("as_token", "tokens must not be empty".to_owned()));
@@ -162,7 +204,10 @@ pub fn parse(text: &str, file: &str) -> Result<Registration, RegistrationError> 
         if url.is_empty() || url == "null" {
             registration.url = None;
         } else if url.starts_with("https://") {
-            return Err(field("url", "https:// service URLs are not supported yet; use http:// on a trusted network".to_owned()));
+            return Err(field(
+                "url",
+                "https:// service URLs are not supported yet; use http:// on a trusted network".to_owned(),
+            ));
         } else if !url.starts_with("http://") {
             return Err(field("url", format!("`{url}` is not an http:// URL")));
         } else {
@@ -180,7 +225,10 @@ pub fn warnings(registration: &Registration) -> Vec<String> {
     }
     for entry in &registration.namespaces.users {
         if !entry.regex.contains(':') {
-            warnings.push(format!("users regex `{}` has no server part and also matches remote users", entry.regex));
+            warnings.push(format!(
+                "users regex `{}` has no server part and also matches remote users",
+                entry.regex
+            ));
         }
     }
     for entry in &registration.namespaces.rooms {
@@ -191,7 +239,10 @@ pub fn warnings(registration: &Registration) -> Vec<String> {
             ));
         }
         if entry.exclusive {
-            warnings.push(format!("rooms regex `{}` is exclusive, which the spec leaves undefined", entry.regex));
+            warnings.push(format!(
+                "rooms regex `{}` is exclusive, which the spec leaves undefined",
+                entry.regex
+            ));
         }
     }
     warnings
@@ -218,12 +269,19 @@ namespaces:
     #[test]
     fn parses_real_world_registration() {
         let r = parse(GOOD, "irc.yaml").expect("valid");
-        assert_eq!(r.url.as_deref(), Some("http://127.0.0.1:9999"), "trailing slash stripped");
+        assert_eq!(
+            r.url.as_deref(),
+            Some("http://127.0.0.1:9999"),
+            "trailing slash stripped"
+        );
         assert!(r.rate_limited, "Synapse's default");
         assert!(r.push_ephemeral_unstable);
         let users = Namespace::compile(&r.namespaces.users, "irc.yaml", "users").expect("compiles");
         assert!(users.matches("@_irc_alice:example.org"));
-        assert!(users.matches("@_irc_alice:example.org.evil"), "anchored at the start only, like re.match");
+        assert!(
+            users.matches("@_irc_alice:example.org.evil"),
+            "anchored at the start only, like re.match"
+        );
         assert!(!users.matches("x@_irc_alice:example.org"));
         assert!(!users.matches("@_IRC_alice:example.org"), "case-sensitive");
         assert!(users.matches_exclusive("@_irc_alice:example.org"));
@@ -240,14 +298,24 @@ namespaces:
 
     #[test]
     fn bad_fields_are_named() {
-        let err = parse(&GOOD.replace("rate_limited", "x").replace("as_token: aaa", "as_token: [1]"), "f.yaml")
-            .expect_err("bad type")
-            .to_string();
+        let err = parse(
+            &GOOD
+                .replace("rate_limited", "x")
+                .replace("as_token: aaa", "as_token: [1]"),
+            "f.yaml",
+        )
+        .expect_err("bad type")
+        .to_string();
         assert!(err.contains("as_token"), "{err}");
         let look_around = GOOD.replace(r"'@_irc_.*:example\.org'", "'@(?=x).*'");
         let r = parse(&look_around, "f.yaml").expect("parses");
-        let err = Namespace::compile(&r.namespaces.users, "f.yaml", "users").expect_err("look-around").to_string();
-        assert!(err.contains("f.yaml") && err.contains("namespaces.users[0].regex"), "{err}");
+        let err = Namespace::compile(&r.namespaces.users, "f.yaml", "users")
+            .expect_err("look-around")
+            .to_string();
+        assert!(
+            err.contains("f.yaml") && err.contains("namespaces.users[0].regex"),
+            "{err}"
+        );
         assert!(parse(&GOOD.replace("_irc_bot", "bad bot"), "f.yaml").is_err());
     }
 

@@ -235,14 +235,22 @@ impl Rooms {
         }
         let epoch = self.audience_epoch.load(Ordering::Acquire);
         let suffix = format!(":{}", self.server_name);
-        let local_joined =
-            self.store.joined_members(room_id.as_str()).await?.into_iter().filter(|u| u.ends_with(&suffix)).collect();
+        let local_joined = self
+            .store
+            .joined_members(room_id.as_str())
+            .await?
+            .into_iter()
+            .filter(|u| u.ends_with(&suffix))
+            .collect();
         let aliases = self.store.room_aliases(room_id.as_str()).await?;
-        let audience = Arc::new(RoomAudience { local_joined, aliases });
-        if self.audience_epoch.load(Ordering::Acquire) == epoch {
-            if let Ok(mut audiences) = self.audiences.lock() {
-                audiences.insert(room_id.to_owned(), audience.clone());
-            }
+        let audience = Arc::new(RoomAudience {
+            local_joined,
+            aliases,
+        });
+        if self.audience_epoch.load(Ordering::Acquire) == epoch
+            && let Ok(mut audiences) = self.audiences.lock()
+        {
+            audiences.insert(room_id.to_owned(), audience.clone());
         }
         Ok(audience)
     }

@@ -2,6 +2,8 @@
 //! homeserver makes and answers the way the test tells it to (failures, legacy routes only, lazy
 //! room creation on alias queries), plus helpers to write registration files and start a server with them.
 
+#![allow(dead_code)] // shared helpers; not every test uses every one
+
 use std::{
     collections::VecDeque,
     future::Future,
@@ -326,7 +328,7 @@ async fn handle(
             json!({"errcode": "M_UNRECOGNIZED", "error": "Unrecognized request"}),
         )
     };
-    let (status, reply) = match route {
+    let (status, reply): (u16, Value) = match route {
         _ if !served => unrecognized(),
         None => unrecognized(),
         Some(Route::Transaction(_)) => {
@@ -338,7 +340,10 @@ async fn handle(
             if (200..300).contains(&status) {
                 (status, json!({}))
             } else {
-                (status, json!({"errcode": "M_UNKNOWN", "error": "the fake service is down"}))
+                (
+                    status,
+                    json!({"errcode": "M_UNKNOWN", "error": "the fake service is down"}),
+                )
             }
         }
         Some(Route::Ping) => {
@@ -597,13 +602,22 @@ pub async fn register_ghost(s: &Server, as_token: &str, localpart: &str) -> Stri
             })),
         )
         .await;
-    assert_eq!(status, reqwest::StatusCode::OK, "register ghost {localpart}: {body}");
+    assert_eq!(
+        status,
+        reqwest::StatusCode::OK,
+        "register ghost {localpart}: {body}"
+    );
     body["user_id"].as_str().expect("user_id").to_owned()
 }
 
 /// `POST /_matrix/client/v1/appservice/{id}/ping`; the server also uses a successful ping to retry
 /// a failed transaction at once.
-pub async fn ping(s: &Server, as_id: &str, token: &str, transaction_id: &str) -> (reqwest::StatusCode, Value) {
+pub async fn ping(
+    s: &Server,
+    as_id: &str,
+    token: &str,
+    transaction_id: &str,
+) -> (reqwest::StatusCode, Value) {
     s.call(
         reqwest::Method::POST,
         &format!("/_matrix/client/v1/appservice/{}/ping", enc(as_id)),

@@ -35,7 +35,11 @@ pub fn free_port() -> u16 {
 
 pub fn config_text(port: u16, dir: &std::path::Path, extra: &str) -> String {
     // Tests that register services pass their own `app_service_config_files`.
-    let services = if extra.contains("app_service_config_files") { "" } else { "app_service_config_files: []" };
+    let services = if extra.contains("app_service_config_files") {
+        ""
+    } else {
+        "app_service_config_files: []"
+    };
     format!(
         "server_name: localhost
 listeners:

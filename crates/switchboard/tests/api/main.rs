@@ -4,7 +4,9 @@
 mod harness;
 
 mod accounts;
+mod appservice;
 mod durability;
+mod fake_as;
 mod http;
 mod rooms;
 mod sync;

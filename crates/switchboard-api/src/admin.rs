@@ -1,0 +1,97 @@
+//! Operator endpoints under `/_switchboard/admin/v1`, for server admins only. The
+//! `switchboard appservice ...` commands talk to these.
+
+use std::sync::Arc;
+
+use axum::{
+    Json, Router,
+    extract::{Path, State},
+    routing::{get, post},
+};
+use serde_json::{Value, json};
+use switchboard_core::{Error, Homeserver, accounts::Session, appservice::AppService};
+
+use crate::{error::ApiResult, extract::Auth};
+
+pub(crate) fn routes() -> Router<Arc<Homeserver>> {
+    Router::new()
+        .route("/_switchboard/admin/v1/appservices", get(list))
+        .route("/_switchboard/admin/v1/appservices/reload", post(reload))
+        .route("/_switchboard/admin/v1/appservices/{id}", get(show))
+        .route("/_switchboard/admin/v1/appservices/{id}/ping", post(ping))
+        .route("/_switchboard/admin/v1/appservices/{id}/retry", post(retry))
+}
+
+fn require_admin(session: &Session) -> Result<(), Error> {
+    if session.is_admin {
+        Ok(())
+    } else {
+        Err(Error::Forbidden("You are not a server admin".to_owned()))
+    }
+}
+
+fn service(hs: &Homeserver, id: &str) -> Result<Arc<AppService>, Error> {
+    hs.appservices
+        .registry()
+        .by_id(id)
+        .cloned()
+        .ok_or_else(|| Error::NotFound(format!("No application service `{id}`")))
+}
+
+async fn list(State(hs): State<Arc<Homeserver>>, Auth(session): Auth) -> ApiResult<Json<Value>> {
+    require_admin(&session)?;
+    let mut services = Vec::new();
+    for service in hs.appservices.registry().services.clone() {
+        services.push(hs.appservices.report(&service, hs.stream.current()).await?);
+    }
+    Ok(Json(json!({ "appservices": services })))
+}
+
+async fn show(
+    State(hs): State<Arc<Homeserver>>,
+    Auth(session): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    require_admin(&session)?;
+    Ok(Json(
+        hs.appservices
+            .report(&*service(&hs, &id)?, hs.stream.current())
+            .await?,
+    ))
+}
+
+async fn ping(
+    State(hs): State<Arc<Homeserver>>,
+    Auth(session): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    require_admin(&session)?;
+    let took = hs.appservices.ping(&*service(&hs, &id)?, None).await?;
+    Ok(Json(json!({ "duration_ms": took.as_millis() as u64 })))
+}
+
+async fn retry(
+    State(hs): State<Arc<Homeserver>>,
+    Auth(session): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    require_admin(&session)?;
+    let service = service(&hs, &id)?;
+    let sender = hs
+        .appservices
+        .delivery
+        .sender(service.id())
+        .ok_or_else(|| Error::NotFound(format!("No sender for `{id}`")))?;
+    sender.kick();
+    Ok(Json(json!({})))
+}
+
+async fn reload(State(hs): State<Arc<Homeserver>>, Auth(session): Auth) -> ApiResult<Json<Value>> {
+    require_admin(&session)?;
+    let count = hs
+        .appservices
+        .reload()
+        .await
+        .map_err(|e| Error::BadState(e.to_string()))?;
+    Ok(Json(json!({ "appservices": count })))
+}
