@@ -80,7 +80,7 @@ impl Homeserver {
             tracing::info!(path = %key_path.display(), "generated a new signing key");
         }
         let store = Store::open_sqlite(&config.sqlite_path()).await?;
-        let stream = Arc::new(EventStream::new(store.max_stream_pos().await?));
+        let stream = EventStream::start(store.clone(), store.max_stream_pos().await?);
         let rooms = Arc::new(Rooms::new(
             store.clone(),
             server_name.clone(),

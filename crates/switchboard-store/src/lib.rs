@@ -222,7 +222,7 @@ impl Store {
     /// Appends accepted events: the event rows, the room row (for a create event), the current
     /// state changes and the client's transaction ID, all in one database transaction, so a crash
     /// leaves either all of it or none.
-    pub async fn append_events(&self, events: &[NewEvent<'_>]) -> Result<()> {
+    pub async fn append_events(&self, events: &[&NewEvent]) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         for event in events {
             append_in(&mut tx, event).await?;
@@ -609,12 +609,12 @@ impl Store {
     }
 }
 
-async fn append_in(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, event: &NewEvent<'_>) -> Result<()> {
-    if let Some(version) = event.creates_room_version {
+async fn append_in(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, event: &NewEvent) -> Result<()> {
+    if let Some(version) = &event.creates_room_version {
         sqlx::query("INSERT INTO rooms (room_id, room_version, creator, created_ts) VALUES ($1, $2, $3, $4)")
-            .bind(event.room_id)
-            .bind(version)
-            .bind(event.sender)
+            .bind(event.room_id.as_str())
+            .bind(version.as_str())
+            .bind(event.sender.as_str())
             .bind(event.origin_server_ts)
             .execute(&mut **tx)
             .await?;
@@ -625,52 +625,52 @@ async fn append_in(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, event: &NewEven
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
     )
     .bind(event.stream_pos)
-    .bind(event.event_id)
-    .bind(event.room_id)
-    .bind(event.sender)
-    .bind(event.kind)
-    .bind(event.state_key)
+    .bind(event.event_id.as_str())
+    .bind(event.room_id.as_str())
+    .bind(event.sender.as_str())
+    .bind(event.kind.as_str())
+    .bind(event.state_key.as_deref())
     .bind(event.depth)
-    .bind(event.pdu)
-    .bind(event.unsigned)
-    .bind(event.txn.map(|t| t.1))
-    .bind(event.txn.map(|t| t.2))
+    .bind(event.pdu.as_str())
+    .bind(event.unsigned.as_deref())
+    .bind(event.txn.as_ref().map(|t| t.1.as_str()))
+    .bind(event.txn.as_ref().map(|t| t.2.as_str()))
     .execute(&mut **tx)
     .await?;
-    if let Some(state_key) = event.state_key {
+    if let Some(state_key) = &event.state_key {
         sqlx::query(
             "INSERT INTO current_state (room_id, type, state_key, event_id, stream_pos, membership)
                  VALUES ($1, $2, $3, $4, $5, $6)
                  ON CONFLICT (room_id, type, state_key)
                  DO UPDATE SET event_id = $4, stream_pos = $5, membership = $6",
         )
-        .bind(event.room_id)
-        .bind(event.kind)
-        .bind(state_key)
-        .bind(event.event_id)
+        .bind(event.room_id.as_str())
+        .bind(event.kind.as_str())
+        .bind(state_key.as_str())
+        .bind(event.event_id.as_str())
         .bind(event.stream_pos)
-        .bind(event.membership)
+        .bind(event.membership.as_deref())
         .execute(&mut **tx)
         .await?;
     }
-    if let (Some(user_id), Some(_)) = (event.state_key, event.membership) {
+    if let (Some(user_id), Some(_)) = (&event.state_key, &event.membership) {
         sqlx::query("DELETE FROM forgotten_rooms WHERE user_id = $1 AND room_id = $2")
-            .bind(user_id)
-            .bind(event.room_id)
+            .bind(user_id.as_str())
+            .bind(event.room_id.as_str())
             .execute(&mut **tx)
             .await?;
     }
-    if let Some((user_id, device_id, txn_id)) = event.txn {
+    if let Some((user_id, device_id, txn_id)) = &event.txn {
         sqlx::query(
             "INSERT INTO event_txns (user_id, device_id, room_id, event_type, txn_id, event_id)
                  VALUES ($1, $2, $3, $4, $5, $6)",
         )
-        .bind(user_id)
-        .bind(device_id)
-        .bind(event.room_id)
-        .bind(event.kind)
-        .bind(txn_id)
-        .bind(event.event_id)
+        .bind(user_id.as_str())
+        .bind(device_id.as_str())
+        .bind(event.room_id.as_str())
+        .bind(event.kind.as_str())
+        .bind(txn_id.as_str())
+        .bind(event.event_id.as_str())
         .execute(&mut **tx)
         .await?;
     }

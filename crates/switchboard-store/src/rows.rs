@@ -23,26 +23,29 @@ pub struct UserRow {
     pub deactivated: bool,
 }
 
-/// An accepted event ready to be appended to the stream.
-pub struct NewEvent<'a> {
+/// An accepted event ready to be appended to the stream. Owned, so it can travel to the writer
+/// task that commits many events per database transaction.
+#[derive(Clone, Debug)]
+pub struct NewEvent {
+    /// Assigned by the writer.
     pub stream_pos: i64,
-    pub event_id: &'a str,
-    pub room_id: &'a str,
-    pub sender: &'a str,
-    pub kind: &'a str,
-    pub state_key: Option<&'a str>,
+    pub event_id: String,
+    pub room_id: String,
+    pub sender: String,
+    pub kind: String,
+    pub state_key: Option<String>,
     pub depth: i64,
     pub origin_server_ts: i64,
     /// The signed PDU as canonical JSON (without `event_id`, as room versions ≥ 3 define it).
-    pub pdu: &'a str,
+    pub pdu: String,
     /// Server-computed `unsigned` data fixed at write time (`prev_content`, `replaces_state`).
-    pub unsigned: Option<&'a str>,
+    pub unsigned: Option<String>,
     /// `(user_id, device_id, txn_id)` of the client request that produced the event.
-    pub txn: Option<(&'a str, &'a str, &'a str)>,
+    pub txn: Option<(String, String, String)>,
     /// `membership` of an `m.room.member` event, copied into current state.
-    pub membership: Option<&'a str>,
+    pub membership: Option<String>,
     /// Set on the `m.room.create` event: the room row is written in the same transaction.
-    pub creates_room_version: Option<&'a str>,
+    pub creates_room_version: Option<String>,
 }
 
 #[derive(Clone, Debug)]

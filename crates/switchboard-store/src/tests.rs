@@ -8,17 +8,17 @@ async fn temp_store() -> (tempfile::TempDir, Store) {
     (dir, store)
 }
 
-fn event<'a>(pos: i64, id: &'a str, kind: &'a str, state_key: Option<&'a str>) -> NewEvent<'a> {
+fn event(pos: i64, id: &str, kind: &str, state_key: Option<&str>) -> NewEvent {
     NewEvent {
         stream_pos: pos,
-        event_id: id,
-        room_id: "!r:x",
-        sender: "@a:x",
-        kind,
-        state_key,
+        event_id: id.to_owned(),
+        room_id: "!r:x".to_owned(),
+        sender: "@a:x".to_owned(),
+        kind: kind.to_owned(),
+        state_key: state_key.map(str::to_owned),
         depth: pos,
         origin_server_ts: 0,
-        pdu: "{}",
+        pdu: "{}".to_owned(),
         unsigned: None,
         txn: None,
         membership: None,
@@ -30,15 +30,15 @@ fn event<'a>(pos: i64, id: &'a str, kind: &'a str, state_key: Option<&'a str>) -
 async fn state_at_follows_linear_history() {
     let (_dir, store) = temp_store().await;
     store
-        .append_events(&[event(1, "$1", "m.room.name", Some(""))])
+        .append_events(&[&event(1, "$1", "m.room.name", Some(""))])
         .await
         .expect("1");
     store
-        .append_events(&[event(2, "$2", "m.room.message", None)])
+        .append_events(&[&event(2, "$2", "m.room.message", None)])
         .await
         .expect("2");
     store
-        .append_events(&[event(3, "$3", "m.room.name", Some(""))])
+        .append_events(&[&event(3, "$3", "m.room.name", Some(""))])
         .await
         .expect("3");
     let at2: Vec<_> = store
@@ -64,8 +64,8 @@ async fn state_at_follows_linear_history() {
 async fn txn_is_recorded_with_the_event() {
     let (_dir, store) = temp_store().await;
     let mut e = event(1, "$1", "m.room.message", None);
-    e.txn = Some(("@a:x", "DEV", "t1"));
-    store.append_events(&[e]).await.expect("append");
+    e.txn = Some(("@a:x".into(), "DEV".into(), "t1".into()));
+    store.append_events(&[&e]).await.expect("append");
     assert_eq!(
         store
             .txn_event("@a:x", "DEV", "!r:x", "m.room.message", "t1")
@@ -83,8 +83,8 @@ async fn txn_is_recorded_with_the_event() {
     );
     // A duplicate stream position is refused and leaves no half-written txn record.
     let mut dup = event(1, "$2", "m.room.message", None);
-    dup.txn = Some(("@a:x", "DEV", "t2"));
-    assert!(store.append_events(&[dup]).await.is_err());
+    dup.txn = Some(("@a:x".into(), "DEV".into(), "t2".into()));
+    assert!(store.append_events(&[&dup]).await.is_err());
     assert_eq!(
         store
             .txn_event("@a:x", "DEV", "!r:x", "m.room.message", "t2")

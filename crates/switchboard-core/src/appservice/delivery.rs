@@ -249,12 +249,21 @@ impl Delivery {
         if last_pos >= current {
             return Ok(Step::Idle);
         }
-        let rows = self.store.events_after(last_pos, current, SCAN_BATCH).await?;
+        // The head of the stream is in memory; catch-up after downtime reads the database.
+        let events = match self.stream.recent_after(last_pos, current, SCAN_BATCH as usize) {
+            Some(events) => events,
+            None => self
+                .store
+                .events_after(last_pos, current, SCAN_BATCH)
+                .await?
+                .into_iter()
+                .map(|row| Pdu::from_row(row).map(Arc::new))
+                .collect::<Result<_>>()?,
+        };
         let mut upto = last_pos;
         let mut selected: Vec<Box<RawValue>> = Vec::new();
         let mut bytes = 0;
-        for row in rows {
-            let pdu = Pdu::from_row(row)?;
+        for pdu in events {
             if sender.interest.is_interested(&service, &self.rooms, &pdu).await? {
                 let json =
                     serde_json::value::to_raw_value(&pdu.to_client(None)).map_err(crate::Error::internal)?;

@@ -259,32 +259,29 @@ impl Rooms {
         accepted: Vec<Accepted>,
         txn: Option<(&str, &str)>,
     ) -> Result<Vec<Arc<Pdu>>> {
-        let slot = self.stream.next_slots(accepted.len() as i64).await;
-        let kinds: Vec<String> = accepted.iter().map(|a| a.pdu.kind.to_string()).collect();
-        let memberships: Vec<Option<String>> = accepted.iter().map(|a| a.pdu.membership()).collect();
-        let rows: Vec<NewEvent<'_>> = accepted
+        let rows: Vec<NewEvent> = accepted
             .iter()
-            .enumerate()
-            .map(|(i, a)| NewEvent {
-                stream_pos: slot.pos + i as i64,
-                event_id: a.pdu.event_id.as_str(),
-                room_id: a.pdu.room_id.as_str(),
-                sender: a.pdu.sender.as_str(),
-                kind: &kinds[i],
-                state_key: a.pdu.state_key.as_deref(),
+            .map(|a| NewEvent {
+                stream_pos: 0,
+                event_id: a.pdu.event_id.to_string(),
+                room_id: a.pdu.room_id.to_string(),
+                sender: a.pdu.sender.to_string(),
+                kind: a.pdu.kind.to_string(),
+                state_key: a.pdu.state_key.clone(),
                 depth: i64::from(a.pdu.depth),
                 origin_server_ts: i64::from(a.pdu.origin_server_ts.get()),
-                pdu: &a.pdu.json,
-                unsigned: a.unsigned.as_deref(),
-                txn: txn.map(|(device, txn_id)| (a.pdu.sender.as_str(), device, txn_id)),
-                membership: memberships[i].as_deref(),
+                pdu: a.pdu.json.clone(),
+                unsigned: a.unsigned.clone(),
+                txn: txn
+                    .map(|(device, txn_id)| (a.pdu.sender.to_string(), device.to_owned(), txn_id.to_owned())),
+                membership: a.pdu.membership(),
                 creates_room_version: (a.pdu.kind == TimelineEventType::RoomCreate)
-                    .then(|| handle.version.id.as_str()),
+                    .then(|| handle.version.id.to_string()),
             })
             .collect();
-        self.store.append_events(&rows).await?;
-        drop(rows);
-        if memberships.iter().any(Option::is_some) {
+        let membership_changed = rows.iter().any(|r| r.membership.is_some());
+        let written = self.stream.write(rows).await?;
+        if membership_changed {
             self.audience_changed(&handle.room_id);
         }
 
@@ -298,7 +295,7 @@ impl Rooms {
             },
         ) in accepted.into_iter().enumerate()
         {
-            pdu.stream_pos = slot.pos + i as i64;
+            pdu.stream_pos = written.first_pos + i as i64;
             pdu.unsigned = unsigned.and_then(|u| serde_json::value::RawValue::from_string(u).ok());
             pdu.txn = txn.map(|(d, t)| (d.to_owned(), t.to_owned()));
             let pdu = Arc::new(pdu);
@@ -309,8 +306,9 @@ impl Rooms {
             tracing::debug!(event_id = %pdu.event_id, room_id = %pdu.room_id, pos = pdu.stream_pos, "event stored");
             stored.push(pdu);
         }
-        // Announce only after the caches hold the events, so a woken reader finds them.
-        slot.commit();
+        self.stream.remember(&stored);
+        // Announced only once the caches hold the events, so a woken reader finds them.
+        written.published();
         Ok(stored)
     }
 }
