@@ -19,7 +19,7 @@ use crate::{Error, Result, pdu::Pdu};
 /// Events per database transaction at most; more wait for the next one.
 const MAX_GROUP: usize = 1024;
 /// How many recent events stay in memory for stream readers.
-const RECENT_EVENTS: usize = 20_000;
+const RECENT_EVENTS: usize = 5_000;
 
 struct WriteJob {
     events: Vec<NewEvent>,

@@ -498,6 +498,56 @@ impl Store {
         Ok(())
     }
 
+    /// Acknowledges a delivered transaction and, in the same database transaction (one fsync),
+    /// records what comes next: `skip_to` a later position, and/or a new transaction to send.
+    /// Returns the new transaction's ID.
+    pub async fn appservice_ack_and_continue(
+        &self,
+        as_id: &str,
+        acked_txn_id: i64,
+        skip_to: Option<i64>,
+        next: Option<(i64, i64, &str)>,
+    ) -> Result<Option<i64>> {
+        let mut tx = self.pool.begin().await?;
+        let row =
+            sqlx::query("DELETE FROM appservice_txns WHERE as_id = $1 AND txn_id = $2 RETURNING last_pos")
+                .bind(as_id)
+                .bind(acked_txn_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let acked_pos: Option<i64> = row.map(|r| r.get(0));
+        if let Some(pos) = acked_pos.into_iter().chain(skip_to).max() {
+            sqlx::query("UPDATE appservice_state SET last_pos = $2 WHERE as_id = $1 AND last_pos < $2")
+                .bind(as_id)
+                .bind(pos)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let mut new_txn = None;
+        if let Some((last_pos, event_count, body)) = next {
+            let txn_id: i64 = sqlx::query(
+                "UPDATE appservice_state SET last_txn_id = last_txn_id + 1 WHERE as_id = $1 RETURNING last_txn_id",
+            )
+            .bind(as_id)
+            .fetch_one(&mut *tx)
+            .await?
+            .get(0);
+            sqlx::query(
+                "INSERT INTO appservice_txns (as_id, txn_id, last_pos, event_count, body) VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(as_id)
+            .bind(txn_id)
+            .bind(last_pos)
+            .bind(event_count)
+            .bind(body)
+            .execute(&mut *tx)
+            .await?;
+            new_txn = Some(txn_id);
+        }
+        tx.commit().await?;
+        Ok(new_txn)
+    }
+
     /// Events with `after < stream_pos <= until`, oldest first, at most `limit`, across all rooms.
     pub async fn events_after(&self, after: i64, until: i64, limit: i64) -> Result<Vec<EventRow>> {
         let rows = sqlx::query(AssertSqlSafe(format!(

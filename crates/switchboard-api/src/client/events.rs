@@ -86,15 +86,18 @@ async fn send(
 ) -> ApiResult<Json<Value>> {
     let room = room_id(&room)?;
     let txn = (session.device_id.as_str(), txn_id.as_str());
-    // A retry gets its original answer even when the sender is now rate-limited.
-    if let Some(pdu) = hs
-        .rooms
-        .txn_event(&room, &session.user_id, &event_type, txn)
-        .await?
-    {
-        return Ok(Json(json!({ "event_id": pdu.event_id })));
+    // A retry gets its original answer even when the sender is now rate-limited. (Without a
+    // limit in the way, the pipeline itself finds a retry, under the room lock.)
+    if let Err(limited) = check_rate(&hs, &session) {
+        if let Some(pdu) = hs
+            .rooms
+            .txn_event(&room, &session.user_id, &event_type, txn)
+            .await?
+        {
+            return Ok(Json(json!({ "event_id": pdu.event_id })));
+        }
+        return Err(limited.into());
     }
-    check_rate(&hs, &session)?;
     let mut draft = EventDraft::message(event_type, content_object(body)?);
     draft.timestamp = timestamp(&session, &params)?;
     let pdu = hs.rooms.send(&room, &session.user_id, draft, Some(txn)).await?;

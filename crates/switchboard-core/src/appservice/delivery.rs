@@ -43,7 +43,39 @@ pub struct SenderStatus {
     pub sent_events: u64,
 }
 
+/// The sender's view of its stored state, mirrored in memory (it is the only writer).
+struct Cursor {
+    /// Every event up to here was considered.
+    last_pos: i64,
+    /// `last_pos` as last written to the database; skips over uninteresting events are written
+    /// at most once a second (after a crash they are merely considered again).
+    stored_pos: i64,
+    stored_at: Instant,
+    pending: Option<Pending>,
+}
+
+struct Pending {
+    txn_id: i64,
+    last_pos: i64,
+    count: i64,
+    body: String,
+}
+
+/// What the next transaction holds, if anything.
+enum Selection {
+    /// Nothing for the service up to `upto`.
+    Nothing {
+        upto: i64,
+    },
+    Txn {
+        upto: i64,
+        count: i64,
+        body: String,
+    },
+}
+
 pub struct Sender {
+    cursor: tokio::sync::Mutex<Option<Cursor>>,
     service: RwLock<Arc<AppService>>,
     kick: Notify,
     stop: tokio::sync::watch::Sender<bool>,
@@ -168,6 +200,7 @@ impl Delivery {
                 continue;
             }
             let sender = Arc::new(Sender {
+                cursor: tokio::sync::Mutex::new(None),
                 service: RwLock::new(service),
                 kick: Notify::new(),
                 stop: tokio::sync::watch::Sender::new(false),
@@ -241,30 +274,118 @@ impl Delivery {
     async fn step(&self, sender: &Sender) -> Result<Step> {
         let service = sender.service();
         let id = service.id();
-        if let Some((txn_id, _, count, body)) = self.store.appservice_pending_txn(id).await? {
-            return self.push(sender, &service, txn_id, count, &body).await;
+        let mut guard = sender.cursor.lock().await;
+        if guard.is_none() {
+            let (last_pos, _) = self.store.appservice_state(id, self.stream.current()).await?;
+            let pending =
+                self.store
+                    .appservice_pending_txn(id)
+                    .await?
+                    .map(|(txn_id, last_pos, count, body)| Pending {
+                        txn_id,
+                        last_pos,
+                        count,
+                        body,
+                    });
+            *guard = Some(Cursor {
+                last_pos,
+                stored_pos: last_pos,
+                stored_at: Instant::now(),
+                pending,
+            });
         }
-        let current = self.stream.current();
-        let (last_pos, _) = self.store.appservice_state(id, current).await?;
-        if last_pos >= current {
+        let Some(cursor) = guard.as_mut() else {
+            return Ok(Step::Idle);
+        };
+
+        if let Some(pending) = &cursor.pending {
+            if let Some(wait) = self.push(sender, &service, pending).await? {
+                return Ok(Step::Wait(wait));
+            }
+            // Delivered: acknowledge it and store the next transaction in one database commit.
+            let (acked, covered) = (pending.txn_id, pending.last_pos);
+            cursor.pending = None;
+            cursor.last_pos = cursor.last_pos.max(covered);
+            let selection = self.select(sender, &service, cursor.last_pos).await?;
+            let (skip, next) = match &selection {
+                Selection::Nothing { upto } => (Some(*upto), None),
+                Selection::Txn { upto, count, body } => (None, Some((*upto, *count, body.as_str()))),
+            };
+            let new_id = self
+                .store
+                .appservice_ack_and_continue(id, acked, skip, next)
+                .await?;
+            cursor.stored_pos = cursor.last_pos;
+            self.advance(cursor, selection, new_id, true);
+            return Ok(Step::Progress);
+        }
+
+        if cursor.last_pos >= self.stream.current() {
             return Ok(Step::Idle);
         }
+        let selection = self.select(sender, &service, cursor.last_pos).await?;
+        match &selection {
+            Selection::Nothing { upto } => {
+                if cursor.stored_at.elapsed() >= Duration::from_secs(1) {
+                    self.store.appservice_skip_to(id, *upto).await?;
+                    cursor.stored_pos = *upto;
+                    cursor.stored_at = Instant::now();
+                }
+                self.advance(cursor, selection, None, false);
+            }
+            Selection::Txn { upto, count, body } => {
+                let txn_id = self.store.appservice_new_txn(id, *upto, *count, body).await?;
+                tracing::debug!(service = id, txn_id, events = count, upto, "transaction stored");
+                self.advance(cursor, selection, Some(txn_id), true);
+            }
+        }
+        Ok(Step::Progress)
+    }
+
+    fn advance(&self, cursor: &mut Cursor, selection: Selection, txn_id: Option<i64>, stored: bool) {
+        match selection {
+            Selection::Nothing { upto } => {
+                cursor.last_pos = cursor.last_pos.max(upto);
+                if stored {
+                    cursor.stored_pos = cursor.last_pos;
+                }
+            }
+            Selection::Txn { upto, count, body } => {
+                if let Some(txn_id) = txn_id {
+                    cursor.pending = Some(Pending {
+                        txn_id,
+                        last_pos: upto,
+                        count,
+                        body,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Picks the next transaction's events after `after`: interesting ones, at most 100 and
+    /// ~1 MiB, in stream order.
+    async fn select(&self, sender: &Sender, service: &AppService, after: i64) -> Result<Selection> {
+        let current = self.stream.current();
+        if after >= current {
+            return Ok(Selection::Nothing { upto: after });
+        }
         // The head of the stream is in memory; catch-up after downtime reads the database.
-        let events = match self.stream.recent_after(last_pos, current, SCAN_BATCH as usize) {
+        let events = match self.stream.recent_after(after, current, SCAN_BATCH as usize) {
             Some(events) => events,
             None => self
                 .store
-                .events_after(last_pos, current, SCAN_BATCH)
+                .events_after(after, current, SCAN_BATCH)
                 .await?
                 .into_iter()
                 .map(|row| Pdu::from_row(row).map(Arc::new))
                 .collect::<Result<_>>()?,
         };
-        let mut upto = last_pos;
+        let mut upto = after;
         let mut selected: Vec<Box<RawValue>> = Vec::new();
         let mut bytes = 0;
         for pdu in events {
-            if sender.interest.is_interested(&service, &self.rooms, &pdu).await? {
+            if sender.interest.is_interested(service, &self.rooms, &pdu).await? {
                 let json =
                     serde_json::value::to_raw_value(&pdu.to_client(None)).map_err(crate::Error::internal)?;
                 if selected.len() == MAX_EVENTS_PER_TXN
@@ -278,35 +399,21 @@ impl Delivery {
             upto = pdu.stream_pos;
         }
         if selected.is_empty() || service.registration.url.is_none() {
-            // Nothing for this service (or it takes no traffic): remember how far we looked.
-            self.store.appservice_skip_to(id, upto).await?;
-            return Ok(Step::Progress);
+            // Nothing for this service (or it takes no traffic).
+            return Ok(Selection::Nothing { upto });
         }
-        let body = serde_json::json!({ "events": selected }).to_string();
-        let txn_id = self
-            .store
-            .appservice_new_txn(id, upto, selected.len() as i64, &body)
-            .await?;
-        tracing::debug!(
-            service = id,
-            txn_id,
-            events = selected.len(),
+        let count = selected.len() as i64;
+        Ok(Selection::Txn {
             upto,
-            "transaction stored"
-        );
-        Ok(Step::Progress)
+            count,
+            body: serde_json::json!({ "events": selected }).to_string(),
+        })
     }
 
-    async fn push(
-        &self,
-        sender: &Sender,
-        service: &AppService,
-        txn_id: i64,
-        count: i64,
-        body: &str,
-    ) -> Result<Step> {
+    /// Sends a stored transaction. `None` when it was delivered; otherwise how long to wait.
+    async fn push(&self, sender: &Sender, service: &AppService, txn: &Pending) -> Result<Option<Duration>> {
         let started = Instant::now();
-        let path = format!("/transactions/{txn_id}");
+        let path = format!("/transactions/{}", txn.txn_id);
         let Some(reply) = self
             .http
             .request(
@@ -315,16 +422,14 @@ impl Delivery {
                 Method::PUT,
                 &path,
                 &path,
-                Some(body),
+                Some(&txn.body),
             )
             .await
         else {
             // The URL was removed by a reload: the transaction counts as delivered.
-            self.store.appservice_ack_txn(service.id(), txn_id).await?;
-            return Ok(Step::Progress);
+            return Ok(None);
         };
         if reply.is_success() {
-            self.store.appservice_ack_txn(service.id(), txn_id).await?;
             sender.update(|status, retry_at| {
                 if !status.up {
                     tracing::info!(service = service.id(), "application service is back up");
@@ -332,17 +437,17 @@ impl Delivery {
                 status.up = true;
                 status.consecutive_failures = 0;
                 status.sent_transactions += 1;
-                status.sent_events += count as u64;
+                status.sent_events += txn.count as u64;
                 *retry_at = None;
             });
             tracing::debug!(
                 service = service.id(),
-                txn_id,
-                count,
+                txn_id = txn.txn_id,
+                count = txn.count,
                 took_ms = started.elapsed().as_millis() as u64,
                 "transaction delivered"
             );
-            return Ok(Step::Progress);
+            return Ok(None);
         }
         // 429 means busy, not down: wait as asked, without escalating the backoff.
         if let Reply::Status {
@@ -352,7 +457,7 @@ impl Delivery {
         {
             let wait = retry_after.unwrap_or(Duration::from_secs(5));
             sender.update(|_, retry_at| *retry_at = Some(Instant::now() + wait));
-            return Ok(Step::Wait(wait));
+            return Ok(Some(wait));
         }
         let mut wait = Duration::ZERO;
         sender.update(|status, retry_at| {
@@ -365,12 +470,12 @@ impl Delivery {
         });
         tracing::warn!(
             service = service.id(),
-            txn_id,
+            txn_id = txn.txn_id,
             error = %reply.describe(),
             retry_in_s = wait.as_secs_f32(),
             "transaction failed; will retry"
         );
-        Ok(Step::Wait(wait))
+        Ok(Some(wait))
     }
 }
 

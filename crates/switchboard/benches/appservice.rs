@@ -1,0 +1,276 @@
+//! Application-service delivery benchmark: the real binary, a receiving service on loopback, and
+//! HTTP clients sending messages. Prints send throughput and latency, delivered events/s,
+//! send-to-delivery latency, events per transaction, catch-up time and peak RSS, with 1, 10 and
+//! 100 registered services (one of them interested). Run with
+//! `cargo bench -p switchboard --bench appservice` (set `BENCH_SERVICES=1` to run one size).
+
+#[path = "../tests/api/harness.rs"]
+#[allow(dead_code)]
+mod harness;
+
+#[path = "../tests/api/fake_as.rs"]
+mod fake_as;
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use axum::{Router, body::Bytes, extract::State, http::StatusCode, routing::put};
+use fake_as::Registration;
+use harness::{Server, User, enc};
+use serde_json::{Value, json};
+
+const SENDERS: usize = 8;
+const THROUGHPUT_EVENTS: usize = 10_000;
+const PACED_RATE: usize = 1_000;
+const PACED_SECONDS: usize = 5;
+const CATCH_UP_EVENTS: usize = 10_000;
+
+/// The receiving service: records when each event arrived and how big transactions were.
+#[derive(Default)]
+struct Receiver {
+    arrivals: Mutex<HashMap<String, Instant>>,
+    transactions: AtomicUsize,
+    events: AtomicUsize,
+    down: AtomicBool,
+}
+
+async fn transaction(State(receiver): State<Arc<Receiver>>, body: Bytes) -> StatusCode {
+    if receiver.down.load(Ordering::Relaxed) {
+        return StatusCode::SERVICE_UNAVAILABLE;
+    }
+    let now = Instant::now();
+    let body: Value = serde_json::from_slice(&body).unwrap_or_default();
+    let events = body["events"].as_array().cloned().unwrap_or_default();
+    receiver.transactions.fetch_add(1, Ordering::Relaxed);
+    receiver.events.fetch_add(events.len(), Ordering::Relaxed);
+    if let Ok(mut arrivals) = receiver.arrivals.lock() {
+        for event in events {
+            if let Some(id) = event["event_id"].as_str() {
+                arrivals.entry(id.to_owned()).or_insert(now);
+            }
+        }
+    }
+    StatusCode::OK
+}
+
+async fn start_receiver() -> (Arc<Receiver>, String) {
+    let receiver = Arc::new(Receiver::default());
+    let app = Router::new()
+        .route("/_matrix/app/v1/transactions/{txn}", put(transaction))
+        .route("/_matrix/app/v1/ping", axum::routing::post(|| async { "{}" }))
+        .with_state(receiver.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (receiver, url)
+}
+
+struct Sent {
+    at: HashMap<String, Instant>,
+    latencies: Vec<Duration>,
+}
+
+/// `count` messages from `SENDERS` concurrent clients, paced to `rate` per second if given.
+async fn send_load(
+    server: &Arc<Server>,
+    senders: &[(User, String)],
+    count: usize,
+    rate: Option<usize>,
+) -> (Sent, Duration) {
+    let started = Instant::now();
+    let per_sender = count / senders.len();
+    let client = reqwest::Client::new();
+    let tasks: Vec<_> = senders
+        .iter()
+        .cloned()
+        .enumerate()
+        .map(|(n, (user, room))| {
+            let (client, base) = (client.clone(), server.base.clone());
+            tokio::spawn(async move {
+                let mut at = HashMap::new();
+                let mut latencies = Vec::new();
+                for i in 0..per_sender {
+                    if let Some(rate) = rate {
+                        let due = started + Duration::from_secs_f64((i * SENDERS + n) as f64 / rate as f64);
+                        tokio::time::sleep_until(due.into()).await;
+                    }
+                    let url = format!(
+                        "{base}/_matrix/client/v3/rooms/{}/send/m.room.message/{}",
+                        enc(&room),
+                        uuid(n, i)
+                    );
+                    let sent = Instant::now();
+                    let response = client
+                        .put(url)
+                        .bearer_auth(&user.token)
+                        .json(&json!({"msgtype": "m.text", "body": "benchmark"}))
+                        .send()
+                        .await
+                        .expect("send");
+                    let body: Value = response.json().await.expect("json");
+                    latencies.push(sent.elapsed());
+                    at.insert(body["event_id"].as_str().expect("event_id").to_owned(), sent);
+                }
+                (at, latencies)
+            })
+        })
+        .collect();
+    let mut sent = Sent {
+        at: HashMap::new(),
+        latencies: Vec::new(),
+    };
+    for task in tasks {
+        let (at, latencies) = task.await.expect("sender");
+        sent.at.extend(at);
+        sent.latencies.extend(latencies);
+    }
+    (sent, started.elapsed())
+}
+
+/// Transaction IDs unique across the load phases of one run.
+fn uuid(sender: usize, i: usize) -> String {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    format!("{}-{sender}-{i}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+async fn wait_delivered(
+    receiver: &Receiver,
+    ids: &HashMap<String, Instant>,
+    timeout: Duration,
+) -> Option<Instant> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        let last = {
+            let arrivals = receiver.arrivals.lock().expect("arrivals");
+            ids.keys()
+                .map(|id| arrivals.get(id).copied())
+                .collect::<Option<Vec<_>>>()
+                .map(|v| v.into_iter().max())
+        };
+        if let Some(last) = last {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
+}
+
+fn percentile(values: &mut [Duration], p: f64) -> f64 {
+    values.sort();
+    values
+        .get(((values.len() as f64 - 1.0) * p).round() as usize)
+        .map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
+}
+
+fn delivery_latencies(receiver: &Receiver, sent: &HashMap<String, Instant>) -> Vec<Duration> {
+    let arrivals = receiver.arrivals.lock().expect("arrivals");
+    sent.iter()
+        .filter_map(|(id, at)| {
+            arrivals
+                .get(id)
+                .map(|arrived| arrived.saturating_duration_since(*at))
+        })
+        .collect()
+}
+
+async fn run(services: usize) {
+    let (receiver, url) = start_receiver().await;
+    let mut registrations = vec![Registration::new("bench", Some(&url)).users("@_bench_.*:localhost", true)];
+    for i in 1..services {
+        // Services that match nothing here: they cost matching time, nothing else.
+        registrations.push(
+            Registration::new(&format!("other{i}"), Some(&url))
+                .users(&format!("@_other{i}_.*:localhost"), true),
+        );
+    }
+    let refs: Vec<&Registration> = registrations.iter().collect();
+    let (server, _files) = fake_as::start_server(&refs).await;
+    let server = Arc::new(server);
+    let as_token = registrations[0].as_token.clone();
+    let ghost = fake_as::register_ghost(&server, &as_token, "_bench_ghost").await;
+
+    let mut senders = Vec::new();
+    for i in 0..SENDERS {
+        let user = server.register(&format!("sender{i}")).await;
+        let room = server.create_room(&user, json!({"preset": "public_chat"})).await;
+        let join = fake_as::as_user(&format!("/_matrix/client/v3/join/{}", enc(&room)), &ghost);
+        server
+            .ok(reqwest::Method::POST, &join, &as_token, json!({}))
+            .await;
+        senders.push((user, room));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (txns0, events0) = (
+        receiver.transactions.load(Ordering::Relaxed),
+        receiver.events.load(Ordering::Relaxed),
+    );
+
+    // Throughput: as fast as the clients can send.
+    let (mut sent, elapsed) = send_load(&server, &senders, THROUGHPUT_EVENTS, None).await;
+    let first = sent.at.values().min().copied().expect("sent");
+    let last = wait_delivered(&receiver, &sent.at, Duration::from_secs(120))
+        .await
+        .expect("all delivered");
+    let delivered_rate = sent.at.len() as f64 / last.duration_since(first).as_secs_f64();
+    let mut delivery = delivery_latencies(&receiver, &sent.at);
+    let txns = receiver.transactions.load(Ordering::Relaxed) - txns0;
+    let events = receiver.events.load(Ordering::Relaxed) - events0;
+    println!(
+        "  {services:>3} services | throughput: sent {:.0} events/s (send p50 {:.2} ms, p99 {:.2} ms); delivered {:.0} events/s in order; send→delivery p50 {:.1} ms, p99 {:.1} ms; {:.1} events/transaction",
+        sent.at.len() as f64 / elapsed.as_secs_f64(),
+        percentile(&mut sent.latencies, 0.5),
+        percentile(&mut sent.latencies, 0.99),
+        delivered_rate,
+        percentile(&mut delivery, 0.5),
+        percentile(&mut delivery, 0.99),
+        events as f64 / txns.max(1) as f64,
+    );
+
+    // Latency under a steady offered load.
+    let (sent, _) = send_load(&server, &senders, PACED_RATE * PACED_SECONDS, Some(PACED_RATE)).await;
+    wait_delivered(&receiver, &sent.at, Duration::from_secs(60))
+        .await
+        .expect("all delivered");
+    let mut delivery = delivery_latencies(&receiver, &sent.at);
+    println!(
+        "  {services:>3} services | {PACED_RATE} msgs/s offered: send→delivery p50 {:.1} ms, p99 {:.1} ms",
+        percentile(&mut delivery, 0.5),
+        percentile(&mut delivery, 0.99)
+    );
+
+    // Catch-up: the service is down while events queue, then comes back and pings.
+    receiver.down.store(true, Ordering::Relaxed);
+    let (sent, _) = send_load(&server, &senders, CATCH_UP_EVENTS, None).await;
+    receiver.down.store(false, Ordering::Relaxed);
+    let back = Instant::now();
+    let ping = "/_matrix/client/v1/appservice/bench/ping";
+    server.ok(reqwest::Method::POST, ping, &as_token, json!({})).await;
+    let done = wait_delivered(&receiver, &sent.at, Duration::from_secs(120))
+        .await
+        .expect("caught up");
+    println!(
+        "  {services:>3} services | catch-up of {CATCH_UP_EVENTS} queued events: {:.2} s; peak RSS {} KiB",
+        done.duration_since(back).as_secs_f64(),
+        server.peak_rss_kib().unwrap_or(0)
+    );
+}
+
+#[tokio::main]
+async fn main() {
+    let sizes: Vec<usize> = match std::env::var("BENCH_SERVICES") {
+        Ok(v) => v.split(',').filter_map(|s| s.trim().parse().ok()).collect(),
+        Err(_) => vec![1, 10, 100],
+    };
+    println!(
+        "switchboard application-service delivery (SQLite, synchronous=FULL, loopback, {SENDERS} senders)"
+    );
+    for services in sizes {
+        run(services).await;
+    }
+}
