@@ -11,6 +11,14 @@ mod harness;
 #[path = "../tests/api/fake_as.rs"]
 mod fake_as;
 
+/// Concurrent sending clients (`BENCH_SENDERS`, default 32), each in its own room.
+fn sender_count() -> usize {
+    std::env::var("BENCH_SENDERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(32)
+}
+
 use std::{
     collections::HashMap,
     sync::{
@@ -25,7 +33,6 @@ use fake_as::Registration;
 use harness::{Server, User, enc};
 use serde_json::{Value, json};
 
-const SENDERS: usize = 8;
 const THROUGHPUT_EVENTS: usize = 10_000;
 const PACED_RATE: usize = 1_000;
 const PACED_SECONDS: usize = 5;
@@ -76,7 +83,7 @@ struct Sent {
     latencies: Vec<Duration>,
 }
 
-/// `count` messages from `SENDERS` concurrent clients, paced to `rate` per second if given.
+/// `count` messages from `sender_count()` concurrent clients, paced to `rate` per second if given.
 async fn send_load(
     server: &Arc<Server>,
     senders: &[(User, String)],
@@ -97,7 +104,8 @@ async fn send_load(
                 let mut latencies = Vec::new();
                 for i in 0..per_sender {
                     if let Some(rate) = rate {
-                        let due = started + Duration::from_secs_f64((i * SENDERS + n) as f64 / rate as f64);
+                        let due =
+                            started + Duration::from_secs_f64((i * sender_count() + n) as f64 / rate as f64);
                         tokio::time::sleep_until(due.into()).await;
                     }
                     let url = format!(
@@ -196,7 +204,7 @@ async fn run(services: usize) {
     let ghost = fake_as::register_ghost(&server, &as_token, "_bench_ghost").await;
 
     let mut senders = Vec::new();
-    for i in 0..SENDERS {
+    for i in 0..sender_count() {
         let user = server.register(&format!("sender{i}")).await;
         let room = server.create_room(&user, json!({"preset": "public_chat"})).await;
         let join = fake_as::as_user(&format!("/_matrix/client/v3/join/{}", enc(&room)), &ghost);
@@ -268,7 +276,8 @@ async fn main() {
         Err(_) => vec![1, 10, 100],
     };
     println!(
-        "switchboard application-service delivery (SQLite, synchronous=FULL, loopback, {SENDERS} senders)"
+        "switchboard application-service delivery (SQLite, synchronous=FULL, loopback, {} senders)",
+        sender_count()
     );
     for services in sizes {
         run(services).await;

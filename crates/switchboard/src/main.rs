@@ -12,6 +12,11 @@ use switchboard_core::{Homeserver, config::Config, keys, util::random_string};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc returns freed memory to the OS: with glibc's malloc, the 19 MiB argon2 buffers of
+/// password hashing stay resident after every login (RSS 170 MiB vs 21 MiB after the benchmark).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "switchboard",
