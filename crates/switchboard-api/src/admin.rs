@@ -95,3 +95,66 @@ async fn reload(State(hs): State<Arc<Homeserver>>, Auth(session): Auth) -> ApiRe
         .map_err(|e| Error::BadState(e.to_string()))?;
     Ok(Json(json!({ "appservices": count })))
 }
+
+/// Synapse's shared-secret registration: `GET` a nonce, `POST` the account with an HMAC.
+pub(crate) fn synapse_routes() -> Router<Arc<Homeserver>> {
+    Router::new().route(
+        "/_synapse/admin/v1/register",
+        get(register_nonce).post(register_with_secret),
+    )
+}
+
+fn shared_secret(hs: &Homeserver) -> Result<&str, Error> {
+    hs.config
+        .registration_shared_secret
+        .as_deref()
+        .ok_or_else(|| Error::BadState("Shared secret registration is not enabled".to_owned()))
+}
+
+async fn register_nonce(State(hs): State<Arc<Homeserver>>) -> ApiResult<Json<Value>> {
+    shared_secret(&hs)?;
+    Ok(Json(json!({ "nonce": hs.nonces.issue() })))
+}
+
+#[derive(serde::Deserialize)]
+struct SharedSecretBody {
+    nonce: String,
+    username: String,
+    password: String,
+    #[serde(default)]
+    admin: bool,
+    user_type: Option<String>,
+    mac: String,
+    displayname: Option<String>,
+}
+
+async fn register_with_secret(
+    State(hs): State<Arc<Homeserver>>,
+    crate::extract::Body(body): crate::extract::Body<SharedSecretBody>,
+) -> ApiResult<Json<Value>> {
+    let secret = shared_secret(&hs)?;
+    hs.nonces.take(&body.nonce)?;
+    switchboard_core::shared_secret::verify_mac(
+        secret,
+        &body.nonce,
+        &body.username,
+        &body.password,
+        body.admin,
+        body.user_type.as_deref(),
+        &body.mac,
+    )?;
+    let user_id = hs
+        .accounts
+        .create_user(&body.username.to_lowercase(), Some(&body.password), body.admin)
+        .await?;
+    let login = hs
+        .accounts
+        .login_password(&user_id, &body.password, None, body.displayname.as_deref())
+        .await?;
+    Ok(Json(json!({
+        "user_id": user_id,
+        "access_token": login.access_token,
+        "device_id": login.device_id,
+        "home_server": hs.server_name,
+    })))
+}

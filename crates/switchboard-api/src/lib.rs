@@ -26,6 +26,7 @@ pub fn router(hs: Arc<Homeserver>) -> Router {
     Router::new()
         .merge(client::router())
         .merge(admin::routes())
+        .merge(admin::synapse_routes())
         .fallback(unrecognized)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))

@@ -10,6 +10,7 @@ pub mod keys;
 pub mod pdu;
 pub mod ratelimit;
 pub mod rooms;
+pub mod shared_secret;
 pub mod stream;
 pub mod sync;
 pub mod util;
@@ -67,6 +68,7 @@ pub struct Homeserver {
     pub stream: Arc<EventStream>,
     pub limits: Limits,
     pub appservices: Arc<AppServices>,
+    pub nonces: shared_secret::Nonces,
 }
 
 impl Homeserver {
@@ -113,6 +115,7 @@ impl Homeserver {
             tracing::info!(count, "application services registered");
         }
         Ok(Self {
+            nonces: Default::default(),
             appservices,
             accounts: Accounts::new(store.clone(), server_name.clone()),
             sync: SyncService::new(rooms.clone(), store.clone(), stream.clone()),

@@ -150,6 +150,16 @@ impl Server {
         line.split_whitespace().nth(1)?.parse().ok()
     }
 
+    /// Sends a signal (`HUP`, …) to the running server.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id();
+        Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .expect("kill");
+    }
+
     /// SIGTERM and wait; returns how the process exited.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");

@@ -8,5 +8,6 @@ mod appservice;
 mod durability;
 mod fake_as;
 mod http;
+mod ops;
 mod rooms;
 mod sync;

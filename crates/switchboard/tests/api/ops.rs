@@ -1,0 +1,172 @@
+//! Operating the server: shared-secret registration, the appservice admin commands, hot reload.
+
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::{
+    fake_as::{FakeAs, Registration, start_server},
+    harness::{Server, binary, errcode},
+};
+
+async fn shared_secret_register(
+    s: &Server,
+    username: &str,
+    admin: bool,
+    secret: &str,
+) -> (StatusCode, Value) {
+    let nonce = s
+        .call(Method::GET, "/_synapse/admin/v1/register", None, None)
+        .await
+        .1["nonce"]
+        .as_str()
+        .expect("nonce")
+        .to_owned();
+    let mac = switchboard_core_mac(secret, &nonce, username, "pw", admin);
+    let body = json!({"nonce": nonce, "username": username, "password": "pw", "admin": admin, "mac": mac});
+    s.call(Method::POST, "/_synapse/admin/v1/register", None, Some(body))
+        .await
+}
+
+/// The MAC as Synapse's `register_new_matrix_user` computes it, done by the test independently:
+/// HMAC-SHA1 via the `openssl` command line.
+fn switchboard_core_mac(secret: &str, nonce: &str, user: &str, password: &str, admin: bool) -> String {
+    let message = format!(
+        "{nonce}\0{user}\0{password}\0{}",
+        if admin { "admin" } else { "notadmin" }
+    );
+    let mut child = std::process::Command::new("openssl")
+        .args(["dgst", "-sha1", "-hmac", secret, "-r"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("openssl");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(message.as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("openssl output");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .expect("digest")
+        .to_owned()
+}
+
+#[tokio::test]
+async fn shared_secret_registration_creates_admins() {
+    let s = Server::start().await;
+    // The harness config's registration_shared_secret is "test".
+    let (status, body) = shared_secret_register(&s, "root", true, "test").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["user_id"], "@root:localhost");
+    let token = body["access_token"].as_str().expect("token").to_owned();
+    let (status, _) = s
+        .call(
+            Method::GET,
+            "/_switchboard/admin/v1/appservices",
+            Some(&token),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "the new account is a server admin");
+
+    let (status, body) = shared_secret_register(&s, "mallory", true, "wrong secret").await;
+    assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"));
+    let reused =
+        json!({"nonce": "never-issued", "username": "x", "password": "pw", "admin": false, "mac": "00"});
+    let (status, _) = s
+        .call(Method::POST, "/_synapse/admin/v1/register", None, Some(reused))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    let alice = s.register("alice").await;
+    let (status, body) = s
+        .call(
+            Method::GET,
+            "/_switchboard/admin/v1/appservices",
+            Some(&alice.token),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::FORBIDDEN, "M_FORBIDDEN"),
+        "admins only"
+    );
+}
+
+// Multi-threaded: the CLI runs as a blocking child process while the fake service answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appservice_commands_and_hot_reload() {
+    let service = FakeAs::start().await;
+    let registration = Registration::new("bridge", Some(&service.url)).users("@_old_.*:localhost", true);
+    let (s, files) = start_server(&[&registration]).await;
+    let (_, body) = shared_secret_register(&s, "root", true, "test").await;
+    let token = body["access_token"].as_str().expect("token").to_owned();
+
+    let cli = |args: &[&str]| {
+        std::process::Command::new(binary())
+            .arg("appservice")
+            .args(args)
+            .args(["--homeserver", &s.base, "--token", &token])
+            .output()
+            .expect("run")
+    };
+    let list = cli(&["list"]);
+    assert!(list.status.success(), "{}", String::from_utf8_lossy(&list.stderr));
+    let text = String::from_utf8_lossy(&list.stdout);
+    assert!(text.contains("bridge") && text.contains("true"), "{text}");
+    let ping = cli(&["ping", "bridge"]);
+    assert!(ping.status.success(), "{}", String::from_utf8_lossy(&ping.stderr));
+    assert!(String::from_utf8_lossy(&ping.stdout).contains("duration_ms"));
+    assert!(
+        !cli(&["show", "nope"]).status.success(),
+        "unknown services are an error"
+    );
+
+    let register = |localpart: &str| {
+        let body =
+            json!({"type": "m.login.application_service", "username": localpart, "inhibit_login": true});
+        s.call(
+            Method::POST,
+            "/_matrix/client/v3/register",
+            Some(&registration.as_token),
+            Some(body),
+        )
+    };
+    assert_eq!(
+        register("_new_a").await.0,
+        StatusCode::BAD_REQUEST,
+        "not in the namespace yet"
+    );
+
+    // A valid new registration replaces the old one on SIGHUP, without a restart.
+    let path = files.path().join("bridge.yaml");
+    let changed = registration.clone().users("@_new_.*:localhost", true);
+    std::fs::write(&path, changed.yaml()).expect("rewrite");
+    s.signal("HUP");
+    let mut reloaded = false;
+    for _ in 0..50 {
+        if register("_new_a").await.0 == StatusCode::OK {
+            reloaded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(reloaded, "the new namespace is in effect: {}", s.log());
+
+    // An invalid set is refused and the previous one kept.
+    std::fs::write(&path, "id: bridge\nnamespaces: {}\n").expect("break it");
+    s.signal("HUP");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(register("_new_b").await.0, StatusCode::OK, "old set still active");
+    assert!(
+        s.log().contains("registrations not reloaded"),
+        "the refusal is logged"
+    );
+}
