@@ -297,6 +297,41 @@ impl Accounts {
         })
     }
 
+    /// User-interactive auth with `m.login.password` for sensitive operations (deleting devices).
+    /// Without a correct password the answer is the UIA challenge.
+    pub async fn require_password(&self, user_id: &UserId, auth: Option<&Value>) -> Result<()> {
+        let challenge = |error: Option<String>| Error::UiaRequired {
+            session: random_string(24),
+            flows: vec![vec!["m.login.password".to_owned()]],
+            error,
+        };
+        let Some(auth) = auth else {
+            return Err(challenge(None));
+        };
+        if auth.get("type").and_then(Value::as_str) != Some("m.login.password") {
+            return Err(challenge(Some("Only m.login.password is supported".to_owned())));
+        }
+        let password = auth
+            .get("password")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        let hash = self
+            .store
+            .user(user_id.as_str())
+            .await?
+            .and_then(|u| u.password_hash);
+        let valid = match hash {
+            Some(hash) => verify_password(password, hash).await?,
+            None => false,
+        };
+        if valid {
+            Ok(())
+        } else {
+            Err(Error::Forbidden("Invalid password".to_owned()))
+        }
+    }
+
     async fn new_session(
         &self,
         user_id: &UserId,
@@ -347,6 +382,15 @@ impl Accounts {
         self.store
             .delete_device(session.user_id.as_str(), &session.device_id)
             .await?;
+        Ok(())
+    }
+
+    /// Deletes a device and its sessions.
+    pub async fn delete_device(&self, user_id: &UserId, device_id: &str) -> Result<()> {
+        if let Ok(mut sessions) = self.sessions.write() {
+            sessions.retain(|_, s| !(s.user_id == user_id && s.device_id == device_id));
+        }
+        self.store.delete_device(user_id.as_str(), device_id).await?;
         Ok(())
     }
 

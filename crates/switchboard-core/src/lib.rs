@@ -1,6 +1,7 @@
 //! The homeserver's logic: accounts, rooms and their event pipeline, sync. No HTTP here; the
 //! `switchboard-api` crate maps requests onto these services.
 
+pub mod account_data;
 pub mod accounts;
 pub mod appservice;
 pub mod config;
@@ -8,6 +9,7 @@ pub mod error;
 pub mod filter;
 pub mod keys;
 pub mod pdu;
+pub mod profile;
 pub mod ratelimit;
 pub mod rooms;
 pub mod shared_secret;
@@ -69,6 +71,7 @@ pub struct Homeserver {
     pub limits: Limits,
     pub appservices: Arc<AppServices>,
     pub nonces: shared_secret::Nonces,
+    pub account_data: account_data::AccountData,
 }
 
 impl Homeserver {
@@ -82,7 +85,11 @@ impl Homeserver {
             tracing::info!(path = %key_path.display(), "generated a new signing key");
         }
         let store = Store::open_sqlite(&config.sqlite_path()).await?;
-        let stream = EventStream::start(store.clone(), store.max_stream_pos().await?);
+        let stream = EventStream::start(
+            store.clone(),
+            store.max_stream_pos().await?,
+            store.max_aux_pos().await?,
+        );
         let rooms = Arc::new(Rooms::new(
             store.clone(),
             server_name.clone(),
@@ -115,6 +122,7 @@ impl Homeserver {
             tracing::info!(count, "application services registered");
         }
         Ok(Self {
+            account_data: account_data::AccountData::new(store.clone(), stream.clone()),
             nonces: Default::default(),
             appservices,
             accounts: Accounts::new(store.clone(), server_name.clone()),

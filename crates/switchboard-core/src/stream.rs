@@ -40,6 +40,10 @@ impl Written {
 }
 
 pub struct EventStream {
+    /// The auxiliary stream (account data; later receipts): writes are serialised under this
+    /// lock, so a position is announced only after every lower one is stored.
+    aux_last: tokio::sync::Mutex<i64>,
+    aux_notify: watch::Sender<i64>,
     notify: Arc<watch::Sender<i64>>,
     closing: watch::Sender<bool>,
     jobs: mpsc::UnboundedSender<WriteJob>,
@@ -47,17 +51,42 @@ pub struct EventStream {
 }
 
 impl EventStream {
-    /// Starts the writer after position `last` (the highest stored one).
-    pub fn start(store: Store, last: i64) -> Arc<Self> {
+    /// Starts the writer after position `last` (the highest stored one); `last_aux` is the
+    /// auxiliary stream's.
+    pub fn start(store: Store, last: i64, last_aux: i64) -> Arc<Self> {
         let notify = Arc::new(watch::Sender::new(last));
         let (jobs, rx) = mpsc::unbounded_channel();
         tokio::spawn(writer(store, rx, notify.clone(), last));
         Arc::new(Self {
+            aux_last: tokio::sync::Mutex::new(last_aux),
+            aux_notify: watch::Sender::new(last_aux),
             notify,
             closing: watch::Sender::new(false),
             jobs,
             recent: RwLock::new(BTreeMap::new()),
         })
+    }
+
+    /// Runs `write` with the next auxiliary position and announces it once `write` succeeded.
+    pub async fn aux_write<F, Fut>(&self, write: F) -> Result<i64>
+    where
+        F: FnOnce(i64) -> Fut,
+        Fut: std::future::Future<Output = Result<()>>,
+    {
+        let mut last = self.aux_last.lock().await;
+        let pos = *last + 1;
+        write(pos).await?;
+        *last = pos;
+        self.aux_notify.send_replace(pos);
+        Ok(pos)
+    }
+
+    pub fn current_aux(&self) -> i64 {
+        *self.aux_notify.borrow()
+    }
+
+    pub fn subscribe_aux(&self) -> watch::Receiver<i64> {
+        self.aux_notify.subscribe()
     }
 
     /// Stores events (all or none), returning their first position.
@@ -200,7 +229,7 @@ mod tests {
     async fn concurrent_writes_get_gap_free_positions_announced_after_publishing() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open_sqlite(&dir.path().join("db")).await.expect("store");
-        let stream = EventStream::start(store.clone(), 0);
+        let stream = EventStream::start(store.clone(), 0, 0);
         let mut rx = stream.subscribe();
         let writes: Vec<_> = (0..20)
             .map(|i| {
@@ -238,7 +267,7 @@ mod tests {
     async fn a_failed_group_reuses_its_positions() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open_sqlite(&dir.path().join("db")).await.expect("store");
-        let stream = EventStream::start(store.clone(), 0);
+        let stream = EventStream::start(store.clone(), 0, 0);
         stream
             .write(vec![event("$one")])
             .await
@@ -255,6 +284,8 @@ mod tests {
         let (notify, _) = watch::channel(0);
         let (jobs, _rx) = mpsc::unbounded_channel();
         let stream = EventStream {
+            aux_last: tokio::sync::Mutex::new(0),
+            aux_notify: watch::Sender::new(0),
             notify: Arc::new(notify),
             closing: watch::Sender::new(false),
             jobs,

@@ -40,10 +40,41 @@ impl FromStr for StreamToken {
     }
 }
 
+/// A `/sync` position: the event stream's and the auxiliary stream's (account data), written
+/// `s<events>_<aux>`. A bare `s<events>` (an older token, or a `/messages` one) means aux 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyncToken {
+    pub events: i64,
+    pub aux: i64,
+}
+
+impl fmt::Display for SyncToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "s{}_{}", self.events, self.aux)
+    }
+}
+
+impl FromStr for SyncToken {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let events = StreamToken::from_str(s)?.0;
+        let aux = match s.split('_').nth(1) {
+            Some(part) => part
+                .parse::<i64>()
+                .ok()
+                .filter(|n| *n >= 0)
+                .ok_or_else(|| Error::InvalidParam(format!("invalid sync token `{s}`")))?,
+            None => 0,
+        };
+        Ok(Self { events, aux })
+    }
+}
+
 pub struct SyncRequest {
     pub user: OwnedUserId,
     pub device: String,
-    pub since: Option<StreamToken>,
+    pub since: Option<SyncToken>,
     pub timeout: Duration,
     pub full_state: bool,
     pub filter: Filter,
@@ -67,9 +98,11 @@ impl SyncService {
     pub async fn sync(&self, request: &SyncRequest) -> Result<Value> {
         let deadline = tokio::time::Instant::now() + request.timeout;
         let mut news = self.stream.subscribe();
+        let mut aux_news = self.stream.subscribe_aux();
         loop {
             let current = *news.borrow_and_update();
-            let (response, has_news) = self.compute(request, current).await?;
+            let current_aux = *aux_news.borrow_and_update();
+            let (response, has_news) = self.compute(request, current, current_aux).await?;
             if has_news || request.since.is_none() || request.full_state {
                 return Ok(response);
             }
@@ -78,14 +111,19 @@ impl SyncService {
                     Ok(Ok(())) => continue,
                     _ => return Ok(response),
                 },
+                changed = tokio::time::timeout_at(deadline, aux_news.changed()) => match changed {
+                    Ok(Ok(())) => continue,
+                    _ => return Ok(response),
+                },
                 () = self.stream.closed() => return Ok(response),
             }
         }
     }
 
-    async fn compute(&self, request: &SyncRequest, current: i64) -> Result<(Value, bool)> {
+    async fn compute(&self, request: &SyncRequest, current: i64, current_aux: i64) -> Result<(Value, bool)> {
         let user: &UserId = &request.user;
-        let since = request.since.map(|t| t.0.min(current));
+        let since = request.since.map(|t| t.events.min(current));
+        let since_aux = request.since.map_or(0, |t| t.aux.min(current_aux));
         let changed: Option<HashSet<String>> = match since {
             Some(since) if !request.full_state => Some(
                 self.store
@@ -144,11 +182,38 @@ impl SyncService {
                 _ => {}
             }
         }
-        let has_news = !(join.is_empty() && invite.is_empty() && leave.is_empty());
+        // Account data changed since the token: global at the top, per room in the room's section.
+        let mut global_data = Vec::new();
+        let joined: HashSet<String> = self
+            .store
+            .user_memberships(user.as_str())
+            .await?
+            .into_iter()
+            .filter(|(_, m, _)| m == "join")
+            .map(|(r, _, _)| r)
+            .collect();
+        for (room, kind, content) in self
+            .store
+            .account_data_changes(user.as_str(), since_aux, current_aux)
+            .await?
+        {
+            let event = json!({ "type": kind, "content": serde_json::from_str::<Value>(&content).unwrap_or_default() });
+            if room.is_empty() {
+                global_data.push(event);
+            } else if joined.contains(&room) {
+                let section = join
+                    .entry(room.clone())
+                    .or_insert_with(|| empty_room_section(current));
+                if let Some(events) = section["account_data"]["events"].as_array_mut() {
+                    events.push(event);
+                }
+            }
+        }
+        let has_news = !(join.is_empty() && invite.is_empty() && leave.is_empty() && global_data.is_empty());
         let response = json!({
-            "next_batch": StreamToken(current).to_string(),
+            "next_batch": SyncToken { events: current, aux: current_aux }.to_string(),
             "rooms": { "join": join, "invite": invite, "leave": leave, "knock": {} },
-            "account_data": { "events": [] },
+            "account_data": { "events": global_data },
             "presence": { "events": [] },
             "to_device": { "events": [] },
             "device_lists": { "changed": [], "left": [] },
@@ -307,6 +372,17 @@ impl SyncService {
     }
 }
 
+/// A joined room's section with nothing in it but what is added later (account data).
+fn empty_room_section(current: i64) -> Value {
+    json!({
+        "timeline": { "events": [], "limited": false, "prev_batch": StreamToken(current).to_string() },
+        "state": { "events": [] },
+        "ephemeral": { "events": [] },
+        "account_data": { "events": [] },
+        "unread_notifications": { "highlight_count": 0, "notification_count": 0 },
+    })
+}
+
 pub fn to_value(event: &Pdu, viewer: Option<(&UserId, &str)>) -> Value {
     serde_json::to_value(event.to_client(viewer)).unwrap_or(Value::Null)
 }
@@ -324,6 +400,18 @@ mod tests {
             "s7_1_2".parse::<StreamToken>().expect("future form"),
             StreamToken(7)
         );
+    }
+
+    #[test]
+    fn sync_tokens_carry_both_streams() {
+        let token: SyncToken = "s12_5".parse().expect("valid");
+        assert_eq!(token, SyncToken { events: 12, aux: 5 });
+        assert_eq!(token.to_string(), "s12_5");
+        assert_eq!(
+            "s12".parse::<SyncToken>().expect("old form"),
+            SyncToken { events: 12, aux: 0 }
+        );
+        assert!("s12_x".parse::<SyncToken>().is_err());
     }
 
     #[test]

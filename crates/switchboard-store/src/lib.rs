@@ -592,6 +592,123 @@ impl Store {
         Ok(row.is_some())
     }
 
+    // ---- profiles, devices, account data ------------------------------------------------------
+
+    pub async fn set_profile(
+        &self,
+        user_id: &str,
+        displayname: Option<Option<&str>>,
+        avatar_url: Option<Option<&str>>,
+    ) -> Result<()> {
+        if let Some(name) = displayname {
+            sqlx::query("UPDATE users SET displayname = $2 WHERE user_id = $1")
+                .bind(user_id)
+                .bind(name)
+                .execute(&self.pool)
+                .await?;
+        }
+        if let Some(url) = avatar_url {
+            sqlx::query("UPDATE users SET avatar_url = $2 WHERE user_id = $1")
+                .bind(user_id)
+                .bind(url)
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// `(device_id, display_name, created_ts)` of a user's devices.
+    pub async fn devices(&self, user_id: &str) -> Result<Vec<(String, Option<String>, i64)>> {
+        let rows = sqlx::query(
+            "SELECT device_id, display_name, created_ts FROM devices WHERE user_id = $1 ORDER BY device_id",
+        )
+        .bind(user_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
+    }
+
+    /// Creates the device if missing and sets its display name if given.
+    pub async fn upsert_device(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        display_name: Option<&str>,
+        now: i64,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO devices (user_id, device_id, display_name, created_ts) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (user_id, device_id) DO UPDATE SET display_name = COALESCE($3, devices.display_name)",
+        )
+        .bind(user_id)
+        .bind(device_id)
+        .bind(display_name)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Highest position of the auxiliary stream in use.
+    pub async fn max_aux_pos(&self) -> Result<i64> {
+        let row = sqlx::query("SELECT COALESCE(MAX(stream_pos), 0) FROM account_data")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.get(0))
+    }
+
+    pub async fn set_account_data(
+        &self,
+        user_id: &str,
+        room_id: &str,
+        kind: &str,
+        content: &str,
+        pos: i64,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO account_data (user_id, room_id, type, content, stream_pos) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (user_id, room_id, type) DO UPDATE SET content = $4, stream_pos = $5",
+        )
+        .bind(user_id)
+        .bind(room_id)
+        .bind(kind)
+        .bind(content)
+        .bind(pos)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn account_data(&self, user_id: &str, room_id: &str, kind: &str) -> Result<Option<String>> {
+        let row =
+            sqlx::query("SELECT content FROM account_data WHERE user_id = $1 AND room_id = $2 AND type = $3")
+                .bind(user_id)
+                .bind(room_id)
+                .bind(kind)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// `(room_id, type, content)` changed with `after < stream_pos <= until` ('' room = global).
+    pub async fn account_data_changes(
+        &self,
+        user_id: &str,
+        after: i64,
+        until: i64,
+    ) -> Result<Vec<(String, String, String)>> {
+        let rows = sqlx::query(
+            "SELECT room_id, type, content FROM account_data
+             WHERE user_id = $1 AND stream_pos > $2 AND stream_pos <= $3 ORDER BY stream_pos",
+        )
+        .bind(user_id)
+        .bind(after)
+        .bind(until)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
+    }
+
     // ---- aliases ---------------------------------------------------------------------------
 
     /// Creates an alias; returns `false` if it already exists.

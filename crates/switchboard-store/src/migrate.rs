@@ -8,6 +8,7 @@ use crate::{Result, StoreError};
 const SQLITE_MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0001_core.sql"),
     include_str!("../migrations/sqlite/0002_appservices.sql"),
+    include_str!("../migrations/sqlite/0003_account_data.sql"),
 ];
 
 pub(crate) async fn run(pool: &SqlitePool) -> Result<()> {

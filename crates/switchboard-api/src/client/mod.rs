@@ -2,8 +2,10 @@
 
 mod account;
 mod appservice;
+mod devices;
 mod directory;
 mod events;
+mod profile;
 mod rooms;
 mod sync;
 mod thirdparty;
@@ -21,6 +23,8 @@ pub(crate) fn router() -> Router<Arc<Homeserver>> {
         .merge(events::routes())
         .merge(directory::routes())
         .merge(sync::routes())
+        .merge(profile::routes())
+        .merge(devices::routes())
         .merge(thirdparty::routes());
     Router::new()
         .merge(versions::routes())

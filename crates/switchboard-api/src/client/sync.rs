@@ -14,7 +14,7 @@ use switchboard_core::{
     Error, Homeserver,
     accounts::Session,
     filter::Filter,
-    sync::{StreamToken, SyncRequest},
+    sync::{SyncRequest, SyncToken},
 };
 
 use crate::{
@@ -50,7 +50,7 @@ async fn sync(
         .since
         .as_deref()
         .filter(|s| !s.is_empty())
-        .map(str::parse::<StreamToken>)
+        .map(str::parse::<SyncToken>)
         .transpose()?;
     let filter = load_filter(&hs, &session, params.filter.as_deref()).await?;
     let request = SyncRequest {

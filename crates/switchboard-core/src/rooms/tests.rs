@@ -22,7 +22,7 @@ async fn fixture() -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open_sqlite(&dir.path().join("db")).await.expect("store");
     let key = Arc::new(SigningKey::parse(&crate::keys::generate_key_file_contents(), "test").expect("key"));
-    let stream = EventStream::start(store.clone(), 0);
+    let stream = EventStream::start(store.clone(), 0, 0);
     let rooms = Arc::new(Rooms::new(
         store,
         "example.org".try_into().expect("name"),
@@ -291,6 +291,7 @@ async fn state_survives_a_cold_cache() {
     let stream = EventStream::start(
         f.rooms.store().clone(),
         f.rooms.store().max_stream_pos().await.expect("max"),
+        0,
     );
     let restarted = Arc::new(Rooms::new(
         f.rooms.store().clone(),

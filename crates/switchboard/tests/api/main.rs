@@ -9,5 +9,6 @@ mod durability;
 mod fake_as;
 mod http;
 mod ops;
+mod profile;
 mod rooms;
 mod sync;
