@@ -5,6 +5,7 @@ pub mod account_data;
 pub mod accounts;
 pub mod appservice;
 pub mod config;
+pub mod ephemeral;
 pub mod error;
 pub mod filter;
 pub mod keys;
@@ -72,6 +73,7 @@ pub struct Homeserver {
     pub appservices: Arc<AppServices>,
     pub nonces: shared_secret::Nonces,
     pub account_data: account_data::AccountData,
+    pub ephemeral: Arc<ephemeral::Ephemeral>,
 }
 
 impl Homeserver {
@@ -121,12 +123,14 @@ impl Homeserver {
         if count > 0 {
             tracing::info!(count, "application services registered");
         }
+        let ephemeral = ephemeral::Ephemeral::new(store.clone(), stream.clone());
         Ok(Self {
+            sync: SyncService::new(rooms.clone(), store.clone(), stream.clone(), ephemeral.clone()),
+            ephemeral,
             account_data: account_data::AccountData::new(store.clone(), stream.clone()),
             nonces: Default::default(),
             appservices,
             accounts: Accounts::new(store.clone(), server_name.clone()),
-            sync: SyncService::new(rooms.clone(), store.clone(), stream.clone()),
             config,
             server_name,
             store,

@@ -74,11 +74,20 @@ impl EventStream {
         Fut: std::future::Future<Output = Result<()>>,
     {
         let mut last = self.aux_last.lock().await;
-        let pos = *last + 1;
+        // Typing and presence live in memory and are not stored, so positions must keep growing
+        // across restarts without them: never below the clock (milliseconds).
+        let pos = (*last + 1).max(crate::util::now_ms() as i64);
         write(pos).await?;
         *last = pos;
         self.aux_notify.send_replace(pos);
         Ok(pos)
+    }
+
+    /// Announces a change that is kept in memory only (typing, presence); returns its position.
+    pub async fn aux_bump(&self) -> i64 {
+        self.aux_write(|_| async { Ok(()) })
+            .await
+            .unwrap_or_else(|_| self.current_aux())
     }
 
     pub fn current_aux(&self) -> i64 {

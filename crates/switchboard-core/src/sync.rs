@@ -12,7 +12,9 @@ use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId, events::TimelineEventType};
 use serde_json::{Map, Value, json};
 use switchboard_store::Store;
 
-use crate::{Error, Result, filter::Filter, pdu::Pdu, rooms::Rooms, stream::EventStream};
+use crate::{
+    Error, Result, ephemeral::Ephemeral, filter::Filter, pdu::Pdu, rooms::Rooms, stream::EventStream,
+};
 
 /// A position in the event stream, as handed to clients (`s42`). Used for `next_batch`,
 /// `prev_batch` and `/messages` tokens alike: on a single server the stream order is also each
@@ -84,13 +86,19 @@ pub struct SyncService {
     rooms: Arc<Rooms>,
     store: Store,
     stream: Arc<EventStream>,
+    ephemeral: Arc<Ephemeral>,
 }
 
 const DEFAULT_TIMELINE_LIMIT: u64 = 10;
 
 impl SyncService {
-    pub fn new(rooms: Arc<Rooms>, store: Store, stream: Arc<EventStream>) -> Self {
-        Self { rooms, store, stream }
+    pub fn new(rooms: Arc<Rooms>, store: Store, stream: Arc<EventStream>, ephemeral: Arc<Ephemeral>) -> Self {
+        Self {
+            rooms,
+            store,
+            stream,
+            ephemeral,
+        }
     }
 
     /// Answers at once if anything changed since the token (or for an initial sync), otherwise
@@ -209,12 +217,49 @@ impl SyncService {
                 }
             }
         }
-        let has_news = !(join.is_empty() && invite.is_empty() && leave.is_empty() && global_data.is_empty());
+        // Typing and receipts of joined rooms, presence of people sharing a room.
+        let since_ephemeral = request.since.map(|_| since_aux);
+        for room in &joined {
+            let Ok(room_id) = OwnedRoomId::try_from(room.as_str()) else {
+                continue;
+            };
+            if let Some(users) = self.ephemeral.typing_since(&room_id, since_ephemeral) {
+                let event = json!({ "type": "m.typing", "content": { "user_ids": users } });
+                push_ephemeral(&mut join, room, event, current);
+            }
+        }
+        let own = user.as_str().to_owned();
+        let receipts = self
+            .ephemeral
+            .receipts_since(since_aux, current_aux, |reader| reader == own)
+            .await?;
+        for (room, event) in receipts {
+            if joined.contains(&room) {
+                push_ephemeral(&mut join, &room, event, current);
+            }
+        }
+        let mut presence = self.ephemeral.presence_since(since_aux, |_| true);
+        if !presence.is_empty() {
+            let mut peers: HashSet<String> = HashSet::from([own.clone()]);
+            for room in &joined {
+                peers.extend(self.store.joined_members(room).await?);
+            }
+            presence.retain(|event| {
+                event["sender"]
+                    .as_str()
+                    .is_some_and(|sender| peers.contains(sender))
+            });
+        }
+        let has_news = !(join.is_empty()
+            && invite.is_empty()
+            && leave.is_empty()
+            && global_data.is_empty()
+            && presence.is_empty());
         let response = json!({
             "next_batch": SyncToken { events: current, aux: current_aux }.to_string(),
             "rooms": { "join": join, "invite": invite, "leave": leave, "knock": {} },
             "account_data": { "events": global_data },
-            "presence": { "events": [] },
+            "presence": { "events": presence },
             "to_device": { "events": [] },
             "device_lists": { "changed": [], "left": [] },
             "device_one_time_keys_count": {},
@@ -372,7 +417,16 @@ impl SyncService {
     }
 }
 
-/// A joined room's section with nothing in it but what is added later (account data).
+fn push_ephemeral(join: &mut Map<String, Value>, room: &str, event: Value, current: i64) {
+    let section = join
+        .entry(room.to_owned())
+        .or_insert_with(|| empty_room_section(current));
+    if let Some(events) = section["ephemeral"]["events"].as_array_mut() {
+        events.push(event);
+    }
+}
+
+/// A joined room's section with nothing in it but what is added later (account data, ephemeral).
 fn empty_room_section(current: i64) -> Value {
     json!({
         "timeline": { "events": [], "limited": false, "prev_batch": StreamToken(current).to_string() },

@@ -651,12 +651,64 @@ impl Store {
 
     /// Highest position of the auxiliary stream in use.
     pub async fn max_aux_pos(&self) -> Result<i64> {
-        let row = sqlx::query("SELECT COALESCE(MAX(stream_pos), 0) FROM account_data")
-            .fetch_one(&self.pool)
-            .await?;
+        let row = sqlx::query(
+            "SELECT MAX(COALESCE((SELECT MAX(stream_pos) FROM account_data), 0),
+                        COALESCE((SELECT MAX(stream_pos) FROM receipts), 0))",
+        )
+        .fetch_one(&self.pool)
+        .await?;
         Ok(row.get(0))
     }
 
+    #[allow(clippy::too_many_arguments)]
+    pub async fn set_receipt(
+        &self,
+        room_id: &str,
+        receipt_type: &str,
+        user_id: &str,
+        thread_id: &str,
+        event_id: &str,
+        ts: i64,
+        pos: i64,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO receipts (room_id, receipt_type, user_id, thread_id, event_id, ts, stream_pos)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (room_id, receipt_type, user_id, thread_id)
+             DO UPDATE SET event_id = $5, ts = $6, stream_pos = $7",
+        )
+        .bind(room_id)
+        .bind(receipt_type)
+        .bind(user_id)
+        .bind(thread_id)
+        .bind(event_id)
+        .bind(ts)
+        .bind(pos)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Receipts changed with `after < stream_pos <= until`:
+    /// `(room_id, receipt_type, user_id, thread_id, event_id, ts)`.
+    pub async fn receipt_changes(
+        &self,
+        after: i64,
+        until: i64,
+    ) -> Result<Vec<(String, String, String, String, String, i64)>> {
+        let rows = sqlx::query(
+            "SELECT room_id, receipt_type, user_id, thread_id, event_id, ts FROM receipts
+             WHERE stream_pos > $1 AND stream_pos <= $2 ORDER BY stream_pos",
+        )
+        .bind(after)
+        .bind(until)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
+            .collect())
+    }
     pub async fn set_account_data(
         &self,
         user_id: &str,

@@ -9,6 +9,7 @@ const SQLITE_MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0001_core.sql"),
     include_str!("../migrations/sqlite/0002_appservices.sql"),
     include_str!("../migrations/sqlite/0003_account_data.sql"),
+    include_str!("../migrations/sqlite/0004_receipts.sql"),
 ];
 
 pub(crate) async fn run(pool: &SqlitePool) -> Result<()> {

@@ -4,6 +4,7 @@ mod account;
 mod appservice;
 mod devices;
 mod directory;
+mod ephemeral;
 mod events;
 mod profile;
 mod rooms;
@@ -25,6 +26,7 @@ pub(crate) fn router() -> Router<Arc<Homeserver>> {
         .merge(sync::routes())
         .merge(profile::routes())
         .merge(devices::routes())
+        .merge(ephemeral::routes())
         .merge(thirdparty::routes());
     Router::new()
         .merge(versions::routes())

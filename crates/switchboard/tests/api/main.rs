@@ -6,6 +6,7 @@ mod harness;
 mod accounts;
 mod appservice;
 mod durability;
+mod ephemeral;
 mod fake_as;
 mod http;
 mod ops;

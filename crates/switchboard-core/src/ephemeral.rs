@@ -1,0 +1,241 @@
+//! Ephemeral data: typing notifications (in memory, expiring), read receipts (stored) and
+//! presence (in memory). Every change takes a position on the auxiliary stream, which wakes
+//! `/sync` and is how clients and application services learn what changed since their token.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
+use serde_json::{Map, Value, json};
+use switchboard_store::Store;
+
+use crate::{Error, Result, stream::EventStream, util::now_ms};
+
+/// Typing lasts at most this long without a refresh, whatever the client asks.
+const MAX_TYPING: Duration = Duration::from_secs(120);
+
+#[derive(Default)]
+struct RoomTyping {
+    users: HashMap<OwnedUserId, Instant>,
+    /// Auxiliary position of the last change.
+    pos: i64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Presence {
+    pub presence: String,
+    pub status_msg: Option<String>,
+    pub last_active_ms: u64,
+    pub pos: i64,
+}
+
+pub struct Ephemeral {
+    store: Store,
+    stream: Arc<EventStream>,
+    typing: Mutex<HashMap<OwnedRoomId, RoomTyping>>,
+    presence: Mutex<HashMap<OwnedUserId, Presence>>,
+}
+
+pub const RECEIPT_TYPES: &[&str] = &["m.read", "m.read.private"];
+
+impl Ephemeral {
+    pub fn new(store: Store, stream: Arc<EventStream>) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            stream,
+            typing: Mutex::new(HashMap::new()),
+            presence: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Starts or stops `user` typing in `room`; typing expires after `timeout` by itself.
+    pub async fn set_typing(self: &Arc<Self>, room: &RoomId, user: &UserId, typing: bool, timeout: Duration) {
+        let timeout = timeout.min(MAX_TYPING);
+        let changed = {
+            let Ok(mut rooms) = self.typing.lock() else { return };
+            let entry = rooms.entry(room.to_owned()).or_default();
+            if typing {
+                entry
+                    .users
+                    .insert(user.to_owned(), Instant::now() + timeout)
+                    .is_none()
+            } else {
+                entry.users.remove(user).is_some()
+            }
+        };
+        if changed {
+            self.bump_typing(room).await;
+        }
+        if typing {
+            let this = self.clone();
+            let (room, user) = (room.to_owned(), user.to_owned());
+            tokio::spawn(async move {
+                tokio::time::sleep(timeout).await;
+                this.expire(&room, &user).await;
+            });
+        }
+    }
+
+    async fn expire(&self, room: &RoomId, user: &UserId) {
+        let expired = self.typing.lock().ok().is_some_and(|mut rooms| {
+            let Some(entry) = rooms.get_mut(room) else {
+                return false;
+            };
+            let due = entry
+                .users
+                .get(user)
+                .is_some_and(|until| *until <= Instant::now());
+            if due {
+                entry.users.remove(user);
+            }
+            due
+        });
+        if expired {
+            self.bump_typing(room).await;
+        }
+    }
+
+    async fn bump_typing(&self, room: &RoomId) {
+        let pos = self.stream.aux_bump().await;
+        if let Ok(mut rooms) = self.typing.lock() {
+            rooms.entry(room.to_owned()).or_default().pos = pos;
+        }
+    }
+
+    /// The typing users of a room, if that changed after `since` (aux position).
+    pub fn typing_since(&self, room: &RoomId, since: Option<i64>) -> Option<Vec<OwnedUserId>> {
+        let rooms = self.typing.lock().ok()?;
+        let entry = rooms.get(room)?;
+        if since.is_some_and(|s| entry.pos <= s) {
+            return None;
+        }
+        let now = Instant::now();
+        Some(
+            entry
+                .users
+                .iter()
+                .filter(|(_, until)| **until > now)
+                .map(|(u, _)| u.clone())
+                .collect(),
+        )
+    }
+
+    /// Rooms whose typing changed after `since`.
+    pub fn typing_rooms_since(&self, since: i64) -> Vec<OwnedRoomId> {
+        self.typing
+            .lock()
+            .map(|rooms| {
+                rooms
+                    .iter()
+                    .filter(|(_, t)| t.pos > since)
+                    .map(|(r, _)| r.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub async fn set_receipt(
+        &self,
+        room: &RoomId,
+        kind: &str,
+        user: &UserId,
+        event_id: &str,
+        thread: Option<&str>,
+    ) -> Result<()> {
+        if !RECEIPT_TYPES.contains(&kind) {
+            return Err(Error::InvalidParam(format!("unknown receipt type `{kind}`")));
+        }
+        let ts = now_ms() as i64;
+        let thread = thread.unwrap_or("");
+        self.stream
+            .aux_write(|pos| async move {
+                Ok(self
+                    .store
+                    .set_receipt(room.as_str(), kind, user.as_str(), thread, event_id, ts, pos)
+                    .await?)
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// `m.receipt` content per room for receipts changed in `(after, until]`, as `viewer` may see
+    /// them (private receipts only their own, or — for services — their namespace's).
+    pub async fn receipts_since(
+        &self,
+        after: i64,
+        until: i64,
+        may_see_private: impl Fn(&str) -> bool,
+    ) -> Result<HashMap<String, Value>> {
+        let mut rooms: HashMap<String, Map<String, Value>> = HashMap::new();
+        for (room, kind, user, thread, event_id, ts) in self.store.receipt_changes(after, until).await? {
+            if kind == "m.read.private" && !may_see_private(&user) {
+                continue;
+            }
+            let mut receipt = json!({ "ts": ts });
+            if !thread.is_empty() {
+                receipt["thread_id"] = json!(thread);
+            }
+            let content = rooms.entry(room).or_default();
+            let by_event = content.entry(event_id).or_insert_with(|| json!({}));
+            by_event[kind.as_str()][user.as_str()] = receipt;
+        }
+        Ok(rooms
+            .into_iter()
+            .map(|(room, content)| (room, json!({ "type": "m.receipt", "content": content })))
+            .collect())
+    }
+
+    pub async fn set_presence(
+        &self,
+        user: &UserId,
+        presence: &str,
+        status_msg: Option<String>,
+    ) -> Result<()> {
+        if !["online", "offline", "unavailable"].contains(&presence) {
+            return Err(Error::InvalidParam(format!("unknown presence `{presence}`")));
+        }
+        let pos = self.stream.aux_bump().await;
+        if let Ok(mut all) = self.presence.lock() {
+            all.insert(
+                user.to_owned(),
+                Presence {
+                    presence: presence.to_owned(),
+                    status_msg,
+                    last_active_ms: now_ms(),
+                    pos,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    pub fn presence(&self, user: &UserId) -> Option<Presence> {
+        self.presence.lock().ok()?.get(user).cloned()
+    }
+
+    /// `m.presence` events of the given users that changed after `since`.
+    pub fn presence_since(&self, since: i64, users: impl Fn(&UserId) -> bool) -> Vec<Value> {
+        let Ok(all) = self.presence.lock() else {
+            return Vec::new();
+        };
+        let now = now_ms();
+        all.iter()
+            .filter(|(user, p)| p.pos > since && users(user))
+            .map(|(user, p)| {
+                json!({
+                    "type": "m.presence",
+                    "sender": user,
+                    "content": {
+                        "presence": p.presence,
+                        "status_msg": p.status_msg,
+                        "last_active_ago": now.saturating_sub(p.last_active_ms),
+                        "currently_active": p.presence == "online",
+                    },
+                })
+            })
+            .collect()
+    }
+}

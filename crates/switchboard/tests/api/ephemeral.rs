@@ -1,0 +1,189 @@
+//! Typing, receipts, read markers and presence, as the other members see them through /sync.
+
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::harness::{Server, User, enc, errcode};
+
+async fn pair(s: &Server) -> (User, User, String) {
+    let (alice, bob) = (s.register("alice").await, s.register("bob").await);
+    let room = s.create_room(&alice, json!({"preset": "public_chat"})).await;
+    s.ok(
+        Method::POST,
+        &format!("/_matrix/client/v3/join/{}", enc(&room)),
+        &bob.token,
+        json!({}),
+    )
+    .await;
+    (alice, bob, room)
+}
+
+fn ephemeral_of(sync: &Value, room: &str, kind: &str) -> Option<Value> {
+    sync["rooms"]["join"][room]["ephemeral"]["events"]
+        .as_array()?
+        .iter()
+        .find(|e| e["type"] == kind)
+        .cloned()
+}
+
+#[tokio::test]
+async fn typing_wakes_the_other_sync_and_expires() {
+    let s = Server::start().await;
+    let (alice, bob, room) = pair(&s).await;
+    let since = s.sync(&bob, "").await["next_batch"]
+        .as_str()
+        .expect("t")
+        .to_owned();
+    let typing = format!(
+        "/_matrix/client/v3/rooms/{}/typing/{}",
+        enc(&room),
+        enc(&alice.user_id)
+    );
+    let started = Instant::now();
+    s.ok(
+        Method::PUT,
+        &typing,
+        &alice.token,
+        json!({"typing": true, "timeout": 1000}),
+    )
+    .await;
+    let sync = s.sync(&bob, &format!("since={since}&timeout=5000")).await;
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let event = ephemeral_of(&sync, &room, "m.typing").expect("typing event");
+    assert_eq!(event["content"]["user_ids"], json!([alice.user_id]));
+
+    // The timeout ends it by itself, and that is news too.
+    let next = sync["next_batch"].as_str().expect("t").to_owned();
+    let sync = s.sync(&bob, &format!("since={next}&timeout=5000")).await;
+    let event = ephemeral_of(&sync, &room, "m.typing").expect("typing stopped");
+    assert_eq!(event["content"]["user_ids"], json!([]));
+
+    let other = format!(
+        "/_matrix/client/v3/rooms/{}/typing/{}",
+        enc(&room),
+        enc(&bob.user_id)
+    );
+    let (status, body) = s
+        .call(
+            Method::PUT,
+            &other,
+            Some(&alice.token),
+            Some(json!({"typing": true})),
+        )
+        .await;
+    assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"));
+}
+
+#[tokio::test]
+async fn receipts_and_read_markers() {
+    let s = Server::start().await;
+    let (alice, bob, room) = pair(&s).await;
+    let (_, sent) = s.send_text(&alice, &room, "1", "read me").await;
+    let event_id = sent["event_id"].as_str().expect("id").to_owned();
+    let since = s.sync(&alice, "").await["next_batch"]
+        .as_str()
+        .expect("t")
+        .to_owned();
+
+    let receipt = format!(
+        "/_matrix/client/v3/rooms/{}/receipt/m.read/{}",
+        enc(&room),
+        enc(&event_id)
+    );
+    s.ok(Method::POST, &receipt, &bob.token, json!({})).await;
+    let private = format!(
+        "/_matrix/client/v3/rooms/{}/receipt/m.read.private/{}",
+        enc(&room),
+        enc(&event_id)
+    );
+    s.ok(Method::POST, &private, &bob.token, json!({})).await;
+    let markers = format!("/_matrix/client/v3/rooms/{}/read_markers", enc(&room));
+    s.ok(
+        Method::POST,
+        &markers,
+        &bob.token,
+        json!({"m.fully_read": event_id}),
+    )
+    .await;
+
+    let sync = s.sync(&alice, &format!("since={since}&timeout=5000")).await;
+    let receipts = ephemeral_of(&sync, &room, "m.receipt").expect("receipt");
+    assert!(
+        receipts["content"][&event_id]["m.read"][&bob.user_id]["ts"].is_u64(),
+        "{receipts}"
+    );
+    assert!(
+        receipts["content"][&event_id].get("m.read.private").is_none(),
+        "private receipts stay private"
+    );
+
+    let bobs = s.sync(&bob, "").await;
+    let own = ephemeral_of(&bobs, &room, "m.receipt").expect("own receipts");
+    assert!(
+        own["content"][&event_id]["m.read.private"][&bob.user_id].is_object(),
+        "own private receipt: {own}"
+    );
+    let fully_read = bobs["rooms"]["join"][&room]["account_data"]["events"]
+        .as_array()
+        .expect("account data")
+        .iter()
+        .find(|e| e["type"] == "m.fully_read")
+        .cloned()
+        .expect("m.fully_read");
+    assert_eq!(fully_read["content"]["event_id"], event_id.as_str());
+
+    let bad = format!("/_matrix/client/v3/rooms/{}/receipt/m.read/%24nope", enc(&room));
+    let (status, _) = s
+        .call(Method::POST, &bad, Some(&bob.token), Some(json!({})))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn presence_reaches_room_peers_only() {
+    let s = Server::start().await;
+    let (alice, bob, _room) = pair(&s).await;
+    let stranger = s.register("stranger").await;
+    let since = s.sync(&bob, "").await["next_batch"]
+        .as_str()
+        .expect("t")
+        .to_owned();
+    let path = format!("/_matrix/client/v3/presence/{}/status", enc(&alice.user_id));
+    s.ok(
+        Method::PUT,
+        &path,
+        &alice.token,
+        json!({"presence": "online", "status_msg": "hi"}),
+    )
+    .await;
+    let status = s.ok(Method::GET, &path, &bob.token, Value::Null).await;
+    assert_eq!(status["presence"], "online");
+    assert_eq!(status["status_msg"], "hi");
+
+    let sync = s.sync(&bob, &format!("since={since}&timeout=5000")).await;
+    let events = sync["presence"]["events"].as_array().expect("presence");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["sender"] == alice.user_id.as_str() && e["content"]["presence"] == "online")
+    );
+    let theirs = s.sync(&stranger, "").await;
+    assert!(
+        theirs["presence"]["events"]
+            .as_array()
+            .expect("presence")
+            .is_empty(),
+        "no shared room"
+    );
+    let (code, _) = s
+        .call(
+            Method::PUT,
+            &path,
+            Some(&bob.token),
+            Some(json!({"presence": "online"})),
+        )
+        .await;
+    assert_eq!(code, StatusCode::FORBIDDEN);
+}
