@@ -119,11 +119,12 @@ impl Homeserver {
             delivery,
             legacy_auth,
         ));
+        let ephemeral = ephemeral::Ephemeral::new(store.clone(), stream.clone());
+        appservices.delivery.set_ephemeral(ephemeral.clone());
         let count = appservices.load(&config.app_service_config_files).await?;
         if count > 0 {
             tracing::info!(count, "application services registered");
         }
-        let ephemeral = ephemeral::Ephemeral::new(store.clone(), stream.clone());
         Ok(Self {
             sync: SyncService::new(rooms.clone(), store.clone(), stream.clone(), ephemeral.clone()),
             ephemeral,

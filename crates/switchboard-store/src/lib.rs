@@ -15,7 +15,7 @@ use sqlx::{
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous},
 };
 
-pub use rows::{EventRow, NewEvent, NewUser, UserRow};
+pub use rows::{AsPosition, EventRow, NewEvent, NewUser, StoredTxn, UserRow};
 
 /// A storage failure. The homeserver maps all of these to `500 M_UNKNOWN`; the details go to the log.
 #[derive(Debug, thiserror::Error)]
@@ -412,28 +412,37 @@ impl Store {
 
     // ---- application services --------------------------------------------------------------
 
-    /// The delivery state of a service, created at `start_pos` (now, for a new service: it gets
-    /// what happens from its registration on, not the server's whole history).
-    pub async fn appservice_state(&self, as_id: &str, start_pos: i64) -> Result<(i64, i64)> {
-        sqlx::query("INSERT INTO appservice_state (as_id, last_pos) VALUES ($1, $2) ON CONFLICT DO NOTHING")
-            .bind(as_id)
-            .bind(start_pos)
-            .execute(&self.pool)
-            .await?;
-        let row = sqlx::query("SELECT last_pos, last_txn_id FROM appservice_state WHERE as_id = $1")
-            .bind(as_id)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok((row.get(0), row.get(1)))
+    /// The delivery state of a service — how far along both streams it is, and its last txn ID —
+    /// created at `start` (now, for a new service: it gets what happens from its registration
+    /// on, not the server's whole history).
+    pub async fn appservice_state(&self, as_id: &str, start: AsPosition) -> Result<(AsPosition, i64)> {
+        sqlx::query(
+            "INSERT INTO appservice_state (as_id, last_pos, last_aux) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+        )
+        .bind(as_id)
+        .bind(start.events)
+        .bind(start.aux)
+        .execute(&self.pool)
+        .await?;
+        let row =
+            sqlx::query("SELECT last_pos, last_aux, last_txn_id FROM appservice_state WHERE as_id = $1")
+                .bind(as_id)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok((
+            AsPosition {
+                events: row.get(0),
+                aux: row.get(1),
+            },
+            row.get(2),
+        ))
     }
 
-    /// Records that every event up to `pos` was considered and none was for the service.
-    pub async fn appservice_skip_to(&self, as_id: &str, pos: i64) -> Result<()> {
-        sqlx::query("UPDATE appservice_state SET last_pos = $2 WHERE as_id = $1 AND last_pos < $2")
-            .bind(as_id)
-            .bind(pos)
-            .execute(&self.pool)
-            .await?;
+    /// Records that everything up to `pos` was considered and none was for the service.
+    pub async fn appservice_skip_to(&self, as_id: &str, pos: AsPosition) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        advance_in(&mut tx, as_id, pos).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -441,108 +450,70 @@ impl Store {
     pub async fn appservice_new_txn(
         &self,
         as_id: &str,
-        last_pos: i64,
+        upto: AsPosition,
         event_count: i64,
         body: &str,
     ) -> Result<i64> {
         let mut tx = self.pool.begin().await?;
-        let txn_id: i64 = sqlx::query(
-            "UPDATE appservice_state SET last_txn_id = last_txn_id + 1 WHERE as_id = $1 RETURNING last_txn_id",
-        )
-        .bind(as_id)
-        .fetch_one(&mut *tx)
-        .await?
-        .get(0);
-        sqlx::query(
-            "INSERT INTO appservice_txns (as_id, txn_id, last_pos, event_count, body) VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(as_id)
-        .bind(txn_id)
-        .bind(last_pos)
-        .bind(event_count)
-        .bind(body)
-        .execute(&mut *tx)
-        .await?;
+        let txn_id = new_txn_in(&mut tx, as_id, upto, event_count, body).await?;
         tx.commit().await?;
         Ok(txn_id)
     }
 
-    /// The in-flight transaction of a service: `(txn_id, last_pos, event_count, body)`.
-    pub async fn appservice_pending_txn(&self, as_id: &str) -> Result<Option<(i64, i64, i64, String)>> {
-        let row =
-            sqlx::query("SELECT txn_id, last_pos, event_count, body FROM appservice_txns WHERE as_id = $1")
-                .bind(as_id)
-                .fetch_optional(&self.pool)
-                .await?;
-        Ok(row.map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))))
-    }
-
-    /// The service acknowledged the transaction: drop it and move the position past it, atomically.
-    pub async fn appservice_ack_txn(&self, as_id: &str, txn_id: i64) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        let row =
-            sqlx::query("DELETE FROM appservice_txns WHERE as_id = $1 AND txn_id = $2 RETURNING last_pos")
-                .bind(as_id)
-                .bind(txn_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        if let Some(row) = row {
-            let pos: i64 = row.get(0);
-            sqlx::query("UPDATE appservice_state SET last_pos = $2 WHERE as_id = $1 AND last_pos < $2")
-                .bind(as_id)
-                .bind(pos)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(())
+    /// The in-flight transaction of a service.
+    pub async fn appservice_pending_txn(&self, as_id: &str) -> Result<Option<StoredTxn>> {
+        let row = sqlx::query(
+            "SELECT txn_id, last_pos, last_aux, event_count, body FROM appservice_txns WHERE as_id = $1",
+        )
+        .bind(as_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| StoredTxn {
+            txn_id: r.get(0),
+            upto: AsPosition {
+                events: r.get(1),
+                aux: r.get(2),
+            },
+            event_count: r.get(3),
+            body: r.get(4),
+        }))
     }
 
     /// Acknowledges a delivered transaction and, in the same database transaction (one fsync),
-    /// records what comes next: `skip_to` a later position, and/or a new transaction to send.
+    /// records what comes next: `skip_to` a later position, or a new transaction to send.
     /// Returns the new transaction's ID.
     pub async fn appservice_ack_and_continue(
         &self,
         as_id: &str,
         acked_txn_id: i64,
-        skip_to: Option<i64>,
-        next: Option<(i64, i64, &str)>,
+        skip_to: Option<AsPosition>,
+        next: Option<(AsPosition, i64, &str)>,
     ) -> Result<Option<i64>> {
         let mut tx = self.pool.begin().await?;
-        let row =
-            sqlx::query("DELETE FROM appservice_txns WHERE as_id = $1 AND txn_id = $2 RETURNING last_pos")
-                .bind(as_id)
-                .bind(acked_txn_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        let acked_pos: Option<i64> = row.map(|r| r.get(0));
-        if let Some(pos) = acked_pos.into_iter().chain(skip_to).max() {
-            sqlx::query("UPDATE appservice_state SET last_pos = $2 WHERE as_id = $1 AND last_pos < $2")
-                .bind(as_id)
-                .bind(pos)
-                .execute(&mut *tx)
-                .await?;
+        let row = sqlx::query(
+            "DELETE FROM appservice_txns WHERE as_id = $1 AND txn_id = $2 RETURNING last_pos, last_aux",
+        )
+        .bind(as_id)
+        .bind(acked_txn_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(row) = row {
+            advance_in(
+                &mut tx,
+                as_id,
+                AsPosition {
+                    events: row.get(0),
+                    aux: row.get(1),
+                },
+            )
+            .await?;
+        }
+        if let Some(pos) = skip_to {
+            advance_in(&mut tx, as_id, pos).await?;
         }
         let mut new_txn = None;
-        if let Some((last_pos, event_count, body)) = next {
-            let txn_id: i64 = sqlx::query(
-                "UPDATE appservice_state SET last_txn_id = last_txn_id + 1 WHERE as_id = $1 RETURNING last_txn_id",
-            )
-            .bind(as_id)
-            .fetch_one(&mut *tx)
-            .await?
-            .get(0);
-            sqlx::query(
-                "INSERT INTO appservice_txns (as_id, txn_id, last_pos, event_count, body) VALUES ($1, $2, $3, $4, $5)",
-            )
-            .bind(as_id)
-            .bind(txn_id)
-            .bind(last_pos)
-            .bind(event_count)
-            .bind(body)
-            .execute(&mut *tx)
-            .await?;
-            new_txn = Some(txn_id);
+        if let Some((upto, event_count, body)) = next {
+            new_txn = Some(new_txn_in(&mut tx, as_id, upto, event_count, body).await?);
         }
         tx.commit().await?;
         Ok(new_txn)
@@ -894,6 +865,51 @@ async fn append_in(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, event: &NewEven
         .await?;
     }
     Ok(())
+}
+
+async fn advance_in(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    as_id: &str,
+    pos: AsPosition,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE appservice_state SET last_pos = MAX(last_pos, $2), last_aux = MAX(last_aux, $3) WHERE as_id = $1",
+    )
+    .bind(as_id)
+    .bind(pos.events)
+    .bind(pos.aux)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn new_txn_in(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    as_id: &str,
+    upto: AsPosition,
+    event_count: i64,
+    body: &str,
+) -> Result<i64> {
+    let txn_id: i64 = sqlx::query(
+        "UPDATE appservice_state SET last_txn_id = last_txn_id + 1 WHERE as_id = $1 RETURNING last_txn_id",
+    )
+    .bind(as_id)
+    .fetch_one(&mut **tx)
+    .await?
+    .get(0);
+    sqlx::query(
+        "INSERT INTO appservice_txns (as_id, txn_id, last_pos, last_aux, event_count, body)
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(as_id)
+    .bind(txn_id)
+    .bind(upto.events)
+    .bind(upto.aux)
+    .bind(event_count)
+    .bind(body)
+    .execute(&mut **tx)
+    .await?;
+    Ok(txn_id)
 }
 
 fn prefixed_event_columns(prefix: &str) -> String {

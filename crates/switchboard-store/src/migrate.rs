@@ -10,6 +10,7 @@ const SQLITE_MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0002_appservices.sql"),
     include_str!("../migrations/sqlite/0003_account_data.sql"),
     include_str!("../migrations/sqlite/0004_receipts.sql"),
+    include_str!("../migrations/sqlite/0005_appservice_ephemeral.sql"),
 ];
 
 pub(crate) async fn run(pool: &SqlitePool) -> Result<()> {

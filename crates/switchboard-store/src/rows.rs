@@ -92,3 +92,19 @@ pub(crate) fn user_from_row(r: &SqliteRow) -> Result<UserRow> {
         deactivated: r.try_get(6)?,
     })
 }
+
+/// How far along the event stream and the auxiliary stream an application service is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AsPosition {
+    pub events: i64,
+    pub aux: i64,
+}
+
+/// A stored application-service transaction, sent (again) byte for byte.
+#[derive(Clone, Debug)]
+pub struct StoredTxn {
+    pub txn_id: i64,
+    pub upto: AsPosition,
+    pub event_count: i64,
+    pub body: String,
+}

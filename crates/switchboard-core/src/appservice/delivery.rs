@@ -16,7 +16,7 @@ use std::{
 use rand::Rng;
 use reqwest::Method;
 use serde_json::value::RawValue;
-use switchboard_store::Store;
+use switchboard_store::{AsPosition, Store, StoredTxn};
 use tokio::sync::Notify;
 
 use super::{
@@ -24,9 +24,10 @@ use super::{
     http::{Family, Reply, ServiceHttp},
     interest::InterestCache,
 };
-use crate::{Result, pdu::Pdu, rooms::Rooms, stream::EventStream};
+use crate::{Result, ephemeral::Ephemeral, pdu::Pdu, rooms::Rooms, stream::EventStream};
 
 pub const MAX_EVENTS_PER_TXN: usize = 100;
+const MAX_EPHEMERAL_PER_TXN: usize = 100;
 const MAX_TXN_BYTES: usize = 1024 * 1024;
 const SCAN_BATCH: i64 = 500;
 const MAX_BACKOFF_STEP: u32 = 9; // 2^9 = 512 s, Synapse's cap
@@ -45,30 +46,20 @@ pub struct SenderStatus {
 
 /// The sender's view of its stored state, mirrored in memory (it is the only writer).
 struct Cursor {
-    /// Every event up to here was considered.
-    last_pos: i64,
-    /// `last_pos` as last written to the database; skips over uninteresting events are written
-    /// at most once a second (after a crash they are merely considered again).
-    stored_pos: i64,
+    /// Everything up to here (both streams) was considered.
+    at: AsPosition,
+    /// When a skip over uninteresting events was last written; such skips are written at most
+    /// once a second (after a crash those events are merely considered again).
     stored_at: Instant,
-    pending: Option<Pending>,
-}
-
-struct Pending {
-    txn_id: i64,
-    last_pos: i64,
-    count: i64,
-    body: String,
+    pending: Option<StoredTxn>,
 }
 
 /// What the next transaction holds, if anything.
 enum Selection {
     /// Nothing for the service up to `upto`.
-    Nothing {
-        upto: i64,
-    },
+    Nothing { upto: AsPosition },
     Txn {
-        upto: i64,
+        upto: AsPosition,
         count: i64,
         body: String,
     },
@@ -132,6 +123,7 @@ pub struct Delivery {
     http: ServiceHttp,
     senders: Mutex<HashMap<String, Arc<Sender>>>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    ephemeral: std::sync::OnceLock<Arc<Ephemeral>>,
 }
 
 impl Delivery {
@@ -143,7 +135,13 @@ impl Delivery {
             http: ServiceHttp::new(Duration::from_secs(60), legacy_auth),
             senders: Mutex::new(HashMap::new()),
             tasks: Mutex::new(Vec::new()),
+            ephemeral: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Connects the ephemeral data (typing, receipts, presence) senders deliver.
+    pub fn set_ephemeral(&self, ephemeral: Arc<Ephemeral>) {
+        let _ = self.ephemeral.set(ephemeral);
     }
 
     /// Stops every sender before storage closes. A transaction in flight is abandoned safely: it
@@ -173,10 +171,10 @@ impl Delivery {
     /// their stored position with their new URL and tokens; new ones start at the current stream
     /// position; removed ones stop (their position is kept for a later return).
     pub async fn apply(self: &Arc<Self>, registry: &Registry) -> Result<()> {
-        let current = self.stream.current();
+        let now = self.now();
         let mut wanted = HashMap::new();
         for service in &registry.services {
-            self.store.appservice_state(service.id(), current).await?;
+            self.store.appservice_state(service.id(), now).await?;
             wanted.insert(service.id().to_owned(), service.clone());
         }
         let mut senders = self
@@ -233,6 +231,7 @@ impl Delivery {
 
     async fn run(self: Arc<Self>, sender: Arc<Sender>) {
         let mut news = self.stream.subscribe();
+        let mut aux_news = self.stream.subscribe_aux();
         let mut stop = sender.stop.subscribe();
         loop {
             if *stop.borrow() {
@@ -254,6 +253,7 @@ impl Delivery {
                 Step::Idle => {
                     tokio::select! {
                         _ = news.changed() => {}
+                        _ = aux_news.changed(), if wants_ephemeral(&sender.service()) => {}
                         () = sender.kick.notified() => {}
                         _ = stop.changed() => {}
                         () = self.stream.closed() => return,
@@ -276,20 +276,10 @@ impl Delivery {
         let id = service.id();
         let mut guard = sender.cursor.lock().await;
         if guard.is_none() {
-            let (last_pos, _) = self.store.appservice_state(id, self.stream.current()).await?;
-            let pending =
-                self.store
-                    .appservice_pending_txn(id)
-                    .await?
-                    .map(|(txn_id, last_pos, count, body)| Pending {
-                        txn_id,
-                        last_pos,
-                        count,
-                        body,
-                    });
+            let (at, _) = self.store.appservice_state(id, self.now()).await?;
+            let pending = self.store.appservice_pending_txn(id).await?;
             *guard = Some(Cursor {
-                last_pos,
-                stored_pos: last_pos,
+                at,
                 stored_at: Instant::now(),
                 pending,
             });
@@ -303,10 +293,10 @@ impl Delivery {
                 return Ok(Step::Wait(wait));
             }
             // Delivered: acknowledge it and store the next transaction in one database commit.
-            let (acked, covered) = (pending.txn_id, pending.last_pos);
+            let (acked, covered) = (pending.txn_id, pending.upto);
             cursor.pending = None;
-            cursor.last_pos = cursor.last_pos.max(covered);
-            let selection = self.select(sender, &service, cursor.last_pos).await?;
+            cursor.at = max(cursor.at, covered);
+            let selection = self.select(sender, &service, cursor.at).await?;
             let (skip, next) = match &selection {
                 Selection::Nothing { upto } => (Some(*upto), None),
                 Selection::Txn { upto, count, body } => (None, Some((*upto, *count, body.as_str()))),
@@ -315,47 +305,49 @@ impl Delivery {
                 .store
                 .appservice_ack_and_continue(id, acked, skip, next)
                 .await?;
-            cursor.stored_pos = cursor.last_pos;
-            self.advance(cursor, selection, new_id, true);
+            self.advance(cursor, selection, new_id);
             return Ok(Step::Progress);
         }
 
-        if cursor.last_pos >= self.stream.current() {
+        let now = self.now();
+        if cursor.at.events >= now.events && (!wants_ephemeral(&service) || cursor.at.aux >= now.aux) {
             return Ok(Step::Idle);
         }
-        let selection = self.select(sender, &service, cursor.last_pos).await?;
+        let selection = self.select(sender, &service, cursor.at).await?;
         match &selection {
             Selection::Nothing { upto } => {
                 if cursor.stored_at.elapsed() >= Duration::from_secs(1) {
                     self.store.appservice_skip_to(id, *upto).await?;
-                    cursor.stored_pos = *upto;
                     cursor.stored_at = Instant::now();
                 }
-                self.advance(cursor, selection, None, false);
+                self.advance(cursor, selection, None);
             }
             Selection::Txn { upto, count, body } => {
                 let txn_id = self.store.appservice_new_txn(id, *upto, *count, body).await?;
-                tracing::debug!(service = id, txn_id, events = count, upto, "transaction stored");
-                self.advance(cursor, selection, Some(txn_id), true);
+                tracing::debug!(service = id, txn_id, events = count, "transaction stored");
+                self.advance(cursor, selection, Some(txn_id));
             }
         }
         Ok(Step::Progress)
     }
 
-    fn advance(&self, cursor: &mut Cursor, selection: Selection, txn_id: Option<i64>, stored: bool) {
+    /// The current head of both streams.
+    fn now(&self) -> AsPosition {
+        AsPosition {
+            events: self.stream.current(),
+            aux: self.stream.current_aux(),
+        }
+    }
+
+    fn advance(&self, cursor: &mut Cursor, selection: Selection, txn_id: Option<i64>) {
         match selection {
-            Selection::Nothing { upto } => {
-                cursor.last_pos = cursor.last_pos.max(upto);
-                if stored {
-                    cursor.stored_pos = cursor.last_pos;
-                }
-            }
+            Selection::Nothing { upto } => cursor.at = max(cursor.at, upto),
             Selection::Txn { upto, count, body } => {
                 if let Some(txn_id) = txn_id {
-                    cursor.pending = Some(Pending {
+                    cursor.pending = Some(StoredTxn {
                         txn_id,
-                        last_pos: upto,
-                        count,
+                        upto,
+                        event_count: count,
                         body,
                     });
                 }
@@ -363,55 +355,114 @@ impl Delivery {
         }
     }
 
-    /// Picks the next transaction's events after `after`: interesting ones, at most 100 and
-    /// ~1 MiB, in stream order.
-    async fn select(&self, sender: &Sender, service: &AppService, after: i64) -> Result<Selection> {
-        let current = self.stream.current();
-        if after >= current {
-            return Ok(Selection::Nothing { upto: after });
-        }
-        // The head of the stream is in memory; catch-up after downtime reads the database.
-        let events = match self.stream.recent_after(after, current, SCAN_BATCH as usize) {
-            Some(events) => events,
-            None => self
-                .store
-                .events_after(after, current, SCAN_BATCH)
-                .await?
-                .into_iter()
-                .map(|row| Pdu::from_row(row).map(Arc::new))
-                .collect::<Result<_>>()?,
-        };
+    /// Picks the next transaction after `after`: interesting events (at most 100 and ~1 MiB, in
+    /// stream order) and, for services that asked for them, ephemeral data (at most 100).
+    async fn select(&self, sender: &Sender, service: &AppService, after: AsPosition) -> Result<Selection> {
+        let now = self.now();
         let mut upto = after;
         let mut selected: Vec<Box<RawValue>> = Vec::new();
-        let mut bytes = 0;
-        for pdu in events {
-            if sender.interest.is_interested(service, &self.rooms, &pdu).await? {
-                let json =
-                    serde_json::value::to_raw_value(&pdu.to_client(None)).map_err(crate::Error::internal)?;
-                if selected.len() == MAX_EVENTS_PER_TXN
-                    || (!selected.is_empty() && bytes + json.get().len() > MAX_TXN_BYTES)
-                {
-                    break;
+        if after.events < now.events {
+            // The head of the stream is in memory; catch-up after downtime reads the database.
+            let events = match self
+                .stream
+                .recent_after(after.events, now.events, SCAN_BATCH as usize)
+            {
+                Some(events) => events,
+                None => self
+                    .store
+                    .events_after(after.events, now.events, SCAN_BATCH)
+                    .await?
+                    .into_iter()
+                    .map(|row| Pdu::from_row(row).map(Arc::new))
+                    .collect::<Result<_>>()?,
+            };
+            let mut bytes = 0;
+            for pdu in events {
+                if sender.interest.is_interested(service, &self.rooms, &pdu).await? {
+                    let json = serde_json::value::to_raw_value(&pdu.to_client(None))
+                        .map_err(crate::Error::internal)?;
+                    if selected.len() == MAX_EVENTS_PER_TXN
+                        || (!selected.is_empty() && bytes + json.get().len() > MAX_TXN_BYTES)
+                    {
+                        break;
+                    }
+                    bytes += json.get().len();
+                    selected.push(json);
                 }
-                bytes += json.get().len();
-                selected.push(json);
+                upto.events = pdu.stream_pos;
             }
-            upto = pdu.stream_pos;
         }
-        if selected.is_empty() || service.registration.url.is_none() {
+        let mut ephemeral = Vec::new();
+        if wants_ephemeral(service) && after.aux < now.aux {
+            ephemeral = self.ephemeral_for(sender, service, after.aux, now.aux).await?;
+            upto.aux = now.aux;
+        }
+        if (selected.is_empty() && ephemeral.is_empty()) || service.registration.url.is_none() {
             // Nothing for this service (or it takes no traffic).
             return Ok(Selection::Nothing { upto });
         }
         let count = selected.len() as i64;
+        let mut body = serde_json::json!({ "events": selected });
+        if !ephemeral.is_empty() {
+            if service.registration.push_ephemeral_unstable {
+                // Services built on older SDKs read only the unstable key (MSC2409).
+                body["de.sorunome.msc2409.ephemeral"] = serde_json::json!(ephemeral);
+            }
+            body["ephemeral"] = serde_json::json!(ephemeral);
+        }
         Ok(Selection::Txn {
             upto,
             count,
-            body: serde_json::json!({ "events": selected }).to_string(),
+            body: body.to_string(),
         })
     }
 
+    /// Typing and receipts of rooms the service is interested in (private receipts only of its
+    /// own users) and presence of its users, changed in `(after, until]`; at most 100.
+    async fn ephemeral_for(
+        &self,
+        sender: &Sender,
+        service: &AppService,
+        after: i64,
+        until: i64,
+    ) -> Result<Vec<serde_json::Value>> {
+        let Some(ephemeral) = self.ephemeral.get() else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for room in ephemeral.typing_rooms_since(after) {
+            if sender
+                .interest
+                .is_interested_in_room(service, &self.rooms, &room)
+                .await?
+                && let Some(users) = ephemeral.typing_since(&room, Some(after))
+            {
+                out.push(serde_json::json!({ "type": "m.typing", "room_id": room, "content": { "user_ids": users } }));
+            }
+        }
+        let receipts = ephemeral
+            .receipts_since(after, until, |reader| service.owns_user(reader))
+            .await?;
+        for (room, mut event) in receipts {
+            let Ok(room_id) = ruma::OwnedRoomId::try_from(room.as_str()) else {
+                continue;
+            };
+            if sender
+                .interest
+                .is_interested_in_room(service, &self.rooms, &room_id)
+                .await?
+            {
+                event["room_id"] = serde_json::json!(room);
+                out.push(event);
+            }
+        }
+        out.extend(ephemeral.presence_since(after, |user| service.owns_user(user.as_str())));
+        out.truncate(MAX_EPHEMERAL_PER_TXN);
+        Ok(out)
+    }
+
     /// Sends a stored transaction. `None` when it was delivered; otherwise how long to wait.
-    async fn push(&self, sender: &Sender, service: &AppService, txn: &Pending) -> Result<Option<Duration>> {
+    async fn push(&self, sender: &Sender, service: &AppService, txn: &StoredTxn) -> Result<Option<Duration>> {
         let started = Instant::now();
         let path = format!("/transactions/{}", txn.txn_id);
         let Some(reply) = self
@@ -437,13 +488,13 @@ impl Delivery {
                 status.up = true;
                 status.consecutive_failures = 0;
                 status.sent_transactions += 1;
-                status.sent_events += txn.count as u64;
+                status.sent_events += txn.event_count as u64;
                 *retry_at = None;
             });
             tracing::debug!(
                 service = service.id(),
                 txn_id = txn.txn_id,
-                count = txn.count,
+                count = txn.event_count,
                 took_ms = started.elapsed().as_millis() as u64,
                 "transaction delivered"
             );
@@ -477,6 +528,17 @@ impl Delivery {
         );
         Ok(Some(wait))
     }
+}
+
+fn max(a: AsPosition, b: AsPosition) -> AsPosition {
+    AsPosition {
+        events: a.events.max(b.events),
+        aux: a.aux.max(b.aux),
+    }
+}
+
+fn wants_ephemeral(service: &AppService) -> bool {
+    service.registration.receive_ephemeral || service.registration.push_ephemeral_unstable
 }
 
 /// 2, 4, 8 … 512 s after 1, 2, 3 … consecutive failures, ±10 % so services coming back are not hit

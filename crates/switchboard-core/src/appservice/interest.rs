@@ -10,7 +10,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use ruma::{OwnedRoomId, events::TimelineEventType};
+use ruma::{OwnedRoomId, RoomId, events::TimelineEventType};
 
 use super::AppService;
 use crate::{Result, pdu::Pdu, rooms::Rooms};
@@ -41,12 +41,22 @@ impl InterestCache {
         {
             return Ok(true);
         }
-        if service.rooms.matches(event.room_id.as_str()) {
+        self.is_interested_in_room(service, rooms, &event.room_id).await
+    }
+
+    /// The room-level rules: room ID, local aliases, local joined members.
+    pub async fn is_interested_in_room(
+        &self,
+        service: &AppService,
+        rooms: &Rooms,
+        room_id: &RoomId,
+    ) -> Result<bool> {
+        if service.rooms.matches(room_id.as_str()) {
             return Ok(true);
         }
-        let audience = rooms.audience(&event.room_id).await?;
+        let audience = rooms.audience(room_id).await?;
         if let Ok(cache) = self.rooms.lock()
-            && let Some((cached, answer)) = cache.get(&event.room_id)
+            && let Some((cached, answer)) = cache.get(room_id)
             && Arc::ptr_eq(cached, &audience)
         {
             return Ok(*answer);
@@ -54,7 +64,7 @@ impl InterestCache {
         let answer = audience.aliases.iter().any(|a| service.aliases.matches(a))
             || audience.local_joined.iter().any(|u| service.owns_user(u));
         if let Ok(mut cache) = self.rooms.lock() {
-            cache.insert(event.room_id.clone(), (audience, answer));
+            cache.insert(room_id.to_owned(), (audience, answer));
         }
         Ok(answer)
     }

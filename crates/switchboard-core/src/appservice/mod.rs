@@ -274,7 +274,12 @@ impl AppServices {
             .sender(service.id())
             .map(|s| s.status())
             .unwrap_or_default();
-        let (last_pos, last_txn_id) = self.store.appservice_state(service.id(), current_pos).await?;
+        let start = switchboard_store::AsPosition {
+            events: current_pos,
+            aux: 0,
+        };
+        let (at, last_txn_id) = self.store.appservice_state(service.id(), start).await?;
+        let last_pos = at.events;
         let pending = self.store.appservice_pending_txn(service.id()).await?;
         // The oldest event the service has not acknowledged, if any.
         let oldest = self
@@ -303,7 +308,8 @@ impl AppServices {
             "undelivered_stream_events": (current_pos - last_pos).max(0),
             "oldest_undelivered_age_ms": oldest_age_ms,
             "last_txn_id": last_txn_id,
-            "in_flight_txn": pending.map(|(txn_id, _, count, _)| serde_json::json!({ "txn_id": txn_id, "events": count })),
+        "in_flight_txn": pending.map(|txn| serde_json::json!({ "txn_id": txn.txn_id, "events": txn.event_count })),
+
         }))
     }
 

@@ -187,3 +187,114 @@ async fn presence_reaches_room_peers_only() {
         .await;
     assert_eq!(code, StatusCode::FORBIDDEN);
 }
+
+#[tokio::test]
+async fn services_receive_ephemeral_data_they_asked_for() {
+    use crate::fake_as::{FakeAs, Registration, as_user, register_ghost, start_server};
+    let service = FakeAs::start().await;
+    let registration = Registration::new("bridge", Some(&service.url))
+        .users("@_b_.*:localhost", true)
+        .extra("receive_ephemeral: true\nde.sorunome.msc2409.push_ephemeral: true\n");
+    let (s, _files) = start_server(&[&registration]).await;
+    let token = registration.as_token.clone();
+    let ghost = register_ghost(&s, &token, "_b_ghost").await;
+    let alice = s.register("alice").await;
+    let room = s.create_room(&alice, json!({"preset": "public_chat"})).await;
+    s.ok(
+        Method::POST,
+        &as_user(&format!("/_matrix/client/v3/join/{}", enc(&room)), &ghost),
+        &token,
+        json!({}),
+    )
+    .await;
+    let (_, sent) = s.send_text(&alice, &room, "1", "hello").await;
+    let event_id = sent["event_id"].as_str().expect("id").to_owned();
+
+    let typing = format!(
+        "/_matrix/client/v3/rooms/{}/typing/{}",
+        enc(&room),
+        enc(&alice.user_id)
+    );
+    s.ok(
+        Method::PUT,
+        &typing,
+        &alice.token,
+        json!({"typing": true, "timeout": 10000}),
+    )
+    .await;
+    let read = format!(
+        "/_matrix/client/v3/rooms/{}/receipt/m.read/{}",
+        enc(&room),
+        enc(&event_id)
+    );
+    s.ok(Method::POST, &read, &alice.token, json!({})).await;
+    let private = format!(
+        "/_matrix/client/v3/rooms/{}/receipt/m.read.private/{}",
+        enc(&room),
+        enc(&event_id)
+    );
+    s.ok(Method::POST, &private, &alice.token, json!({})).await;
+    let presence = as_user(
+        &format!("/_matrix/client/v3/presence/{}/status", enc(&ghost)),
+        &ghost,
+    );
+    s.ok(Method::PUT, &presence, &token, json!({"presence": "online"}))
+        .await;
+
+    let has = |kind: &'static str| {
+        move |requests: &[crate::fake_as::Request]| {
+            requests.iter().any(|r| {
+                r.json()["ephemeral"]
+                    .as_array()
+                    .is_some_and(|e| e.iter().any(|x| x["type"] == kind))
+            })
+        }
+    };
+    for kind in ["m.typing", "m.receipt", "m.presence"] {
+        service
+            .wait_for_requests(has(kind), Duration::from_secs(10))
+            .await;
+    }
+    let ephemeral: Vec<Value> = service
+        .requests()
+        .iter()
+        .filter_map(|r| r.json()["ephemeral"].as_array().cloned())
+        .flatten()
+        .collect();
+    let typing = ephemeral
+        .iter()
+        .find(|e| e["type"] == "m.typing")
+        .expect("typing");
+    assert_eq!(typing["room_id"], room.as_str());
+    assert!(
+        typing["content"]["user_ids"]
+            .as_array()
+            .expect("ids")
+            .contains(&json!(alice.user_id))
+    );
+    let receipts: Vec<&Value> = ephemeral.iter().filter(|e| e["type"] == "m.receipt").collect();
+    assert!(
+        receipts
+            .iter()
+            .any(|r| r["content"][&event_id]["m.read"][&alice.user_id].is_object())
+    );
+    assert!(
+        receipts
+            .iter()
+            .all(|r| r["content"][&event_id].get("m.read.private").is_none()),
+        "not its user's private receipt"
+    );
+    assert!(
+        ephemeral
+            .iter()
+            .any(|e| e["type"] == "m.presence" && e["sender"] == ghost.as_str())
+    );
+    let unstable = service
+        .requests()
+        .iter()
+        .any(|r| r.json()["de.sorunome.msc2409.ephemeral"].is_array());
+    assert!(
+        unstable,
+        "the unstable key is sent too when the registration asks for it"
+    );
+}
