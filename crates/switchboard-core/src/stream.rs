@@ -122,6 +122,15 @@ impl EventStream {
         }
     }
 
+    /// Swaps an event in the window for a changed copy (after a redaction), if it is there.
+    pub fn replace_recent(&self, event: Arc<Pdu>) {
+        if let Ok(mut recent) = self.recent.write()
+            && let Some(slot) = recent.get_mut(&event.stream_pos)
+        {
+            *slot = event;
+        }
+    }
+
     /// Events with `after < pos <= until` (at most `limit`), if the window holds all of them.
     pub fn recent_after(&self, after: i64, until: i64, limit: usize) -> Option<Vec<Arc<Pdu>>> {
         let recent = self.recent.read().ok()?;

@@ -563,6 +563,55 @@ impl Store {
         Ok(row.is_some())
     }
 
+    /// Replaces a stored event's PDU with its redacted form and records what redacted it.
+    pub async fn redact_event(&self, event_id: &str, redacted_pdu: &str, unsigned: &str) -> Result<()> {
+        sqlx::query("UPDATE events SET pdu = $2, unsigned = $3 WHERE event_id = $1")
+            .bind(event_id)
+            .bind(redacted_pdu)
+            .bind(unsigned)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Publishes a room in the directory (under an application service's instance, or '').
+    pub async fn publish_room(&self, room_id: &str, instance: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO room_directory (room_id, instance) VALUES ($1, $2)
+             ON CONFLICT (room_id) DO UPDATE SET instance = $2",
+        )
+        .bind(room_id)
+        .bind(instance)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn unpublish_room(&self, room_id: &str) -> Result<()> {
+        sqlx::query("DELETE FROM room_directory WHERE room_id = $1")
+            .bind(room_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The directory instance a room is published under, if it is published.
+    pub async fn room_publication(&self, room_id: &str) -> Result<Option<String>> {
+        let row = sqlx::query("SELECT instance FROM room_directory WHERE room_id = $1")
+            .bind(room_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// `(room_id, instance)` of every published room.
+    pub async fn published_rooms(&self) -> Result<Vec<(String, String)>> {
+        let rows = sqlx::query("SELECT room_id, instance FROM room_directory ORDER BY room_id")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
     // ---- profiles, devices, account data ------------------------------------------------------
 
     pub async fn set_profile(

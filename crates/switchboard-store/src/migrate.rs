@@ -11,6 +11,7 @@ const SQLITE_MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0003_account_data.sql"),
     include_str!("../migrations/sqlite/0004_receipts.sql"),
     include_str!("../migrations/sqlite/0005_appservice_ephemeral.sql"),
+    include_str!("../migrations/sqlite/0006_room_directory.sql"),
 ];
 
 pub(crate) async fn run(pool: &SqlitePool) -> Result<()> {

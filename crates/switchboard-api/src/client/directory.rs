@@ -5,12 +5,12 @@ use std::sync::Arc;
 use axum::{
     Json, Router,
     extract::{Path, State},
-    routing::get,
+    routing::{get, put},
 };
 use ruma::OwnedRoomId;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use switchboard_core::{Error, Homeserver, accounts::Session};
+use switchboard_core::{Error, Homeserver, accounts::Session, rooms::Listing};
 
 use super::rooms::{alias, room_id};
 use crate::{
@@ -22,6 +22,15 @@ pub(super) fn routes() -> Router<Arc<Homeserver>> {
     Router::new()
         .route("/directory/room/{alias}", get(resolve).put(create).delete(delete))
         .route("/rooms/{room_id}/aliases", get(room_aliases))
+        .route(
+            "/directory/list/room/{room_id}",
+            get(get_visibility).put(set_visibility),
+        )
+        .route(
+            "/directory/list/appservice/{network_id}/{room_id}",
+            put(set_service_visibility),
+        )
+        .route("/publicRooms", get(public_rooms_get).post(public_rooms_post))
 }
 
 /// Aliases in a service's exclusive namespace are the service's: others get `M_EXCLUSIVE`. A service
@@ -87,4 +96,138 @@ async fn room_aliases(
     let room = room_id(&raw)?;
     hs.rooms.visible_until(&room, &session.user_id).await?;
     Ok(Json(json!({ "aliases": hs.rooms.aliases(&room).await? })))
+}
+
+async fn get_visibility(
+    State(hs): State<Arc<Homeserver>>,
+    Path(raw): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let published = hs.rooms.is_published(&room_id(&raw)?).await?;
+    Ok(Json(
+        json!({ "visibility": if published { "public" } else { "private" } }),
+    ))
+}
+
+#[derive(Deserialize)]
+struct VisibilityBody {
+    visibility: String,
+}
+
+fn wants_public(body: &VisibilityBody) -> Result<bool, Error> {
+    match body.visibility.as_str() {
+        "public" => Ok(true),
+        "private" => Ok(false),
+        other => Err(Error::InvalidParam(format!(
+            "visibility must be public or private, not `{other}`"
+        ))),
+    }
+}
+
+/// Publishing needs the power to change the room's canonical alias (or server admin).
+async fn set_visibility(
+    State(hs): State<Arc<Homeserver>>,
+    Auth(session): Auth,
+    Path(raw): Path<String>,
+    Body(body): Body<VisibilityBody>,
+) -> ApiResult<Json<Value>> {
+    let room = room_id(&raw)?;
+    let allowed = session.is_admin
+        || hs
+            .rooms
+            .may_send_state(
+                &room,
+                &session.user_id,
+                &ruma::events::StateEventType::RoomCanonicalAlias,
+            )
+            .await?;
+    if !allowed {
+        return Err(
+            Error::Forbidden("You may not change this room's directory visibility".to_owned()).into(),
+        );
+    }
+    let instance = wants_public(&body)?.then_some("");
+    hs.rooms.set_published(&room, instance).await?;
+    Ok(Json(json!({})))
+}
+
+/// An application service publishes a room in its network's list (`<as_id>|<network_id>`).
+async fn set_service_visibility(
+    State(hs): State<Arc<Homeserver>>,
+    Auth(session): Auth,
+    Path((network, raw)): Path<(String, String)>,
+    Body(body): Body<VisibilityBody>,
+) -> ApiResult<Json<Value>> {
+    let service = session
+        .appservice
+        .ok_or_else(|| Error::Forbidden("Only application services have network directories".to_owned()))?;
+    let room = room_id(&raw)?;
+    let instance = format!("{}|{network}", service.id());
+    hs.rooms
+        .set_published(&room, wants_public(&body)?.then_some(instance.as_str()))
+        .await?;
+    Ok(Json(json!({})))
+}
+
+#[derive(Deserialize, Default)]
+struct PublicRoomsQuery {
+    limit: Option<usize>,
+    since: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct PublicRoomsBody {
+    limit: Option<usize>,
+    since: Option<String>,
+    filter: Option<SearchFilter>,
+    #[serde(default)]
+    include_all_networks: bool,
+    third_party_instance_id: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct SearchFilter {
+    generic_search_term: Option<String>,
+}
+
+fn directory_json(page: switchboard_core::rooms::PublicRooms) -> Value {
+    let mut body = json!({ "chunk": page.chunk, "total_room_count_estimate": page.total });
+    if let Some(next) = page.next_batch {
+        body["next_batch"] = json!(next);
+    }
+    if let Some(prev) = page.prev_batch {
+        body["prev_batch"] = json!(prev);
+    }
+    body
+}
+
+async fn public_rooms_get(
+    State(hs): State<Arc<Homeserver>>,
+    crate::extract::Params(query): crate::extract::Params<PublicRoomsQuery>,
+) -> ApiResult<Json<Value>> {
+    let page = hs
+        .rooms
+        .public_rooms(Listing::Main, None, query.limit, query.since.as_deref())
+        .await?;
+    Ok(Json(directory_json(page)))
+}
+
+async fn public_rooms_post(
+    State(hs): State<Arc<Homeserver>>,
+    _auth: Auth,
+    Body(body): Body<PublicRoomsBody>,
+) -> ApiResult<Json<Value>> {
+    let listing = match (&body.third_party_instance_id, body.include_all_networks) {
+        (Some(instance), _) => Listing::Instance(instance),
+        (None, true) => Listing::All,
+        (None, false) => Listing::Main,
+    };
+    let search = body
+        .filter
+        .as_ref()
+        .and_then(|f| f.generic_search_term.as_deref());
+    let page = hs
+        .rooms
+        .public_rooms(listing, search, body.limit, body.since.as_deref())
+        .await?;
+    Ok(Json(directory_json(page)))
 }

@@ -43,6 +43,9 @@ pub(super) fn routes() -> Router<Arc<Homeserver>> {
         .route("/rooms/{room_id}/messages", get(messages))
         .route("/rooms/{room_id}/members", get(members))
         .route("/rooms/{room_id}/joined_members", get(joined_members))
+        .route("/rooms/{room_id}/redact/{event_id}/{txn_id}", put(redact))
+        .route("/rooms/{room_id}/context/{event_id}", get(context))
+        .route("/voip/turnServer", get(turn_server))
 }
 
 fn content_object(body: Value) -> Result<Value, Error> {
@@ -335,4 +338,79 @@ async fn joined_members(
         }
     }
     Ok(Json(json!({ "joined": joined })))
+}
+
+#[derive(Deserialize)]
+struct RedactBody {
+    reason: Option<String>,
+}
+
+async fn redact(
+    State(hs): State<Arc<Homeserver>>,
+    Auth(session): Auth,
+    Path((room, event_id, txn_id)): Path<(String, String, String)>,
+    Body(body): Body<RedactBody>,
+) -> ApiResult<Json<Value>> {
+    let room = room_id(&room)?;
+    check_rate(&hs, &session)?;
+    let txn = (session.device_id.as_str(), txn_id.as_str());
+    let pdu = hs
+        .rooms
+        .redact(
+            &room,
+            &session.user_id,
+            &event_id,
+            body.reason.as_deref(),
+            Some(txn),
+        )
+        .await?;
+    Ok(Json(json!({ "event_id": pdu.event_id })))
+}
+
+#[derive(Deserialize)]
+struct ContextParams {
+    limit: Option<u64>,
+    filter: Option<String>,
+}
+
+async fn context(
+    State(hs): State<Arc<Homeserver>>,
+    Auth(session): Auth,
+    Path((room, event_id)): Path<(String, String)>,
+    Params(params): Params<ContextParams>,
+) -> ApiResult<Json<Value>> {
+    let room = room_id(&room)?;
+    let filter: RoomEventFilter = match params.filter.as_deref() {
+        Some(text) => {
+            serde_json::from_str(text).map_err(|e| Error::InvalidParam(format!("invalid filter: {e}")))?
+        }
+        None => RoomEventFilter::default(),
+    };
+    let context = hs
+        .rooms
+        .context(
+            &room,
+            &session.user_id,
+            &event_id,
+            params.limit.unwrap_or(10),
+            &filter,
+        )
+        .await?;
+    let viewer = Some((&*session.user_id, session.device_id.as_str()));
+    let list = |events: &[switchboard_core::pdu::Pdu]| {
+        events.iter().map(|e| to_value(e, viewer)).collect::<Vec<_>>()
+    };
+    Ok(Json(json!({
+        "start": context.start.to_string(),
+        "end": context.end.to_string(),
+        "event": to_value(&context.event, viewer),
+        "events_before": list(&context.events_before),
+        "events_after": list(&context.events_after),
+        "state": context.state.iter().map(|e| to_value(e, viewer)).collect::<Vec<_>>(),
+    })))
+}
+
+/// No TURN server is configured: the spec's answer is an empty object.
+async fn turn_server(_auth: Auth) -> Json<Value> {
+    Json(json!({}))
 }

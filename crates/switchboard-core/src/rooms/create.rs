@@ -165,6 +165,9 @@ impl Rooms {
             return Err(e);
         }
         self.insert_handle(handle)?;
+        if public {
+            self.store.publish_room(room_id.as_str(), "").await?;
+        }
         for invitee in &request.invite {
             self.invite(&room_id, creator, invitee, None, request.is_direct)
                 .await?;

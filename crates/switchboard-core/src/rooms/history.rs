@@ -217,4 +217,57 @@ impl Rooms {
             state,
         })
     }
+
+    /// `GET /rooms/{roomId}/context/{eventId}`: the event, up to `limit` visible events around it
+    /// (split before/after), tokens to paginate on, and the room state at the event.
+    pub async fn context(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+        event_id: &str,
+        limit: u64,
+        filter: &RoomEventFilter,
+    ) -> Result<Context> {
+        let event = self.event_for_user(room_id, event_id, user).await?;
+        let until = self.visible_until(room_id, user).await?;
+        let visibility = self.visibility(room_id, user).await?;
+        let half = (limit.min(100) / 2) as i64;
+        let mut before: Vec<Pdu> = self
+            .store
+            .room_events(room_id.as_str(), 0, event.stream_pos - 1, half, true)
+            .await?
+            .into_iter()
+            .map(Pdu::from_row)
+            .collect::<Result<_>>()?;
+        before.reverse();
+        let after: Vec<Pdu> = self
+            .store
+            .room_events(room_id.as_str(), event.stream_pos, until, half, false)
+            .await?
+            .into_iter()
+            .map(Pdu::from_row)
+            .collect::<Result<_>>()?;
+        let start = StreamToken(before.last().map_or(event.stream_pos - 1, |e| e.stream_pos - 1));
+        let end = StreamToken(after.last().map_or(event.stream_pos, |e| e.stream_pos));
+        let keep = |e: &Pdu| filter.matches(e) && visibility.can_see(e);
+        let state = self.state_at(room_id, event.stream_pos).await?;
+        Ok(Context {
+            start,
+            end,
+            events_before: before.into_iter().filter(|e| keep(e)).collect(),
+            events_after: after.into_iter().filter(|e| keep(e)).collect(),
+            event,
+            state,
+        })
+    }
+}
+
+pub struct Context {
+    pub start: StreamToken,
+    pub end: StreamToken,
+    pub event: Pdu,
+    /// Newest first, as the spec orders `events_before`.
+    pub events_before: Vec<Pdu>,
+    pub events_after: Vec<Pdu>,
+    pub state: Vec<Arc<Pdu>>,
 }

@@ -7,9 +7,11 @@
 
 mod aliases;
 mod create;
+mod directory;
 mod history;
 mod membership;
 mod pipeline;
+mod redaction;
 
 use std::{
     collections::HashMap,
@@ -27,7 +29,8 @@ use switchboard_store::Store;
 use tokio::sync::Mutex;
 
 pub use create::CreateRoom;
-pub use history::{Direction, MessagesPage, Visibility};
+pub use directory::{Listing, PublicRooms};
+pub use history::{Context, Direction, MessagesPage, Visibility};
 pub use pipeline::EventDraft;
 
 use crate::{

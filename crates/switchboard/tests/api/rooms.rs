@@ -576,3 +576,298 @@ async fn oversized_event_is_too_large() {
         (StatusCode::PAYLOAD_TOO_LARGE, "M_TOO_LARGE")
     );
 }
+
+#[tokio::test]
+async fn redaction_removes_content_everywhere() {
+    let s = Server::start().await;
+    let (alice, bob) = (s.register("alice").await, s.register("bob").await);
+    let room = s.create_room(&alice, json!({"preset": "public_chat"})).await;
+    s.ok(
+        Method::POST,
+        &format!("/_matrix/client/v3/join/{}", enc(&room)),
+        &bob.token,
+        json!({}),
+    )
+    .await;
+    let (_, sent) = s.send_text(&bob, &room, "1", "oops, a secret").await;
+    let secret = sent["event_id"].as_str().expect("id").to_owned();
+    let (_, mine) = s.send_text(&alice, &room, "2", "alice's words").await;
+    let mine = mine["event_id"].as_str().expect("id").to_owned();
+
+    let redact =
+        |id: &str, txn: &str| format!("/_matrix/client/v3/rooms/{}/redact/{}/{txn}", enc(&room), enc(id));
+    let (status, body) = s
+        .call(
+            Method::PUT,
+            &redact(&mine, "r0"),
+            Some(&bob.token),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::FORBIDDEN, "M_FORBIDDEN"),
+        "power 0 cannot redact others"
+    );
+    let first = s
+        .ok(
+            Method::PUT,
+            &redact(&secret, "r1"),
+            &bob.token,
+            json!({"reason": "typo"}),
+        )
+        .await;
+    let again = s
+        .ok(
+            Method::PUT,
+            &redact(&secret, "r1"),
+            &bob.token,
+            json!({"reason": "typo"}),
+        )
+        .await;
+    assert_eq!(first["event_id"], again["event_id"], "idempotent per txn ID");
+    s.ok(Method::PUT, &redact(&mine, "r2"), &alice.token, json!({}))
+        .await;
+
+    let event = s
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&room), enc(&secret)),
+            &alice.token,
+            Value::Null,
+        )
+        .await;
+    assert_eq!(event["content"], json!({}), "content gone: {event}");
+    assert_eq!(
+        event["unsigned"]["redacted_because"]["event_id"],
+        first["event_id"]
+    );
+    let page = s
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=20", enc(&room)),
+            &alice.token,
+            Value::Null,
+        )
+        .await;
+    let text = page.to_string();
+    assert!(
+        !text.contains("oops, a secret") && !text.contains("alice's words"),
+        "history serves redacted copies"
+    );
+    let redaction = page["chunk"]
+        .as_array()
+        .expect("chunk")
+        .iter()
+        .find(|e| e["type"] == "m.room.redaction")
+        .cloned()
+        .expect("redaction");
+    assert!(redaction["redacts"].is_string() || redaction["content"]["redacts"].is_string());
+}
+
+#[tokio::test]
+async fn context_around_an_event() {
+    let s = Server::start().await;
+    let alice = s.register("alice").await;
+    let room = s.create_room(&alice, json!({"name": "Ctx"})).await;
+    let mut ids = Vec::new();
+    for i in 0..9 {
+        let (_, sent) = s
+            .send_text(&alice, &room, &format!("c{i}"), &format!("m{i}"))
+            .await;
+        ids.push(sent["event_id"].as_str().expect("id").to_owned());
+    }
+    let context = s
+        .ok(
+            Method::GET,
+            &format!(
+                "/_matrix/client/v3/rooms/{}/context/{}?limit=4",
+                enc(&room),
+                enc(&ids[4])
+            ),
+            &alice.token,
+            Value::Null,
+        )
+        .await;
+    assert_eq!(context["event"]["content"]["body"], "m4");
+    let before: Vec<&str> = context["events_before"]
+        .as_array()
+        .expect("before")
+        .iter()
+        .filter_map(|e| e["content"]["body"].as_str())
+        .collect();
+    let after: Vec<&str> = context["events_after"]
+        .as_array()
+        .expect("after")
+        .iter()
+        .filter_map(|e| e["content"]["body"].as_str())
+        .collect();
+    assert_eq!(before, vec!["m3", "m2"], "newest first");
+    assert_eq!(after, vec!["m5", "m6"]);
+    assert!(
+        context["state"]
+            .as_array()
+            .expect("state")
+            .iter()
+            .any(|e| e["type"] == "m.room.name")
+    );
+    // Paginating on from `end` continues right after the window.
+    let end = context["end"].as_str().expect("end");
+    let next = s
+        .ok(
+            Method::GET,
+            &format!(
+                "/_matrix/client/v3/rooms/{}/messages?dir=f&limit=1&from={end}",
+                enc(&room)
+            ),
+            &alice.token,
+            Value::Null,
+        )
+        .await;
+    assert_eq!(next["chunk"][0]["content"]["body"], "m7");
+    assert_eq!(
+        s.ok(
+            Method::GET,
+            "/_matrix/client/v3/voip/turnServer",
+            &alice.token,
+            Value::Null
+        )
+        .await,
+        json!({})
+    );
+}
+
+#[tokio::test]
+async fn public_room_directory() {
+    use crate::fake_as::{FakeAs, Registration, start_server};
+    let service = FakeAs::start().await;
+    let registration = Registration::new("irc", Some(&service.url)).users("@_irc_.*:localhost", true);
+    let (s, _files) = start_server(&[&registration]).await;
+    let (alice, bob) = (s.register("alice").await, s.register("bob").await);
+    let big = s
+        .create_room(
+            &alice,
+            json!({"visibility": "public", "name": "Rust talk", "topic": "crabs"}),
+        )
+        .await;
+    s.ok(
+        Method::POST,
+        &format!("/_matrix/client/v3/join/{}", enc(&big)),
+        &bob.token,
+        json!({}),
+    )
+    .await;
+    let small = s
+        .create_room(&alice, json!({"visibility": "public", "name": "Quiet"}))
+        .await;
+    let private = s.create_room(&alice, json!({"name": "Hidden"})).await;
+
+    let listing = s
+        .call(Method::GET, "/_matrix/client/v3/publicRooms", None, None)
+        .await
+        .1;
+    let ids: Vec<&str> = listing["chunk"]
+        .as_array()
+        .expect("chunk")
+        .iter()
+        .filter_map(|r| r["room_id"].as_str())
+        .collect();
+    assert_eq!(
+        ids,
+        vec![big.as_str(), small.as_str()],
+        "biggest first, private rooms absent"
+    );
+    assert_eq!(listing["chunk"][0]["name"], "Rust talk");
+    assert_eq!(listing["chunk"][0]["num_joined_members"], 2);
+
+    let page = s
+        .call(Method::GET, "/_matrix/client/v3/publicRooms?limit=1", None, None)
+        .await
+        .1;
+    let next = page["next_batch"].as_str().expect("more");
+    let page2 = s
+        .call(
+            Method::GET,
+            &format!("/_matrix/client/v3/publicRooms?limit=1&since={next}"),
+            None,
+            None,
+        )
+        .await
+        .1;
+    assert_eq!(page2["chunk"][0]["room_id"], small.as_str());
+
+    let search = s
+        .ok(
+            Method::POST,
+            "/_matrix/client/v3/publicRooms",
+            &bob.token,
+            json!({"filter": {"generic_search_term": "CRAB"}}),
+        )
+        .await;
+    assert_eq!(search["chunk"].as_array().expect("chunk").len(), 1);
+
+    let visibility = format!("/_matrix/client/v3/directory/list/room/{}", enc(&private));
+    assert_eq!(
+        s.call(Method::GET, &visibility, None, None).await.1["visibility"],
+        "private"
+    );
+    let (status, _) = s
+        .call(
+            Method::PUT,
+            &visibility,
+            Some(&bob.token),
+            Some(json!({"visibility": "public"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    s.ok(
+        Method::PUT,
+        &visibility,
+        &alice.token,
+        json!({"visibility": "public"}),
+    )
+    .await;
+    assert_eq!(
+        s.call(Method::GET, &visibility, None, None).await.1["visibility"],
+        "public"
+    );
+
+    // A service's network list is separate from the main one.
+    let network = format!(
+        "/_matrix/client/v3/directory/list/appservice/libera/{}",
+        enc(&small)
+    );
+    s.ok(
+        Method::PUT,
+        &network,
+        &registration.as_token,
+        json!({"visibility": "public"}),
+    )
+    .await;
+    let main = s
+        .call(Method::GET, "/_matrix/client/v3/publicRooms", None, None)
+        .await
+        .1;
+    assert!(
+        !main.to_string().contains(small.as_str()),
+        "moved to the network list"
+    );
+    let libera = s
+        .ok(
+            Method::POST,
+            "/_matrix/client/v3/publicRooms",
+            &bob.token,
+            json!({"third_party_instance_id": "irc|libera"}),
+        )
+        .await;
+    assert_eq!(libera["chunk"][0]["room_id"], small.as_str());
+    let all = s
+        .ok(
+            Method::POST,
+            "/_matrix/client/v3/publicRooms",
+            &bob.token,
+            json!({"include_all_networks": true}),
+        )
+        .await;
+    assert_eq!(all["chunk"].as_array().expect("chunk").len(), 3);
+}
