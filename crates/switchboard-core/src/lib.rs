@@ -5,6 +5,7 @@ pub mod account_data;
 pub mod accounts;
 pub mod appservice;
 pub mod config;
+pub mod e2ee;
 pub mod ephemeral;
 pub mod error;
 pub mod filter;
@@ -74,6 +75,7 @@ pub struct Homeserver {
     pub nonces: shared_secret::Nonces,
     pub account_data: account_data::AccountData,
     pub ephemeral: Arc<ephemeral::Ephemeral>,
+    pub e2ee: Arc<e2ee::E2ee>,
 }
 
 impl Homeserver {
@@ -120,13 +122,21 @@ impl Homeserver {
             legacy_auth,
         ));
         let ephemeral = ephemeral::Ephemeral::new(store.clone(), stream.clone());
+        let e2ee = Arc::new(e2ee::E2ee::new(store.clone(), stream.clone()));
         appservices.delivery.set_ephemeral(ephemeral.clone());
         let count = appservices.load(&config.app_service_config_files).await?;
         if count > 0 {
             tracing::info!(count, "application services registered");
         }
         Ok(Self {
-            sync: SyncService::new(rooms.clone(), store.clone(), stream.clone(), ephemeral.clone()),
+            sync: SyncService::new(
+                rooms.clone(),
+                store.clone(),
+                stream.clone(),
+                ephemeral.clone(),
+                e2ee.clone(),
+            ),
+            e2ee,
             ephemeral,
             account_data: account_data::AccountData::new(store.clone(), stream.clone()),
             nonces: Default::default(),

@@ -13,7 +13,8 @@ use serde_json::{Map, Value, json};
 use switchboard_store::Store;
 
 use crate::{
-    Error, Result, ephemeral::Ephemeral, filter::Filter, pdu::Pdu, rooms::Rooms, stream::EventStream,
+    Error, Result, e2ee::E2ee, ephemeral::Ephemeral, filter::Filter, pdu::Pdu, rooms::Rooms,
+    stream::EventStream,
 };
 
 /// A position in the event stream, as handed to clients (`s42`). Used for `next_batch`,
@@ -87,17 +88,25 @@ pub struct SyncService {
     store: Store,
     stream: Arc<EventStream>,
     ephemeral: Arc<Ephemeral>,
+    e2ee: Arc<E2ee>,
 }
 
 const DEFAULT_TIMELINE_LIMIT: u64 = 10;
 
 impl SyncService {
-    pub fn new(rooms: Arc<Rooms>, store: Store, stream: Arc<EventStream>, ephemeral: Arc<Ephemeral>) -> Self {
+    pub fn new(
+        rooms: Arc<Rooms>,
+        store: Store,
+        stream: Arc<EventStream>,
+        ephemeral: Arc<Ephemeral>,
+        e2ee: Arc<E2ee>,
+    ) -> Self {
         Self {
             rooms,
             store,
             stream,
             ephemeral,
+            e2ee,
         }
     }
 
@@ -239,7 +248,9 @@ impl SyncService {
             }
         }
         let mut presence = self.ephemeral.presence_since(since_aux, |_| true);
-        if !presence.is_empty() {
+        let changed_devices = self.store.device_list_changes(since_aux, current_aux).await?;
+        let mut device_lists_changed = Vec::new();
+        if !presence.is_empty() || !changed_devices.is_empty() {
             let mut peers: HashSet<String> = HashSet::from([own.clone()]);
             for room in &joined {
                 peers.extend(self.store.joined_members(room).await?);
@@ -249,20 +260,32 @@ impl SyncService {
                     .as_str()
                     .is_some_and(|sender| peers.contains(sender))
             });
+            if request.since.is_some() {
+                device_lists_changed = self.e2ee.changed_users(since_aux, current_aux, &peers).await?;
+            }
         }
+        let to_device = self
+            .e2ee
+            .to_device_for(user, &request.device, since_aux, current_aux)
+            .await?;
+        let key_counts = self.e2ee.counts(user, &request.device).await?;
+        let fallback_types = self.e2ee.unused_fallback_types(user, &request.device).await?;
         let has_news = !(join.is_empty()
             && invite.is_empty()
             && leave.is_empty()
             && global_data.is_empty()
-            && presence.is_empty());
+            && presence.is_empty()
+            && to_device.is_empty()
+            && device_lists_changed.is_empty());
         let response = json!({
             "next_batch": SyncToken { events: current, aux: current_aux }.to_string(),
             "rooms": { "join": join, "invite": invite, "leave": leave, "knock": {} },
             "account_data": { "events": global_data },
             "presence": { "events": presence },
-            "to_device": { "events": [] },
-            "device_lists": { "changed": [], "left": [] },
-            "device_one_time_keys_count": {},
+            "to_device": { "events": to_device },
+            "device_lists": { "changed": device_lists_changed, "left": [] },
+            "device_one_time_keys_count": key_counts,
+            "device_unused_fallback_key_types": fallback_types,
         });
         Ok((response, has_news))
     }

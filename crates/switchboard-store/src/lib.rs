@@ -612,6 +612,230 @@ impl Store {
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
+    // ---- end-to-end encryption -----------------------------------------------------------------
+
+    pub async fn set_device_keys(&self, user_id: &str, device_id: &str, keys: &str, pos: i64) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO device_keys (user_id, device_id, keys) VALUES ($1, $2, $3)
+             ON CONFLICT (user_id, device_id) DO UPDATE SET keys = $3",
+        )
+        .bind(user_id)
+        .bind(device_id)
+        .bind(keys)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("INSERT INTO device_list_changes (user_id, stream_pos) VALUES ($1, $2)")
+            .bind(user_id)
+            .bind(pos)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// `(device_id, keys)` of a user's devices that uploaded keys.
+    pub async fn device_keys(&self, user_id: &str) -> Result<Vec<(String, String)>> {
+        let rows = sqlx::query(
+            "SELECT k.device_id, k.keys FROM device_keys k
+             JOIN devices d ON d.user_id = k.user_id AND d.device_id = k.device_id WHERE k.user_id = $1",
+        )
+        .bind(user_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    pub async fn add_one_time_key(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        algorithm: &str,
+        key_id: &str,
+        key: &str,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO one_time_keys (user_id, device_id, algorithm, key_id, key) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(user_id)
+        .bind(device_id)
+        .bind(algorithm)
+        .bind(key_id)
+        .bind(key)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn set_fallback_key(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        algorithm: &str,
+        key_id: &str,
+        key: &str,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO fallback_keys (user_id, device_id, algorithm, key_id, key, used) VALUES ($1, $2, $3, $4, $5, 0)
+             ON CONFLICT (user_id, device_id, algorithm) DO UPDATE SET key_id = $4, key = $5, used = 0",
+        )
+        .bind(user_id)
+        .bind(device_id)
+        .bind(algorithm)
+        .bind(key_id)
+        .bind(key)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Unclaimed one-time keys per algorithm.
+    pub async fn one_time_key_counts(&self, user_id: &str, device_id: &str) -> Result<Vec<(String, i64)>> {
+        let rows = sqlx::query(
+            "SELECT algorithm, COUNT(*) FROM one_time_keys WHERE user_id = $1 AND device_id = $2 GROUP BY algorithm",
+        )
+        .bind(user_id)
+        .bind(device_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    pub async fn unused_fallback_algorithms(&self, user_id: &str, device_id: &str) -> Result<Vec<String>> {
+        let rows = sqlx::query(
+            "SELECT algorithm FROM fallback_keys WHERE user_id = $1 AND device_id = $2 AND used = 0",
+        )
+        .bind(user_id)
+        .bind(device_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Takes one one-time key (or, when none is left, the fallback key): `(key_id, key)`.
+    pub async fn claim_key(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        algorithm: &str,
+    ) -> Result<Option<(String, String)>> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(
+            "DELETE FROM one_time_keys WHERE rowid = (SELECT rowid FROM one_time_keys
+               WHERE user_id = $1 AND device_id = $2 AND algorithm = $3 ORDER BY key_id LIMIT 1)
+             RETURNING key_id, key",
+        )
+        .bind(user_id)
+        .bind(device_id)
+        .bind(algorithm)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let claimed = match row {
+            Some(row) => Some((row.get(0), row.get(1))),
+            None => sqlx::query(
+                "UPDATE fallback_keys SET used = 1 WHERE user_id = $1 AND device_id = $2 AND algorithm = $3
+                 RETURNING key_id, key",
+            )
+            .bind(user_id)
+            .bind(device_id)
+            .bind(algorithm)
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|row| (row.get(0), row.get(1))),
+        };
+        tx.commit().await?;
+        Ok(claimed)
+    }
+
+    /// Users whose device lists changed with `after < stream_pos <= until`.
+    pub async fn device_list_changes(&self, after: i64, until: i64) -> Result<Vec<String>> {
+        let rows = sqlx::query(
+            "SELECT DISTINCT user_id FROM device_list_changes WHERE stream_pos > $1 AND stream_pos <= $2",
+        )
+        .bind(after)
+        .bind(until)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    pub async fn record_device_list_change(&self, user_id: &str, pos: i64) -> Result<()> {
+        sqlx::query("INSERT INTO device_list_changes (user_id, stream_pos) VALUES ($1, $2)")
+            .bind(user_id)
+            .bind(pos)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Queues to-device messages `(user, device, type, content)` from `sender`, once per txn.
+    /// Returns `false` (and stores nothing) for a repeated transaction.
+    pub async fn queue_to_device(
+        &self,
+        sender: (&str, &str, &str),
+        messages: &[(String, String, String, String)],
+        pos: i64,
+    ) -> Result<bool> {
+        let (sender_id, sender_device, txn_id) = sender;
+        let mut tx = self.pool.begin().await?;
+        let fresh = sqlx::query(
+            "INSERT INTO to_device_txns (sender, device_id, txn_id) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+        )
+        .bind(sender_id)
+        .bind(sender_device)
+        .bind(txn_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if fresh {
+            for (user, device, kind, content) in messages {
+                sqlx::query(
+                    "INSERT INTO to_device (stream_pos, user_id, device_id, sender, type, content)
+                     VALUES ($1, $2, $3, $4, $5, $6)",
+                )
+                .bind(pos)
+                .bind(user)
+                .bind(device)
+                .bind(sender_id)
+                .bind(kind)
+                .bind(content)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(fresh)
+    }
+
+    /// To-device messages for a device with `stream_pos <= until`, oldest first:
+    /// `(sender, type, content)`. Messages at or before `ack` were received and are deleted first.
+    pub async fn to_device_messages(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        ack: i64,
+        until: i64,
+    ) -> Result<Vec<(String, String, String)>> {
+        sqlx::query("DELETE FROM to_device WHERE user_id = $1 AND device_id = $2 AND stream_pos <= $3")
+            .bind(user_id)
+            .bind(device_id)
+            .bind(ack)
+            .execute(&self.pool)
+            .await?;
+        let rows = sqlx::query(
+            "SELECT sender, type, content FROM to_device WHERE user_id = $1 AND device_id = $2 AND stream_pos <= $3
+             ORDER BY stream_pos",
+        )
+        .bind(user_id)
+        .bind(device_id)
+        .bind(until)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
+    }
+
     // ---- profiles, devices, account data ------------------------------------------------------
 
     pub async fn set_profile(
@@ -673,7 +897,9 @@ impl Store {
     pub async fn max_aux_pos(&self) -> Result<i64> {
         let row = sqlx::query(
             "SELECT MAX(COALESCE((SELECT MAX(stream_pos) FROM account_data), 0),
-                        COALESCE((SELECT MAX(stream_pos) FROM receipts), 0))",
+                        COALESCE((SELECT MAX(stream_pos) FROM receipts), 0),
+                        COALESCE((SELECT MAX(stream_pos) FROM device_list_changes), 0),
+                        COALESCE((SELECT MAX(stream_pos) FROM to_device), 0))",
         )
         .fetch_one(&self.pool)
         .await?;

@@ -12,6 +12,7 @@ const SQLITE_MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0004_receipts.sql"),
     include_str!("../migrations/sqlite/0005_appservice_ephemeral.sql"),
     include_str!("../migrations/sqlite/0006_room_directory.sql"),
+    include_str!("../migrations/sqlite/0007_e2ee.sql"),
 ];
 
 pub(crate) async fn run(pool: &SqlitePool) -> Result<()> {

@@ -110,6 +110,7 @@ async fn delete(
     }
     authorize(&hs, &session, body.auth.as_ref()).await?;
     hs.accounts.delete_device(&session.user_id, &device_id).await?;
+    hs.e2ee.device_list_changed(&session.user_id).await?;
     Ok(Json(json!({})))
 }
 
@@ -128,5 +129,6 @@ async fn delete_many(
     for device in &body.devices {
         hs.accounts.delete_device(&session.user_id, device).await?;
     }
+    hs.e2ee.device_list_changed(&session.user_id).await?;
     Ok(Json(json!({})))
 }

@@ -6,6 +6,7 @@ mod devices;
 mod directory;
 mod ephemeral;
 mod events;
+mod keys;
 mod profile;
 mod rooms;
 mod sync;
@@ -27,6 +28,7 @@ pub(crate) fn router() -> Router<Arc<Homeserver>> {
         .merge(profile::routes())
         .merge(devices::routes())
         .merge(ephemeral::routes())
+        .merge(keys::routes())
         .merge(thirdparty::routes());
     Router::new()
         .merge(versions::routes())

@@ -1,0 +1,128 @@
+//! End-to-end encryption endpoints: key upload, query and claim, device-list changes, and
+//! to-device messages.
+
+use std::{collections::HashSet, sync::Arc};
+
+use axum::{
+    Json, Router,
+    extract::{Path, State},
+    routing::{get, post, put},
+};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use switchboard_core::{Error, Homeserver, sync::SyncToken};
+
+use crate::{
+    error::ApiResult,
+    extract::{Auth, Body, Params},
+};
+
+pub(super) fn routes() -> Router<Arc<Homeserver>> {
+    Router::new()
+        .route("/keys/upload", post(upload))
+        .route("/keys/query", post(query))
+        .route("/keys/claim", post(claim))
+        .route("/keys/changes", get(changes))
+        .route("/sendToDevice/{event_type}/{txn_id}", put(send_to_device))
+}
+
+#[derive(Deserialize)]
+struct UploadBody {
+    device_keys: Option<Value>,
+    one_time_keys: Option<Map<String, Value>>,
+    fallback_keys: Option<Map<String, Value>>,
+}
+
+async fn upload(
+    State(hs): State<Arc<Homeserver>>,
+    Auth(session): Auth,
+    Body(body): Body<UploadBody>,
+) -> ApiResult<Json<Value>> {
+    if session.device_id.is_empty() {
+        return Err(Error::BadState(
+            "Uploading keys needs a device (use ?device_id= as a service)".to_owned(),
+        )
+        .into());
+    }
+    let counts = hs
+        .e2ee
+        .upload(
+            &session.user_id,
+            &session.device_id,
+            body.device_keys.as_ref(),
+            body.one_time_keys.as_ref(),
+            body.fallback_keys.as_ref(),
+        )
+        .await?;
+    Ok(Json(json!({ "one_time_key_counts": counts })))
+}
+
+#[derive(Deserialize)]
+struct QueryBody {
+    device_keys: Map<String, Value>,
+}
+
+async fn query(
+    State(hs): State<Arc<Homeserver>>,
+    _auth: Auth,
+    Body(body): Body<QueryBody>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(hs.e2ee.query(&body.device_keys).await?))
+}
+
+#[derive(Deserialize)]
+struct ClaimBody {
+    one_time_keys: Map<String, Value>,
+}
+
+async fn claim(
+    State(hs): State<Arc<Homeserver>>,
+    _auth: Auth,
+    Body(body): Body<ClaimBody>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(hs.e2ee.claim(&body.one_time_keys).await?))
+}
+
+#[derive(Deserialize)]
+struct ChangesParams {
+    from: String,
+    to: String,
+}
+
+async fn changes(
+    State(hs): State<Arc<Homeserver>>,
+    Auth(session): Auth,
+    Params(params): Params<ChangesParams>,
+) -> ApiResult<Json<Value>> {
+    let from: SyncToken = params.from.parse()?;
+    let to: SyncToken = params.to.parse()?;
+    let mut peers: HashSet<String> = HashSet::from([session.user_id.to_string()]);
+    for room in hs.rooms.joined_rooms(&session.user_id).await? {
+        peers.extend(hs.store.joined_members(&room).await?);
+    }
+    let changed = hs.e2ee.changed_users(from.aux, to.aux, &peers).await?;
+    Ok(Json(json!({ "changed": changed, "left": [] })))
+}
+
+#[derive(Deserialize)]
+struct ToDeviceBody {
+    messages: Map<String, Value>,
+}
+
+async fn send_to_device(
+    State(hs): State<Arc<Homeserver>>,
+    Auth(session): Auth,
+    Path((event_type, txn_id)): Path<(String, String)>,
+    Body(body): Body<ToDeviceBody>,
+) -> ApiResult<Json<Value>> {
+    hs.e2ee
+        .send_to_device(
+            &session.user_id,
+            &session.device_id,
+            &txn_id,
+            &event_type,
+            &body.messages,
+        )
+        .await?;
+    Ok(Json(json!({})))
+}
