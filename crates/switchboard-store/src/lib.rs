@@ -544,15 +544,6 @@ impl Store {
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
-    pub async fn set_user_appservice(&self, user_id: &str, as_id: &str) -> Result<()> {
-        sqlx::query("UPDATE users SET appservice_id = $2 WHERE user_id = $1")
-            .bind(user_id)
-            .bind(as_id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
     /// Whether the user has a device with this ID.
     pub async fn device_exists(&self, user_id: &str, device_id: &str) -> Result<bool> {
         let row = sqlx::query("SELECT 1 FROM devices WHERE user_id = $1 AND device_id = $2")

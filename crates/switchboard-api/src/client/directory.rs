@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use switchboard_core::{Error, Homeserver, accounts::Session, rooms::Listing};
 
-use super::rooms::{alias, room_id};
+use super::{alias, room_id};
 use crate::{
     error::ApiResult,
     extract::{Auth, Body},

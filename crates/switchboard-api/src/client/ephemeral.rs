@@ -7,11 +7,11 @@ use axum::{
     extract::{Path, State},
     routing::{post, put},
 };
-use ruma::{OwnedRoomId, OwnedUserId};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use switchboard_core::{Error, Homeserver};
 
+use super::{room_id, user_id};
 use crate::{
     error::ApiResult,
     extract::{Auth, Body},
@@ -26,14 +26,6 @@ pub(super) fn routes() -> Router<Arc<Homeserver>> {
         )
         .route("/rooms/{room_id}/read_markers", post(read_markers))
         .route("/presence/{user_id}/status", put(set_presence).get(get_presence))
-}
-
-fn room_id(raw: &str) -> Result<OwnedRoomId, Error> {
-    OwnedRoomId::try_from(raw).map_err(|e| Error::InvalidParam(format!("invalid room ID {raw}: {e}")))
-}
-
-fn user_id(raw: &str) -> Result<OwnedUserId, Error> {
-    OwnedUserId::try_from(raw).map_err(|e| Error::InvalidParam(format!("invalid user ID {raw}: {e}")))
 }
 
 #[derive(Deserialize)]

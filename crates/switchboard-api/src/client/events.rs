@@ -17,7 +17,7 @@ use switchboard_core::{
     sync::{StreamToken, to_value},
 };
 
-use super::rooms::room_id;
+use super::room_id;
 use crate::{
     error::ApiResult,
     extract::{Auth, Body, Params},

@@ -16,7 +16,21 @@ mod versions;
 use std::sync::Arc;
 
 use axum::Router;
-use switchboard_core::Homeserver;
+use ruma::{OwnedRoomAliasId, OwnedRoomId, OwnedUserId};
+use switchboard_core::{Error, Homeserver};
+
+/// Path parameters: Matrix IDs, parsed with `M_INVALID_PARAM` for malformed ones.
+pub(super) fn room_id(raw: &str) -> Result<OwnedRoomId, Error> {
+    OwnedRoomId::try_from(raw).map_err(|e| Error::InvalidParam(format!("invalid room ID {raw}: {e}")))
+}
+
+pub(super) fn user_id(raw: &str) -> Result<OwnedUserId, Error> {
+    OwnedUserId::try_from(raw).map_err(|e| Error::InvalidParam(format!("invalid user ID {raw}: {e}")))
+}
+
+pub(super) fn alias(raw: &str) -> Result<OwnedRoomAliasId, Error> {
+    OwnedRoomAliasId::try_from(raw).map_err(|e| Error::InvalidParam(format!("invalid room alias {raw}: {e}")))
+}
 
 pub(crate) fn router() -> Router<Arc<Homeserver>> {
     let api = Router::new()

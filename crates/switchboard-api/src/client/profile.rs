@@ -8,7 +8,7 @@ use axum::{
     routing::get,
 };
 use ruma::{
-    OwnedRoomId, OwnedUserId,
+    OwnedUserId,
     push::{
         Action, AnyPushRuleRef, NewConditionalPushRule, NewPatternedPushRule, NewPushRule, NewSimplePushRule,
         RuleKind,
@@ -18,6 +18,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use switchboard_core::{Error, Homeserver, accounts::Session, pdu::STABLE_ROOM_VERSIONS};
 
+use super::{room_id, user_id};
 use crate::{
     error::ApiResult,
     extract::{Auth, Body, Params},
@@ -58,10 +59,6 @@ pub(super) fn routes() -> Router<Arc<Homeserver>> {
             "/pushrules/global/{kind}/{rule_id}/actions",
             get(get_rule_actions).put(put_rule_actions),
         )
-}
-
-fn user_id(raw: &str) -> Result<OwnedUserId, Error> {
-    OwnedUserId::try_from(raw).map_err(|e| Error::InvalidParam(format!("invalid user ID {raw}: {e}")))
 }
 
 /// Profile and account data writes are for oneself (a service masquerading counts as the user).
@@ -160,10 +157,6 @@ async fn put_global(
     Ok(Json(json!({})))
 }
 
-fn room_id(raw: &str) -> Result<OwnedRoomId, Error> {
-    OwnedRoomId::try_from(raw).map_err(|e| Error::InvalidParam(format!("invalid room ID {raw}: {e}")))
-}
-
 async fn get_room(
     State(hs): State<Arc<Homeserver>>,
     Auth(session): Auth,
@@ -226,6 +219,18 @@ fn rule_kind(kind: &str) -> Result<RuleKind, Error> {
         "content" => Ok(RuleKind::Content),
         other => Err(Error::InvalidParam(format!("unknown push rule kind `{other}`"))),
     }
+}
+
+/// Loads the user's rules, changes them, stores them (which syncs `m.push_rules`).
+async fn edit_rules(
+    hs: &Homeserver,
+    session: &Session,
+    change: impl FnOnce(&mut ruma::push::Ruleset) -> Result<(), Error>,
+) -> ApiResult<Json<Value>> {
+    let mut rules = hs.account_data.push_rules(&session.user_id).await?;
+    change(&mut rules)?;
+    hs.account_data.set_push_rules(&session.user_id, &rules).await?;
+    Ok(Json(json!({})))
 }
 
 fn not_found() -> Error {
@@ -292,12 +297,11 @@ async fn put_rule(
         RuleKind::Sender => NewPushRule::Sender(NewSimplePushRule::new(user_id(&rule_id)?, body.actions)),
         _ => return Err(Error::InvalidParam("unsupported push rule kind".to_owned()).into()),
     };
-    let mut rules = hs.account_data.push_rules(&session.user_id).await?;
-    rules
-        .insert(rule, position.after.as_deref(), position.before.as_deref())
-        .map_err(|e| bad(e.to_string()))?;
-    hs.account_data.set_push_rules(&session.user_id, &rules).await?;
-    Ok(Json(json!({})))
+    edit_rules(&hs, &session, |rules| {
+        let (after, before) = (position.after.as_deref(), position.before.as_deref());
+        rules.insert(rule, after, before).map_err(|e| bad(e.to_string()))
+    })
+    .await
 }
 
 async fn delete_rule(
@@ -305,14 +309,14 @@ async fn delete_rule(
     Auth(session): Auth,
     Path((kind, rule_id)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    let mut rules = hs.account_data.push_rules(&session.user_id).await?;
     let kind = rule_kind(&kind)?;
-    rules.get(kind.clone(), &rule_id).ok_or_else(not_found)?;
-    rules
-        .remove(kind, &rule_id)
-        .map_err(|e| Error::InvalidParam(e.to_string()))?;
-    hs.account_data.set_push_rules(&session.user_id, &rules).await?;
-    Ok(Json(json!({})))
+    edit_rules(&hs, &session, |rules| {
+        rules.get(kind.clone(), &rule_id).ok_or_else(not_found)?;
+        rules
+            .remove(kind, &rule_id)
+            .map_err(|e| Error::InvalidParam(e.to_string()))
+    })
+    .await
 }
 
 async fn get_rule_enabled(
@@ -336,12 +340,13 @@ async fn put_rule_enabled(
     Path((kind, rule_id)): Path<(String, String)>,
     Body(body): Body<EnabledBody>,
 ) -> ApiResult<Json<Value>> {
-    let mut rules = hs.account_data.push_rules(&session.user_id).await?;
-    rules
-        .set_enabled(rule_kind(&kind)?, &rule_id, body.enabled)
-        .map_err(|_| not_found())?;
-    hs.account_data.set_push_rules(&session.user_id, &rules).await?;
-    Ok(Json(json!({})))
+    let kind = rule_kind(&kind)?;
+    edit_rules(&hs, &session, |rules| {
+        rules
+            .set_enabled(kind, &rule_id, body.enabled)
+            .map_err(|_| not_found())
+    })
+    .await
 }
 
 async fn get_rule_actions(
@@ -365,10 +370,11 @@ async fn put_rule_actions(
     Path((kind, rule_id)): Path<(String, String)>,
     Body(body): Body<ActionsBody>,
 ) -> ApiResult<Json<Value>> {
-    let mut rules = hs.account_data.push_rules(&session.user_id).await?;
-    rules
-        .set_actions(rule_kind(&kind)?, &rule_id, body.actions)
-        .map_err(|_| not_found())?;
-    hs.account_data.set_push_rules(&session.user_id, &rules).await?;
-    Ok(Json(json!({})))
+    let kind = rule_kind(&kind)?;
+    edit_rules(&hs, &session, |rules| {
+        rules
+            .set_actions(kind, &rule_id, body.actions)
+            .map_err(|_| not_found())
+    })
+    .await
 }

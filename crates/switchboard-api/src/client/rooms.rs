@@ -7,11 +7,12 @@ use axum::{
     extract::{Path, State},
     routing::{get, post},
 };
-use ruma::{OwnedRoomAliasId, OwnedRoomId, OwnedUserId};
+use ruma::{OwnedRoomId, OwnedUserId};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use switchboard_core::{Error, Homeserver, rooms::CreateRoom};
+use switchboard_core::{Homeserver, rooms::CreateRoom};
 
+use super::{alias, room_id};
 use crate::{
     error::ApiResult,
     extract::{Auth, Body},
@@ -29,14 +30,6 @@ pub(super) fn routes() -> Router<Arc<Homeserver>> {
         .route("/rooms/{room_id}/unban", post(unban))
         .route("/rooms/{room_id}/forget", post(forget))
         .route("/joined_rooms", get(joined_rooms))
-}
-
-pub(super) fn room_id(raw: &str) -> Result<OwnedRoomId, Error> {
-    OwnedRoomId::try_from(raw).map_err(|e| Error::InvalidParam(format!("invalid room ID {raw}: {e}")))
-}
-
-pub(super) fn alias(raw: &str) -> Result<OwnedRoomAliasId, Error> {
-    OwnedRoomAliasId::try_from(raw).map_err(|e| Error::InvalidParam(format!("invalid room alias {raw}: {e}")))
 }
 
 async fn create_room(
