@@ -85,6 +85,8 @@ impl IntoResponse for ApiError {
             Error::ServiceTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "M_UNKNOWN"),
             Error::Exclusive(_) => (StatusCode::BAD_REQUEST, "M_EXCLUSIVE"),
             Error::UnknownDevice(_) => (StatusCode::BAD_REQUEST, "M_UNKNOWN_DEVICE"),
+            Error::CannotOverwriteMedia => (StatusCode::CONFLICT, "M_CANNOT_OVERWRITE_MEDIA"),
+            Error::NotYetUploaded => (StatusCode::GATEWAY_TIMEOUT, "M_NOT_YET_UPLOADED"),
             Error::Ping {
                 http_status,
                 errcode,

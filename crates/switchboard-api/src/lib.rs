@@ -6,6 +6,7 @@ mod admin;
 mod client;
 pub mod error;
 mod extract;
+mod media;
 
 use std::sync::Arc;
 
@@ -23,6 +24,7 @@ use crate::error::matrix_error;
 /// The complete router for a listener serving the `client` resource.
 pub fn router(hs: Arc<Homeserver>) -> Router {
     let limit = hs.config.max_request_size;
+    let uploads = media::router(hs.media.max_upload_size);
     Router::new()
         .merge(client::router())
         .merge(admin::routes())
@@ -30,6 +32,8 @@ pub fn router(hs: Arc<Homeserver>) -> Router {
         .fallback(unrecognized)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
+        // Merged after the general limit, so uploads get theirs.
+        .merge(uploads)
         .layer(middleware::from_fn(cors))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(hs)

@@ -57,6 +57,9 @@ pub struct Config {
     pub rc_registration: RateLimit,
     #[serde(default)]
     pub rc_login: LoginRateLimits,
+    /// Largest media upload, in bytes (Synapse's format: a number, or a string like `50M`).
+    #[serde(default = "ByteSize::fifty_megabytes")]
+    pub max_upload_size: ByteSize,
     /// Largest request body accepted on the client API, in bytes (media uploads excepted).
     #[serde(default = "default_max_request_size")]
     pub max_request_size: usize,
@@ -148,6 +151,54 @@ impl Default for LoginRateLimits {
             address: RateLimit::login_default(),
             account: RateLimit::login_default(),
             failed_attempts: RateLimit::registration_default(),
+        }
+    }
+}
+
+/// A size in bytes, written as a number or as Synapse writes it (`512K`, `50M`, `1G`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(into = "u64")]
+pub struct ByteSize(pub usize);
+
+impl ByteSize {
+    fn fifty_megabytes() -> Self {
+        Self(50 * 1024 * 1024)
+    }
+}
+
+impl From<ByteSize> for u64 {
+    fn from(size: ByteSize) -> u64 {
+        size.0 as u64
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        let parse = |text: &str| -> Option<usize> {
+            let text = text.trim();
+            let (digits, unit) =
+                text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
+            let n: usize = digits.parse().ok()?;
+            let factor = match unit.trim().to_ascii_uppercase().as_str() {
+                "" | "B" => 1,
+                "K" | "KB" => 1024,
+                "M" | "MB" => 1024 * 1024,
+                "G" | "GB" => 1024 * 1024 * 1024,
+                _ => return None,
+            };
+            n.checked_mul(factor)
+        };
+        match Raw::deserialize(deserializer)? {
+            Raw::Number(n) => Ok(Self(n as usize)),
+            Raw::Text(text) => parse(&text)
+                .map(Self)
+                .ok_or_else(|| serde::de::Error::custom(format!("`{text}` is not a size like 50M"))),
         }
     }
 }
@@ -363,6 +414,7 @@ impl Config {
             rc_registration: RateLimit::registration_default(),
             rc_login: LoginRateLimits::default(),
             max_request_size: default_max_request_size(),
+            max_upload_size: ByteSize::fifty_megabytes(),
         }
     }
 }

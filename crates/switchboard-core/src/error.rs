@@ -58,6 +58,10 @@ pub enum Error {
     Exclusive(String),
     #[error("{0}")]
     UnknownDevice(String),
+    #[error("This media already has content")]
+    CannotOverwriteMedia,
+    #[error("The media has not been uploaded yet")]
+    NotYetUploaded,
     /// A ping of an application service failed; carries the spec's errcode.
     #[error("{message}")]
     Ping {

@@ -10,6 +10,7 @@ pub mod ephemeral;
 pub mod error;
 pub mod filter;
 pub mod keys;
+pub mod media;
 pub mod pdu;
 pub mod profile;
 pub mod ratelimit;
@@ -76,6 +77,7 @@ pub struct Homeserver {
     pub account_data: account_data::AccountData,
     pub ephemeral: Arc<ephemeral::Ephemeral>,
     pub e2ee: Arc<e2ee::E2ee>,
+    pub media: media::Media,
 }
 
 impl Homeserver {
@@ -137,6 +139,11 @@ impl Homeserver {
                 e2ee.clone(),
             ),
             e2ee,
+            media: media::Media::new(
+                store.clone(),
+                config.media_store_path.clone(),
+                config.max_upload_size.0,
+            ),
             ephemeral,
             account_data: account_data::AccountData::new(store.clone(), stream.clone()),
             nonces: Default::default(),

@@ -827,6 +827,51 @@ impl Store {
         Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
     }
 
+    // ---- media ----------------------------------------------------------------------------------
+
+    pub async fn create_media(&self, media_id: &str, uploader: &str, now: i64) -> Result<()> {
+        sqlx::query("INSERT INTO media (media_id, uploader, created_ts) VALUES ($1, $2, $3)")
+            .bind(media_id)
+            .bind(uploader)
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Marks media as uploaded; `false` if it already was (content never changes once set).
+    pub async fn finish_media(
+        &self,
+        media_id: &str,
+        content_type: Option<&str>,
+        filename: Option<&str>,
+        size: i64,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE media SET content_type = $2, filename = $3, size = $4, uploaded = 1 WHERE media_id = $1 AND uploaded = 0",
+        )
+        .bind(media_id)
+        .bind(content_type)
+        .bind(filename)
+        .bind(size)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// `(uploader, content_type, filename, uploaded)` of a media ID.
+    pub async fn media(
+        &self,
+        media_id: &str,
+    ) -> Result<Option<(String, Option<String>, Option<String>, bool)>> {
+        let row =
+            sqlx::query("SELECT uploader, content_type, filename, uploaded FROM media WHERE media_id = $1")
+                .bind(media_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))))
+    }
+
     // ---- profiles, devices, account data ------------------------------------------------------
 
     pub async fn set_profile(

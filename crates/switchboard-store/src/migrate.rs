@@ -13,6 +13,7 @@ const SQLITE_MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0005_appservice_ephemeral.sql"),
     include_str!("../migrations/sqlite/0006_room_directory.sql"),
     include_str!("../migrations/sqlite/0007_e2ee.sql"),
+    include_str!("../migrations/sqlite/0008_media.sql"),
 ];
 
 pub(crate) async fn run(pool: &SqlitePool) -> Result<()> {

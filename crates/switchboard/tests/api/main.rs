@@ -10,6 +10,7 @@ mod ephemeral;
 mod fake_as;
 mod http;
 mod keys;
+mod media;
 mod ops;
 mod profile;
 mod rooms;

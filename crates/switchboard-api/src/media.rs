@@ -1,0 +1,260 @@
+//! The media repository's HTTP surface: `/_matrix/media/{v3,r0}` (and `v1/create`), plus the
+//! authenticated `/_matrix/client/v1/media` routes. Uploads get their own body limit,
+//! `max_upload_size`.
+
+use std::sync::Arc;
+
+use axum::{
+    Json, Router,
+    body::Bytes,
+    extract::{DefaultBodyLimit, Path, State},
+    http::{HeaderMap, HeaderValue, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use ruma::OwnedServerName;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use switchboard_core::{
+    Error, Homeserver,
+    media::{Content, Method},
+    util::now_ms,
+};
+
+use crate::{
+    error::ApiResult,
+    extract::{Auth, Params},
+};
+
+pub(crate) fn router(upload_limit: usize) -> Router<Arc<Homeserver>> {
+    let media = Router::new()
+        .route("/upload", post(upload))
+        .route("/upload/{server}/{media_id}", axum::routing::put(upload_to))
+        .route("/download/{server}/{media_id}", get(download))
+        .route("/download/{server}/{media_id}/{filename}", get(download_named))
+        .route("/thumbnail/{server}/{media_id}", get(thumbnail))
+        .route("/config", get(config));
+    let authenticated = Router::new()
+        .route("/download/{server}/{media_id}", get(download_authenticated))
+        .route(
+            "/download/{server}/{media_id}/{filename}",
+            get(download_named_authenticated),
+        )
+        .route("/thumbnail/{server}/{media_id}", get(thumbnail_authenticated))
+        .route("/config", get(config_authenticated));
+    Router::new()
+        .nest("/_matrix/media/v3", media.clone())
+        .nest("/_matrix/media/r0", media)
+        .route("/_matrix/media/v1/create", post(create))
+        .nest("/_matrix/client/v1/media", authenticated)
+        .layer(DefaultBodyLimit::max(upload_limit))
+}
+
+fn server(raw: &str) -> Result<OwnedServerName, Error> {
+    OwnedServerName::try_from(raw).map_err(|e| Error::InvalidParam(format!("invalid server name {raw}: {e}")))
+}
+
+fn mxc(hs: &Homeserver, media_id: &str) -> String {
+    format!("mxc://{}/{media_id}", hs.server_name)
+}
+
+#[derive(Deserialize)]
+struct UploadParams {
+    filename: Option<String>,
+}
+
+fn content_type(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+async fn upload(
+    State(hs): State<Arc<Homeserver>>,
+    Auth(session): Auth,
+    Params(params): Params<UploadParams>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
+    let kind = content_type(&headers);
+    let media_id = hs
+        .media
+        .upload(
+            &session.user_id,
+            kind.as_deref(),
+            params.filename.as_deref(),
+            &body,
+        )
+        .await?;
+    Ok(Json(json!({ "content_uri": mxc(&hs, &media_id) })))
+}
+
+async fn create(State(hs): State<Arc<Homeserver>>, Auth(session): Auth) -> ApiResult<Json<Value>> {
+    let media_id = hs.media.create(&session.user_id).await?;
+    // Synapse's default: a reserved ID must be used within 24 hours.
+    let expires = now_ms() + 24 * 3600 * 1000;
+    Ok(Json(
+        json!({ "content_uri": mxc(&hs, &media_id), "unused_expires_at": expires }),
+    ))
+}
+
+async fn upload_to(
+    State(hs): State<Arc<Homeserver>>,
+    Auth(session): Auth,
+    Path((server_name, media_id)): Path<(String, String)>,
+    Params(params): Params<UploadParams>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
+    if server(&server_name)? != hs.server_name {
+        return Err(Error::Forbidden("Media can only be uploaded to this server".to_owned()).into());
+    }
+    let kind = content_type(&headers);
+    hs.media
+        .upload_to(
+            &session.user_id,
+            &media_id,
+            kind.as_deref(),
+            params.filename.as_deref(),
+            &body,
+        )
+        .await?;
+    Ok(Json(json!({})))
+}
+
+/// Media answers carry the spec's security headers: served content must not run scripts.
+fn media_response(content: Content, filename: Option<String>) -> Response {
+    let filename = filename.or(content.filename);
+    let inline = ["image/", "video/", "audio/", "text/plain"]
+        .iter()
+        .any(|p| content.content_type.starts_with(p));
+    let disposition = match filename {
+        Some(name) => format!(
+            "{}; filename=\"{}\"",
+            if inline { "inline" } else { "attachment" },
+            name.replace(['"', '\\', '\r', '\n'], "_")
+        ),
+        None => if inline { "inline" } else { "attachment" }.to_owned(),
+    };
+    let mut response = content.bytes.into_response();
+    let headers = response.headers_mut();
+    let set = |value: &str| {
+        HeaderValue::from_str(value).unwrap_or(HeaderValue::from_static("application/octet-stream"))
+    };
+    headers.insert(header::CONTENT_TYPE, set(&content.content_type));
+    if let Ok(value) = HeaderValue::from_str(&disposition) {
+        headers.insert(header::CONTENT_DISPOSITION, value);
+    }
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("sandbox; default-src 'none'; script-src 'none'; plugin-types application/pdf; style-src 'unsafe-inline'; media-src 'self'; object-src 'self';"),
+    );
+    headers.insert(
+        "cross-origin-resource-policy",
+        HeaderValue::from_static("cross-origin"),
+    );
+    response
+}
+
+async fn fetch(
+    hs: &Homeserver,
+    server_name: &str,
+    media_id: &str,
+    filename: Option<String>,
+) -> ApiResult<Response> {
+    let content = hs
+        .media
+        .download(&server(server_name)?, &hs.server_name, media_id)
+        .await?;
+    Ok(media_response(content, filename))
+}
+
+async fn download(
+    State(hs): State<Arc<Homeserver>>,
+    Path((server_name, media_id)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    fetch(&hs, &server_name, &media_id, None).await
+}
+
+async fn download_named(
+    State(hs): State<Arc<Homeserver>>,
+    Path((server_name, media_id, filename)): Path<(String, String, String)>,
+) -> ApiResult<Response> {
+    fetch(&hs, &server_name, &media_id, Some(filename)).await
+}
+
+async fn download_authenticated(
+    State(hs): State<Arc<Homeserver>>,
+    _auth: Auth,
+    Path((server_name, media_id)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    fetch(&hs, &server_name, &media_id, None).await
+}
+
+async fn download_named_authenticated(
+    State(hs): State<Arc<Homeserver>>,
+    _auth: Auth,
+    Path((server_name, media_id, filename)): Path<(String, String, String)>,
+) -> ApiResult<Response> {
+    fetch(&hs, &server_name, &media_id, Some(filename)).await
+}
+
+#[derive(Deserialize)]
+struct ThumbnailParams {
+    width: u32,
+    height: u32,
+    method: Option<String>,
+}
+
+async fn make_thumbnail(
+    hs: &Homeserver,
+    server_name: &str,
+    media_id: &str,
+    params: ThumbnailParams,
+) -> ApiResult<Response> {
+    let method = match params.method.as_deref() {
+        None | Some("scale") => Method::Scale,
+        Some("crop") => Method::Crop,
+        Some(other) => {
+            return Err(Error::InvalidParam(format!("method must be crop or scale, not `{other}`")).into());
+        }
+    };
+    let content = hs
+        .media
+        .thumbnail(
+            &server(server_name)?,
+            &hs.server_name,
+            media_id,
+            params.width,
+            params.height,
+            method,
+        )
+        .await?;
+    Ok(media_response(content, None))
+}
+
+async fn thumbnail(
+    State(hs): State<Arc<Homeserver>>,
+    Path((server_name, media_id)): Path<(String, String)>,
+    Params(params): Params<ThumbnailParams>,
+) -> ApiResult<Response> {
+    make_thumbnail(&hs, &server_name, &media_id, params).await
+}
+
+async fn thumbnail_authenticated(
+    State(hs): State<Arc<Homeserver>>,
+    _auth: Auth,
+    Path((server_name, media_id)): Path<(String, String)>,
+    Params(params): Params<ThumbnailParams>,
+) -> ApiResult<Response> {
+    make_thumbnail(&hs, &server_name, &media_id, params).await
+}
+
+async fn config(State(hs): State<Arc<Homeserver>>) -> Json<Value> {
+    Json(json!({ "m.upload.size": hs.media.max_upload_size }))
+}
+
+async fn config_authenticated(State(hs): State<Arc<Homeserver>>, _auth: Auth) -> Json<Value> {
+    Json(json!({ "m.upload.size": hs.media.max_upload_size }))
+}
