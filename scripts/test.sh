@@ -10,6 +10,7 @@ echo "==> cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "==> cargo test (unit + integration against the real binary)"
 cargo test --workspace
-echo "==> interop tests (matrix-nio, mautrix-python)"
+echo "==> interop tests (matrix-nio, mautrix-python, matrix-js-sdk)"
 cargo build -p switchboard
 bash tests/interop/run.sh
+bash tests/interop/js/run.sh

@@ -240,6 +240,7 @@ mod tests {
             txn: None,
             membership: None,
             creates_room_version: None,
+            relates_to: None,
         }
     }
 

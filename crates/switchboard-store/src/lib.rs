@@ -382,6 +382,39 @@ impl Store {
         rows.iter().map(rows::event_from_row).collect()
     }
 
+    /// Events relating to `event_id` (optionally of one `rel_type` and event type) with
+    /// `after < stream_pos <= until`, at most `limit`, newest first when `newest`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn relations(
+        &self,
+        room_id: &str,
+        event_id: &str,
+        rel_type: Option<&str>,
+        kind: Option<&str>,
+        after: i64,
+        until: i64,
+        limit: i64,
+        newest: bool,
+    ) -> Result<Vec<EventRow>> {
+        let order = if newest { "DESC" } else { "ASC" };
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {EVENT_COLUMNS} FROM events
+             WHERE relates_to = $1 AND room_id = $2 AND ($3 IS NULL OR rel_type = $3) AND ($4 IS NULL OR type = $4)
+               AND stream_pos > $5 AND stream_pos <= $6
+             ORDER BY stream_pos {order} LIMIT $7"
+        )))
+        .bind(event_id)
+        .bind(room_id)
+        .bind(rel_type)
+        .bind(kind)
+        .bind(after)
+        .bind(until)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(rows::event_from_row).collect()
+    }
+
     /// Rooms that have any event with `after < stream_pos <= until`.
     pub async fn rooms_with_events(&self, after: i64, until: i64) -> Result<Vec<String>> {
         let rows =
@@ -1122,8 +1155,8 @@ async fn append_in(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, event: &NewEven
     }
     sqlx::query(
         "INSERT INTO events (stream_pos, event_id, room_id, sender, type, state_key, depth, pdu,
-                                 unsigned, txn_device, txn_id)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                             unsigned, txn_device, txn_id, relates_to, rel_type)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
     )
     .bind(event.stream_pos)
     .bind(event.event_id.as_str())
@@ -1136,6 +1169,8 @@ async fn append_in(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, event: &NewEven
     .bind(event.unsigned.as_deref())
     .bind(event.txn.as_ref().map(|t| t.1.as_str()))
     .bind(event.txn.as_ref().map(|t| t.2.as_str()))
+    .bind(event.relates_to.as_ref().map(|r| r.0.as_str()))
+    .bind(event.relates_to.as_ref().map(|r| r.1.as_str()))
     .execute(&mut **tx)
     .await?;
     if let Some(state_key) = &event.state_key {

@@ -14,6 +14,7 @@ const SQLITE_MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0006_room_directory.sql"),
     include_str!("../migrations/sqlite/0007_e2ee.sql"),
     include_str!("../migrations/sqlite/0008_media.sql"),
+    include_str!("../migrations/sqlite/0009_relations.sql"),
 ];
 
 pub(crate) async fn run(pool: &SqlitePool) -> Result<()> {

@@ -46,6 +46,8 @@ pub struct NewEvent {
     pub membership: Option<String>,
     /// Set on the `m.room.create` event: the room row is written in the same transaction.
     pub creates_room_version: Option<String>,
+    /// `(event_id, rel_type)` of `content.m.relates_to`, for `/relations`.
+    pub relates_to: Option<(String, String)>,
 }
 
 #[derive(Clone, Debug)]

@@ -6,9 +6,11 @@
 // public room, the other joins, and each must see the other's message arrive through
 // `Room.timeline`.
 //
-// Afterwards it lists every request the SDK made that the server answered with an error (from the
-// server's own request log, plus the errcode the SDK saw). Those are reported, not failed on:
-// they show which endpoints of the SDK's normal flow Switchboard does not serve yet.
+// Then, best effort, it makes a few dozen more of the calls a client such as Element makes
+// (profile, tags, receipts, aliases, media, ...). At the end it lists every request the server
+// answered with an error (from the server's own request log, with the errcode the SDK saw), the
+// SDK's warnings, and which further calls failed. Those are reported, not failed on: they show
+// which endpoints Switchboard does not serve yet.
 //
 // Environment:
 //   SWITCHBOARD_BIN        server binary (default: target/debug/switchboard in the repo root;
@@ -660,7 +662,7 @@ async function runFlow(hsUrl) {
         checkEqual(event.getId(), sent.event_id, "event ID alice received");
     });
 
-    await extraCalls({ hsUrl, alice, bob, roomId, aliceMessage, suffix });
+    await extraCalls({ alice, bob, roomId, aliceMessage, suffix });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -671,7 +673,7 @@ async function runFlow(hsUrl) {
 const EXTRA_TIMEOUT_MS = 5_000;
 const extraResults = []; // {label, ok, detail, expected}
 
-async function extraCalls({ hsUrl, alice, bob, roomId, aliceMessage, suffix }) {
+async function extraCalls({ alice, bob, roomId, aliceMessage, suffix }) {
     const a = alice.client;
     const b = bob.client;
     const alias = `#js_interop_${suffix}:${SERVER_NAME}`;
@@ -824,8 +826,8 @@ function printErrorReport(logText) {
     }
 }
 
-// SDK log lines that say nothing about the server, with the reason.
-const SDK_NOISE = [
+// What some SDK log lines mean: most say nothing about the server.
+const SDK_LOG_NOTES = [
     [
         /^error: Got room state event for unknown room /,
         "SDK-internal: MatrixRTC sees a brand-new room's state before the sync code stores the room",
@@ -836,7 +838,7 @@ const SDK_NOISE = [
     ],
     [
         /^warn: Missing default global \w+ push rule \.m\.rule\.(contains_display_name|roomnotif|contains_user_name)$/,
-        "server: GET /pushrules/ lacks this spec default rule (deprecated since v1.7, still listed)",
+        "server: its default rules lack this legacy mention rule (deprecated in v1.7, removed by MSC4210); the SDK adds it locally",
     ],
 ];
 
@@ -845,8 +847,8 @@ function printSdkWarnings() {
     console.log("matrix-js-sdk warnings and errors (reported, not failed on):");
     for (const [text, count] of sdkWarnings) {
         const firstLine = text.split("\n")[0].slice(0, 300);
-        const noise = SDK_NOISE.find(([pattern]) => pattern.test(text));
-        const note = noise ? ` [${noise[1]}]` : "";
+        const known = SDK_LOG_NOTES.find(([pattern]) => pattern.test(text));
+        const note = known ? ` [${known[1]}]` : "";
         console.log(`  ${firstLine}${count > 1 ? ` (x${count})` : ""}${note}`);
     }
 }

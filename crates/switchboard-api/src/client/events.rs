@@ -414,3 +414,105 @@ async fn context(
 async fn turn_server(_auth: Auth) -> Json<Value> {
     Json(json!({}))
 }
+
+/// `/relations` lives under `/_matrix/client/v1` only.
+pub(super) fn v1_routes() -> Router<Arc<Homeserver>> {
+    Router::new()
+        .route(
+            "/_matrix/client/v1/rooms/{room_id}/relations/{event_id}",
+            get(relations_all),
+        )
+        .route(
+            "/_matrix/client/v1/rooms/{room_id}/relations/{event_id}/{rel_type}",
+            get(relations_typed),
+        )
+        .route(
+            "/_matrix/client/v1/rooms/{room_id}/relations/{event_id}/{rel_type}/{event_type}",
+            get(relations_typed_kind),
+        )
+}
+
+#[derive(Deserialize)]
+struct RelationParams {
+    from: Option<String>,
+    dir: Option<String>,
+    limit: Option<u64>,
+}
+
+async fn relations(
+    hs: &Homeserver,
+    session: &Session,
+    (room, event_id): (&str, &str),
+    rel_type: Option<&str>,
+    kind: Option<&str>,
+    params: RelationParams,
+) -> ApiResult<Json<Value>> {
+    let room = room_id(room)?;
+    let dir = match params.dir.as_deref() {
+        None | Some("b") => Direction::Backward,
+        Some("f") => Direction::Forward,
+        Some(other) => {
+            return Err(Error::InvalidParam(format!("dir must be `b` or `f`, not `{other}`")).into());
+        }
+    };
+    let from = params
+        .from
+        .as_deref()
+        .filter(|s| !s.is_empty())
+        .map(str::parse::<StreamToken>)
+        .transpose()?;
+    let (events, next) = hs
+        .rooms
+        .relations(
+            &room,
+            &session.user_id,
+            event_id,
+            rel_type,
+            kind,
+            from,
+            dir,
+            params.limit.unwrap_or(50),
+        )
+        .await?;
+    let viewer = Some((&*session.user_id, session.device_id.as_str()));
+    let mut body = json!({ "chunk": events.iter().map(|e| to_value(e, viewer)).collect::<Vec<_>>() });
+    if let Some(next) = next {
+        body["next_batch"] = json!(next.to_string());
+    }
+    Ok(Json(body))
+}
+
+async fn relations_all(
+    State(hs): State<Arc<Homeserver>>,
+    Auth(session): Auth,
+    Path((room, event_id)): Path<(String, String)>,
+    Params(params): Params<RelationParams>,
+) -> ApiResult<Json<Value>> {
+    relations(&hs, &session, (&room, &event_id), None, None, params).await
+}
+
+async fn relations_typed(
+    State(hs): State<Arc<Homeserver>>,
+    Auth(session): Auth,
+    Path((room, event_id, rel_type)): Path<(String, String, String)>,
+    Params(params): Params<RelationParams>,
+) -> ApiResult<Json<Value>> {
+    relations(&hs, &session, (&room, &event_id), Some(&rel_type), None, params).await
+}
+
+async fn relations_typed_kind(
+    State(hs): State<Arc<Homeserver>>,
+    Auth(session): Auth,
+    Path((room, event_id, rel_type, kind)): Path<(String, String, String, String)>,
+    Params(params): Params<RelationParams>,
+) -> ApiResult<Json<Value>> {
+    relations(
+        &hs,
+        &session,
+        (&room, &event_id),
+        Some(&rel_type),
+        Some(&kind),
+        params,
+    )
+    .await
+}

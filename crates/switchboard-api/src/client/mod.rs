@@ -47,6 +47,7 @@ pub(crate) fn router() -> Router<Arc<Homeserver>> {
     Router::new()
         .merge(versions::routes())
         .merge(appservice::routes())
+        .merge(events::v1_routes())
         .nest("/_matrix/client/v3", api.clone())
         .nest("/_matrix/client/r0", api)
 }

@@ -43,6 +43,11 @@ pub(super) fn routes() -> Router<Arc<Homeserver>> {
             "/user/{user_id}/rooms/{room_id}/account_data/{kind}",
             get(get_room).put(put_room),
         )
+        .route("/user/{user_id}/rooms/{room_id}/tags", get(tags))
+        .route(
+            "/user/{user_id}/rooms/{room_id}/tags/{tag}",
+            axum::routing::put(put_tag).delete(delete_tag),
+        )
         .route("/capabilities", get(capabilities))
         .route("/pushrules/", get(push_rules))
         .route("/pushrules", get(push_rules))
@@ -377,4 +382,65 @@ async fn put_rule_actions(
             .map_err(|_| not_found())
     })
     .await
+}
+
+/// Room tags are the room's `m.tag` account data, as in Synapse.
+async fn tags(
+    State(hs): State<Arc<Homeserver>>,
+    Auth(session): Auth,
+    Path((user, room)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let user = user_id(&user)?;
+    require_self(&session, &user)?;
+    let data = hs
+        .account_data
+        .get(&user, Some(&room_id(&room)?), "m.tag")
+        .await?;
+    Ok(Json(
+        json!({ "tags": data.and_then(|d| d.get("tags").cloned()).unwrap_or_else(|| json!({})) }),
+    ))
+}
+
+async fn change_tag(
+    hs: &Homeserver,
+    session: &Session,
+    (user, room, tag): (&str, &str, &str),
+    value: Option<Value>,
+) -> ApiResult<Json<Value>> {
+    let user = user_id(user)?;
+    require_self(session, &user)?;
+    let room = room_id(room)?;
+    let mut data = hs
+        .account_data
+        .get(&user, Some(&room), "m.tag")
+        .await?
+        .unwrap_or_else(|| json!({ "tags": {} }));
+    if !data["tags"].is_object() {
+        data["tags"] = json!({});
+    }
+    if let Some(tags) = data["tags"].as_object_mut() {
+        match value {
+            Some(value) => tags.insert(tag.to_owned(), value),
+            None => tags.remove(tag),
+        };
+    }
+    hs.account_data.set(&user, Some(&room), "m.tag", &data).await?;
+    Ok(Json(json!({})))
+}
+
+async fn put_tag(
+    State(hs): State<Arc<Homeserver>>,
+    Auth(session): Auth,
+    Path((user, room, tag)): Path<(String, String, String)>,
+    Body(body): Body<Value>,
+) -> ApiResult<Json<Value>> {
+    change_tag(&hs, &session, (&user, &room, &tag), Some(body)).await
+}
+
+async fn delete_tag(
+    State(hs): State<Arc<Homeserver>>,
+    Auth(session): Auth,
+    Path((user, room, tag)): Path<(String, String, String)>,
+) -> ApiResult<Json<Value>> {
+    change_tag(&hs, &session, (&user, &room, &tag), None).await
 }

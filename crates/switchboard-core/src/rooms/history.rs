@@ -271,3 +271,52 @@ pub struct Context {
     pub events_after: Vec<Pdu>,
     pub state: Vec<Arc<Pdu>>,
 }
+
+impl Rooms {
+    /// `GET /rooms/{roomId}/relations/{eventId}[/{relType}[/{eventType}]]`, as the user may see it.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn relations(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+        event_id: &str,
+        rel_type: Option<&str>,
+        kind: Option<&str>,
+        from: Option<StreamToken>,
+        dir: Direction,
+        limit: u64,
+    ) -> Result<(Vec<Pdu>, Option<StreamToken>)> {
+        self.event_for_user(room_id, event_id, user).await?;
+        let until = self.visible_until(room_id, user).await?;
+        let limit = limit.clamp(1, 100) as i64;
+        let (after, upto, newest) = match dir {
+            Direction::Backward => (0, from.map_or(until, |t| t.0.min(until)), true),
+            Direction::Forward => (from.map_or(0, |t| t.0), until, false),
+        };
+        let rows = self
+            .store
+            .relations(
+                room_id.as_str(),
+                event_id,
+                rel_type,
+                kind,
+                after,
+                upto,
+                limit,
+                newest,
+            )
+            .await?;
+        let full = rows.len() as i64 == limit;
+        let events: Vec<Pdu> = rows.into_iter().map(Pdu::from_row).collect::<Result<_>>()?;
+        let next = match (full, events.last()) {
+            (true, Some(last)) if dir == Direction::Backward => Some(StreamToken(last.stream_pos - 1)),
+            (true, Some(last)) => Some(StreamToken(last.stream_pos)),
+            _ => None,
+        };
+        let visibility = self.visibility(room_id, user).await?;
+        Ok((
+            events.into_iter().filter(|e| visibility.can_see(e)).collect(),
+            next,
+        ))
+    }
+}

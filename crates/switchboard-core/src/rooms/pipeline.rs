@@ -277,6 +277,7 @@ impl Rooms {
                 membership: a.pdu.membership(),
                 creates_room_version: (a.pdu.kind == TimelineEventType::RoomCreate)
                     .then(|| handle.version.id.to_string()),
+                relates_to: relation(&a.pdu),
             })
             .collect();
         let membership_changed = rows.iter().any(|r| r.membership.is_some());
@@ -311,6 +312,19 @@ impl Rooms {
         written.published();
         Ok(stored)
     }
+}
+
+/// `(event_id, rel_type)` of an event's `m.relates_to`, for `/relations`.
+fn relation(pdu: &Pdu) -> Option<(String, String)> {
+    let content = pdu.content_value();
+    let relates = content.get("m.relates_to")?;
+    let event_id = relates.get("event_id")?.as_str()?.to_owned();
+    let rel_type = relates
+        .get("rel_type")
+        .and_then(|r| r.as_str())
+        .unwrap_or("m.in_reply_to")
+        .to_owned();
+    Some((event_id, rel_type))
 }
 
 /// Runs a write to completion in its own task, whatever happens to the request that asked for it.

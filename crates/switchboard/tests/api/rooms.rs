@@ -871,3 +871,89 @@ async fn public_room_directory() {
         .await;
     assert_eq!(all["chunk"].as_array().expect("chunk").len(), 3);
 }
+
+#[tokio::test]
+async fn relations_and_tags() {
+    let s = Server::start().await;
+    let alice = s.register("alice").await;
+    let room = s.create_room(&alice, json!({})).await;
+    let (_, root) = s.send_text(&alice, &room, "root", "thread root").await;
+    let root = root["event_id"].as_str().expect("id").to_owned();
+    let path = |txn: &str| {
+        format!(
+            "/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}",
+            enc(&room)
+        )
+    };
+    s.ok(
+        Method::PUT,
+        &path("t1"),
+        &alice.token,
+        json!({"body": "in thread 1", "m.relates_to": {"rel_type": "m.thread", "event_id": root}}),
+    )
+    .await;
+    s.ok(
+        Method::PUT,
+        &path("t2"),
+        &alice.token,
+        json!({"body": "in thread 2", "m.relates_to": {"rel_type": "m.thread", "event_id": root}}),
+    )
+    .await;
+    s.ok(Method::PUT, &path("e1"), &alice.token, json!({"body": "* edit", "m.new_content": {"body": "edit"}, "m.relates_to": {"rel_type": "m.replace", "event_id": root}})).await;
+
+    let base = format!("/_matrix/client/v1/rooms/{}/relations/{}", enc(&room), enc(&root));
+    let all = s.ok(Method::GET, &base, &alice.token, Value::Null).await;
+    assert_eq!(all["chunk"].as_array().expect("chunk").len(), 3);
+    let threads = s
+        .ok(
+            Method::GET,
+            &format!("{base}/m.thread?limit=1"),
+            &alice.token,
+            Value::Null,
+        )
+        .await;
+    assert_eq!(
+        threads["chunk"][0]["content"]["body"], "in thread 2",
+        "newest first"
+    );
+    let next = threads["next_batch"].as_str().expect("more");
+    let older = s
+        .ok(
+            Method::GET,
+            &format!("{base}/m.thread?limit=1&from={next}"),
+            &alice.token,
+            Value::Null,
+        )
+        .await;
+    assert_eq!(older["chunk"][0]["content"]["body"], "in thread 1");
+    let edits = s
+        .ok(
+            Method::GET,
+            &format!("{base}/m.replace/m.room.message"),
+            &alice.token,
+            Value::Null,
+        )
+        .await;
+    assert_eq!(edits["chunk"].as_array().expect("chunk").len(), 1);
+
+    let tag = format!(
+        "/_matrix/client/v3/user/{}/rooms/{}/tags/u.work",
+        enc(&alice.user_id),
+        enc(&room)
+    );
+    s.ok(Method::PUT, &tag, &alice.token, json!({"order": 0.5})).await;
+    let tags = format!(
+        "/_matrix/client/v3/user/{}/rooms/{}/tags",
+        enc(&alice.user_id),
+        enc(&room)
+    );
+    assert_eq!(
+        s.ok(Method::GET, &tags, &alice.token, Value::Null).await["tags"]["u.work"]["order"],
+        0.5
+    );
+    s.ok(Method::DELETE, &tag, &alice.token, Value::Null).await;
+    assert_eq!(
+        s.ok(Method::GET, &tags, &alice.token, Value::Null).await["tags"],
+        json!({})
+    );
+}
