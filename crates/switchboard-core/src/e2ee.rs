@@ -83,6 +83,125 @@ impl E2ee {
             .await?)
     }
 
+    /// Whether the user already has a master key (a replacement needs user-interactive auth).
+    pub async fn has_cross_signing(&self, user: &UserId) -> Result<bool> {
+        Ok(self
+            .store
+            .cross_signing_keys(user.as_str())
+            .await?
+            .iter()
+            .any(|(kind, _)| kind == "master"))
+    }
+
+    /// `POST /keys/device_signing/upload`.
+    pub async fn upload_cross_signing(&self, user: &UserId, keys: &[(&str, &Value)]) -> Result<()> {
+        for (kind, key) in keys {
+            if key.get("user_id").and_then(Value::as_str) != Some(user.as_str()) {
+                return Err(Error::InvalidParam(format!("{kind} must belong to {user}")));
+            }
+            self.store
+                .set_cross_signing_key(user.as_str(), kind, &key.to_string())
+                .await?;
+        }
+        self.device_list_changed(user).await
+    }
+
+    /// `POST /keys/signatures/upload`: merges signatures into device keys or cross-signing keys.
+    /// Returns the failures map.
+    pub async fn upload_signatures(&self, signer: &UserId, signed: &Map<String, Value>) -> Result<Value> {
+        let mut failures = Map::new();
+        for (user, objects) in signed {
+            for (key_id, object) in objects.as_object().into_iter().flatten() {
+                let Some(signatures) = object.get("signatures").and_then(Value::as_object) else {
+                    continue;
+                };
+                let Some(from_signer) = signatures.get(signer.as_str()).and_then(Value::as_object) else {
+                    continue;
+                };
+                if self
+                    .add_signatures(signer.as_str(), user, key_id, from_signer)
+                    .await?
+                    .is_none()
+                {
+                    failures
+                        .entry(user.clone())
+                        .or_insert_with(|| json!({}))
+                        .as_object_mut()
+                        .map(|m| {
+                            m.insert(
+                                key_id.clone(),
+                                json!({ "errcode": "M_NOT_FOUND", "error": "Unknown key" }),
+                            )
+                        });
+                }
+            }
+            if let Ok(user_id) = <&UserId>::try_from(user.as_str()) {
+                self.device_list_changed(user_id).await?;
+            }
+        }
+        Ok(json!({ "failures": failures }))
+    }
+
+    /// Adds `new` (signing key ID → signature) by `signer` to the device or cross-signing key
+    /// `key_id` of `user`. `None` if there is no such key.
+    async fn add_signatures(
+        &self,
+        signer: &str,
+        user: &str,
+        key_id: &str,
+        new: &Map<String, Value>,
+    ) -> Result<Option<()>> {
+        let merge = |mut keys: Value| {
+            // Indexing a missing entry mutably creates it, so absent `signatures` are fine.
+            let slot = &mut keys["signatures"][signer];
+            for (id, signature) in new {
+                slot[id.as_str()] = signature.clone();
+            }
+            keys
+        };
+        for (device, keys) in self.store.device_keys(user).await? {
+            if device == key_id {
+                let merged = merge(serde_json::from_str(&keys).unwrap_or_default());
+                self.store
+                    .update_device_keys(user, &device, &merged.to_string())
+                    .await?;
+                return Ok(Some(()));
+            }
+        }
+        for (kind, keys) in self.store.cross_signing_keys(user).await? {
+            let value: Value = serde_json::from_str(&keys).unwrap_or_default();
+            let suffix = format!(":{key_id}");
+            if value["keys"]
+                .as_object()
+                .is_some_and(|k| k.keys().any(|id| id.ends_with(&suffix)))
+            {
+                self.store
+                    .set_cross_signing_key(user, &kind, &merge(value).to_string())
+                    .await?;
+                return Ok(Some(()));
+            }
+        }
+        Ok(None)
+    }
+
+    /// `POST /keys/query`: device keys of the requested users (all devices for an empty list),
+    /// plus their public cross-signing keys (`user_signing` only the requester's own).
+    pub async fn query_for(&self, requester: &UserId, requested: &Map<String, Value>) -> Result<Value> {
+        let mut response = self.query(requested).await?;
+        for user in requested.keys() {
+            for (kind, keys) in self.store.cross_signing_keys(user).await? {
+                let field = match kind.as_str() {
+                    "master" => "master_keys",
+                    "self_signing" => "self_signing_keys",
+                    "user_signing" if user == requester.as_str() => "user_signing_keys",
+                    _ => continue,
+                };
+                response[field][user] = serde_json::from_str(&keys).unwrap_or(Value::Null);
+            }
+        }
+        Ok(response)
+    }
+
     /// `POST /keys/query`: device keys of the requested users (all devices for an empty list).
     pub async fn query(&self, requested: &Map<String, Value>) -> Result<Value> {
         let mut device_keys = Map::new();

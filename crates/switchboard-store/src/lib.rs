@@ -772,6 +772,39 @@ impl Store {
         Ok(claimed)
     }
 
+    pub async fn set_cross_signing_key(&self, user_id: &str, key_type: &str, keys: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO cross_signing_keys (user_id, key_type, keys) VALUES ($1, $2, $3)
+             ON CONFLICT (user_id, key_type) DO UPDATE SET keys = $3",
+        )
+        .bind(user_id)
+        .bind(key_type)
+        .bind(keys)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// `(key_type, keys)` of a user's cross-signing keys.
+    pub async fn cross_signing_keys(&self, user_id: &str) -> Result<Vec<(String, String)>> {
+        let rows = sqlx::query("SELECT key_type, keys FROM cross_signing_keys WHERE user_id = $1")
+            .bind(user_id)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Replaces a device's uploaded keys (signatures added), without recording a change.
+    pub async fn update_device_keys(&self, user_id: &str, device_id: &str, keys: &str) -> Result<()> {
+        sqlx::query("UPDATE device_keys SET keys = $3 WHERE user_id = $1 AND device_id = $2")
+            .bind(user_id)
+            .bind(device_id)
+            .bind(keys)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Users whose device lists changed with `after < stream_pos <= until`.
     pub async fn device_list_changes(&self, after: i64, until: i64) -> Result<Vec<String>> {
         let rows = sqlx::query(

@@ -15,6 +15,7 @@ const SQLITE_MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0007_e2ee.sql"),
     include_str!("../migrations/sqlite/0008_media.sql"),
     include_str!("../migrations/sqlite/0009_relations.sql"),
+    include_str!("../migrations/sqlite/0010_cross_signing.sql"),
 ];
 
 pub(crate) async fn run(pool: &SqlitePool) -> Result<()> {

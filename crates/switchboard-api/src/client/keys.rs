@@ -24,6 +24,8 @@ pub(super) fn routes() -> Router<Arc<Homeserver>> {
         .route("/keys/claim", post(claim))
         .route("/keys/changes", get(changes))
         .route("/sendToDevice/{event_type}/{txn_id}", put(send_to_device))
+        .route("/keys/device_signing/upload", post(upload_cross_signing))
+        .route("/keys/signatures/upload", post(upload_signatures))
 }
 
 #[derive(Deserialize)]
@@ -64,10 +66,12 @@ struct QueryBody {
 
 async fn query(
     State(hs): State<Arc<Homeserver>>,
-    _auth: Auth,
+    Auth(session): Auth,
     Body(body): Body<QueryBody>,
 ) -> ApiResult<Json<Value>> {
-    Ok(Json(hs.e2ee.query(&body.device_keys).await?))
+    Ok(Json(
+        hs.e2ee.query_for(&session.user_id, &body.device_keys).await?,
+    ))
 }
 
 #[derive(Deserialize)]
@@ -125,4 +129,44 @@ async fn send_to_device(
         )
         .await?;
     Ok(Json(json!({})))
+}
+
+#[derive(Deserialize)]
+struct CrossSigningBody {
+    master_key: Option<Value>,
+    self_signing_key: Option<Value>,
+    user_signing_key: Option<Value>,
+    auth: Option<Value>,
+}
+
+/// The first upload needs no user-interactive auth (spec v1.11); replacing keys needs the password.
+/// Application services never do.
+async fn upload_cross_signing(
+    State(hs): State<Arc<Homeserver>>,
+    Auth(session): Auth,
+    Body(body): Body<CrossSigningBody>,
+) -> ApiResult<Json<Value>> {
+    if session.appservice.is_none() && hs.e2ee.has_cross_signing(&session.user_id).await? {
+        hs.accounts
+            .require_password(&session.user_id, body.auth.as_ref())
+            .await?;
+    }
+    let keys: Vec<(&str, &Value)> = [
+        ("master", body.master_key.as_ref()),
+        ("self_signing", body.self_signing_key.as_ref()),
+        ("user_signing", body.user_signing_key.as_ref()),
+    ]
+    .into_iter()
+    .filter_map(|(kind, key)| key.map(|k| (kind, k)))
+    .collect();
+    hs.e2ee.upload_cross_signing(&session.user_id, &keys).await?;
+    Ok(Json(json!({})))
+}
+
+async fn upload_signatures(
+    State(hs): State<Arc<Homeserver>>,
+    Auth(session): Auth,
+    Body(body): Body<Map<String, Value>>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(hs.e2ee.upload_signatures(&session.user_id, &body).await?))
 }

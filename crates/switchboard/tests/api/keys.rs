@@ -186,3 +186,86 @@ async fn to_device_messages_until_acknowledged() {
         .await;
     assert_eq!(star["to_device"]["events"][0]["content"]["to"], "all");
 }
+
+#[tokio::test]
+async fn cross_signing_keys_and_signatures() {
+    let s = Server::start().await;
+    let (alice, bob) = (s.register("alice").await, s.register("bob").await);
+    s.ok(
+        Method::POST,
+        "/_matrix/client/v3/keys/upload",
+        &alice.token,
+        json!({"device_keys": device_keys(&alice)}),
+    )
+    .await;
+    let master =
+        json!({"user_id": alice.user_id, "usage": ["master"], "keys": {"ed25519:MASTERPUB": "MASTERPUB"}});
+    let self_signing =
+        json!({"user_id": alice.user_id, "usage": ["self_signing"], "keys": {"ed25519:SSPUB": "SSPUB"}});
+    let user_signing =
+        json!({"user_id": alice.user_id, "usage": ["user_signing"], "keys": {"ed25519:USPUB": "USPUB"}});
+    let upload =
+        json!({"master_key": master, "self_signing_key": self_signing, "user_signing_key": user_signing});
+    s.ok(
+        Method::POST,
+        "/_matrix/client/v3/keys/device_signing/upload",
+        &alice.token,
+        upload.clone(),
+    )
+    .await;
+
+    // Replacing keys needs the password.
+    let (status, body) = s
+        .call(
+            Method::POST,
+            "/_matrix/client/v3/keys/device_signing/upload",
+            Some(&alice.token),
+            Some(upload),
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::UNAUTHORIZED, "{body}");
+
+    let signature = json!({alice.user_id.clone(): {alice.device_id.clone(): {
+        "user_id": alice.user_id, "device_id": alice.device_id,
+        "signatures": {alice.user_id.clone(): {"ed25519:SSPUB": "sig-of-device"}},
+    }}});
+    let result = s
+        .ok(
+            Method::POST,
+            "/_matrix/client/v3/keys/signatures/upload",
+            &alice.token,
+            signature,
+        )
+        .await;
+    assert_eq!(result["failures"], json!({}));
+
+    let query = json!({"device_keys": {alice.user_id.clone(): []}});
+    let seen_by_bob = s
+        .ok(
+            Method::POST,
+            "/_matrix/client/v3/keys/query",
+            &bob.token,
+            query.clone(),
+        )
+        .await;
+    assert_eq!(
+        seen_by_bob["master_keys"][&alice.user_id]["keys"]["ed25519:MASTERPUB"],
+        "MASTERPUB"
+    );
+    assert!(seen_by_bob["self_signing_keys"][&alice.user_id].is_object());
+    assert!(
+        seen_by_bob
+            .get("user_signing_keys")
+            .is_none_or(|u| u.get(&alice.user_id).is_none()),
+        "not bob's business"
+    );
+    let device = &seen_by_bob["device_keys"][&alice.user_id][&alice.device_id];
+    assert_eq!(
+        device["signatures"][&alice.user_id]["ed25519:SSPUB"],
+        "sig-of-device"
+    );
+    let own = s
+        .ok(Method::POST, "/_matrix/client/v3/keys/query", &alice.token, query)
+        .await;
+    assert!(own["user_signing_keys"][&alice.user_id].is_object());
+}
