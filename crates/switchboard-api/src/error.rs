@@ -76,8 +76,8 @@ impl IntoResponse for ApiError {
             } => {
                 let flows: Vec<_> = flows.iter().map(|stages| json!({ "stages": stages })).collect();
                 let mut body = json!({ "session": session, "flows": flows, "params": {} });
-                if let Some(error) = error {
-                    body["errcode"] = json!("M_UNRECOGNIZED");
+                if let Some((errcode, error)) = error {
+                    body["errcode"] = json!(errcode);
                     body["error"] = json!(error);
                 }
                 return (StatusCode::UNAUTHORIZED, Json(body)).into_response();

@@ -148,7 +148,7 @@ impl Accounts {
                 return Err(Error::UiaRequired {
                     session,
                     flows: vec![vec!["m.login.dummy".to_owned()]],
-                    error: other.map(|t| format!("Unsupported authentication stage {t}")),
+                    error: other.map(|t| ("M_UNRECOGNIZED", format!("Unsupported authentication stage {t}"))),
                 });
             }
         }
@@ -300,7 +300,7 @@ impl Accounts {
     /// User-interactive auth with `m.login.password` for sensitive operations (deleting devices).
     /// Without a correct password the answer is the UIA challenge.
     pub async fn require_password(&self, user_id: &UserId, auth: Option<&Value>) -> Result<()> {
-        let challenge = |error: Option<String>| Error::UiaRequired {
+        let challenge = |error: Option<(&'static str, String)>| Error::UiaRequired {
             session: random_string(24),
             flows: vec![vec!["m.login.password".to_owned()]],
             error,
@@ -309,7 +309,10 @@ impl Accounts {
             return Err(challenge(None));
         };
         if auth.get("type").and_then(Value::as_str) != Some("m.login.password") {
-            return Err(challenge(Some("Only m.login.password is supported".to_owned())));
+            return Err(challenge(Some((
+                "M_UNRECOGNIZED",
+                "Only m.login.password is supported".to_owned(),
+            ))));
         }
         let password = auth
             .get("password")
@@ -325,10 +328,11 @@ impl Accounts {
             Some(hash) => verify_password(password, hash).await?,
             None => false,
         };
+        // A wrong password is a new challenge (401 with M_FORBIDDEN), so clients ask again.
         if valid {
             Ok(())
         } else {
-            Err(Error::Forbidden("Invalid password".to_owned()))
+            Err(challenge(Some(("M_FORBIDDEN", "Invalid password".to_owned()))))
         }
     }
 

@@ -66,14 +66,14 @@ impl E2ee {
         self.counts(user, device).await
     }
 
+    /// Unclaimed one-time keys per algorithm; `signed_curve25519` is always present (0 when
+    /// none are left), since SDKs only replenish keys when they see the count.
     pub async fn counts(&self, user: &UserId, device: &str) -> Result<Map<String, Value>> {
-        Ok(self
-            .store
-            .one_time_key_counts(user.as_str(), device)
-            .await?
-            .into_iter()
-            .map(|(algorithm, count)| (algorithm, json!(count)))
-            .collect())
+        let mut counts: Map<String, Value> = Map::from_iter([("signed_curve25519".to_owned(), json!(0))]);
+        for (algorithm, count) in self.store.one_time_key_counts(user.as_str(), device).await? {
+            counts.insert(algorithm, json!(count));
+        }
+        Ok(counts)
     }
 
     pub async fn unused_fallback_types(&self, user: &UserId, device: &str) -> Result<Vec<String>> {
@@ -110,6 +110,7 @@ impl E2ee {
     /// Returns the failures map.
     pub async fn upload_signatures(&self, signer: &UserId, signed: &Map<String, Value>) -> Result<Value> {
         let mut failures = Map::new();
+        let mut changed = HashSet::new();
         for (user, objects) in signed {
             for (key_id, object) in objects.as_object().into_iter().flatten() {
                 let Some(signatures) = object.get("signatures").and_then(Value::as_object) else {
@@ -118,28 +119,55 @@ impl E2ee {
                 let Some(from_signer) = signatures.get(signer.as_str()).and_then(Value::as_object) else {
                     continue;
                 };
-                if self
-                    .add_signatures(signer.as_str(), user, key_id, from_signer)
-                    .await?
-                    .is_none()
+                // One signs one's own devices and keys, and other users' master keys only.
+                let allowed = user == signer.as_str() || self.is_master_key(user, key_id).await?;
+                let merged = if allowed {
+                    self.add_signatures(signer.as_str(), user, key_id, from_signer)
+                        .await?
+                } else {
+                    None
+                };
+                if merged.is_some() {
+                    changed.insert(user.clone());
+                } else if let Some(entry) = failures
+                    .entry(user.clone())
+                    .or_insert_with(|| json!({}))
+                    .as_object_mut()
                 {
-                    failures
-                        .entry(user.clone())
-                        .or_insert_with(|| json!({}))
-                        .as_object_mut()
-                        .map(|m| {
-                            m.insert(
-                                key_id.clone(),
-                                json!({ "errcode": "M_NOT_FOUND", "error": "Unknown key" }),
-                            )
-                        });
+                    entry.insert(
+                        key_id.clone(),
+                        json!({ "errcode": "M_NOT_FOUND", "error": "Unknown key" }),
+                    );
                 }
             }
+        }
+        // Only an actual change makes peers re-query keys.
+        for user in changed {
             if let Ok(user_id) = <&UserId>::try_from(user.as_str()) {
                 self.device_list_changed(user_id).await?;
             }
         }
         Ok(json!({ "failures": failures }))
+    }
+
+    async fn is_master_key(&self, user: &str, key_id: &str) -> Result<bool> {
+        let suffix = format!(":{key_id}");
+        Ok(self
+            .store
+            .cross_signing_keys(user)
+            .await?
+            .iter()
+            .any(|(kind, keys)| {
+                kind == "master"
+                    && serde_json::from_str::<Value>(keys)
+                        .ok()
+                        .and_then(|v| {
+                            v["keys"]
+                                .as_object()
+                                .map(|k| k.keys().any(|id| id.ends_with(&suffix)))
+                        })
+                        .unwrap_or(false)
+            }))
     }
 
     /// Adds `new` (signing key ID → signature) by `signer` to the device or cross-signing key

@@ -98,11 +98,19 @@ impl Ephemeral {
         }
     }
 
+    /// Takes a new auxiliary position for the room's typing set; the position is recorded before
+    /// it is announced, so a woken reader sees it.
     async fn bump_typing(&self, room: &RoomId) {
-        let pos = self.stream.aux_bump().await;
-        if let Ok(mut rooms) = self.typing.lock() {
-            rooms.entry(room.to_owned()).or_default().pos = pos;
-        }
+        let _ = self
+            .stream
+            .aux_write(|pos| async move {
+                if let Ok(mut rooms) = self.typing.lock() {
+                    let entry = rooms.entry(room.to_owned()).or_default();
+                    entry.pos = entry.pos.max(pos);
+                }
+                Ok(())
+            })
+            .await;
     }
 
     /// The typing users of a room, if that changed after `since` (aux position).
@@ -123,15 +131,15 @@ impl Ephemeral {
         )
     }
 
-    /// Rooms whose typing changed after `since`.
-    pub fn typing_rooms_since(&self, since: i64) -> Vec<OwnedRoomId> {
+    /// Rooms whose typing changed after `since`, with the position of the change.
+    pub fn typing_rooms_since(&self, since: i64) -> Vec<(OwnedRoomId, i64)> {
         self.typing
             .lock()
             .map(|rooms| {
                 rooms
                     .iter()
                     .filter(|(_, t)| t.pos > since)
-                    .map(|(r, _)| r.clone())
+                    .map(|(r, t)| (r.clone(), t.pos))
                     .collect()
             })
             .unwrap_or_default()
@@ -170,7 +178,7 @@ impl Ephemeral {
         may_see_private: impl Fn(&str) -> bool,
     ) -> Result<HashMap<String, Value>> {
         let mut rooms: HashMap<String, Map<String, Value>> = HashMap::new();
-        for (room, kind, user, thread, event_id, ts) in self.store.receipt_changes(after, until).await? {
+        for (room, kind, user, thread, event_id, ts, _) in self.store.receipt_changes(after, until).await? {
             if kind == "m.read.private" && !may_see_private(&user) {
                 continue;
             }
@@ -188,6 +196,29 @@ impl Ephemeral {
             .collect())
     }
 
+    /// One `m.receipt` event per receipt changed in `(after, until]`, with its position and room —
+    /// what application services get, in stream order.
+    pub async fn receipt_events(
+        &self,
+        after: i64,
+        until: i64,
+        may_see_private: impl Fn(&str) -> bool,
+    ) -> Result<Vec<(String, i64, Value)>> {
+        let mut out = Vec::new();
+        for (room, kind, user, thread, event_id, ts, pos) in self.store.receipt_changes(after, until).await? {
+            if kind == "m.read.private" && !may_see_private(&user) {
+                continue;
+            }
+            let mut receipt = json!({ "ts": ts });
+            if !thread.is_empty() {
+                receipt["thread_id"] = json!(thread);
+            }
+            let content = json!({ event_id: { kind: { user: receipt } } });
+            out.push((room, pos, json!({ "type": "m.receipt", "content": content })));
+        }
+        Ok(out)
+    }
+
     pub async fn set_presence(
         &self,
         user: &UserId,
@@ -197,18 +228,24 @@ impl Ephemeral {
         if !["online", "offline", "unavailable"].contains(&presence) {
             return Err(Error::InvalidParam(format!("unknown presence `{presence}`")));
         }
-        let pos = self.stream.aux_bump().await;
-        if let Ok(mut all) = self.presence.lock() {
-            all.insert(
-                user.to_owned(),
-                Presence {
-                    presence: presence.to_owned(),
-                    status_msg,
-                    last_active_ms: now_ms(),
-                    pos,
-                },
-            );
-        }
+        let user = user.to_owned();
+        let presence = presence.to_owned();
+        self.stream
+            .aux_write(|pos| async move {
+                if let Ok(mut all) = self.presence.lock() {
+                    all.insert(
+                        user,
+                        Presence {
+                            presence,
+                            status_msg,
+                            last_active_ms: now_ms(),
+                            pos,
+                        },
+                    );
+                }
+                Ok(())
+            })
+            .await?;
         Ok(())
     }
 
@@ -218,14 +255,27 @@ impl Ephemeral {
 
     /// `m.presence` events of the given users that changed after `since`.
     pub fn presence_since(&self, since: i64, users: impl Fn(&UserId) -> bool) -> Vec<Value> {
+        self.presence_items(since, i64::MAX, users)
+            .into_iter()
+            .map(|(_, event)| event)
+            .collect()
+    }
+
+    /// `m.presence` events changed in `(after, until]`, with their positions.
+    pub fn presence_items(
+        &self,
+        after: i64,
+        until: i64,
+        users: impl Fn(&UserId) -> bool,
+    ) -> Vec<(i64, Value)> {
         let Ok(all) = self.presence.lock() else {
             return Vec::new();
         };
         let now = now_ms();
         all.iter()
-            .filter(|(user, p)| p.pos > since && users(user))
+            .filter(|(user, p)| p.pos > after && p.pos <= until && users(user))
             .map(|(user, p)| {
-                json!({
+                let event = json!({
                     "type": "m.presence",
                     "sender": user,
                     "content": {
@@ -234,7 +284,8 @@ impl Ephemeral {
                         "last_active_ago": now.saturating_sub(p.last_active_ms),
                         "currently_active": p.presence == "online",
                     },
-                })
+                });
+                (p.pos, event)
             })
             .collect()
     }

@@ -48,7 +48,8 @@ pub enum Error {
     UiaRequired {
         session: String,
         flows: Vec<Vec<String>>,
-        error: Option<String>,
+        /// `(errcode, error)` when a stage was tried and failed.
+        error: Option<(&'static str, String)>,
     },
     /// An application service did not answer a query in time.
     #[error("{0}")]

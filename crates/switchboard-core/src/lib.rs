@@ -174,6 +174,18 @@ impl Homeserver {
         }
     }
 
+    /// Whether two users are both joined to some room.
+    pub async fn share_a_room(&self, a: &ruma::UserId, b: &ruma::UserId) -> Result<bool> {
+        let theirs: std::collections::HashSet<String> =
+            self.rooms.joined_rooms(b).await?.into_iter().collect();
+        Ok(self
+            .rooms
+            .joined_rooms(a)
+            .await?
+            .iter()
+            .any(|room| theirs.contains(room)))
+    }
+
     /// Makes sure a local user exists, asking the services whose namespace covers it (they may
     /// register it on the spot). Unknown users are `404 M_NOT_FOUND`.
     pub async fn ensure_user(&self, user_id: &ruma::UserId) -> Result<()> {

@@ -155,7 +155,9 @@ impl Media {
         method: Method,
     ) -> Result<Content> {
         let original = self.download(server, own, media_id).await?;
-        let (width, height) = (width.clamp(1, 2048), height.clamp(1, 2048));
+        // Requests snap to Synapse's standard sizes, so nobody can fill the disk with one
+        // thumbnail per pixel size.
+        let (width, height) = snap(width, height);
         let cached = self
             .dir
             .join("thumbnails")
@@ -190,6 +192,15 @@ impl Media {
     }
 }
 
+/// The smallest standard size covering the request (32, 96, 320, 640, 800 px).
+fn snap(width: u32, height: u32) -> (u32, u32) {
+    const SIZES: [u32; 5] = [32, 96, 320, 640, 800];
+    let pick = |n: u32| SIZES.iter().copied().find(|s| *s >= n).unwrap_or(800);
+    let side = pick(width.max(height));
+    let scale = |n: u32| ((n as u64 * side as u64) / width.max(height).max(1) as u64).max(1) as u32;
+    (scale(width), scale(height))
+}
+
 fn render(bytes: &[u8], width: u32, height: u32, method: Method, format: ImageFormat) -> Result<Vec<u8>> {
     let image = image::load_from_memory(bytes)
         .map_err(|e| Error::BadState(format!("Cannot make a thumbnail of this media: {e}")))?;
@@ -215,7 +226,8 @@ async fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
             .await
             .map_err(|e| Error::Internal(format!("{}: {e}", parent.display())))?;
     }
-    let tmp = path.with_extension("tmp");
+    // Unique per write: two requests rendering the same thumbnail must not share a file.
+    let tmp = path.with_extension(format!("tmp{}", random_string(8)));
     tokio::fs::write(&tmp, bytes)
         .await
         .map_err(|e| Error::Internal(format!("{}: {e}", tmp.display())))?;
@@ -236,6 +248,9 @@ mod tests {
         assert_eq!((crop.width(), crop.height()), (100, 100));
         let scale = thumbnail_image(&image, 100, 100, Method::Scale);
         assert_eq!((scale.width(), scale.height()), (100, 50));
+        assert_eq!(snap(32, 32), (32, 32));
+        assert_eq!(snap(50, 25), (96, 48), "snaps up, keeping the requested shape");
+        assert_eq!(snap(5000, 5000), (800, 800));
         let big = thumbnail_image(&image, 1000, 1000, Method::Scale);
         assert_eq!((big.width(), big.height()), (400, 200));
     }

@@ -206,7 +206,8 @@ impl SyncService {
             .user_memberships(user.as_str())
             .await?
             .into_iter()
-            .filter(|(_, m, _)| m == "join")
+            // A join not yet announced is for the next sync, with its full state.
+            .filter(|(_, m, pos)| m == "join" && *pos <= current)
             .map(|(r, _, _)| r)
             .collect();
         for (room, kind, content) in self

@@ -179,6 +179,17 @@ impl Store {
             .bind(device_id)
             .execute(&mut *tx)
             .await?;
+        // A device's keys and queued messages go with it: a new device with the same ID must not
+        // inherit them.
+        for table in ["device_keys", "one_time_keys", "fallback_keys", "to_device"] {
+            sqlx::query(AssertSqlSafe(format!(
+                "DELETE FROM {table} WHERE user_id = $1 AND device_id = $2"
+            )))
+            .bind(user_id)
+            .bind(device_id)
+            .execute(&mut *tx)
+            .await?;
+        }
         tx.commit().await?;
         Ok(())
     }
@@ -197,6 +208,12 @@ impl Store {
             .bind(user_id)
             .execute(&mut *tx)
             .await?;
+        for table in ["device_keys", "one_time_keys", "fallback_keys", "to_device"] {
+            sqlx::query(AssertSqlSafe(format!("DELETE FROM {table} WHERE user_id = $1")))
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
         Ok(hashes)
     }
@@ -1038,14 +1055,14 @@ impl Store {
     }
 
     /// Receipts changed with `after < stream_pos <= until`:
-    /// `(room_id, receipt_type, user_id, thread_id, event_id, ts)`.
+    /// `(room_id, receipt_type, user_id, thread_id, event_id, ts, stream_pos)`.
     pub async fn receipt_changes(
         &self,
         after: i64,
         until: i64,
-    ) -> Result<Vec<(String, String, String, String, String, i64)>> {
+    ) -> Result<Vec<(String, String, String, String, String, i64, i64)>> {
         let rows = sqlx::query(
-            "SELECT room_id, receipt_type, user_id, thread_id, event_id, ts FROM receipts
+            "SELECT room_id, receipt_type, user_id, thread_id, event_id, ts, stream_pos FROM receipts
              WHERE stream_pos > $1 AND stream_pos <= $2 ORDER BY stream_pos",
         )
         .bind(after)
@@ -1054,9 +1071,20 @@ impl Store {
         .await?;
         Ok(rows
             .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
+            .map(|r| {
+                (
+                    r.get(0),
+                    r.get(1),
+                    r.get(2),
+                    r.get(3),
+                    r.get(4),
+                    r.get(5),
+                    r.get(6),
+                )
+            })
             .collect())
     }
+
     pub async fn set_account_data(
         &self,
         user_id: &str,

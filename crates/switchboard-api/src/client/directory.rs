@@ -162,6 +162,16 @@ async fn set_service_visibility(
         .ok_or_else(|| Error::Forbidden("Only application services have network directories".to_owned()))?;
     let room = room_id(&raw)?;
     let instance = format!("{}|{network}", service.id());
+    // A service manages its own network's list only: it cannot take a room out of the main
+    // directory or out of another service's list.
+    if hs
+        .store
+        .room_publication(room.as_str())
+        .await?
+        .is_some_and(|current| current != instance)
+    {
+        return Err(Error::Forbidden("The room is published elsewhere in the directory".to_owned()).into());
+    }
     hs.rooms
         .set_published(&room, wants_public(&body)?.then_some(instance.as_str()))
         .await?;

@@ -145,11 +145,15 @@ async fn set_presence(
 
 async fn get_presence(
     State(hs): State<Arc<Homeserver>>,
-    _auth: Auth,
+    Auth(session): Auth,
     Path(user): Path<String>,
 ) -> ApiResult<Json<Value>> {
     let user = user_id(&user)?;
     hs.profile(&user).await?;
+    // Presence is for people who share a room (Synapse's rule).
+    if user != session.user_id && !hs.share_a_room(&session.user_id, &user).await? {
+        return Err(Error::Forbidden("You do not share a room with this user".to_owned()).into());
+    }
     let presence = hs.ephemeral.presence(&user);
     let now = switchboard_core::util::now_ms();
     Ok(Json(match presence {

@@ -149,7 +149,7 @@ impl Delivery {
     pub async fn shutdown(&self) {
         if let Ok(senders) = self.senders.lock() {
             for sender in senders.values() {
-                let _ = sender.stop.send(true);
+                sender.stop.send_replace(true);
             }
         }
         let tasks = self
@@ -184,7 +184,7 @@ impl Delivery {
         senders.retain(|id, sender| {
             let keep = wanted.contains_key(id);
             if !keep {
-                let _ = sender.stop.send(true);
+                sender.stop.send_replace(true);
                 tracing::info!(service = %id, "application service removed; sender stopped");
             }
             keep
@@ -245,6 +245,8 @@ impl Delivery {
                 Ok(step) => step,
                 Err(e) => {
                     tracing::error!(service = sender.service().id(), error = %e, "application service sender failed");
+                    // Reload the cursor from the database: it is the truth after a failed step.
+                    *sender.cursor.lock().await = None;
                     Step::Wait(Duration::from_secs(1))
                 }
             };
@@ -293,10 +295,10 @@ impl Delivery {
                 return Ok(Step::Wait(wait));
             }
             // Delivered: acknowledge it and store the next transaction in one database commit.
-            let (acked, covered) = (pending.txn_id, pending.upto);
-            cursor.pending = None;
-            cursor.at = max(cursor.at, covered);
-            let selection = self.select(sender, &service, cursor.at).await?;
+            // The cursor changes only after the commit: if anything fails before, the stored
+            // transaction stays pending in memory as it is in the database.
+            let (acked, at) = (pending.txn_id, max(cursor.at, pending.upto));
+            let selection = self.select(sender, &service, at).await?;
             let (skip, next) = match &selection {
                 Selection::Nothing { upto } => (Some(*upto), None),
                 Selection::Txn { upto, count, body } => (None, Some((*upto, *count, body.as_str()))),
@@ -305,6 +307,8 @@ impl Delivery {
                 .store
                 .appservice_ack_and_continue(id, acked, skip, next)
                 .await?;
+            cursor.pending = None;
+            cursor.at = at;
             self.advance(cursor, selection, new_id);
             return Ok(Step::Progress);
         }
@@ -393,9 +397,18 @@ impl Delivery {
             }
         }
         let mut ephemeral = Vec::new();
-        if wants_ephemeral(service) && after.aux < now.aux {
-            ephemeral = self.ephemeral_for(sender, service, after.aux, now.aux).await?;
+        if after.aux < now.aux {
             upto.aux = now.aux;
+            if wants_ephemeral(service) {
+                let mut items = self.ephemeral_for(sender, service, after.aux, now.aux).await?;
+                items.sort_by_key(|(pos, _)| *pos);
+                if items.len() > MAX_EPHEMERAL_PER_TXN {
+                    // The rest goes in the next transaction: cover only what is included.
+                    items.truncate(MAX_EPHEMERAL_PER_TXN);
+                    upto.aux = items.last().map_or(now.aux, |(pos, _)| *pos);
+                }
+                ephemeral = items.into_iter().map(|(_, item)| item).collect();
+            }
         }
         if (selected.is_empty() && ephemeral.is_empty()) || service.registration.url.is_none() {
             // Nothing for this service (or it takes no traffic).
@@ -418,32 +431,34 @@ impl Delivery {
     }
 
     /// Typing and receipts of rooms the service is interested in (private receipts only of its
-    /// own users) and presence of its users, changed in `(after, until]`; at most 100.
+    /// own users) and presence of its users, changed in `(after, until]`, each with its position.
     async fn ephemeral_for(
         &self,
         sender: &Sender,
         service: &AppService,
         after: i64,
         until: i64,
-    ) -> Result<Vec<serde_json::Value>> {
+    ) -> Result<Vec<(i64, serde_json::Value)>> {
         let Some(ephemeral) = self.ephemeral.get() else {
             return Ok(Vec::new());
         };
         let mut out = Vec::new();
-        for room in ephemeral.typing_rooms_since(after) {
-            if sender
-                .interest
-                .is_interested_in_room(service, &self.rooms, &room)
-                .await?
+        for (room, pos) in ephemeral.typing_rooms_since(after) {
+            if pos <= until
+                && sender
+                    .interest
+                    .is_interested_in_room(service, &self.rooms, &room)
+                    .await?
                 && let Some(users) = ephemeral.typing_since(&room, Some(after))
             {
-                out.push(serde_json::json!({ "type": "m.typing", "room_id": room, "content": { "user_ids": users } }));
+                let item = serde_json::json!({ "type": "m.typing", "room_id": room, "content": { "user_ids": users } });
+                out.push((pos, item));
             }
         }
-        let receipts = ephemeral
-            .receipts_since(after, until, |reader| service.owns_user(reader))
-            .await?;
-        for (room, mut event) in receipts {
+        for (room, pos, mut event) in ephemeral
+            .receipt_events(after, until, |reader| service.owns_user(reader))
+            .await?
+        {
             let Ok(room_id) = ruma::OwnedRoomId::try_from(room.as_str()) else {
                 continue;
             };
@@ -453,11 +468,10 @@ impl Delivery {
                 .await?
             {
                 event["room_id"] = serde_json::json!(room);
-                out.push(event);
+                out.push((pos, event));
             }
         }
-        out.extend(ephemeral.presence_since(after, |user| service.owns_user(user.as_str())));
-        out.truncate(MAX_EPHEMERAL_PER_TXN);
+        out.extend(ephemeral.presence_items(after, until, |user| service.owns_user(user.as_str())));
         Ok(out)
     }
 

@@ -19,6 +19,8 @@ const REPROBE_AFTER: Duration = Duration::from_secs(30 * 60);
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Family {
     Transactions,
+    /// `/ping` exists only under v1: never falls back.
+    Ping,
     Users,
     Rooms,
     ThirdParty,
@@ -128,10 +130,18 @@ impl ServiceHttp {
                 Reply::Status { status, body, .. } => route_missing(*status, body),
                 _ => false,
             };
-            if !missing {
+            if !missing || family == Family::Ping {
                 return Some(reply);
             }
-            self.remember_legacy(service, family);
+            // Switch for a while only if the legacy route really answers: a stray 404 page from a
+            // proxy must not send a v1 service's traffic to routes it does not have.
+            let legacy = self
+                .send(service, method, &format!("{base}{legacy_path}"), body)
+                .await;
+            if legacy.is_success() {
+                self.remember_legacy(service, family);
+            }
+            return Some(legacy);
         }
         Some(
             self.send(service, method, &format!("{base}{legacy_path}"), body)

@@ -335,7 +335,7 @@ impl AppServices {
             .http()
             .request(
                 service,
-                http::Family::Transactions,
+                http::Family::Ping,
                 Method::POST,
                 "/ping",
                 "/ping",

@@ -7,11 +7,34 @@ use std::sync::Arc;
 use ruma::{CanonicalJsonValue, RoomId, UserId, canonical_json::redact, events::StateEventType};
 use serde_json::json;
 
-use super::{EventDraft, Rooms};
+use super::{EventDraft, Rooms, pipeline::detached};
 use crate::{Error, Result, pdu::Pdu};
 
 impl Rooms {
     pub async fn redact(
+        self: &Arc<Self>,
+        room_id: &RoomId,
+        sender: &UserId,
+        event_id: &str,
+        reason: Option<&str>,
+        txn: Option<(&str, &str)>,
+    ) -> Result<Arc<Pdu>> {
+        // One unit that a client hanging up cannot cut in half: redaction stored, content gone.
+        let this = self.clone();
+        let (room_id, sender, event_id) = (room_id.to_owned(), sender.to_owned(), event_id.to_owned());
+        let (reason, txn) = (
+            reason.map(str::to_owned),
+            txn.map(|(d, t)| (d.to_owned(), t.to_owned())),
+        );
+        detached(async move {
+            let txn = txn.as_ref().map(|(d, t)| (d.as_str(), t.as_str()));
+            this.redact_now(&room_id, &sender, &event_id, reason.as_deref(), txn)
+                .await
+        })
+        .await
+    }
+
+    async fn redact_now(
         self: &Arc<Self>,
         room_id: &RoomId,
         sender: &UserId,

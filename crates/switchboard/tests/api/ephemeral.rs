@@ -298,3 +298,50 @@ async fn services_receive_ephemeral_data_they_asked_for() {
         "the unstable key is sent too when the registration asks for it"
     );
 }
+
+#[tokio::test]
+async fn more_than_a_transaction_of_ephemeral_data_is_all_delivered() {
+    use crate::fake_as::{FakeAs, Registration, as_user, ping, register_ghost, start_server};
+    let service = FakeAs::start().await;
+    let registration = Registration::new("bridge", Some(&service.url))
+        .users("@_b_.*:localhost", true)
+        .extra("receive_ephemeral: true\n");
+    let (s, _files) = start_server(&[&registration]).await;
+    let token = registration.as_token.clone();
+    service.set_transaction_status(500);
+    for i in 0..150 {
+        let ghost = register_ghost(&s, &token, &format!("_b_{i}")).await;
+        let presence = as_user(
+            &format!("/_matrix/client/v3/presence/{}/status", enc(&ghost)),
+            &ghost,
+        );
+        s.ok(Method::PUT, &presence, &token, json!({"presence": "online"}))
+            .await;
+    }
+    service.set_transaction_status(200);
+    ping(&s, "bridge", &token, "wake").await;
+    let delivered = |requests: &[crate::fake_as::Request]| {
+        let senders: std::collections::HashSet<String> = requests
+            .iter()
+            .filter(|r| r.succeeded())
+            .filter_map(|r| r.json()["ephemeral"].as_array().cloned())
+            .flatten()
+            .filter(|e| e["type"] == "m.presence")
+            .filter_map(|e| e["sender"].as_str().map(str::to_owned))
+            .collect();
+        senders.len() == 150
+    };
+    service
+        .wait_for_requests(delivered, Duration::from_secs(20))
+        .await;
+    let biggest = service
+        .requests()
+        .iter()
+        .filter_map(|r| r.json()["ephemeral"].as_array().map(Vec::len))
+        .max()
+        .unwrap_or(0);
+    assert!(
+        biggest <= 100,
+        "at most 100 ephemeral items per transaction, saw {biggest}"
+    );
+}

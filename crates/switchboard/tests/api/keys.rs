@@ -99,7 +99,11 @@ async fn keys_upload_query_claim() {
             .contains(&json!(alice.user_id))
     );
     let alices = s.sync(&alice, "").await;
-    assert_eq!(alices["device_one_time_keys_count"], json!({}), "all claimed");
+    assert_eq!(
+        alices["device_one_time_keys_count"],
+        json!({"signed_curve25519": 0}),
+        "all claimed, and said so"
+    );
     let changes = s
         .ok(
             Method::GET,

@@ -269,7 +269,7 @@ async fn devices_list_rename_and_delete_with_password() {
     );
     assert_eq!(body["flows"][0]["stages"][0], "m.login.password");
     let wrong = json!({"auth": {"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "alice"}, "password": "nope"}});
-    let (status, _) = s
+    let (status, body) = s
         .call(
             Method::DELETE,
             "/_matrix/client/v3/devices/PHONE",
@@ -277,7 +277,11 @@ async fn devices_list_rename_and_delete_with_password() {
             Some(wrong),
         )
         .await;
-    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::UNAUTHORIZED, "M_FORBIDDEN"),
+        "a new challenge"
+    );
     let right = json!({"auth": {"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "alice"}, "password": "password"}});
     s.ok(
         Method::DELETE,

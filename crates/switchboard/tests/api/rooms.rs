@@ -832,14 +832,30 @@ async fn public_room_directory() {
         "public"
     );
 
-    // A service's network list is separate from the main one.
-    let network = format!(
-        "/_matrix/client/v3/directory/list/appservice/libera/{}",
-        enc(&small)
+    // A service's network list is separate from the main one, and it cannot touch the main one.
+    let network = |room: &str| {
+        format!(
+            "/_matrix/client/v3/directory/list/appservice/libera/{}",
+            enc(room)
+        )
+    };
+    let (status, _) = s
+        .call(
+            Method::PUT,
+            &network(&small),
+            Some(&registration.as_token),
+            Some(json!({"visibility": "private"})),
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "a service cannot delist a main-directory room"
     );
+    let bridged = s.create_room(&alice, json!({"name": "Bridged"})).await;
     s.ok(
         Method::PUT,
-        &network,
+        &network(&bridged),
         &registration.as_token,
         json!({"visibility": "public"}),
     )
@@ -849,8 +865,8 @@ async fn public_room_directory() {
         .await
         .1;
     assert!(
-        !main.to_string().contains(small.as_str()),
-        "moved to the network list"
+        !main.to_string().contains(bridged.as_str()),
+        "only in the network list"
     );
     let libera = s
         .ok(
@@ -860,7 +876,7 @@ async fn public_room_directory() {
             json!({"third_party_instance_id": "irc|libera"}),
         )
         .await;
-    assert_eq!(libera["chunk"][0]["room_id"], small.as_str());
+    assert_eq!(libera["chunk"][0]["room_id"], bridged.as_str());
     let all = s
         .ok(
             Method::POST,
@@ -869,7 +885,7 @@ async fn public_room_directory() {
             json!({"include_all_networks": true}),
         )
         .await;
-    assert_eq!(all["chunk"].as_array().expect("chunk").len(), 3);
+    assert_eq!(all["chunk"].as_array().expect("chunk").len(), 4);
 }
 
 #[tokio::test]
