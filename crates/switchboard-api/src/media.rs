@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use switchboard_core::{
     Error, Homeserver,
     media::{Content, Method},
-    util::now_ms,
+    util::{now_ms, percent_encode},
 };
 
 use crate::{
@@ -129,13 +129,15 @@ fn media_response(content: Content, filename: Option<String>) -> Response {
     let inline = ["image/", "video/", "audio/", "text/plain"]
         .iter()
         .any(|p| content.content_type.starts_with(p));
+    let kind = if inline { "inline" } else { "attachment" };
     let disposition = match filename {
+        // Non-ASCII names go in RFC 6266's `filename*`, percent-encoded UTF-8.
+        Some(name) if !name.is_ascii() => format!("{kind}; filename*=UTF-8''{}", percent_encode(&name)),
         Some(name) => format!(
-            "{}; filename=\"{}\"",
-            if inline { "inline" } else { "attachment" },
+            "{kind}; filename=\"{}\"",
             name.replace(['"', '\\', '\r', '\n'], "_")
         ),
-        None => if inline { "inline" } else { "attachment" }.to_owned(),
+        None => kind.to_owned(),
     };
     let mut response = content.bytes.into_response();
     let headers = response.headers_mut();

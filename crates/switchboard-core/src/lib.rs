@@ -174,6 +174,27 @@ impl Homeserver {
         }
     }
 
+    /// User-interactive password auth for sensitive operations, under the same failed-attempts
+    /// limit as logins, so it cannot serve as a password-guessing oracle.
+    pub async fn require_password(
+        &self,
+        user: &ruma::UserId,
+        auth: Option<&serde_json::Value>,
+    ) -> Result<()> {
+        self.limits.login_failed.peek(user.as_str())?;
+        let result = self.accounts.require_password(user, auth).await;
+        if matches!(
+            &result,
+            Err(Error::UiaRequired {
+                error: Some(("M_FORBIDDEN", _)),
+                ..
+            })
+        ) {
+            let _ = self.limits.login_failed.check(user.as_str());
+        }
+        result
+    }
+
     /// Whether two users are both joined to some room.
     pub async fn share_a_room(&self, a: &ruma::UserId, b: &ruma::UserId) -> Result<bool> {
         let theirs: std::collections::HashSet<String> =

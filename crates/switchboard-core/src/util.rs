@@ -27,3 +27,16 @@ pub fn sha256_hex(secret: &str) -> String {
         .map(|b| format!("{b:02x}"))
         .collect()
 }
+
+/// Percent-encodes everything but unreserved characters: for URL path segments (user IDs and
+/// aliases carry `@`, `#` and `:`) and RFC 6266 `filename*` values.
+pub fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() * 3);
+    for b in text.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => out.push(b as char),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}

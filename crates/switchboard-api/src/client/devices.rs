@@ -92,7 +92,7 @@ async fn authorize(hs: &Homeserver, session: &Session, auth: Option<&Value>) -> 
     if session.appservice.is_some() {
         return Ok(());
     }
-    hs.accounts.require_password(&session.user_id, auth).await
+    hs.require_password(&session.user_id, auth).await
 }
 
 async fn delete(

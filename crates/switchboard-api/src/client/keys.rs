@@ -147,9 +147,7 @@ async fn upload_cross_signing(
     Body(body): Body<CrossSigningBody>,
 ) -> ApiResult<Json<Value>> {
     if session.appservice.is_none() && hs.e2ee.has_cross_signing(&session.user_id).await? {
-        hs.accounts
-            .require_password(&session.user_id, body.auth.as_ref())
-            .await?;
+        hs.require_password(&session.user_id, body.auth.as_ref()).await?;
     }
     let keys: Vec<(&str, &Value)> = [
         ("master", body.master_key.as_ref()),

@@ -16,7 +16,7 @@ use super::{
     AppService,
     http::{Family, Reply, ServiceHttp},
 };
-use crate::{Error, Result};
+use crate::{Error, Result, util::percent_encode};
 
 const NEGATIVE_TTL: Duration = Duration::from_secs(10);
 
@@ -114,16 +114,4 @@ impl Queries {
             None => Ok(false),
         }
     }
-}
-
-/// Percent-encodes a path segment; user IDs and aliases carry `@`, `#` and `:`.
-pub fn percent_encode(segment: &str) -> String {
-    let mut out = String::with_capacity(segment.len() * 3);
-    for b in segment.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => out.push(b as char),
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
 }

@@ -7,9 +7,8 @@ use serde_json::{Map, Value};
 use super::{
     AppServices,
     http::{Family, Reply},
-    query::percent_encode,
 };
-use crate::{Error, Result};
+use crate::{Error, Result, util::percent_encode};
 
 /// What is looked up: a user or a location (room alias).
 #[derive(Clone, Copy)]
