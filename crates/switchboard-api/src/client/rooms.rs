@@ -30,6 +30,7 @@ pub(super) fn routes() -> Router<Arc<Homeserver>> {
         .route("/rooms/{room_id}/unban", post(unban))
         .route("/rooms/{room_id}/forget", post(forget))
         .route("/joined_rooms", get(joined_rooms))
+        .route("/rooms/{room_id}/upgrade", post(upgrade))
 }
 
 async fn create_room(
@@ -186,4 +187,28 @@ async fn joined_rooms(State(hs): State<Arc<Homeserver>>, Auth(session): Auth) ->
     Ok(Json(
         json!({ "joined_rooms": hs.rooms.joined_rooms(&session.user_id).await? }),
     ))
+}
+
+#[derive(Deserialize)]
+struct UpgradeBody {
+    new_version: String,
+}
+
+async fn upgrade(
+    State(hs): State<Arc<Homeserver>>,
+    Auth(session): Auth,
+    Path(raw): Path<String>,
+    Body(body): Body<UpgradeBody>,
+) -> ApiResult<Json<Value>> {
+    let displayname = hs.accounts.displayname(&session.user_id).await?;
+    let new_room = hs
+        .rooms
+        .upgrade(
+            &room_id(&raw)?,
+            &session.user_id,
+            displayname.as_deref(),
+            &body.new_version,
+        )
+        .await?;
+    Ok(Json(json!({ "replacement_room": new_room })))
 }

@@ -54,7 +54,7 @@ impl Rooms {
         .await
     }
 
-    async fn create_room_inner(
+    pub(super) async fn create_room_inner(
         self: &Arc<Self>,
         creator: &UserId,
         displayname: Option<&str>,

@@ -12,6 +12,7 @@ mod history;
 mod membership;
 mod pipeline;
 mod redaction;
+mod upgrade;
 
 use std::{
     collections::HashMap,

@@ -973,3 +973,81 @@ async fn relations_and_tags() {
         json!({})
     );
 }
+
+#[tokio::test]
+async fn room_upgrade_moves_state_and_aliases() {
+    let s = Server::start().await;
+    let (alice, bob) = (s.register("alice").await, s.register("bob").await);
+    let old = s
+        .create_room(&alice, json!({"room_version": "10", "preset": "public_chat", "name": "Old", "room_alias_name": "moving"}))
+        .await;
+    s.ok(
+        Method::POST,
+        &format!("/_matrix/client/v3/join/{}", enc(&old)),
+        &bob.token,
+        json!({}),
+    )
+    .await;
+    let path = format!("/_matrix/client/v3/rooms/{}/upgrade", enc(&old));
+    let (status, _) = s
+        .call(
+            Method::POST,
+            &path,
+            Some(&bob.token),
+            Some(json!({"new_version": "11"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "power 0 cannot upgrade");
+    let (status, body) = s
+        .call(
+            Method::POST,
+            &path,
+            Some(&alice.token),
+            Some(json!({"new_version": "1"})),
+        )
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::BAD_REQUEST, "M_UNSUPPORTED_ROOM_VERSION")
+    );
+
+    let new = s
+        .ok(Method::POST, &path, &alice.token, json!({"new_version": "11"}))
+        .await["replacement_room"]
+        .as_str()
+        .expect("replacement")
+        .to_owned();
+    let create = s.state(&alice, &new, "m.room.create", "").await;
+    assert_eq!(create["room_version"], "11");
+    assert_eq!(create["predecessor"]["room_id"], old.as_str());
+    assert_eq!(s.state(&alice, &new, "m.room.name", "").await["name"], "Old");
+    assert_eq!(
+        s.state(&alice, &new, "m.room.join_rules", "").await["join_rule"],
+        "public"
+    );
+    let tombstone = s.state(&alice, &old, "m.room.tombstone", "").await;
+    assert_eq!(tombstone["replacement_room"], new.as_str());
+    let resolved = s
+        .call(
+            Method::GET,
+            &format!("/_matrix/client/v3/directory/room/{}", enc("#moving:localhost")),
+            None,
+            None,
+        )
+        .await
+        .1;
+    assert_eq!(resolved["room_id"], new.as_str(), "the alias moved");
+    let (status, _) = s.send_text(&bob, &old, "late", "anyone here?").await;
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "the old room is read-only for ordinary members"
+    );
+    s.ok(
+        Method::POST,
+        &format!("/_matrix/client/v3/join/{}", enc(&new)),
+        &bob.token,
+        json!({}),
+    )
+    .await;
+}
