@@ -7,6 +7,9 @@ mod client;
 pub mod error;
 mod extract;
 mod media;
+mod metrics;
+
+pub use metrics::router as metrics_router;
 
 use std::sync::Arc;
 

@@ -365,6 +365,15 @@ impl Config {
             .filter(|l| l.kind == "http" && l.resources.iter().any(|r| r.names.iter().any(|n| n == "client")))
     }
 
+    /// Listeners that serve Prometheus metrics: Synapse's `type: metrics`, or an `http` listener
+    /// with the `metrics` resource.
+    pub fn metrics_listeners(&self) -> impl Iterator<Item = &Listener> {
+        self.listeners.iter().filter(|l| {
+            l.kind == "metrics"
+                || (l.kind == "http" && l.resources.iter().any(|r| r.names.iter().any(|n| n == "metrics")))
+        })
+    }
+
     /// Path of the SQLite database file.
     pub fn sqlite_path(&self) -> PathBuf {
         match self.database.args.get("database") {

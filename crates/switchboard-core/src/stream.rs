@@ -158,6 +158,13 @@ impl EventStream {
         let _ = rx.wait_for(|closing| *closing).await;
     }
 
+    /// Waits until `pos` is announced, so a client that got an answer about its event also
+    /// finds it in `/sync` and `/messages` right after (read-your-writes).
+    pub async fn announced(&self, pos: i64) {
+        let mut rx = self.notify.subscribe();
+        let _ = rx.wait_for(|current| *current >= pos).await;
+    }
+
     /// The newest announced position.
     pub fn current(&self) -> i64 {
         *self.notify.borrow()

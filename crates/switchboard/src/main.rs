@@ -230,24 +230,36 @@ async fn appservice_command(
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let mut addresses = Vec::new();
-    for listener in config.client_listeners() {
+    // Each listener serves what its resources say: the client API, metrics, or both.
+    for listener in &config.listeners {
+        let client = config.client_listeners().any(|l| std::ptr::eq(l, listener));
+        let metrics = config.metrics_listeners().any(|l| std::ptr::eq(l, listener));
+        if !client && !metrics {
+            continue;
+        }
         for address in &listener.bind_addresses {
             let ip = address
                 .parse()
                 .with_context(|| format!("listeners: bad bind address `{address}`"))?;
-            addresses.push(SocketAddr::new(ip, listener.port));
+            addresses.push((SocketAddr::new(ip, listener.port), client, metrics));
         }
     }
     let hs = Arc::new(Homeserver::open(config).await?);
-    let app = switchboard_api::router(hs.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = Vec::new();
-    for address in addresses {
+    for (address, client, metrics) in addresses {
         let listener = TcpListener::bind(address)
             .await
             .with_context(|| format!("cannot listen on {address}"))?;
-        tracing::info!(%address, server_name = %hs.server_name, "listening for clients");
-        let app = app.clone().into_make_service_with_connect_info::<SocketAddr>();
+        tracing::info!(%address, server_name = %hs.server_name, client, metrics, "listening");
+        let app = match (client, metrics) {
+            (true, true) => {
+                switchboard_api::router(hs.clone()).merge(switchboard_api::metrics_router(hs.clone()))
+            }
+            (true, false) => switchboard_api::router(hs.clone()),
+            _ => switchboard_api::metrics_router(hs.clone()),
+        };
+        let app = app.into_make_service_with_connect_info::<SocketAddr>();
         let mut stop = stop_rx.clone();
         servers.push(tokio::spawn(async move {
             axum::serve(listener, app)

@@ -308,8 +308,12 @@ impl Rooms {
             stored.push(pdu);
         }
         self.stream.remember(&stored);
-        // Announced only once the caches hold the events, so a woken reader finds them.
+        // Announced only once the caches hold the events, so a woken reader finds them; the sender
+        // is answered only after the announcement, so its next read includes them.
         written.published();
+        if let Some(last) = stored.last() {
+            self.stream.announced(last.stream_pos).await;
+        }
         Ok(stored)
     }
 }

@@ -76,13 +76,15 @@ impl Server {
     }
 
     pub async fn start_with(extra_config: &str) -> Self {
+        Self::start_edited(extra_config, |text| text).await
+    }
+
+    /// Starts with the generated config text passed through `edit` first.
+    pub async fn start_edited(extra_config: &str, edit: impl FnOnce(String) -> String) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
-        std::fs::write(
-            dir.path().join("homeserver.yaml"),
-            config_text(port, dir.path(), extra_config),
-        )
-        .expect("config");
+        let text = edit(config_text(port, dir.path(), extra_config));
+        std::fs::write(dir.path().join("homeserver.yaml"), text).expect("config");
         let mut server = Self {
             child: None,
             dir,

@@ -170,3 +170,49 @@ async fn appservice_commands_and_hot_reload() {
         "the refusal is logged"
     );
 }
+
+#[tokio::test]
+async fn prometheus_metrics_on_a_metrics_listener() {
+    let metrics_port = crate::harness::free_port();
+    let listener = format!(
+        "listeners:\n  - port: {metrics_port}\n    type: metrics\n    bind_addresses: ['127.0.0.1']\n"
+    );
+    let service = FakeAs::start().await;
+    let registration = Registration::new("bridge", Some(&service.url)).users("@_b_.*:localhost", true);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bridge.yaml");
+    std::fs::write(&path, registration.yaml()).expect("registration");
+    let extra = format!(
+        "{}\napp_service_config_files: ['{}']\n",
+        crate::harness::RELAXED_LIMITS,
+        path.display()
+    );
+    let s = Server::start_edited(&extra, |text| text.replacen("listeners:\n", &listener, 1)).await;
+    let alice = s.register("alice").await;
+    s.create_room(&alice, json!({})).await;
+
+    let text = reqwest::get(format!("http://127.0.0.1:{metrics_port}/_synapse/metrics"))
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        text.contains("# TYPE switchboard_event_stream_position gauge"),
+        "{text}"
+    );
+    assert!(
+        text.contains("switchboard_appservice_up{service=\"bridge\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("process_resident_memory_bytes"));
+    let position: f64 = text
+        .lines()
+        .find(|l| l.starts_with("switchboard_event_stream_position "))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .expect("position");
+    assert!(position >= 5.0, "room creation moved the stream: {position}");
+    let (status, _) = s.call(Method::GET, "/_synapse/metrics", None, None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "not on the client listener");
+}

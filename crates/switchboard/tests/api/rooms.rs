@@ -1051,3 +1051,25 @@ async fn room_upgrade_moves_state_and_aliases() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_sent_event_is_readable_at_once() {
+    let s = Server::start().await;
+    let alice = s.register("alice").await;
+    let room = s.create_room(&alice, json!({})).await;
+    // Read-your-writes: the answer to a send comes only once the event is announced.
+    for i in 0..30 {
+        let (_, sent) = s
+            .send_text(&alice, &room, &format!("ryw{i}"), &format!("n{i}"))
+            .await;
+        let page = s
+            .ok(
+                Method::GET,
+                &format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=1", enc(&room)),
+                &alice.token,
+                Value::Null,
+            )
+            .await;
+        assert_eq!(page["chunk"][0]["event_id"], sent["event_id"], "round {i}");
+    }
+}
