@@ -471,7 +471,35 @@ impl Delivery {
                 out.push((pos, event));
             }
         }
-        out.extend(ephemeral.presence_items(after, until, |user| service.owns_user(user.as_str())));
+        // Presence of the service's users, and of anyone in a room the service is interested in
+        // (Synapse's `is_interested_in_presence`).
+        for (pos, item) in ephemeral.presence_items(after, until, |_| true) {
+            let Some(user) = item["sender"]
+                .as_str()
+                .and_then(|u| <&ruma::UserId>::try_from(u).ok())
+            else {
+                continue;
+            };
+            let mut wanted = service.owns_user(user.as_str());
+            if !wanted {
+                for room in self.rooms.joined_rooms(user).await? {
+                    let Ok(room_id) = ruma::OwnedRoomId::try_from(room) else {
+                        continue;
+                    };
+                    if sender
+                        .interest
+                        .is_interested_in_room(service, &self.rooms, &room_id)
+                        .await?
+                    {
+                        wanted = true;
+                        break;
+                    }
+                }
+            }
+            if wanted {
+                out.push((pos, item));
+            }
+        }
         Ok(out)
     }
 

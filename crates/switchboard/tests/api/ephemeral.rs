@@ -234,6 +234,15 @@ async fn services_receive_ephemeral_data_they_asked_for() {
         enc(&event_id)
     );
     s.ok(Method::POST, &private, &alice.token, json!({})).await;
+    // A human sharing a room with the service's user: their presence is of interest too.
+    let alices = format!("/_matrix/client/v3/presence/{}/status", enc(&alice.user_id));
+    s.ok(
+        Method::PUT,
+        &alices,
+        &alice.token,
+        json!({"presence": "unavailable"}),
+    )
+    .await;
     let presence = as_user(
         &format!("/_matrix/client/v3/presence/{}/status", enc(&ghost)),
         &ghost,
@@ -250,9 +259,23 @@ async fn services_receive_ephemeral_data_they_asked_for() {
             })
         }
     };
-    for kind in ["m.typing", "m.receipt", "m.presence"] {
+    for kind in ["m.typing", "m.receipt"] {
         service
             .wait_for_requests(has(kind), Duration::from_secs(10))
+            .await;
+    }
+    // Presence of both: the service's own user and the human sharing its room.
+    for who in [ghost.clone(), alice.user_id.clone()] {
+        let presence_of = move |requests: &[crate::fake_as::Request]| {
+            requests.iter().any(|r| {
+                r.json()["ephemeral"].as_array().is_some_and(|e| {
+                    e.iter()
+                        .any(|x| x["type"] == "m.presence" && x["sender"] == who.as_str())
+                })
+            })
+        };
+        service
+            .wait_for_requests(presence_of, Duration::from_secs(10))
             .await;
     }
     let ephemeral: Vec<Value> = service
