@@ -109,15 +109,6 @@ impl Store {
         row.map(|r| rows::user_from_row(&r)).transpose()
     }
 
-    pub async fn set_password_hash(&self, user_id: &str, hash: &str) -> Result<()> {
-        sqlx::query("UPDATE users SET password_hash = $2 WHERE user_id = $1")
-            .bind(user_id)
-            .bind(hash)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
     /// Creates the device if it does not exist and attaches a new access token to it.
     pub async fn add_device_token(
         &self,
