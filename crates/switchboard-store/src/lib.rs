@@ -38,7 +38,12 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 /// Handle to the database; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Store {
-    pool: SqlitePool,
+    /// The one connection that writes. SQLite allows one writer at a time, and a second
+    /// connection waiting for the lock sleeps in SQLite's busy handler (up to 100 ms a try);
+    /// queueing writers here in async code instead keeps write latency flat under load.
+    write: SqlitePool,
+    /// Read-only connections; WAL lets them read while the writer commits.
+    read: SqlitePool,
 }
 
 const EVENT_COLUMNS: &str =
@@ -63,21 +68,28 @@ impl Store {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(8)
-            .connect_with(options)
+        let open_error = |source| StoreError::Open {
+            path: path.display().to_string(),
+            source,
+        };
+        let write = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
             .await
-            .map_err(|source| StoreError::Open {
-                path: path.display().to_string(),
-                source,
-            })?;
-        migrate::run(&pool).await?;
-        Ok(Self { pool })
+            .map_err(open_error)?;
+        migrate::run(&write).await?;
+        let read = SqlitePoolOptions::new()
+            .max_connections(6)
+            .connect_with(options.read_only(true))
+            .await
+            .map_err(open_error)?;
+        Ok(Self { write, read })
     }
 
     /// Closes all connections, waiting for running queries to finish.
     pub async fn close(&self) {
-        self.pool.close().await;
+        self.write.close().await;
+        self.read.close().await;
     }
 
     // ---- accounts --------------------------------------------------------------------------
@@ -93,7 +105,7 @@ impl Store {
         .bind(user.is_admin)
         .bind(user.appservice_id)
         .bind(user.created_ts)
-        .execute(&self.pool)
+        .execute(&self.write)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -104,7 +116,7 @@ impl Store {
              FROM users WHERE user_id = $1",
         )
         .bind(user_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.read)
         .await?;
         row.map(|r| rows::user_from_row(&r)).transpose()
     }
@@ -118,7 +130,7 @@ impl Store {
         token_hash: &str,
         now: i64,
     ) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write.begin().await?;
         sqlx::query(
             "INSERT INTO devices (user_id, device_id, display_name, created_ts) VALUES ($1, $2, $3, $4)
              ON CONFLICT (user_id, device_id) DO NOTHING",
@@ -152,14 +164,14 @@ impl Store {
     pub async fn session_by_token(&self, token_hash: &str) -> Result<Option<(String, String)>> {
         let row = sqlx::query("SELECT user_id, device_id FROM access_tokens WHERE token_hash = $1")
             .bind(token_hash)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.read)
             .await?;
         Ok(row.map(|r| (r.get(0), r.get(1))))
     }
 
     /// Logs out one device: its token and the device itself go.
     pub async fn delete_device(&self, user_id: &str, device_id: &str) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write.begin().await?;
         sqlx::query("DELETE FROM access_tokens WHERE user_id = $1 AND device_id = $2")
             .bind(user_id)
             .bind(device_id)
@@ -187,7 +199,7 @@ impl Store {
 
     /// Logs out every device of a user; returns the token hashes that were removed.
     pub async fn delete_all_devices(&self, user_id: &str) -> Result<Vec<String>> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write.begin().await?;
         let hashes = sqlx::query("DELETE FROM access_tokens WHERE user_id = $1 RETURNING token_hash")
             .bind(user_id)
             .fetch_all(&mut *tx)
@@ -214,7 +226,7 @@ impl Store {
     pub async fn room_version(&self, room_id: &str) -> Result<Option<String>> {
         let row = sqlx::query("SELECT room_version FROM rooms WHERE room_id = $1")
             .bind(room_id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.read)
             .await?;
         Ok(row.map(|r| r.get(0)))
     }
@@ -222,7 +234,7 @@ impl Store {
     /// Highest stream position in use (0 for an empty database).
     pub async fn max_stream_pos(&self) -> Result<i64> {
         let row = sqlx::query("SELECT COALESCE(MAX(stream_pos), 0) FROM events")
-            .fetch_one(&self.pool)
+            .fetch_one(&self.read)
             .await?;
         Ok(row.get(0))
     }
@@ -231,7 +243,7 @@ impl Store {
     /// state changes and the client's transaction ID, all in one database transaction, so a crash
     /// leaves either all of it or none.
     pub async fn append_events(&self, events: &[&NewEvent]) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write.begin().await?;
         for event in events {
             append_in(&mut tx, event).await?;
         }
@@ -257,7 +269,7 @@ impl Store {
         .bind(room_id)
         .bind(event_type)
         .bind(txn_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.read)
         .await?;
         Ok(row.map(|r| r.get(0)))
     }
@@ -267,7 +279,7 @@ impl Store {
             "SELECT {EVENT_COLUMNS} FROM events WHERE event_id = $1"
         )))
         .bind(event_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.read)
         .await?;
         row.map(|r| rows::event_from_row(&r)).transpose()
     }
@@ -278,7 +290,7 @@ impl Store {
             "SELECT event_id, depth FROM events WHERE room_id = $1 ORDER BY stream_pos DESC LIMIT 1",
         )
         .bind(room_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.read)
         .await?;
         Ok(row.map(|r| (r.get(0), r.get(1))))
     }
@@ -291,7 +303,7 @@ impl Store {
             prefixed_event_columns("e")
         )))
         .bind(room_id)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.read)
         .await?;
         rows.iter().map(rows::event_from_row).collect()
     }
@@ -309,7 +321,7 @@ impl Store {
         )))
         .bind(room_id)
         .bind(pos)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.read)
         .await?;
         rows.iter().map(rows::event_from_row).collect()
     }
@@ -331,7 +343,7 @@ impl Store {
         .bind(kind)
         .bind(state_key)
         .bind(pos)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.read)
         .await?;
         row.map(|r| rows::event_from_row(&r)).transpose()
     }
@@ -356,7 +368,7 @@ impl Store {
         .bind(after)
         .bind(until)
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.read)
         .await?;
         let mut events: Vec<EventRow> = rows.iter().map(rows::event_from_row).collect::<Result<_>>()?;
         if newest {
@@ -372,7 +384,7 @@ impl Store {
              WHERE type = 'm.room.member' AND state_key = $1",
         )
         .bind(user_id)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.read)
         .await?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
     }
@@ -385,7 +397,7 @@ impl Store {
         )))
         .bind(room_id)
         .bind(user_id)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.read)
         .await?;
         rows.iter().map(rows::event_from_row).collect()
     }
@@ -418,7 +430,7 @@ impl Store {
         .bind(after)
         .bind(until)
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.read)
         .await?;
         rows.iter().map(rows::event_from_row).collect()
     }
@@ -429,7 +441,7 @@ impl Store {
             sqlx::query("SELECT DISTINCT room_id FROM events WHERE stream_pos > $1 AND stream_pos <= $2")
                 .bind(after)
                 .bind(until)
-                .fetch_all(&self.pool)
+                .fetch_all(&self.read)
                 .await?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
@@ -438,7 +450,7 @@ impl Store {
         sqlx::query("INSERT INTO forgotten_rooms (user_id, room_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
             .bind(user_id)
             .bind(room_id)
-            .execute(&self.pool)
+            .execute(&self.write)
             .await?;
         Ok(())
     }
@@ -446,7 +458,7 @@ impl Store {
     pub async fn forgotten_rooms(&self, user_id: &str) -> Result<Vec<String>> {
         let rows = sqlx::query("SELECT room_id FROM forgotten_rooms WHERE user_id = $1")
             .bind(user_id)
-            .fetch_all(&self.pool)
+            .fetch_all(&self.read)
             .await?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
@@ -463,12 +475,12 @@ impl Store {
         .bind(as_id)
         .bind(start.events)
         .bind(start.aux)
-        .execute(&self.pool)
+        .execute(&self.write)
         .await?;
         let row =
             sqlx::query("SELECT last_pos, last_aux, last_txn_id FROM appservice_state WHERE as_id = $1")
                 .bind(as_id)
-                .fetch_one(&self.pool)
+                .fetch_one(&self.write)
                 .await?;
         Ok((
             AsPosition {
@@ -481,7 +493,7 @@ impl Store {
 
     /// Records that everything up to `pos` was considered and none was for the service.
     pub async fn appservice_skip_to(&self, as_id: &str, pos: AsPosition) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write.begin().await?;
         advance_in(&mut tx, as_id, pos).await?;
         tx.commit().await?;
         Ok(())
@@ -495,7 +507,7 @@ impl Store {
         event_count: i64,
         body: &str,
     ) -> Result<i64> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write.begin().await?;
         let txn_id = new_txn_in(&mut tx, as_id, upto, event_count, body).await?;
         tx.commit().await?;
         Ok(txn_id)
@@ -507,7 +519,7 @@ impl Store {
             "SELECT txn_id, last_pos, last_aux, event_count, body FROM appservice_txns WHERE as_id = $1",
         )
         .bind(as_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.read)
         .await?;
         Ok(row.map(|r| StoredTxn {
             txn_id: r.get(0),
@@ -530,7 +542,7 @@ impl Store {
         skip_to: Option<AsPosition>,
         next: Option<(AsPosition, i64, &str)>,
     ) -> Result<Option<i64>> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write.begin().await?;
         let row = sqlx::query(
             "DELETE FROM appservice_txns WHERE as_id = $1 AND txn_id = $2 RETURNING last_pos, last_aux",
         )
@@ -569,7 +581,7 @@ impl Store {
         .bind(after)
         .bind(until)
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.read)
         .await?;
         rows.iter().map(rows::event_from_row).collect()
     }
@@ -580,7 +592,7 @@ impl Store {
             "SELECT state_key FROM current_state WHERE room_id = $1 AND type = 'm.room.member' AND membership = 'join'",
         )
         .bind(room_id)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.read)
         .await?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
@@ -590,7 +602,7 @@ impl Store {
         let row = sqlx::query("SELECT 1 FROM devices WHERE user_id = $1 AND device_id = $2")
             .bind(user_id)
             .bind(device_id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.read)
             .await?;
         Ok(row.is_some())
     }
@@ -601,7 +613,7 @@ impl Store {
             .bind(event_id)
             .bind(redacted_pdu)
             .bind(unsigned)
-            .execute(&self.pool)
+            .execute(&self.write)
             .await?;
         Ok(())
     }
@@ -614,7 +626,7 @@ impl Store {
         )
         .bind(room_id)
         .bind(instance)
-        .execute(&self.pool)
+        .execute(&self.write)
         .await?;
         Ok(())
     }
@@ -622,7 +634,7 @@ impl Store {
     pub async fn unpublish_room(&self, room_id: &str) -> Result<()> {
         sqlx::query("DELETE FROM room_directory WHERE room_id = $1")
             .bind(room_id)
-            .execute(&self.pool)
+            .execute(&self.write)
             .await?;
         Ok(())
     }
@@ -631,7 +643,7 @@ impl Store {
     pub async fn room_publication(&self, room_id: &str) -> Result<Option<String>> {
         let row = sqlx::query("SELECT instance FROM room_directory WHERE room_id = $1")
             .bind(room_id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.read)
             .await?;
         Ok(row.map(|r| r.get(0)))
     }
@@ -639,7 +651,7 @@ impl Store {
     /// `(room_id, instance)` of every published room.
     pub async fn published_rooms(&self) -> Result<Vec<(String, String)>> {
         let rows = sqlx::query("SELECT room_id, instance FROM room_directory ORDER BY room_id")
-            .fetch_all(&self.pool)
+            .fetch_all(&self.read)
             .await?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
@@ -647,7 +659,7 @@ impl Store {
     // ---- end-to-end encryption -----------------------------------------------------------------
 
     pub async fn set_device_keys(&self, user_id: &str, device_id: &str, keys: &str, pos: i64) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write.begin().await?;
         sqlx::query(
             "INSERT INTO device_keys (user_id, device_id, keys) VALUES ($1, $2, $3)
              ON CONFLICT (user_id, device_id) DO UPDATE SET keys = $3",
@@ -673,7 +685,7 @@ impl Store {
              JOIN devices d ON d.user_id = k.user_id AND d.device_id = k.device_id WHERE k.user_id = $1",
         )
         .bind(user_id)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.read)
         .await?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
@@ -695,7 +707,7 @@ impl Store {
         .bind(algorithm)
         .bind(key_id)
         .bind(key)
-        .execute(&self.pool)
+        .execute(&self.write)
         .await?;
         Ok(())
     }
@@ -717,7 +729,7 @@ impl Store {
         .bind(algorithm)
         .bind(key_id)
         .bind(key)
-        .execute(&self.pool)
+        .execute(&self.write)
         .await?;
         Ok(())
     }
@@ -729,7 +741,7 @@ impl Store {
         )
         .bind(user_id)
         .bind(device_id)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.read)
         .await?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
@@ -740,7 +752,7 @@ impl Store {
         )
         .bind(user_id)
         .bind(device_id)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.read)
         .await?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
@@ -752,7 +764,7 @@ impl Store {
         device_id: &str,
         algorithm: &str,
     ) -> Result<Option<(String, String)>> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write.begin().await?;
         let row = sqlx::query(
             "DELETE FROM one_time_keys WHERE rowid = (SELECT rowid FROM one_time_keys
                WHERE user_id = $1 AND device_id = $2 AND algorithm = $3 ORDER BY key_id LIMIT 1)
@@ -788,7 +800,7 @@ impl Store {
         .bind(user_id)
         .bind(key_type)
         .bind(keys)
-        .execute(&self.pool)
+        .execute(&self.write)
         .await?;
         Ok(())
     }
@@ -797,7 +809,7 @@ impl Store {
     pub async fn cross_signing_keys(&self, user_id: &str) -> Result<Vec<(String, String)>> {
         let rows = sqlx::query("SELECT key_type, keys FROM cross_signing_keys WHERE user_id = $1")
             .bind(user_id)
-            .fetch_all(&self.pool)
+            .fetch_all(&self.read)
             .await?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
@@ -808,7 +820,7 @@ impl Store {
             .bind(user_id)
             .bind(device_id)
             .bind(keys)
-            .execute(&self.pool)
+            .execute(&self.write)
             .await?;
         Ok(())
     }
@@ -820,7 +832,7 @@ impl Store {
         )
         .bind(after)
         .bind(until)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.read)
         .await?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
@@ -829,7 +841,7 @@ impl Store {
         sqlx::query("INSERT INTO device_list_changes (user_id, stream_pos) VALUES ($1, $2)")
             .bind(user_id)
             .bind(pos)
-            .execute(&self.pool)
+            .execute(&self.write)
             .await?;
         Ok(())
     }
@@ -843,7 +855,7 @@ impl Store {
         pos: i64,
     ) -> Result<bool> {
         let (sender_id, sender_device, txn_id) = sender;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write.begin().await?;
         let fresh = sqlx::query(
             "INSERT INTO to_device_txns (sender, device_id, txn_id) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
         )
@@ -887,7 +899,7 @@ impl Store {
             .bind(user_id)
             .bind(device_id)
             .bind(ack)
-            .execute(&self.pool)
+            .execute(&self.write)
             .await?;
         let rows = sqlx::query(
             "SELECT sender, type, content FROM to_device WHERE user_id = $1 AND device_id = $2 AND stream_pos <= $3
@@ -896,7 +908,7 @@ impl Store {
         .bind(user_id)
         .bind(device_id)
         .bind(until)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.write)
         .await?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
     }
@@ -908,7 +920,7 @@ impl Store {
             .bind(media_id)
             .bind(uploader)
             .bind(now)
-            .execute(&self.pool)
+            .execute(&self.write)
             .await?;
         Ok(())
     }
@@ -928,7 +940,7 @@ impl Store {
         .bind(content_type)
         .bind(filename)
         .bind(size)
-        .execute(&self.pool)
+        .execute(&self.write)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -941,7 +953,7 @@ impl Store {
         let row =
             sqlx::query("SELECT uploader, content_type, filename, uploaded FROM media WHERE media_id = $1")
                 .bind(media_id)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.read)
                 .await?;
         Ok(row.map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))))
     }
@@ -958,14 +970,14 @@ impl Store {
             sqlx::query("UPDATE users SET displayname = $2 WHERE user_id = $1")
                 .bind(user_id)
                 .bind(name)
-                .execute(&self.pool)
+                .execute(&self.write)
                 .await?;
         }
         if let Some(url) = avatar_url {
             sqlx::query("UPDATE users SET avatar_url = $2 WHERE user_id = $1")
                 .bind(user_id)
                 .bind(url)
-                .execute(&self.pool)
+                .execute(&self.write)
                 .await?;
         }
         Ok(())
@@ -977,7 +989,7 @@ impl Store {
             "SELECT device_id, display_name, created_ts FROM devices WHERE user_id = $1 ORDER BY device_id",
         )
         .bind(user_id)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.read)
         .await?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
     }
@@ -998,7 +1010,7 @@ impl Store {
         .bind(device_id)
         .bind(display_name)
         .bind(now)
-        .execute(&self.pool)
+        .execute(&self.write)
         .await?;
         Ok(())
     }
@@ -1011,7 +1023,7 @@ impl Store {
                         COALESCE((SELECT MAX(stream_pos) FROM device_list_changes), 0),
                         COALESCE((SELECT MAX(stream_pos) FROM to_device), 0))",
         )
-        .fetch_one(&self.pool)
+        .fetch_one(&self.read)
         .await?;
         Ok(row.get(0))
     }
@@ -1040,7 +1052,7 @@ impl Store {
         .bind(event_id)
         .bind(ts)
         .bind(pos)
-        .execute(&self.pool)
+        .execute(&self.write)
         .await?;
         Ok(())
     }
@@ -1058,7 +1070,7 @@ impl Store {
         )
         .bind(after)
         .bind(until)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.read)
         .await?;
         Ok(rows
             .iter()
@@ -1093,7 +1105,7 @@ impl Store {
         .bind(kind)
         .bind(content)
         .bind(pos)
-        .execute(&self.pool)
+        .execute(&self.write)
         .await?;
         Ok(())
     }
@@ -1104,7 +1116,7 @@ impl Store {
                 .bind(user_id)
                 .bind(room_id)
                 .bind(kind)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.read)
                 .await?;
         Ok(row.map(|r| r.get(0)))
     }
@@ -1123,7 +1135,7 @@ impl Store {
         .bind(user_id)
         .bind(after)
         .bind(until)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.read)
         .await?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
     }
@@ -1139,7 +1151,7 @@ impl Store {
         .bind(alias)
         .bind(room_id)
         .bind(creator)
-        .execute(&self.pool)
+        .execute(&self.write)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -1148,7 +1160,7 @@ impl Store {
     pub async fn alias(&self, alias: &str) -> Result<Option<(String, String)>> {
         let row = sqlx::query("SELECT room_id, creator FROM room_aliases WHERE alias = $1")
             .bind(alias)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.read)
             .await?;
         Ok(row.map(|r| (r.get(0), r.get(1))))
     }
@@ -1156,7 +1168,7 @@ impl Store {
     pub async fn delete_alias(&self, alias: &str) -> Result<bool> {
         let done = sqlx::query("DELETE FROM room_aliases WHERE alias = $1")
             .bind(alias)
-            .execute(&self.pool)
+            .execute(&self.write)
             .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -1164,7 +1176,7 @@ impl Store {
     pub async fn room_aliases(&self, room_id: &str) -> Result<Vec<String>> {
         let rows = sqlx::query("SELECT alias FROM room_aliases WHERE room_id = $1 ORDER BY alias")
             .bind(room_id)
-            .fetch_all(&self.pool)
+            .fetch_all(&self.read)
             .await?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
@@ -1180,7 +1192,7 @@ impl Store {
         )
         .bind(user_id)
         .bind(filter)
-        .fetch_one(&self.pool)
+        .fetch_one(&self.write)
         .await?;
         Ok(row.get(0))
     }
@@ -1189,7 +1201,7 @@ impl Store {
         let row = sqlx::query("SELECT filter FROM filters WHERE user_id = $1 AND filter_id = $2")
             .bind(user_id)
             .bind(filter_id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.write)
             .await?;
         Ok(row.map(|r| r.get(0)))
     }

@@ -101,7 +101,7 @@ async fn refuses_newer_schema() {
     let path = dir.path().join("db.sqlite");
     let store = Store::open_sqlite(&path).await.expect("open");
     sqlx::query("UPDATE schema_version SET version = 999")
-        .execute(&store.pool)
+        .execute(&store.write)
         .await
         .expect("bump");
     store.close().await;
