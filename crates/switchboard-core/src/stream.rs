@@ -182,6 +182,8 @@ async fn writer(
     notify: Arc<watch::Sender<i64>>,
     last: i64,
 ) {
+    let (announce, groups) = mpsc::unbounded_channel();
+    tokio::spawn(announcer(groups, notify));
     let mut next = last + 1;
     while let Some(first) = jobs.recv().await {
         let mut group = vec![first];
@@ -221,10 +223,23 @@ async fn writer(
                 published.push(wait);
             }
         }
+        // The next group is committed while this one's callers update their caches.
+        if announce.send((next - 1, published)).is_err() {
+            return;
+        }
+    }
+}
+
+/// Announces each committed group, in commit order, once all its callers have published it.
+async fn announcer(
+    mut groups: mpsc::UnboundedReceiver<(i64, Vec<oneshot::Receiver<()>>)>,
+    notify: Arc<watch::Sender<i64>>,
+) {
+    while let Some((last, published)) = groups.recv().await {
         for wait in published {
             let _ = wait.await;
         }
-        notify.send_replace(next - 1);
+        notify.send_replace(last);
     }
 }
 

@@ -244,9 +244,7 @@ impl Store {
     /// leaves either all of it or none.
     pub async fn append_events(&self, events: &[&NewEvent]) -> Result<()> {
         let mut tx = self.write.begin().await?;
-        for event in events {
-            append_in(&mut tx, event).await?;
-        }
+        append_in(&mut tx, events).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -272,6 +270,16 @@ impl Store {
         .fetch_optional(&self.read)
         .await?;
         Ok(row.map(|r| r.get(0)))
+    }
+
+    /// Whether any client transaction of the device is stored.
+    pub async fn device_has_txns(&self, user_id: &str, device_id: &str) -> Result<bool> {
+        let row = sqlx::query("SELECT 1 FROM event_txns WHERE user_id = $1 AND device_id = $2 LIMIT 1")
+            .bind(user_id)
+            .bind(device_id)
+            .fetch_optional(&self.read)
+            .await?;
+        Ok(row.is_some())
     }
 
     pub async fn event(&self, event_id: &str) -> Result<Option<EventRow>> {
@@ -1207,37 +1215,54 @@ impl Store {
     }
 }
 
-async fn append_in(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, event: &NewEvent) -> Result<()> {
-    if let Some(version) = &event.creates_room_version {
-        sqlx::query("INSERT INTO rooms (room_id, room_version, creator, created_ts) VALUES ($1, $2, $3, $4)")
+/// Rows per multi-row `INSERT`: one statement per table for a whole group keeps the per-statement
+/// overhead (a round trip to the connection's thread) out of the hot path, and stays far below
+/// both engines' bound-parameter limits.
+const INSERT_CHUNK: usize = 256;
+
+/// Stores a group of events in stream order: rooms they create, the events, current state,
+/// client transaction IDs.
+async fn append_in(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, events: &[&NewEvent]) -> Result<()> {
+    for event in events {
+        if let Some(version) = &event.creates_room_version {
+            sqlx::query(
+                "INSERT INTO rooms (room_id, room_version, creator, created_ts) VALUES ($1, $2, $3, $4)",
+            )
             .bind(event.room_id.as_str())
             .bind(version.as_str())
             .bind(event.sender.as_str())
             .bind(event.origin_server_ts)
             .execute(&mut **tx)
             .await?;
+        }
     }
-    sqlx::query(
-        "INSERT INTO events (stream_pos, event_id, room_id, sender, type, state_key, depth, pdu,
-                             unsigned, txn_device, txn_id, relates_to, rel_type)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
-    )
-    .bind(event.stream_pos)
-    .bind(event.event_id.as_str())
-    .bind(event.room_id.as_str())
-    .bind(event.sender.as_str())
-    .bind(event.kind.as_str())
-    .bind(event.state_key.as_deref())
-    .bind(event.depth)
-    .bind(event.pdu.as_str())
-    .bind(event.unsigned.as_deref())
-    .bind(event.txn.as_ref().map(|t| t.1.as_str()))
-    .bind(event.txn.as_ref().map(|t| t.2.as_str()))
-    .bind(event.relates_to.as_ref().map(|r| r.0.as_str()))
-    .bind(event.relates_to.as_ref().map(|r| r.1.as_str()))
-    .execute(&mut **tx)
-    .await?;
-    if let Some(state_key) = &event.state_key {
+    for chunk in events.chunks(INSERT_CHUNK) {
+        let mut insert = sqlx::QueryBuilder::new(
+            "INSERT INTO events (stream_pos, event_id, room_id, sender, type, state_key, depth, pdu,
+                                 unsigned, txn_device, txn_id, relates_to, rel_type) ",
+        );
+        insert.push_values(chunk, |mut row, event| {
+            row.push_bind(event.stream_pos)
+                .push_bind(event.event_id.as_str())
+                .push_bind(event.room_id.as_str())
+                .push_bind(event.sender.as_str())
+                .push_bind(event.kind.as_str())
+                .push_bind(event.state_key.as_deref())
+                .push_bind(event.depth)
+                .push_bind(event.pdu.as_str())
+                .push_bind(event.unsigned.as_deref())
+                .push_bind(event.txn.as_ref().map(|t| t.1.as_str()))
+                .push_bind(event.txn.as_ref().map(|t| t.2.as_str()))
+                .push_bind(event.relates_to.as_ref().map(|r| r.0.as_str()))
+                .push_bind(event.relates_to.as_ref().map(|r| r.1.as_str()));
+        });
+        insert.build().execute(&mut **tx).await?;
+    }
+    // In order: a later event of the group replaces an earlier one's state.
+    for event in events {
+        let Some(state_key) = &event.state_key else {
+            continue;
+        };
         sqlx::query(
             "INSERT INTO current_state (room_id, type, state_key, event_id, stream_pos, membership)
                  VALUES ($1, $2, $3, $4, $5, $6)
@@ -1252,27 +1277,31 @@ async fn append_in(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, event: &NewEven
         .bind(event.membership.as_deref())
         .execute(&mut **tx)
         .await?;
+        if event.membership.is_some() {
+            sqlx::query("DELETE FROM forgotten_rooms WHERE user_id = $1 AND room_id = $2")
+                .bind(state_key.as_str())
+                .bind(event.room_id.as_str())
+                .execute(&mut **tx)
+                .await?;
+        }
     }
-    if let (Some(user_id), Some(_)) = (&event.state_key, &event.membership) {
-        sqlx::query("DELETE FROM forgotten_rooms WHERE user_id = $1 AND room_id = $2")
-            .bind(user_id.as_str())
-            .bind(event.room_id.as_str())
-            .execute(&mut **tx)
-            .await?;
-    }
-    if let Some((user_id, device_id, txn_id)) = &event.txn {
-        sqlx::query(
-            "INSERT INTO event_txns (user_id, device_id, room_id, event_type, txn_id, event_id)
-                 VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(user_id.as_str())
-        .bind(device_id.as_str())
-        .bind(event.room_id.as_str())
-        .bind(event.kind.as_str())
-        .bind(txn_id.as_str())
-        .bind(event.event_id.as_str())
-        .execute(&mut **tx)
-        .await?;
+    let with_txn: Vec<_> = events
+        .iter()
+        .filter_map(|e| e.txn.as_ref().map(|t| (e, t)))
+        .collect();
+    for chunk in with_txn.chunks(INSERT_CHUNK) {
+        let mut insert = sqlx::QueryBuilder::new(
+            "INSERT INTO event_txns (user_id, device_id, room_id, event_type, txn_id, event_id) ",
+        );
+        insert.push_values(chunk, |mut row, (event, (user_id, device_id, txn_id))| {
+            row.push_bind(user_id.as_str())
+                .push_bind(device_id.as_str())
+                .push_bind(event.room_id.as_str())
+                .push_bind(event.kind.as_str())
+                .push_bind(txn_id.as_str())
+                .push_bind(event.event_id.as_str());
+        });
+        insert.build().execute(&mut **tx).await?;
     }
     Ok(())
 }

@@ -12,6 +12,7 @@ mod history;
 mod membership;
 mod pipeline;
 mod redaction;
+mod txns;
 mod upgrade;
 
 use std::{
@@ -68,6 +69,7 @@ pub struct Rooms {
     audiences: StdMutex<HashMap<OwnedRoomId, Arc<RoomAudience>>>,
     /// Bumped on every membership or alias change; an audience computed across a bump is not cached.
     audience_epoch: AtomicU64,
+    txns: txns::TxnMemory,
 }
 
 impl Rooms {
@@ -87,6 +89,7 @@ impl Rooms {
             cache: StdMutex::new(HashMap::new()),
             audiences: StdMutex::new(HashMap::new()),
             audience_epoch: AtomicU64::new(0),
+            txns: txns::TxnMemory::default(),
         }
     }
 

@@ -11,7 +11,7 @@ use ruma::{
 use serde_json::json;
 use switchboard_store::NewEvent;
 
-use super::{RoomHandle, RoomInner, Rooms, StateMap};
+use super::{RoomHandle, RoomInner, Rooms, StateMap, txns::Lookup};
 use crate::{
     Error, Result,
     pdu::{Pdu, RoomVersion},
@@ -107,10 +107,26 @@ impl Rooms {
         event_type: &str,
         (device, txn_id): (&str, &str),
     ) -> Result<Option<Arc<Pdu>>> {
-        let found = self
-            .store
-            .txn_event(sender.as_str(), device, room_id.as_str(), event_type, txn_id)
-            .await?;
+        let (user, room) = (sender.as_str(), room_id.as_str());
+        let mut lookup = self.txns.lookup(user, device, room, event_type, txn_id);
+        if lookup == Lookup::UnknownDevice {
+            let has_history = self.store.device_has_txns(user, device).await?;
+            self.txns.learn_device(user, device, has_history);
+            lookup = if has_history {
+                Lookup::AskDatabase
+            } else {
+                Lookup::New
+            };
+        }
+        let found = match lookup {
+            Lookup::Seen(event_id) => Some(event_id),
+            Lookup::New => None,
+            Lookup::AskDatabase | Lookup::UnknownDevice => {
+                self.store
+                    .txn_event(user, device, room, event_type, txn_id)
+                    .await?
+            }
+        };
         match found {
             Some(event_id) => {
                 let pdu = self.event(&event_id).await?.ok_or_else(|| {
@@ -299,6 +315,16 @@ impl Rooms {
             pdu.stream_pos = written.first_pos + i as i64;
             pdu.unsigned = unsigned.and_then(|u| serde_json::value::RawValue::from_string(u).ok());
             pdu.txn = txn.map(|(d, t)| (d.to_owned(), t.to_owned()));
+            if let Some((device, txn_id)) = txn {
+                self.txns.record(
+                    pdu.sender.as_str(),
+                    device,
+                    pdu.room_id.as_str(),
+                    &pdu.kind.to_string(),
+                    txn_id,
+                    pdu.event_id.as_str(),
+                );
+            }
             let pdu = Arc::new(pdu);
             inner.head = Some((pdu.event_id.clone(), u64::from(pdu.depth)));
             if let Some(key) = state_key {
