@@ -72,13 +72,17 @@ impl Store {
             path: path.display().to_string(),
             source,
         };
+        // A local file needs no liveness ping before each query (sqlx's default costs a round
+        // trip to the connection's thread per acquire).
         let write = SqlitePoolOptions::new()
+            .test_before_acquire(false)
             .max_connections(1)
             .connect_with(options.clone())
             .await
             .map_err(open_error)?;
         migrate::run(&write).await?;
         let read = SqlitePoolOptions::new()
+            .test_before_acquire(false)
             .max_connections(6)
             .connect_with(options.read_only(true))
             .await

@@ -221,6 +221,7 @@ async fn run(services: usize) {
 
     // Throughput: as fast as the clients can send.
     let cpu_before = server.cpu_seconds().unwrap_or(0.0);
+    let load_cpu_before = harness::cpu_seconds("self").unwrap_or(0.0);
     let (mut sent, elapsed) = send_load(&server, &senders, THROUGHPUT_EVENTS, None).await;
     let first = sent.at.values().min().copied().expect("sent");
     let last = wait_delivered(&receiver, &sent.at, Duration::from_secs(120))
@@ -228,11 +229,13 @@ async fn run(services: usize) {
         .expect("all delivered");
     let delivered_rate = sent.at.len() as f64 / last.duration_since(first).as_secs_f64();
     let cpu_per_event = (server.cpu_seconds().unwrap_or(0.0) - cpu_before) / sent.at.len() as f64;
+    let load_cpu_per_event =
+        (harness::cpu_seconds("self").unwrap_or(0.0) - load_cpu_before) / sent.at.len() as f64;
     let mut delivery = delivery_latencies(&receiver, &sent.at);
     let txns = receiver.transactions.load(Ordering::Relaxed) - txns0;
     let events = receiver.events.load(Ordering::Relaxed) - events0;
     println!(
-        "  {services:>3} services | throughput: sent {:.0} events/s (send p50 {:.2} ms, p99 {:.2} ms); delivered {:.0} events/s in order; send→delivery p50 {:.1} ms, p99 {:.1} ms; {:.1} events/transaction; server CPU {:.0} µs/event",
+        "  {services:>3} services | throughput: sent {:.0} events/s (send p50 {:.2} ms, p99 {:.2} ms); delivered {:.0} events/s in order; send→delivery p50 {:.1} ms, p99 {:.1} ms; {:.1} events/transaction; server CPU {:.0} µs/event (load generator and receiver {:.0} µs/event)",
         sent.at.len() as f64 / elapsed.as_secs_f64(),
         percentile(&mut sent.latencies, 0.5),
         percentile(&mut sent.latencies, 0.99),
@@ -241,6 +244,7 @@ async fn run(services: usize) {
         percentile(&mut delivery, 0.99),
         events as f64 / txns.max(1) as f64,
         cpu_per_event * 1e6,
+        load_cpu_per_event * 1e6,
     );
 
     // Latency under a steady offered load.

@@ -147,14 +147,7 @@ impl Server {
 
     /// CPU time (user + system) the server has used so far, in seconds.
     pub fn cpu_seconds(&self) -> Option<f64> {
-        let pid = self.child.as_ref()?.id();
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
-        let rest = stat.rsplit_once(')')?.1;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-        // The kernel reports clock ticks; USER_HZ is 100 on every Linux platform Rust targets.
-        Some(ticks / 100.0)
+        cpu_seconds(&self.child.as_ref()?.id().to_string())
     }
 
     fn proc_status_kib(&self, field: &str) -> Option<u64> {
@@ -310,4 +303,15 @@ pub fn enc(segment: &str) -> String {
 
 pub fn errcode(body: &Value) -> &str {
     body["errcode"].as_str().unwrap_or("<none>")
+}
+
+/// CPU time (user + system) a process (`self` or a PID) has used so far, in seconds.
+pub fn cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // The kernel reports clock ticks; USER_HZ is 100 on every Linux platform Rust targets.
+    Some(ticks / 100.0)
 }
