@@ -147,6 +147,12 @@ impl EventStream {
         complete.then_some(out)
     }
 
+    /// The events at these positions, if the window holds all of them.
+    pub fn recent_at(&self, positions: &[i64]) -> Option<Vec<Arc<Pdu>>> {
+        let recent = self.recent.read().ok()?;
+        positions.iter().map(|pos| recent.get(pos).cloned()).collect()
+    }
+
     /// Tells long-polling readers to answer now: the server is shutting down.
     pub fn close(&self) {
         self.closing.send_replace(true);

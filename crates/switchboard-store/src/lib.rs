@@ -585,6 +585,25 @@ impl Store {
     }
 
     /// Events with `after < stream_pos <= until`, oldest first, at most `limit`, across all rooms.
+    /// The events at these stream positions, in stream order.
+    pub async fn events_at(&self, positions: &[i64]) -> Result<Vec<EventRow>> {
+        let mut rows = Vec::with_capacity(positions.len());
+        for chunk in positions.chunks(INSERT_CHUNK) {
+            let mut select = sqlx::QueryBuilder::new(format!(
+                "SELECT {EVENT_COLUMNS} FROM events WHERE stream_pos IN ("
+            ));
+            let mut list = select.separated(", ");
+            for pos in chunk {
+                list.push_bind(*pos);
+            }
+            select.push(") ORDER BY stream_pos");
+            for row in select.build().fetch_all(&self.read).await? {
+                rows.push(rows::event_from_row(&row)?);
+            }
+        }
+        Ok(rows)
+    }
+
     pub async fn events_after(&self, after: i64, until: i64, limit: i64) -> Result<Vec<EventRow>> {
         let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT {EVENT_COLUMNS} FROM events WHERE stream_pos > $1 AND stream_pos <= $2

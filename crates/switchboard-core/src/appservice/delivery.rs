@@ -21,6 +21,7 @@ use tokio::sync::Notify;
 
 use super::{
     AppService, Registry,
+    dispatch::{Dispatcher, Queue},
     http::{Family, Reply, ServiceHttp},
     interest::InterestCache,
 };
@@ -31,6 +32,8 @@ const MAX_EPHEMERAL_PER_TXN: usize = 100;
 const MAX_TXN_BYTES: usize = 1024 * 1024;
 const SCAN_BATCH: i64 = 500;
 const MAX_BACKOFF_STEP: u32 = 9; // 2^9 = 512 s, Synapse's cap
+/// How often an idle sender moves its position past events it was not interested in.
+const IDLE_ADVANCE: Duration = Duration::from_secs(1);
 
 /// What operators see of a sender.
 #[derive(Clone, Debug, Default)]
@@ -67,6 +70,8 @@ enum Selection {
 
 pub struct Sender {
     cursor: tokio::sync::Mutex<Option<Cursor>>,
+    /// Interesting positions the dispatcher found for this service.
+    pub(super) queue: Mutex<Queue>,
     service: RwLock<Arc<AppService>>,
     kick: Notify,
     stop: tokio::sync::watch::Sender<bool>,
@@ -124,11 +129,13 @@ pub struct Delivery {
     senders: Mutex<HashMap<String, Arc<Sender>>>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     ephemeral: std::sync::OnceLock<Arc<Ephemeral>>,
+    dispatcher: Arc<Dispatcher>,
 }
 
 impl Delivery {
     pub fn new(store: Store, rooms: Arc<Rooms>, stream: Arc<EventStream>, legacy_auth: bool) -> Self {
         Self {
+            dispatcher: Dispatcher::start(store.clone(), rooms.clone(), stream.clone()),
             store,
             rooms,
             stream,
@@ -170,7 +177,7 @@ impl Delivery {
     /// Starts, updates or stops senders so they match the registry. Kept services continue from
     /// their stored position with their new URL and tokens; new ones start at the current stream
     /// position; removed ones stop (their position is kept for a later return).
-    pub async fn apply(self: &Arc<Self>, registry: &Registry) -> Result<()> {
+    pub async fn apply(self: &Arc<Self>, registry: &Arc<Registry>) -> Result<()> {
         let now = self.now();
         let mut wanted = HashMap::new();
         for service in &registry.services {
@@ -199,6 +206,11 @@ impl Delivery {
             }
             let sender = Arc::new(Sender {
                 cursor: tokio::sync::Mutex::new(None),
+                // Until the dispatcher takes it on, the sender scans the stream itself.
+                queue: Mutex::new(Queue {
+                    from: i64::MAX,
+                    positions: Default::default(),
+                }),
                 service: RwLock::new(service),
                 kick: Notify::new(),
                 stop: tokio::sync::watch::Sender::new(false),
@@ -218,6 +230,12 @@ impl Delivery {
                 tasks.push(task);
             }
         }
+        let in_order = registry
+            .services
+            .iter()
+            .map(|service| senders.get(service.id()).cloned())
+            .collect();
+        self.dispatcher.set_targets(registry.clone(), in_order);
         Ok(())
     }
 
@@ -230,7 +248,6 @@ impl Delivery {
     }
 
     async fn run(self: Arc<Self>, sender: Arc<Sender>) {
-        let mut news = self.stream.subscribe();
         let mut aux_news = self.stream.subscribe_aux();
         let mut stop = sender.stop.subscribe();
         loop {
@@ -253,8 +270,10 @@ impl Delivery {
             match step {
                 Step::Progress => continue,
                 Step::Idle => {
+                    // New events wake the sender only if it wants them (the dispatcher kicks
+                    // it); otherwise it moves past them now and then.
                     tokio::select! {
-                        _ = news.changed() => {}
+                        () = tokio::time::sleep(IDLE_ADVANCE) => {}
                         _ = aux_news.changed(), if wants_ephemeral(&sender.service()) => {}
                         () = sender.kick.notified() => {}
                         _ = stop.changed() => {}
@@ -335,10 +354,10 @@ impl Delivery {
         Ok(Step::Progress)
     }
 
-    /// The current head of both streams.
+    /// The current head of both streams (of the events, as far as they were dispatched).
     fn now(&self) -> AsPosition {
         AsPosition {
-            events: self.stream.current(),
+            events: self.dispatcher.dispatched(),
             aux: self.stream.current_aux(),
         }
     }
@@ -366,34 +385,14 @@ impl Delivery {
         let mut upto = after;
         let mut selected: Vec<Box<RawValue>> = Vec::new();
         if after.events < now.events {
-            // The head of the stream is in memory; catch-up after downtime reads the database.
-            let events = match self
-                .stream
-                .recent_after(after.events, now.events, SCAN_BATCH as usize)
-            {
-                Some(events) => events,
-                None => self
-                    .store
-                    .events_after(after.events, now.events, SCAN_BATCH)
-                    .await?
-                    .into_iter()
-                    .map(|row| Pdu::from_row(row).map(Arc::new))
-                    .collect::<Result<_>>()?,
-            };
-            let mut bytes = 0;
-            for pdu in events {
-                if sender.interest.is_interested(service, &self.rooms, &pdu).await? {
-                    let json = serde_json::value::to_raw_value(&pdu.to_client(None))
-                        .map_err(crate::Error::internal)?;
-                    if selected.len() == MAX_EVENTS_PER_TXN
-                        || (!selected.is_empty() && bytes + json.get().len() > MAX_TXN_BYTES)
-                    {
-                        break;
-                    }
-                    bytes += json.get().len();
-                    selected.push(json);
-                }
-                upto.events = pdu.stream_pos;
+            let from = sender.queue.lock().map(|q| q.from).unwrap_or(i64::MAX);
+            if after.events >= from {
+                self.select_queued(sender, after.events, now.events, &mut upto, &mut selected)
+                    .await?;
+            } else {
+                let until = now.events.min(from);
+                self.select_scanned(sender, service, after.events, until, &mut upto, &mut selected)
+                    .await?;
             }
         }
         let mut ephemeral = Vec::new();
@@ -428,6 +427,86 @@ impl Delivery {
             count,
             body: body.to_string(),
         })
+    }
+
+    /// Events the dispatcher queued for the service in `(after, until]`.
+    async fn select_queued(
+        &self,
+        sender: &Sender,
+        after: i64,
+        until: i64,
+        upto: &mut AsPosition,
+        selected: &mut Vec<Box<RawValue>>,
+    ) -> Result<()> {
+        let (positions, more) = {
+            let mut queue = sender
+                .queue
+                .lock()
+                .map_err(|_| crate::Error::internal("queue poisoned"))?;
+            while queue.positions.front().is_some_and(|p| *p <= after) {
+                queue.positions.pop_front();
+            }
+            let due = queue.positions.iter().take_while(|p| **p <= until).count();
+            let take = due.min(MAX_EVENTS_PER_TXN);
+            let positions: Vec<i64> = queue.positions.iter().take(take).copied().collect();
+            (positions, due > take)
+        };
+        let events = match self.stream.recent_at(&positions) {
+            Some(events) => events,
+            None => self
+                .store
+                .events_at(&positions)
+                .await?
+                .into_iter()
+                .map(|row| Pdu::from_row(row).map(Arc::new))
+                .collect::<Result<_>>()?,
+        };
+        let mut bytes = 0;
+        for pdu in &events {
+            if !add_event(selected, &mut bytes, pdu)? {
+                // Full: the rest goes in the next transaction.
+                return Ok(());
+            }
+            upto.events = pdu.stream_pos;
+        }
+        if !more {
+            upto.events = until;
+        }
+        Ok(())
+    }
+
+    /// Scans `(after, until]` for events the service is interested in: what precedes the
+    /// dispatcher's queue (after a restart, or a long outage).
+    async fn select_scanned(
+        &self,
+        sender: &Sender,
+        service: &AppService,
+        after: i64,
+        until: i64,
+        upto: &mut AsPosition,
+        selected: &mut Vec<Box<RawValue>>,
+    ) -> Result<()> {
+        // The head of the stream is in memory; catch-up after downtime reads the database.
+        let events = match self.stream.recent_after(after, until, SCAN_BATCH as usize) {
+            Some(events) => events,
+            None => self
+                .store
+                .events_after(after, until, SCAN_BATCH)
+                .await?
+                .into_iter()
+                .map(|row| Pdu::from_row(row).map(Arc::new))
+                .collect::<Result<_>>()?,
+        };
+        let mut bytes = 0;
+        for pdu in events {
+            if sender.interest.is_interested(service, &self.rooms, &pdu).await?
+                && !add_event(selected, &mut bytes, &pdu)?
+            {
+                break;
+            }
+            upto.events = pdu.stream_pos;
+        }
+        Ok(())
     }
 
     /// Typing and receipts of rooms the service is interested in (private receipts only of its
@@ -570,6 +649,19 @@ impl Delivery {
         );
         Ok(Some(wait))
     }
+}
+
+/// Adds an event to a transaction unless it is full (100 events, ~1 MiB); `false` if it was.
+fn add_event(selected: &mut Vec<Box<RawValue>>, bytes: &mut usize, pdu: &Pdu) -> Result<bool> {
+    let json = serde_json::value::to_raw_value(&pdu.to_client(None)).map_err(crate::Error::internal)?;
+    if selected.len() == MAX_EVENTS_PER_TXN
+        || (!selected.is_empty() && *bytes + json.get().len() > MAX_TXN_BYTES)
+    {
+        return Ok(false);
+    }
+    *bytes += json.get().len();
+    selected.push(json);
+    Ok(true)
 }
 
 fn max(a: AsPosition, b: AsPosition) -> AsPosition {

@@ -8,6 +8,7 @@
 //! - `query` asks services whether users and aliases exist (lazy creation).
 
 pub mod delivery;
+pub mod dispatch;
 pub mod http;
 pub mod interest;
 pub mod query;
@@ -63,6 +64,90 @@ pub struct Registry {
     pub services: Vec<Arc<AppService>>,
     by_token: HashMap<String, usize>,
     by_id: HashMap<String, usize>,
+    /// Every service's namespaces compiled together, for matching an event against all
+    /// services in one pass.
+    senders: HashMap<String, usize>,
+    users: Combined,
+    aliases: Combined,
+    rooms: Combined,
+}
+
+/// Services by their index in the [`Registry`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceSet(Vec<u64>);
+
+impl ServiceSet {
+    pub fn insert(&mut self, index: usize) {
+        let word = index / 64;
+        if self.0.len() <= word {
+            self.0.resize(word + 1, 0);
+        }
+        self.0[word] |= 1 << (index % 64);
+    }
+
+    pub fn contains(&self, index: usize) -> bool {
+        self.0
+            .get(index / 64)
+            .is_some_and(|w| w & (1 << (index % 64)) != 0)
+    }
+
+    pub fn union(&mut self, other: &ServiceSet) {
+        if self.0.len() < other.0.len() {
+            self.0.resize(other.0.len(), 0);
+        }
+        for (mine, theirs) in self.0.iter_mut().zip(&other.0) {
+            *mine |= theirs;
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(|w| *w == 0)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        self.0.iter().enumerate().flat_map(|(w, bits)| {
+            (0..64)
+                .filter(move |b| bits & (1 << b) != 0)
+                .map(move |b| w * 64 + b)
+        })
+    }
+}
+
+/// One namespace kind of every service in one `RegexSet`: matching an ID against all services
+/// costs about what matching it against one does.
+#[derive(Debug, Default)]
+struct Combined {
+    set: regex::RegexSet,
+    /// The service each pattern of `set` belongs to.
+    owners: Vec<usize>,
+}
+
+impl Combined {
+    fn compile(
+        services: &[Arc<AppService>],
+        entries: impl Fn(&AppService) -> &[registration::NamespaceEntry],
+    ) -> Result<Self, RegistrationError> {
+        let mut patterns = Vec::new();
+        let mut owners = Vec::new();
+        for (index, service) in services.iter().enumerate() {
+            for entry in entries(service) {
+                patterns.push(registration::anchor(&entry.regex));
+                owners.push(index);
+            }
+        }
+        let set = regex::RegexSet::new(patterns).map_err(|e| RegistrationError::Field {
+            file: "app_service_config_files".to_owned(),
+            field: "namespaces".to_owned(),
+            message: format!("the namespaces of all services together do not compile: {e}"),
+        })?;
+        Ok(Self { set, owners })
+    }
+
+    fn add_matches(&self, value: &str, into: &mut ServiceSet) {
+        for pattern in self.set.matches(value).iter() {
+            into.insert(self.owners[pattern]);
+        }
+    }
 }
 
 impl Registry {
@@ -73,7 +158,34 @@ impl Registry {
             let (registration, file) = registration::load(path)?;
             registry.add(registration, file, server_name)?;
         }
+        let services = &registry.services;
+        registry.users = Combined::compile(services, |s| &s.registration.namespaces.users)?;
+        registry.aliases = Combined::compile(services, |s| &s.registration.namespaces.aliases)?;
+        registry.rooms = Combined::compile(services, |s| &s.registration.namespaces.rooms)?;
+        registry.senders = services
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.sender.to_string(), i))
+            .collect();
         Ok(registry)
+    }
+
+    /// Adds the services that own `user_id` (as sender or in their users namespace).
+    pub fn add_user_owners(&self, user_id: &str, into: &mut ServiceSet) {
+        if let Some(&index) = self.senders.get(user_id) {
+            into.insert(index);
+        }
+        self.users.add_matches(user_id, into);
+    }
+
+    /// Adds the services whose aliases namespace matches `alias`.
+    pub fn add_alias_matches(&self, alias: &str, into: &mut ServiceSet) {
+        self.aliases.add_matches(alias, into);
+    }
+
+    /// Adds the services whose rooms namespace matches `room_id`.
+    pub fn add_room_matches(&self, room_id: &str, into: &mut ServiceSet) {
+        self.rooms.add_matches(room_id, into);
     }
 
     fn add(
@@ -373,5 +485,61 @@ impl AppServices {
             }),
             None => Err(Error::internal("service URL vanished")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service_file(dir: &std::path::Path, id: &str, users: &str, rooms: &str) -> PathBuf {
+        let path = dir.join(format!("{id}.yaml"));
+        let text = format!(
+            "id: {id}\nurl: null\nas_token: as_{id}\nhs_token: hs_{id}\nsender_localpart: {id}_bot\n\
+             namespaces:\n  users: [{{exclusive: true, regex: '{users}'}}]\n  aliases: []\n  \
+             rooms: [{{exclusive: false, regex: '{rooms}'}}]\n"
+        );
+        std::fs::write(&path, text).expect("write");
+        path
+    }
+
+    #[test]
+    fn combined_namespaces_find_every_owner_in_one_pass() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let files: Vec<PathBuf> = (0..70)
+            .map(|i| service_file(dir.path(), &format!("s{i}"), &format!("@s{i}_.*"), "!shared"))
+            .collect();
+        let server = ruma::server_name!("x");
+        let registry = Registry::load(&files, server).expect("loads");
+
+        let mut set = ServiceSet::default();
+        registry.add_user_owners("@s65_alice:x", &mut set);
+        assert_eq!(
+            set.iter().collect::<Vec<_>>(),
+            vec![65],
+            "beyond the first word of bits"
+        );
+        registry.add_user_owners("@s3_bot:x", &mut set);
+        assert_eq!(
+            set.iter().collect::<Vec<_>>(),
+            vec![3, 65],
+            "a sender user is owned"
+        );
+        assert!(set.contains(3) && !set.contains(4));
+
+        let mut rooms = ServiceSet::default();
+        registry.add_room_matches("!shared:x", &mut rooms);
+        assert_eq!(
+            rooms.iter().count(),
+            70,
+            "anchored at the start only, like Synapse"
+        );
+        registry.add_room_matches("!other:x", &mut ServiceSet::default());
+
+        let mut none = ServiceSet::default();
+        registry.add_user_owners("@nobody:x", &mut none);
+        assert!(none.is_empty());
+        none.union(&set);
+        assert_eq!(none, set);
     }
 }
