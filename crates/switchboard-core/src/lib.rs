@@ -18,6 +18,7 @@ pub mod rooms;
 pub mod shared_secret;
 pub mod stream;
 pub mod sync;
+pub mod tls;
 pub mod util;
 
 use std::sync::Arc;

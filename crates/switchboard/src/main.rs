@@ -84,6 +84,7 @@ enum AppserviceAction {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    switchboard_core::tls::init();
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .init();

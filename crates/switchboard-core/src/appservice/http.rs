@@ -64,6 +64,7 @@ pub struct ServiceHttp {
 
 impl ServiceHttp {
     pub fn new(timeout: Duration, legacy_auth: bool) -> Self {
+        crate::tls::init();
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(Duration::from_secs(10))

@@ -203,13 +203,8 @@ pub fn parse(text: &str, file: &str) -> Result<Registration, RegistrationError> 
         let url = url.trim_end_matches('/');
         if url.is_empty() || url == "null" {
             registration.url = None;
-        } else if url.starts_with("https://") {
-            return Err(field(
-                "url",
-                "https:// service URLs are not supported yet; use http:// on a trusted network".to_owned(),
-            ));
-        } else if !url.starts_with("http://") {
-            return Err(field("url", format!("`{url}` is not an http:// URL")));
+        } else if !url.starts_with("http://") && !url.starts_with("https://") {
+            return Err(field("url", format!("`{url}` is not an http:// or https:// URL")));
         } else {
             registration.url = Some(url.to_owned());
         }

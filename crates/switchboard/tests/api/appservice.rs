@@ -1099,6 +1099,41 @@ async fn ts_is_honoured_for_services_only() {
 // Ping
 
 #[tokio::test]
+async fn https_service_urls_speak_tls() {
+    // A listener that records the first bytes a client sends, then hangs up: enough to see
+    // that the server opens a TLS handshake (a record of type 0x16) to an https:// URL.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let first = Arc::new(Mutex::new(Vec::new()));
+    let seen = first.clone();
+    tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut buf = [0u8; 16];
+            if let Ok(n) = socket.read(&mut buf).await {
+                seen.lock().expect("seen").extend_from_slice(&buf[..n]);
+            }
+        }
+    });
+    let url = format!("https://127.0.0.1:{port}");
+    let tls = Registration::new("tls", Some(&url)).users("@_tls_.*:localhost", true);
+    let (s, _regs) = start_server(&[&tls]).await;
+
+    let (status, body) = ping(&s, "tls", &tls.as_token, "t1").await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::BAD_GATEWAY, "M_CONNECTION_FAILED"),
+        "{body}"
+    );
+    let first = first.lock().expect("first").clone();
+    assert_eq!(
+        first.first(),
+        Some(&0x16),
+        "a TLS handshake, not plain HTTP: {first:?}"
+    );
+}
+
+#[tokio::test]
 async fn ping_reaches_the_service() {
     let fake = FakeAs::start().await;
     let pinged = Registration::new("pinged", Some(fake.url.as_str()))

@@ -98,6 +98,7 @@ pub struct FakeAs {
 impl FakeAs {
     /// A modern service: serves the `/_matrix/app/v1/` routes only, accepts every transaction.
     pub async fn start() -> Self {
+        crate::harness::tls_init();
         let inner = Arc::new(Inner {
             behaviour: Mutex::new(Behaviour {
                 legacy_only: false,
@@ -126,6 +127,7 @@ impl FakeAs {
 
     /// A 2015-era service that knows only `/transactions/{txnId}`, `/users/{userId}` and `/rooms/{alias}`.
     pub async fn start_legacy() -> Self {
+        crate::harness::tls_init();
         let fake = Self::start().await;
         fake.behaviour(|b| b.legacy_only = true);
         fake

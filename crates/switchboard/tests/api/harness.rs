@@ -14,6 +14,8 @@ pub struct Server {
     child: Option<Child>,
     pub dir: tempfile::TempDir,
     pub base: String,
+    /// One client per server: building one loads the TLS trust roots, which is slow unoptimised.
+    pub http: reqwest::Client,
 }
 
 /// Generous limits so tests exercise behaviour, not the rate limiter (which has its own test).
@@ -85,10 +87,12 @@ impl Server {
         let port = free_port();
         let text = edit(config_text(port, dir.path(), extra_config));
         std::fs::write(dir.path().join("homeserver.yaml"), text).expect("config");
+        tls_init();
         let mut server = Self {
             child: None,
             dir,
             base: format!("http://127.0.0.1:{port}"),
+            http: reqwest::Client::new(),
         };
         server.spawn().await;
         server
@@ -99,6 +103,7 @@ impl Server {
     }
 
     async fn spawn(&mut self) {
+        tls_init();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -113,7 +118,7 @@ impl Server {
             .expect("start switchboard");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
-        let client = reqwest::Client::new();
+        let client = self.http.clone();
         while Instant::now() < deadline {
             if let Ok(r) = client
                 .get(format!("{}/_matrix/client/versions", self.base))
@@ -205,7 +210,7 @@ impl Server {
         token: Option<&str>,
         body: Option<Value>,
     ) -> (StatusCode, Value) {
-        let mut request = reqwest::Client::new().request(method, format!("{}{path}", self.base));
+        let mut request = self.http.request(method, format!("{}{path}", self.base));
         if let Some(token) = token {
             request = request.bearer_auth(token);
         }
@@ -314,4 +319,10 @@ pub fn cpu_seconds(pid: &str) -> Option<f64> {
     let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
     // The kernel reports clock ticks; USER_HZ is 100 on every Linux platform Rust targets.
     Some(ticks / 100.0)
+}
+
+/// reqwest is built without a default TLS crypto provider (see the workspace manifest): tests
+/// install the server's before building any client.
+pub fn tls_init() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
