@@ -21,6 +21,7 @@ use tokio::sync::Notify;
 
 use super::{
     AppService, Registry,
+    crypto::DeviceLists,
     dispatch::{Dispatcher, Queue},
     http::{Family, Reply, ServiceHttp},
     interest::InterestCache,
@@ -75,7 +76,7 @@ pub struct Sender {
     service: RwLock<Arc<AppService>>,
     kick: Notify,
     stop: tokio::sync::watch::Sender<bool>,
-    interest: InterestCache,
+    pub(super) interest: InterestCache,
     status: Mutex<(SenderStatus, Option<Instant>)>,
 }
 
@@ -122,8 +123,8 @@ enum Step {
 
 /// Shared by all senders.
 pub struct Delivery {
-    store: Store,
-    rooms: Arc<Rooms>,
+    pub(super) store: Store,
+    pub(super) rooms: Arc<Rooms>,
     stream: Arc<EventStream>,
     http: ServiceHttp,
     senders: Mutex<HashMap<String, Arc<Sender>>>,
@@ -274,7 +275,7 @@ impl Delivery {
                     // it); otherwise it moves past them now and then.
                     tokio::select! {
                         () = tokio::time::sleep(IDLE_ADVANCE) => {}
-                        _ = aux_news.changed(), if wants_ephemeral(&sender.service()) => {}
+                        _ = aux_news.changed(), if wants_aux(&sender.service()) => {}
                         () = sender.kick.notified() => {}
                         _ = stop.changed() => {}
                         () = self.stream.closed() => return,
@@ -333,7 +334,7 @@ impl Delivery {
         }
 
         let now = self.now();
-        if cursor.at.events >= now.events && (!wants_ephemeral(&service) || cursor.at.aux >= now.aux) {
+        if cursor.at.events >= now.events && (!wants_aux(&service) || cursor.at.aux >= now.aux) {
             return Ok(Step::Idle);
         }
         let selection = self.select(sender, &service, cursor.at).await?;
@@ -383,7 +384,7 @@ impl Delivery {
     async fn select(&self, sender: &Sender, service: &AppService, after: AsPosition) -> Result<Selection> {
         let now = self.now();
         let mut upto = after;
-        let mut selected: Vec<Box<RawValue>> = Vec::new();
+        let mut selected = Selected::default();
         if after.events < now.events {
             let from = sender.queue.lock().map(|q| q.from).unwrap_or(i64::MAX);
             if after.events >= from {
@@ -409,12 +410,24 @@ impl Delivery {
                 ephemeral = items.into_iter().map(|(_, item)| item).collect();
             }
         }
-        if (selected.is_empty() && ephemeral.is_empty()) || service.registration.url.is_none() {
+        let device_lists = if service.registration.msc3202 {
+            self.device_list_summary(sender, service, after.aux, upto.aux, &selected.pdus)
+                .await?
+        } else {
+            DeviceLists::default()
+        };
+        if (selected.json.is_empty() && ephemeral.is_empty() && device_lists.is_empty())
+            || service.registration.url.is_none()
+        {
             // Nothing for this service (or it takes no traffic).
             return Ok(Selection::Nothing { upto });
         }
-        let count = selected.len() as i64;
-        let mut body = serde_json::json!({ "events": selected });
+        let count = selected.json.len() as i64;
+        let mut body = serde_json::json!({ "events": selected.json });
+        if service.registration.msc3202 {
+            self.add_msc3202_keys(service, &selected.pdus, &ephemeral, device_lists, &mut body)
+                .await?;
+        }
         if !ephemeral.is_empty() {
             if service.registration.push_ephemeral_unstable {
                 // Services built on older SDKs read only the unstable key (MSC2409).
@@ -436,7 +449,7 @@ impl Delivery {
         after: i64,
         until: i64,
         upto: &mut AsPosition,
-        selected: &mut Vec<Box<RawValue>>,
+        selected: &mut Selected,
     ) -> Result<()> {
         let (positions, more) = {
             let mut queue = sender
@@ -484,7 +497,7 @@ impl Delivery {
         after: i64,
         until: i64,
         upto: &mut AsPosition,
-        selected: &mut Vec<Box<RawValue>>,
+        selected: &mut Selected,
     ) -> Result<()> {
         // The head of the stream is in memory; catch-up after downtime reads the database.
         let events = match self.stream.recent_after(after, until, SCAN_BATCH as usize) {
@@ -559,22 +572,7 @@ impl Delivery {
             else {
                 continue;
             };
-            let mut wanted = service.owns_user(user.as_str());
-            if !wanted {
-                for room in self.rooms.joined_rooms(user).await? {
-                    let Ok(room_id) = ruma::OwnedRoomId::try_from(room) else {
-                        continue;
-                    };
-                    if sender
-                        .interest
-                        .is_interested_in_room(service, &self.rooms, &room_id)
-                        .await?
-                    {
-                        wanted = true;
-                        break;
-                    }
-                }
-            }
+            let wanted = self.shares_interest(sender, service, user).await?;
             if wanted {
                 out.push((pos, item));
             }
@@ -651,16 +649,24 @@ impl Delivery {
     }
 }
 
+/// The events of the next transaction, and their client format.
+#[derive(Default)]
+struct Selected {
+    pdus: Vec<Arc<Pdu>>,
+    json: Vec<Box<RawValue>>,
+}
+
 /// Adds an event to a transaction unless it is full (100 events, ~1 MiB); `false` if it was.
-fn add_event(selected: &mut Vec<Box<RawValue>>, bytes: &mut usize, pdu: &Pdu) -> Result<bool> {
+fn add_event(selected: &mut Selected, bytes: &mut usize, pdu: &Arc<Pdu>) -> Result<bool> {
     let json = serde_json::value::to_raw_value(&pdu.to_client(None)).map_err(crate::Error::internal)?;
-    if selected.len() == MAX_EVENTS_PER_TXN
-        || (!selected.is_empty() && *bytes + json.get().len() > MAX_TXN_BYTES)
+    if selected.json.len() == MAX_EVENTS_PER_TXN
+        || (!selected.json.is_empty() && *bytes + json.get().len() > MAX_TXN_BYTES)
     {
         return Ok(false);
     }
     *bytes += json.get().len();
-    selected.push(json);
+    selected.json.push(json);
+    selected.pdus.push(pdu.clone());
     Ok(true)
 }
 
@@ -673,6 +679,11 @@ fn max(a: AsPosition, b: AsPosition) -> AsPosition {
 
 fn wants_ephemeral(service: &AppService) -> bool {
     service.registration.receive_ephemeral || service.registration.push_ephemeral_unstable
+}
+
+/// The service reads the auxiliary stream: ephemeral data, or device-list changes (MSC3202).
+fn wants_aux(service: &AppService) -> bool {
+    wants_ephemeral(service) || service.registration.msc3202
 }
 
 /// 2, 4, 8 … 512 s after 1, 2, 3 … consecutive failures, ±10 % so services coming back are not hit

@@ -7,6 +7,7 @@
 //! - `delivery` runs one sender task per service over the event stream.
 //! - `query` asks services whether users and aliases exist (lazy creation).
 
+pub mod crypto;
 pub mod delivery;
 pub mod dispatch;
 pub mod http;

@@ -273,3 +273,119 @@ async fn cross_signing_keys_and_signatures() {
         .await;
     assert!(own["user_signing_keys"][&alice.user_id].is_object());
 }
+
+/// MSC3202: a service that encrypts learns its devices' one-time-key counts and the device-list
+/// changes of people it shares rooms with from its transactions, without a `/sync` per user.
+#[tokio::test]
+async fn encrypting_services_get_key_counts_and_device_lists_in_transactions() {
+    use std::time::Duration;
+
+    use crate::fake_as::{FakeAs, Registration, as_user, register_ghost, start_server};
+    let service = FakeAs::start().await;
+    let registration = Registration::new("crypto", Some(&service.url))
+        .users("@_c_.*:localhost", true)
+        .extra("org.matrix.msc3202: true\n");
+    let plain = Registration::new("plain", Some(&service.url)).users("@_p_.*:localhost", true);
+    let (s, _files) = start_server(&[&registration, &plain]).await;
+    let token = registration.as_token.clone();
+    let ghost = register_ghost(&s, &token, "_c_ghost").await;
+    // The mautrix way (MSC4190): the service creates its ghost's device, then uploads keys as it.
+    let device = as_user("/_matrix/client/v3/devices/GHOSTDEV", &ghost);
+    s.ok(Method::PUT, &device, &token, json!({})).await;
+    let upload = format!(
+        "{}&device_id=GHOSTDEV",
+        as_user("/_matrix/client/v3/keys/upload", &ghost)
+    );
+    let keys = json!({
+        "one_time_keys": { "signed_curve25519:A": {"key": "a"}, "signed_curve25519:B": {"key": "b"} },
+        "fallback_keys": { "signed_curve25519:F": {"key": "f", "fallback": true} },
+    });
+    s.ok(Method::POST, &upload, &token, keys).await;
+
+    let alice = s.register("alice").await;
+    let room = s.create_room(&alice, json!({"preset": "public_chat"})).await;
+    let join = as_user(&format!("/_matrix/client/v3/join/{}", enc(&room)), &ghost);
+    s.ok(Method::POST, &join, &token, json!({})).await;
+    s.send_text(&alice, &room, "1", "hello").await;
+
+    let wait = Duration::from_secs(20);
+    let crypto_txns = |requests: &[crate::fake_as::Request]| -> Vec<Value> {
+        requests
+            .iter()
+            .filter(|r| {
+                r.txn_id.is_some()
+                    && r.authorization
+                        .as_deref()
+                        .is_some_and(|a| a.ends_with("hs_crypto"))
+            })
+            .map(|r| r.json())
+            .collect()
+    };
+    let requests = service
+        .wait_for_requests(
+            |r| crypto_txns(r).iter().any(|t| t.to_string().contains("\"hello\"")),
+            wait,
+        )
+        .await;
+    let txn = crypto_txns(&requests)
+        .into_iter()
+        .find(|t| t.to_string().contains("\"hello\""))
+        .expect("transaction with the message");
+    let counts = &txn["org.matrix.msc3202.device_one_time_keys_count"][&ghost]["GHOSTDEV"];
+    assert_eq!(counts["signed_curve25519"], 2, "{txn}");
+    assert_eq!(
+        txn["org.matrix.msc3202.device_one_time_key_counts"],
+        txn["org.matrix.msc3202.device_one_time_keys_count"],
+        "Synapse's older spelling too"
+    );
+    assert_eq!(
+        txn["org.matrix.msc3202.device_unused_fallback_key_types"][&ghost]["GHOSTDEV"],
+        json!(["signed_curve25519"])
+    );
+
+    // Alice's new device keys: a device-list change the service must hear about.
+    s.ok(
+        Method::POST,
+        "/_matrix/client/v3/keys/upload",
+        &alice.token,
+        json!({"device_keys": device_keys(&alice)}),
+    )
+    .await;
+    let changed = |t: &Value| {
+        t["org.matrix.msc3202.device_lists"]["changed"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|u| u == alice.user_id.as_str()))
+    };
+    service
+        .wait_for_requests(|r| crypto_txns(r).iter().any(changed), wait)
+        .await;
+
+    // Alice leaves the only room she shared with the service's users.
+    s.ok(
+        Method::POST,
+        &format!("/_matrix/client/v3/rooms/{}/leave", enc(&room)),
+        &alice.token,
+        json!({}),
+    )
+    .await;
+    let left = |t: &Value| {
+        t["org.matrix.msc3202.device_lists"]["left"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|u| u == alice.user_id.as_str()))
+    };
+    let requests = service
+        .wait_for_requests(|r| crypto_txns(r).iter().any(left), wait)
+        .await;
+
+    // A service without the flag gets none of it.
+    assert!(
+        requests
+            .iter()
+            .filter(|r| r.txn_id.is_some()
+                && r.authorization
+                    .as_deref()
+                    .is_some_and(|a| a.ends_with("hs_plain")))
+            .all(|r| !r.json().to_string().contains("msc3202")),
+        "only services that asked"
+    );
+}
