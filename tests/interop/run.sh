@@ -5,5 +5,5 @@ set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$root"
-bash tests/interop/setup.sh
+bash tests/interop/setup.sh interop
 exec target/interop-venv/bin/python -m pytest tests/interop -v "$@"

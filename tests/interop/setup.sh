@@ -1,28 +1,38 @@
 #!/usr/bin/env bash
-# Create (or reuse) the interop test venv at target/interop-venv and install
-# tests/interop/requirements.txt into it. Idempotent: the venv is reused when
-# the hash of requirements.txt (and the Python version) is unchanged.
+# Create (or reuse) the test venvs and install their requirements:
+#   target/interop-venv  <- tests/interop/requirements.txt (matrix-nio, mautrix-python, pytest)
+#   target/synapse-venv  <- tests/interop/requirements-synapse.txt (Synapse, the reference server)
+# Idempotent: a venv is reused when the hash of its requirements (and the Python version) is
+# unchanged. `setup.sh interop` or `setup.sh synapse` makes just one.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
-venv="$root/target/interop-venv"
-req="$here/requirements.txt"
-stamp="$venv/.requirements.sha256"
 python="${PYTHON:-python3}"
 
-want="$( { sha256sum "$req" | cut -d' ' -f1; "$python" --version; } 2>&1 | sha256sum | cut -d' ' -f1)"
+make_venv() {
+    local venv="$root/target/$1" req="$2"
+    local stamp="$venv/.requirements.sha256"
+    local want
+    want="$( { sha256sum "$req" | cut -d' ' -f1; "$python" --version; } 2>&1 | sha256sum | cut -d' ' -f1)"
+    if [[ -x "$venv/bin/python" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+        echo "venv up to date: $venv"
+        return
+    fi
+    echo "creating venv: $venv"
+    rm -rf "$venv"
+    mkdir -p "$root/target"
+    "$python" -m venv "$venv"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$req"
+    echo "$want" > "$stamp"
+    echo "venv ready: $venv"
+}
 
-if [[ -x "$venv/bin/python" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
-    echo "interop venv up to date: $venv"
-    exit 0
+which="${1:-all}"
+if [[ "$which" == all || "$which" == interop ]]; then
+    make_venv interop-venv "$here/requirements.txt"
 fi
-
-echo "creating interop venv: $venv"
-rm -rf "$venv"
-mkdir -p "$root/target"
-"$python" -m venv "$venv"
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$req"
-echo "$want" > "$stamp"
-echo "interop venv ready: $venv"
+if [[ "$which" == all || "$which" == synapse ]]; then
+    make_venv synapse-venv "$here/requirements-synapse.txt"
+fi

@@ -504,9 +504,12 @@ impl Store {
     }
 
     /// Records that everything up to `pos` was considered and none was for the service.
-    pub async fn appservice_skip_to(&self, as_id: &str, pos: AsPosition) -> Result<()> {
+    /// Moves services' positions forward (never back), all in one transaction.
+    pub async fn appservice_skip_to(&self, positions: &[(String, AsPosition)]) -> Result<()> {
         let mut tx = self.write.begin().await?;
-        advance_in(&mut tx, as_id, pos).await?;
+        for (as_id, pos) in positions {
+            advance_in(&mut tx, as_id, *pos).await?;
+        }
         tx.commit().await?;
         Ok(())
     }

@@ -3,6 +3,8 @@
 //! send-to-delivery latency, events per transaction, catch-up time and peak RSS, with 1, 10 and
 //! 100 registered services (one of them interested). Run with
 //! `cargo bench -p switchboard --bench appservice` (set `BENCH_SERVICES=1` to run one size).
+//! `BENCH_SYNAPSE=1` runs the same load against Synapse (installed into `target/synapse-venv`
+//! from PyPI by `tests/interop/setup.sh synapse`) and prints Switchboard/Synapse ratios.
 
 #[path = "../tests/api/harness.rs"]
 #[allow(dead_code)]
@@ -42,20 +44,37 @@ const CATCH_UP_EVENTS: usize = 10_000;
 #[derive(Default)]
 struct Receiver {
     arrivals: Mutex<HashMap<String, Instant>>,
+    /// The last `seq` seen per room, and how often a room's messages arrived out of order.
+    last_seq: Mutex<HashMap<String, u64>>,
+    out_of_order: AtomicUsize,
     transactions: AtomicUsize,
     events: AtomicUsize,
     down: AtomicBool,
 }
 
-async fn transaction(State(receiver): State<Arc<Receiver>>, body: Bytes) -> StatusCode {
+/// Answers `{}` as the spec says (Synapse treats a body that is not JSON as a failure).
+async fn transaction(State(receiver): State<Arc<Receiver>>, body: Bytes) -> (StatusCode, axum::Json<Value>) {
     if receiver.down.load(Ordering::Relaxed) {
-        return StatusCode::SERVICE_UNAVAILABLE;
+        return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({})));
     }
     let now = Instant::now();
     let body: Value = serde_json::from_slice(&body).unwrap_or_default();
     let events = body["events"].as_array().cloned().unwrap_or_default();
     receiver.transactions.fetch_add(1, Ordering::Relaxed);
     receiver.events.fetch_add(events.len(), Ordering::Relaxed);
+    if let Ok(mut last_seq) = receiver.last_seq.lock() {
+        for event in &events {
+            let (Some(room), Some(seq)) = (event["room_id"].as_str(), event["content"]["seq"].as_u64())
+            else {
+                continue;
+            };
+            let last = last_seq.entry(room.to_owned()).or_insert(0);
+            if seq < *last {
+                receiver.out_of_order.fetch_add(1, Ordering::Relaxed);
+            }
+            *last = seq;
+        }
+    }
     if let Ok(mut arrivals) = receiver.arrivals.lock() {
         for event in events {
             if let Some(id) = event["event_id"].as_str() {
@@ -63,7 +82,7 @@ async fn transaction(State(receiver): State<Arc<Receiver>>, body: Bytes) -> Stat
             }
         }
     }
-    StatusCode::OK
+    (StatusCode::OK, axum::Json(json!({})))
 }
 
 async fn start_receiver() -> (Arc<Receiver>, String) {
@@ -108,16 +127,17 @@ async fn send_load(
                             started + Duration::from_secs_f64((i * sender_count() + n) as f64 / rate as f64);
                         tokio::time::sleep_until(due.into()).await;
                     }
+                    let seq = next_seq();
                     let url = format!(
                         "{base}/_matrix/client/v3/rooms/{}/send/m.room.message/{}",
                         enc(&room),
-                        uuid(n, i)
+                        seq
                     );
                     let sent = Instant::now();
                     let response = client
                         .put(url)
                         .bearer_auth(&user.token)
-                        .json(&json!({"msgtype": "m.text", "body": "benchmark"}))
+                        .json(&json!({"msgtype": "m.text", "body": "benchmark", "seq": seq}))
                         .send()
                         .await
                         .expect("send");
@@ -141,10 +161,11 @@ async fn send_load(
     (sent, started.elapsed())
 }
 
-/// Transaction IDs unique across the load phases of one run.
-fn uuid(sender: usize, i: usize) -> String {
+/// A number that grows with every message of the run: the receiver checks that each room's
+/// messages arrive in the order they were sent. Also makes transaction IDs unique.
+fn next_seq() -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
-    format!("{}-{sender}-{i}", NEXT.fetch_add(1, Ordering::Relaxed))
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 async fn wait_delivered(
@@ -166,7 +187,20 @@ async fn wait_delivered(
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let arrivals = receiver.arrivals.lock().expect("arrivals");
+    let delivered = ids.keys().filter(|id| arrivals.contains_key(*id)).count();
+    eprintln!(
+        "only {delivered} of {} events delivered within {timeout:?}",
+        ids.len()
+    );
     None
+}
+
+fn order(receiver: &Receiver) -> String {
+    match receiver.out_of_order.load(Ordering::Relaxed) {
+        0 => "in order".to_owned(),
+        n => format!("with {n} OUT OF ORDER"),
+    }
 }
 
 fn percentile(values: &mut [Duration], p: f64) -> f64 {
@@ -187,7 +221,39 @@ fn delivery_latencies(receiver: &Receiver, sent: &HashMap<String, Instant>) -> V
         .collect()
 }
 
-async fn run(services: usize) {
+/// What one run measured.
+struct Figures {
+    sent_rate: f64,
+    delivered_rate: f64,
+    delivery_p50: f64,
+    delivery_p99: f64,
+    paced_p50: f64,
+    paced_p99: f64,
+    catch_up_rate: f64,
+    peak_rss_kib: u64,
+}
+
+/// How much load a run offers: Synapse gets fewer events (it delivers ~100 a second), the same
+/// concurrency and offered rate.
+#[derive(Clone, Copy)]
+struct Workload {
+    throughput_events: usize,
+    paced_seconds: usize,
+    catch_up_events: usize,
+}
+
+const SWITCHBOARD_LOAD: Workload = Workload {
+    throughput_events: THROUGHPUT_EVENTS,
+    paced_seconds: PACED_SECONDS,
+    catch_up_events: CATCH_UP_EVENTS,
+};
+const SYNAPSE_LOAD: Workload = Workload {
+    throughput_events: 2_000,
+    paced_seconds: 2,
+    catch_up_events: 2_000,
+};
+
+async fn run(name: &str, services: usize, load: Workload) -> Option<Figures> {
     let (receiver, url) = start_receiver().await;
     let mut registrations = vec![Registration::new("bench", Some(&url)).users("@_bench_.*:localhost", true)];
     for i in 1..services {
@@ -197,8 +263,22 @@ async fn run(services: usize) {
                 .users(&format!("@_other{i}_.*:localhost"), true),
         );
     }
-    let refs: Vec<&Registration> = registrations.iter().collect();
-    let (server, _files) = fake_as::start_server(&refs).await;
+    let named: Vec<(String, String)> = registrations
+        .iter()
+        .map(|r| (format!("{}.yaml", r.id), r.yaml()))
+        .collect();
+    let files: Vec<(&str, &str)> = named.iter().map(|(n, y)| (n.as_str(), y.as_str())).collect();
+    let (_files_dir, paths) = fake_as::write_registrations(&files);
+    let server = if name == "synapse" {
+        Server::start_synapse(&paths).await?
+    } else {
+        let extra = format!(
+            "{}{}",
+            fake_as::config_files_yaml(&paths),
+            harness::RELAXED_LIMITS
+        );
+        Server::start_with(&extra).await
+    };
     let server = Arc::new(server);
     let as_token = registrations[0].as_token.clone();
     let ghost = fake_as::register_ghost(&server, &as_token, "_bench_ghost").await;
@@ -218,13 +298,14 @@ async fn run(services: usize) {
         receiver.transactions.load(Ordering::Relaxed),
         receiver.events.load(Ordering::Relaxed),
     );
+    let deadline = Duration::from_secs(600);
 
     // Throughput: as fast as the clients can send.
     let cpu_before = server.cpu_seconds().unwrap_or(0.0);
     let load_cpu_before = harness::cpu_seconds("self").unwrap_or(0.0);
-    let (mut sent, elapsed) = send_load(&server, &senders, THROUGHPUT_EVENTS, None).await;
+    let (mut sent, elapsed) = send_load(&server, &senders, load.throughput_events, None).await;
     let first = sent.at.values().min().copied().expect("sent");
-    let last = wait_delivered(&receiver, &sent.at, Duration::from_secs(120))
+    let last = wait_delivered(&receiver, &sent.at, deadline)
         .await
         .expect("all delivered");
     let delivered_rate = sent.at.len() as f64 / last.duration_since(first).as_secs_f64();
@@ -234,46 +315,64 @@ async fn run(services: usize) {
     let mut delivery = delivery_latencies(&receiver, &sent.at);
     let txns = receiver.transactions.load(Ordering::Relaxed) - txns0;
     let events = receiver.events.load(Ordering::Relaxed) - events0;
+    let sent_rate = sent.at.len() as f64 / elapsed.as_secs_f64();
+    let (delivery_p50, delivery_p99) = (percentile(&mut delivery, 0.5), percentile(&mut delivery, 0.99));
     println!(
-        "  {services:>3} services | throughput: sent {:.0} events/s (send p50 {:.2} ms, p99 {:.2} ms); delivered {:.0} events/s in order; send→delivery p50 {:.1} ms, p99 {:.1} ms; {:.1} events/transaction; server CPU {:.0} µs/event (load generator and receiver {:.0} µs/event)",
-        sent.at.len() as f64 / elapsed.as_secs_f64(),
+        "  {name:<11} {services:>3} services | throughput: sent {sent_rate:.0} events/s (send p50 {:.2} ms, p99 {:.2} ms); delivered {delivered_rate:.0} events/s {}; send→delivery p50 {delivery_p50:.1} ms, p99 {delivery_p99:.1} ms; {:.1} events/transaction; server CPU {:.0} µs/event (load generator and receiver {:.0} µs/event)",
         percentile(&mut sent.latencies, 0.5),
         percentile(&mut sent.latencies, 0.99),
-        delivered_rate,
-        percentile(&mut delivery, 0.5),
-        percentile(&mut delivery, 0.99),
+        order(&receiver),
         events as f64 / txns.max(1) as f64,
         cpu_per_event * 1e6,
         load_cpu_per_event * 1e6,
     );
 
     // Latency under a steady offered load.
-    let (sent, _) = send_load(&server, &senders, PACED_RATE * PACED_SECONDS, Some(PACED_RATE)).await;
-    wait_delivered(&receiver, &sent.at, Duration::from_secs(60))
+    let (sent, _) = send_load(
+        &server,
+        &senders,
+        PACED_RATE * load.paced_seconds,
+        Some(PACED_RATE),
+    )
+    .await;
+    wait_delivered(&receiver, &sent.at, deadline)
         .await
         .expect("all delivered");
     let mut delivery = delivery_latencies(&receiver, &sent.at);
+    let (paced_p50, paced_p99) = (percentile(&mut delivery, 0.5), percentile(&mut delivery, 0.99));
     println!(
-        "  {services:>3} services | {PACED_RATE} msgs/s offered: send→delivery p50 {:.1} ms, p99 {:.1} ms",
-        percentile(&mut delivery, 0.5),
-        percentile(&mut delivery, 0.99)
+        "  {name:<11} {services:>3} services | {PACED_RATE} msgs/s offered for {} s: send→delivery p50 {paced_p50:.1} ms, p99 {paced_p99:.1} ms",
+        load.paced_seconds
     );
 
     // Catch-up: the service is down while events queue, then comes back and pings.
     receiver.down.store(true, Ordering::Relaxed);
-    let (sent, _) = send_load(&server, &senders, CATCH_UP_EVENTS, None).await;
+    let (sent, _) = send_load(&server, &senders, load.catch_up_events, None).await;
     receiver.down.store(false, Ordering::Relaxed);
     let back = Instant::now();
     let ping = "/_matrix/client/v1/appservice/bench/ping";
     server.ok(reqwest::Method::POST, ping, &as_token, json!({})).await;
-    let done = wait_delivered(&receiver, &sent.at, Duration::from_secs(120))
+    let done = wait_delivered(&receiver, &sent.at, deadline)
         .await
         .expect("caught up");
+    let catch_up = done.duration_since(back).as_secs_f64();
+    let catch_up_rate = sent.at.len() as f64 / catch_up;
+    let peak_rss_kib = server.peak_rss_kib().unwrap_or(0);
     println!(
-        "  {services:>3} services | catch-up of {CATCH_UP_EVENTS} queued events: {:.2} s; peak RSS {} KiB",
-        done.duration_since(back).as_secs_f64(),
-        server.peak_rss_kib().unwrap_or(0)
+        "  {name:<11} {services:>3} services | catch-up of {} queued events: {catch_up:.2} s ({catch_up_rate:.0} events/s), {}; peak RSS {peak_rss_kib} KiB",
+        sent.at.len(),
+        order(&receiver),
     );
+    Some(Figures {
+        sent_rate,
+        delivered_rate,
+        delivery_p50,
+        delivery_p99,
+        paced_p50,
+        paced_p99,
+        catch_up_rate,
+        peak_rss_kib,
+    })
 }
 
 #[tokio::main]
@@ -282,11 +381,47 @@ async fn main() {
         Ok(v) => v.split(',').filter_map(|s| s.trim().parse().ok()).collect(),
         Err(_) => vec![1, 10, 100],
     };
+    let synapse = std::env::var("BENCH_SYNAPSE").is_ok_and(|v| v == "1");
+    if synapse {
+        let setup = std::process::Command::new("bash")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../tests/interop/setup.sh"
+            ))
+            .arg("synapse")
+            .status()
+            .expect("run tests/interop/setup.sh");
+        assert!(setup.success(), "installing Synapse failed");
+    }
     println!(
-        "switchboard application-service delivery (SQLite, synchronous=FULL, loopback, {} senders)",
+        "application-service delivery (SQLite, loopback, {} senders; Switchboard with synchronous=FULL)",
         sender_count()
     );
     for services in sizes {
-        run(services).await;
+        let ours = run("switchboard", services, SWITCHBOARD_LOAD)
+            .await
+            .expect("switchboard runs");
+        if !synapse {
+            continue;
+        }
+        let Some(theirs) = run("synapse", services, SYNAPSE_LOAD).await else {
+            println!("  synapse: not installed (target/synapse-venv)");
+            continue;
+        };
+        println!(
+            "  Switchboard/Synapse {services:>3} services | sent {:.1}×, delivered {:.1}×, send→delivery p99 at full load {:.1}× lower, at {PACED_RATE} msgs/s {:.1}× lower, catch-up {:.1}× faster, peak RSS {:.2}×",
+            ours.sent_rate / theirs.sent_rate,
+            ours.delivered_rate / theirs.delivered_rate,
+            theirs.delivery_p99 / ours.delivery_p99,
+            theirs.paced_p99 / ours.paced_p99,
+            ours.catch_up_rate / theirs.catch_up_rate,
+            ours.peak_rss_kib as f64 / theirs.peak_rss_kib.max(1) as f64,
+        );
+        let _ = (
+            ours.delivery_p50,
+            ours.paced_p50,
+            theirs.delivery_p50,
+            theirs.paced_p50,
+        );
     }
 }

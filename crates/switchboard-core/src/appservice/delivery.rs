@@ -52,9 +52,6 @@ pub struct SenderStatus {
 struct Cursor {
     /// Everything up to here (both streams) was considered.
     at: AsPosition,
-    /// When a skip over uninteresting events was last written; such skips are written at most
-    /// once a second (after a crash those events are merely considered again).
-    stored_at: Instant,
     pending: Option<StoredTxn>,
 }
 
@@ -131,11 +128,55 @@ pub struct Delivery {
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     ephemeral: std::sync::OnceLock<Arc<Ephemeral>>,
     dispatcher: Arc<Dispatcher>,
+    skips: Arc<Skips>,
+}
+
+/// Positions senders moved to past events their services did not want. Written for all
+/// services in one database transaction a second — not one fsync per service — since after a
+/// crash those events are merely considered again.
+#[derive(Default)]
+struct Skips(Mutex<HashMap<String, AsPosition>>);
+
+const SKIP_FLUSH: Duration = Duration::from_secs(1);
+
+impl Skips {
+    fn note(&self, id: &str, pos: AsPosition) {
+        if let Ok(mut skips) = self.0.lock() {
+            let entry = skips.entry(id.to_owned()).or_insert(pos);
+            *entry = max(*entry, pos);
+        }
+    }
+
+    async fn flush(&self, store: &Store) {
+        let taken: Vec<(String, AsPosition)> = match self.0.lock() {
+            Ok(mut skips) => skips.drain().collect(),
+            Err(_) => return,
+        };
+        if taken.is_empty() {
+            return;
+        }
+        if let Err(e) = store.appservice_skip_to(&taken).await {
+            // Only progress over uninteresting events is lost; it is found again.
+            tracing::warn!(error = %e, "storing application-service positions failed");
+        }
+    }
+
+    async fn run(self: Arc<Self>, store: Store, stream: Arc<EventStream>) {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(SKIP_FLUSH) => self.flush(&store).await,
+                () = stream.closed() => return,
+            }
+        }
+    }
 }
 
 impl Delivery {
     pub fn new(store: Store, rooms: Arc<Rooms>, stream: Arc<EventStream>, legacy_auth: bool) -> Self {
+        let skips = Arc::new(Skips::default());
+        tokio::spawn(skips.clone().run(store.clone(), stream.clone()));
         Self {
+            skips,
             dispatcher: Dispatcher::start(store.clone(), rooms.clone(), stream.clone()),
             store,
             rooms,
@@ -173,6 +214,7 @@ impl Delivery {
                 task.abort();
             }
         }
+        self.skips.flush(&self.store).await;
     }
 
     /// Starts, updates or stops senders so they match the registry. Kept services continue from
@@ -300,11 +342,7 @@ impl Delivery {
         if guard.is_none() {
             let (at, _) = self.store.appservice_state(id, self.now()).await?;
             let pending = self.store.appservice_pending_txn(id).await?;
-            *guard = Some(Cursor {
-                at,
-                stored_at: Instant::now(),
-                pending,
-            });
+            *guard = Some(Cursor { at, pending });
         }
         let Some(cursor) = guard.as_mut() else {
             return Ok(Step::Idle);
@@ -340,10 +378,7 @@ impl Delivery {
         let selection = self.select(sender, &service, cursor.at).await?;
         match &selection {
             Selection::Nothing { upto } => {
-                if cursor.stored_at.elapsed() >= Duration::from_secs(1) {
-                    self.store.appservice_skip_to(id, *upto).await?;
-                    cursor.stored_at = Instant::now();
-                }
+                self.skips.note(id, *upto);
                 self.advance(cursor, selection, None);
             }
             Selection::Txn { upto, count, body } => {

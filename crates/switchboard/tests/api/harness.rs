@@ -2,7 +2,7 @@
 
 use std::{
     net::TcpListener,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -283,6 +283,91 @@ impl Server {
             Value::Null,
         )
         .await
+    }
+}
+
+impl Server {
+    /// Starts Synapse, the reference homeserver, from `target/synapse-venv` (made by
+    /// `tests/interop/setup.sh synapse`) on a loopback port: SQLite, `server_name: localhost`,
+    /// registration open, rate limits as relaxed as Switchboard's in the tests, and these
+    /// application-service registration files. `None` if Synapse is not installed.
+    pub async fn start_synapse(app_service_files: &[PathBuf]) -> Option<Self> {
+        let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/synapse-venv/bin/python");
+        if !python.exists() {
+            return None;
+        }
+        tls_init();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let d = dir.path().display();
+        let files: Vec<String> = app_service_files
+            .iter()
+            .map(|p| format!("'{}'", p.display()))
+            .collect();
+        let config = format!(
+            "server_name: localhost
+pid_file: {d}/homeserver.pid
+listeners:
+  - {{port: {port}, bind_addresses: ['127.0.0.1'], type: http, tls: false,
+     resources: [{{names: [client], compress: false}}]}}
+database: {{name: sqlite3, args: {{database: {d}/homeserver.db}}}}
+media_store_path: {d}/media
+signing_key_path: {d}/signing.key
+registration_shared_secret: test
+enable_registration: true
+enable_registration_without_verification: true
+report_stats: false
+trusted_key_servers: []
+suppress_key_server_warning: true
+macaroon_secret_key: bench-macaroon
+form_secret: bench-form
+app_service_config_files: [{files}]
+rc_message: {{per_second: 100000, burst_count: 100000}}
+rc_registration: {{per_second: 1000, burst_count: 1000}}
+rc_login: {{address: {{per_second: 1000, burst_count: 1000}}, account: {{per_second: 1000, burst_count: 1000}}}}
+rc_joins: {{local: {{per_second: 1000, burst_count: 1000}}}}
+",
+            files = files.join(", ")
+        );
+        let config_path = dir.path().join("homeserver.yaml");
+        std::fs::write(&config_path, config).expect("synapse config");
+        let keys = Command::new(&python)
+            .args(["-m", "synapse.app.homeserver", "--generate-keys", "-c"])
+            .arg(&config_path)
+            .output()
+            .expect("run synapse");
+        assert!(keys.status.success(), "synapse --generate-keys: {keys:?}");
+        let log = std::fs::File::create(dir.path().join("synapse.log")).expect("log");
+        let child = Command::new(&python)
+            .args(["-m", "synapse.app.homeserver", "-c"])
+            .arg(&config_path)
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start synapse");
+        let server = Self {
+            child: Some(child),
+            dir,
+            base: format!("http://127.0.0.1:{port}"),
+            http: reqwest::Client::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            if let Ok(r) = server
+                .http
+                .get(format!("{}/_matrix/client/versions", server.base))
+                .send()
+                .await
+                && r.status().is_success()
+            {
+                return Some(server);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        panic!(
+            "synapse did not start; log in {}",
+            server.dir.path().join("synapse.log").display()
+        );
     }
 }
 
