@@ -13,7 +13,7 @@ pub mod dispatch;
 pub mod http;
 pub mod interest;
 pub mod query;
-pub mod registration;
+pub use switchboard_appservice::registration;
 pub mod thirdparty;
 
 use std::{

@@ -1,9 +1,28 @@
-//! Registration files: parsing and validation, with errors naming the file and the field.
+//! Registration files: parsing and validation with errors naming the file and the field (what a
+//! homeserver needs), and generating new ones (what a service's `generate-registration` needs).
+//!
+//! ```
+//! use switchboard_appservice::registration::{Generate, generate, parse};
+//!
+//! let registration = generate(&Generate {
+//!     id: "logger",
+//!     url: Some("http://127.0.0.1:9000"),
+//!     sender_localpart: "logger",
+//!     server_name: "example.org",
+//!     user_prefix: None,
+//!     alias_prefix: Some("logged_"),
+//!     protocols: &[],
+//! });
+//! assert_eq!(registration.as_token.len(), 64);
+//! let again = parse(&registration.to_yaml(), "logger.yaml").expect("valid");
+//! assert_eq!(again.namespaces.aliases[0].regex, r"#logged_.*:example\.org");
+//! ```
 
 use std::path::{Path, PathBuf};
 
+use rand::{Rng, distributions::Alphanumeric};
 use regex::RegexSet;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// A registration file that cannot be used. Startup stops on these; hot reload keeps the old set.
 #[derive(Debug, thiserror::Error)]
@@ -27,7 +46,7 @@ pub enum RegistrationError {
 }
 
 /// The registration as written (Synapse's format, plus the unstable keys real bridges write).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 pub struct Registration {
     pub id: String,
     /// `None` is an explicit `url: null`: the service gets no traffic.
@@ -38,23 +57,39 @@ pub struct Registration {
     pub namespaces: NamespacesConfig,
     #[serde(default = "default_true")]
     pub rate_limited: bool,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub protocols: Vec<String>,
     #[serde(default)]
     pub receive_ephemeral: bool,
-    #[serde(default, rename = "de.sorunome.msc2409.push_ephemeral")]
+    #[serde(
+        default,
+        rename = "de.sorunome.msc2409.push_ephemeral",
+        skip_serializing_if = "is_false"
+    )]
     pub push_ephemeral_unstable: bool,
-    #[serde(default, rename = "org.matrix.msc3202")]
+    #[serde(default, rename = "org.matrix.msc3202", skip_serializing_if = "is_false")]
     pub msc3202: bool,
-    #[serde(default, rename = "io.element.msc4190")]
+    #[serde(default, rename = "io.element.msc4190", skip_serializing_if = "is_false")]
     pub msc4190: bool,
+}
+
+fn is_false(value: &bool) -> bool {
+    !value
+}
+
+impl Registration {
+    /// The registration as a YAML file.
+    pub fn to_yaml(&self) -> String {
+        // Serialising plain strings, bools and lists cannot fail.
+        serde_saphyr::to_string(self).unwrap_or_default()
+    }
 }
 
 fn default_true() -> bool {
     true
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 pub struct NamespacesConfig {
     #[serde(default)]
     pub users: Vec<NamespaceEntry>,
@@ -64,7 +99,7 @@ pub struct NamespacesConfig {
     pub rooms: Vec<NamespaceEntry>,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 pub struct NamespaceEntry {
     pub exclusive: bool,
     pub regex: String,
@@ -199,6 +234,14 @@ pub fn parse(text: &str, file: &str) -> Result<Registration, RegistrationError> 
     if registration.as_token.is_empty() || registration.hs_token.is_empty() {
         return Err(field("as_token", "tokens must not be empty".to_owned()));
     }
+    let namespaces = &registration.namespaces;
+    for (kind, entries) in [
+        ("users", &namespaces.users),
+        ("aliases", &namespaces.aliases),
+        ("rooms", &namespaces.rooms),
+    ] {
+        Namespace::compile(entries, file, kind)?;
+    }
     if let Some(url) = &registration.url {
         let url = url.trim_end_matches('/');
         if url.is_empty() || url == "null" {
@@ -210,6 +253,60 @@ pub fn parse(text: &str, file: &str) -> Result<Registration, RegistrationError> 
         }
     }
     Ok(registration)
+}
+
+/// What a new registration claims.
+#[derive(Clone, Copy, Debug)]
+pub struct Generate<'a> {
+    pub id: &'a str,
+    /// Where the homeserver reaches the service; `None` for a service that gets no traffic.
+    pub url: Option<&'a str>,
+    pub sender_localpart: &'a str,
+    pub server_name: &'a str,
+    /// Claims `@<prefix>…:<server_name>` exclusively.
+    pub user_prefix: Option<&'a str>,
+    /// Claims `#<prefix>…:<server_name>` exclusively.
+    pub alias_prefix: Option<&'a str>,
+    pub protocols: &'a [String],
+}
+
+/// A new registration with fresh random 64-character tokens.
+pub fn generate(options: &Generate<'_>) -> Registration {
+    let token = || {
+        rand::thread_rng()
+            .sample_iter(&Alphanumeric)
+            .take(64)
+            .map(char::from)
+            .collect::<String>()
+    };
+    let server = regex::escape(options.server_name);
+    let claim = |sigil: char, prefix: Option<&str>| -> Vec<NamespaceEntry> {
+        prefix
+            .map(|p| NamespaceEntry {
+                exclusive: true,
+                regex: format!("{sigil}{}.*:{server}", regex::escape(p)),
+            })
+            .into_iter()
+            .collect()
+    };
+    Registration {
+        id: options.id.to_owned(),
+        url: options.url.map(str::to_owned),
+        as_token: token(),
+        hs_token: token(),
+        sender_localpart: options.sender_localpart.to_owned(),
+        namespaces: NamespacesConfig {
+            users: claim('@', options.user_prefix),
+            aliases: claim('#', options.alias_prefix),
+            rooms: Vec::new(),
+        },
+        rate_limited: false,
+        protocols: options.protocols.to_vec(),
+        receive_ephemeral: false,
+        push_ephemeral_unstable: false,
+        msc3202: false,
+        msc4190: false,
+    }
 }
 
 /// Warnings (not failures) for registrations that load but are probably wrong.
@@ -303,8 +400,8 @@ namespaces:
         .to_string();
         assert!(err.contains("as_token"), "{err}");
         let look_around = GOOD.replace(r"'@_irc_.*:example\.org'", "'@(?=x).*'");
-        let r = parse(&look_around, "f.yaml").expect("parses");
-        let err = Namespace::compile(&r.namespaces.users, "f.yaml", "users")
+        // Parsing compiles every namespace: a regex Rust cannot run stops the file from loading.
+        let err = parse(&look_around, "f.yaml")
             .expect_err("look-around")
             .to_string();
         assert!(
@@ -319,5 +416,47 @@ namespaces:
         let r = parse(&GOOD.replace("hs_token: bbb", "hs_token: aaa"), "f.yaml").expect("parses");
         let w = warnings(&r);
         assert!(w.iter().any(|w| w.contains("hs_token")));
+    }
+
+    #[test]
+    fn generated_registrations_are_valid_and_claim_the_prefixes() {
+        let protocols = vec!["irc".to_owned()];
+        let generated = generate(&Generate {
+            id: "irc",
+            url: Some("http://127.0.0.1:9999"),
+            sender_localpart: "irc_bot",
+            server_name: "example.org",
+            user_prefix: Some("irc_"),
+            alias_prefix: Some("irc_"),
+            protocols: &protocols,
+        });
+        assert_eq!(generated.as_token.len(), 64);
+        assert_ne!(generated.as_token, generated.hs_token, "two secrets");
+        let yaml = generated.to_yaml();
+        let parsed = parse(&yaml, "irc.yaml").expect("the generated file loads");
+        assert_eq!(parsed.as_token, generated.as_token);
+        assert_eq!(parsed.protocols, protocols);
+        assert!(warnings(&parsed).is_empty(), "{:?}", warnings(&parsed));
+        let users = Namespace::compile(&parsed.namespaces.users, "irc.yaml", "users").expect("compiles");
+        assert!(users.matches_exclusive("@irc_alice:example.org"));
+        assert!(!users.matches("@irc_alice:example.com"), "dots are escaped");
+        let aliases =
+            Namespace::compile(&parsed.namespaces.aliases, "irc.yaml", "aliases").expect("compiles");
+        assert!(aliases.matches("#irc_libera_#rust:example.org"));
+
+        let silent = generate(&Generate {
+            url: None,
+            ..Generate {
+                id: "x",
+                url: None,
+                sender_localpart: "x",
+                server_name: "example.org",
+                user_prefix: None,
+                alias_prefix: None,
+                protocols: &[],
+            }
+        });
+        let parsed = parse(&silent.to_yaml(), "x.yaml").expect("loads");
+        assert_eq!(parsed.url, None, "written as url: null");
     }
 }
