@@ -168,13 +168,14 @@ class Homeserver:
         data_dir: Path,
         port: int,
         app_services: list[AppServiceRegistration] | tuple[AppServiceRegistration, ...] = (),
+        app_service_files: list[Path] | tuple[Path, ...] = (),
     ):
         self.binary = binary
         self.data_dir = data_dir
         self.port = port
         self.app_services = list(app_services)
         self.config_path = write_config(
-            data_dir, port, write_registrations(data_dir, self.app_services)
+            data_dir, port, write_registrations(data_dir, self.app_services) + list(app_service_files)
         )
         self.log_path = data_dir / "server.log"
         self._proc: subprocess.Popen | None = None
@@ -259,11 +260,27 @@ def app_service_registrations() -> list[AppServiceRegistration]:
 
 
 @pytest.fixture
-def homeserver(tmp_path: Path, app_service_registrations: list[AppServiceRegistration]):
+def app_service_files() -> list[Path]:
+    """Registration files (written elsewhere) the `homeserver` fixture lists as well."""
+    return []
+
+
+@pytest.fixture
+def homeserver(
+    tmp_path: Path,
+    app_service_registrations: list[AppServiceRegistration],
+    app_service_files: list[Path],
+):
     binary = server_binary()
     if not os.access(binary, os.X_OK):
         pytest.fail(f"switchboard binary not found at {binary} (build it, or set SWITCHBOARD_BIN)")
-    server = Homeserver(binary, tmp_path, free_port(), app_services=app_service_registrations)
+    server = Homeserver(
+        binary,
+        tmp_path,
+        free_port(),
+        app_services=app_service_registrations,
+        app_service_files=app_service_files,
+    )
     server.start()
     try:
         yield server
@@ -330,3 +347,92 @@ async def clients(homeserver: Homeserver):
         yield factory
     finally:
         await factory.close_all()
+
+
+SYNAPSE_PYTHON = REPO_ROOT / "target/synapse-venv/bin/python"
+SYNAPSE_READY_TIMEOUT = 120.0  # seconds; the first start creates the whole schema
+
+
+class Synapse:
+    """Synapse, the reference homeserver, from target/synapse-venv (tests/interop/setup.sh synapse):
+    SQLite, loopback, `server_name: localhost`, open registration, relaxed rate limits."""
+
+    def __init__(self, data_dir: Path, port: int, app_service_files: list[Path]):
+        if not SYNAPSE_PYTHON.exists():
+            pytest.fail(
+                f"Synapse is not installed at {SYNAPSE_PYTHON}: run `bash tests/interop/setup.sh synapse`"
+            )
+        self.data_dir = data_dir
+        self.port = port
+        self.log_path = data_dir / "synapse.log"
+        files = ", ".join(_yaml_str(path) for path in app_service_files)
+        self.config_path = data_dir / "synapse.yaml"
+        self.config_path.write_text(
+            f"""\
+server_name: {SERVER_NAME}
+pid_file: {_yaml_str(data_dir / "synapse.pid")}
+listeners:
+  - {{port: {port}, bind_addresses: ['127.0.0.1'], type: http, tls: false,
+     resources: [{{names: [client], compress: false}}]}}
+database: {{name: sqlite3, args: {{database: {_yaml_str(data_dir / "synapse.db")}}}}}
+media_store_path: {_yaml_str(data_dir / "synapse-media")}
+signing_key_path: {_yaml_str(data_dir / "synapse.signing.key")}
+enable_registration: true
+enable_registration_without_verification: true
+report_stats: false
+trusted_key_servers: []
+suppress_key_server_warning: true
+macaroon_secret_key: {_yaml_str(secrets.token_hex(16))}
+form_secret: {_yaml_str(secrets.token_hex(16))}
+app_service_config_files: [{files}]
+rc_message: {{per_second: 1000, burst_count: 1000}}
+rc_registration: {{per_second: 1000, burst_count: 1000}}
+rc_joins: {{local: {{per_second: 1000, burst_count: 1000}}}}
+rc_login:
+  address: {{per_second: 1000, burst_count: 1000}}
+  account: {{per_second: 1000, burst_count: 1000}}
+  failed_attempts: {{per_second: 1000, burst_count: 1000}}
+"""
+        )
+        self._proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        command = [str(SYNAPSE_PYTHON), "-m", "synapse.app.homeserver", "-c", str(self.config_path)]
+        subprocess.run(command + ["--generate-keys"], check=True, capture_output=True)
+        with self.log_path.open("ab") as log:
+            self._proc = subprocess.Popen(
+                command, cwd=self.data_dir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + SYNAPSE_READY_TIMEOUT
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                pytest.fail(f"Synapse exited during startup\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/_matrix/client/versions", timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        pytest.fail(f"Synapse not ready after {SYNAPSE_READY_TIMEOUT}s\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return "(no Synapse log)"
+        return "\n".join(text.splitlines()[-lines:])

@@ -5,5 +5,5 @@ set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$root"
-bash tests/interop/setup.sh interop
+bash tests/interop/setup.sh
 exec target/interop-venv/bin/python -m pytest tests/interop -v "$@"

@@ -45,6 +45,10 @@ enum Command {
         /// Overwrite an existing config file.
         #[arg(long)]
         force: bool,
+        /// An application-service registration file to list in `app_service_config_files`
+        /// (repeatable; relative paths are read from the config's directory).
+        #[arg(long = "app-service")]
+        app_services: Vec<PathBuf>,
     },
     /// Inspect and steer application services on a running server (needs an admin's token).
     Appservice {
@@ -96,7 +100,8 @@ fn main() -> anyhow::Result<()> {
                 data_dir,
                 port,
                 force,
-            }) => generate_config(&server_name, &data_dir, port, force),
+                app_services,
+            }) => generate_config(&server_name, &data_dir, port, force, app_services),
             Some(Command::RegisterUser {
                 user,
                 password,
@@ -128,14 +133,21 @@ fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
     Ok(Config::load(path)?)
 }
 
-fn generate_config(server_name: &str, data_dir: &Path, port: u16, force: bool) -> anyhow::Result<()> {
+fn generate_config(
+    server_name: &str,
+    data_dir: &Path,
+    port: u16,
+    force: bool,
+    app_services: Vec<PathBuf>,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
     let data_dir = data_dir.canonicalize()?;
     let config_path = data_dir.join("homeserver.yaml");
     if config_path.exists() && !force {
         bail!("{} exists; pass --force to overwrite it", config_path.display());
     }
-    let config = Config::generated(server_name, &data_dir, port, random_string(32));
+    let mut config = Config::generated(server_name, &data_dir, port, random_string(32));
+    config.app_service_config_files = app_services;
     let key_path = config.signing_key_path();
     if !key_path.exists() {
         std::fs::write(&key_path, keys::generate_key_file_contents())

@@ -1,0 +1,145 @@
+//! The logging service of the 2015 blog post that introduced application services, on
+//! Switchboard's SDK: every message in a room whose alias matches `#logged_*` becomes one JSON
+//! line (room, sender, type, content); joining a `#logged_…` alias that does not exist yet
+//! creates the room, so anyone can start a logged room by joining it.
+
+use std::{io::Write, net::SocketAddr, path::PathBuf, sync::Mutex};
+
+use clap::{Parser, Subcommand};
+use ruma::{
+    OwnedRoomAliasId,
+    events::{AnyMessageLikeEvent, AnyTimelineEvent, MessageLikeEvent},
+};
+use serde_json::json;
+use switchboard_appservice::{
+    Appservice, Context, Handler, HandlerResult, cli::GenerateRegistration, registration,
+};
+use tracing_subscriber::EnvFilter;
+
+/// The alias localparts this service logs (and creates rooms for).
+const PREFIX: &str = "logged_";
+
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// The registration file (make one with `generate-registration`).
+    #[arg(long, short, default_value = "logger.yaml")]
+    registration: PathBuf,
+    /// The homeserver's client API.
+    #[arg(long, default_value = "http://127.0.0.1:8008")]
+    homeserver: String,
+    /// The homeserver's server name.
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+    /// Where the homeserver reaches this service (the registration's `url`).
+    #[arg(long, default_value = "127.0.0.1:9000")]
+    listen: SocketAddr,
+    /// Append the log lines to this file instead of standard output.
+    #[arg(long)]
+    log_file: Option<PathBuf>,
+    /// Remembers handled transactions, so a transaction sent again after a restart of this
+    /// service is not logged twice.
+    #[arg(long, default_value = "logger-txns")]
+    txn_file: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write a registration file for the homeserver (users of `#logged_*` aliases).
+    GenerateRegistration(GenerateRegistration),
+}
+
+struct Logger {
+    out: Mutex<Box<dyn Write + Send>>,
+}
+
+impl Logger {
+    fn write_line(&self, line: &serde_json::Value) -> HandlerResult {
+        let mut out = self.out.lock().map_err(|_| "log output poisoned")?;
+        writeln!(out, "{line}")?;
+        out.flush()?;
+        Ok(())
+    }
+}
+
+impl Handler for Logger {
+    async fn event(&self, _ctx: Context, event: AnyTimelineEvent) -> HandlerResult {
+        // The homeserver sends only events of rooms with a `#logged_*` alias (our namespace).
+        let AnyTimelineEvent::MessageLike(AnyMessageLikeEvent::RoomMessage(MessageLikeEvent::Original(
+            message,
+        ))) = event
+        else {
+            return Ok(());
+        };
+        self.write_line(&json!({
+            "room_id": message.room_id,
+            "event_id": message.event_id,
+            "sender": message.sender,
+            "type": "m.room.message",
+            "origin_server_ts": message.origin_server_ts,
+            "content": message.content,
+        }))
+    }
+
+    async fn query_alias(&self, ctx: Context, alias: OwnedRoomAliasId) -> HandlerResult<bool> {
+        let localpart = alias.alias();
+        if !localpart.starts_with(PREFIX) || alias.server_name().as_str() != ctx.server_name() {
+            return Ok(false);
+        }
+        let room = ctx
+            .bot()
+            .create_room(json!({
+                "room_alias_name": localpart,
+                "name": localpart,
+                "topic": "Every message here is logged.",
+                "preset": "public_chat",
+            }))
+            .await?;
+        tracing::info!(%alias, %room, "created a logged room");
+        Ok(true)
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()).await {
+        eprintln!("switchboard-logger: {e}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+    if let Some(Command::GenerateRegistration(args)) = &cli.command {
+        let registration = args.run("logger", None, Some(PREFIX))?;
+        println!(
+            "wrote {} (id `{}`); list it in the homeserver's app_service_config_files",
+            args.output.display(),
+            registration.id
+        );
+        return Ok(());
+    }
+    let (registration, _) = registration::load(&cli.registration)?;
+    let out: Box<dyn Write + Send> = match &cli.log_file {
+        Some(path) => Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| format!("cannot open {}: {e}", path.display()))?,
+        ),
+        None => Box::new(std::io::stdout()),
+    };
+    let logger = Logger { out: Mutex::new(out) };
+    Appservice::builder(registration, &cli.homeserver, &cli.server_name)
+        .txn_file(&cli.txn_file)
+        .build(logger)?
+        .run(cli.listen)
+        .await?;
+    Ok(())
+}
