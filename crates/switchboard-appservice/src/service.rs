@@ -150,7 +150,12 @@ impl<H: Handler> Appservice<H> {
     pub async fn start(&self) -> Result<(), Error> {
         let shared = &self.receiver.shared;
         let versions = self.wait_for_homeserver().await?;
-        self.context().bot().ensure_registered().await?;
+        match self.context().bot().ensure_registered().await {
+            Err(Error::Matrix(e)) if e.errcode == "M_UNKNOWN_TOKEN" => {
+                return Err(Error::Setup(ping_failure(&shared.registration, &e)));
+            }
+            other => other?,
+        }
         let supports_ping = versions["versions"].as_array().is_some_and(|list| {
             list.iter().filter_map(|v| v.as_str()).any(|v| {
                 v.strip_prefix("v1.")

@@ -14,4 +14,5 @@ mod media;
 mod ops;
 mod profile;
 mod rooms;
+mod sdk;
 mod sync;
