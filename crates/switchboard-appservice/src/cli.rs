@@ -57,16 +57,20 @@ impl GenerateRegistration {
             alias_prefix: self.alias_prefix.as_deref().or(default_alias_prefix),
             protocols: &self.protocols,
         });
+        let yaml = registration.to_yaml();
+        // What is written must load (a bad --sender-localpart or prefix fails here, not later).
+        crate::registration::parse(&yaml, &self.output.display().to_string())?;
         let io = |source| Error::Io {
             context: format!("cannot write {}", self.output.display()),
             source,
         };
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&self.output)
-            .map_err(io)?;
-        std::io::Write::write_all(&mut file, registration.to_yaml().as_bytes()).map_err(io)?;
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        // The file holds both secrets: readable by its owner only.
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut file = options.open(&self.output).map_err(io)?;
+        std::io::Write::write_all(&mut file, yaml.as_bytes()).map_err(io)?;
         Ok(registration)
     }
 }

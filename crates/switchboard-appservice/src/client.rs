@@ -26,6 +26,8 @@ struct ClientInner {
     http: reqwest::Client,
     homeserver: String,
     as_token: String,
+    /// The service's own user, who invites virtual users into rooms they cannot join.
+    bot: OwnedUserId,
     /// Makes transaction IDs unique across restarts of the service.
     txn_prefix: String,
     txn_counter: AtomicU64,
@@ -54,7 +56,7 @@ pub(crate) fn enc(segment: &str) -> String {
 }
 
 impl Client {
-    pub fn new(homeserver: &str, as_token: &str) -> Self {
+    pub fn new(homeserver: &str, as_token: &str, bot: &UserId) -> Self {
         // reqwest needs a TLS provider installed before a client is built (https homeservers).
         let _ = rustls::crypto::ring::default_provider().install_default();
         let started = std::time::SystemTime::now()
@@ -69,6 +71,7 @@ impl Client {
                     .unwrap_or_default(),
                 homeserver: homeserver.trim_end_matches('/').to_owned(),
                 as_token: as_token.to_owned(),
+                bot: bot.to_owned(),
                 txn_prefix: format!("sb{started}"),
                 txn_counter: AtomicU64::new(0),
                 cache: Mutex::new(Cache::default()),
@@ -230,7 +233,8 @@ impl Intent {
         let path = format!("/_matrix/client/v3/join/{}", enc(room_id.as_str()));
         match self.call(Method::POST, &path, &[], Some(&json!({}))).await {
             Ok(_) => {}
-            Err(e) if e.errcode() == Some("M_FORBIDDEN") => {
+            // The bot invites others in; it cannot invite itself.
+            Err(e) if e.errcode() == Some("M_FORBIDDEN") && self.user_id != self.client.inner.bot => {
                 let invite = format!("/_matrix/client/v3/rooms/{}/invite", enc(room_id.as_str()));
                 self.client
                     .request(
@@ -305,10 +309,26 @@ impl Intent {
             enc(event_type),
             self.client.next_txn_id()
         );
-        let answer = self
-            .call(Method::PUT, &path, &self.ts_query(), Some(content))
-            .await?;
+        let answer = self.call_joined(room_id, &path, content).await?;
         event_id(&answer)
+    }
+
+    /// A `PUT` that needs the user in the room. If the room refuses it, the user may have been
+    /// kicked or have left behind the cache's back: join again and retry once.
+    async fn call_joined(&self, room_id: &RoomId, path: &str, content: &Value) -> Result<Value, Error> {
+        match self
+            .call(Method::PUT, path, &self.ts_query(), Some(content))
+            .await
+        {
+            Err(e) if e.errcode() == Some("M_FORBIDDEN") => {
+                self.client
+                    .cached(|c| c.joined.remove(&(room_id.to_owned(), self.user_id.clone())));
+                self.ensure_joined(room_id).await?;
+                self.call(Method::PUT, path, &self.ts_query(), Some(content))
+                    .await
+            }
+            other => other,
+        }
     }
 
     /// Sends an `m.room.message` with `msgtype: m.text`.
@@ -336,9 +356,7 @@ impl Intent {
             enc(event_type),
             enc(state_key)
         );
-        let answer = self
-            .call(Method::PUT, &path, &self.ts_query(), Some(content))
-            .await?;
+        let answer = self.call_joined(room_id, &path, content).await?;
         event_id(&answer)
     }
 

@@ -2,7 +2,7 @@
 
 use std::{future::Future, sync::Arc};
 
-use ruma::{OwnedRoomAliasId, OwnedUserId, UserId, events::AnyTimelineEvent};
+use ruma::{OwnedRoomAliasId, OwnedUserId, UserId, events::AnyTimelineEvent, serde::Raw};
 use serde_json::Value;
 
 use crate::{Client, Intent, service::Shared};
@@ -57,6 +57,23 @@ impl Context {
 /// while different rooms are handled concurrently. A transaction is acknowledged once all its
 /// calls returned, so after a crash the homeserver sends it again.
 pub trait Handler: Send + Sync + 'static {
+    /// A room event from a transaction, as the homeserver sent it. The default parses it and
+    /// calls [`Handler::event`]; override it to see the exact JSON (every key, also of events
+    /// ruma cannot parse). An error is logged and the transaction still acknowledged: a handler
+    /// that must not lose an event keeps it somewhere durable before returning.
+    fn raw_event(&self, ctx: Context, event: Value) -> impl Future<Output = HandlerResult> + Send {
+        async move {
+            let parsed = serde_json::value::to_raw_value(&event)
+                .map(Raw::<AnyTimelineEvent>::from_json)
+                .map_err(|e| e.to_string())
+                .and_then(|raw| raw.deserialize().map_err(|e| e.to_string()));
+            match parsed {
+                Ok(event) => self.event(ctx, event).await,
+                Err(e) => Err(format!("the event does not parse: {e}").into()),
+            }
+        }
+    }
+
     /// A room event from a transaction.
     fn event(&self, ctx: Context, event: AnyTimelineEvent) -> impl Future<Output = HandlerResult> + Send {
         let _ = (ctx, event);

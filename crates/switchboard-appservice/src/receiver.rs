@@ -6,13 +6,13 @@ use std::{collections::HashMap, sync::Arc};
 use axum::{
     Json, Router,
     body::Bytes,
-    extract::{Path, Query, Request, State},
+    extract::{DefaultBodyLimit, Path, Query, Request, State},
     http::{HeaderMap, StatusCode},
     middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::{get, post, put},
 };
-use ruma::{OwnedRoomAliasId, OwnedRoomId, OwnedUserId, events::AnyTimelineEvent, serde::Raw};
+use ruma::{OwnedRoomAliasId, OwnedRoomId, OwnedUserId};
 use serde_json::{Value, json};
 use tracing::Instrument;
 
@@ -24,8 +24,12 @@ pub(crate) struct Receiver<H> {
     pub(crate) txns: Arc<dyn TxnStore>,
     /// One transaction at a time: a retry that arrives while the first attempt is still being
     /// handled waits, then finds it done.
-    pub(crate) txn_lock: tokio::sync::Mutex<()>,
+    pub(crate) txn_lock: Arc<tokio::sync::Mutex<()>>,
 }
+
+/// Transactions carry up to 100 events of up to 64 KiB each, plus ephemeral data: far more than
+/// axum's default body limit.
+const MAX_TRANSACTION_BYTES: usize = 64 * 1024 * 1024;
 
 fn error(status: StatusCode, errcode: &str, message: &str) -> Response {
     (status, Json(json!({"errcode": errcode, "error": message}))).into_response()
@@ -33,7 +37,10 @@ fn error(status: StatusCode, errcode: &str, message: &str) -> Response {
 
 pub(crate) fn router<H: Handler>(receiver: Arc<Receiver<H>>) -> Router {
     let api = Router::new()
-        .route("/transactions/{txn_id}", put(transaction::<H>))
+        .route(
+            "/transactions/{txn_id}",
+            put(transaction::<H>).layer(DefaultBodyLimit::max(MAX_TRANSACTION_BYTES)),
+        )
         .route("/users/{user_id}", get(query_user::<H>))
         .route("/rooms/{alias}", get(query_alias::<H>))
         .route("/thirdparty/{kind}/{protocol}", get(thirdparty::<H>))
@@ -102,8 +109,10 @@ async fn transaction<H: Handler>(
         return error(StatusCode::BAD_REQUEST, "M_NOT_JSON", "The body is not JSON");
     };
     let span = tracing::info_span!("transaction", txn_id = %txn_id);
-    async move {
-        let _one_at_a_time = receiver.txn_lock.lock().await;
+    // In its own task: a homeserver that gives up waiting (and closes the connection) must not
+    // cancel a transaction half-handled; its retry then finds it done.
+    let work = async move {
+        let _one_at_a_time = receiver.txn_lock.clone().lock_owned().await;
         if receiver.txns.seen(&txn_id) {
             tracing::debug!("transaction seen before; acknowledged again");
             return Json(json!({})).into_response();
@@ -124,8 +133,11 @@ async fn transaction<H: Handler>(
             Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN", &e.to_string()),
         }
     }
-    .instrument(span)
-    .await
+    .instrument(span);
+    match tokio::spawn(work).await {
+        Ok(response) => response,
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN", &e.to_string()),
+    }
 }
 
 impl<H: Handler> Receiver<H> {
@@ -156,21 +168,16 @@ impl<H: Handler> Receiver<H> {
                 async move {
                     for event in events {
                         let id = event["event_id"].as_str().unwrap_or("?").to_owned();
-                        let parsed = Raw::<AnyTimelineEvent>::from_json(
-                            match serde_json::value::to_raw_value(&event) {
-                                Ok(raw) => raw,
-                                Err(_) => continue,
-                            },
-                        )
-                        .deserialize();
-                        match parsed {
-                            Ok(event) => {
-                                if let Err(e) = handler.event(ctx.clone(), event).await {
-                                    tracing::warn!(event_id = %id, error = %e, "handling an event failed");
-                                }
+                        // Each event in its own task: a panicking handler loses only that event,
+                        // not the rest of the room's.
+                        let (handler, ctx) = (handler.clone(), ctx.clone());
+                        match tokio::spawn(async move { handler.raw_event(ctx, event).await }).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => {
+                                tracing::warn!(event_id = %id, error = %e, "handling an event failed");
                             }
                             Err(e) => {
-                                tracing::warn!(event_id = %id, error = %e, "event does not parse; skipped")
+                                tracing::error!(event_id = %id, error = %e, "an event handler panicked")
                             }
                         }
                     }

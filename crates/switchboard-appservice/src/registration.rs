@@ -15,7 +15,7 @@
 //! });
 //! assert_eq!(registration.as_token.len(), 64);
 //! let again = parse(&registration.to_yaml(), "logger.yaml").expect("valid");
-//! assert_eq!(again.namespaces.aliases[0].regex, r"#logged_.*:example\.org");
+//! assert_eq!(again.namespaces.aliases[0].regex, r"#logged_.*:example\.org$");
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -231,8 +231,11 @@ pub fn parse(text: &str, file: &str) -> Result<Registration, RegistrationError> 
             format!("`{localpart}` is not a valid user localpart"),
         ));
     }
-    if registration.as_token.is_empty() || registration.hs_token.is_empty() {
-        return Err(field("as_token", "tokens must not be empty".to_owned()));
+    if registration.as_token.is_empty() {
+        return Err(field("as_token", "must not be empty".to_owned()));
+    }
+    if registration.hs_token.is_empty() {
+        return Err(field("hs_token", "must not be empty".to_owned()));
     }
     let namespaces = &registration.namespaces;
     for (kind, entries) in [
@@ -284,7 +287,9 @@ pub fn generate(options: &Generate<'_>) -> Registration {
         prefix
             .map(|p| NamespaceEntry {
                 exclusive: true,
-                regex: format!("{sigil}{}.*:{server}", regex::escape(p)),
+                // `$`: matching is anchored at the start only (Synapse's rule), so without it the
+                // namespace would also claim `…:example.org.evil.com`.
+                regex: format!("{sigil}{}.*:{server}$", regex::escape(p)),
             })
             .into_iter()
             .collect()
@@ -440,6 +445,10 @@ namespaces:
         let users = Namespace::compile(&parsed.namespaces.users, "irc.yaml", "users").expect("compiles");
         assert!(users.matches_exclusive("@irc_alice:example.org"));
         assert!(!users.matches("@irc_alice:example.com"), "dots are escaped");
+        assert!(
+            !users.matches("@irc_alice:example.org.evil"),
+            "anchored at the end too"
+        );
         let aliases =
             Namespace::compile(&parsed.namespaces.aliases, "irc.yaml", "aliases").expect("compiles");
         assert!(aliases.matches("#irc_libera_#rust:example.org"));

@@ -64,7 +64,7 @@ impl AppserviceBuilder {
             (None, None) => Arc::new(MemoryTxnStore::default()),
         };
         let shared = Arc::new(Shared {
-            client: Client::new(&self.homeserver, &self.registration.as_token),
+            client: Client::new(&self.homeserver, &self.registration.as_token, &bot),
             registration: self.registration,
             bot,
             server_name: self.server_name,
@@ -74,7 +74,7 @@ impl AppserviceBuilder {
                 shared,
                 handler: Arc::new(handler),
                 txns,
-                txn_lock: tokio::sync::Mutex::new(()),
+                txn_lock: Arc::new(tokio::sync::Mutex::new(())),
             }),
             startup_timeout: self.startup_timeout,
         })
@@ -134,7 +134,10 @@ impl<H: Handler> Appservice<H> {
                 .with_graceful_shutdown(shutdown_signal())
                 .into_future(),
         );
-        self.start().await?;
+        if let Err(e) = self.start().await {
+            server.abort();
+            return Err(e);
+        }
         tracing::info!(bot = %self.receiver.shared.bot, "application service ready");
         server
             .await

@@ -89,11 +89,13 @@ impl FileTxnStore {
             text.push_str(id);
             text.push('\n');
         }
+        // The new file's own handle goes on being written after the rename (its position is at
+        // the end), so there is no window where records would go to the replaced file.
         let mut file = File::create(&temporary).map_err(io)?;
         file.write_all(text.as_bytes()).map_err(io)?;
         file.sync_all().map_err(io)?;
         std::fs::rename(&temporary, &self.path).map_err(io)?;
-        state.file = OpenOptions::new().append(true).open(&self.path).map_err(io)?;
+        state.file = file;
         state.lines = state.order.len();
         Ok(())
     }
@@ -110,7 +112,12 @@ impl TxnStore for FileTxnStore {
             .lock()
             .map_err(|_| Error::Setup("transaction store poisoned".to_owned()))?;
         // A line break in an ID would split the record; IDs from real homeservers have none.
-        let line = format!("{}\n", txn_id.replace('\n', " "));
+        if txn_id.contains(['\n', '\r']) {
+            return Err(Error::Setup(format!(
+                "transaction ID {txn_id:?} contains a line break"
+            )));
+        }
+        let line = format!("{txn_id}\n");
         state
             .file
             .write_all(line.as_bytes())
@@ -127,8 +134,11 @@ impl TxnStore for FileTxnStore {
                 state.ids.remove(&old);
             }
         }
-        if state.lines > 10 * KEEP {
-            self.compact(&mut state)?;
+        if state.lines > 10 * KEEP
+            && let Err(e) = self.compact(&mut state)
+        {
+            // The record itself is safe in the old file; compaction is tried again next time.
+            tracing::warn!(error = %e, "cannot compact the transaction record");
         }
         Ok(())
     }

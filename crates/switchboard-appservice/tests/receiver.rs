@@ -39,8 +39,10 @@ struct Seen {
 impl Handler for Seen {
     async fn event(&self, _ctx: Context, event: AnyTimelineEvent) -> HandlerResult {
         // The first event of room A is slow: room B's may overtake it, A's second may not.
-        if event.event_id().as_str() == "$a1" {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        match event.event_id().as_str() {
+            "$a1" | "$slow" => tokio::time::sleep(Duration::from_millis(100)).await,
+            "$panic" => panic!("a handler bug"),
+            _ => {}
         }
         self.events
             .lock()
@@ -234,4 +236,41 @@ async fn queries_answer_found_or_not_found_on_both_routes() {
         StatusCode::NOT_FOUND,
         "the default handler knows no protocols"
     );
+}
+
+#[tokio::test]
+async fn a_panicking_handler_or_an_impatient_homeserver_loses_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let seen = Seen::default();
+    let app = service(seen.clone(), &dir.path().join("txns"));
+    let txn = json!({"events": [message("$panic", "!a:example.org"), message("$after", "!a:example.org")]});
+    let (status, _) = call(&app, "PUT", "/_matrix/app/v1/transactions/p", HS, Some(txn)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        *seen.events.lock().expect("lock"),
+        ["$after"],
+        "the room's next event is still handled"
+    );
+
+    // The homeserver hangs up before the answer; the transaction is finished all the same, and
+    // its retry is acknowledged without handling it again.
+    let txn = json!({"events": [message("$slow", "!s:example.org")]});
+    let path = "/_matrix/app/v1/transactions/slow";
+    let hung_up = tokio::time::timeout(
+        Duration::from_millis(20),
+        call(&app, "PUT", path, HS, Some(txn.clone())),
+    )
+    .await;
+    assert!(hung_up.is_err(), "the request was dropped early");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, _) = call(&app, "PUT", path, HS, Some(txn)).await;
+    assert_eq!(status, StatusCode::OK);
+    let slow = seen
+        .events
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|e| *e == "$slow")
+        .count();
+    assert_eq!(slow, 1, "handled once, to the end");
 }

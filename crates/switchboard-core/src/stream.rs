@@ -214,8 +214,9 @@ async fn writer(
         }
         let rows: Vec<&NewEvent> = group.iter().flat_map(|job| job.events.iter()).collect();
         if let Err(e) = store.append_events(&rows).await {
-            // Nothing of the group was stored: its positions are handed out again.
-            next = start;
+            // Normally nothing of the group was stored and its positions are handed out again;
+            // the database says for sure (a commit can fail after it landed).
+            next = store.max_stream_pos().await.map_or(start, |max| max + 1);
             tracing::error!(error = %e, events = count, "storing events failed");
             for job in group {
                 let _ = job.reply.send(Err(format!("storing events failed: {e}")));

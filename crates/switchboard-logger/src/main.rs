@@ -6,11 +6,8 @@
 use std::{io::Write, net::SocketAddr, path::PathBuf, sync::Mutex};
 
 use clap::{Parser, Subcommand};
-use ruma::{
-    OwnedRoomAliasId,
-    events::{AnyMessageLikeEvent, AnyTimelineEvent, MessageLikeEvent},
-};
-use serde_json::json;
+use ruma::OwnedRoomAliasId;
+use serde_json::{Value, json};
 use switchboard_appservice::{
     Appservice, Context, Handler, HandlerResult, cli::GenerateRegistration, registration,
 };
@@ -65,21 +62,19 @@ impl Logger {
 }
 
 impl Handler for Logger {
-    async fn event(&self, _ctx: Context, event: AnyTimelineEvent) -> HandlerResult {
-        // The homeserver sends only events of rooms with a `#logged_*` alias (our namespace).
-        let AnyTimelineEvent::MessageLike(AnyMessageLikeEvent::RoomMessage(MessageLikeEvent::Original(
-            message,
-        ))) = event
-        else {
+    // The exact JSON the homeserver sent (every key of the content, also ones ruma does not
+    // know). The homeserver sends only events of rooms with a `#logged_*` alias (our namespace).
+    async fn raw_event(&self, _ctx: Context, event: Value) -> HandlerResult {
+        if event["type"] != "m.room.message" {
             return Ok(());
-        };
+        }
         self.write_line(&json!({
-            "room_id": message.room_id,
-            "event_id": message.event_id,
-            "sender": message.sender,
-            "type": "m.room.message",
-            "origin_server_ts": message.origin_server_ts,
-            "content": message.content,
+            "room_id": event["room_id"],
+            "event_id": event["event_id"],
+            "sender": event["sender"],
+            "type": event["type"],
+            "origin_server_ts": event["origin_server_ts"],
+            "content": event["content"],
         }))
     }
 
@@ -88,7 +83,7 @@ impl Handler for Logger {
         if !localpart.starts_with(PREFIX) || alias.server_name().as_str() != ctx.server_name() {
             return Ok(false);
         }
-        let room = ctx
+        let created = ctx
             .bot()
             .create_room(json!({
                 "room_alias_name": localpart,
@@ -96,8 +91,13 @@ impl Handler for Logger {
                 "topic": "Every message here is logged.",
                 "preset": "public_chat",
             }))
-            .await?;
-        tracing::info!(%alias, %room, "created a logged room");
+            .await;
+        match created {
+            Ok(room) => tracing::info!(%alias, %room, "created a logged room"),
+            // Two people joined the new alias at once: the other query created it.
+            Err(e) if e.errcode() == Some("M_ROOM_IN_USE") => {}
+            Err(e) => return Err(e.into()),
+        }
         Ok(true)
     }
 }

@@ -72,6 +72,9 @@ pub struct Sender {
     pub(super) queue: Mutex<Queue>,
     service: RwLock<Arc<AppService>>,
     kick: Notify,
+    /// The dispatcher queued events for the service. Only an idle sender listens: a failing one
+    /// keeps its backoff however busy its rooms are.
+    pub(super) news: Notify,
     stop: tokio::sync::watch::Sender<bool>,
     pub(super) interest: InterestCache,
     status: Mutex<(SenderStatus, Option<Instant>)>,
@@ -244,6 +247,8 @@ impl Delivery {
                 if let Ok(mut slot) = sender.service.write() {
                     *slot = service;
                 }
+                // Namespaces may have changed: room-level answers are recomputed.
+                sender.interest.clear();
                 sender.kick();
                 continue;
             }
@@ -256,6 +261,7 @@ impl Delivery {
                 }),
                 service: RwLock::new(service),
                 kick: Notify::new(),
+                news: Notify::new(),
                 stop: tokio::sync::watch::Sender::new(false),
                 interest: InterestCache::default(),
                 status: Mutex::new((
@@ -313,10 +319,11 @@ impl Delivery {
             match step {
                 Step::Progress => continue,
                 Step::Idle => {
-                    // New events wake the sender only if it wants them (the dispatcher kicks
+                    // New events wake the sender only if it wants them (the dispatcher tells
                     // it); otherwise it moves past them now and then.
                     tokio::select! {
                         () = tokio::time::sleep(IDLE_ADVANCE) => {}
+                        () = sender.news.notified() => {}
                         _ = aux_news.changed(), if wants_aux(&sender.service()) => {}
                         () = sender.kick.notified() => {}
                         _ = stop.changed() => {}
@@ -421,14 +428,16 @@ impl Delivery {
         let mut upto = after;
         let mut selected = Selected::default();
         if after.events < now.events {
-            let from = sender.queue.lock().map(|q| q.from).unwrap_or(i64::MAX);
-            if after.events >= from {
-                self.select_queued(sender, after.events, now.events, &mut upto, &mut selected)
-                    .await?;
-            } else {
-                let until = now.events.min(from);
-                self.select_scanned(sender, service, after.events, until, &mut upto, &mut selected)
-                    .await?;
+            match take_queued(sender, after.events, now.events)? {
+                Queued::Positions { positions, more } => {
+                    self.select_queued(positions, more, now.events, &mut upto, &mut selected)
+                        .await?;
+                }
+                Queued::Before(from) => {
+                    let until = now.events.min(from);
+                    self.select_scanned(sender, service, after.events, until, &mut upto, &mut selected)
+                        .await?;
+                }
             }
         }
         let mut ephemeral = Vec::new();
@@ -480,25 +489,12 @@ impl Delivery {
     /// Events the dispatcher queued for the service in `(after, until]`.
     async fn select_queued(
         &self,
-        sender: &Sender,
-        after: i64,
+        positions: Vec<i64>,
+        more: bool,
         until: i64,
         upto: &mut AsPosition,
         selected: &mut Selected,
     ) -> Result<()> {
-        let (positions, more) = {
-            let mut queue = sender
-                .queue
-                .lock()
-                .map_err(|_| crate::Error::internal("queue poisoned"))?;
-            while queue.positions.front().is_some_and(|p| *p <= after) {
-                queue.positions.pop_front();
-            }
-            let due = queue.positions.iter().take_while(|p| **p <= until).count();
-            let take = due.min(MAX_EVENTS_PER_TXN);
-            let positions: Vec<i64> = queue.positions.iter().take(take).copied().collect();
-            (positions, due > take)
-        };
         let events = match self.stream.recent_at(&positions) {
             Some(events) => events,
             None => self
@@ -682,6 +678,35 @@ impl Delivery {
         );
         Ok(Some(wait))
     }
+}
+
+/// What a sender's queue holds for `(after, until]`.
+enum Queued {
+    /// The interesting positions (at most a transaction's worth; `more` if there are others).
+    Positions { positions: Vec<i64>, more: bool },
+    /// The queue starts later, at this position: what comes before must be scanned.
+    Before(i64),
+}
+
+/// Reads the queue under one lock, so the dispatcher cannot clear it (overflow, reload) between
+/// deciding to use it and taking from it.
+fn take_queued(sender: &Sender, after: i64, until: i64) -> Result<Queued> {
+    let mut queue = sender
+        .queue
+        .lock()
+        .map_err(|_| crate::Error::internal("queue poisoned"))?;
+    if after < queue.from {
+        return Ok(Queued::Before(queue.from));
+    }
+    while queue.positions.front().is_some_and(|p| *p <= after) {
+        queue.positions.pop_front();
+    }
+    let due = queue.positions.iter().take_while(|p| **p <= until).count();
+    let take = due.min(MAX_EVENTS_PER_TXN);
+    Ok(Queued::Positions {
+        positions: queue.positions.iter().take(take).copied().collect(),
+        more: due > take,
+    })
 }
 
 /// The events of the next transaction, and their client format.

@@ -7,7 +7,7 @@
 //! while they were down longer than their queue reaches); see `Delivery::select`.
 
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{HashMap, VecDeque},
     sync::{
         Arc, Mutex,
         atomic::{AtomicI64, Ordering},
@@ -68,18 +68,16 @@ impl Dispatcher {
         self.dispatched.load(Ordering::Acquire)
     }
 
-    /// Dispatches to these senders from now on (by registry index). A sender new to the
-    /// dispatcher gets its queue started here.
+    /// Dispatches to these senders from now on (by registry index). Every queue starts afresh
+    /// here: what was queued under the previous registrations' namespaces is scanned again by
+    /// the senders under the new ones.
     pub fn set_targets(&self, registry: Arc<Registry>, senders: Vec<Option<Arc<Sender>>>) {
         let Ok(mut targets) = self.targets.lock() else {
             return;
         };
         let dispatched = self.dispatched();
-        let known: HashSet<*const Sender> = targets.senders.iter().flatten().map(Arc::as_ptr).collect();
         for sender in senders.iter().flatten() {
-            if !known.contains(&Arc::as_ptr(sender))
-                && let Ok(mut queue) = sender.queue.lock()
-            {
+            if let Ok(mut queue) = sender.queue.lock() {
                 *queue = Queue {
                     from: dispatched,
                     positions: VecDeque::new(),
@@ -163,7 +161,7 @@ impl Dispatcher {
             self.dispatched.store(last, Ordering::Release);
             for index in woken.iter() {
                 if let Some(Some(sender)) = targets.senders.get(index) {
-                    sender.kick();
+                    sender.news.notify_one();
                 }
             }
         }

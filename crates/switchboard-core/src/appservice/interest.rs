@@ -29,6 +29,13 @@ pub struct InterestCache {
 }
 
 impl InterestCache {
+    /// Forgets every answer (the service's namespaces changed).
+    pub fn clear(&self) {
+        if let Ok(mut rooms) = self.rooms.lock() {
+            rooms.clear();
+        }
+    }
+
     pub async fn is_interested(&self, service: &AppService, rooms: &Rooms, event: &Pdu) -> Result<bool> {
         if service.owns_user(event.sender.as_str()) {
             return Ok(true);

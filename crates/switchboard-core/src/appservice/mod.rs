@@ -67,7 +67,7 @@ pub struct Registry {
     by_id: HashMap<String, usize>,
     /// Every service's namespaces compiled together, for matching an event against all
     /// services in one pass.
-    senders: HashMap<String, usize>,
+    senders: HashMap<String, Vec<usize>>,
     users: Combined,
     aliases: Combined,
     rooms: Combined,
@@ -163,17 +163,20 @@ impl Registry {
         registry.users = Combined::compile(services, |s| &s.registration.namespaces.users)?;
         registry.aliases = Combined::compile(services, |s| &s.registration.namespaces.aliases)?;
         registry.rooms = Combined::compile(services, |s| &s.registration.namespaces.rooms)?;
-        registry.senders = services
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.sender.to_string(), i))
-            .collect();
+        for (index, service) in services.iter().enumerate() {
+            // Two registrations may share a sender; each owns it, as `owns_user` says.
+            registry
+                .senders
+                .entry(service.sender.to_string())
+                .or_default()
+                .push(index);
+        }
         Ok(registry)
     }
 
     /// Adds the services that own `user_id` (as sender or in their users namespace).
     pub fn add_user_owners(&self, user_id: &str, into: &mut ServiceSet) {
-        if let Some(&index) = self.senders.get(user_id) {
+        for &index in self.senders.get(user_id).into_iter().flatten() {
             into.insert(index);
         }
         self.users.add_matches(user_id, into);

@@ -1197,3 +1197,31 @@ async fn ping_reaches_the_service() {
     assert!(minor_versions.iter().any(|m| *m >= 7), "{versions}");
     assert_eq!(versions["unstable_features"]["fi.mau.msc2659.stable"], true);
 }
+
+/// New events for a service that is down do not cut its backoff short: it is retried after 2 s,
+/// not once per event.
+#[tokio::test]
+async fn new_events_do_not_shorten_the_backoff_of_a_failing_service() {
+    let fake = FakeAs::start().await;
+    fake.set_transaction_status(500);
+    let reg = Registration::new("down", Some(fake.url.as_str())).users("@_down_.*:localhost", true);
+    let (s, _regs) = start_server(&[&reg]).await;
+    let ghost = register_ghost(&s, &reg.as_token, "_down_ghost").await;
+    let alice = s.register("alice").await;
+    let room = s.create_room(&alice, json!({"preset": "public_chat"})).await;
+    let join = as_user(&format!("/_matrix/client/v3/join/{}", enc(&room)), &ghost);
+    s.ok(Method::POST, &join, &reg.as_token, json!({})).await;
+    fake.wait_for_requests(|r| !r.is_empty(), WAIT).await;
+    let first_failure = Instant::now();
+    for i in 0..15 {
+        s.send_text(&alice, &room, &format!("b{i}"), "busy room").await;
+        tokio::time::sleep(Duration::from_millis(80)).await;
+    }
+    let attempts = fake.transaction_attempts().len();
+    // The first retry is due 1.8–2.2 s after the failure; by then at most one more attempt.
+    assert!(
+        attempts <= 2,
+        "{attempts} attempts within {:?} of the first failure",
+        first_failure.elapsed()
+    );
+}
