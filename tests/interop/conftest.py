@@ -159,6 +159,20 @@ rc_login:
     return config
 
 
+def terminate(proc: subprocess.Popen | None) -> bool:
+    """SIGTERM a process and wait for it; SIGKILL it after STOP_TIMEOUT. False if it had to be killed."""
+    if proc is None or proc.poll() is not None:
+        return True
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=STOP_TIMEOUT)
+        return True
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return False
+
+
 class Homeserver:
     """A Switchboard process serving the Client-Server API on 127.0.0.1:port."""
 
@@ -205,14 +219,7 @@ class Homeserver:
     def stop(self) -> None:
         """SIGTERM the server and wait for it to exit (SIGKILL and fail if it hangs)."""
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if not terminate(proc):
             pytest.fail(f"server did not exit within {STOP_TIMEOUT}s of SIGTERM\n{self.log_tail()}")
 
     def restart(self) -> None:
@@ -421,14 +428,7 @@ rc_login:
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc)
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         try:
