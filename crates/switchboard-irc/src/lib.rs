@@ -1,0 +1,14 @@
+//! The IRC bridge (issue 6), built on `switchboard-appservice`. This first part holds the layers
+//! the bridge stands on, each tested on its own:
+//!
+//! - [`proto`]: IRC lines (parse/print), CTCP `ACTION`, `rfc1459` case folding, splitting text to
+//!   IRC's 512-byte lines;
+//! - [`format`]: IRC formatting codes → Matrix HTML;
+//! - [`names`]: reversible Matrix IDs for nicks (`@irc_<network>_<nick>`) and channels
+//!   (`#irc_<network>_<#channel>`).
+//!
+//! The connections, the bridge handler and the binary come next.
+
+pub mod format;
+pub mod names;
+pub mod proto;
