@@ -4,11 +4,14 @@
 //! - [`proto`]: IRC lines (parse/print), CTCP `ACTION`, `rfc1459` case folding, splitting text to
 //!   IRC's 512-byte lines;
 //! - [`format`]: IRC formatting codes → Matrix HTML;
+//! - [`conn`]: one IRC connection — TCP or TLS, registration with nick fallbacks, `PING`,
+//!   rejoining after reconnects with backoff, flood control;
 //! - [`names`]: reversible Matrix IDs for nicks (`@irc_<network>_<nick>`) and channels
 //!   (`#irc_<network>_<#channel>`).
 //!
 //! The connections, the bridge handler and the binary come next.
 
+pub mod conn;
 pub mod format;
 pub mod names;
 pub mod proto;
