@@ -11,6 +11,6 @@ cargo clippy --workspace --all-targets -- -D warnings
 echo "==> cargo test (unit + integration against the real binary)"
 cargo test --workspace
 echo "==> interop tests (matrix-nio, mautrix-python, matrix-js-sdk)"
-cargo build -p switchboard -p switchboard-logger
+cargo build -p switchboard -p switchboard-logger -p switchboard-irc
 bash tests/interop/run.sh
 bash tests/interop/js/run.sh

@@ -3,7 +3,8 @@
 #   target/interop-venv  <- tests/interop/requirements.txt (matrix-nio, mautrix-python, pytest)
 #   target/synapse-venv  <- tests/interop/requirements-synapse.txt (Synapse, the reference server)
 # Idempotent: a venv is reused when the hash of its requirements (and the Python version) is
-# unchanged. `setup.sh interop` or `setup.sh synapse` makes just one.
+# unchanged. Also installs ngircd (Debian) for the IRC bridge tests. `setup.sh interop`,
+# `setup.sh synapse` or `setup.sh irc` does just one part.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -29,10 +30,26 @@ make_venv() {
     echo "venv ready: $venv"
 }
 
+# The IRC server the IRC bridge's tests talk to, from Debian's packages.
+ensure_ngircd() {
+    if [[ -x /usr/sbin/ngircd ]] || command -v ngircd >/dev/null; then
+        echo "ngircd present"
+        return
+    fi
+    local sudo=""
+    [[ "$(id -u)" == 0 ]] || sudo="sudo"
+    echo "installing ngircd"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq ngircd >/dev/null
+}
+
 which="${1:-all}"
 if [[ "$which" == all || "$which" == interop ]]; then
     make_venv interop-venv "$here/requirements.txt"
 fi
 if [[ "$which" == all || "$which" == synapse ]]; then
     make_venv synapse-venv "$here/requirements-synapse.txt"
+fi
+if [[ "$which" == all || "$which" == irc ]]; then
+    ensure_ngircd
 fi

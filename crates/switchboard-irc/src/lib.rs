@@ -9,8 +9,12 @@
 //! - [`names`]: reversible Matrix IDs for nicks (`@irc_<network>_<nick>`) and channels
 //!   (`#irc_<network>_<#channel>`).
 //!
-//! The connections, the bridge handler and the binary come next.
+//! [`bridge`] puts them together on the SDK: lazy channel rooms and IRC → Matrix messages;
+//! [`config`] is the YAML config. Matrix → IRC puppets, private chats, mirrored membership and
+//! durable mappings come next (see the README's feature table).
 
+pub mod bridge;
+pub mod config;
 pub mod conn;
 pub mod format;
 pub mod names;

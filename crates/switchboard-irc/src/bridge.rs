@@ -1,0 +1,284 @@
+//! The bridge: lazy channel rooms (the homeserver asks about `#irc_<network>_<#channel>`, the
+//! bridge joins the channel and creates the room) and IRC → Matrix (each IRC person a virtual
+//! user `@irc_<network>_<nick>` with the nick as display name).
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, OnceLock},
+    time::Duration,
+};
+
+use ruma::{OwnedRoomAliasId, OwnedRoomId, OwnedUserId};
+use serde_json::{Value, json};
+use switchboard_appservice::{Context, Handler, HandlerResult};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{
+    config::{Config, Network},
+    conn::{Connection, Event, Settings},
+    format::irc_to_matrix,
+    names,
+    proto::{Message, ctcp_action, fold_case},
+};
+
+/// The prefix of every ID the bridge claims (`@irc_…`, `#irc_…`).
+pub const PREFIX: &str = "irc_";
+/// How long a channel join may take before the alias query gives up.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Numerics that refuse a JOIN, with the channel as their second parameter.
+const JOIN_REFUSALS: [&str; 6] = ["403", "405", "471", "473", "474", "475"];
+
+pub struct Bridge {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Config,
+    /// Set once the service is built (handlers and the IRC side both need it).
+    context: OnceLock<Context>,
+    networks: Mutex<HashMap<String, Arc<NetworkLink>>>,
+    /// `(network, folded channel)` → room.
+    rooms: Mutex<HashMap<(String, String), OwnedRoomId>>,
+}
+
+/// Told whether the bot got into a channel (or why not).
+type JoinWaiter = oneshot::Sender<Result<(), String>>;
+
+/// The bot's connection to one network and who waits for its channel joins.
+struct NetworkLink {
+    bot: Connection,
+    join_waiters: Mutex<HashMap<String, Vec<JoinWaiter>>>,
+}
+
+impl Bridge {
+    pub fn new(config: Config) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                config,
+                context: OnceLock::new(),
+                networks: Mutex::new(HashMap::new()),
+                rooms: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// A second handle to the same bridge, to hand the context to once the service is built.
+    pub fn handle(&self) -> Bridge {
+        Bridge {
+            inner: self.inner.clone(),
+        }
+    }
+
+    pub fn set_context(&self, context: Context) {
+        let _ = self.inner.context.set(context);
+    }
+}
+
+impl Inner {
+    /// The bot's connection to a network, started on first use.
+    fn link(self: &Arc<Self>, network: &Network) -> Arc<NetworkLink> {
+        let mut networks = match self.networks.lock() {
+            Ok(networks) => networks,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(link) = networks.get(&network.id) {
+            return link.clone();
+        }
+        let (events, mut incoming) = mpsc::unbounded_channel();
+        let settings = Settings {
+            host: network.host.clone(),
+            port: network.port,
+            tls: network.tls,
+            password: network.password.clone(),
+            nick: network.bot_nick.clone(),
+            username: "matrix".to_owned(),
+            realname: "Matrix bridge (Switchboard)".to_owned(),
+            flood_burst: network.flood_burst,
+            flood_interval: Duration::from_millis(network.flood_interval_ms),
+        };
+        let link = Arc::new(NetworkLink {
+            bot: Connection::spawn(settings, events),
+            join_waiters: Mutex::new(HashMap::new()),
+        });
+        networks.insert(network.id.clone(), link.clone());
+        let (inner, id, link_for_task) = (self.clone(), network.id.clone(), link.clone());
+        tokio::spawn(async move {
+            while let Some(event) = incoming.recv().await {
+                if let Event::Message(message) = event
+                    && let Err(e) = inner.relay_from_irc(&id, &link_for_task, message).await
+                {
+                    tracing::warn!(network = %id, error = %e, "relaying from IRC failed");
+                }
+            }
+        });
+        link
+    }
+
+    fn room(&self, network: &str, channel: &str) -> Option<OwnedRoomId> {
+        self.rooms
+            .lock()
+            .ok()?
+            .get(&(network.to_owned(), fold_case(channel)))
+            .cloned()
+    }
+
+    fn virtual_user(&self, network: &str, nick: &str) -> Result<OwnedUserId, String> {
+        let localpart = names::user_localpart(PREFIX, network, nick);
+        OwnedUserId::try_from(format!("@{localpart}:{}", self.config.homeserver.domain))
+            .map_err(|e| e.to_string())
+    }
+
+    /// One line from a network.
+    async fn relay_from_irc(&self, network: &str, link: &NetworkLink, message: Message) -> HandlerResult {
+        let bot_nick = fold_case(&link.bot.nick());
+        let from = message.source_nick().map(fold_case);
+        match message.command.as_str() {
+            "JOIN" if from.as_deref() == Some(&bot_nick) => {
+                let channel = fold_case(message.param(0).unwrap_or_default());
+                self.joined(link, &channel, Ok(()));
+            }
+            code if JOIN_REFUSALS.contains(&code) => {
+                let channel = fold_case(message.param(1).unwrap_or_default());
+                let why = message.param(2).unwrap_or("refused").to_owned();
+                self.joined(link, &channel, Err(why));
+            }
+            "PRIVMSG" | "NOTICE" if from.as_deref() != Some(&bot_nick) => {
+                let (Some(nick), Some(target), Some(text)) =
+                    (message.source_nick(), message.param(0), message.param(1))
+                else {
+                    return Ok(());
+                };
+                let Some(room) = self.room(network, target) else {
+                    return Ok(());
+                };
+                let (msgtype, text) = match ctcp_action(text) {
+                    Some(action) => ("m.emote", action),
+                    None if message.command == "NOTICE" => ("m.notice", text),
+                    None => ("m.text", text),
+                };
+                let (body, html) = irc_to_matrix(text);
+                let mut content = json!({"msgtype": msgtype, "body": body});
+                if let Some(html) = html {
+                    content["format"] = json!("org.matrix.custom.html");
+                    content["formatted_body"] = json!(html);
+                }
+                self.send_as(network, nick, &room, &content).await?;
+            }
+            "JOIN" => {
+                // Someone joined a bridged channel: their virtual user joins the room.
+                if let (Some(nick), Some(channel)) = (message.source_nick(), message.param(0))
+                    && let Some(room) = self.room(network, channel)
+                {
+                    let intent = self.intent(network, nick).await?;
+                    intent.ensure_joined(&room).await?;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The virtual user of an IRC nick, with the nick as display name.
+    async fn intent(
+        &self,
+        network: &str,
+        nick: &str,
+    ) -> Result<switchboard_appservice::Intent, Box<dyn std::error::Error + Send + Sync>> {
+        let context = self.context.get().ok_or("the bridge is not started")?;
+        let intent = context.intent(&self.virtual_user(network, nick)?);
+        intent.set_display_name(nick).await?;
+        Ok(intent)
+    }
+
+    async fn send_as(&self, network: &str, nick: &str, room: &OwnedRoomId, content: &Value) -> HandlerResult {
+        let intent = self.intent(network, nick).await?;
+        intent.send(room, "m.room.message", content).await?;
+        Ok(())
+    }
+
+    fn joined(&self, link: &NetworkLink, channel: &str, outcome: Result<(), String>) {
+        let waiters = link
+            .join_waiters
+            .lock()
+            .ok()
+            .and_then(|mut w| w.remove(channel))
+            .unwrap_or_default();
+        for waiter in waiters {
+            let _ = waiter.send(outcome.clone());
+        }
+    }
+
+    /// Joins the channel with the bot and waits for the server to confirm it.
+    async fn join(&self, link: &NetworkLink, channel: &str) -> Result<(), String> {
+        let (tx, rx) = oneshot::channel();
+        if let Ok(mut waiters) = link.join_waiters.lock() {
+            waiters.entry(fold_case(channel)).or_default().push(tx);
+        }
+        link.bot.join(channel);
+        match tokio::time::timeout(JOIN_TIMEOUT, rx).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(_)) => Err("the connection went away".to_owned()),
+            Err(_) => Err(format!("no answer to JOIN {channel} within {JOIN_TIMEOUT:?}")),
+        }
+    }
+}
+
+impl Handler for Bridge {
+    async fn query_alias(&self, ctx: Context, alias: OwnedRoomAliasId) -> HandlerResult<bool> {
+        let inner = &self.inner;
+        if alias.server_name().as_str() != inner.config.homeserver.domain {
+            return Ok(false);
+        }
+        let ids: Vec<String> = inner.config.networks.iter().map(|n| n.id.clone()).collect();
+        let Some((network_id, channel)) = names::channel_from_alias(PREFIX, &ids, alias.alias()) else {
+            return Ok(false);
+        };
+        let Some(network) = inner.config.network(network_id) else {
+            return Ok(false);
+        };
+        let link = inner.link(network);
+        if let Err(why) = inner.join(&link, &channel).await {
+            tracing::warn!(%alias, %why, "cannot join the channel");
+            return Ok(false);
+        }
+        let network_name = network.name.clone().unwrap_or_else(|| network.id.clone());
+        let created = ctx
+            .bot()
+            .create_room(json!({
+                "room_alias_name": alias.alias(),
+                "name": format!("{channel} ({network_name})"),
+                "topic": format!("{channel} on {network_name}, bridged from IRC"),
+                "preset": "public_chat",
+                "visibility": "public",
+            }))
+            .await;
+        let room = match created {
+            Ok(room) => room,
+            // Asked twice at once: the other query made it.
+            Err(e) if e.errcode() == Some("M_ROOM_IN_USE") => return Ok(true),
+            Err(e) => return Err(e.into()),
+        };
+        tracing::info!(%alias, %room, "bridged a channel");
+        if let Ok(mut rooms) = inner.rooms.lock() {
+            rooms.insert((network_id.to_owned(), fold_case(&channel)), room);
+        }
+        Ok(true)
+    }
+
+    async fn query_user(&self, ctx: Context, user_id: OwnedUserId) -> HandlerResult<bool> {
+        // `@irc_<network>_<nick>` exists for every nick on a configured network (so a Matrix
+        // user can invite any IRC person); it is registered when asked about.
+        let inner = &self.inner;
+        let ours = user_id.server_name().as_str() == inner.config.homeserver.domain
+            && inner
+                .config
+                .networks
+                .iter()
+                .any(|n| names::nick_from_localpart(PREFIX, &n.id, user_id.localpart()).is_some());
+        if ours {
+            ctx.intent(&user_id).ensure_registered().await?;
+        }
+        Ok(ours)
+    }
+}

@@ -1,0 +1,221 @@
+"""The IRC bridge (crates/switchboard-irc) end to end: a real IRC server (ngircd from Debian), the
+bridge, Switchboard, a matrix-nio user and a raw-socket IRC client playing the IRC people.
+
+Covered so far: joining `#irc_test_#room` that does not exist creates the room and puts the bridge
+bot in the channel; IRC messages, emotes, notices and formatting reach Matrix from the right
+virtual users.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from nio import JoinResponse, RoomMessageEmote, RoomMessageNotice, RoomMessageText, SyncResponse
+
+from conftest import REPO_ROOT, SERVER_NAME, Homeserver, free_port, register_user, server_binary
+
+READY_TIMEOUT = 30.0
+NGIRCD = "/usr/sbin/ngircd"
+
+
+def bridge_binary() -> Path:
+    configured = os.environ.get("SWITCHBOARD_IRC_BIN")
+    return Path(configured) if configured else REPO_ROOT / "target/debug/switchboard-irc"
+
+
+def wait_for(predicate, what: str, timeout: float = READY_TIMEOUT):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+class IrcServer:
+    def __init__(self, data_dir: Path):
+        if not os.access(NGIRCD, os.X_OK):
+            pytest.fail(f"{NGIRCD} not found: run `bash tests/interop/setup.sh irc`")
+        self.port = free_port()
+        self.config = data_dir / "ngircd.conf"
+        self.log = data_dir / "ngircd.log"
+        self.config.write_text(
+            f"""[Global]
+\tName = irc.test
+\tInfo = Switchboard test IRC server
+\tListen = 127.0.0.1
+\tPorts = {self.port}
+\tMotdPhrase = "test"
+\tPidFile = {data_dir / "ngircd.pid"}
+[Limits]
+\tMaxNickLength = 30
+[Options]
+\tPAM = no
+\tDNS = no
+\tIdent = no
+"""
+        )
+        self.proc = subprocess.Popen(
+            [NGIRCD, "--nodaemon", "--config", str(self.config)],
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+
+        def listening():
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return True
+            except OSError:
+                return False
+
+        wait_for(listening, "ngircd to listen")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+class IrcPerson:
+    """A raw-socket IRC client."""
+
+    def __init__(self, port: int, nick: str):
+        self.nick = nick
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.buffer = ""
+        self.send(f"NICK {nick}")
+        self.send(f"USER {nick} 0 * :{nick}")
+        self.expect(rf"^:\S+ 001 {nick} ")
+
+    def send(self, line: str) -> None:
+        self.sock.sendall(f"{line}\r\n".encode())
+
+    def expect(self, pattern: str, timeout: float = 20.0) -> str:
+        """Reads lines (answering PINGs) until one matches `pattern`; returns it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            while "\r\n" in self.buffer:
+                line, self.buffer = self.buffer.split("\r\n", 1)
+                if line.startswith("PING"):
+                    self.send("PONG" + line[4:])
+                if re.search(pattern, line):
+                    return line
+            self.sock.settimeout(max(0.05, deadline - time.monotonic()))
+            try:
+                chunk = self.sock.recv(4096)
+            except socket.timeout:
+                continue
+            if not chunk:
+                break
+            self.buffer += chunk.decode(errors="replace")
+        pytest.fail(f"{self.nick}: no line matching {pattern!r}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def bridged(tmp_path: Path):
+    if not os.access(bridge_binary(), os.X_OK):
+        pytest.fail(f"switchboard-irc not found at {bridge_binary()} (cargo build)")
+    irc = IrcServer(tmp_path)
+    bridge_port = free_port()
+    registration = tmp_path / "irc.yaml"
+    subprocess.run(
+        [
+            str(bridge_binary()),
+            "generate-registration",
+            "--url",
+            f"http://127.0.0.1:{bridge_port}",
+            "--server-name",
+            SERVER_NAME,
+            "--output",
+            str(registration),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    server = Homeserver(server_binary(), tmp_path, free_port(), app_service_files=[registration])
+    server.start()
+    config = tmp_path / "irc-bridge.yaml"
+    config.write_text(
+        f"""homeserver: {{url: "{server.url}", domain: {SERVER_NAME}}}
+listen: 127.0.0.1:{bridge_port}
+registration: irc.yaml
+data_dir: irc-state
+networks:
+  - {{id: test, name: Test IRC, host: 127.0.0.1, port: {irc.port}, bot_nick: MatrixBridge,
+      flood_burst: 20, flood_interval_ms: 50}}
+"""
+    )
+    stderr = tmp_path / "bridge.stderr"
+    bridge = subprocess.Popen(
+        [str(bridge_binary()), "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=stderr.open("ab"),
+        env={**os.environ, "NO_COLOR": "1"},
+    )
+    try:
+        wait_for(lambda: "application service ready" in stderr.read_text(), "the bridge to start")
+        yield server, irc
+    finally:
+        bridge.terminate()
+        bridge.wait(timeout=10)
+        server.stop()
+        irc.stop()
+        print(stderr.read_text()[-4000:])
+        print(server.log_tail())
+
+
+async def test_joining_a_channel_alias_bridges_the_channel(bridged):
+    server, irc = bridged
+    carol = IrcPerson(irc.port, "carol")
+    carol.send("JOIN #room")
+    carol.expect(r" JOIN :?#room")
+    alice = await register_user(server.url, "alice")
+    try:
+        joined = await alice.join(f"#irc_test_#room:{SERVER_NAME}")
+        assert isinstance(joined, JoinResponse), joined
+        room_id = joined.room_id
+        # The bridge bot is in the channel.
+        carol.expect(r"^:MatrixBridge!\S+ JOIN :?#room")
+
+        sync = await alice.sync(timeout=0)
+        assert isinstance(sync, SyncResponse), sync
+        carol.send("PRIVMSG #room :hello from \x02IRC\x02")
+        carol.send("PRIVMSG #room :\x01ACTION waves\x01")
+        carol.send("NOTICE #room :a notice")
+
+        seen: list = []
+        deadline = time.monotonic() + 20
+        while len(seen) < 3 and time.monotonic() < deadline:
+            sync = await alice.sync(timeout=2000, since=sync.next_batch)
+            assert isinstance(sync, SyncResponse), sync
+            room = sync.rooms.join.get(room_id)
+            if room:
+                seen += [
+                    e
+                    for e in room.timeline.events
+                    if isinstance(e, (RoomMessageText, RoomMessageEmote, RoomMessageNotice))
+                ]
+        assert len(seen) == 3, seen
+        carol_id = f"@irc_test_carol:{SERVER_NAME}"
+        assert all(e.sender == carol_id for e in seen), [e.sender for e in seen]
+        text, emote, notice = seen
+        assert isinstance(text, RoomMessageText) and text.body == "hello from IRC"
+        assert text.formatted_body == "hello from <b>IRC</b>"
+        assert isinstance(emote, RoomMessageEmote) and emote.body == "waves"
+        assert isinstance(notice, RoomMessageNotice) and notice.body == "a notice"
+        name = await alice.get_displayname(carol_id)
+        assert name.displayname == "carol", name
+    finally:
+        await alice.close()
+        carol.close()
+        await asyncio.sleep(0)
