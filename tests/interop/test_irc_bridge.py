@@ -215,6 +215,29 @@ async def test_joining_a_channel_alias_bridges_the_channel(bridged):
         assert isinstance(notice, RoomMessageNotice) and notice.body == "a notice"
         name = await alice.get_displayname(carol_id)
         assert name.displayname == "carol", name
+
+        # Matrix → IRC: alice speaks on IRC through her own connection (a puppet), as "alice".
+        await alice.room_send(room_id, "m.room.message", {"msgtype": "m.text", "body": "hi carol\nsecond line"})
+        first = carol.expect(r"PRIVMSG #room :hi carol$")
+        assert first.startswith(":alice!"), first
+        carol.expect(r"^:alice!\S+ PRIVMSG #room :second line$")
+        await alice.room_send(room_id, "m.room.message", {"msgtype": "m.emote", "body": "dances"})
+        carol.expect("^:alice!\\S+ PRIVMSG #room :\x01ACTION dances\x01$")
+
+        # Her own lines are not bridged back to Matrix as an IRC person.
+        carol.send("PRIVMSG #room :after alice")
+        echoed = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            sync = await alice.sync(timeout=1000, since=sync.next_batch)
+            room = sync.rooms.join.get(room_id)
+            events = room.timeline.events if room else []
+            echoed += [e.sender for e in events if isinstance(e, RoomMessageText)]
+            if any(e.body == "after alice" for e in events if isinstance(e, RoomMessageText)):
+                break
+        else:
+            pytest.fail(f"carol's line after alice's never arrived: {echoed}")
+        assert f"@irc_test_alice:{SERVER_NAME}" not in echoed, echoed
     finally:
         await alice.close()
         carol.close()

@@ -40,6 +40,8 @@ struct Inner {
     networks: Mutex<HashMap<String, Arc<NetworkLink>>>,
     /// `(network, folded channel)` → room.
     rooms: Mutex<HashMap<(String, String), OwnedRoomId>>,
+    /// `(Matrix user, network)` → that user's own IRC connection.
+    puppets: Mutex<HashMap<(OwnedUserId, String), Connection>>,
 }
 
 /// Told whether the bot got into a channel (or why not).
@@ -59,6 +61,7 @@ impl Bridge {
                 context: OnceLock::new(),
                 networks: Mutex::new(HashMap::new()),
                 rooms: Mutex::new(HashMap::new()),
+                puppets: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -115,6 +118,135 @@ impl Inner {
         link
     }
 
+    /// The channel a room bridges: `(network, channel)`.
+    fn channel_of(&self, room: &ruma::RoomId) -> Option<(String, String)> {
+        self.rooms
+            .lock()
+            .ok()?
+            .iter()
+            .find(|(_, r)| r.as_str() == room.as_str())
+            .map(|(key, _)| key.clone())
+    }
+
+    /// Whether a nick on a network is one of the bridge's own puppets (their lines are not
+    /// bridged back).
+    fn is_puppet(&self, network: &str, nick: &str) -> bool {
+        let nick = fold_case(nick);
+        self.puppets.lock().is_ok_and(|puppets| {
+            puppets
+                .iter()
+                .any(|((_, n), c)| n == network && fold_case(&c.nick()) == nick)
+        })
+    }
+
+    /// The IRC connection of a Matrix user on a network, started on first use with a nick made
+    /// from their display name.
+    async fn puppet(
+        &self,
+        network: &Network,
+        user: &ruma::UserId,
+    ) -> Result<Connection, Box<dyn std::error::Error + Send + Sync>> {
+        let key = (user.to_owned(), network.id.clone());
+        if let Some(connection) = self.puppets.lock().ok().and_then(|p| p.get(&key).cloned()) {
+            return Ok(connection);
+        }
+        let context = self.context.get().ok_or("the bridge is not started")?;
+        let path = format!(
+            "/_matrix/client/v3/profile/{}/displayname",
+            names::percent(user.as_str())
+        );
+        let display = context
+            .client()
+            .request(reqwest::Method::GET, &path, None, &[], None)
+            .await
+            .ok()
+            .and_then(|v| v["displayname"].as_str().map(str::to_owned));
+        let nick = names::nick_for(display.as_deref().unwrap_or(user.localpart()), user.localpart());
+        let (events, mut incoming) = mpsc::unbounded_channel();
+        let connection = Connection::spawn(
+            Settings {
+                host: network.host.clone(),
+                port: network.port,
+                tls: network.tls,
+                password: network.password.clone(),
+                nick,
+                username: user
+                    .localpart()
+                    .chars()
+                    .filter(char::is_ascii_alphanumeric)
+                    .take(10)
+                    .collect::<String>()
+                    + "m",
+                realname: user.to_string(),
+                flood_burst: network.flood_burst,
+                flood_interval: Duration::from_millis(network.flood_interval_ms),
+            },
+            events,
+        );
+        // What the server says to a puppet is not bridged yet (private chats come later); the
+        // channel's lines reach Matrix through the bot.
+        tokio::spawn(async move { while incoming.recv().await.is_some() {} });
+        let mut puppets = self.puppets.lock().map_err(|_| "puppets poisoned")?;
+        Ok(puppets.entry(key).or_insert(connection).clone())
+    }
+
+    /// A Matrix user's message in a bridged room, said on IRC by their puppet.
+    async fn relay_to_irc(&self, event: &Value) -> HandlerResult {
+        let (Some(sender), Some(room)) = (
+            event["sender"]
+                .as_str()
+                .and_then(|s| OwnedUserId::try_from(s).ok()),
+            event["room_id"]
+                .as_str()
+                .and_then(|r| OwnedRoomId::try_from(r).ok()),
+        ) else {
+            return Ok(());
+        };
+        // The bridge's own users (the bot, IRC people) are not echoed back.
+        if sender.localpart().starts_with(PREFIX)
+            || self.context.get().is_some_and(|c| c.bot().user_id() == &*sender)
+        {
+            return Ok(());
+        }
+        let Some((network_id, channel)) = self.channel_of(&room) else {
+            return Ok(());
+        };
+        let Some(network) = self.config.network(&network_id) else {
+            return Ok(());
+        };
+        let puppet = self.puppet(network, &sender).await?;
+        puppet.join(&channel);
+        let content = &event["content"];
+        let body = content["body"].as_str().unwrap_or_default();
+        let (command, text) = match content["msgtype"].as_str() {
+            Some("m.emote") => ("PRIVMSG", format!("\u{1}ACTION {body}\u{1}")),
+            Some("m.notice") => ("NOTICE", body.to_owned()),
+            Some("m.image" | "m.file" | "m.video" | "m.audio") => {
+                let url = content["url"].as_str().map(|mxc| self.media_link(mxc));
+                (
+                    "PRIVMSG",
+                    format!("{body} {}", url.unwrap_or_default()).trim().to_owned(),
+                )
+            }
+            _ => ("PRIVMSG", body.to_owned()),
+        };
+        // ":nick!user@host " as the server will prefix it, generously estimated.
+        let prefix_len = puppet.nick().len() + 64;
+        for line in crate::proto::split_message(&text, command, &channel, prefix_len) {
+            puppet.send(Message::new(command, &[&channel, &line]));
+        }
+        Ok(())
+    }
+
+    /// A download link for an `mxc://server/id` URI.
+    fn media_link(&self, mxc: &str) -> String {
+        let rest = mxc.strip_prefix("mxc://").unwrap_or(mxc);
+        format!(
+            "{}/_matrix/media/v3/download/{rest}",
+            self.config.homeserver.url.trim_end_matches('/')
+        )
+    }
+
     fn room(&self, network: &str, channel: &str) -> Option<OwnedRoomId> {
         self.rooms
             .lock()
@@ -143,7 +275,10 @@ impl Inner {
                 let why = message.param(2).unwrap_or("refused").to_owned();
                 self.joined(link, &channel, Err(why));
             }
-            "PRIVMSG" | "NOTICE" if from.as_deref() != Some(&bot_nick) => {
+            "PRIVMSG" | "NOTICE"
+                if from.as_deref() != Some(&bot_nick)
+                    && !message.source_nick().is_some_and(|n| self.is_puppet(network, n)) =>
+            {
                 let (Some(nick), Some(target), Some(text)) =
                     (message.source_nick(), message.param(0), message.param(1))
                 else {
@@ -165,7 +300,7 @@ impl Inner {
                 }
                 self.send_as(network, nick, &room, &content).await?;
             }
-            "JOIN" => {
+            "JOIN" if !message.source_nick().is_some_and(|n| self.is_puppet(network, n)) => {
                 // Someone joined a bridged channel: their virtual user joins the room.
                 if let (Some(nick), Some(channel)) = (message.source_nick(), message.param(0))
                     && let Some(room) = self.room(network, channel)
@@ -225,6 +360,13 @@ impl Inner {
 }
 
 impl Handler for Bridge {
+    async fn raw_event(&self, _ctx: Context, event: Value) -> HandlerResult {
+        if event["type"] == "m.room.message" && event["content"]["m.new_content"].is_null() {
+            self.inner.relay_to_irc(&event).await?;
+        }
+        Ok(())
+    }
+
     async fn query_alias(&self, ctx: Context, alias: OwnedRoomAliasId) -> HandlerResult<bool> {
         let inner = &self.inner;
         if alias.server_name().as_str() != inner.config.homeserver.domain {

@@ -86,6 +86,32 @@ pub fn channel_from_alias<'a>(
         .then_some((network.as_str(), channel))
 }
 
+/// An IRC nick for a Matrix user: their display name with what nicks cannot hold dropped (the
+/// localpart if nothing is left), starting with a letter, at most 16 characters (every network
+/// allows that many). A taken nick gets `_` appended when connecting.
+pub fn nick_for(display_name: &str, localpart: &str) -> String {
+    let allowed = |c: &char| c.is_ascii_alphanumeric() || "-_[]\\^{}|`".contains(*c);
+    let mut nick: String = display_name.chars().filter(allowed).collect();
+    if nick.is_empty() {
+        nick = localpart.chars().filter(allowed).collect();
+    }
+    if !nick.starts_with(|c: char| c.is_ascii_alphabetic() || "[]\\^{}|`_".contains(c)) {
+        nick.insert(0, 'M');
+    }
+    nick.chars().take(16).collect()
+}
+
+/// Percent-encodes a URL path segment.
+pub fn percent(segment: &str) -> String {
+    segment
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -129,5 +155,13 @@ mod tests {
             None
         );
         assert_eq!(channel_from_alias("irc_", &networks, "irc_oftc_#a"), None);
+    }
+
+    #[test]
+    fn nicks_from_display_names() {
+        assert_eq!(nick_for("Alice Liddell", "alice"), "AliceLiddell");
+        assert_eq!(nick_for("🙂", "bob"), "bob");
+        assert_eq!(nick_for("42", "x"), "M42");
+        assert_eq!(nick_for("averyveryverylongdisplayname", "x").len(), 16);
     }
 }
