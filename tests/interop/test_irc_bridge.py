@@ -121,6 +121,30 @@ class IrcPerson:
         self.sock.close()
 
 
+class Bridge:
+    """The switchboard-irc process."""
+
+    def __init__(self, config: Path, stderr: Path):
+        self.config = config
+        self.stderr = stderr
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.stderr.write_text("")
+        self.proc = subprocess.Popen(
+            [str(bridge_binary()), "--config", str(self.config)],
+            stdout=subprocess.DEVNULL,
+            stderr=self.stderr.open("ab"),
+            env={**os.environ, "NO_COLOR": "1"},
+        )
+        wait_for(lambda: "application service ready" in self.stderr.read_text(), "the bridge to start")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+
 @pytest.fixture
 def bridged(tmp_path: Path):
     if not os.access(bridge_binary(), os.X_OK):
@@ -155,27 +179,20 @@ networks:
       flood_burst: 20, flood_interval_ms: 50}}
 """
     )
-    stderr = tmp_path / "bridge.stderr"
-    bridge = subprocess.Popen(
-        [str(bridge_binary()), "--config", str(config)],
-        stdout=subprocess.DEVNULL,
-        stderr=stderr.open("ab"),
-        env={**os.environ, "NO_COLOR": "1"},
-    )
+    bridge = Bridge(config, tmp_path / "bridge.stderr")
     try:
-        wait_for(lambda: "application service ready" in stderr.read_text(), "the bridge to start")
-        yield server, irc
+        bridge.start()
+        yield server, irc, bridge
     finally:
-        bridge.terminate()
-        bridge.wait(timeout=10)
+        bridge.stop()
         server.stop()
         irc.stop()
-        print(stderr.read_text()[-4000:])
+        print(bridge.stderr.read_text()[-4000:])
         print(server.log_tail())
 
 
 async def test_joining_a_channel_alias_bridges_the_channel(bridged):
-    server, irc = bridged
+    server, irc, bridge = bridged
     carol = IrcPerson(irc.port, "carol")
     carol.send("JOIN #room")
     carol.expect(r" JOIN :?#room")
@@ -238,6 +255,24 @@ async def test_joining_a_channel_alias_bridges_the_channel(bridged):
         else:
             pytest.fail(f"carol's line after alice's never arrived: {echoed}")
         assert f"@irc_test_alice:{SERVER_NAME}" not in echoed, echoed
+
+        # A restart of the bridge keeps the mapping: the bot rejoins, the same room goes on.
+        bridge.stop()
+        carol.expect(r"^:MatrixBridge!\S+ QUIT")
+        bridge.start()
+        carol.expect(r"^:MatrixBridge!\S+ JOIN :?#room")
+        carol.send("PRIVMSG #room :after the restart")
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            sync = await alice.sync(timeout=1000, since=sync.next_batch)
+            room = sync.rooms.join.get(room_id)
+            bodies = [e.body for e in (room.timeline.events if room else []) if isinstance(e, RoomMessageText)]
+            if "after the restart" in bodies:
+                break
+        else:
+            pytest.fail("nothing bridged after the restart")
+        again = await alice.join(f"#irc_test_#room:{SERVER_NAME}")
+        assert isinstance(again, JoinResponse) and again.room_id == room_id, again
     finally:
         await alice.close()
         carol.close()

@@ -19,6 +19,7 @@ use crate::{
     format::irc_to_matrix,
     names,
     proto::{Message, ctcp_action, fold_case},
+    store::Store,
 };
 
 /// The prefix of every ID the bridge claims (`@irc_…`, `#irc_…`).
@@ -35,6 +36,7 @@ pub struct Bridge {
 
 struct Inner {
     config: Config,
+    store: Store,
     /// Set once the service is built (handlers and the IRC side both need it).
     context: OnceLock<Context>,
     networks: Mutex<HashMap<String, Arc<NetworkLink>>>,
@@ -54,10 +56,11 @@ struct NetworkLink {
 }
 
 impl Bridge {
-    pub fn new(config: Config) -> Self {
+    pub fn new(config: Config, store: Store) -> Self {
         Self {
             inner: Arc::new(Inner {
                 config,
+                store,
                 context: OnceLock::new(),
                 networks: Mutex::new(HashMap::new()),
                 rooms: Mutex::new(HashMap::new()),
@@ -75,6 +78,27 @@ impl Bridge {
 
     pub fn set_context(&self, context: Context) {
         let _ = self.inner.context.set(context);
+    }
+
+    /// Picks up where the bridge left off: the stored channel rooms, whose channels the bot
+    /// rejoins (no room is created again).
+    pub async fn restore(&self) -> Result<usize, sqlx::Error> {
+        let rooms = self.inner.store.rooms().await?;
+        let count = rooms.len();
+        for (network_id, channel, room) in rooms {
+            let (Some(network), Ok(room)) = (
+                self.inner.config.network(&network_id),
+                OwnedRoomId::try_from(room),
+            ) else {
+                tracing::warn!(network = %network_id, %channel, "stored room of an unknown network or bad ID; skipped");
+                continue;
+            };
+            if let Ok(mut map) = self.inner.rooms.lock() {
+                map.insert((network_id.clone(), channel.clone()), room);
+            }
+            self.inner.link(network).bot.join(&channel);
+        }
+        Ok(count)
     }
 }
 
@@ -161,7 +185,10 @@ impl Inner {
             .await
             .ok()
             .and_then(|v| v["displayname"].as_str().map(str::to_owned));
-        let nick = names::nick_for(display.as_deref().unwrap_or(user.localpart()), user.localpart());
+        let nick = match self.store.puppet_nick(user.as_str(), &network.id).await? {
+            Some(nick) => nick,
+            None => names::nick_for(display.as_deref().unwrap_or(user.localpart()), user.localpart()),
+        };
         let (events, mut incoming) = mpsc::unbounded_channel();
         let connection = Connection::spawn(
             Settings {
@@ -184,8 +211,17 @@ impl Inner {
             events,
         );
         // What the server says to a puppet is not bridged yet (private chats come later); the
-        // channel's lines reach Matrix through the bot.
-        tokio::spawn(async move { while incoming.recv().await.is_some() {} });
+        // channel's lines reach Matrix through the bot. The nick it got is remembered.
+        let (store, user_id, network_id) = (self.store.clone(), user.to_string(), network.id.clone());
+        tokio::spawn(async move {
+            while let Some(event) = incoming.recv().await {
+                if let Event::Registered { nick } = event
+                    && let Err(e) = store.set_puppet_nick(&user_id, &network_id, &nick).await
+                {
+                    tracing::warn!(error = %e, "cannot store a puppet's nick");
+                }
+            }
+        });
         let mut puppets = self.puppets.lock().map_err(|_| "puppets poisoned")?;
         Ok(puppets.entry(key).or_insert(connection).clone())
     }
@@ -402,6 +438,10 @@ impl Handler for Bridge {
             Err(e) => return Err(e.into()),
         };
         tracing::info!(%alias, %room, "bridged a channel");
+        inner
+            .store
+            .add_room(network_id, &fold_case(&channel), room.as_str())
+            .await?;
         if let Ok(mut rooms) = inner.rooms.lock() {
             rooms.insert((network_id.to_owned(), fold_case(&channel)), room);
         }

@@ -19,3 +19,4 @@ pub mod conn;
 pub mod format;
 pub mod names;
 pub mod proto;
+pub mod store;

@@ -7,6 +7,7 @@ use switchboard_appservice::{Appservice, cli::GenerateRegistration, registration
 use switchboard_irc::{
     bridge::{Bridge, PREFIX},
     config::Config,
+    store::Store,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -55,12 +56,17 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     let (registration, _) = registration::load(&config.registration)?;
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| format!("cannot create {}: {e}", config.data_dir.display()))?;
-    let bridge = Bridge::new(config.clone());
+    let store = Store::open(&config.data_dir.join("bridge.db"))
+        .await
+        .map_err(|e| format!("cannot open {}: {e}", config.data_dir.join("bridge.db").display()))?;
+    let bridge = Bridge::new(config.clone(), store);
     let handle = bridge.handle();
     let service = Appservice::builder(registration, &config.homeserver.url, &config.homeserver.domain)
         .txn_file(config.data_dir.join("txns"))
         .build(bridge)?;
     handle.set_context(service.context());
+    let restored = handle.restore().await?;
+    tracing::info!(channels = restored, "restored bridged channels");
     service.run(config.listen).await?;
     Ok(())
 }
