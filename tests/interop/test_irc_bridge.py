@@ -277,3 +277,101 @@ async def test_joining_a_channel_alias_bridges_the_channel(bridged):
         await alice.close()
         carol.close()
         await asyncio.sleep(0)
+
+
+def thirdparty(server: Homeserver, token: str, path: str):
+    import json
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"{server.url}/_matrix/client/v3/thirdparty/{path}",
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.load(response)
+
+
+async def members(client, room_id: str) -> set[str]:
+    response = await client.joined_members(room_id)
+    return {m.user_id for m in response.members}
+
+
+async def eventually(check, what: str, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await check():
+            return
+        await asyncio.sleep(0.1)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+async def test_membership_topic_edits_and_directory_lookups(bridged):
+    server, irc, _bridge = bridged
+    carol = IrcPerson(irc.port, "carol")
+    carol.send("JOIN #hall")
+    carol.expect(r" JOIN :?#hall")
+    alice = await register_user(server.url, "alice")
+    try:
+        # Clients find channels through the third-party lookups.
+        protocols = thirdparty(server, alice.access_token, "protocols")
+        assert protocols["irc"]["instances"][0]["fields"] == {"network": "test"}, protocols
+        location = thirdparty(server, alice.access_token, "location/irc?network=test&channel=%23hall")
+        alias = location[0]["alias"]
+        assert alias == f"#irc_test_#hall:{SERVER_NAME}", location
+        user = thirdparty(server, alice.access_token, "user/irc?network=test&nickname=carol")
+        assert user[0]["userid"] == f"@irc_test_carol:{SERVER_NAME}", user
+
+        joined = await alice.join(alias)
+        assert isinstance(joined, JoinResponse), joined
+        room_id = joined.room_id
+        carol_id = f"@irc_test_carol:{SERVER_NAME}"
+        # carol was in the channel before the room existed: her virtual user is in the room.
+        await eventually(lambda: _has(alice, room_id, carol_id), "carol in the room")
+
+        dave = IrcPerson(irc.port, "dave")
+        dave.send("JOIN #hall")
+        dave.expect(r" JOIN :?#hall")
+        await eventually(lambda: _has(alice, room_id, f"@irc_test_dave:{SERVER_NAME}"), "dave joining")
+        dave.send("NICK dave2")
+        await eventually(
+            lambda: _has(alice, room_id, f"@irc_test_dave2:{SERVER_NAME}", f"@irc_test_dave:{SERVER_NAME}"),
+            "dave's nick change (old user leaves, new one joins)",
+        )
+        dave.send("QUIT :bye")
+        await eventually(
+            lambda: _has(alice, room_id, None, f"@irc_test_dave2:{SERVER_NAME}"), "dave2 quitting"
+        )
+
+        carol.send("TOPIC #hall :a \x02new\x02 topic")
+
+        async def topic_set():
+            response = await alice.room_get_state_event(room_id, "m.room.topic")
+            return getattr(response, "content", {}).get("topic") == "a new topic"
+
+        await eventually(topic_set, "the topic")
+
+        sent = await alice.room_send(room_id, "m.room.message", {"msgtype": "m.text", "body": "tpyo"})
+        carol.expect(r"^:alice!\S+ PRIVMSG #hall :tpyo$")
+        await alice.room_send(
+            room_id,
+            "m.room.message",
+            {
+                "msgtype": "m.text",
+                "body": "* typo",
+                "m.new_content": {"msgtype": "m.text", "body": "typo"},
+                "m.relates_to": {"rel_type": "m.replace", "event_id": sent.event_id},
+            },
+        )
+        carol.expect(r"^:alice!\S+ PRIVMSG #hall :\* typo$")
+
+        # Leaving the room leaves the channel.
+        await alice.room_leave(room_id)
+        carol.expect(r"^:alice!\S+ PART #hall")
+    finally:
+        await alice.close()
+        carol.close()
+
+
+async def _has(client, room_id: str, present: str | None, absent: str | None = None) -> bool:
+    now = await members(client, room_id)
+    return (present is None or present in now) and (absent is None or absent not in now)

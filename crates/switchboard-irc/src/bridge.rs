@@ -3,7 +3,7 @@
 //! user `@irc_<network>_<nick>` with the nick as display name).
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     sync::{Arc, Mutex, OnceLock},
     time::Duration,
 };
@@ -44,6 +44,8 @@ struct Inner {
     rooms: Mutex<HashMap<(String, String), OwnedRoomId>>,
     /// `(Matrix user, network)` → that user's own IRC connection.
     puppets: Mutex<HashMap<(OwnedUserId, String), Connection>>,
+    /// `(network, folded nick)` → the bridged channels (folded) the bot saw the nick in.
+    members: Mutex<HashMap<(String, String), BTreeSet<String>>>,
 }
 
 /// Told whether the bot got into a channel (or why not).
@@ -65,6 +67,7 @@ impl Bridge {
                 networks: Mutex::new(HashMap::new()),
                 rooms: Mutex::new(HashMap::new()),
                 puppets: Mutex::new(HashMap::new()),
+                members: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -253,7 +256,17 @@ impl Inner {
         let puppet = self.puppet(network, &sender).await?;
         puppet.join(&channel);
         let content = &event["content"];
-        let body = content["body"].as_str().unwrap_or_default();
+        let edited = content["m.new_content"].is_object();
+        let body = if edited {
+            // An edit: the new text, marked the way IRC people mark corrections.
+            format!(
+                "* {}",
+                content["m.new_content"]["body"].as_str().unwrap_or_default()
+            )
+        } else {
+            self.reply_text(content)
+        };
+        let body = body.as_str();
         let (command, text) = match content["msgtype"].as_str() {
             Some("m.emote") => ("PRIVMSG", format!("\u{1}ACTION {body}\u{1}")),
             Some("m.notice") => ("NOTICE", body.to_owned()),
@@ -272,6 +285,47 @@ impl Inner {
             puppet.send(Message::new(command, &[&channel, &line]));
         }
         Ok(())
+    }
+
+    /// A reply's text without the quoted fallback, addressed to the IRC person replied to
+    /// (`nick: text`), as IRC people write it.
+    fn reply_text(&self, content: &Value) -> String {
+        let body = content["body"].as_str().unwrap_or_default();
+        if content["m.relates_to"]["m.in_reply_to"].is_null() {
+            return body.to_owned();
+        }
+        let mut quoted_sender = None;
+        let mut lines = body.lines().peekable();
+        while let Some(line) = lines.peek() {
+            let Some(quoted) = line.strip_prefix("> ") else {
+                break;
+            };
+            if quoted_sender.is_none() {
+                quoted_sender = quoted
+                    .strip_prefix("* ")
+                    .unwrap_or(quoted)
+                    .strip_prefix('<')
+                    .and_then(|q| q.split_once('>'))
+                    .map(|(user, _)| user.to_owned());
+            }
+            lines.next();
+        }
+        let reply = lines
+            .collect::<Vec<_>>()
+            .join("\n")
+            .trim_start_matches('\n')
+            .to_owned();
+        let nick = quoted_sender.and_then(|user| {
+            let id = OwnedUserId::try_from(user).ok()?;
+            self.config
+                .networks
+                .iter()
+                .find_map(|n| names::nick_from_localpart(PREFIX, &n.id, id.localpart()))
+        });
+        match nick {
+            Some(nick) => format!("{nick}: {reply}"),
+            None => reply,
+        }
     }
 
     /// A download link for an `mxc://server/id` URI.
@@ -306,6 +360,22 @@ impl Inner {
                 let channel = fold_case(message.param(0).unwrap_or_default());
                 self.joined(link, &channel, Ok(()));
             }
+            // The members of a channel the bot joined (`353`): their virtual users join too.
+            "353" => {
+                if let (Some(channel), Some(names)) = (message.param(2), message.param(3)) {
+                    let room = self.room(network, channel);
+                    for name in names.split_whitespace() {
+                        let nick = name.trim_start_matches(['@', '+', '%', '&', '~']);
+                        if fold_case(nick) == bot_nick || self.is_puppet(network, nick) {
+                            continue;
+                        }
+                        self.track(network, nick, channel, true);
+                        if let Some(room) = &room {
+                            self.intent(network, nick).await?.ensure_joined(room).await?;
+                        }
+                    }
+                }
+            }
             code if JOIN_REFUSALS.contains(&code) => {
                 let channel = fold_case(message.param(1).unwrap_or_default());
                 let why = message.param(2).unwrap_or("refused").to_owned();
@@ -336,18 +406,143 @@ impl Inner {
                 }
                 self.send_as(network, nick, &room, &content).await?;
             }
-            "JOIN" if !message.source_nick().is_some_and(|n| self.is_puppet(network, n)) => {
+            _ if message.source_nick().is_some_and(|n| self.is_puppet(network, n)) => {}
+            "JOIN" => {
                 // Someone joined a bridged channel: their virtual user joins the room.
-                if let (Some(nick), Some(channel)) = (message.source_nick(), message.param(0))
+                if let (Some(nick), Some(channel)) = (message.source_nick(), message.param(0)) {
+                    self.track(network, nick, channel, true);
+                    if let Some(room) = self.room(network, channel) {
+                        self.intent(network, nick).await?.ensure_joined(&room).await?;
+                    }
+                }
+            }
+            "PART" => {
+                if let (Some(nick), Some(channel)) = (message.source_nick(), message.param(0)) {
+                    self.track(network, nick, channel, false);
+                    self.leave(network, nick, channel).await?;
+                }
+            }
+            "KICK" => {
+                if let (Some(channel), Some(nick)) = (message.param(0), message.param(1)) {
+                    self.track(network, nick, channel, false);
+                    self.leave(network, nick, channel).await?;
+                }
+            }
+            "QUIT" => {
+                if let Some(nick) = message.source_nick() {
+                    for channel in self.forget(network, nick) {
+                        self.leave(network, nick, &channel).await?;
+                    }
+                }
+            }
+            "NICK" => {
+                // A new nick is a new virtual user: the old one leaves, the new one joins.
+                if let (Some(old), Some(new)) = (message.source_nick(), message.param(0)) {
+                    for channel in self.forget(network, old) {
+                        self.leave(network, old, &channel).await?;
+                        self.track(network, new, &channel, true);
+                        if let Some(room) = self.room(network, &channel) {
+                            self.intent(network, new).await?.ensure_joined(&room).await?;
+                        }
+                    }
+                }
+            }
+            "TOPIC" => {
+                if let (Some(channel), Some(topic)) = (message.param(0), message.param(1))
                     && let Some(room) = self.room(network, channel)
+                    && let Some(context) = self.context.get()
                 {
-                    let intent = self.intent(network, nick).await?;
-                    intent.ensure_joined(&room).await?;
+                    context
+                        .bot()
+                        .send_state(
+                            &room,
+                            "m.room.topic",
+                            "",
+                            &json!({ "topic": irc_to_matrix(topic).0 }),
+                        )
+                        .await?;
                 }
             }
             _ => {}
         }
         Ok(())
+    }
+
+    /// Records that a nick is (or is no longer) in a channel.
+    fn track(&self, network: &str, nick: &str, channel: &str, present: bool) {
+        if let Ok(mut members) = self.members.lock() {
+            let channels = members.entry((network.to_owned(), fold_case(nick))).or_default();
+            if present {
+                channels.insert(fold_case(channel));
+            } else {
+                channels.remove(&fold_case(channel));
+            }
+        }
+    }
+
+    /// The nicks the bot saw in a channel.
+    fn members_of(&self, network: &str, channel: &str) -> Vec<String> {
+        let channel = fold_case(channel);
+        self.members
+            .lock()
+            .map(|m| {
+                m.iter()
+                    .filter(|((n, _), channels)| n == network && channels.contains(&channel))
+                    .map(|((_, nick), _)| nick.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// A Matrix user left a bridged room: their puppet leaves the channel.
+    async fn left_room(&self, event: &Value) {
+        let (Some(user), Some(room)) = (
+            event["state_key"]
+                .as_str()
+                .and_then(|s| OwnedUserId::try_from(s).ok()),
+            event["room_id"]
+                .as_str()
+                .and_then(|r| OwnedRoomId::try_from(r).ok()),
+        ) else {
+            return;
+        };
+        let Some((network, channel)) = self.channel_of(&room) else {
+            return;
+        };
+        let puppet = self
+            .puppets
+            .lock()
+            .ok()
+            .and_then(|p| p.get(&(user, network)).cloned());
+        if let Some(puppet) = puppet {
+            puppet.part(&channel, "left the Matrix room");
+        }
+    }
+
+    /// The channels a nick was in, forgetting it (it quit or changed nick).
+    fn forget(&self, network: &str, nick: &str) -> Vec<String> {
+        self.members
+            .lock()
+            .ok()
+            .and_then(|mut m| m.remove(&(network.to_owned(), fold_case(nick))))
+            .map(|channels| channels.into_iter().collect())
+            .unwrap_or_default()
+    }
+
+    /// The virtual user of `nick` leaves the room of `channel`.
+    async fn leave(&self, network: &str, nick: &str, channel: &str) -> HandlerResult {
+        let Some(room) = self.room(network, channel) else {
+            return Ok(());
+        };
+        let Some(context) = self.context.get() else {
+            return Ok(());
+        };
+        let intent = context.intent(&self.virtual_user(network, nick)?);
+        match intent.leave(&room).await {
+            // Never joined on the Matrix side: nothing to mirror.
+            Err(e) if e.errcode() == Some("M_FORBIDDEN") => Ok(()),
+            other => Ok(other?),
+        }
     }
 
     /// The virtual user of an IRC nick, with the nick as display name.
@@ -397,8 +592,14 @@ impl Inner {
 
 impl Handler for Bridge {
     async fn raw_event(&self, _ctx: Context, event: Value) -> HandlerResult {
-        if event["type"] == "m.room.message" && event["content"]["m.new_content"].is_null() {
-            self.inner.relay_to_irc(&event).await?;
+        match event["type"].as_str() {
+            Some("m.room.message") => self.inner.relay_to_irc(&event).await?,
+            Some("m.room.member")
+                if matches!(event["content"]["membership"].as_str(), Some("leave" | "ban")) =>
+            {
+                self.inner.left_room(&event).await;
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -443,9 +644,115 @@ impl Handler for Bridge {
             .add_room(network_id, &fold_case(&channel), room.as_str())
             .await?;
         if let Ok(mut rooms) = inner.rooms.lock() {
-            rooms.insert((network_id.to_owned(), fold_case(&channel)), room);
+            rooms.insert((network_id.to_owned(), fold_case(&channel)), room.clone());
         }
+        // The people already in the channel appear in the room (after answering the query).
+        let (inner, network_id) = (inner.clone(), network_id.to_owned());
+        tokio::spawn(async move {
+            for nick in inner.members_of(&network_id, &channel) {
+                let joined = match inner.intent(&network_id, &nick).await {
+                    Ok(intent) => intent.ensure_joined(&room).await.map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                if let Err(e) = joined {
+                    tracing::warn!(%nick, error = %e, "cannot mirror a channel member");
+                }
+            }
+        });
         Ok(true)
+    }
+
+    /// `/thirdparty/protocol/irc` describes the networks; `location` and `user` turn a network and
+    /// a channel or nick into the alias or user ID, and back.
+    async fn thirdparty(
+        &self,
+        _ctx: Context,
+        kind: &str,
+        protocol: &str,
+        query: Vec<(String, String)>,
+    ) -> HandlerResult<Option<Value>> {
+        let inner = &self.inner;
+        let domain = &inner.config.homeserver.domain;
+        let field = |name: &str| query.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        if !protocol.is_empty() && protocol != "irc" {
+            return Ok(None);
+        }
+        let answer = match (kind, protocol) {
+            ("protocol", _) => json!({
+                "user_fields": ["network", "nickname"],
+                "location_fields": ["network", "channel"],
+                "icon": "",
+                "field_types": {
+                    "network": {"regexp": "[a-z0-9-]+", "placeholder": "libera"},
+                    "nickname": {"regexp": "[^#\\s]+", "placeholder": "SomeNick"},
+                    "channel": {"regexp": "[#&+!][^\\s,]+", "placeholder": "#channel"},
+                },
+                "instances": inner.config.networks.iter().map(|n| json!({
+                    "network_id": n.id,
+                    "desc": n.name.clone().unwrap_or_else(|| n.host.clone()),
+                    "icon": "",
+                    "fields": {"network": n.id},
+                })).collect::<Vec<_>>(),
+            }),
+            ("location", "irc") => {
+                let (Some(network), Some(channel)) = (field("network"), field("channel")) else {
+                    return Ok(Some(json!([])));
+                };
+                if inner.config.network(&network).is_none() {
+                    return Ok(Some(json!([])));
+                }
+                let alias = names::alias_localpart(PREFIX, &network, &channel);
+                json!([{
+                    "alias": format!("#{alias}:{domain}"),
+                    "protocol": "irc",
+                    "fields": {"network": network, "channel": fold_case(&channel)},
+                }])
+            }
+            ("user", "irc") => {
+                let (Some(network), Some(nick)) = (field("network"), field("nickname")) else {
+                    return Ok(Some(json!([])));
+                };
+                if inner.config.network(&network).is_none() {
+                    return Ok(Some(json!([])));
+                }
+                json!([{
+                    "userid": format!("@{}:{domain}", names::user_localpart(PREFIX, &network, &nick)),
+                    "protocol": "irc",
+                    "fields": {"network": network, "nickname": nick},
+                }])
+            }
+            ("location", "") => {
+                let ids: Vec<String> = inner.config.networks.iter().map(|n| n.id.clone()).collect();
+                let found = field("alias")
+                    .and_then(|a| OwnedRoomAliasId::try_from(a).ok())
+                    .and_then(|a| {
+                        let (network, channel) = names::channel_from_alias(PREFIX, &ids, a.alias())?;
+                        Some(json!([{
+                            "alias": a,
+                            "protocol": "irc",
+                            "fields": {"network": network, "channel": channel},
+                        }]))
+                    });
+                found.unwrap_or_else(|| json!([]))
+            }
+            ("user", "") => {
+                let found = field("userid")
+                    .and_then(|u| OwnedUserId::try_from(u).ok())
+                    .and_then(|u| {
+                        inner.config.networks.iter().find_map(|n| {
+                            let nick = names::nick_from_localpart(PREFIX, &n.id, u.localpart())?;
+                            Some(json!([{
+                                "userid": u,
+                                "protocol": "irc",
+                                "fields": {"network": n.id, "nickname": nick},
+                            }]))
+                        })
+                    });
+                found.unwrap_or_else(|| json!([]))
+            }
+            _ => return Ok(None),
+        };
+        Ok(Some(answer))
     }
 
     async fn query_user(&self, ctx: Context, user_id: OwnedUserId) -> HandlerResult<bool> {
