@@ -201,7 +201,7 @@ class Homeserver:
     def start(self) -> None:
         assert self._proc is None, "server already running"
         env = dict(os.environ)
-        env.setdefault("RUST_LOG", "info")
+        env.setdefault("RUST_LOG", "info,ruma_state_res=warn")
         env.setdefault("NO_COLOR", "1")
         with self.log_path.open("ab") as log:
             log.write(f"\n===== starting {self.binary} =====\n".encode())

@@ -375,3 +375,49 @@ async def test_membership_topic_edits_and_directory_lookups(bridged):
 async def _has(client, room_id: str, present: str | None, absent: str | None = None) -> bool:
     now = await members(client, room_id)
     return (present is None or present in now) and (absent is None or absent not in now)
+
+
+async def test_private_chats_both_ways(bridged):
+    server, irc, _bridge = bridged
+    carol = IrcPerson(irc.port, "carol")
+    dave = IrcPerson(irc.port, "dave")
+    carol.send("JOIN #pm")
+    carol.expect(r" JOIN :?#pm")
+    alice = await register_user(server.url, "alice")
+    try:
+        joined = await alice.join(f"#irc_test_#pm:{SERVER_NAME}")
+        assert isinstance(joined, JoinResponse), joined
+        await alice.room_send(joined.room_id, "m.room.message", {"msgtype": "m.text", "body": "hi"})
+        carol.expect(r"^:alice!\S+ PRIVMSG #pm :hi$")
+
+        # An IRC person writes to alice's nick: she is invited to a private chat with them.
+        carol.send("PRIVMSG alice :psst")
+        sync = await alice.sync(timeout=0)
+        dm_room = None
+        deadline = time.monotonic() + 20
+        while dm_room is None and time.monotonic() < deadline:
+            sync = await alice.sync(timeout=1000, since=sync.next_batch)
+            for room_id in sync.rooms.invite:
+                dm_room = room_id
+        assert dm_room, "no invite for the private chat"
+        assert isinstance(await alice.join(dm_room), JoinResponse)
+        messages = await alice.room_messages(dm_room, start="", limit=20)
+        bodies = [(e.sender, e.body) for e in messages.chunk if isinstance(e, RoomMessageText)]
+        assert (f"@irc_test_carol:{SERVER_NAME}", "psst") in bodies, bodies
+        await alice.room_send(dm_room, "m.room.message", {"msgtype": "m.text", "body": "hi back"})
+        carol.expect(r"^:alice!\S+ PRIVMSG carol :hi back$")
+
+        # A Matrix user starts one: inviting an IRC person's user makes it a private chat.
+        created = await alice.room_create(is_direct=True, invite=[f"@irc_test_dave:{SERVER_NAME}"])
+        assert hasattr(created, "room_id"), created
+
+        async def dave_joined():
+            return await _has(alice, created.room_id, f"@irc_test_dave:{SERVER_NAME}")
+
+        await eventually(dave_joined, "dave's user accepting the invite")
+        await alice.room_send(created.room_id, "m.room.message", {"msgtype": "m.text", "body": "hello dave"})
+        dave.expect(r"^:alice!\S+ PRIVMSG dave :hello dave$")
+    finally:
+        await alice.close()
+        carol.close()
+        dave.close()

@@ -46,6 +46,8 @@ struct Inner {
     puppets: Mutex<HashMap<(OwnedUserId, String), Connection>>,
     /// `(network, folded nick)` → the bridged channels (folded) the bot saw the nick in.
     members: Mutex<HashMap<(String, String), BTreeSet<String>>>,
+    /// Private chats: room → `(network, folded nick, Matrix user)`.
+    dms: Mutex<HashMap<OwnedRoomId, (String, String, OwnedUserId)>>,
 }
 
 /// Told whether the bot got into a channel (or why not).
@@ -68,6 +70,7 @@ impl Bridge {
                 rooms: Mutex::new(HashMap::new()),
                 puppets: Mutex::new(HashMap::new()),
                 members: Mutex::new(HashMap::new()),
+                dms: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -86,6 +89,13 @@ impl Bridge {
     /// Picks up where the bridge left off: the stored channel rooms, whose channels the bot
     /// rejoins (no room is created again).
     pub async fn restore(&self) -> Result<usize, sqlx::Error> {
+        for (room, network, nick, user) in self.inner.store.dms().await? {
+            if let (Ok(room), Ok(user)) = (OwnedRoomId::try_from(room), OwnedUserId::try_from(user))
+                && let Ok(mut dms) = self.inner.dms.lock()
+            {
+                dms.insert(room, (network, nick, user));
+            }
+        }
         let rooms = self.inner.store.rooms().await?;
         let count = rooms.len();
         for (network_id, channel, room) in rooms {
@@ -169,7 +179,7 @@ impl Inner {
     /// The IRC connection of a Matrix user on a network, started on first use with a nick made
     /// from their display name.
     async fn puppet(
-        &self,
+        self: &Arc<Self>,
         network: &Network,
         user: &ruma::UserId,
     ) -> Result<Connection, Box<dyn std::error::Error + Send + Sync>> {
@@ -213,15 +223,27 @@ impl Inner {
             },
             events,
         );
-        // What the server says to a puppet is not bridged yet (private chats come later); the
-        // channel's lines reach Matrix through the bot. The nick it got is remembered.
-        let (store, user_id, network_id) = (self.store.clone(), user.to_string(), network.id.clone());
+        // The channel's lines reach Matrix through the bot; a puppet hears what is said to its
+        // user alone (private messages) and remembers the nick it got.
+        let (inner, user_id, network_id) = (self.clone(), user.to_owned(), network.id.clone());
         tokio::spawn(async move {
             while let Some(event) = incoming.recv().await {
-                if let Event::Registered { nick } = event
-                    && let Err(e) = store.set_puppet_nick(&user_id, &network_id, &nick).await
-                {
-                    tracing::warn!(error = %e, "cannot store a puppet's nick");
+                match event {
+                    Event::Registered { nick } => {
+                        if let Err(e) = inner
+                            .store
+                            .set_puppet_nick(user_id.as_str(), &network_id, &nick)
+                            .await
+                        {
+                            tracing::warn!(error = %e, "cannot store a puppet's nick");
+                        }
+                    }
+                    Event::Message(message) => {
+                        if let Err(e) = inner.private_from_irc(&network_id, &user_id, message).await {
+                            tracing::warn!(error = %e, "relaying a private message failed");
+                        }
+                    }
+                    Event::Disconnected { .. } => {}
                 }
             }
         });
@@ -230,7 +252,7 @@ impl Inner {
     }
 
     /// A Matrix user's message in a bridged room, said on IRC by their puppet.
-    async fn relay_to_irc(&self, event: &Value) -> HandlerResult {
+    async fn relay_to_irc(self: &Arc<Self>, event: &Value) -> HandlerResult {
         let (Some(sender), Some(room)) = (
             event["sender"]
                 .as_str()
@@ -247,14 +269,22 @@ impl Inner {
         {
             return Ok(());
         }
-        let Some((network_id, channel)) = self.channel_of(&room) else {
-            return Ok(());
+        // A channel room, or a private chat with one IRC person.
+        let (network_id, target) = match self.channel_of(&room) {
+            Some(found) => found,
+            None => match self.dm_of(&room) {
+                Some((network, nick, _)) => (network, nick),
+                None => return Ok(()),
+            },
         };
         let Some(network) = self.config.network(&network_id) else {
             return Ok(());
         };
         let puppet = self.puppet(network, &sender).await?;
-        puppet.join(&channel);
+        if target.starts_with(['#', '&', '+', '!']) {
+            puppet.join(&target);
+        }
+        let channel = target;
         let content = &event["content"];
         let edited = content["m.new_content"].is_object();
         let body = if edited {
@@ -494,6 +524,108 @@ impl Inner {
             .unwrap_or_default()
     }
 
+    /// The private chat a room is: `(network, nick, Matrix user)`.
+    fn dm_of(&self, room: &ruma::RoomId) -> Option<(String, String, OwnedUserId)> {
+        self.dms.lock().ok()?.get(room).cloned()
+    }
+
+    /// A line sent to a Matrix user's puppet: a private message from an IRC person reaches the
+    /// user in a direct chat with that person's virtual user (created on the first one).
+    async fn private_from_irc(&self, network: &str, user: &OwnedUserId, message: Message) -> HandlerResult {
+        if !matches!(message.command.as_str(), "PRIVMSG" | "NOTICE") {
+            return Ok(());
+        }
+        let (Some(nick), Some(target), Some(text)) =
+            (message.source_nick(), message.param(0), message.param(1))
+        else {
+            return Ok(());
+        };
+        if target.starts_with(['#', '&', '+', '!']) || self.is_puppet(network, nick) {
+            return Ok(());
+        }
+        let existing = self.dms.lock().ok().and_then(|dms| {
+            dms.iter()
+                .find(|(_, (n, k, u))| n == network && *k == fold_case(nick) && u == user)
+                .map(|(room, _)| room.clone())
+        });
+        let intent = self.intent(network, nick).await?;
+        let room = match existing {
+            Some(room) => room,
+            None => {
+                let room = intent
+                    .create_room(json!({
+                        "preset": "trusted_private_chat",
+                        "is_direct": true,
+                        "invite": [user],
+                        "name": format!("{nick} (IRC)"),
+                    }))
+                    .await?;
+                self.remember_dm(&room, network, nick, user).await?;
+                room
+            }
+        };
+        let (msgtype, text) = match ctcp_action(text) {
+            Some(action) => ("m.emote", action),
+            None if message.command == "NOTICE" => ("m.notice", text),
+            None => ("m.text", text),
+        };
+        let (body, html) = irc_to_matrix(text);
+        let mut content = json!({"msgtype": msgtype, "body": body});
+        if let Some(html) = html {
+            content["format"] = json!("org.matrix.custom.html");
+            content["formatted_body"] = json!(html);
+        }
+        intent.send(&room, "m.room.message", &content).await?;
+        Ok(())
+    }
+
+    async fn remember_dm(
+        &self,
+        room: &OwnedRoomId,
+        network: &str,
+        nick: &str,
+        user: &OwnedUserId,
+    ) -> HandlerResult {
+        self.store
+            .add_dm(room.as_str(), network, &fold_case(nick), user.as_str())
+            .await?;
+        if let Ok(mut dms) = self.dms.lock() {
+            dms.insert(room.clone(), (network.to_owned(), fold_case(nick), user.clone()));
+        }
+        Ok(())
+    }
+
+    /// A Matrix user invited an IRC person's virtual user: it accepts, and the room becomes
+    /// their private chat.
+    async fn invited(&self, event: &Value) -> HandlerResult {
+        let (Some(invitee), Some(inviter), Some(room)) = (
+            event["state_key"]
+                .as_str()
+                .and_then(|s| OwnedUserId::try_from(s).ok()),
+            event["sender"]
+                .as_str()
+                .and_then(|s| OwnedUserId::try_from(s).ok()),
+            event["room_id"]
+                .as_str()
+                .and_then(|r| OwnedRoomId::try_from(r).ok()),
+        ) else {
+            return Ok(());
+        };
+        if inviter.localpart().starts_with(PREFIX) || self.channel_of(&room).is_some() {
+            return Ok(());
+        }
+        let Some((network, nick)) = self.config.networks.iter().find_map(|n| {
+            names::nick_from_localpart(PREFIX, &n.id, invitee.localpart()).map(|nick| (n.id.clone(), nick))
+        }) else {
+            return Ok(());
+        };
+        let context = self.context.get().ok_or("the bridge is not started")?;
+        let intent = context.intent(&invitee);
+        intent.ensure_joined(&room).await?;
+        intent.set_display_name(&nick).await?;
+        self.remember_dm(&room, &network, &nick, &inviter).await
+    }
+
     /// A Matrix user left a bridged room: their puppet leaves the channel.
     async fn left_room(&self, event: &Value) {
         let (Some(user), Some(room)) = (
@@ -594,11 +726,11 @@ impl Handler for Bridge {
     async fn raw_event(&self, _ctx: Context, event: Value) -> HandlerResult {
         match event["type"].as_str() {
             Some("m.room.message") => self.inner.relay_to_irc(&event).await?,
-            Some("m.room.member")
-                if matches!(event["content"]["membership"].as_str(), Some("leave" | "ban")) =>
-            {
-                self.inner.left_room(&event).await;
-            }
+            Some("m.room.member") => match event["content"]["membership"].as_str() {
+                Some("leave" | "ban") => self.inner.left_room(&event).await,
+                Some("invite") => self.inner.invited(&event).await?,
+                _ => {}
+            },
             _ => {}
         }
         Ok(())

@@ -29,6 +29,9 @@ impl Store {
             "CREATE TABLE IF NOT EXISTS rooms (
                 network TEXT NOT NULL, channel TEXT NOT NULL, room_id TEXT NOT NULL,
                 PRIMARY KEY (network, channel))",
+            "CREATE TABLE IF NOT EXISTS dms (
+                room_id TEXT PRIMARY KEY, network TEXT NOT NULL, nick TEXT NOT NULL,
+                user_id TEXT NOT NULL)",
             "CREATE TABLE IF NOT EXISTS puppets (
                 user_id TEXT NOT NULL, network TEXT NOT NULL, nick TEXT NOT NULL,
                 PRIMARY KEY (user_id, network))",
@@ -53,6 +56,30 @@ impl Store {
         .bind(network)
         .bind(channel)
         .bind(room_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Private chats: `(room, network, folded nick, Matrix user)`.
+    pub async fn dms(&self) -> Result<Vec<(String, String, String, String)>> {
+        let rows = sqlx::query("SELECT room_id, network, nick, user_id FROM dms")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect())
+    }
+
+    pub async fn add_dm(&self, room_id: &str, network: &str, nick: &str, user_id: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO dms (room_id, network, nick, user_id) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+        )
+        .bind(room_id)
+        .bind(network)
+        .bind(nick)
+        .bind(user_id)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -103,6 +130,10 @@ mod tests {
             .set_puppet_nick("@a:x", "libera", "alice_")
             .await
             .expect("nick");
+        store
+            .add_dm("!dm:x", "libera", "carol", "@a:x")
+            .await
+            .expect("dm");
         drop(store);
         let store = Store::open(&path).await.expect("reopen");
         assert_eq!(
@@ -118,5 +149,6 @@ mod tests {
             Some("alice_")
         );
         assert_eq!(store.puppet_nick("@b:x", "libera").await.expect("nick"), None);
+        assert_eq!(store.dms().await.expect("dms").len(), 1);
     }
 }

@@ -86,11 +86,16 @@ enum AppserviceAction {
     Reload,
 }
 
+/// `info`, without ruma's state-resolution chatter (two lines per event at `info`).
+const DEFAULT_LOG_FILTER: &str = "info,ruma_state_res=warn";
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     switchboard_core::tls::init();
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER)),
+        )
         .init();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {

@@ -38,6 +38,10 @@ async fn create_room(
     Auth(session): Auth,
     Body(body): Body<CreateRoom>,
 ) -> ApiResult<Json<Value>> {
+    // As for /invite: an application service may create the users it is asked about.
+    for invitee in &body.invite {
+        hs.ensure_user(invitee).await?;
+    }
     let displayname = hs.accounts.displayname(&session.user_id).await?;
     let (room_id, alias) = hs
         .rooms
@@ -111,6 +115,9 @@ async fn invite(
     Body(body): Body<TargetBody>,
 ) -> ApiResult<Json<Value>> {
     let room = room_id(&raw)?;
+    // An unknown user in a service's namespace: the service is asked and may create it
+    // (Synapse does the same), so people can invite bridged users that exist only remotely.
+    hs.ensure_user(&body.user_id).await?;
     hs.rooms
         .invite(
             &room,

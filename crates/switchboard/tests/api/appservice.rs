@@ -1225,3 +1225,65 @@ async fn new_events_do_not_shorten_the_backoff_of_a_failing_service() {
         first_failure.elapsed()
     );
 }
+
+/// Inviting an unknown user of a service's namespace asks the service, which may create the
+/// user (how people start private chats with bridged users), on `/invite` and in `createRoom`.
+#[tokio::test]
+async fn inviting_an_unknown_namespaced_user_asks_the_service() {
+    let fake = FakeAs::start().await;
+    let reg = Registration::new("dm", Some(fake.url.as_str())).users("@_dm_.*:localhost", true);
+    let (s, _regs) = start_server(&[&reg]).await;
+    {
+        let (base, token) = (s.base.clone(), reg.as_token.clone());
+        fake.on_user_query(move |user: String| {
+            let (base, token) = (base.clone(), token.clone());
+            async move {
+                if !user.starts_with("@_dm_bob") {
+                    return (404, json!({"errcode": "M_NOT_FOUND"}));
+                }
+                let localpart = user.trim_start_matches('@').split(':').next().unwrap_or_default().to_owned();
+                let registered = reqwest::Client::new()
+                    .post(format!("{base}/_matrix/client/v3/register"))
+                    .bearer_auth(token)
+                    .json(&json!({"type": "m.login.application_service", "username": localpart, "inhibit_login": true}))
+                    .send()
+                    .await
+                    .expect("register");
+                assert!(registered.status().is_success());
+                (200, json!({}))
+            }
+        });
+    }
+    let alice = s.register("alice").await;
+    let room = s.create_room(&alice, json!({"preset": "private_chat"})).await;
+    let invite = format!("/_matrix/client/v3/rooms/{}/invite", enc(&room));
+    s.ok(
+        Method::POST,
+        &invite,
+        &alice.token,
+        json!({"user_id": "@_dm_bob:localhost"}),
+    )
+    .await;
+    let (status, body) = s
+        .call(
+            Method::POST,
+            &invite,
+            Some(&alice.token),
+            Some(json!({"user_id": "@_dm_nobody:localhost"})),
+        )
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::NOT_FOUND, "M_NOT_FOUND"),
+        "declined by the service"
+    );
+    let created = s
+        .ok(
+            Method::POST,
+            "/_matrix/client/v3/createRoom",
+            &alice.token,
+            json!({"is_direct": true, "invite": ["@_dm_bob2:localhost"]}),
+        )
+        .await;
+    assert!(created["room_id"].is_string(), "{created}");
+}
