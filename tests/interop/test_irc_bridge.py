@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from nio import JoinResponse, RoomMessageEmote, RoomMessageNotice, RoomMessageText, SyncResponse
 
-from conftest import REPO_ROOT, SERVER_NAME, Homeserver, free_port, register_user, server_binary
+from conftest import REPO_ROOT, SERVER_NAME, Homeserver, Synapse, free_port, register_user, server_binary
 
 READY_TIMEOUT = 30.0
 NGIRCD = "/usr/sbin/ngircd"
@@ -63,6 +63,9 @@ class IrcServer:
 \tIdent = no
 """
         )
+        self.start()
+
+    def start(self) -> None:
         self.proc = subprocess.Popen(
             [NGIRCD, "--nodaemon", "--config", str(self.config)],
             stdout=self.log.open("ab"),
@@ -77,6 +80,10 @@ class IrcServer:
                 return False
 
         wait_for(listening, "ngircd to listen")
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -146,7 +153,8 @@ class Bridge:
 
 
 @pytest.fixture
-def bridged(tmp_path: Path):
+def bridged(request, tmp_path: Path):
+    """ngircd + a homeserver (Switchboard unless parametrized with "synapse") + the bridge."""
     if not os.access(bridge_binary(), os.X_OK):
         pytest.fail(f"switchboard-irc not found at {bridge_binary()} (cargo build)")
     irc = IrcServer(tmp_path)
@@ -166,7 +174,10 @@ def bridged(tmp_path: Path):
         check=True,
         capture_output=True,
     )
-    server = Homeserver(server_binary(), tmp_path, free_port(), app_service_files=[registration])
+    if getattr(request, "param", "switchboard") == "synapse":
+        server = Synapse(tmp_path, free_port(), [registration])
+    else:
+        server = Homeserver(server_binary(), tmp_path, free_port(), app_service_files=[registration])
     server.start()
     config = tmp_path / "irc-bridge.yaml"
     config.write_text(
@@ -191,6 +202,7 @@ networks:
         print(server.log_tail())
 
 
+@pytest.mark.parametrize("bridged", ["switchboard", "synapse"], indirect=True)
 async def test_joining_a_channel_alias_bridges_the_channel(bridged):
     server, irc, bridge = bridged
     carol = IrcPerson(irc.port, "carol")
@@ -363,6 +375,22 @@ async def test_membership_topic_edits_and_directory_lookups(bridged):
             },
         )
         carol.expect(r"^:alice!\S+ PRIVMSG #hall :\* typo$")
+
+        # The IRC server restarts: the bot and alice's puppet come back and rejoin by themselves.
+        carol.close()
+        irc.restart()
+        carol = IrcPerson(irc.port, "carol")
+        carol.send("JOIN #hall")
+        carol.expect(r"^:MatrixBridge!\S+ JOIN :?#hall", timeout=30)
+        carol.send("PRIVMSG #hall :back again")
+
+        async def back_again():
+            response = await alice.room_messages(room_id, start="", limit=10)
+            return any(getattr(e, "body", None) == "back again" for e in response.chunk)
+
+        await eventually(back_again, "a message after the IRC server restarted", timeout=30)
+        await alice.room_send(room_id, "m.room.message", {"msgtype": "m.text", "body": "me too"})
+        carol.expect(r"^:alice!\S+ PRIVMSG #hall :me too$", timeout=30)
 
         # Leaving the room leaves the channel.
         await alice.room_leave(room_id)
