@@ -449,3 +449,49 @@ async def test_private_chats_both_ways(bridged):
         await alice.close()
         carol.close()
         dave.close()
+
+
+async def test_bot_commands_in_an_admin_room(bridged):
+    server, irc, _bridge = bridged
+    carol = IrcPerson(irc.port, "carol")
+    carol.send("JOIN #cmd")
+    carol.expect(r" JOIN :?#cmd")
+    alice = await register_user(server.url, "alice")
+    try:
+        admin = await alice.room_create(is_direct=True, invite=[f"@irc:{SERVER_NAME}"])
+        assert hasattr(admin, "room_id"), admin
+        sync = await alice.sync(timeout=0)
+        invites: list[str] = []
+
+        async def notices() -> list[str]:
+            nonlocal sync
+            sync = await alice.sync(timeout=1000, since=sync.next_batch)
+            invites.extend(sync.rooms.invite)
+            room = sync.rooms.join.get(admin.room_id)
+            return [e.body for e in (room.timeline.events if room else []) if isinstance(e, RoomMessageNotice)]
+
+        async def reply_to(command: str, expect: str) -> str:
+            await alice.room_send(admin.room_id, "m.room.message", {"msgtype": "m.text", "body": command})
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                for body in await notices():
+                    if expect in body:
+                        return body
+            pytest.fail(f"no reply containing {expect!r} to {command!r}")
+
+        await reply_to("!help", "!join <network> <#channel>")
+        await reply_to("!nick test alicia", "now alicia")
+        await reply_to("!join nowhere #x", "Unknown network")
+        await reply_to("!join test #cmd", "Invited you to #cmd")
+        carol.expect(r"^:MatrixBridge!\S+ JOIN :?#cmd")
+        deadline = time.monotonic() + 20
+        while not invites and time.monotonic() < deadline:
+            await notices()
+        assert invites, "no invite to the channel room"
+        invited = invites[0]
+        assert isinstance(await alice.join(invited), JoinResponse)
+        await alice.room_send(invited, "m.room.message", {"msgtype": "m.text", "body": "hi from alicia"})
+        carol.expect(r"^:alicia!\S+ PRIVMSG #cmd :hi from alicia$")
+    finally:
+        await alice.close()
+        carol.close()

@@ -48,7 +48,11 @@ struct Inner {
     members: Mutex<HashMap<(String, String), BTreeSet<String>>>,
     /// Private chats: room → `(network, folded nick, Matrix user)`.
     dms: Mutex<HashMap<OwnedRoomId, (String, String, OwnedUserId)>>,
+    /// Rooms where a user talks to the bridge bot: room → that user.
+    admin_rooms: Mutex<HashMap<OwnedRoomId, OwnedUserId>>,
 }
+
+type HandlerError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Told whether the bot got into a channel (or why not).
 type JoinWaiter = oneshot::Sender<Result<(), String>>;
@@ -71,6 +75,7 @@ impl Bridge {
                 puppets: Mutex::new(HashMap::new()),
                 members: Mutex::new(HashMap::new()),
                 dms: Mutex::new(HashMap::new()),
+                admin_rooms: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -94,6 +99,13 @@ impl Bridge {
                 && let Ok(mut dms) = self.inner.dms.lock()
             {
                 dms.insert(room, (network, nick, user));
+            }
+        }
+        for (room, user) in self.inner.store.admin_rooms().await? {
+            if let (Ok(room), Ok(user)) = (OwnedRoomId::try_from(room), OwnedUserId::try_from(user))
+                && let Ok(mut admin) = self.inner.admin_rooms.lock()
+            {
+                admin.insert(room, user);
             }
         }
         let rooms = self.inner.store.rooms().await?;
@@ -267,6 +279,15 @@ impl Inner {
         if sender.localpart().starts_with(PREFIX)
             || self.context.get().is_some_and(|c| c.bot().user_id() == &*sender)
         {
+            return Ok(());
+        }
+        // A command to the bot in its admin room.
+        let admin = self.admin_rooms.lock().ok().and_then(|a| a.get(&room).cloned());
+        if let Some(owner) = admin {
+            let body = event["content"]["body"].as_str().unwrap_or_default();
+            if owner == sender && body.starts_with('!') {
+                return self.command(&room, &sender, body).await;
+            }
             return Ok(());
         }
         // A channel room, or a private chat with one IRC person.
@@ -614,6 +635,9 @@ impl Inner {
         if inviter.localpart().starts_with(PREFIX) || self.channel_of(&room).is_some() {
             return Ok(());
         }
+        if self.context.get().is_some_and(|c| c.bot().user_id() == &*invitee) {
+            return self.bot_invited(&room, &inviter).await;
+        }
         let Some((network, nick)) = self.config.networks.iter().find_map(|n| {
             names::nick_from_localpart(PREFIX, &n.id, invitee.localpart()).map(|nick| (n.id.clone(), nick))
         }) else {
@@ -624,6 +648,167 @@ impl Inner {
         intent.ensure_joined(&room).await?;
         intent.set_display_name(&nick).await?;
         self.remember_dm(&room, &network, &nick, &inviter).await
+    }
+
+    /// The room of a channel, bridging it first if needed: the bot joins the channel, then
+    /// creates a public room with its alias. `None` if the channel cannot be joined.
+    async fn bridge_channel(
+        self: &Arc<Self>,
+        network: &Network,
+        channel: &str,
+    ) -> Result<Option<OwnedRoomId>, HandlerError> {
+        if let Some(room) = self.room(&network.id, channel) {
+            return Ok(Some(room));
+        }
+        let context = self.context.get().ok_or("the bridge is not started")?;
+        let link = self.link(network);
+        if let Err(why) = self.join(&link, channel).await {
+            tracing::warn!(network = %network.id, %channel, %why, "cannot join the channel");
+            return Ok(None);
+        }
+        let alias = names::alias_localpart(PREFIX, &network.id, channel);
+        let network_name = network.name.clone().unwrap_or_else(|| network.id.clone());
+        let created = context
+            .bot()
+            .create_room(json!({
+                "room_alias_name": alias,
+                "name": format!("{channel} ({network_name})"),
+                "topic": format!("{channel} on {network_name}, bridged from IRC"),
+                "preset": "public_chat",
+                "visibility": "public",
+            }))
+            .await;
+        let room = match created {
+            Ok(room) => room,
+            // Made at the same moment by another request: find it by its alias.
+            Err(e) if e.errcode() == Some("M_ROOM_IN_USE") => {
+                let path = format!(
+                    "/_matrix/client/v3/directory/room/{}",
+                    names::percent(&format!("#{alias}:{}", self.config.homeserver.domain))
+                );
+                let found = context
+                    .client()
+                    .request(reqwest::Method::GET, &path, None, &[], None)
+                    .await?;
+                return Ok(found["room_id"]
+                    .as_str()
+                    .and_then(|r| OwnedRoomId::try_from(r).ok()));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        tracing::info!(network = %network.id, %channel, %room, "bridged a channel");
+        self.store
+            .add_room(&network.id, &fold_case(channel), room.as_str())
+            .await?;
+        if let Ok(mut rooms) = self.rooms.lock() {
+            rooms.insert((network.id.clone(), fold_case(channel)), room.clone());
+        }
+        // The people already in the channel appear in the room (after answering).
+        let (inner, network_id, channel, for_task) =
+            (self.clone(), network.id.clone(), channel.to_owned(), room.clone());
+        tokio::spawn(async move {
+            for nick in inner.members_of(&network_id, &channel) {
+                let joined = match inner.intent(&network_id, &nick).await {
+                    Ok(intent) => intent.ensure_joined(&for_task).await.map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                if let Err(e) = joined {
+                    tracing::warn!(%nick, error = %e, "cannot mirror a channel member");
+                }
+            }
+        });
+        Ok(Some(room))
+    }
+
+    /// A Matrix user invited the bridge bot: the room becomes their admin room, where the bot
+    /// takes commands.
+    async fn bot_invited(&self, room: &OwnedRoomId, user: &OwnedUserId) -> HandlerResult {
+        let context = self.context.get().ok_or("the bridge is not started")?;
+        context.bot().ensure_joined(room).await?;
+        self.store.add_admin_room(room.as_str(), user.as_str()).await?;
+        if let Ok(mut admin) = self.admin_rooms.lock() {
+            admin.insert(room.clone(), user.clone());
+        }
+        self.notice(room, "Hello! I bridge IRC. Send !help for what I can do.")
+            .await
+    }
+
+    async fn notice(&self, room: &OwnedRoomId, text: &str) -> HandlerResult {
+        let context = self.context.get().ok_or("the bridge is not started")?;
+        context
+            .bot()
+            .send(
+                room,
+                "m.room.message",
+                &json!({"msgtype": "m.notice", "body": text}),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// `!help`, `!nick <network> <nick>`, `!join <network> <#channel>` in an admin room.
+    async fn command(self: &Arc<Self>, room: &OwnedRoomId, user: &OwnedUserId, text: &str) -> HandlerResult {
+        let words: Vec<&str> = text.split_whitespace().collect();
+        let networks: Vec<&str> = self.config.networks.iter().map(|n| n.id.as_str()).collect();
+        let reply = match words.as_slice() {
+            ["!help", ..] => format!(
+                "Commands:\n!join <network> <#channel> — bridge a channel and invite you\n\
+                 !nick <network> <nick> — your nick on a network\n!help — this\n\
+                 Networks: {}. You can also join #{PREFIX}<network>_<#channel>:{} directly.",
+                networks.join(", "),
+                self.config.homeserver.domain
+            ),
+            ["!join", network, channel] => match self.config.network(network) {
+                None => format!("Unknown network `{network}`; networks: {}", networks.join(", ")),
+                Some(_) if !channel.starts_with(['#', '&', '+', '!']) => {
+                    format!("`{channel}` is not a channel name (they start with #)")
+                }
+                Some(network) => match self.bridge_channel(network, channel).await? {
+                    Some(channel_room) => {
+                        let context = self.context.get().ok_or("the bridge is not started")?;
+                        let invite = format!(
+                            "/_matrix/client/v3/rooms/{}/invite",
+                            names::percent(channel_room.as_str())
+                        );
+                        let invited = context
+                            .client()
+                            .request(
+                                reqwest::Method::POST,
+                                &invite,
+                                None,
+                                &[],
+                                Some(&json!({"user_id": user})),
+                            )
+                            .await;
+                        match invited {
+                            Ok(_) => format!("Invited you to {channel} on {}.", network.id),
+                            Err(e) => format!("{channel} is bridged, but inviting you failed: {e}"),
+                        }
+                    }
+                    None => format!("Cannot join {channel} on {}.", network.id),
+                },
+            },
+            ["!nick", network, nick] => match self.config.network(network) {
+                None => format!("Unknown network `{network}`; networks: {}", networks.join(", ")),
+                Some(_) if names::nick_for(nick, "x") != *nick => format!("`{nick}` is not a valid IRC nick"),
+                Some(network) => {
+                    self.store
+                        .set_puppet_nick(user.as_str(), &network.id, nick)
+                        .await?;
+                    let puppet = self
+                        .puppets
+                        .lock()
+                        .ok()
+                        .and_then(|p| p.get(&(user.clone(), network.id.clone())).cloned());
+                    if let Some(puppet) = puppet {
+                        puppet.send(Message::new("NICK", &[nick]));
+                    }
+                    format!("Your nick on {} is now {nick}.", network.id)
+                }
+            },
+            _ => "Unknown command; send !help.".to_owned(),
+        };
+        self.notice(room, &reply).await
     }
 
     /// A Matrix user left a bridged room: their puppet leaves the channel.
@@ -736,7 +921,7 @@ impl Handler for Bridge {
         Ok(())
     }
 
-    async fn query_alias(&self, ctx: Context, alias: OwnedRoomAliasId) -> HandlerResult<bool> {
+    async fn query_alias(&self, _ctx: Context, alias: OwnedRoomAliasId) -> HandlerResult<bool> {
         let inner = &self.inner;
         if alias.server_name().as_str() != inner.config.homeserver.domain {
             return Ok(false);
@@ -748,50 +933,7 @@ impl Handler for Bridge {
         let Some(network) = inner.config.network(network_id) else {
             return Ok(false);
         };
-        let link = inner.link(network);
-        if let Err(why) = inner.join(&link, &channel).await {
-            tracing::warn!(%alias, %why, "cannot join the channel");
-            return Ok(false);
-        }
-        let network_name = network.name.clone().unwrap_or_else(|| network.id.clone());
-        let created = ctx
-            .bot()
-            .create_room(json!({
-                "room_alias_name": alias.alias(),
-                "name": format!("{channel} ({network_name})"),
-                "topic": format!("{channel} on {network_name}, bridged from IRC"),
-                "preset": "public_chat",
-                "visibility": "public",
-            }))
-            .await;
-        let room = match created {
-            Ok(room) => room,
-            // Asked twice at once: the other query made it.
-            Err(e) if e.errcode() == Some("M_ROOM_IN_USE") => return Ok(true),
-            Err(e) => return Err(e.into()),
-        };
-        tracing::info!(%alias, %room, "bridged a channel");
-        inner
-            .store
-            .add_room(network_id, &fold_case(&channel), room.as_str())
-            .await?;
-        if let Ok(mut rooms) = inner.rooms.lock() {
-            rooms.insert((network_id.to_owned(), fold_case(&channel)), room.clone());
-        }
-        // The people already in the channel appear in the room (after answering the query).
-        let (inner, network_id) = (inner.clone(), network_id.to_owned());
-        tokio::spawn(async move {
-            for nick in inner.members_of(&network_id, &channel) {
-                let joined = match inner.intent(&network_id, &nick).await {
-                    Ok(intent) => intent.ensure_joined(&room).await.map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
-                };
-                if let Err(e) = joined {
-                    tracing::warn!(%nick, error = %e, "cannot mirror a channel member");
-                }
-            }
-        });
-        Ok(true)
+        Ok(inner.bridge_channel(network, &channel).await?.is_some())
     }
 
     /// `/thirdparty/protocol/irc` describes the networks; `location` and `user` turn a network and

@@ -29,6 +29,7 @@ impl Store {
             "CREATE TABLE IF NOT EXISTS rooms (
                 network TEXT NOT NULL, channel TEXT NOT NULL, room_id TEXT NOT NULL,
                 PRIMARY KEY (network, channel))",
+            "CREATE TABLE IF NOT EXISTS admin_rooms (room_id TEXT PRIMARY KEY, user_id TEXT NOT NULL)",
             "CREATE TABLE IF NOT EXISTS dms (
                 room_id TEXT PRIMARY KEY, network TEXT NOT NULL, nick TEXT NOT NULL,
                 user_id TEXT NOT NULL)",
@@ -58,6 +59,23 @@ impl Store {
         .bind(room_id)
         .execute(&self.pool)
         .await?;
+        Ok(())
+    }
+
+    /// Rooms where users give the bot commands: `(room, user)`.
+    pub async fn admin_rooms(&self) -> Result<Vec<(String, String)>> {
+        let rows = sqlx::query("SELECT room_id, user_id FROM admin_rooms")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    pub async fn add_admin_room(&self, room_id: &str, user_id: &str) -> Result<()> {
+        sqlx::query("INSERT INTO admin_rooms (room_id, user_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+            .bind(room_id)
+            .bind(user_id)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
