@@ -322,6 +322,8 @@ async def test_membership_topic_edits_and_directory_lookups(bridged):
     carol = IrcPerson(irc.port, "carol")
     carol.send("JOIN #hall")
     carol.expect(r" JOIN :?#hall")
+    carol.send("TOPIC #hall :the great hall")
+    carol.expect(r" TOPIC #hall :the great hall")
     alice = await register_user(server.url, "alice")
     try:
         # Clients find channels through the third-party lookups.
@@ -336,6 +338,8 @@ async def test_membership_topic_edits_and_directory_lookups(bridged):
         joined = await alice.join(alias)
         assert isinstance(joined, JoinResponse), joined
         room_id = joined.room_id
+        topic = await alice.room_get_state_event(room_id, "m.room.topic")
+        assert topic.content.get("topic") == "the great hall", "the room takes the channel's topic"
         carol_id = f"@irc_test_carol:{SERVER_NAME}"
         # carol was in the channel before the room existed: her virtual user is in the room.
         await eventually(lambda: _has(alice, room_id, carol_id), "carol in the room")

@@ -50,6 +50,8 @@ struct Inner {
     dms: Mutex<HashMap<OwnedRoomId, (String, String, OwnedUserId)>>,
     /// Rooms where a user talks to the bridge bot: room → that user.
     admin_rooms: Mutex<HashMap<OwnedRoomId, OwnedUserId>>,
+    /// Channel topics the bot was told: `(network, folded channel)` → topic.
+    topics: Mutex<HashMap<(String, String), String>>,
 }
 
 type HandlerError = Box<dyn std::error::Error + Send + Sync>;
@@ -76,6 +78,7 @@ impl Bridge {
                 members: Mutex::new(HashMap::new()),
                 dms: Mutex::new(HashMap::new()),
                 admin_rooms: Mutex::new(HashMap::new()),
+                topics: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -212,7 +215,14 @@ impl Inner {
             .and_then(|v| v["displayname"].as_str().map(str::to_owned));
         let nick = match self.store.puppet_nick(user.as_str(), &network.id).await? {
             Some(nick) => nick,
-            None => names::nick_for(display.as_deref().unwrap_or(user.localpart()), user.localpart()),
+            None => {
+                let display = display.as_deref().unwrap_or(user.localpart());
+                let wanted = network
+                    .nick_template
+                    .replace("$DISPLAY", display)
+                    .replace("$LOCALPART", user.localpart());
+                names::nick_for(&wanted, user.localpart())
+            }
         };
         let (events, mut incoming) = mpsc::unbounded_channel();
         let connection = Connection::spawn(
@@ -301,6 +311,20 @@ impl Inner {
         let Some(network) = self.config.network(&network_id) else {
             return Ok(());
         };
+        let at_limit = self.puppets.lock().is_ok_and(|p| {
+            !p.contains_key(&(sender.clone(), network.id.clone()))
+                && p.keys().filter(|(_, n)| *n == network.id).count() >= network.max_connections
+        });
+        if at_limit {
+            // No connection left for another person: the bot says it for them.
+            let body = event["content"]["body"].as_str().unwrap_or_default();
+            let name = sender.localpart();
+            let link = self.link(network);
+            for line in crate::proto::split_message(&format!("<{name}> {body}"), "PRIVMSG", &target, 100) {
+                link.bot.send(Message::new("PRIVMSG", &[&target, &line]));
+            }
+            return Ok(());
+        }
         let puppet = self.puppet(network, &sender).await?;
         if target.starts_with(['#', '&', '+', '!']) {
             puppet.join(&target);
@@ -498,8 +522,19 @@ impl Inner {
                     }
                 }
             }
-            "TOPIC" => {
-                if let (Some(channel), Some(topic)) = (message.param(0), message.param(1))
+            // The channel's topic as the bot joins (`332`), or a change of it.
+            "332" | "TOPIC" => {
+                let (channel, topic) = if message.command == "332" {
+                    (message.param(1), message.param(2))
+                } else {
+                    (message.param(0), message.param(1))
+                };
+                if let (Some(channel), Some(topic)) = (channel, topic)
+                    && let Ok(mut topics) = self.topics.lock()
+                {
+                    topics.insert((network.to_owned(), fold_case(channel)), irc_to_matrix(topic).0);
+                }
+                if let (Some(channel), Some(topic)) = (channel, topic)
                     && let Some(room) = self.room(network, channel)
                     && let Some(context) = self.context.get()
                 {
@@ -673,7 +708,12 @@ impl Inner {
             .create_room(json!({
                 "room_alias_name": alias,
                 "name": format!("{channel} ({network_name})"),
-                "topic": format!("{channel} on {network_name}, bridged from IRC"),
+                "topic": self
+                    .topics
+                    .lock()
+                    .ok()
+                    .and_then(|t| t.get(&(network.id.clone(), fold_case(channel))).cloned())
+                    .unwrap_or_else(|| format!("{channel} on {network_name}, bridged from IRC")),
                 "preset": "public_chat",
                 "visibility": "public",
             }))

@@ -42,6 +42,14 @@ pub struct Network {
     /// The bridge bot's nick on this network.
     #[serde(default = "default_bot_nick")]
     pub bot_nick: String,
+    /// The nick a Matrix user gets: `$DISPLAY` (display name) and `$LOCALPART` are replaced, then
+    /// what a nick cannot hold is dropped. A taken nick gets `_` appended.
+    #[serde(default = "default_nick_template")]
+    pub nick_template: String,
+    /// IRC connections for Matrix users at most (networks limit connections per address);
+    /// beyond, the bot relays for the others as `<user> text`.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
     /// Lines sent at once before flood control paces them, and then one per interval.
     #[serde(default = "default_flood_burst")]
     pub flood_burst: u32,
@@ -55,6 +63,14 @@ fn default_port() -> u16 {
 
 fn default_bot_nick() -> String {
     "MatrixBridge".to_owned()
+}
+
+fn default_nick_template() -> String {
+    "$DISPLAY".to_owned()
+}
+
+fn default_max_connections() -> usize {
+    100
 }
 
 fn default_flood_burst() -> u32 {
@@ -131,6 +147,10 @@ mod tests {
         let config = Config::load(&path).expect("loads");
         let libera = config.network("libera").expect("network");
         assert_eq!((libera.port, libera.tls, libera.flood_burst), (6667, false, 5));
+        assert_eq!(
+            (libera.nick_template.as_str(), libera.max_connections),
+            ("$DISPLAY", 100)
+        );
         assert_eq!(config.registration, dir.path().join("irc.yaml"));
 
         std::fs::write(
