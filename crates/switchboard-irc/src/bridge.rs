@@ -17,7 +17,7 @@ use crate::{
     config::{Config, Network},
     conn::{Connection, Event, Settings},
     format::irc_to_matrix,
-    names,
+    names::{self, valid_nick},
     proto::{Message, ctcp_action, fold_case},
     store::Store,
 };
@@ -343,7 +343,7 @@ impl Inner {
         };
         let body = body.as_str();
         let (command, text) = match content["msgtype"].as_str() {
-            Some("m.emote") => ("PRIVMSG", format!("\u{1}ACTION {body}\u{1}")),
+            Some("m.emote") => ("ACTION", body.to_owned()),
             Some("m.notice") => ("NOTICE", body.to_owned()),
             Some("m.image" | "m.file" | "m.video" | "m.audio") => {
                 let url = content["url"].as_str().map(|mxc| self.media_link(mxc));
@@ -356,6 +356,16 @@ impl Inner {
         };
         // ":nick!user@host " as the server will prefix it, generously estimated.
         let prefix_len = puppet.nick().len() + 64;
+        if command == "ACTION" {
+            // Each piece of a long emote is an ACTION of its own.
+            for line in crate::proto::split_message(&text, "PRIVMSG", &channel, prefix_len + 9) {
+                puppet.send(Message::new(
+                    "PRIVMSG",
+                    &[&channel, &format!("\u{1}ACTION {line}\u{1}")],
+                ));
+            }
+            return Ok(());
+        }
         for line in crate::proto::split_message(&text, command, &channel, prefix_len) {
             puppet.send(Message::new(command, &[&channel, &line]));
         }
@@ -454,6 +464,7 @@ impl Inner {
             code if JOIN_REFUSALS.contains(&code) => {
                 let channel = fold_case(message.param(1).unwrap_or_default());
                 let why = message.param(2).unwrap_or("refused").to_owned();
+                link.bot.forget(&channel);
                 self.joined(link, &channel, Err(why));
             }
             "PRIVMSG" | "NOTICE"
@@ -481,6 +492,17 @@ impl Inner {
                 }
                 self.send_as(network, nick, &room, &content).await?;
             }
+            "KICK" => {
+                if let (Some(channel), Some(nick)) = (message.param(0), message.param(1)) {
+                    if fold_case(nick) == bot_nick {
+                        // The bot was kicked: it stops rejoining; people can bridge it again.
+                        link.bot.forget(channel);
+                    } else if !self.is_puppet(network, nick) {
+                        self.track(network, nick, channel, false);
+                        self.leave(network, nick, channel).await?;
+                    }
+                }
+            }
             _ if message.source_nick().is_some_and(|n| self.is_puppet(network, n)) => {}
             "JOIN" => {
                 // Someone joined a bridged channel: their virtual user joins the room.
@@ -493,12 +515,6 @@ impl Inner {
             }
             "PART" => {
                 if let (Some(nick), Some(channel)) = (message.source_nick(), message.param(0)) {
-                    self.track(network, nick, channel, false);
-                    self.leave(network, nick, channel).await?;
-                }
-            }
-            "KICK" => {
-                if let (Some(channel), Some(nick)) = (message.param(0), message.param(1)) {
                     self.track(network, nick, channel, false);
                     self.leave(network, nick, channel).await?;
                 }
@@ -588,6 +604,20 @@ impl Inner {
     /// A line sent to a Matrix user's puppet: a private message from an IRC person reaches the
     /// user in a direct chat with that person's virtual user (created on the first one).
     async fn private_from_irc(&self, network: &str, user: &OwnedUserId, message: Message) -> HandlerResult {
+        if message.command == "KICK" {
+            // The puppet was kicked: it stops rejoining that channel.
+            let puppet = self
+                .puppets
+                .lock()
+                .ok()
+                .and_then(|p| p.get(&(user.clone(), network.to_owned())).cloned());
+            if let (Some(puppet), Some(channel), Some(kicked)) = (puppet, message.param(0), message.param(1))
+                && fold_case(kicked) == fold_case(&puppet.nick())
+            {
+                puppet.forget(channel);
+            }
+            return Ok(());
+        }
         if !matches!(message.command.as_str(), "PRIVMSG" | "NOTICE") {
             return Ok(());
         }
@@ -596,7 +626,18 @@ impl Inner {
         else {
             return Ok(());
         };
-        if target.starts_with(['#', '&', '+', '!']) || self.is_puppet(network, nick) {
+        let own_nick = self
+            .puppets
+            .lock()
+            .ok()
+            .and_then(|p| p.get(&(user.clone(), network.to_owned())).map(|c| c.nick()));
+        // Only what is said to this puppet by a person: not server notices, not channel
+        // messages, not CTCP requests other than ACTION.
+        if own_nick.is_none_or(|own| fold_case(&own) != fold_case(target))
+            || self.is_puppet(network, nick)
+            || !valid_nick(nick)
+            || (text.starts_with('\u{1}') && ctcp_action(text).is_none())
+        {
             return Ok(());
         }
         let existing = self.dms.lock().ok().and_then(|dms| {
@@ -674,7 +715,9 @@ impl Inner {
             return self.bot_invited(&room, &inviter).await;
         }
         let Some((network, nick)) = self.config.networks.iter().find_map(|n| {
-            names::nick_from_localpart(PREFIX, &n.id, invitee.localpart()).map(|nick| (n.id.clone(), nick))
+            names::nick_from_localpart(PREFIX, &n.id, invitee.localpart())
+                .filter(|nick| valid_nick(nick))
+                .map(|nick| (n.id.clone(), nick))
         }) else {
             return Ok(());
         };
@@ -703,17 +746,18 @@ impl Inner {
         }
         let alias = names::alias_localpart(PREFIX, &network.id, channel);
         let network_name = network.name.clone().unwrap_or_else(|| network.id.clone());
+        let used_topic = self
+            .topics
+            .lock()
+            .ok()
+            .and_then(|t| t.get(&(network.id.clone(), fold_case(channel))).cloned())
+            .unwrap_or_else(|| format!("{channel} on {network_name}, bridged from IRC"));
         let created = context
             .bot()
             .create_room(json!({
                 "room_alias_name": alias,
                 "name": format!("{channel} ({network_name})"),
-                "topic": self
-                    .topics
-                    .lock()
-                    .ok()
-                    .and_then(|t| t.get(&(network.id.clone(), fold_case(channel))).cloned())
-                    .unwrap_or_else(|| format!("{channel} on {network_name}, bridged from IRC")),
+                "topic": used_topic,
                 "preset": "public_chat",
                 "visibility": "public",
             }))
@@ -742,6 +786,18 @@ impl Inner {
             .await?;
         if let Ok(mut rooms) = self.rooms.lock() {
             rooms.insert((network.id.clone(), fold_case(channel)), room.clone());
+        }
+        // A topic (332) that arrived while the room was being made is applied now.
+        let topic = self
+            .topics
+            .lock()
+            .ok()
+            .and_then(|t| t.get(&(network.id.clone(), fold_case(channel))).cloned());
+        if let Some(topic) = topic.filter(|t| *t != used_topic) {
+            context
+                .bot()
+                .send_state(&room, "m.room.topic", "", &json!({ "topic": topic }))
+                .await?;
         }
         // The people already in the channel appear in the room (after answering).
         let (inner, network_id, channel, for_task) =
@@ -800,7 +856,7 @@ impl Inner {
             ),
             ["!join", network, channel] => match self.config.network(network) {
                 None => format!("Unknown network `{network}`; networks: {}", networks.join(", ")),
-                Some(_) if !channel.starts_with(['#', '&', '+', '!']) => {
+                Some(_) if !names::valid_channel(channel) => {
                     format!("`{channel}` is not a channel name (they start with #)")
                 }
                 Some(network) => match self.bridge_channel(network, channel).await? {

@@ -67,10 +67,7 @@ impl Connection {
     /// Starts connecting; events go to `events` until the connection quits.
     pub fn spawn(settings: Settings, events: mpsc::UnboundedSender<Event>) -> Self {
         let (outgoing, queue) = mpsc::unbounded_channel();
-        let state = Arc::new(Mutex::new(Shared {
-            nick: settings.nick.clone(),
-            ..Shared::default()
-        }));
+        let state = Arc::new(Mutex::new(Shared { ..Shared::default() }));
         let (quit, quitting) = watch::channel(None);
         tokio::spawn(run(settings, queue, events, state.clone(), quitting));
         Self {
@@ -81,8 +78,18 @@ impl Connection {
     }
 
     /// The nick the server knows this connection by (it may differ from the one asked for).
+    /// Empty while not registered.
     pub fn nick(&self) -> String {
-        self.state.lock().map(|s| s.nick.clone()).unwrap_or_default()
+        self.state
+            .lock()
+            .map(|s| {
+                if s.registered {
+                    s.nick.clone()
+                } else {
+                    String::new()
+                }
+            })
+            .unwrap_or_default()
     }
 
     pub fn is_registered(&self) -> bool {
@@ -97,12 +104,20 @@ impl Connection {
     /// Joins a channel now (or once registered) and after every reconnect.
     pub fn join(&self, channel: &str) {
         // Under the lock the registration handler also takes: either it rejoins the channel or
-        // this sends the JOIN, never both, never neither.
-        if let Ok(mut state) = self.state.lock()
-            && state.channels.insert(fold_case(channel))
-            && state.registered
-        {
-            self.send(Message::new("JOIN", &[channel]));
+        // this sends the JOIN. (Sent again when already listed: after a kick or a refusal the
+        // server may let it in now, and a server ignores a JOIN to a channel the client is in.)
+        if let Ok(mut state) = self.state.lock() {
+            state.channels.insert(fold_case(channel));
+            if state.registered {
+                self.send(Message::new("JOIN", &[channel]));
+            }
+        }
+    }
+
+    /// Stops rejoining a channel the server refused or kicked this connection from.
+    pub fn forget(&self, channel: &str) {
+        if let Ok(mut state) = self.state.lock() {
+            state.channels.remove(&fold_case(channel));
         }
     }
 
@@ -208,8 +223,10 @@ impl Session<'_> {
         quitting: &mut watch::Receiver<Option<String>>,
     ) -> Ended {
         let (reader, mut writer) = tokio::io::split(stream);
-        let mut lines = BufReader::new(reader).lines();
+        let mut reader = BufReader::new(reader);
+        let mut buffer = Vec::new();
         let mut nick = self.settings.nick.clone();
+        let mut attempts = 0u32;
         let mut hello = Vec::new();
         if let Some(password) = &self.settings.password {
             hello.push(Message::new("PASS", &[password]));
@@ -230,12 +247,16 @@ impl Session<'_> {
         loop {
             let due = pacer.next_slot();
             tokio::select! {
-                line = lines.next_line() => {
-                    let line = match line {
-                        Ok(Some(line)) => line,
-                        Ok(None) => return Ended::Lost("the server closed the connection".to_owned()),
+                read = reader.read_until(b'\n', &mut buffer) => {
+                    match read {
+                        Ok(0) => return Ended::Lost("the server closed the connection".to_owned()),
+                        Ok(_) => {}
                         Err(e) => return Ended::Lost(e.to_string()),
-                    };
+                    }
+                    // IRC has no encoding: bytes that are not UTF-8 (Latin-1 clients) become U+FFFD
+                    // instead of breaking the connection.
+                    let line = String::from_utf8_lossy(&buffer).into_owned();
+                    buffer.clear();
                     let Some(message) = Message::parse(&line) else { continue };
                     match message.command.as_str() {
                         "PING" => {
@@ -247,7 +268,11 @@ impl Session<'_> {
                         }
                         // Nick taken or refused while registering: try another.
                         "433" | "432" | "436" if !registered => {
-                            nick = next_nick(&nick, message.command == "432");
+                            attempts += 1;
+                            if attempts > 20 {
+                                return Ended::Lost(format!("no nick accepted (last tried {nick})"));
+                            }
+                            nick = next_nick(&self.settings.nick, attempts);
                             if let Err(e) = write_line(&mut writer, &Message::new("NICK", &[&nick])).await {
                                 return Ended::Lost(e.to_string());
                             }
@@ -280,7 +305,8 @@ impl Session<'_> {
                         return Ended::Quit;
                     }
                 }
-                queued = queue.recv(), if pending.is_empty() => match queued {
+                // Nothing is taken from the queue before registration: the rejoins go first.
+                queued = queue.recv(), if registered && pending.is_empty() => match queued {
                     Some(message) => pending.push_back(message),
                     None => return Ended::Quit,
                 },
@@ -288,8 +314,7 @@ impl Session<'_> {
                     if let Some(message) = pending.pop_front() {
                         pacer.take();
                         if let Err(e) = write_line(&mut writer, &message).await {
-                            // Not sent: it goes out first after the reconnect.
-                            pending.push_front(message);
+                            // Lost with the connection (IRC has no delivery receipts).
                             return Ended::Lost(e.to_string());
                         }
                     }
@@ -314,18 +339,17 @@ impl Session<'_> {
     }
 }
 
-/// The next nick to try: `nick_`, `nick__`, … (or a safe fallback when the nick was refused as
-/// invalid).
-fn next_nick(nick: &str, invalid: bool) -> String {
-    if invalid {
-        return format!(
-            "M{}",
-            nick.chars()
-                .filter(char::is_ascii_alphanumeric)
-                .collect::<String>()
-        );
+/// The nick to try after `attempt` refusals (taken, or too long or invalid for the server): the
+/// wanted nick's letters and digits, cut to fit the 9 characters every server allows, with the
+/// attempt number.
+fn next_nick(wanted: &str, attempt: u32) -> String {
+    let mut base: String = wanted.chars().filter(char::is_ascii_alphanumeric).collect();
+    if !base.starts_with(|c: char| c.is_ascii_alphabetic()) {
+        base.insert(0, 'M');
     }
-    format!("{nick}_")
+    let suffix = attempt.to_string();
+    let keep = 9usize.saturating_sub(suffix.len());
+    format!("{}{suffix}", base.chars().take(keep).collect::<String>())
 }
 
 async fn write_line(writer: &mut (impl AsyncWrite + Unpin), message: &Message) -> std::io::Result<()> {
@@ -377,8 +401,9 @@ mod tests {
 
     #[test]
     fn nick_fallbacks() {
-        assert_eq!(next_nick("alice", false), "alice_");
-        assert_eq!(next_nick("9 lives!", true), "M9lives");
+        assert_eq!(next_nick("alice", 1), "alice1");
+        assert_eq!(next_nick("9 lives!", 2), "M9lives2");
+        assert_eq!(next_nick("MatrixBridge", 12), "MatrixB12", "cut to 9 characters");
         assert_eq!(backoff(0), Duration::from_secs(1));
         assert_eq!(backoff(10), Duration::from_secs(60));
     }
@@ -473,15 +498,15 @@ mod tests {
         peer.expect("NICK bot").await;
         peer.expect("USER bridge 0 * Switchboard").await;
         peer.say(":srv 433 * bot :Nickname is already in use").await;
-        peer.expect("NICK bot_").await;
-        peer.say(":srv 001 bot_ :Welcome").await;
+        peer.expect("NICK bot1").await;
+        peer.say(":srv 001 bot1 :Welcome").await;
         assert_eq!(
             next_event(&mut events).await,
             Event::Registered {
-                nick: "bot_".to_owned()
+                nick: "bot1".to_owned()
             }
         );
-        assert_eq!(connection.nick(), "bot_");
+        assert_eq!(connection.nick(), "bot1");
         peer.expect("JOIN #test").await;
         peer.say("PING :token").await;
         peer.expect("PONG token").await;

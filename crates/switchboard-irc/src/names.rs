@@ -81,9 +81,29 @@ pub fn channel_from_alias<'a>(
         .filter(|n| rest.strip_prefix(n.as_str()).is_some_and(|r| r.starts_with('_')))
         .max_by_key(|n| n.len())?;
     let channel = unescape(&rest[network.len() + 1..])?;
-    channel
-        .starts_with(['#', '&', '+', '!'])
+    // Only the canonical form: the alias the bridge creates for this channel is exactly this.
+    (valid_channel(&channel) && alias_localpart(prefix, network, &channel) == localpart)
         .then_some((network.as_str(), channel))
+}
+
+/// Whether a channel name is safe to put in a `JOIN`: no spaces, commas (lists; `0` parts all),
+/// bells or control characters, at most 50 bytes.
+pub fn valid_channel(channel: &str) -> bool {
+    channel.starts_with(['#', '&', '+', '!'])
+        && channel.len() > 1
+        && channel.len() <= 50
+        && !channel
+            .chars()
+            .any(|c| c == ' ' || c == ',' || c == '\u{7}' || c.is_control())
+}
+
+/// Whether a nick can be a message target: no spaces, commas, `!`/`@` (they end a nick in a
+/// prefix) or control characters, not a channel.
+pub fn valid_nick(nick: &str) -> bool {
+    !nick.is_empty()
+        && nick.len() <= 50
+        && !nick.starts_with(['#', '&', '+', '!', ':'])
+        && !nick.chars().any(|c| " ,!@*?".contains(c) || c.is_control())
 }
 
 /// An IRC nick for a Matrix user: their display name with what nicks cannot hold dropped (the
@@ -150,6 +170,18 @@ mod tests {
             "the longer network wins; `+` and `:` are escaped"
         );
         assert!(!odd.contains(':'));
+        assert_eq!(
+            channel_from_alias("irc_", &networks, "irc_libera_#Rust"),
+            None,
+            "only the canonical (folded) alias"
+        );
+        let list = alias_localpart("irc_", "libera", "#x,0");
+        assert_eq!(
+            channel_from_alias("irc_", &networks, &list),
+            None,
+            "no channel lists"
+        );
+        assert!(valid_nick("carol") && !valid_nick("a,b") && !valid_nick("#c"));
         assert_eq!(
             channel_from_alias("irc_", &networks, "irc_libera_nochannel"),
             None
