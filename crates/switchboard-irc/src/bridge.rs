@@ -225,6 +225,12 @@ impl Inner {
             }
         };
         let (events, mut incoming) = mpsc::unbounded_channel();
+        // Checked and inserted under one lock: two events of the same user handled at once
+        // must not open two connections.
+        let mut puppets = self.puppets.lock().map_err(|_| "puppets poisoned")?;
+        if let Some(connection) = puppets.get(&key) {
+            return Ok(connection.clone());
+        }
         let connection = Connection::spawn(
             Settings {
                 host: network.host.clone(),
@@ -269,8 +275,8 @@ impl Inner {
                 }
             }
         });
-        let mut puppets = self.puppets.lock().map_err(|_| "puppets poisoned")?;
-        Ok(puppets.entry(key).or_insert(connection).clone())
+        puppets.insert(key, connection.clone());
+        Ok(connection)
     }
 
     /// A Matrix user's message in a bridged room, said on IRC by their puppet.
@@ -774,9 +780,19 @@ impl Inner {
                     .client()
                     .request(reqwest::Method::GET, &path, None, &[], None)
                     .await?;
-                return Ok(found["room_id"]
+                let room = found["room_id"]
                     .as_str()
-                    .and_then(|r| OwnedRoomId::try_from(r).ok()));
+                    .and_then(|r| OwnedRoomId::try_from(r).ok());
+                if let Some(room) = &room {
+                    // Its mapping may have been lost (or its maker failed after creating it).
+                    self.store
+                        .add_room(&network.id, &fold_case(channel), room.as_str())
+                        .await?;
+                    if let Ok(mut rooms) = self.rooms.lock() {
+                        rooms.insert((network.id.clone(), fold_case(channel)), room.clone());
+                    }
+                }
+                return Ok(room);
             }
             Err(e) => return Err(e.into()),
         };

@@ -180,8 +180,12 @@ async fn run(
                 };
                 match session.run(stream, &mut queue, &mut quitting).await {
                     Ended::Quit => return,
-                    Ended::Lost(reason) => {
-                        attempt = 0;
+                    // Only a session that got registered resets the backoff: a server that
+                    // accepts connections but refuses us is not hammered.
+                    Ended::Lost { reason, registered } => {
+                        if registered {
+                            attempt = 0;
+                        }
                         reason
                     }
                 }
@@ -206,8 +210,12 @@ async fn run(
 
 enum Ended {
     Quit,
-    Lost(String),
+    Lost { reason: String, registered: bool },
 }
+
+/// Silence after which the connection asks the server whether it is still there, and after
+/// which (plus as long again) it gives up on it: half-open TCP connections end.
+const IDLE_PING: Duration = Duration::from_secs(120);
 
 struct Session<'a> {
     settings: &'a Settings,
@@ -225,7 +233,14 @@ impl Session<'_> {
         let (reader, mut writer) = tokio::io::split(stream);
         let mut reader = BufReader::new(reader);
         let mut buffer = Vec::new();
-        let mut nick = self.settings.nick.clone();
+        // After a reconnect, the nick it had (changed by the server or by `NICK`), not the first.
+        let mut nick = self
+            .state
+            .lock()
+            .ok()
+            .map(|s| s.nick.clone())
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| self.settings.nick.clone());
         let mut attempts = 0u32;
         let mut hello = Vec::new();
         if let Some(password) = &self.settings.password {
@@ -238,31 +253,35 @@ impl Session<'_> {
         ));
         for message in hello {
             if let Err(e) = write_line(&mut writer, &message).await {
-                return Ended::Lost(e.to_string());
+                return lost(e.to_string(), false);
             }
         }
         let mut registered = false;
         let mut pacer = Pacer::new(self.settings.flood_burst, self.settings.flood_interval);
         let mut pending: VecDeque<Message> = VecDeque::new();
+        let mut last_heard = Instant::now();
+        let mut pinged = false;
         loop {
             let due = pacer.next_slot();
+            let idle_deadline = last_heard + IDLE_PING * if pinged { 2 } else { 1 };
             tokio::select! {
                 read = reader.read_until(b'\n', &mut buffer) => {
                     match read {
-                        Ok(0) => return Ended::Lost("the server closed the connection".to_owned()),
+                        Ok(0) => return lost("the server closed the connection".to_owned(), registered),
                         Ok(_) => {}
-                        Err(e) => return Ended::Lost(e.to_string()),
+                        Err(e) => return lost(e.to_string(), registered),
                     }
                     // IRC has no encoding: bytes that are not UTF-8 (Latin-1 clients) become U+FFFD
                     // instead of breaking the connection.
                     let line = String::from_utf8_lossy(&buffer).into_owned();
                     buffer.clear();
+                    (last_heard, pinged) = (Instant::now(), false);
                     let Some(message) = Message::parse(&line) else { continue };
                     match message.command.as_str() {
                         "PING" => {
                             let token = message.param(0).unwrap_or_default();
                             if let Err(e) = write_line(&mut writer, &Message::new("PONG", &[token])).await {
-                                return Ended::Lost(e.to_string());
+                                return lost(e.to_string(), registered);
                             }
                             continue;
                         }
@@ -270,11 +289,11 @@ impl Session<'_> {
                         "433" | "432" | "436" if !registered => {
                             attempts += 1;
                             if attempts > 20 {
-                                return Ended::Lost(format!("no nick accepted (last tried {nick})"));
+                                return lost(format!("no nick accepted (last tried {nick})"), false);
                             }
                             nick = next_nick(&self.settings.nick, attempts);
                             if let Err(e) = write_line(&mut writer, &Message::new("NICK", &[&nick])).await {
-                                return Ended::Lost(e.to_string());
+                                return lost(e.to_string(), registered);
                             }
                             continue;
                         }
@@ -297,7 +316,7 @@ impl Session<'_> {
                         "ERROR" => {
                             let reason = message.param(0).unwrap_or("ERROR from server").to_owned();
                             let _ = self.events.send(Event::Message(message));
-                            return Ended::Lost(reason);
+                            return lost(reason, registered);
                         }
                         _ => {}
                     }
@@ -315,8 +334,17 @@ impl Session<'_> {
                         pacer.take();
                         if let Err(e) = write_line(&mut writer, &message).await {
                             // Lost with the connection (IRC has no delivery receipts).
-                            return Ended::Lost(e.to_string());
+                            return lost(e.to_string(), registered);
                         }
+                    }
+                }
+                () = tokio::time::sleep_until(idle_deadline) => {
+                    if pinged {
+                        return lost("no answer from the server".to_owned(), registered);
+                    }
+                    pinged = true;
+                    if let Err(e) = write_line(&mut writer, &Message::new("PING", &["switchboard"])).await {
+                        return lost(e.to_string(), registered);
                     }
                 }
                 _ = quitting.changed() => {
@@ -337,6 +365,10 @@ impl Session<'_> {
             state.nick = new.to_owned();
         }
     }
+}
+
+fn lost(reason: String, registered: bool) -> Ended {
+    Ended::Lost { reason, registered }
 }
 
 /// The nick to try after `attempt` refusals (taken, or too long or invalid for the server): the
@@ -534,13 +566,14 @@ mod tests {
         ));
         let mut peer = Peer::new(accepted.recv().await.expect("reconnects"));
         peer.expect("PASS secret").await;
-        peer.expect("NICK bot").await;
+        // It asks for the nick it had, not the first one it wanted.
+        peer.expect("NICK bot1").await;
         peer.expect("USER bridge 0 * Switchboard").await;
-        peer.say(":srv 001 bot :Welcome back").await;
+        peer.say(":srv 001 bot1 :Welcome back").await;
         assert_eq!(
             next_event(&mut events).await,
             Event::Registered {
-                nick: "bot".to_owned()
+                nick: "bot1".to_owned()
             }
         );
         peer.expect("JOIN #test").await;
