@@ -447,8 +447,11 @@ impl Inner {
         let bot_nick = fold_case(&link.bot.nick());
         let from = message.source_nick().map(fold_case);
         match message.command.as_str() {
-            "JOIN" if from.as_deref() == Some(&bot_nick) => {
-                let channel = fold_case(message.param(0).unwrap_or_default());
+            // The bot is in: after its JOIN the server sends the topic (332) and the names, ending
+            // with 366. Waiting for that end means the room is made knowing both.
+            "JOIN" if from.as_deref() == Some(&bot_nick) => {}
+            "366" => {
+                let channel = fold_case(message.param(1).unwrap_or_default());
                 self.joined(link, &channel, Ok(()));
             }
             // The members of a channel the bot joined (`353`): their virtual users join too.
@@ -485,17 +488,7 @@ impl Inner {
                 let Some(room) = self.room(network, target) else {
                     return Ok(());
                 };
-                let (msgtype, text) = match ctcp_action(text) {
-                    Some(action) => ("m.emote", action),
-                    None if message.command == "NOTICE" => ("m.notice", text),
-                    None => ("m.text", text),
-                };
-                let (body, html) = irc_to_matrix(text);
-                let mut content = json!({"msgtype": msgtype, "body": body});
-                if let Some(html) = html {
-                    content["format"] = json!("org.matrix.custom.html");
-                    content["formatted_body"] = json!(html);
-                }
+                let content = message_content(&message.command, text);
                 self.send_as(network, nick, &room, &content).await?;
             }
             "KICK" => {
@@ -667,18 +660,9 @@ impl Inner {
                 room
             }
         };
-        let (msgtype, text) = match ctcp_action(text) {
-            Some(action) => ("m.emote", action),
-            None if message.command == "NOTICE" => ("m.notice", text),
-            None => ("m.text", text),
-        };
-        let (body, html) = irc_to_matrix(text);
-        let mut content = json!({"msgtype": msgtype, "body": body});
-        if let Some(html) = html {
-            content["format"] = json!("org.matrix.custom.html");
-            content["formatted_body"] = json!(html);
-        }
-        intent.send(&room, "m.room.message", &content).await?;
+        intent
+            .send(&room, "m.room.message", &message_content(&message.command, text))
+            .await?;
         Ok(())
     }
 
@@ -1017,6 +1001,23 @@ impl Inner {
             Err(_) => Err(format!("no answer to JOIN {channel} within {JOIN_TIMEOUT:?}")),
         }
     }
+}
+
+/// The `m.room.message` content of a `PRIVMSG` (an ACTION is an `m.emote`) or `NOTICE`, with
+/// IRC formatting as HTML.
+fn message_content(command: &str, text: &str) -> Value {
+    let (msgtype, text) = match ctcp_action(text) {
+        Some(action) => ("m.emote", action),
+        None if command == "NOTICE" => ("m.notice", text),
+        None => ("m.text", text),
+    };
+    let (body, html) = irc_to_matrix(text);
+    let mut content = json!({"msgtype": msgtype, "body": body});
+    if let Some(html) = html {
+        content["format"] = json!("org.matrix.custom.html");
+        content["formatted_body"] = json!(html);
+    }
+    content
 }
 
 impl Handler for Bridge {
