@@ -41,12 +41,30 @@ def wait_for(predicate, what: str, timeout: float = READY_TIMEOUT):
 
 
 class IrcServer:
-    def __init__(self, data_dir: Path):
+    """ngircd on a plain port (the IRC people use it) and, with `tls`, a TLS port whose
+    self-signed certificate is in `self.certificate`."""
+
+    def __init__(self, data_dir: Path, tls: bool = False):
         if not os.access(NGIRCD, os.X_OK):
             pytest.fail(f"{NGIRCD} not found: run `bash tests/interop/setup.sh irc`")
         self.port = free_port()
+        self.tls_port = free_port()
+        self.certificate = data_dir / "irc-cert.pem"
         self.config = data_dir / "ngircd.conf"
         self.log = data_dir / "ngircd.log"
+        ssl = ""
+        if tls:
+            key = data_dir / "irc-key.pem"
+            subprocess.run(
+                ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                 "-keyout", str(key), "-out", str(self.certificate), "-subj", "/CN=localhost",
+                 "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+                 # A server certificate, not a CA (rustls refuses a CA used as the server's).
+                 "-addext", "basicConstraints=critical,CA:FALSE"],
+                check=True,
+                capture_output=True,
+            )
+            ssl = f"[SSL]\n\tCertFile = {self.certificate}\n\tKeyFile = {key}\n\tPorts = {self.tls_port}\n"
         self.config.write_text(
             f"""[Global]
 \tName = irc.test
@@ -61,7 +79,7 @@ class IrcServer:
 \tPAM = no
 \tDNS = no
 \tIdent = no
-"""
+{ssl}"""
         )
         self.start()
 
@@ -157,7 +175,8 @@ def bridged(request, tmp_path: Path):
     """ngircd + a homeserver (Switchboard unless parametrized with "synapse") + the bridge."""
     if not os.access(bridge_binary(), os.X_OK):
         pytest.fail(f"switchboard-irc not found at {bridge_binary()} (cargo build)")
-    irc = IrcServer(tmp_path)
+    kind = getattr(request, "param", "switchboard")
+    irc = IrcServer(tmp_path, tls=kind == "tls")
     bridge_port = free_port()
     registration = tmp_path / "irc.yaml"
     subprocess.run(
@@ -174,20 +193,25 @@ def bridged(request, tmp_path: Path):
         check=True,
         capture_output=True,
     )
-    if getattr(request, "param", "switchboard") == "synapse":
+    if kind == "synapse":
         server = Synapse(tmp_path, free_port(), [registration])
     else:
         server = Homeserver(server_binary(), tmp_path, free_port(), app_service_files=[registration])
     server.start()
     config = tmp_path / "irc-bridge.yaml"
+    network_connection = (
+        f"port: {irc.tls_port}, tls: true, tls_ca_file: {irc.certificate.name}"
+        if kind == "tls"
+        else f"port: {irc.port}"
+    )
     config.write_text(
         f"""homeserver: {{url: "{server.url}", domain: {SERVER_NAME}}}
 listen: 127.0.0.1:{bridge_port}
 registration: irc.yaml
 data_dir: irc-state
 networks:
-  - {{id: test, name: Test IRC, host: 127.0.0.1, port: {irc.port}, bot_nick: MatrixBridge,
-      flood_burst: 20, flood_interval_ms: 50}}
+  - {{id: test, name: Test IRC, host: 127.0.0.1, bot_nick: MatrixBridge,
+      flood_burst: 20, flood_interval_ms: 50, {network_connection}}}
 """
     )
     bridge = Bridge(config, tmp_path / "bridge.stderr")
@@ -497,6 +521,25 @@ async def test_bot_commands_in_an_admin_room(bridged):
         assert isinstance(await alice.join(invited), JoinResponse)
         await alice.room_send(invited, "m.room.message", {"msgtype": "m.text", "body": "hi from alicia"})
         carol.expect(r"^:alicia!\S+ PRIVMSG #cmd :hi from alicia$")
+    finally:
+        await alice.close()
+        carol.close()
+
+
+@pytest.mark.parametrize("bridged", ["tls"], indirect=True)
+async def test_the_bridge_reaches_networks_over_tls(bridged):
+    server, irc, _bridge = bridged
+    carol = IrcPerson(irc.port, "carol")
+    carol.send("JOIN #secure")
+    carol.expect(r" JOIN :?#secure")
+    alice = await register_user(server.url, "alice")
+    try:
+        joined = await alice.join(f"#irc_test_#secure:{SERVER_NAME}")
+        assert isinstance(joined, JoinResponse), joined
+        await alice.room_send(joined.room_id, "m.room.message", {"msgtype": "m.text", "body": "over tls"})
+        # The bot and alice's puppet talk to the server over TLS; carol, on the plain port, hears.
+        carol.expect(r"^:alice!\S+ PRIVMSG #secure :over tls$")
+        assert "TLS" in irc.log.read_text(), "the bridge's connections used TLS"
     finally:
         await alice.close()
         carol.close()

@@ -145,6 +145,7 @@ impl Inner {
             host: network.host.clone(),
             port: network.port,
             tls: network.tls,
+            tls_ca_file: network.tls_ca_file.clone(),
             password: network.password.clone(),
             nick: network.bot_nick.clone(),
             username: "matrix".to_owned(),
@@ -236,6 +237,7 @@ impl Inner {
                 host: network.host.clone(),
                 port: network.port,
                 tls: network.tls,
+                tls_ca_file: network.tls_ca_file.clone(),
                 password: network.password.clone(),
                 nick,
                 username: user

@@ -36,6 +36,9 @@ pub struct Network {
     pub port: u16,
     #[serde(default)]
     pub tls: bool,
+    /// With `tls`: trust only the certificates in this PEM file (a private network's CA).
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
     /// The server password (`PASS`), if the network wants one.
     #[serde(default)]
     pub password: Option<String>,
@@ -121,6 +124,9 @@ impl Config {
         let base = path.parent().unwrap_or(std::path::Path::new("."));
         config.registration = base.join(&config.registration);
         config.data_dir = base.join(&config.data_dir);
+        for network in &mut config.networks {
+            network.tls_ca_file = network.tls_ca_file.as_ref().map(|p| base.join(p));
+        }
         Ok(config)
     }
 

@@ -25,6 +25,9 @@ pub struct Settings {
     pub host: String,
     pub port: u16,
     pub tls: bool,
+    /// Trust only the certificates in this PEM file (a private network's own CA, a test
+    /// server); the system's trust roots otherwise.
+    pub tls_ca_file: Option<std::path::PathBuf>,
     pub password: Option<String>,
     pub nick: String,
     pub username: String,
@@ -146,9 +149,24 @@ async fn connect(settings: &Settings) -> std::io::Result<Box<dyn Stream>> {
         return Ok(Box::new(tcp));
     }
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let config =
-        <rustls::ClientConfig as rustls_platform_verifier::ConfigVerifierExt>::with_platform_verifier()
-            .map_err(std::io::Error::other)?;
+    let config = match &settings.tls_ca_file {
+        Some(path) => {
+            use rustls::pki_types::{CertificateDer, pem::PemObject};
+            let mut roots = rustls::RootCertStore::empty();
+            for certificate in CertificateDer::pem_file_iter(path).map_err(std::io::Error::other)? {
+                roots
+                    .add(certificate.map_err(std::io::Error::other)?)
+                    .map_err(std::io::Error::other)?;
+            }
+            rustls::ClientConfig::builder()
+                .with_root_certificates(roots)
+                .with_no_client_auth()
+        }
+        None => {
+            <rustls::ClientConfig as rustls_platform_verifier::ConfigVerifierExt>::with_platform_verifier()
+                .map_err(std::io::Error::other)?
+        }
+    };
     let name =
         rustls::pki_types::ServerName::try_from(settings.host.clone()).map_err(std::io::Error::other)?;
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
@@ -515,6 +533,7 @@ mod tests {
                 host: "127.0.0.1".to_owned(),
                 port,
                 tls: false,
+                tls_ca_file: None,
                 password: Some("secret".to_owned()),
                 nick: "bot".to_owned(),
                 username: "bridge".to_owned(),
