@@ -170,6 +170,14 @@ class Bridge:
             self.proc.wait(timeout=10)
 
 
+def in_channel(irc: IrcServer, nick: str, channel: str) -> IrcPerson:
+    """An IRC person who has joined `channel`."""
+    person = IrcPerson(irc.port, nick)
+    person.send(f"JOIN {channel}")
+    person.expect(rf" JOIN :?{channel}")
+    return person
+
+
 @pytest.fixture
 def bridged(request, tmp_path: Path):
     """ngircd + a homeserver (Switchboard unless parametrized with "synapse") + the bridge."""
@@ -229,9 +237,7 @@ networks:
 @pytest.mark.parametrize("bridged", ["switchboard", "synapse"], indirect=True)
 async def test_joining_a_channel_alias_bridges_the_channel(bridged):
     server, irc, bridge = bridged
-    carol = IrcPerson(irc.port, "carol")
-    carol.send("JOIN #room")
-    carol.expect(r" JOIN :?#room")
+    carol = in_channel(irc, "carol", "#room")
     alice = await register_user(server.url, "alice")
     try:
         joined = await alice.join(f"#irc_test_#room:{SERVER_NAME}")
@@ -343,9 +349,7 @@ async def eventually(check, what: str, timeout: float = 20.0):
 
 async def test_membership_topic_edits_and_directory_lookups(bridged):
     server, irc, _bridge = bridged
-    carol = IrcPerson(irc.port, "carol")
-    carol.send("JOIN #hall")
-    carol.expect(r" JOIN :?#hall")
+    carol = in_channel(irc, "carol", "#hall")
     carol.send("TOPIC #hall :the great hall")
     carol.expect(r" TOPIC #hall :the great hall")
     alice = await register_user(server.url, "alice")
@@ -368,9 +372,7 @@ async def test_membership_topic_edits_and_directory_lookups(bridged):
         # carol was in the channel before the room existed: her virtual user is in the room.
         await eventually(lambda: _has(alice, room_id, carol_id), "carol in the room")
 
-        dave = IrcPerson(irc.port, "dave")
-        dave.send("JOIN #hall")
-        dave.expect(r" JOIN :?#hall")
+        dave = in_channel(irc, "dave", "#hall")
         await eventually(lambda: _has(alice, room_id, f"@irc_test_dave:{SERVER_NAME}"), "dave joining")
         dave.send("NICK dave2")
         await eventually(
@@ -482,9 +484,7 @@ async def test_private_chats_both_ways(bridged):
 
 async def test_bot_commands_in_an_admin_room(bridged):
     server, irc, _bridge = bridged
-    carol = IrcPerson(irc.port, "carol")
-    carol.send("JOIN #cmd")
-    carol.expect(r" JOIN :?#cmd")
+    carol = in_channel(irc, "carol", "#cmd")
     alice = await register_user(server.url, "alice")
     try:
         admin = await alice.room_create(is_direct=True, invite=[f"@irc:{SERVER_NAME}"])
@@ -529,9 +529,7 @@ async def test_bot_commands_in_an_admin_room(bridged):
 @pytest.mark.parametrize("bridged", ["tls"], indirect=True)
 async def test_the_bridge_reaches_networks_over_tls(bridged):
     server, irc, _bridge = bridged
-    carol = IrcPerson(irc.port, "carol")
-    carol.send("JOIN #secure")
-    carol.expect(r" JOIN :?#secure")
+    carol = in_channel(irc, "carol", "#secure")
     alice = await register_user(server.url, "alice")
     try:
         joined = await alice.join(f"#irc_test_#secure:{SERVER_NAME}")
