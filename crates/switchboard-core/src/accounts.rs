@@ -452,9 +452,9 @@ async fn verify_password(password: String, hash: String) -> Result<bool> {
 mod tests {
     use super::*;
 
-    async fn accounts() -> (tempfile::TempDir, Accounts) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open_sqlite(&dir.path().join("db")).await.expect("store");
+    async fn accounts() -> (switchboard_store::testing::TestDatabase, Accounts) {
+        let dir = switchboard_store::testing::TestDatabase::create().await;
+        let store = Store::open(&dir.settings()).await.expect("store");
         (
             dir,
             Accounts::new(store, "example.org".try_into().expect("server name")),

@@ -7,6 +7,7 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
+use switchboard_store::{DatabaseSettings, PostgresSettings};
 
 /// A configuration that cannot be used; the message names the file and the key.
 #[derive(Debug, thiserror::Error)]
@@ -90,7 +91,7 @@ pub struct ListenerResource {
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
 pub struct Database {
-    /// `sqlite3` (embedded default) or `psycopg2` (PostgreSQL, not built yet).
+    /// `sqlite3` (embedded default) or `psycopg2` (PostgreSQL).
     pub name: String,
     #[serde(default)]
     pub args: BTreeMap<String, serde_json::Value>,
@@ -104,6 +105,71 @@ impl Default for Database {
             name: "sqlite3".to_owned(),
             args,
         }
+    }
+}
+
+impl Database {
+    /// The PostgreSQL settings of a `psycopg2` block (`None` for SQLite), read from Synapse's
+    /// `args`: `user`, `password`, `dbname` or `database`, `host`, `port`, `cp_min`, `cp_max`.
+    /// Errors name the offending key.
+    pub fn postgres(&self) -> Result<Option<PostgresSettings>, (String, String)> {
+        if self.name != "psycopg2" {
+            return Ok(None);
+        }
+        let key = |k: &str| format!("database.args.{k}");
+        let text = |k: &str| -> Result<Option<String>, (String, String)> {
+            match self.args.get(k) {
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(serde_json::Value::String(v)) => Ok(Some(v.clone())),
+                Some(serde_json::Value::Number(n)) => Ok(Some(n.to_string())),
+                Some(_) => Err((key(k), "must be a string".to_owned())),
+            }
+        };
+        let number = |k: &str, default: u64| -> Result<u64, (String, String)> {
+            match self.args.get(k) {
+                None | Some(serde_json::Value::Null) => Ok(default),
+                Some(serde_json::Value::Number(n)) => n
+                    .as_u64()
+                    .ok_or_else(|| (key(k), "must be a whole number ≥ 0".to_owned())),
+                // psycopg2 takes libpq's strings too: `port: "5432"`.
+                Some(serde_json::Value::String(v)) => v
+                    .parse()
+                    .map_err(|_| (key(k), format!("`{v}` is not a whole number"))),
+                Some(_) => Err((key(k), "must be a number".to_owned())),
+            }
+        };
+        let dbname = match (text("dbname")?, text("database")?) {
+            (Some(name), _) | (None, Some(name)) => name,
+            (None, None) => {
+                return Err((
+                    key("dbname"),
+                    "psycopg2 needs the database name in `dbname` (or `database`)".to_owned(),
+                ));
+            }
+        };
+        let port = number("port", 5432)?;
+        let port = u16::try_from(port)
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| (key("port"), format!("{port} is not a TCP port")))?;
+        let min_connections = number("cp_min", 5)?;
+        let max_connections = number("cp_max", 10)?;
+        if max_connections == 0 || min_connections > max_connections {
+            return Err((
+                key("cp_max"),
+                format!("must be ≥ 1 and ≥ cp_min ({min_connections}), found {max_connections}"),
+            ));
+        }
+        let clamp = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+        Ok(Some(PostgresSettings {
+            host: text("host")?.unwrap_or_else(|| "localhost".to_owned()),
+            port,
+            user: text("user")?,
+            password: text("password")?,
+            dbname,
+            min_connections: clamp(min_connections),
+            max_connections: clamp(max_connections),
+        }))
     }
 }
 
@@ -295,15 +361,14 @@ impl Config {
                 }
             }
             "psycopg2" => {
-                return Err(bad(
-                    "database.name",
-                    "the PostgreSQL backend (psycopg2) is not available yet; use sqlite3".to_owned(),
-                ));
+                self.database
+                    .postgres()
+                    .map_err(|(key, message)| bad(&key, message))?;
             }
             other => {
                 return Err(bad(
                     "database.name",
-                    format!("unknown database `{other}`; use sqlite3"),
+                    format!("unknown database `{other}`; use sqlite3 or psycopg2 (PostgreSQL)"),
                 ));
             }
         }
@@ -350,7 +415,9 @@ impl Config {
             .unwrap_or_else(|| PathBuf::from(format!("{}.signing.key", self.server_name)));
         self.signing_key_path = Some(resolve(&key));
         self.app_service_config_files = self.app_service_config_files.iter().map(|p| resolve(p)).collect();
-        if let Some(serde_json::Value::String(db)) = self.database.args.get("database")
+        // For PostgreSQL `database` is a database name, not a path.
+        if self.database.name == "sqlite3"
+            && let Some(serde_json::Value::String(db)) = self.database.args.get("database")
             && db != ":memory:"
         {
             let resolved = resolve(Path::new(db)).display().to_string();
@@ -372,6 +439,14 @@ impl Config {
             l.kind == "metrics"
                 || (l.kind == "http" && l.resources.iter().any(|r| r.names.iter().any(|n| n == "metrics")))
         })
+    }
+
+    /// The database to open (validated at load).
+    pub fn database_settings(&self) -> DatabaseSettings {
+        match self.database.postgres() {
+            Ok(Some(pg)) => DatabaseSettings::Postgres(pg),
+            _ => DatabaseSettings::Sqlite(self.sqlite_path()),
+        }
     }
 
     /// Path of the SQLite database file.
@@ -504,12 +579,61 @@ some_future_key: 1
     }
 
     #[test]
-    fn rejects_postgres_until_it_exists() {
-        let text = SAMPLE.replace("name: sqlite3", "name: psycopg2");
-        let msg = Config::parse(&text, "hs.yaml", Path::new("."))
-            .expect_err("invalid")
-            .to_string();
-        assert!(msg.contains("database.name"), "{msg}");
+    fn reads_synapses_postgres_block() {
+        let block = "database:\n  name: psycopg2\n  args:\n    user: synapse_user\n    password: secretpassword\n    \
+                     database: synapse\n    host: db.internal\n    port: \"5433\"\n    cp_min: 2\n    cp_max: 20\n";
+        let text = SAMPLE.replace(
+            "database: {name: sqlite3, args: {database: data/homeserver.db}}",
+            block,
+        );
+        assert_ne!(text, SAMPLE);
+        let config = Config::parse(&text, "hs.yaml", Path::new("/etc/sb")).expect("parses");
+        let DatabaseSettings::Postgres(pg) = config.database_settings() else {
+            panic!("not PostgreSQL");
+        };
+        assert_eq!(
+            pg,
+            PostgresSettings {
+                host: "db.internal".into(),
+                port: 5433,
+                user: Some("synapse_user".into()),
+                password: Some("secretpassword".into()),
+                // A database name, not a path relative to the config.
+                dbname: "synapse".into(),
+                min_connections: 2,
+                max_connections: 20,
+            }
+        );
+        let defaults = SAMPLE.replace(
+            "database: {name: sqlite3, args: {database: data/homeserver.db}}",
+            "database: {name: psycopg2, args: {dbname: sb}}",
+        );
+        let DatabaseSettings::Postgres(pg) = Config::parse(&defaults, "hs.yaml", Path::new("."))
+            .expect("parses")
+            .database_settings()
+        else {
+            panic!("not PostgreSQL");
+        };
+        assert_eq!(
+            (pg.host.as_str(), pg.port, pg.max_connections),
+            ("localhost", 5432, 10)
+        );
+        for (args, key) in [
+            ("{user: x}", "database.args.dbname"),
+            ("{dbname: sb, port: seventy}", "database.args.port"),
+            ("{dbname: sb, port: 70000}", "database.args.port"),
+            ("{dbname: sb, cp_min: 5, cp_max: 2}", "database.args.cp_max"),
+            ("{dbname: [sb]}", "database.args.dbname"),
+        ] {
+            let text = SAMPLE.replace(
+                "database: {name: sqlite3, args: {database: data/homeserver.db}}",
+                &format!("database: {{name: psycopg2, args: {args}}}"),
+            );
+            let msg = Config::parse(&text, "hs.yaml", Path::new("."))
+                .expect_err(args)
+                .to_string();
+            assert!(msg.contains(key) && msg.contains("hs.yaml"), "{args}: {msg}");
+        }
     }
 
     #[test]

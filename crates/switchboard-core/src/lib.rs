@@ -91,7 +91,7 @@ impl Homeserver {
         if generated {
             tracing::info!(path = %key_path.display(), "generated a new signing key");
         }
-        let store = Store::open_sqlite(&config.sqlite_path()).await?;
+        let store = Store::open(&config.database_settings()).await?;
         let stream = EventStream::start(
             store.clone(),
             store.max_stream_pos().await?,

@@ -3,16 +3,23 @@
 //! kept in memory so readers of the stream's head do not go to the database.
 //!
 //! The writer commits every event waiting at that moment in one database transaction (group
-//! commit), so the fsync is shared under load. Positions are assigned in commit order, so the
-//! stream is gap-free; a position is announced only after its room has updated its caches.
+//! commit), so the fsync is shared under load. On SQLite one group is in flight at a time and
+//! positions are counted in memory (gap-free). On PostgreSQL several groups commit concurrently
+//! with positions from a database sequence, so commits can finish out of order and a failed one
+//! leaves a gap. Either way a position is announced only once every group with smaller positions
+//! is committed (or failed) and its callers have updated their caches: readers never skip an
+//! event that lands later below what they have seen.
 
 use std::{
     collections::BTreeMap,
-    sync::{Arc, RwLock},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicI64, Ordering},
+    },
 };
 
-use switchboard_store::{NewEvent, Store};
-use tokio::sync::{mpsc, oneshot, watch};
+use switchboard_store::{Engine, NewEvent, Store};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
 use crate::{Error, Result, pdu::Pdu};
 
@@ -26,10 +33,11 @@ struct WriteJob {
     reply: oneshot::Sender<Result<Written, String>>,
 }
 
-/// Events stored at `first_pos..first_pos + n`. Call [`Written::published`] once the caches hold
-/// them; the positions are announced when every job of the group did (or dropped this).
+/// Events stored at these positions (ascending, one per event). Call [`Written::published`] once
+/// the caches hold them; the positions are announced when every job of the group did (or dropped
+/// this).
 pub struct Written {
-    pub first_pos: i64,
+    pub positions: Vec<i64>,
     done: oneshot::Sender<()>,
 }
 
@@ -182,6 +190,15 @@ impl EventStream {
     }
 }
 
+/// Groups committing at once on PostgreSQL (its WAL shares one flush between them).
+const POSTGRES_GROUPS_IN_FLIGHT: usize = 4;
+
+/// A group handed to the announcer in position order: `None` from `committed` if it failed.
+struct Pending {
+    last: i64,
+    committed: oneshot::Receiver<Option<Vec<oneshot::Receiver<()>>>>,
+}
+
 async fn writer(
     store: Store,
     mut jobs: mpsc::UnboundedReceiver<WriteJob>,
@@ -190,8 +207,18 @@ async fn writer(
 ) {
     let (announce, groups) = mpsc::unbounded_channel();
     tokio::spawn(announcer(groups, notify));
-    let mut next = last + 1;
+    let in_flight = match store.engine() {
+        Engine::Sqlite => 1,
+        Engine::Postgres => POSTGRES_GROUPS_IN_FLIGHT,
+    };
+    let slots = Arc::new(Semaphore::new(in_flight));
+    // SQLite's in-memory counter; a failed group hands its positions out again.
+    let next = Arc::new(AtomicI64::new(last + 1));
     while let Some(first) = jobs.recv().await {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        // Jobs that arrived while waiting for a slot join this group.
         let mut group = vec![first];
         let mut count = group[0].events.len();
         while count < MAX_GROUP {
@@ -203,46 +230,84 @@ async fn writer(
                 Err(_) => break,
             }
         }
-        let start = next;
-        let mut firsts = Vec::with_capacity(group.len());
+        let positions = match store.reserve_stream_positions(count as i64).await {
+            Ok(Some(positions)) => positions,
+            Ok(None) => {
+                let start = next.fetch_add(count as i64, Ordering::SeqCst);
+                (start..start + count as i64).collect()
+            }
+            Err(e) => {
+                tracing::error!(error = %e, events = count, "reserving stream positions failed");
+                for job in group {
+                    let _ = job.reply.send(Err(format!("storing events failed: {e}")));
+                }
+                continue;
+            }
+        };
+        let mut assigned = positions.iter().copied();
+        let mut job_positions = Vec::with_capacity(group.len());
         for job in &mut group {
-            firsts.push(next);
+            let mut mine = Vec::with_capacity(job.events.len());
             for event in &mut job.events {
-                event.stream_pos = next;
-                next += 1;
+                event.stream_pos = assigned.next().unwrap_or_default();
+                mine.push(event.stream_pos);
             }
+            job_positions.push(mine);
         }
-        let rows: Vec<&NewEvent> = group.iter().flat_map(|job| job.events.iter()).collect();
-        if let Err(e) = store.append_events(&rows).await {
-            // Normally nothing of the group was stored and its positions are handed out again;
-            // the database says for sure (a commit can fail after it landed).
-            next = store.max_stream_pos().await.map_or(start, |max| max + 1);
-            tracing::error!(error = %e, events = count, "storing events failed");
-            for job in group {
-                let _ = job.reply.send(Err(format!("storing events failed: {e}")));
-            }
-            continue;
-        }
-        let mut published = Vec::with_capacity(group.len());
-        for (job, first_pos) in group.into_iter().zip(firsts) {
-            let (done, wait) = oneshot::channel();
-            if job.reply.send(Ok(Written { first_pos, done })).is_ok() {
-                published.push(wait);
-            }
-        }
-        // The next group is committed while this one's callers update their caches.
-        if announce.send((next - 1, published)).is_err() {
+        let (committed, outcome) = oneshot::channel();
+        let last = positions.last().copied().unwrap_or_default();
+        if announce
+            .send(Pending {
+                last,
+                committed: outcome,
+            })
+            .is_err()
+        {
             return;
         }
+        let store = store.clone();
+        let next = next.clone();
+        let start = positions.first().copied().unwrap_or_default();
+        tokio::spawn(async move {
+            let rows: Vec<&NewEvent> = group.iter().flat_map(|job| job.events.iter()).collect();
+            if let Err(e) = store.append_events(&rows).await {
+                if store.engine() == Engine::Sqlite {
+                    // Normally nothing of the group was stored and its positions are handed out
+                    // again; the database says for sure (a commit can fail after it landed).
+                    next.store(
+                        store.max_stream_pos().await.map_or(start, |max| max + 1),
+                        Ordering::SeqCst,
+                    );
+                }
+                tracing::error!(error = %e, events = count, "storing events failed");
+                for job in group {
+                    let _ = job.reply.send(Err(format!("storing events failed: {e}")));
+                }
+                let _ = committed.send(None);
+                drop(slot);
+                return;
+            }
+            // The next group may commit while this one's callers update their caches.
+            drop(slot);
+            let mut published = Vec::with_capacity(group.len());
+            for (job, positions) in group.into_iter().zip(job_positions) {
+                let (done, wait) = oneshot::channel();
+                if job.reply.send(Ok(Written { positions, done })).is_ok() {
+                    published.push(wait);
+                }
+            }
+            let _ = committed.send(Some(published));
+        });
     }
 }
 
-/// Announces each committed group, in commit order, once all its callers have published it.
-async fn announcer(
-    mut groups: mpsc::UnboundedReceiver<(i64, Vec<oneshot::Receiver<()>>)>,
-    notify: Arc<watch::Sender<i64>>,
-) {
-    while let Some((last, published)) = groups.recv().await {
+/// Announces groups in position order, each once it is committed and all its callers have
+/// published it; a failed group is passed over without announcing anything.
+async fn announcer(mut groups: mpsc::UnboundedReceiver<Pending>, notify: Arc<watch::Sender<i64>>) {
+    while let Some(Pending { last, committed }) = groups.recv().await {
+        let Ok(Some(published)) = committed.await else {
+            continue;
+        };
         for wait in published {
             let _ = wait.await;
         }
@@ -275,8 +340,8 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_writes_get_gap_free_positions_announced_after_publishing() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open_sqlite(&dir.path().join("db")).await.expect("store");
+        let db = switchboard_store::testing::TestDatabase::create().await;
+        let store = Store::open(&db.settings()).await.expect("store");
         let stream = EventStream::start(store.clone(), 0, 0);
         let mut rx = stream.subscribe();
         let writes: Vec<_> = (0..20)
@@ -292,7 +357,7 @@ mod tests {
         let mut firsts = Vec::new();
         for write in writes {
             let written = write.await.expect("task").expect("written");
-            firsts.push(written.first_pos);
+            firsts.push(written.positions[0]);
             written.published();
         }
         firsts.sort();
@@ -312,9 +377,9 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_failed_group_reuses_its_positions() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open_sqlite(&dir.path().join("db")).await.expect("store");
+    async fn a_failed_group_gives_up_its_positions() {
+        let db = switchboard_store::testing::TestDatabase::create().await;
+        let store = Store::open(&db.settings()).await.expect("store");
         let stream = EventStream::start(store.clone(), 0, 0);
         stream
             .write(vec![event("$one")])
@@ -324,7 +389,50 @@ mod tests {
         // The same event ID again violates a unique constraint: nothing is stored.
         assert!(stream.write(vec![event("$two"), event("$one")]).await.is_err());
         let written = stream.write(vec![event("$three")]).await.expect("third");
-        assert_eq!(written.first_pos, 2, "no gap after the failure");
+        let expected = match store.engine() {
+            // One writer per file: the positions are handed out again, no gap.
+            Engine::Sqlite => 2,
+            // The sequence never hands a position out twice: 2 and 3 stay a gap.
+            Engine::Postgres => 4,
+        };
+        assert_eq!(written.positions, vec![expected]);
+        written.published();
+        let mut rx = stream.subscribe();
+        rx.wait_for(|pos| *pos == expected)
+            .await
+            .expect("announced past the failure");
+    }
+
+    #[tokio::test]
+    async fn positions_are_announced_only_when_every_smaller_one_is_settled() {
+        let (groups, rx) = mpsc::unbounded_channel();
+        let notify = Arc::new(watch::Sender::new(0));
+        tokio::spawn(announcer(rx, notify.clone()));
+        let mut commits = Vec::new();
+        for last in [3, 6, 9] {
+            let (commit, committed) = oneshot::channel();
+            groups.send(Pending { last, committed }).expect("send");
+            commits.push(commit);
+        }
+        let mut commits = commits.into_iter();
+        let (first, second, third) = (
+            commits.next().expect("1"),
+            commits.next().expect("2"),
+            commits.next().expect("3"),
+        );
+        // The later groups commit first (PostgreSQL, several in flight): nothing is announced.
+        third.send(Some(Vec::new())).expect("third");
+        let (publish, published) = oneshot::channel();
+        second.send(Some(vec![published])).expect("second");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert_eq!(*notify.borrow(), 0, "4..9 wait for 1..3");
+        // The first group failed: its positions are passed over; the second waits for its caller.
+        first.send(None).expect("first");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert_eq!(*notify.borrow(), 0, "6 waits until its caller published it");
+        publish.send(()).expect("publish");
+        let mut rx = notify.subscribe();
+        rx.wait_for(|pos| *pos == 9).await.expect("9 announced");
     }
 
     #[test]

@@ -6,15 +6,14 @@
 //! reuse the query text; only the pool type and the migrations differ.
 
 mod migrate;
+mod open;
 mod rows;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
-use std::{path::Path, str::FromStr, time::Duration};
+use sqlx::{AssertSqlSafe, Row, postgres::PgPool, sqlite::SqlitePool};
 
-use sqlx::{
-    AssertSqlSafe, Row,
-    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous},
-};
-
+pub use open::{DatabaseSettings, PostgresSettings};
 pub use rows::{AsPosition, EventRow, NewEvent, NewUser, StoredTxn, UserRow};
 
 /// A storage failure. The homeserver maps all of these to `500 M_UNKNOWN`; the details go to the log.
@@ -24,6 +23,9 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error("cannot open database {path}: {source}")]
     Open { path: String, source: sqlx::Error },
+    /// The database answered but cannot be used as it is (wrong encoding, someone else's tables).
+    #[error("database {database}: {reason}")]
+    Unusable { database: String, reason: String },
     #[error(
         "database schema version {found} is newer than this binary supports ({supported}); \
          run a newer Switchboard"
@@ -35,94 +37,144 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// The database engine a [`Store`] runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    Sqlite,
+    Postgres,
+}
+
 /// Handle to the database; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Store {
-    /// The one connection that writes. SQLite allows one writer at a time, and a second
-    /// connection waiting for the lock sleeps in SQLite's busy handler (up to 100 ms a try);
-    /// queueing writers here in async code instead keeps write latency flat under load.
-    write: SqlitePool,
-    /// Read-only connections; WAL lets them read while the writer commits.
-    read: SqlitePool,
+    pools: Pools,
+}
+
+#[derive(Clone, Debug)]
+enum Pools {
+    Sqlite {
+        /// The one connection that writes. SQLite allows one writer at a time, and a second
+        /// connection waiting for the lock sleeps in SQLite's busy handler (up to 100 ms a try);
+        /// queueing writers here in async code instead keeps write latency flat under load.
+        write: SqlitePool,
+        /// Read-only connections; WAL lets them read while the writer commits.
+        read: SqlitePool,
+    },
+    /// PostgreSQL handles concurrent writers itself: one pool serves reads and writes.
+    Postgres(PgPool),
+}
+
+/// Runs `$body` once per engine, with `$write`/`$read` bound to that engine's pools and `ops`
+/// to its transaction helpers. Every query is written once and type-checked against both
+/// drivers; this macro and the migrations are the only places the engines differ.
+macro_rules! on_db {
+    ($store:expr, |$write:ident, $read:ident| $body:expr) => {
+        match &$store.pools {
+            Pools::Sqlite { write, read } => {
+                #[allow(unused_imports)]
+                use crate::sqlite_ops as ops;
+                #[allow(unused_variables)]
+                let ($write, $read) = (write, read);
+                $body
+            }
+            Pools::Postgres(pool) => {
+                #[allow(unused_imports)]
+                use crate::postgres_ops as ops;
+                #[allow(unused_variables)]
+                let ($write, $read) = (pool, pool);
+                $body
+            }
+        }
+    };
 }
 
 const EVENT_COLUMNS: &str =
     "stream_pos, event_id, room_id, sender, type, state_key, pdu, unsigned, txn_device, txn_id";
 
 impl Store {
-    /// Opens (creating if needed) the embedded SQLite database and applies migrations.
-    pub async fn open_sqlite(path: &Path) -> Result<Self> {
-        if let Some(parent) = path.parent() {
-            // A missing directory would otherwise surface as an opaque "unable to open" error.
-            let _ = std::fs::create_dir_all(parent);
-        }
-        let options = SqliteConnectOptions::from_str("sqlite:")
-            .map_err(|source| StoreError::Open {
-                path: path.display().to_string(),
-                source,
-            })?
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            // FULL: an acknowledged write survives power loss, not only a process crash.
-            .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(Duration::from_secs(10))
-            .foreign_keys(true);
-        let open_error = |source| StoreError::Open {
-            path: path.display().to_string(),
-            source,
+    /// Opens the database the settings name and applies migrations.
+    pub async fn open(settings: &DatabaseSettings) -> Result<Self> {
+        let pools = match settings {
+            DatabaseSettings::Sqlite(path) => {
+                let (write, read) = open::sqlite(path).await?;
+                Pools::Sqlite { write, read }
+            }
+            DatabaseSettings::Postgres(pg) => Pools::Postgres(open::postgres(pg).await?),
         };
-        // A local file needs no liveness ping before each query (sqlx's default costs a round
-        // trip to the connection's thread per acquire).
-        let write = SqlitePoolOptions::new()
-            .test_before_acquire(false)
-            .max_connections(1)
-            .connect_with(options.clone())
-            .await
-            .map_err(open_error)?;
-        migrate::run(&write).await?;
-        let read = SqlitePoolOptions::new()
-            .test_before_acquire(false)
-            .max_connections(6)
-            .connect_with(options.read_only(true))
-            .await
-            .map_err(open_error)?;
-        Ok(Self { write, read })
+        Ok(Self { pools })
+    }
+
+    /// Opens (creating if needed) an embedded SQLite database and applies migrations.
+    pub async fn open_sqlite(path: &std::path::Path) -> Result<Self> {
+        Self::open(&DatabaseSettings::Sqlite(path.to_owned())).await
+    }
+
+    pub fn engine(&self) -> Engine {
+        match self.pools {
+            Pools::Sqlite { .. } => Engine::Sqlite,
+            Pools::Postgres(_) => Engine::Postgres,
+        }
     }
 
     /// Closes all connections, waiting for running queries to finish.
     pub async fn close(&self) {
-        self.write.close().await;
-        self.read.close().await;
+        match &self.pools {
+            Pools::Sqlite { write, read } => {
+                write.close().await;
+                read.close().await;
+            }
+            Pools::Postgres(pool) => pool.close().await,
+        }
+    }
+
+    /// Reserves `count` new event-stream positions, ascending. On PostgreSQL they come from a
+    /// sequence, so concurrent writers (tasks now, processes later) never share one and a
+    /// position is never handed out twice, even when its transaction fails. SQLite has one
+    /// writer per file, which counts in memory instead (`None`).
+    pub async fn reserve_stream_positions(&self, count: i64) -> Result<Option<Vec<i64>>> {
+        match &self.pools {
+            Pools::Sqlite { .. } => Ok(None),
+            Pools::Postgres(pool) => {
+                let rows = sqlx::query("SELECT nextval('events_stream_pos') FROM generate_series(1, $1)")
+                    .bind(count)
+                    .fetch_all(pool)
+                    .await?;
+                Ok(Some(rows.iter().map(|r| r.get(0)).collect()))
+            }
+        }
     }
 
     // ---- accounts --------------------------------------------------------------------------
 
     /// Creates a user; returns `false` if the ID is taken.
     pub async fn create_user(&self, user: &NewUser<'_>) -> Result<bool> {
-        let done = sqlx::query(
-            "INSERT INTO users (user_id, password_hash, is_admin, appservice_id, created_ts)
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (user_id) DO NOTHING",
-        )
-        .bind(user.user_id)
-        .bind(user.password_hash)
-        .bind(user.is_admin)
-        .bind(user.appservice_id)
-        .bind(user.created_ts)
-        .execute(&self.write)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        on_db!(self, |write, read| {
+            let done = sqlx::query(
+                "INSERT INTO users (user_id, password_hash, is_admin, appservice_id, created_ts)
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (user_id) DO NOTHING",
+            )
+            .bind(user.user_id)
+            .bind(user.password_hash)
+            .bind(user.is_admin)
+            .bind(user.appservice_id)
+            .bind(user.created_ts)
+            .execute(write)
+            .await?;
+            Ok(done.rows_affected() == 1)
+        })
     }
 
     pub async fn user(&self, user_id: &str) -> Result<Option<UserRow>> {
-        let row = sqlx::query(
-            "SELECT user_id, password_hash, is_admin, appservice_id, displayname, avatar_url, deactivated
-             FROM users WHERE user_id = $1",
-        )
-        .bind(user_id)
-        .fetch_optional(&self.read)
-        .await?;
-        row.map(|r| rows::user_from_row(&r)).transpose()
+        on_db!(self, |write, read| {
+            let row = sqlx::query(
+                "SELECT user_id, password_hash, is_admin, appservice_id, displayname, avatar_url, deactivated
+                 FROM users WHERE user_id = $1",
+            )
+            .bind(user_id)
+            .fetch_optional(read)
+            .await?;
+            row.map(|r| rows::user_from_row(&r)).transpose()
+        })
     }
 
     /// Creates the device if it does not exist and attaches a new access token to it.
@@ -134,123 +186,137 @@ impl Store {
         token_hash: &str,
         now: i64,
     ) -> Result<()> {
-        let mut tx = self.write.begin().await?;
-        sqlx::query(
-            "INSERT INTO devices (user_id, device_id, display_name, created_ts) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (user_id, device_id) DO NOTHING",
-        )
-        .bind(user_id)
-        .bind(device_id)
-        .bind(display_name)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        // A login with an existing device_id replaces that device's old session, as in Synapse.
-        sqlx::query("DELETE FROM access_tokens WHERE user_id = $1 AND device_id = $2")
+        on_db!(self, |write, read| {
+            let mut tx = write.begin().await?;
+            sqlx::query(
+                "INSERT INTO devices (user_id, device_id, display_name, created_ts) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (user_id, device_id) DO NOTHING",
+            )
             .bind(user_id)
             .bind(device_id)
+            .bind(display_name)
+            .bind(now)
             .execute(&mut *tx)
             .await?;
-        sqlx::query(
-            "INSERT INTO access_tokens (token_hash, user_id, device_id, created_ts) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(token_hash)
-        .bind(user_id)
-        .bind(device_id)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
+            // A login with an existing device_id replaces that device's old session, as in Synapse.
+            sqlx::query("DELETE FROM access_tokens WHERE user_id = $1 AND device_id = $2")
+                .bind(user_id)
+                .bind(device_id)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(
+                "INSERT INTO access_tokens (token_hash, user_id, device_id, created_ts) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(token_hash)
+            .bind(user_id)
+            .bind(device_id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(())
+        })
     }
 
     /// Looks up the `(user_id, device_id)` an access token belongs to.
     pub async fn session_by_token(&self, token_hash: &str) -> Result<Option<(String, String)>> {
-        let row = sqlx::query("SELECT user_id, device_id FROM access_tokens WHERE token_hash = $1")
-            .bind(token_hash)
-            .fetch_optional(&self.read)
-            .await?;
-        Ok(row.map(|r| (r.get(0), r.get(1))))
+        on_db!(self, |write, read| {
+            let row = sqlx::query("SELECT user_id, device_id FROM access_tokens WHERE token_hash = $1")
+                .bind(token_hash)
+                .fetch_optional(read)
+                .await?;
+            Ok(row.map(|r| (r.get(0), r.get(1))))
+        })
     }
 
     /// Logs out one device: its token and the device itself go.
     pub async fn delete_device(&self, user_id: &str, device_id: &str) -> Result<()> {
-        let mut tx = self.write.begin().await?;
-        sqlx::query("DELETE FROM access_tokens WHERE user_id = $1 AND device_id = $2")
-            .bind(user_id)
-            .bind(device_id)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("DELETE FROM devices WHERE user_id = $1 AND device_id = $2")
-            .bind(user_id)
-            .bind(device_id)
-            .execute(&mut *tx)
-            .await?;
-        // A device's keys and queued messages go with it: a new device with the same ID must not
-        // inherit them.
-        for table in ["device_keys", "one_time_keys", "fallback_keys", "to_device"] {
-            sqlx::query(AssertSqlSafe(format!(
-                "DELETE FROM {table} WHERE user_id = $1 AND device_id = $2"
-            )))
-            .bind(user_id)
-            .bind(device_id)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        on_db!(self, |write, read| {
+            let mut tx = write.begin().await?;
+            sqlx::query("DELETE FROM access_tokens WHERE user_id = $1 AND device_id = $2")
+                .bind(user_id)
+                .bind(device_id)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("DELETE FROM devices WHERE user_id = $1 AND device_id = $2")
+                .bind(user_id)
+                .bind(device_id)
+                .execute(&mut *tx)
+                .await?;
+            // A device's keys and queued messages go with it: a new device with the same ID must not
+            // inherit them.
+            for table in ["device_keys", "one_time_keys", "fallback_keys", "to_device"] {
+                sqlx::query(AssertSqlSafe(format!(
+                    "DELETE FROM {table} WHERE user_id = $1 AND device_id = $2"
+                )))
+                .bind(user_id)
+                .bind(device_id)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
     }
 
     /// Logs out every device of a user; returns the token hashes that were removed.
     pub async fn delete_all_devices(&self, user_id: &str) -> Result<Vec<String>> {
-        let mut tx = self.write.begin().await?;
-        let hashes = sqlx::query("DELETE FROM access_tokens WHERE user_id = $1 RETURNING token_hash")
-            .bind(user_id)
-            .fetch_all(&mut *tx)
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        sqlx::query("DELETE FROM devices WHERE user_id = $1")
-            .bind(user_id)
-            .execute(&mut *tx)
-            .await?;
-        for table in ["device_keys", "one_time_keys", "fallback_keys", "to_device"] {
-            sqlx::query(AssertSqlSafe(format!("DELETE FROM {table} WHERE user_id = $1")))
+        on_db!(self, |write, read| {
+            let mut tx = write.begin().await?;
+            let hashes = sqlx::query("DELETE FROM access_tokens WHERE user_id = $1 RETURNING token_hash")
+                .bind(user_id)
+                .fetch_all(&mut *tx)
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            sqlx::query("DELETE FROM devices WHERE user_id = $1")
                 .bind(user_id)
                 .execute(&mut *tx)
                 .await?;
-        }
-        tx.commit().await?;
-        Ok(hashes)
+            for table in ["device_keys", "one_time_keys", "fallback_keys", "to_device"] {
+                sqlx::query(AssertSqlSafe(format!("DELETE FROM {table} WHERE user_id = $1")))
+                    .bind(user_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok(hashes)
+        })
     }
 
     // ---- rooms and events ------------------------------------------------------------------
 
     pub async fn room_version(&self, room_id: &str) -> Result<Option<String>> {
-        let row = sqlx::query("SELECT room_version FROM rooms WHERE room_id = $1")
-            .bind(room_id)
-            .fetch_optional(&self.read)
-            .await?;
-        Ok(row.map(|r| r.get(0)))
+        on_db!(self, |write, read| {
+            let row = sqlx::query("SELECT room_version FROM rooms WHERE room_id = $1")
+                .bind(room_id)
+                .fetch_optional(read)
+                .await?;
+            Ok(row.map(|r| r.get(0)))
+        })
     }
 
     /// Highest stream position in use (0 for an empty database).
     pub async fn max_stream_pos(&self) -> Result<i64> {
-        let row = sqlx::query("SELECT COALESCE(MAX(stream_pos), 0) FROM events")
-            .fetch_one(&self.read)
-            .await?;
-        Ok(row.get(0))
+        on_db!(self, |write, read| {
+            let row = sqlx::query("SELECT COALESCE(MAX(stream_pos), 0) FROM events")
+                .fetch_one(read)
+                .await?;
+            Ok(row.get(0))
+        })
     }
 
     /// Appends accepted events: the event rows, the room row (for a create event), the current
     /// state changes and the client's transaction ID, all in one database transaction, so a crash
     /// leaves either all of it or none.
     pub async fn append_events(&self, events: &[&NewEvent]) -> Result<()> {
-        let mut tx = self.write.begin().await?;
-        append_in(&mut tx, events).await?;
-        tx.commit().await?;
-        Ok(())
+        on_db!(self, |write, read| {
+            let mut tx = write.begin().await?;
+            ops::append_in(&mut tx, events).await?;
+            tx.commit().await?;
+            Ok(())
+        })
     }
 
     /// The event a client transaction produced, if the transaction was seen before.
@@ -262,80 +328,92 @@ impl Store {
         event_type: &str,
         txn_id: &str,
     ) -> Result<Option<String>> {
-        let row = sqlx::query(
-            "SELECT event_id FROM event_txns
-             WHERE user_id = $1 AND device_id = $2 AND room_id = $3 AND event_type = $4 AND txn_id = $5",
-        )
-        .bind(user_id)
-        .bind(device_id)
-        .bind(room_id)
-        .bind(event_type)
-        .bind(txn_id)
-        .fetch_optional(&self.read)
-        .await?;
-        Ok(row.map(|r| r.get(0)))
+        on_db!(self, |write, read| {
+            let row = sqlx::query(
+                "SELECT event_id FROM event_txns
+                 WHERE user_id = $1 AND device_id = $2 AND room_id = $3 AND event_type = $4 AND txn_id = $5",
+            )
+            .bind(user_id)
+            .bind(device_id)
+            .bind(room_id)
+            .bind(event_type)
+            .bind(txn_id)
+            .fetch_optional(read)
+            .await?;
+            Ok(row.map(|r| r.get(0)))
+        })
     }
 
     /// Whether any client transaction of the device is stored.
     pub async fn device_has_txns(&self, user_id: &str, device_id: &str) -> Result<bool> {
-        let row = sqlx::query("SELECT 1 FROM event_txns WHERE user_id = $1 AND device_id = $2 LIMIT 1")
-            .bind(user_id)
-            .bind(device_id)
-            .fetch_optional(&self.read)
-            .await?;
-        Ok(row.is_some())
+        on_db!(self, |write, read| {
+            let row = sqlx::query("SELECT 1 FROM event_txns WHERE user_id = $1 AND device_id = $2 LIMIT 1")
+                .bind(user_id)
+                .bind(device_id)
+                .fetch_optional(read)
+                .await?;
+            Ok(row.is_some())
+        })
     }
 
     pub async fn event(&self, event_id: &str) -> Result<Option<EventRow>> {
-        let row = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {EVENT_COLUMNS} FROM events WHERE event_id = $1"
-        )))
-        .bind(event_id)
-        .fetch_optional(&self.read)
-        .await?;
-        row.map(|r| rows::event_from_row(&r)).transpose()
+        on_db!(self, |write, read| {
+            let row = sqlx::query(AssertSqlSafe(format!(
+                "SELECT {EVENT_COLUMNS} FROM events WHERE event_id = $1"
+            )))
+            .bind(event_id)
+            .fetch_optional(read)
+            .await?;
+            row.map(|r| rows::event_from_row(&r)).transpose()
+        })
     }
 
     /// The newest event of a room (its forward extremity) and its depth.
     pub async fn room_head(&self, room_id: &str) -> Result<Option<(String, i64)>> {
-        let row = sqlx::query(
-            "SELECT event_id, depth FROM events WHERE room_id = $1 ORDER BY stream_pos DESC LIMIT 1",
-        )
-        .bind(room_id)
-        .fetch_optional(&self.read)
-        .await?;
-        Ok(row.map(|r| (r.get(0), r.get(1))))
+        on_db!(self, |write, read| {
+            let row = sqlx::query(
+                "SELECT event_id, depth FROM events WHERE room_id = $1 ORDER BY stream_pos DESC LIMIT 1",
+            )
+            .bind(room_id)
+            .fetch_optional(read)
+            .await?;
+            Ok(row.map(|r| (r.get(0), r.get(1))))
+        })
     }
 
     /// Current state events of a room.
     pub async fn current_state(&self, room_id: &str) -> Result<Vec<EventRow>> {
-        let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {} FROM current_state c JOIN events e ON e.event_id = c.event_id
-             WHERE c.room_id = $1 ORDER BY e.stream_pos",
-            prefixed_event_columns("e")
-        )))
-        .bind(room_id)
-        .fetch_all(&self.read)
-        .await?;
-        rows.iter().map(rows::event_from_row).collect()
+        on_db!(self, |write, read| {
+            let rows = sqlx::query(AssertSqlSafe(format!(
+                "SELECT {} FROM current_state c JOIN events e ON e.event_id = c.event_id
+                 WHERE c.room_id = $1 ORDER BY e.stream_pos",
+                prefixed_event_columns("e")
+            )))
+            .bind(room_id)
+            .fetch_all(read)
+            .await?;
+            rows.iter().map(rows::event_from_row).collect()
+        })
     }
 
     /// State of a room as it was right after the event at `pos`: history is linear on a single
     /// server, so that is the last state event of each `(type, state_key)` at or before `pos`.
     pub async fn state_at(&self, room_id: &str, pos: i64) -> Result<Vec<EventRow>> {
-        let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {} FROM events e
-             JOIN (SELECT MAX(stream_pos) AS p FROM events
-                   WHERE room_id = $1 AND state_key IS NOT NULL AND stream_pos <= $2
-                   GROUP BY type, state_key) latest ON e.stream_pos = latest.p
-             ORDER BY e.stream_pos",
-            prefixed_event_columns("e")
-        )))
-        .bind(room_id)
-        .bind(pos)
-        .fetch_all(&self.read)
-        .await?;
-        rows.iter().map(rows::event_from_row).collect()
+        on_db!(self, |write, read| {
+            let rows = sqlx::query(AssertSqlSafe(format!(
+                "SELECT {} FROM events e
+                 JOIN (SELECT MAX(stream_pos) AS p FROM events
+                       WHERE room_id = $1 AND state_key IS NOT NULL AND stream_pos <= $2
+                       GROUP BY type, state_key) latest ON e.stream_pos = latest.p
+                 ORDER BY e.stream_pos",
+                prefixed_event_columns("e")
+            )))
+            .bind(room_id)
+            .bind(pos)
+            .fetch_all(read)
+            .await?;
+            rows.iter().map(rows::event_from_row).collect()
+        })
     }
 
     /// One state event as of stream position `pos`.
@@ -346,18 +424,20 @@ impl Store {
         state_key: &str,
         pos: i64,
     ) -> Result<Option<EventRow>> {
-        let row = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {EVENT_COLUMNS} FROM events
-             WHERE room_id = $1 AND type = $2 AND state_key = $3 AND stream_pos <= $4
-             ORDER BY stream_pos DESC LIMIT 1"
-        )))
-        .bind(room_id)
-        .bind(kind)
-        .bind(state_key)
-        .bind(pos)
-        .fetch_optional(&self.read)
-        .await?;
-        row.map(|r| rows::event_from_row(&r)).transpose()
+        on_db!(self, |write, read| {
+            let row = sqlx::query(AssertSqlSafe(format!(
+                "SELECT {EVENT_COLUMNS} FROM events
+                 WHERE room_id = $1 AND type = $2 AND state_key = $3 AND stream_pos <= $4
+                 ORDER BY stream_pos DESC LIMIT 1"
+            )))
+            .bind(room_id)
+            .bind(kind)
+            .bind(state_key)
+            .bind(pos)
+            .fetch_optional(read)
+            .await?;
+            row.map(|r| rows::event_from_row(&r)).transpose()
+        })
     }
 
     /// Events of a room with `after < stream_pos <= until`, oldest first, at most `limit`
@@ -370,48 +450,54 @@ impl Store {
         limit: i64,
         newest: bool,
     ) -> Result<Vec<EventRow>> {
-        let order = if newest { "DESC" } else { "ASC" };
-        let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {EVENT_COLUMNS} FROM events
-             WHERE room_id = $1 AND stream_pos > $2 AND stream_pos <= $3
-             ORDER BY stream_pos {order} LIMIT $4"
-        )))
-        .bind(room_id)
-        .bind(after)
-        .bind(until)
-        .bind(limit)
-        .fetch_all(&self.read)
-        .await?;
-        let mut events: Vec<EventRow> = rows.iter().map(rows::event_from_row).collect::<Result<_>>()?;
-        if newest {
-            events.reverse();
-        }
-        Ok(events)
+        on_db!(self, |write, read| {
+            let order = if newest { "DESC" } else { "ASC" };
+            let rows = sqlx::query(AssertSqlSafe(format!(
+                "SELECT {EVENT_COLUMNS} FROM events
+                 WHERE room_id = $1 AND stream_pos > $2 AND stream_pos <= $3
+                 ORDER BY stream_pos {order} LIMIT $4"
+            )))
+            .bind(room_id)
+            .bind(after)
+            .bind(until)
+            .bind(limit)
+            .fetch_all(read)
+            .await?;
+            let mut events: Vec<EventRow> = rows.iter().map(rows::event_from_row).collect::<Result<_>>()?;
+            if newest {
+                events.reverse();
+            }
+            Ok(events)
+        })
     }
 
     /// The rooms a user has a current membership in, with that membership and its stream position.
     pub async fn user_memberships(&self, user_id: &str) -> Result<Vec<(String, String, i64)>> {
-        let rows = sqlx::query(
-            "SELECT room_id, membership, stream_pos FROM current_state
-             WHERE type = 'm.room.member' AND state_key = $1",
-        )
-        .bind(user_id)
-        .fetch_all(&self.read)
-        .await?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
+        on_db!(self, |write, read| {
+            let rows = sqlx::query(
+                "SELECT room_id, membership, stream_pos FROM current_state
+                 WHERE type = 'm.room.member' AND state_key = $1",
+            )
+            .bind(user_id)
+            .fetch_all(read)
+            .await?;
+            Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
+        })
     }
 
     /// The user's membership events in one room, oldest first: the windows of history they may see.
     pub async fn membership_history(&self, room_id: &str, user_id: &str) -> Result<Vec<EventRow>> {
-        let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {EVENT_COLUMNS} FROM events
-             WHERE room_id = $1 AND type = 'm.room.member' AND state_key = $2 ORDER BY stream_pos"
-        )))
-        .bind(room_id)
-        .bind(user_id)
-        .fetch_all(&self.read)
-        .await?;
-        rows.iter().map(rows::event_from_row).collect()
+        on_db!(self, |write, read| {
+            let rows = sqlx::query(AssertSqlSafe(format!(
+                "SELECT {EVENT_COLUMNS} FROM events
+                 WHERE room_id = $1 AND type = 'm.room.member' AND state_key = $2 ORDER BY stream_pos"
+            )))
+            .bind(room_id)
+            .bind(user_id)
+            .fetch_all(read)
+            .await?;
+            rows.iter().map(rows::event_from_row).collect()
+        })
     }
 
     /// Events relating to `event_id` (optionally of one `rel_type` and event type) with
@@ -428,51 +514,61 @@ impl Store {
         limit: i64,
         newest: bool,
     ) -> Result<Vec<EventRow>> {
-        let order = if newest { "DESC" } else { "ASC" };
-        let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {EVENT_COLUMNS} FROM events
-             WHERE relates_to = $1 AND room_id = $2 AND ($3 IS NULL OR rel_type = $3) AND ($4 IS NULL OR type = $4)
-               AND stream_pos > $5 AND stream_pos <= $6
-             ORDER BY stream_pos {order} LIMIT $7"
-        )))
-        .bind(event_id)
-        .bind(room_id)
-        .bind(rel_type)
-        .bind(kind)
-        .bind(after)
-        .bind(until)
-        .bind(limit)
-        .fetch_all(&self.read)
-        .await?;
-        rows.iter().map(rows::event_from_row).collect()
+        on_db!(self, |write, read| {
+            let order = if newest { "DESC" } else { "ASC" };
+            let rows = sqlx::query(AssertSqlSafe(format!(
+                "SELECT {EVENT_COLUMNS} FROM events
+                 WHERE relates_to = $1 AND room_id = $2 AND ($3 IS NULL OR rel_type = $3) AND ($4 IS NULL OR type = $4)
+                   AND stream_pos > $5 AND stream_pos <= $6
+                 ORDER BY stream_pos {order} LIMIT $7"
+            )))
+            .bind(event_id)
+            .bind(room_id)
+            .bind(rel_type)
+            .bind(kind)
+            .bind(after)
+            .bind(until)
+            .bind(limit)
+            .fetch_all(read)
+            .await?;
+            rows.iter().map(rows::event_from_row).collect()
+        })
     }
 
     /// Rooms that have any event with `after < stream_pos <= until`.
     pub async fn rooms_with_events(&self, after: i64, until: i64) -> Result<Vec<String>> {
-        let rows =
-            sqlx::query("SELECT DISTINCT room_id FROM events WHERE stream_pos > $1 AND stream_pos <= $2")
-                .bind(after)
-                .bind(until)
-                .fetch_all(&self.read)
-                .await?;
-        Ok(rows.iter().map(|r| r.get(0)).collect())
+        on_db!(self, |write, read| {
+            let rows =
+                sqlx::query("SELECT DISTINCT room_id FROM events WHERE stream_pos > $1 AND stream_pos <= $2")
+                    .bind(after)
+                    .bind(until)
+                    .fetch_all(read)
+                    .await?;
+            Ok(rows.iter().map(|r| r.get(0)).collect())
+        })
     }
 
     pub async fn forget_room(&self, user_id: &str, room_id: &str) -> Result<()> {
-        sqlx::query("INSERT INTO forgotten_rooms (user_id, room_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+        on_db!(self, |write, read| {
+            sqlx::query(
+                "INSERT INTO forgotten_rooms (user_id, room_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            )
             .bind(user_id)
             .bind(room_id)
-            .execute(&self.write)
+            .execute(write)
             .await?;
-        Ok(())
+            Ok(())
+        })
     }
 
     pub async fn forgotten_rooms(&self, user_id: &str) -> Result<Vec<String>> {
-        let rows = sqlx::query("SELECT room_id FROM forgotten_rooms WHERE user_id = $1")
-            .bind(user_id)
-            .fetch_all(&self.read)
-            .await?;
-        Ok(rows.iter().map(|r| r.get(0)).collect())
+        on_db!(self, |write, read| {
+            let rows = sqlx::query("SELECT room_id FROM forgotten_rooms WHERE user_id = $1")
+                .bind(user_id)
+                .fetch_all(read)
+                .await?;
+            Ok(rows.iter().map(|r| r.get(0)).collect())
+        })
     }
 
     // ---- application services --------------------------------------------------------------
@@ -481,37 +577,41 @@ impl Store {
     /// created at `start` (now, for a new service: it gets what happens from its registration
     /// on, not the server's whole history).
     pub async fn appservice_state(&self, as_id: &str, start: AsPosition) -> Result<(AsPosition, i64)> {
-        sqlx::query(
-            "INSERT INTO appservice_state (as_id, last_pos, last_aux) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-        )
-        .bind(as_id)
-        .bind(start.events)
-        .bind(start.aux)
-        .execute(&self.write)
-        .await?;
-        let row =
-            sqlx::query("SELECT last_pos, last_aux, last_txn_id FROM appservice_state WHERE as_id = $1")
-                .bind(as_id)
-                .fetch_one(&self.write)
-                .await?;
-        Ok((
-            AsPosition {
-                events: row.get(0),
-                aux: row.get(1),
-            },
-            row.get(2),
-        ))
+        on_db!(self, |write, read| {
+            sqlx::query(
+                "INSERT INTO appservice_state (as_id, last_pos, last_aux) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+            )
+            .bind(as_id)
+            .bind(start.events)
+            .bind(start.aux)
+            .execute(write)
+            .await?;
+            let row =
+                sqlx::query("SELECT last_pos, last_aux, last_txn_id FROM appservice_state WHERE as_id = $1")
+                    .bind(as_id)
+                    .fetch_one(write)
+                    .await?;
+            Ok((
+                AsPosition {
+                    events: row.get(0),
+                    aux: row.get(1),
+                },
+                row.get(2),
+            ))
+        })
     }
 
     /// Records that everything up to `pos` was considered and none was for the service.
     /// Moves services' positions forward (never back), all in one transaction.
     pub async fn appservice_skip_to(&self, positions: &[(String, AsPosition)]) -> Result<()> {
-        let mut tx = self.write.begin().await?;
-        for (as_id, pos) in positions {
-            advance_in(&mut tx, as_id, *pos).await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        on_db!(self, |write, read| {
+            let mut tx = write.begin().await?;
+            for (as_id, pos) in positions {
+                ops::advance_in(&mut tx, as_id, *pos).await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
     }
 
     /// Stores a new in-flight transaction with the next txn ID, before its first send.
@@ -522,29 +622,33 @@ impl Store {
         event_count: i64,
         body: &str,
     ) -> Result<i64> {
-        let mut tx = self.write.begin().await?;
-        let txn_id = new_txn_in(&mut tx, as_id, upto, event_count, body).await?;
-        tx.commit().await?;
-        Ok(txn_id)
+        on_db!(self, |write, read| {
+            let mut tx = write.begin().await?;
+            let txn_id = ops::new_txn_in(&mut tx, as_id, upto, event_count, body).await?;
+            tx.commit().await?;
+            Ok(txn_id)
+        })
     }
 
     /// The in-flight transaction of a service.
     pub async fn appservice_pending_txn(&self, as_id: &str) -> Result<Option<StoredTxn>> {
-        let row = sqlx::query(
-            "SELECT txn_id, last_pos, last_aux, event_count, body FROM appservice_txns WHERE as_id = $1",
-        )
-        .bind(as_id)
-        .fetch_optional(&self.read)
-        .await?;
-        Ok(row.map(|r| StoredTxn {
-            txn_id: r.get(0),
-            upto: AsPosition {
-                events: r.get(1),
-                aux: r.get(2),
-            },
-            event_count: r.get(3),
-            body: r.get(4),
-        }))
+        on_db!(self, |write, read| {
+            let row = sqlx::query(
+                "SELECT txn_id, last_pos, last_aux, event_count, body FROM appservice_txns WHERE as_id = $1",
+            )
+            .bind(as_id)
+            .fetch_optional(read)
+            .await?;
+            Ok(row.map(|r| StoredTxn {
+                txn_id: r.get(0),
+                upto: AsPosition {
+                    events: r.get(1),
+                    aux: r.get(2),
+                },
+                event_count: r.get(3),
+                body: r.get(4),
+            }))
+        })
     }
 
     /// Acknowledges a delivered transaction and, in the same database transaction (one fsync),
@@ -557,171 +661,195 @@ impl Store {
         skip_to: Option<AsPosition>,
         next: Option<(AsPosition, i64, &str)>,
     ) -> Result<Option<i64>> {
-        let mut tx = self.write.begin().await?;
-        let row = sqlx::query(
-            "DELETE FROM appservice_txns WHERE as_id = $1 AND txn_id = $2 RETURNING last_pos, last_aux",
-        )
-        .bind(as_id)
-        .bind(acked_txn_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some(row) = row {
-            advance_in(
-                &mut tx,
-                as_id,
-                AsPosition {
-                    events: row.get(0),
-                    aux: row.get(1),
-                },
+        on_db!(self, |write, read| {
+            let mut tx = write.begin().await?;
+            let row = sqlx::query(
+                "DELETE FROM appservice_txns WHERE as_id = $1 AND txn_id = $2 RETURNING last_pos, last_aux",
             )
+            .bind(as_id)
+            .bind(acked_txn_id)
+            .fetch_optional(&mut *tx)
             .await?;
-        }
-        if let Some(pos) = skip_to {
-            advance_in(&mut tx, as_id, pos).await?;
-        }
-        let mut new_txn = None;
-        if let Some((upto, event_count, body)) = next {
-            new_txn = Some(new_txn_in(&mut tx, as_id, upto, event_count, body).await?);
-        }
-        tx.commit().await?;
-        Ok(new_txn)
+            if let Some(row) = row {
+                ops::advance_in(
+                    &mut tx,
+                    as_id,
+                    AsPosition {
+                        events: row.get(0),
+                        aux: row.get(1),
+                    },
+                )
+                .await?;
+            }
+            if let Some(pos) = skip_to {
+                ops::advance_in(&mut tx, as_id, pos).await?;
+            }
+            let mut new_txn = None;
+            if let Some((upto, event_count, body)) = next {
+                new_txn = Some(ops::new_txn_in(&mut tx, as_id, upto, event_count, body).await?);
+            }
+            tx.commit().await?;
+            Ok(new_txn)
+        })
     }
 
     /// Events with `after < stream_pos <= until`, oldest first, at most `limit`, across all rooms.
     /// The events at these stream positions, in stream order.
     pub async fn events_at(&self, positions: &[i64]) -> Result<Vec<EventRow>> {
-        let mut rows = Vec::with_capacity(positions.len());
-        for chunk in positions.chunks(INSERT_CHUNK) {
-            let mut select = sqlx::QueryBuilder::new(format!(
-                "SELECT {EVENT_COLUMNS} FROM events WHERE stream_pos IN ("
-            ));
-            let mut list = select.separated(", ");
-            for pos in chunk {
-                list.push_bind(*pos);
+        on_db!(self, |write, read| {
+            let mut rows = Vec::with_capacity(positions.len());
+            for chunk in positions.chunks(INSERT_CHUNK) {
+                let mut select = sqlx::QueryBuilder::new(format!(
+                    "SELECT {EVENT_COLUMNS} FROM events WHERE stream_pos IN ("
+                ));
+                let mut list = select.separated(", ");
+                for pos in chunk {
+                    list.push_bind(*pos);
+                }
+                select.push(") ORDER BY stream_pos");
+                for row in select.build().fetch_all(read).await? {
+                    rows.push(rows::event_from_row(&row)?);
+                }
             }
-            select.push(") ORDER BY stream_pos");
-            for row in select.build().fetch_all(&self.read).await? {
-                rows.push(rows::event_from_row(&row)?);
-            }
-        }
-        Ok(rows)
+            Ok(rows)
+        })
     }
 
     pub async fn events_after(&self, after: i64, until: i64, limit: i64) -> Result<Vec<EventRow>> {
-        let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {EVENT_COLUMNS} FROM events WHERE stream_pos > $1 AND stream_pos <= $2
-             ORDER BY stream_pos LIMIT $3"
-        )))
-        .bind(after)
-        .bind(until)
-        .bind(limit)
-        .fetch_all(&self.read)
-        .await?;
-        rows.iter().map(rows::event_from_row).collect()
+        on_db!(self, |write, read| {
+            let rows = sqlx::query(AssertSqlSafe(format!(
+                "SELECT {EVENT_COLUMNS} FROM events WHERE stream_pos > $1 AND stream_pos <= $2
+                 ORDER BY stream_pos LIMIT $3"
+            )))
+            .bind(after)
+            .bind(until)
+            .bind(limit)
+            .fetch_all(read)
+            .await?;
+            rows.iter().map(rows::event_from_row).collect()
+        })
     }
 
     /// Joined members of a room with the given server part (local members).
     pub async fn joined_members(&self, room_id: &str) -> Result<Vec<String>> {
-        let rows = sqlx::query(
-            "SELECT state_key FROM current_state WHERE room_id = $1 AND type = 'm.room.member' AND membership = 'join'",
-        )
-        .bind(room_id)
-        .fetch_all(&self.read)
-        .await?;
-        Ok(rows.iter().map(|r| r.get(0)).collect())
+        on_db!(self, |write, read| {
+            let rows = sqlx::query(
+                "SELECT state_key FROM current_state WHERE room_id = $1 AND type = 'm.room.member' AND membership = 'join'",
+            )
+            .bind(room_id)
+            .fetch_all(read)
+            .await?;
+            Ok(rows.iter().map(|r| r.get(0)).collect())
+        })
     }
 
     /// Whether the user has a device with this ID.
     pub async fn device_exists(&self, user_id: &str, device_id: &str) -> Result<bool> {
-        let row = sqlx::query("SELECT 1 FROM devices WHERE user_id = $1 AND device_id = $2")
-            .bind(user_id)
-            .bind(device_id)
-            .fetch_optional(&self.read)
-            .await?;
-        Ok(row.is_some())
+        on_db!(self, |write, read| {
+            let row = sqlx::query("SELECT 1 FROM devices WHERE user_id = $1 AND device_id = $2")
+                .bind(user_id)
+                .bind(device_id)
+                .fetch_optional(read)
+                .await?;
+            Ok(row.is_some())
+        })
     }
 
     /// Replaces a stored event's PDU with its redacted form and records what redacted it.
     pub async fn redact_event(&self, event_id: &str, redacted_pdu: &str, unsigned: &str) -> Result<()> {
-        sqlx::query("UPDATE events SET pdu = $2, unsigned = $3 WHERE event_id = $1")
-            .bind(event_id)
-            .bind(redacted_pdu)
-            .bind(unsigned)
-            .execute(&self.write)
-            .await?;
-        Ok(())
+        on_db!(self, |write, read| {
+            sqlx::query("UPDATE events SET pdu = $2, unsigned = $3 WHERE event_id = $1")
+                .bind(event_id)
+                .bind(redacted_pdu)
+                .bind(unsigned)
+                .execute(write)
+                .await?;
+            Ok(())
+        })
     }
 
     /// Publishes a room in the directory (under an application service's instance, or '').
     pub async fn publish_room(&self, room_id: &str, instance: &str) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO room_directory (room_id, instance) VALUES ($1, $2)
-             ON CONFLICT (room_id) DO UPDATE SET instance = $2",
-        )
-        .bind(room_id)
-        .bind(instance)
-        .execute(&self.write)
-        .await?;
-        Ok(())
+        on_db!(self, |write, read| {
+            sqlx::query(
+                "INSERT INTO room_directory (room_id, instance) VALUES ($1, $2)
+                 ON CONFLICT (room_id) DO UPDATE SET instance = $2",
+            )
+            .bind(room_id)
+            .bind(instance)
+            .execute(write)
+            .await?;
+            Ok(())
+        })
     }
 
     pub async fn unpublish_room(&self, room_id: &str) -> Result<()> {
-        sqlx::query("DELETE FROM room_directory WHERE room_id = $1")
-            .bind(room_id)
-            .execute(&self.write)
-            .await?;
-        Ok(())
+        on_db!(self, |write, read| {
+            sqlx::query("DELETE FROM room_directory WHERE room_id = $1")
+                .bind(room_id)
+                .execute(write)
+                .await?;
+            Ok(())
+        })
     }
 
     /// The directory instance a room is published under, if it is published.
     pub async fn room_publication(&self, room_id: &str) -> Result<Option<String>> {
-        let row = sqlx::query("SELECT instance FROM room_directory WHERE room_id = $1")
-            .bind(room_id)
-            .fetch_optional(&self.read)
-            .await?;
-        Ok(row.map(|r| r.get(0)))
+        on_db!(self, |write, read| {
+            let row = sqlx::query("SELECT instance FROM room_directory WHERE room_id = $1")
+                .bind(room_id)
+                .fetch_optional(read)
+                .await?;
+            Ok(row.map(|r| r.get(0)))
+        })
     }
 
     /// `(room_id, instance)` of every published room.
     pub async fn published_rooms(&self) -> Result<Vec<(String, String)>> {
-        let rows = sqlx::query("SELECT room_id, instance FROM room_directory ORDER BY room_id")
-            .fetch_all(&self.read)
-            .await?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        on_db!(self, |write, read| {
+            let rows = sqlx::query("SELECT room_id, instance FROM room_directory ORDER BY room_id")
+                .fetch_all(read)
+                .await?;
+            Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        })
     }
 
     // ---- end-to-end encryption -----------------------------------------------------------------
 
     pub async fn set_device_keys(&self, user_id: &str, device_id: &str, keys: &str, pos: i64) -> Result<()> {
-        let mut tx = self.write.begin().await?;
-        sqlx::query(
-            "INSERT INTO device_keys (user_id, device_id, keys) VALUES ($1, $2, $3)
-             ON CONFLICT (user_id, device_id) DO UPDATE SET keys = $3",
-        )
-        .bind(user_id)
-        .bind(device_id)
-        .bind(keys)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("INSERT INTO device_list_changes (user_id, stream_pos) VALUES ($1, $2)")
+        on_db!(self, |write, read| {
+            let mut tx = write.begin().await?;
+            sqlx::query(
+                "INSERT INTO device_keys (user_id, device_id, keys) VALUES ($1, $2, $3)
+                 ON CONFLICT (user_id, device_id) DO UPDATE SET keys = $3",
+            )
             .bind(user_id)
-            .bind(pos)
+            .bind(device_id)
+            .bind(keys)
             .execute(&mut *tx)
             .await?;
-        tx.commit().await?;
-        Ok(())
+            sqlx::query("INSERT INTO device_list_changes (user_id, stream_pos) VALUES ($1, $2)")
+                .bind(user_id)
+                .bind(pos)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(())
+        })
     }
 
     /// `(device_id, keys)` of a user's devices that uploaded keys.
     pub async fn device_keys(&self, user_id: &str) -> Result<Vec<(String, String)>> {
-        let rows = sqlx::query(
-            "SELECT k.device_id, k.keys FROM device_keys k
-             JOIN devices d ON d.user_id = k.user_id AND d.device_id = k.device_id WHERE k.user_id = $1",
-        )
-        .bind(user_id)
-        .fetch_all(&self.read)
-        .await?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        on_db!(self, |write, read| {
+            let rows = sqlx::query(
+                "SELECT k.device_id, k.keys FROM device_keys k
+                 JOIN devices d ON d.user_id = k.user_id AND d.device_id = k.device_id WHERE k.user_id = $1",
+            )
+            .bind(user_id)
+            .fetch_all(read)
+            .await?;
+            Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        })
     }
 
     pub async fn add_one_time_key(
@@ -732,18 +860,20 @@ impl Store {
         key_id: &str,
         key: &str,
     ) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO one_time_keys (user_id, device_id, algorithm, key_id, key) VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(user_id)
-        .bind(device_id)
-        .bind(algorithm)
-        .bind(key_id)
-        .bind(key)
-        .execute(&self.write)
-        .await?;
-        Ok(())
+        on_db!(self, |write, read| {
+            sqlx::query(
+                "INSERT INTO one_time_keys (user_id, device_id, algorithm, key_id, key) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(user_id)
+            .bind(device_id)
+            .bind(algorithm)
+            .bind(key_id)
+            .bind(key)
+            .execute(write)
+            .await?;
+            Ok(())
+        })
     }
 
     pub async fn set_fallback_key(
@@ -754,41 +884,47 @@ impl Store {
         key_id: &str,
         key: &str,
     ) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO fallback_keys (user_id, device_id, algorithm, key_id, key, used) VALUES ($1, $2, $3, $4, $5, 0)
-             ON CONFLICT (user_id, device_id, algorithm) DO UPDATE SET key_id = $4, key = $5, used = 0",
-        )
-        .bind(user_id)
-        .bind(device_id)
-        .bind(algorithm)
-        .bind(key_id)
-        .bind(key)
-        .execute(&self.write)
-        .await?;
-        Ok(())
+        on_db!(self, |write, read| {
+            sqlx::query(
+                "INSERT INTO fallback_keys (user_id, device_id, algorithm, key_id, key, used) VALUES ($1, $2, $3, $4, $5, FALSE)
+                 ON CONFLICT (user_id, device_id, algorithm) DO UPDATE SET key_id = $4, key = $5, used = FALSE",
+            )
+            .bind(user_id)
+            .bind(device_id)
+            .bind(algorithm)
+            .bind(key_id)
+            .bind(key)
+            .execute(write)
+            .await?;
+            Ok(())
+        })
     }
 
     /// Unclaimed one-time keys per algorithm.
     pub async fn one_time_key_counts(&self, user_id: &str, device_id: &str) -> Result<Vec<(String, i64)>> {
-        let rows = sqlx::query(
-            "SELECT algorithm, COUNT(*) FROM one_time_keys WHERE user_id = $1 AND device_id = $2 GROUP BY algorithm",
-        )
-        .bind(user_id)
-        .bind(device_id)
-        .fetch_all(&self.read)
-        .await?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        on_db!(self, |write, read| {
+            let rows = sqlx::query(
+                "SELECT algorithm, COUNT(*) FROM one_time_keys WHERE user_id = $1 AND device_id = $2 GROUP BY algorithm",
+            )
+            .bind(user_id)
+            .bind(device_id)
+            .fetch_all(read)
+            .await?;
+            Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        })
     }
 
     pub async fn unused_fallback_algorithms(&self, user_id: &str, device_id: &str) -> Result<Vec<String>> {
-        let rows = sqlx::query(
-            "SELECT algorithm FROM fallback_keys WHERE user_id = $1 AND device_id = $2 AND used = 0",
-        )
-        .bind(user_id)
-        .bind(device_id)
-        .fetch_all(&self.read)
-        .await?;
-        Ok(rows.iter().map(|r| r.get(0)).collect())
+        on_db!(self, |write, read| {
+            let rows = sqlx::query(
+                "SELECT algorithm FROM fallback_keys WHERE user_id = $1 AND device_id = $2 AND used = FALSE",
+            )
+            .bind(user_id)
+            .bind(device_id)
+            .fetch_all(read)
+            .await?;
+            Ok(rows.iter().map(|r| r.get(0)).collect())
+        })
     }
 
     /// Takes one one-time key (or, when none is left, the fallback key): `(key_id, key)`.
@@ -798,86 +934,101 @@ impl Store {
         device_id: &str,
         algorithm: &str,
     ) -> Result<Option<(String, String)>> {
-        let mut tx = self.write.begin().await?;
-        let row = sqlx::query(
-            "DELETE FROM one_time_keys WHERE rowid = (SELECT rowid FROM one_time_keys
-               WHERE user_id = $1 AND device_id = $2 AND algorithm = $3 ORDER BY key_id LIMIT 1)
-             RETURNING key_id, key",
-        )
-        .bind(user_id)
-        .bind(device_id)
-        .bind(algorithm)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let claimed = match row {
-            Some(row) => Some((row.get(0), row.get(1))),
-            None => sqlx::query(
-                "UPDATE fallback_keys SET used = 1 WHERE user_id = $1 AND device_id = $2 AND algorithm = $3
+        on_db!(self, |write, read| {
+            let mut tx = write.begin().await?;
+            let row = sqlx::query(
+                "DELETE FROM one_time_keys
+                 WHERE user_id = $1 AND device_id = $2 AND algorithm = $3
+                   AND key_id = (SELECT key_id FROM one_time_keys
+                                 WHERE user_id = $1 AND device_id = $2 AND algorithm = $3
+                                 ORDER BY key_id LIMIT 1)
                  RETURNING key_id, key",
             )
             .bind(user_id)
             .bind(device_id)
             .bind(algorithm)
             .fetch_optional(&mut *tx)
-            .await?
-            .map(|row| (row.get(0), row.get(1))),
-        };
-        tx.commit().await?;
-        Ok(claimed)
+            .await?;
+            let claimed = match row {
+                Some(row) => Some((row.get(0), row.get(1))),
+                None => sqlx::query(
+                    "UPDATE fallback_keys SET used = TRUE WHERE user_id = $1 AND device_id = $2 AND algorithm = $3
+                     RETURNING key_id, key",
+                )
+                .bind(user_id)
+                .bind(device_id)
+                .bind(algorithm)
+                .fetch_optional(&mut *tx)
+                .await?
+                .map(|row| (row.get(0), row.get(1))),
+            };
+            tx.commit().await?;
+            Ok(claimed)
+        })
     }
 
     pub async fn set_cross_signing_key(&self, user_id: &str, key_type: &str, keys: &str) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO cross_signing_keys (user_id, key_type, keys) VALUES ($1, $2, $3)
-             ON CONFLICT (user_id, key_type) DO UPDATE SET keys = $3",
-        )
-        .bind(user_id)
-        .bind(key_type)
-        .bind(keys)
-        .execute(&self.write)
-        .await?;
-        Ok(())
+        on_db!(self, |write, read| {
+            sqlx::query(
+                "INSERT INTO cross_signing_keys (user_id, key_type, keys) VALUES ($1, $2, $3)
+                 ON CONFLICT (user_id, key_type) DO UPDATE SET keys = $3",
+            )
+            .bind(user_id)
+            .bind(key_type)
+            .bind(keys)
+            .execute(write)
+            .await?;
+            Ok(())
+        })
     }
 
     /// `(key_type, keys)` of a user's cross-signing keys.
     pub async fn cross_signing_keys(&self, user_id: &str) -> Result<Vec<(String, String)>> {
-        let rows = sqlx::query("SELECT key_type, keys FROM cross_signing_keys WHERE user_id = $1")
-            .bind(user_id)
-            .fetch_all(&self.read)
-            .await?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        on_db!(self, |write, read| {
+            let rows = sqlx::query("SELECT key_type, keys FROM cross_signing_keys WHERE user_id = $1")
+                .bind(user_id)
+                .fetch_all(read)
+                .await?;
+            Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        })
     }
 
     /// Replaces a device's uploaded keys (signatures added), without recording a change.
     pub async fn update_device_keys(&self, user_id: &str, device_id: &str, keys: &str) -> Result<()> {
-        sqlx::query("UPDATE device_keys SET keys = $3 WHERE user_id = $1 AND device_id = $2")
-            .bind(user_id)
-            .bind(device_id)
-            .bind(keys)
-            .execute(&self.write)
-            .await?;
-        Ok(())
+        on_db!(self, |write, read| {
+            sqlx::query("UPDATE device_keys SET keys = $3 WHERE user_id = $1 AND device_id = $2")
+                .bind(user_id)
+                .bind(device_id)
+                .bind(keys)
+                .execute(write)
+                .await?;
+            Ok(())
+        })
     }
 
     /// Users whose device lists changed with `after < stream_pos <= until`.
     pub async fn device_list_changes(&self, after: i64, until: i64) -> Result<Vec<String>> {
-        let rows = sqlx::query(
-            "SELECT DISTINCT user_id FROM device_list_changes WHERE stream_pos > $1 AND stream_pos <= $2",
-        )
-        .bind(after)
-        .bind(until)
-        .fetch_all(&self.read)
-        .await?;
-        Ok(rows.iter().map(|r| r.get(0)).collect())
+        on_db!(self, |write, read| {
+            let rows = sqlx::query(
+                "SELECT DISTINCT user_id FROM device_list_changes WHERE stream_pos > $1 AND stream_pos <= $2",
+            )
+            .bind(after)
+            .bind(until)
+            .fetch_all(read)
+            .await?;
+            Ok(rows.iter().map(|r| r.get(0)).collect())
+        })
     }
 
     pub async fn record_device_list_change(&self, user_id: &str, pos: i64) -> Result<()> {
-        sqlx::query("INSERT INTO device_list_changes (user_id, stream_pos) VALUES ($1, $2)")
-            .bind(user_id)
-            .bind(pos)
-            .execute(&self.write)
-            .await?;
-        Ok(())
+        on_db!(self, |write, read| {
+            sqlx::query("INSERT INTO device_list_changes (user_id, stream_pos) VALUES ($1, $2)")
+                .bind(user_id)
+                .bind(pos)
+                .execute(write)
+                .await?;
+            Ok(())
+        })
     }
 
     /// Queues to-device messages `(user, device, type, content)` from `sender`, once per txn.
@@ -888,36 +1039,38 @@ impl Store {
         messages: &[(String, String, String, String)],
         pos: i64,
     ) -> Result<bool> {
-        let (sender_id, sender_device, txn_id) = sender;
-        let mut tx = self.write.begin().await?;
-        let fresh = sqlx::query(
-            "INSERT INTO to_device_txns (sender, device_id, txn_id) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-        )
-        .bind(sender_id)
-        .bind(sender_device)
-        .bind(txn_id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
-        if fresh {
-            for (user, device, kind, content) in messages {
-                sqlx::query(
-                    "INSERT INTO to_device (stream_pos, user_id, device_id, sender, type, content)
-                     VALUES ($1, $2, $3, $4, $5, $6)",
-                )
-                .bind(pos)
-                .bind(user)
-                .bind(device)
-                .bind(sender_id)
-                .bind(kind)
-                .bind(content)
-                .execute(&mut *tx)
-                .await?;
+        on_db!(self, |write, read| {
+            let (sender_id, sender_device, txn_id) = sender;
+            let mut tx = write.begin().await?;
+            let fresh = sqlx::query(
+                "INSERT INTO to_device_txns (sender, device_id, txn_id) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+            )
+            .bind(sender_id)
+            .bind(sender_device)
+            .bind(txn_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                == 1;
+            if fresh {
+                for (user, device, kind, content) in messages {
+                    sqlx::query(
+                        "INSERT INTO to_device (stream_pos, user_id, device_id, sender, type, content)
+                         VALUES ($1, $2, $3, $4, $5, $6)",
+                    )
+                    .bind(pos)
+                    .bind(user)
+                    .bind(device)
+                    .bind(sender_id)
+                    .bind(kind)
+                    .bind(content)
+                    .execute(&mut *tx)
+                    .await?;
+                }
             }
-        }
-        tx.commit().await?;
-        Ok(fresh)
+            tx.commit().await?;
+            Ok(fresh)
+        })
     }
 
     /// To-device messages for a device with `stream_pos <= until`, oldest first:
@@ -929,34 +1082,38 @@ impl Store {
         ack: i64,
         until: i64,
     ) -> Result<Vec<(String, String, String)>> {
-        sqlx::query("DELETE FROM to_device WHERE user_id = $1 AND device_id = $2 AND stream_pos <= $3")
+        on_db!(self, |write, read| {
+            sqlx::query("DELETE FROM to_device WHERE user_id = $1 AND device_id = $2 AND stream_pos <= $3")
+                .bind(user_id)
+                .bind(device_id)
+                .bind(ack)
+                .execute(write)
+                .await?;
+            let rows = sqlx::query(
+                "SELECT sender, type, content FROM to_device WHERE user_id = $1 AND device_id = $2 AND stream_pos <= $3
+                 ORDER BY stream_pos",
+            )
             .bind(user_id)
             .bind(device_id)
-            .bind(ack)
-            .execute(&self.write)
+            .bind(until)
+            .fetch_all(write)
             .await?;
-        let rows = sqlx::query(
-            "SELECT sender, type, content FROM to_device WHERE user_id = $1 AND device_id = $2 AND stream_pos <= $3
-             ORDER BY stream_pos",
-        )
-        .bind(user_id)
-        .bind(device_id)
-        .bind(until)
-        .fetch_all(&self.write)
-        .await?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
+            Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
+        })
     }
 
     // ---- media ----------------------------------------------------------------------------------
 
     pub async fn create_media(&self, media_id: &str, uploader: &str, now: i64) -> Result<()> {
-        sqlx::query("INSERT INTO media (media_id, uploader, created_ts) VALUES ($1, $2, $3)")
-            .bind(media_id)
-            .bind(uploader)
-            .bind(now)
-            .execute(&self.write)
-            .await?;
-        Ok(())
+        on_db!(self, |write, read| {
+            sqlx::query("INSERT INTO media (media_id, uploader, created_ts) VALUES ($1, $2, $3)")
+                .bind(media_id)
+                .bind(uploader)
+                .bind(now)
+                .execute(write)
+                .await?;
+            Ok(())
+        })
     }
 
     /// Marks media as uploaded; `false` if it already was (content never changes once set).
@@ -967,16 +1124,18 @@ impl Store {
         filename: Option<&str>,
         size: i64,
     ) -> Result<bool> {
-        let done = sqlx::query(
-            "UPDATE media SET content_type = $2, filename = $3, size = $4, uploaded = 1 WHERE media_id = $1 AND uploaded = 0",
-        )
-        .bind(media_id)
-        .bind(content_type)
-        .bind(filename)
-        .bind(size)
-        .execute(&self.write)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        on_db!(self, |write, read| {
+            let done = sqlx::query(
+                "UPDATE media SET content_type = $2, filename = $3, size = $4, uploaded = TRUE WHERE media_id = $1 AND uploaded = FALSE",
+            )
+            .bind(media_id)
+            .bind(content_type)
+            .bind(filename)
+            .bind(size)
+            .execute(write)
+            .await?;
+            Ok(done.rows_affected() == 1)
+        })
     }
 
     /// `(uploader, content_type, filename, uploaded)` of a media ID.
@@ -984,12 +1143,15 @@ impl Store {
         &self,
         media_id: &str,
     ) -> Result<Option<(String, Option<String>, Option<String>, bool)>> {
-        let row =
-            sqlx::query("SELECT uploader, content_type, filename, uploaded FROM media WHERE media_id = $1")
-                .bind(media_id)
-                .fetch_optional(&self.read)
-                .await?;
-        Ok(row.map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))))
+        on_db!(self, |write, read| {
+            let row = sqlx::query(
+                "SELECT uploader, content_type, filename, uploaded FROM media WHERE media_id = $1",
+            )
+            .bind(media_id)
+            .fetch_optional(read)
+            .await?;
+            Ok(row.map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))))
+        })
     }
 
     // ---- profiles, devices, account data ------------------------------------------------------
@@ -1000,32 +1162,36 @@ impl Store {
         displayname: Option<Option<&str>>,
         avatar_url: Option<Option<&str>>,
     ) -> Result<()> {
-        if let Some(name) = displayname {
-            sqlx::query("UPDATE users SET displayname = $2 WHERE user_id = $1")
-                .bind(user_id)
-                .bind(name)
-                .execute(&self.write)
-                .await?;
-        }
-        if let Some(url) = avatar_url {
-            sqlx::query("UPDATE users SET avatar_url = $2 WHERE user_id = $1")
-                .bind(user_id)
-                .bind(url)
-                .execute(&self.write)
-                .await?;
-        }
-        Ok(())
+        on_db!(self, |write, read| {
+            if let Some(name) = displayname {
+                sqlx::query("UPDATE users SET displayname = $2 WHERE user_id = $1")
+                    .bind(user_id)
+                    .bind(name)
+                    .execute(write)
+                    .await?;
+            }
+            if let Some(url) = avatar_url {
+                sqlx::query("UPDATE users SET avatar_url = $2 WHERE user_id = $1")
+                    .bind(user_id)
+                    .bind(url)
+                    .execute(write)
+                    .await?;
+            }
+            Ok(())
+        })
     }
 
     /// `(device_id, display_name, created_ts)` of a user's devices.
     pub async fn devices(&self, user_id: &str) -> Result<Vec<(String, Option<String>, i64)>> {
-        let rows = sqlx::query(
-            "SELECT device_id, display_name, created_ts FROM devices WHERE user_id = $1 ORDER BY device_id",
-        )
-        .bind(user_id)
-        .fetch_all(&self.read)
-        .await?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
+        on_db!(self, |write, read| {
+            let rows = sqlx::query(
+                "SELECT device_id, display_name, created_ts FROM devices WHERE user_id = $1 ORDER BY device_id",
+            )
+            .bind(user_id)
+            .fetch_all(read)
+            .await?;
+            Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
+        })
     }
 
     /// Creates the device if missing and sets its display name if given.
@@ -1036,30 +1202,35 @@ impl Store {
         display_name: Option<&str>,
         now: i64,
     ) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO devices (user_id, device_id, display_name, created_ts) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (user_id, device_id) DO UPDATE SET display_name = COALESCE($3, devices.display_name)",
-        )
-        .bind(user_id)
-        .bind(device_id)
-        .bind(display_name)
-        .bind(now)
-        .execute(&self.write)
-        .await?;
-        Ok(())
+        on_db!(self, |write, read| {
+            sqlx::query(
+                "INSERT INTO devices (user_id, device_id, display_name, created_ts) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (user_id, device_id) DO UPDATE SET display_name = COALESCE($3, devices.display_name)",
+            )
+            .bind(user_id)
+            .bind(device_id)
+            .bind(display_name)
+            .bind(now)
+            .execute(write)
+            .await?;
+            Ok(())
+        })
     }
 
     /// Highest position of the auxiliary stream in use.
     pub async fn max_aux_pos(&self) -> Result<i64> {
-        let row = sqlx::query(
-            "SELECT MAX(COALESCE((SELECT MAX(stream_pos) FROM account_data), 0),
-                        COALESCE((SELECT MAX(stream_pos) FROM receipts), 0),
-                        COALESCE((SELECT MAX(stream_pos) FROM device_list_changes), 0),
-                        COALESCE((SELECT MAX(stream_pos) FROM to_device), 0))",
-        )
-        .fetch_one(&self.read)
-        .await?;
-        Ok(row.get(0))
+        on_db!(self, |write, read| {
+            let row = sqlx::query(
+                "SELECT COALESCE(MAX(p), 0) FROM (
+                   SELECT MAX(stream_pos) AS p FROM account_data
+                   UNION ALL SELECT MAX(stream_pos) FROM receipts
+                   UNION ALL SELECT MAX(stream_pos) FROM device_list_changes
+                   UNION ALL SELECT MAX(stream_pos) FROM to_device) positions",
+            )
+            .fetch_one(read)
+            .await?;
+            Ok(row.get(0))
+        })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1073,22 +1244,24 @@ impl Store {
         ts: i64,
         pos: i64,
     ) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO receipts (room_id, receipt_type, user_id, thread_id, event_id, ts, stream_pos)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)
-             ON CONFLICT (room_id, receipt_type, user_id, thread_id)
-             DO UPDATE SET event_id = $5, ts = $6, stream_pos = $7",
-        )
-        .bind(room_id)
-        .bind(receipt_type)
-        .bind(user_id)
-        .bind(thread_id)
-        .bind(event_id)
-        .bind(ts)
-        .bind(pos)
-        .execute(&self.write)
-        .await?;
-        Ok(())
+        on_db!(self, |write, read| {
+            sqlx::query(
+                "INSERT INTO receipts (room_id, receipt_type, user_id, thread_id, event_id, ts, stream_pos)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (room_id, receipt_type, user_id, thread_id)
+                 DO UPDATE SET event_id = $5, ts = $6, stream_pos = $7",
+            )
+            .bind(room_id)
+            .bind(receipt_type)
+            .bind(user_id)
+            .bind(thread_id)
+            .bind(event_id)
+            .bind(ts)
+            .bind(pos)
+            .execute(write)
+            .await?;
+            Ok(())
+        })
     }
 
     /// Receipts changed with `after < stream_pos <= until`:
@@ -1098,28 +1271,30 @@ impl Store {
         after: i64,
         until: i64,
     ) -> Result<Vec<(String, String, String, String, String, i64, i64)>> {
-        let rows = sqlx::query(
-            "SELECT room_id, receipt_type, user_id, thread_id, event_id, ts, stream_pos FROM receipts
-             WHERE stream_pos > $1 AND stream_pos <= $2 ORDER BY stream_pos",
-        )
-        .bind(after)
-        .bind(until)
-        .fetch_all(&self.read)
-        .await?;
-        Ok(rows
-            .iter()
-            .map(|r| {
-                (
-                    r.get(0),
-                    r.get(1),
-                    r.get(2),
-                    r.get(3),
-                    r.get(4),
-                    r.get(5),
-                    r.get(6),
-                )
-            })
-            .collect())
+        on_db!(self, |write, read| {
+            let rows = sqlx::query(
+                "SELECT room_id, receipt_type, user_id, thread_id, event_id, ts, stream_pos FROM receipts
+                 WHERE stream_pos > $1 AND stream_pos <= $2 ORDER BY stream_pos",
+            )
+            .bind(after)
+            .bind(until)
+            .fetch_all(read)
+            .await?;
+            Ok(rows
+                .iter()
+                .map(|r| {
+                    (
+                        r.get(0),
+                        r.get(1),
+                        r.get(2),
+                        r.get(3),
+                        r.get(4),
+                        r.get(5),
+                        r.get(6),
+                    )
+                })
+                .collect())
+        })
     }
 
     pub async fn set_account_data(
@@ -1130,29 +1305,34 @@ impl Store {
         content: &str,
         pos: i64,
     ) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO account_data (user_id, room_id, type, content, stream_pos) VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (user_id, room_id, type) DO UPDATE SET content = $4, stream_pos = $5",
-        )
-        .bind(user_id)
-        .bind(room_id)
-        .bind(kind)
-        .bind(content)
-        .bind(pos)
-        .execute(&self.write)
-        .await?;
-        Ok(())
+        on_db!(self, |write, read| {
+            sqlx::query(
+                "INSERT INTO account_data (user_id, room_id, type, content, stream_pos) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (user_id, room_id, type) DO UPDATE SET content = $4, stream_pos = $5",
+            )
+            .bind(user_id)
+            .bind(room_id)
+            .bind(kind)
+            .bind(content)
+            .bind(pos)
+            .execute(write)
+            .await?;
+            Ok(())
+        })
     }
 
     pub async fn account_data(&self, user_id: &str, room_id: &str, kind: &str) -> Result<Option<String>> {
-        let row =
-            sqlx::query("SELECT content FROM account_data WHERE user_id = $1 AND room_id = $2 AND type = $3")
-                .bind(user_id)
-                .bind(room_id)
-                .bind(kind)
-                .fetch_optional(&self.read)
-                .await?;
-        Ok(row.map(|r| r.get(0)))
+        on_db!(self, |write, read| {
+            let row = sqlx::query(
+                "SELECT content FROM account_data WHERE user_id = $1 AND room_id = $2 AND type = $3",
+            )
+            .bind(user_id)
+            .bind(room_id)
+            .bind(kind)
+            .fetch_optional(read)
+            .await?;
+            Ok(row.map(|r| r.get(0)))
+        })
     }
 
     /// `(room_id, type, content)` changed with `after < stream_pos <= until` ('' room = global).
@@ -1162,82 +1342,96 @@ impl Store {
         after: i64,
         until: i64,
     ) -> Result<Vec<(String, String, String)>> {
-        let rows = sqlx::query(
-            "SELECT room_id, type, content FROM account_data
-             WHERE user_id = $1 AND stream_pos > $2 AND stream_pos <= $3 ORDER BY stream_pos",
-        )
-        .bind(user_id)
-        .bind(after)
-        .bind(until)
-        .fetch_all(&self.read)
-        .await?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
+        on_db!(self, |write, read| {
+            let rows = sqlx::query(
+                "SELECT room_id, type, content FROM account_data
+                 WHERE user_id = $1 AND stream_pos > $2 AND stream_pos <= $3 ORDER BY stream_pos",
+            )
+            .bind(user_id)
+            .bind(after)
+            .bind(until)
+            .fetch_all(read)
+            .await?;
+            Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
+        })
     }
 
     // ---- aliases ---------------------------------------------------------------------------
 
     /// Creates an alias; returns `false` if it already exists.
     pub async fn create_alias(&self, alias: &str, room_id: &str, creator: &str) -> Result<bool> {
-        let done = sqlx::query(
-            "INSERT INTO room_aliases (alias, room_id, creator) VALUES ($1, $2, $3)
-             ON CONFLICT (alias) DO NOTHING",
-        )
-        .bind(alias)
-        .bind(room_id)
-        .bind(creator)
-        .execute(&self.write)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        on_db!(self, |write, read| {
+            let done = sqlx::query(
+                "INSERT INTO room_aliases (alias, room_id, creator) VALUES ($1, $2, $3)
+                 ON CONFLICT (alias) DO NOTHING",
+            )
+            .bind(alias)
+            .bind(room_id)
+            .bind(creator)
+            .execute(write)
+            .await?;
+            Ok(done.rows_affected() == 1)
+        })
     }
 
     /// `(room_id, creator)` of an alias.
     pub async fn alias(&self, alias: &str) -> Result<Option<(String, String)>> {
-        let row = sqlx::query("SELECT room_id, creator FROM room_aliases WHERE alias = $1")
-            .bind(alias)
-            .fetch_optional(&self.read)
-            .await?;
-        Ok(row.map(|r| (r.get(0), r.get(1))))
+        on_db!(self, |write, read| {
+            let row = sqlx::query("SELECT room_id, creator FROM room_aliases WHERE alias = $1")
+                .bind(alias)
+                .fetch_optional(read)
+                .await?;
+            Ok(row.map(|r| (r.get(0), r.get(1))))
+        })
     }
 
     pub async fn delete_alias(&self, alias: &str) -> Result<bool> {
-        let done = sqlx::query("DELETE FROM room_aliases WHERE alias = $1")
-            .bind(alias)
-            .execute(&self.write)
-            .await?;
-        Ok(done.rows_affected() == 1)
+        on_db!(self, |write, read| {
+            let done = sqlx::query("DELETE FROM room_aliases WHERE alias = $1")
+                .bind(alias)
+                .execute(write)
+                .await?;
+            Ok(done.rows_affected() == 1)
+        })
     }
 
     pub async fn room_aliases(&self, room_id: &str) -> Result<Vec<String>> {
-        let rows = sqlx::query("SELECT alias FROM room_aliases WHERE room_id = $1 ORDER BY alias")
-            .bind(room_id)
-            .fetch_all(&self.read)
-            .await?;
-        Ok(rows.iter().map(|r| r.get(0)).collect())
+        on_db!(self, |write, read| {
+            let rows = sqlx::query("SELECT alias FROM room_aliases WHERE room_id = $1 ORDER BY alias")
+                .bind(room_id)
+                .fetch_all(read)
+                .await?;
+            Ok(rows.iter().map(|r| r.get(0)).collect())
+        })
     }
 
     // ---- filters ---------------------------------------------------------------------------
 
     /// Stores a sync filter and returns its new ID (per user, counting from 0).
     pub async fn create_filter(&self, user_id: &str, filter: &str) -> Result<i64> {
-        let row = sqlx::query(
-            "INSERT INTO filters (user_id, filter_id, filter)
-             VALUES ($1, (SELECT COALESCE(MAX(filter_id) + 1, 0) FROM filters WHERE user_id = $1), $2)
-             RETURNING filter_id",
-        )
-        .bind(user_id)
-        .bind(filter)
-        .fetch_one(&self.write)
-        .await?;
-        Ok(row.get(0))
+        on_db!(self, |write, read| {
+            let row = sqlx::query(
+                "INSERT INTO filters (user_id, filter_id, filter)
+                 VALUES ($1, (SELECT COALESCE(MAX(filter_id) + 1, 0) FROM filters WHERE user_id = $1), $2)
+                 RETURNING filter_id",
+            )
+            .bind(user_id)
+            .bind(filter)
+            .fetch_one(write)
+            .await?;
+            Ok(row.get(0))
+        })
     }
 
     pub async fn filter(&self, user_id: &str, filter_id: i64) -> Result<Option<String>> {
-        let row = sqlx::query("SELECT filter FROM filters WHERE user_id = $1 AND filter_id = $2")
-            .bind(user_id)
-            .bind(filter_id)
-            .fetch_optional(&self.write)
-            .await?;
-        Ok(row.map(|r| r.get(0)))
+        on_db!(self, |write, read| {
+            let row = sqlx::query("SELECT filter FROM filters WHERE user_id = $1 AND filter_id = $2")
+                .bind(user_id)
+                .bind(filter_id)
+                .fetch_optional(write)
+                .await?;
+            Ok(row.map(|r| r.get(0)))
+        })
     }
 }
 
@@ -1246,136 +1440,152 @@ impl Store {
 /// both engines' bound-parameter limits.
 const INSERT_CHUNK: usize = 256;
 
-/// Stores a group of events in stream order: rooms they create, the events, current state,
-/// client transaction IDs.
-async fn append_in(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, events: &[&NewEvent]) -> Result<()> {
-    for event in events {
-        if let Some(version) = &event.creates_room_version {
-            sqlx::query(
-                "INSERT INTO rooms (room_id, room_version, creator, created_ts) VALUES ($1, $2, $3, $4)",
-            )
-            .bind(event.room_id.as_str())
-            .bind(version.as_str())
-            .bind(event.sender.as_str())
-            .bind(event.origin_server_ts)
-            .execute(&mut **tx)
-            .await?;
-        }
-    }
-    for chunk in events.chunks(INSERT_CHUNK) {
-        let mut insert = sqlx::QueryBuilder::new(
-            "INSERT INTO events (stream_pos, event_id, room_id, sender, type, state_key, depth, pdu,
-                                 unsigned, txn_device, txn_id, relates_to, rel_type) ",
-        );
-        insert.push_values(chunk, |mut row, event| {
-            row.push_bind(event.stream_pos)
-                .push_bind(event.event_id.as_str())
-                .push_bind(event.room_id.as_str())
-                .push_bind(event.sender.as_str())
-                .push_bind(event.kind.as_str())
-                .push_bind(event.state_key.as_deref())
-                .push_bind(event.depth)
-                .push_bind(event.pdu.as_str())
-                .push_bind(event.unsigned.as_deref())
-                .push_bind(event.txn.as_ref().map(|t| t.1.as_str()))
-                .push_bind(event.txn.as_ref().map(|t| t.2.as_str()))
-                .push_bind(event.relates_to.as_ref().map(|r| r.0.as_str()))
-                .push_bind(event.relates_to.as_ref().map(|r| r.1.as_str()));
-        });
-        insert.build().execute(&mut **tx).await?;
-    }
-    // In order: a later event of the group replaces an earlier one's state.
-    for event in events {
-        let Some(state_key) = &event.state_key else {
-            continue;
-        };
-        sqlx::query(
-            "INSERT INTO current_state (room_id, type, state_key, event_id, stream_pos, membership)
-                 VALUES ($1, $2, $3, $4, $5, $6)
-                 ON CONFLICT (room_id, type, state_key)
-                 DO UPDATE SET event_id = $4, stream_pos = $5, membership = $6",
-        )
-        .bind(event.room_id.as_str())
-        .bind(event.kind.as_str())
-        .bind(state_key.as_str())
-        .bind(event.event_id.as_str())
-        .bind(event.stream_pos)
-        .bind(event.membership.as_deref())
-        .execute(&mut **tx)
-        .await?;
-        if event.membership.is_some() {
-            sqlx::query("DELETE FROM forgotten_rooms WHERE user_id = $1 AND room_id = $2")
-                .bind(state_key.as_str())
-                .bind(event.room_id.as_str())
+/// Helpers that run inside a caller's transaction, once per engine (see [`on_db!`]).
+macro_rules! transaction_ops {
+    ($module:ident, $db:ty) => {
+        pub(crate) mod $module {
+            use sqlx::Row;
+
+            use crate::{AsPosition, INSERT_CHUNK, NewEvent, Result};
+
+            /// Stores a group of events in stream order: rooms they create, the events, current state,
+            /// client transaction IDs.
+            pub(crate) async fn append_in(tx: &mut sqlx::Transaction<'_, $db>, events: &[&NewEvent]) -> Result<()> {
+                for event in events {
+                    if let Some(version) = &event.creates_room_version {
+                        sqlx::query(
+                            "INSERT INTO rooms (room_id, room_version, creator, created_ts) VALUES ($1, $2, $3, $4)",
+                        )
+                        .bind(event.room_id.as_str())
+                        .bind(version.as_str())
+                        .bind(event.sender.as_str())
+                        .bind(event.origin_server_ts)
+                        .execute(&mut **tx)
+                        .await?;
+                    }
+                }
+                for chunk in events.chunks(INSERT_CHUNK) {
+                    let mut insert = sqlx::QueryBuilder::new(
+                        "INSERT INTO events (stream_pos, event_id, room_id, sender, type, state_key, depth, pdu,
+                                             unsigned, txn_device, txn_id, relates_to, rel_type) ",
+                    );
+                    insert.push_values(chunk, |mut row, event| {
+                        row.push_bind(event.stream_pos)
+                            .push_bind(event.event_id.as_str())
+                            .push_bind(event.room_id.as_str())
+                            .push_bind(event.sender.as_str())
+                            .push_bind(event.kind.as_str())
+                            .push_bind(event.state_key.as_deref())
+                            .push_bind(event.depth)
+                            .push_bind(event.pdu.as_str())
+                            .push_bind(event.unsigned.as_deref())
+                            .push_bind(event.txn.as_ref().map(|t| t.1.as_str()))
+                            .push_bind(event.txn.as_ref().map(|t| t.2.as_str()))
+                            .push_bind(event.relates_to.as_ref().map(|r| r.0.as_str()))
+                            .push_bind(event.relates_to.as_ref().map(|r| r.1.as_str()));
+                    });
+                    insert.build().execute(&mut **tx).await?;
+                }
+                // In order: a later event of the group replaces an earlier one's state.
+                for event in events {
+                    let Some(state_key) = &event.state_key else {
+                        continue;
+                    };
+                    sqlx::query(
+                        "INSERT INTO current_state (room_id, type, state_key, event_id, stream_pos, membership)
+                             VALUES ($1, $2, $3, $4, $5, $6)
+                             ON CONFLICT (room_id, type, state_key)
+                             DO UPDATE SET event_id = $4, stream_pos = $5, membership = $6",
+                    )
+                    .bind(event.room_id.as_str())
+                    .bind(event.kind.as_str())
+                    .bind(state_key.as_str())
+                    .bind(event.event_id.as_str())
+                    .bind(event.stream_pos)
+                    .bind(event.membership.as_deref())
+                    .execute(&mut **tx)
+                    .await?;
+                    if event.membership.is_some() {
+                        sqlx::query("DELETE FROM forgotten_rooms WHERE user_id = $1 AND room_id = $2")
+                            .bind(state_key.as_str())
+                            .bind(event.room_id.as_str())
+                            .execute(&mut **tx)
+                            .await?;
+                    }
+                }
+                let with_txn: Vec<_> = events
+                    .iter()
+                    .filter_map(|e| e.txn.as_ref().map(|t| (e, t)))
+                    .collect();
+                for chunk in with_txn.chunks(INSERT_CHUNK) {
+                    let mut insert = sqlx::QueryBuilder::new(
+                        "INSERT INTO event_txns (user_id, device_id, room_id, event_type, txn_id, event_id) ",
+                    );
+                    insert.push_values(chunk, |mut row, (event, (user_id, device_id, txn_id))| {
+                        row.push_bind(user_id.as_str())
+                            .push_bind(device_id.as_str())
+                            .push_bind(event.room_id.as_str())
+                            .push_bind(event.kind.as_str())
+                            .push_bind(txn_id.as_str())
+                            .push_bind(event.event_id.as_str());
+                    });
+                    insert.build().execute(&mut **tx).await?;
+                }
+                Ok(())
+            }
+
+            pub(crate) async fn advance_in(
+                tx: &mut sqlx::Transaction<'_, $db>,
+                as_id: &str,
+                pos: AsPosition,
+            ) -> Result<()> {
+                sqlx::query(
+                    "UPDATE appservice_state
+                     SET last_pos = CASE WHEN last_pos < $2 THEN $2 ELSE last_pos END,
+                         last_aux = CASE WHEN last_aux < $3 THEN $3 ELSE last_aux END
+                     WHERE as_id = $1",
+                )
+                .bind(as_id)
+                .bind(pos.events)
+                .bind(pos.aux)
                 .execute(&mut **tx)
                 .await?;
+                Ok(())
+            }
+
+            pub(crate) async fn new_txn_in(
+                tx: &mut sqlx::Transaction<'_, $db>,
+                as_id: &str,
+                upto: AsPosition,
+                event_count: i64,
+                body: &str,
+            ) -> Result<i64> {
+                let txn_id: i64 = sqlx::query(
+                    "UPDATE appservice_state SET last_txn_id = last_txn_id + 1 WHERE as_id = $1 RETURNING last_txn_id",
+                )
+                .bind(as_id)
+                .fetch_one(&mut **tx)
+                .await?
+                .get(0);
+                sqlx::query(
+                    "INSERT INTO appservice_txns (as_id, txn_id, last_pos, last_aux, event_count, body)
+                     VALUES ($1, $2, $3, $4, $5, $6)",
+                )
+                .bind(as_id)
+                .bind(txn_id)
+                .bind(upto.events)
+                .bind(upto.aux)
+                .bind(event_count)
+                .bind(body)
+                .execute(&mut **tx)
+                .await?;
+                Ok(txn_id)
+            }
         }
-    }
-    let with_txn: Vec<_> = events
-        .iter()
-        .filter_map(|e| e.txn.as_ref().map(|t| (e, t)))
-        .collect();
-    for chunk in with_txn.chunks(INSERT_CHUNK) {
-        let mut insert = sqlx::QueryBuilder::new(
-            "INSERT INTO event_txns (user_id, device_id, room_id, event_type, txn_id, event_id) ",
-        );
-        insert.push_values(chunk, |mut row, (event, (user_id, device_id, txn_id))| {
-            row.push_bind(user_id.as_str())
-                .push_bind(device_id.as_str())
-                .push_bind(event.room_id.as_str())
-                .push_bind(event.kind.as_str())
-                .push_bind(txn_id.as_str())
-                .push_bind(event.event_id.as_str());
-        });
-        insert.build().execute(&mut **tx).await?;
-    }
-    Ok(())
+    };
 }
-
-async fn advance_in(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-    as_id: &str,
-    pos: AsPosition,
-) -> Result<()> {
-    sqlx::query(
-        "UPDATE appservice_state SET last_pos = MAX(last_pos, $2), last_aux = MAX(last_aux, $3) WHERE as_id = $1",
-    )
-    .bind(as_id)
-    .bind(pos.events)
-    .bind(pos.aux)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
-}
-
-async fn new_txn_in(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-    as_id: &str,
-    upto: AsPosition,
-    event_count: i64,
-    body: &str,
-) -> Result<i64> {
-    let txn_id: i64 = sqlx::query(
-        "UPDATE appservice_state SET last_txn_id = last_txn_id + 1 WHERE as_id = $1 RETURNING last_txn_id",
-    )
-    .bind(as_id)
-    .fetch_one(&mut **tx)
-    .await?
-    .get(0);
-    sqlx::query(
-        "INSERT INTO appservice_txns (as_id, txn_id, last_pos, last_aux, event_count, body)
-         VALUES ($1, $2, $3, $4, $5, $6)",
-    )
-    .bind(as_id)
-    .bind(txn_id)
-    .bind(upto.events)
-    .bind(upto.aux)
-    .bind(event_count)
-    .bind(body)
-    .execute(&mut **tx)
-    .await?;
-    Ok(txn_id)
-}
+transaction_ops!(sqlite_ops, sqlx::Sqlite);
+transaction_ops!(postgres_ops, sqlx::Postgres);
 
 fn prefixed_event_columns(prefix: &str) -> String {
     EVENT_COLUMNS

@@ -1,10 +1,12 @@
 //! Versioned schema migrations, applied in order at startup inside one transaction each.
+//!
+//! Both engines have the same numbered migrations (`migrations/sqlite`, `migrations/postgres`),
+//! so one schema version means the same tables on either, which is what `port-db` relies on.
 
-use sqlx::{AssertSqlSafe, Row, SqlitePool};
+use sqlx::{AssertSqlSafe, Connection, Row, postgres::PgPool, sqlite::SqlitePool};
 
 use crate::{Result, StoreError};
 
-/// Migrations in order; the schema version is the number applied.
 const SQLITE_MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0001_core.sql"),
     include_str!("../migrations/sqlite/0002_appservices.sql"),
@@ -18,35 +20,104 @@ const SQLITE_MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0010_cross_signing.sql"),
 ];
 
-pub(crate) async fn run(pool: &SqlitePool) -> Result<()> {
-    sqlx::query("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-        .execute(pool)
-        .await?;
-    let current: i64 = sqlx::query("SELECT COALESCE(MAX(version), 0) FROM schema_version")
-        .fetch_one(pool)
-        .await?
-        .get(0);
-    let supported = SQLITE_MIGRATIONS.len() as i64;
-    if current > supported {
+const POSTGRES_MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/postgres/0001_core.sql"),
+    include_str!("../migrations/postgres/0002_appservices.sql"),
+    include_str!("../migrations/postgres/0003_account_data.sql"),
+    include_str!("../migrations/postgres/0004_receipts.sql"),
+    include_str!("../migrations/postgres/0005_appservice_ephemeral.sql"),
+    include_str!("../migrations/postgres/0006_room_directory.sql"),
+    include_str!("../migrations/postgres/0007_e2ee.sql"),
+    include_str!("../migrations/postgres/0008_media.sql"),
+    include_str!("../migrations/postgres/0009_relations.sql"),
+    include_str!("../migrations/postgres/0010_cross_signing.sql"),
+];
+
+/// The schema version this binary writes.
+pub const SCHEMA_VERSION: i64 = SQLITE_MIGRATIONS.len() as i64;
+
+const _: () = assert!(SQLITE_MIGRATIONS.len() == POSTGRES_MIGRATIONS.len());
+
+const CREATE_VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)";
+const READ_VERSION: &str = "SELECT COALESCE(MAX(version), 0) FROM schema_version";
+
+fn check_version(current: i64) -> Result<()> {
+    if current > SCHEMA_VERSION {
         return Err(StoreError::SchemaTooNew {
             found: current,
-            supported,
+            supported: SCHEMA_VERSION,
         });
     }
-    for (index, sql) in SQLITE_MIGRATIONS.iter().enumerate().skip(current as usize) {
-        let version = index as i64 + 1;
-        let mut tx = pool.begin().await?;
-        // The migration files hold several statements; SQLite runs them all in one call.
-        sqlx::raw_sql(AssertSqlSafe(*sql)).execute(&mut *tx).await?;
-        sqlx::query("DELETE FROM schema_version")
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("INSERT INTO schema_version (version) VALUES ($1)")
-            .bind(version)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        tracing::info!(version, "applied database migration");
+    Ok(())
+}
+
+/// Runs the migrations after `current` on one engine, each in its own transaction.
+macro_rules! apply {
+    ($conn:expr, $migrations:expr, $current:expr) => {
+        for (index, sql) in $migrations.iter().enumerate().skip($current as usize) {
+            let version = index as i64 + 1;
+            let mut tx = $conn.begin().await?;
+            // Migration files hold several statements; both engines run them in one call.
+            sqlx::raw_sql(AssertSqlSafe(*sql)).execute(&mut *tx).await?;
+            sqlx::query("DELETE FROM schema_version")
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("INSERT INTO schema_version (version) VALUES ($1)")
+                .bind(version)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            tracing::info!(version, "applied database migration");
+        }
+    };
+}
+
+pub(crate) async fn sqlite(pool: &SqlitePool) -> Result<()> {
+    sqlx::query(CREATE_VERSION_TABLE).execute(pool).await?;
+    let current: i64 = sqlx::query(READ_VERSION).fetch_one(pool).await?.get(0);
+    check_version(current)?;
+    apply!(pool, SQLITE_MIGRATIONS, current);
+    Ok(())
+}
+
+pub(crate) async fn postgres(pool: &PgPool) -> Result<()> {
+    let mut conn = pool.acquire().await?;
+    // Two processes starting at once must not both migrate: a session lock serialises them.
+    sqlx::query("SELECT pg_advisory_lock(7237005)")
+        .execute(&mut *conn)
+        .await?;
+    let result = postgres_locked(&mut conn).await;
+    let unlock = sqlx::query("SELECT pg_advisory_unlock(7237005)")
+        .execute(&mut *conn)
+        .await;
+    result?;
+    unlock?;
+    Ok(())
+}
+
+async fn postgres_locked(conn: &mut sqlx::PgConnection) -> Result<()> {
+    let has_version_table: bool = sqlx::query("SELECT to_regclass('schema_version') IS NOT NULL")
+        .fetch_one(&mut *conn)
+        .await?
+        .get(0);
+    if !has_version_table {
+        // Never mix our tables into someone else's database (a Synapse one, say).
+        let others: i64 = sqlx::query(
+            "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = current_schema()",
+        )
+        .fetch_one(&mut *conn)
+        .await?
+        .get(0);
+        if others > 0 {
+            return Err(StoreError::Unusable {
+                database: String::new(),
+                reason: format!("holds {others} tables but no Switchboard schema; use an empty database"),
+            });
+        }
     }
+    sqlx::query(CREATE_VERSION_TABLE).execute(&mut *conn).await?;
+    let current: i64 = sqlx::query(READ_VERSION).fetch_one(&mut *conn).await?.get(0);
+    check_version(current)?;
+    apply!(conn, POSTGRES_MIGRATIONS, current);
     Ok(())
 }

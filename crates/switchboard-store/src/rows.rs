@@ -1,6 +1,6 @@
 //! Plain row types passed across the storage interface.
 
-use sqlx::{Row, sqlite::SqliteRow};
+use sqlx::{ColumnIndex, Decode, Row, Type};
 
 use crate::{Result, StoreError};
 
@@ -64,7 +64,15 @@ pub struct EventRow {
     pub txn_id: Option<String>,
 }
 
-pub(crate) fn event_from_row(r: &SqliteRow) -> Result<EventRow> {
+/// Decodes a row of [`EVENT_COLUMNS`](crate::EVENT_COLUMNS) from either engine.
+pub(crate) fn event_from_row<'r, R>(r: &'r R) -> Result<EventRow>
+where
+    R: Row,
+    usize: ColumnIndex<R>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    bool: Decode<'r, R::Database> + Type<R::Database>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+{
     Ok(EventRow {
         stream_pos: r.try_get(0)?,
         event_id: r.try_get(1)?,
@@ -79,7 +87,14 @@ pub(crate) fn event_from_row(r: &SqliteRow) -> Result<EventRow> {
     })
 }
 
-pub(crate) fn user_from_row(r: &SqliteRow) -> Result<UserRow> {
+pub(crate) fn user_from_row<'r, R>(r: &'r R) -> Result<UserRow>
+where
+    R: Row,
+    usize: ColumnIndex<R>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    bool: Decode<'r, R::Database> + Type<R::Database>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+{
     let user_id: String = r.try_get(0)?;
     if user_id.is_empty() {
         return Err(StoreError::Corrupt("user row with empty user_id".into()));

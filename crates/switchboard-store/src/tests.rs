@@ -1,11 +1,10 @@
 use super::*;
 
-async fn temp_store() -> (tempfile::TempDir, Store) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = Store::open_sqlite(&dir.path().join("db.sqlite"))
-        .await
-        .expect("open");
-    (dir, store)
+/// A store on the engine the tests run on (see [`crate::testing`]).
+async fn temp_store() -> (crate::testing::TestDatabase, Store) {
+    let db = crate::testing::TestDatabase::create().await;
+    let store = Store::open(&db.settings()).await.expect("open");
+    (db, store)
 }
 
 fn event(pos: i64, id: &str, kind: &str, state_key: Option<&str>) -> NewEvent {
@@ -97,15 +96,15 @@ async fn txn_is_recorded_with_the_event() {
 
 #[tokio::test]
 async fn refuses_newer_schema() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("db.sqlite");
-    let store = Store::open_sqlite(&path).await.expect("open");
-    sqlx::query("UPDATE schema_version SET version = 999")
-        .execute(&store.write)
-        .await
-        .expect("bump");
+    let (db, store) = temp_store().await;
+    on_db!(store, |write, read| {
+        sqlx::query("UPDATE schema_version SET version = 999")
+            .execute(write)
+            .await
+            .expect("bump");
+    });
     store.close().await;
-    let err = Store::open_sqlite(&path).await.expect_err("must refuse");
+    let err = Store::open(&db.settings()).await.expect_err("must refuse");
     assert!(
         matches!(err, StoreError::SchemaTooNew { found: 999, .. }),
         "{err}"

@@ -312,7 +312,7 @@ impl Rooms {
             },
         ) in accepted.into_iter().enumerate()
         {
-            pdu.stream_pos = written.first_pos + i as i64;
+            pdu.stream_pos = written.positions[i];
             pdu.unsigned = unsigned.and_then(|u| serde_json::value::RawValue::from_string(u).ok());
             pdu.txn = txn.map(|(d, t)| (d.to_owned(), t.to_owned()));
             if let Some((device, txn_id)) = txn {

@@ -13,14 +13,14 @@ use super::*;
 use crate::{keys::SigningKey, stream::EventStream};
 
 struct Fixture {
-    _dir: tempfile::TempDir,
+    _dir: switchboard_store::testing::TestDatabase,
     rooms: Arc<Rooms>,
     key: Arc<SigningKey>,
 }
 
 async fn fixture() -> Fixture {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = Store::open_sqlite(&dir.path().join("db")).await.expect("store");
+    let dir = switchboard_store::testing::TestDatabase::create().await;
+    let store = Store::open(&dir.settings()).await.expect("store");
     let key = Arc::new(SigningKey::parse(&crate::keys::generate_key_file_contents(), "test").expect("key"));
     let stream = EventStream::start(store.clone(), 0, 0);
     let rooms = Arc::new(Rooms::new(

@@ -12,6 +12,8 @@ use serde_json::{Value, json};
 
 pub struct Server {
     child: Option<Child>,
+    /// The PostgreSQL database when the tests run on it; dropped after the server stops.
+    pub database: Option<switchboard_store::testing::TestPostgres>,
     pub dir: tempfile::TempDir,
     pub base: String,
     /// One client per server: building one loads the TLS trust roots, which is slow unoptimised.
@@ -85,11 +87,24 @@ impl Server {
     pub async fn start_edited(extra_config: &str, edit: impl FnOnce(String) -> String) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
-        let text = edit(config_text(port, dir.path(), extra_config));
+        let mut text = edit(config_text(port, dir.path(), extra_config));
+        let database = if switchboard_store::testing::postgres_selected() {
+            let database = switchboard_store::testing::TestPostgres::create().await;
+            let sqlite = format!(
+                "database: {{name: sqlite3, args: {{database: {}/homeserver.db}}}}",
+                dir.path().display()
+            );
+            assert!(text.contains(&sqlite), "the config names the default database");
+            text = text.replace(&sqlite, &database.config_block());
+            Some(database)
+        } else {
+            None
+        };
         std::fs::write(dir.path().join("homeserver.yaml"), text).expect("config");
         tls_init();
         let mut server = Self {
             child: None,
+            database,
             dir,
             base: format!("http://127.0.0.1:{port}"),
             http: reqwest::Client::new(),
@@ -347,6 +362,7 @@ rc_joins: {{local: {{per_second: 1000, burst_count: 1000}}}}
             .expect("start synapse");
         let server = Self {
             child: Some(child),
+            database: None,
             dir,
             base: format!("http://127.0.0.1:{port}"),
             http: reqwest::Client::new(),

@@ -1,0 +1,155 @@
+//! Connecting to either engine, with errors that name what could not be reached.
+
+use std::{path::PathBuf, str::FromStr, time::Duration};
+
+use sqlx::{
+    Connection, Row,
+    postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions},
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous},
+};
+
+use crate::{Result, StoreError, migrate};
+
+/// Which database to open.
+#[derive(Clone, Debug)]
+pub enum DatabaseSettings {
+    /// The embedded default: one file.
+    Sqlite(PathBuf),
+    Postgres(PostgresSettings),
+}
+
+/// A PostgreSQL connection, as Synapse's `psycopg2` database `args` describe it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PostgresSettings {
+    /// A host name or address, or a directory holding the server's Unix socket.
+    pub host: String,
+    pub port: u16,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub dbname: String,
+    /// Connections kept open at least (`cp_min`) and at most (`cp_max`).
+    pub min_connections: u32,
+    pub max_connections: u32,
+}
+
+impl PostgresSettings {
+    /// `user@host:port/dbname`, for messages (never the password).
+    pub fn describe(&self) -> String {
+        let user = self.user.as_deref().map(|u| format!("{u}@")).unwrap_or_default();
+        format!("\"{}\" at {user}{}:{}", self.dbname, self.host, self.port)
+    }
+
+    pub(crate) fn connect_options(&self) -> PgConnectOptions {
+        let mut options = PgConnectOptions::new_without_pgpass()
+            .host(&self.host)
+            .port(self.port)
+            .database(&self.dbname)
+            .application_name("switchboard");
+        if let Some(user) = &self.user {
+            options = options.username(user);
+        }
+        if let Some(password) = &self.password {
+            options = options.password(password);
+        }
+        options
+    }
+}
+
+pub(crate) async fn sqlite(path: &std::path::Path) -> Result<(SqlitePool, SqlitePool)> {
+    if let Some(parent) = path.parent() {
+        // A missing directory would otherwise surface as an opaque "unable to open" error.
+        let _ = std::fs::create_dir_all(parent);
+    }
+    let open_error = |source| StoreError::Open {
+        path: path.display().to_string(),
+        source,
+    };
+    let options = SqliteConnectOptions::from_str("sqlite:")
+        .map_err(open_error)?
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        // FULL: an acknowledged write survives power loss, not only a process crash.
+        .synchronous(SqliteSynchronous::Full)
+        .busy_timeout(Duration::from_secs(10))
+        .foreign_keys(true);
+    // A local file needs no liveness ping before each query (sqlx's default costs a round
+    // trip to the connection's thread per acquire).
+    let write = SqlitePoolOptions::new()
+        .test_before_acquire(false)
+        .max_connections(1)
+        .connect_with(options.clone())
+        .await
+        .map_err(open_error)?;
+    migrate::sqlite(&write).await?;
+    let read = SqlitePoolOptions::new()
+        .test_before_acquire(false)
+        .max_connections(6)
+        .connect_with(options.read_only(true))
+        .await
+        .map_err(open_error)?;
+    Ok((write, read))
+}
+
+/// How long startup waits for PostgreSQL before giving up with an error.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub(crate) async fn postgres(settings: &PostgresSettings) -> Result<PgPool> {
+    let open_error = |source| StoreError::Open {
+        path: format!("PostgreSQL {}", settings.describe()),
+        source,
+    };
+    // One direct connection first: a pool reports an unreachable server only as a timeout,
+    // while the connection's own error says what is wrong (refused, unknown host, bad password,
+    // no such database).
+    match tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        PgConnection::connect_with(&settings.connect_options()),
+    )
+    .await
+    {
+        Ok(Ok(conn)) => {
+            let _ = conn.close().await;
+        }
+        Ok(Err(source)) => return Err(open_error(source)),
+        Err(_) => return Err(open_error(sqlx::Error::PoolTimedOut)),
+    }
+    let pool = PgPoolOptions::new()
+        .min_connections(settings.min_connections)
+        .max_connections(settings.max_connections.max(1))
+        // An unreachable host fails startup in seconds instead of hanging.
+        .acquire_timeout(CONNECT_TIMEOUT)
+        .connect_with(settings.connect_options())
+        .await
+        .map_err(open_error)?;
+    let unusable = |reason: String| StoreError::Unusable {
+        database: format!("PostgreSQL {}", settings.describe()),
+        reason,
+    };
+    let encoding: String = sqlx::query("SHOW server_encoding").fetch_one(&pool).await?.get(0);
+    if encoding != "UTF8" {
+        return Err(unusable(format!(
+            "the database encoding is {encoding}; create it with ENCODING 'UTF8' (Matrix text is Unicode)"
+        )));
+    }
+    let collation: String =
+        sqlx::query("SELECT datcollate FROM pg_database WHERE datname = current_database()")
+            .fetch_one(&pool)
+            .await?
+            .get(0);
+    // C.UTF-8 orders by code point, as C does.
+    let bytewise = ["C", "POSIX", "C.UTF-8", "C.utf8"].contains(&collation.as_str());
+    if !bytewise {
+        // As Synapse warns: a locale collation orders text differently from SQLite and can change
+        // with the C library; the queries order only by numbers and exact keys, so this is not fatal.
+        tracing::warn!(
+            %collation,
+            "the PostgreSQL database does not use the C collation; LC_COLLATE='C' is recommended"
+        );
+    }
+    migrate::postgres(&pool).await.map_err(|e| match e {
+        StoreError::Unusable { reason, .. } => unusable(reason),
+        other => other,
+    })?;
+    Ok(pool)
+}
