@@ -9,13 +9,19 @@ and closes them all at teardown.
 that fixture to run the server with its own services.
 
 Environment:
-    SWITCHBOARD_BIN  path to the server binary (default: target/debug/switchboard)
-    RUST_LOG         passed through to the server (default: info)
+    SWITCHBOARD_BIN            path to the server binary (default: target/debug/switchboard)
+    RUST_LOG                   passed through to the server (default: info)
+    SWITCHBOARD_TEST_DATABASE  `postgres`: each Switchboard homeserver gets a fresh PostgreSQL
+                               database, dropped at the end of the test (default: SQLite in its
+                               data directory). Synapse stays on SQLite.
+    SWITCHBOARD_TEST_POSTGRES  the maintenance connection that creates and drops those databases
+                               (default: postgresql://postgres@127.0.0.1:5432/postgres)
 """
 
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import os
 import secrets
@@ -28,6 +34,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psycopg
 import pytest
 import pytest_asyncio
 from nio import AsyncClient, AsyncClientConfig, LoginResponse, RegisterResponse
@@ -122,15 +129,72 @@ def write_registrations(data_dir: Path, registrations: list[AppServiceRegistrati
     return paths
 
 
+def postgres_selected() -> bool:
+    return os.environ.get("SWITCHBOARD_TEST_DATABASE") == "postgres"
+
+
+POSTGRES_ADMIN_URL = os.environ.get(
+    "SWITCHBOARD_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+_databases_to_drop: list[PostgresDatabase] = []
+
+
+class PostgresDatabase:
+    """A fresh, empty PostgreSQL database for one homeserver, made as the Rust tests make theirs
+    (crates/switchboard-store/src/testing.rs). The `drop_test_databases` fixture drops it at the end
+    of the test that made it, so it outlives restarts of its homeserver within that test."""
+
+    _count = itertools.count()
+
+    def __init__(self) -> None:
+        self.name = f"sbtest_{os.getpid()}_{next(self._count)}_{time.time_ns() % 1_000_000_000}"
+        # CREATE/DROP DATABASE cannot run in a transaction.
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(
+                f"CREATE DATABASE {self.name} TEMPLATE template0 ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C'"
+            )
+            self.host, self.port, self.user = admin.info.host, admin.info.port, admin.info.user
+        _databases_to_drop.append(self)
+
+    def config_block(self) -> str:
+        """The `database:` block of a homeserver.yaml for this database."""
+        return (
+            f"database: {{name: psycopg2, args: {{user: {_yaml_str(self.user)}, dbname: {self.name}, "
+            f"host: {_yaml_str(self.host)}, port: {self.port}, cp_min: 1, cp_max: 10}}}}"
+        )
+
+    def drop(self) -> None:
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {self.name} WITH (FORCE)")
+
+
+@pytest.fixture(autouse=True)
+def drop_test_databases():
+    """Drops the PostgreSQL databases made during a test. Autouse, so torn down after the fixtures
+    that stop the homeservers, whether the test passed, failed or its server never started."""
+    yield
+    while _databases_to_drop:
+        _databases_to_drop.pop().drop()
+
+
 def write_config(
-    data_dir: Path, port: int, app_service_config_files: list[Path] | tuple[Path, ...] = ()
+    data_dir: Path,
+    port: int,
+    app_service_config_files: list[Path] | tuple[Path, ...] = (),
+    database: PostgresDatabase | None = None,
 ) -> Path:
-    """Writes a Synapse-style homeserver.yaml (and a signing key) into data_dir."""
+    """Writes a Synapse-style homeserver.yaml (and a signing key) into data_dir: on `database`
+    if given, else on SQLite in data_dir."""
     signing_key = data_dir / "signing.key"
     if not signing_key.exists():
         seed = base64.b64encode(secrets.token_bytes(32)).decode().rstrip("=")
         signing_key.write_text(f"ed25519 a_test {seed}\n")
     app_service_files = ", ".join(_yaml_str(path) for path in app_service_config_files)
+    database_block = (
+        database.config_block()
+        if database
+        else f"database: {{name: sqlite3, args: {{database: {_yaml_str(data_dir / 'homeserver.db')}}}}}"
+    )
 
     config = data_dir / "homeserver.yaml"
     config.write_text(
@@ -141,7 +205,7 @@ listeners:
     bind_addresses: ['127.0.0.1']
     type: http
     resources: [{{names: [client]}}]
-database: {{name: sqlite3, args: {{database: {_yaml_str(data_dir / "homeserver.db")}}}}}
+{database_block}
 media_store_path: {_yaml_str(data_dir / "media")}
 signing_key_path: {_yaml_str(signing_key)}
 enable_registration: true
@@ -174,7 +238,8 @@ def terminate(proc: subprocess.Popen | None) -> bool:
 
 
 class Homeserver:
-    """A Switchboard process serving the Client-Server API on 127.0.0.1:port."""
+    """A Switchboard process serving the Client-Server API on 127.0.0.1:port, on SQLite in
+    data_dir or, with SWITCHBOARD_TEST_DATABASE=postgres, on a PostgreSQL database of its own."""
 
     def __init__(
         self,
@@ -188,8 +253,12 @@ class Homeserver:
         self.data_dir = data_dir
         self.port = port
         self.app_services = list(app_services)
+        self.database = PostgresDatabase() if postgres_selected() else None
         self.config_path = write_config(
-            data_dir, port, write_registrations(data_dir, self.app_services) + list(app_service_files)
+            data_dir,
+            port,
+            write_registrations(data_dir, self.app_services) + list(app_service_files),
+            self.database,
         )
         self.log_path = data_dir / "server.log"
         self._proc: subprocess.Popen | None = None

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create (or reuse) the test venvs and install their requirements:
-#   target/interop-venv  <- tests/interop/requirements.txt (matrix-nio, mautrix-python, pytest)
+#   target/interop-venv  <- tests/interop/requirements.txt (matrix-nio, mautrix-python, pytest, psycopg)
 #   target/synapse-venv  <- tests/interop/requirements-synapse.txt (Synapse, the reference server)
 # Idempotent: a venv is reused when the hash of its requirements (and the Python version) is
 # unchanged. Also installs ngircd (Debian) for the IRC bridge tests. `setup.sh interop`,

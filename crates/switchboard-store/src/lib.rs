@@ -7,12 +7,14 @@
 
 mod migrate;
 mod open;
+pub mod port;
 mod rows;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
 use sqlx::{AssertSqlSafe, Row, postgres::PgPool, sqlite::SqlitePool};
 
+pub use migrate::SCHEMA_VERSION;
 pub use open::{DatabaseSettings, PostgresSettings};
 pub use rows::{AsPosition, EventRow, NewEvent, NewUser, StoredTxn, UserRow};
 

@@ -39,6 +39,53 @@ impl PostgresSettings {
         format!("\"{}\" at {user}{}:{}", self.dbname, self.host, self.port)
     }
 
+    /// Reads `postgresql://user[:password]@host[:port]/dbname` (libpq's URL form).
+    pub fn from_url(text: &str) -> std::result::Result<Self, String> {
+        let url = url::Url::parse(text).map_err(|e| format!("`{text}` is not a URL: {e}"))?;
+        if !matches!(url.scheme(), "postgres" | "postgresql") {
+            return Err(format!("`{text}`: the URL must start with postgresql://"));
+        }
+        let decode = |s: &str| {
+            url::form_urlencoded::parse(format!("x={s}").as_bytes())
+                .next()
+                .map(|(_, v)| v.into_owned())
+                .unwrap_or_default()
+        };
+        let dbname = url.path().trim_start_matches('/');
+        if dbname.is_empty() {
+            return Err(format!("`{text}` names no database (…/dbname at the end)"));
+        }
+        Ok(Self {
+            host: url.host_str().unwrap_or("localhost").to_owned(),
+            port: url.port().unwrap_or(5432),
+            user: (!url.username().is_empty()).then(|| decode(url.username())),
+            password: url.password().map(decode),
+            dbname: decode(dbname),
+            min_connections: 1,
+            max_connections: 4,
+        })
+    }
+
+    /// The `database:` block of a homeserver.yaml that opens this database.
+    pub fn config_block(&self) -> String {
+        let mut args = Vec::new();
+        if let Some(user) = &self.user {
+            args.push(format!("user: {}", yaml_string(user)));
+        }
+        if let Some(password) = &self.password {
+            args.push(format!("password: {}", yaml_string(password)));
+        }
+        args.push(format!("dbname: {}", yaml_string(&self.dbname)));
+        args.push(format!("host: {}", yaml_string(&self.host)));
+        args.push(format!("port: {}", self.port));
+        args.push(format!("cp_min: {}", self.min_connections));
+        args.push(format!("cp_max: {}", self.max_connections));
+        format!(
+            "database:\n  name: psycopg2\n  args:\n    {}\n",
+            args.join("\n    ")
+        )
+    }
+
     pub(crate) fn connect_options(&self) -> PgConnectOptions {
         let mut options = PgConnectOptions::new_without_pgpass()
             .host(&self.host)
@@ -53,6 +100,11 @@ impl PostgresSettings {
         }
         options
     }
+}
+
+/// A YAML double-quoted scalar (JSON's string syntax is valid YAML).
+fn yaml_string(text: &str) -> String {
+    serde_json::Value::from(text).to_string()
 }
 
 pub(crate) async fn sqlite(path: &std::path::Path) -> Result<(SqlitePool, SqlitePool)> {

@@ -66,16 +66,7 @@ impl TestPostgres {
 
     /// The `database:` block of a homeserver.yaml for this database.
     pub fn config_block(&self) -> String {
-        let s = &self.settings;
-        format!(
-            "database: {{name: psycopg2, args: {{user: '{}', dbname: {}, host: '{}', port: {}, cp_min: {}, cp_max: {}}}}}",
-            s.user.as_deref().unwrap_or_default(),
-            s.dbname,
-            s.host,
-            s.port,
-            s.min_connections,
-            s.max_connections
-        )
+        self.settings.config_block()
     }
 }
 

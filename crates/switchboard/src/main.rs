@@ -9,6 +9,7 @@ use std::{
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use switchboard_core::{Homeserver, config::Config, keys, util::random_string};
+use switchboard_store::{DatabaseSettings, PostgresSettings, Store, port};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
@@ -60,6 +61,16 @@ enum Command {
         /// A server admin's access token.
         #[arg(long, global = true, env = "SWITCHBOARD_ADMIN_TOKEN")]
         token: Option<String>,
+    },
+    /// Copy a SQLite database into a new, empty PostgreSQL database, then tell what to change
+    /// in the config (like Synapse's synapse_port_db).
+    PortDb {
+        /// The SQLite database file (`database.args.database` of the config).
+        #[arg(long)]
+        sqlite: PathBuf,
+        /// The PostgreSQL database: `postgresql://user[:password]@host[:port]/dbname`.
+        #[arg(long)]
+        postgres: String,
     },
     /// Create an account without the server running.
     RegisterUser {
@@ -119,6 +130,7 @@ fn main() -> anyhow::Result<()> {
                 println!("Registered {user_id}{}", if admin { " (admin)" } else { "" });
                 Ok(())
             }
+            Some(Command::PortDb { sqlite, postgres }) => port_db(&sqlite, &postgres).await,
             Some(Command::Appservice {
                 action,
                 homeserver,
@@ -167,6 +179,44 @@ fn generate_config(
     // Check that what we wrote loads, so a bad generator never hands out a broken file.
     Config::load(&config_path)?;
     println!("{}", config_path.display());
+    Ok(())
+}
+
+async fn port_db(sqlite: &Path, postgres: &str) -> anyhow::Result<()> {
+    if !sqlite.is_file() {
+        bail!("{}: no such SQLite database", sqlite.display());
+    }
+    let settings = PostgresSettings::from_url(postgres).map_err(anyhow::Error::msg)?;
+    eprintln!(
+        "Copying {} into PostgreSQL {}.\nStop Switchboard first: what it writes after the copy begins stays in SQLite only.",
+        sqlite.display(),
+        settings.describe()
+    );
+    let source = Store::open_sqlite(sqlite).await?;
+    let target = Store::open(&DatabaseSettings::Postgres(settings.clone())).await?;
+    let report = port::sqlite_to_postgres(&source, &target).await;
+    source.close().await;
+    target.close().await;
+    let report = report?;
+    println!(
+        "Copied {} rows; the row counts of both databases match:",
+        report.total_rows()
+    );
+    for (table, rows) in &report.tables {
+        println!("  {table:<20} {rows:>10}");
+    }
+    println!(
+        "\nTo run on PostgreSQL, replace the `database` block of homeserver.yaml with\n\n{}\n\
+         and start Switchboard. Media (media_store_path) and the signing key stay where they are;\n\
+         keep {} as a backup until you are satisfied.",
+        PostgresSettings {
+            min_connections: 5,
+            max_connections: 10,
+            ..settings
+        }
+        .config_block(),
+        sqlite.display()
+    );
     Ok(())
 }
 

@@ -2,6 +2,7 @@
 # Run the matrix-js-sdk interop test against target/debug/switchboard (or $SWITCHBOARD_BIN).
 # Installs the locked packages (package-lock.json) into tests/interop/js/node_modules with
 # `npm ci`, skipped when the lock file and the Node.js version are unchanged since the last install.
+# SWITCHBOARD_TEST_DATABASE=postgres runs the server on a fresh PostgreSQL database (see test_js_sdk.mjs).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

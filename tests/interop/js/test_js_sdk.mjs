@@ -18,6 +18,10 @@
 //   RUST_LOG               passed to the server (default: info,tower_http=debug; the error report
 //                          needs tower_http at debug, which logs one line per request and status)
 //   SWITCHBOARD_KEEP_DATA  set to 1 to keep the temporary directory after a passing run
+//   SWITCHBOARD_TEST_DATABASE  `postgres`: the server runs on a fresh PostgreSQL database, dropped
+//                          at the end (default: SQLite in the temporary directory)
+//   SWITCHBOARD_TEST_POSTGRES  the maintenance connection that creates and drops it
+//                          (default: postgresql://postgres@127.0.0.1:5432/postgres)
 //   SWITCHBOARD_JS_TRACE   set to 1 to write every SDK request and response, bodies included, to
 //                          sdk-trace.jsonl in the temporary directory (kept then)
 //
@@ -31,6 +35,7 @@ import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
+import pg from "pg";
 
 // First: quiets the SDK's logger before the SDK's own modules bind to its methods.
 import { safeJson, sdkWarnings } from "./sdk_logger.mjs";
@@ -149,11 +154,62 @@ function freePort() {
 
 const yamlStr = (value) => JSON.stringify(String(value)); // a JSON string is a valid YAML scalar
 
-/** Writes a Synapse-style homeserver.yaml (and a signing key); the keys of conftest.py. */
-async function writeConfig(dataDir, port) {
+const POSTGRES_SELECTED = process.env.SWITCHBOARD_TEST_DATABASE === "postgres";
+const POSTGRES_ADMIN_URL =
+    process.env.SWITCHBOARD_TEST_POSTGRES || "postgresql://postgres@127.0.0.1:5432/postgres";
+
+/** A fresh, empty PostgreSQL database for the server, made as the Rust tests and conftest.py make
+ * theirs (crates/switchboard-store/src/testing.rs); `drop()` removes it. */
+class PostgresDatabase {
+    static #count = 0;
+
+    constructor(name, { host, port, user }) {
+        Object.assign(this, { name, host, port, user });
+    }
+
+    static async create() {
+        const nanos = process.hrtime.bigint() % 1_000_000_000n;
+        const name = `sbtest_${process.pid}_${PostgresDatabase.#count++}_${nanos}`;
+        const admin = await PostgresDatabase.#admin(
+            `CREATE DATABASE ${name} TEMPLATE template0 ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C'`,
+        );
+        return new PostgresDatabase(name, admin);
+    }
+
+    /** Runs one statement on the maintenance database (no transaction: CREATE/DROP DATABASE). */
+    static async #admin(statement) {
+        const admin = new pg.Client({ connectionString: POSTGRES_ADMIN_URL });
+        await admin.connect();
+        try {
+            await admin.query(statement);
+        } finally {
+            await admin.end();
+        }
+        return admin;
+    }
+
+    /** The `database:` block of a homeserver.yaml for this database. */
+    configBlock() {
+        return (
+            `database: {name: psycopg2, args: {user: ${yamlStr(this.user)}, dbname: ${this.name}, ` +
+            `host: ${yamlStr(this.host)}, port: ${this.port}, cp_min: 1, cp_max: 10}}`
+        );
+    }
+
+    async drop() {
+        await PostgresDatabase.#admin(`DROP DATABASE IF EXISTS ${this.name} WITH (FORCE)`);
+    }
+}
+
+/** Writes a Synapse-style homeserver.yaml (and a signing key); the keys of conftest.py. On
+ * `database` (a PostgresDatabase) if given, else on SQLite in dataDir. */
+async function writeConfig(dataDir, port, database = null) {
     const signingKey = join(dataDir, "signing.key");
     const seed = randomBytes(32).toString("base64").replace(/=+$/, "");
     await writeFile(signingKey, `ed25519 a_test ${seed}\n`);
+    const databaseBlock = database
+        ? database.configBlock()
+        : `database: {name: sqlite3, args: {database: ${yamlStr(join(dataDir, "homeserver.db"))}}}`;
     const config = join(dataDir, "homeserver.yaml");
     await writeFile(
         config,
@@ -163,7 +219,7 @@ listeners:
     bind_addresses: ['127.0.0.1']
     type: http
     resources: [{names: [client]}]
-database: {name: sqlite3, args: {database: ${yamlStr(join(dataDir, "homeserver.db"))}}}
+${databaseBlock}
 media_store_path: ${yamlStr(join(dataDir, "media"))}
 signing_key_path: ${yamlStr(signingKey)}
 enable_registration: true
@@ -190,10 +246,14 @@ class Homeserver {
         this.logPath = join(dataDir, "server.log");
         this.proc = null;
         this.exited = null; // resolves with {code, signal} when the process ends
+        // With SWITCHBOARD_TEST_DATABASE=postgres: its PostgreSQL database, made at the first
+        // start, kept across restarts; main() drops it.
+        this.database = null;
     }
 
     async start() {
-        const config = await writeConfig(this.dataDir, this.port);
+        if (POSTGRES_SELECTED) this.database ??= await PostgresDatabase.create();
+        const config = await writeConfig(this.dataDir, this.port, this.database);
         const log = createWriteStream(this.logPath, { flags: "a" });
         await new Promise((ok) => log.write(`===== starting ${this.binary} =====\n`, ok));
         const env = {
@@ -543,6 +603,11 @@ async function main() {
             } catch (error) {
                 flowError ??= error;
             }
+        }
+        try {
+            await server.database?.drop();
+        } catch (error) {
+            flowError ??= error;
         }
     }
 

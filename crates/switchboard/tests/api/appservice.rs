@@ -464,6 +464,146 @@ async fn kill_9_with_the_service_down_loses_and_reorders_nothing() {
     );
 }
 
+/// The service's view after de-duplicating by txnId: the events of each distinct accepted
+/// transaction, in arrival order. Panics if one txnId ever came with two different bodies.
+fn distinct_transaction_events(fake: &FakeAs) -> Vec<Value> {
+    let mut seen: std::collections::HashMap<String, Value> = std::collections::HashMap::new();
+    let mut events = Vec::new();
+    for (id, body) in fake.transactions() {
+        if let Some(earlier) = seen.get(&id) {
+            assert_eq!(earlier, &body, "txnId {id} reused for a different transaction");
+            continue;
+        }
+        events.extend(body["events"].as_array().cloned().unwrap_or_default());
+        seen.insert(id, body);
+    }
+    events
+}
+
+#[tokio::test]
+async fn kill_9_mid_stream_loses_nothing_accepted_and_delivery_resumes_in_order() {
+    let fake = FakeAs::start().await;
+    let reg = Registration::new("bridge", Some(fake.url.as_str()))
+        .sender("bridgebot")
+        .users("@_bridge_.*:localhost", true);
+    let (mut s, _regs) = start_server(&[&reg]).await;
+    let alice = s.register("alice").await;
+    let room = s.create_room(&alice, json!({"preset": "public_chat"})).await;
+    let ghost = register_ghost(&s, &reg.as_token, "_bridge_ghost").await;
+    s.ok(
+        Method::POST,
+        &as_user(&room_path(&room, "join"), &ghost),
+        &reg.as_token,
+        json!({}),
+    )
+    .await;
+
+    // Four clients send as fast as they can; the server is killed while they do.
+    let accepted = Arc::new(Mutex::new(Vec::new()));
+    let senders: Vec<_> = (0..4)
+        .map(|w| {
+            let (http, base, token, room, accepted) = (
+                s.http.clone(),
+                s.base.clone(),
+                alice.token.clone(),
+                room.clone(),
+                accepted.clone(),
+            );
+            tokio::spawn(async move {
+                for i in 0.. {
+                    let body = format!("w{w}-{i:05}");
+                    let sent = http
+                        .put(format!(
+                            "{base}{}",
+                            room_path(&room, &format!("send/m.room.message/{body}"))
+                        ))
+                        .bearer_auth(&token)
+                        .json(&json!({"msgtype": "m.text", "body": body}))
+                        .send()
+                        .await;
+                    match sent {
+                        Ok(r) if r.status() == StatusCode::OK => accepted.lock().expect("lock").push(body),
+                        _ => return,
+                    }
+                }
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + WAIT;
+    while accepted.lock().expect("lock").len() < 200 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let delivered_before = fake.transactions().len();
+    s.crash();
+    for sender in senders {
+        sender.await.expect("sender task");
+    }
+    let accepted = accepted.lock().expect("lock").clone();
+    assert!(
+        accepted.len() >= 200,
+        "the clients were sending when the server died"
+    );
+    assert!(
+        delivered_before > 0,
+        "delivery was under way when the server died"
+    );
+    s.restart().await;
+
+    // Everything the server said it accepted is there, once, in one stream order…
+    let mut stored = Vec::new();
+    let mut from = String::new();
+    loop {
+        let page = s
+            .ok(
+                Method::GET,
+                &format!("{}?dir=f&limit=500{from}", room_path(&room, "messages")),
+                &alice.token,
+                Value::Null,
+            )
+            .await;
+        let chunk = page["chunk"].as_array().map_or(&[][..], Vec::as_slice);
+        stored.extend(message_bodies(chunk));
+        // `end` is left out at the end of the timeline.
+        match page["end"].as_str() {
+            Some(end) if !chunk.is_empty() => from = format!("&from={end}"),
+            _ => break,
+        }
+    }
+    for body in &accepted {
+        assert_eq!(
+            stored.iter().filter(|b| *b == body).count(),
+            1,
+            "{body} was accepted before the crash and must be stored once"
+        );
+    }
+    // …and the service receives that stream, in order, each event once per distinct txnId.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let delivered = message_bodies(&distinct_transaction_events(&fake));
+        if delivered == stored {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "service got {} of {} events; first difference at {:?}",
+            delivered.len(),
+            stored.len(),
+            delivered.iter().zip(&stored).position(|(a, b)| a != b)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ids: Vec<u64> = fake
+        .transaction_attempts()
+        .iter()
+        .filter(|a| a.succeeded())
+        .map(Request::txn_number)
+        .collect();
+    assert!(
+        ids.windows(2).all(|w| w[0] <= w[1]),
+        "txnIds never go back across the crash (a repeat is the same transaction resent): {ids:?}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Interest
 

@@ -83,12 +83,27 @@ impl Server {
         Self::start_edited(extra_config, |text| text).await
     }
 
-    /// Starts with the generated config text passed through `edit` first.
+    /// Starts with the generated config text passed through `edit` first, on the database engine
+    /// the tests run on (`SWITCHBOARD_TEST_DATABASE`).
     pub async fn start_edited(extra_config: &str, edit: impl FnOnce(String) -> String) -> Self {
+        Self::start_on(
+            switchboard_store::testing::postgres_selected(),
+            extra_config,
+            edit,
+        )
+        .await
+    }
+
+    /// Starts on SQLite whatever engine the tests run on (the source of `port-db`).
+    pub async fn start_on_sqlite(extra_config: &str) -> Self {
+        Self::start_on(false, extra_config, |text| text).await
+    }
+
+    async fn start_on(postgres: bool, extra_config: &str, edit: impl FnOnce(String) -> String) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let mut text = edit(config_text(port, dir.path(), extra_config));
-        let database = if switchboard_store::testing::postgres_selected() {
+        let database = if postgres {
             let database = switchboard_store::testing::TestPostgres::create().await;
             let sqlite = format!(
                 "database: {{name: sqlite3, args: {{database: {}/homeserver.db}}}}",

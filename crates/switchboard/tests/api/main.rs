@@ -12,6 +12,7 @@ mod http;
 mod keys;
 mod media;
 mod ops;
+mod port;
 mod profile;
 mod rooms;
 mod sdk;
