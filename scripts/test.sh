@@ -8,9 +8,17 @@ echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
-echo "==> cargo test (unit + integration against the real binary)"
+echo "==> cargo test (unit + integration against the real binary, SQLite)"
 cargo test --workspace
-echo "==> interop tests (matrix-nio, mautrix-python, matrix-js-sdk)"
+# The same suites on PostgreSQL (127.0.0.1:5432, trust auth; SWITCHBOARD_TEST_POSTGRES to change):
+# every test server gets a fresh database, dropped afterwards. Only the crates that reach the
+# homeserver's database run again.
+echo "==> cargo test (the homeserver's crates again, PostgreSQL)"
+SWITCHBOARD_TEST_DATABASE=postgres cargo test -p switchboard-store -p switchboard-core -p switchboard
+echo "==> interop tests (matrix-nio, mautrix-python, matrix-js-sdk) on SQLite, then PostgreSQL"
 cargo build -p switchboard -p switchboard-logger -p switchboard-irc
-bash tests/interop/run.sh
-bash tests/interop/js/run.sh
+for database in sqlite postgres; do
+    echo "==> interop on $database"
+    SWITCHBOARD_TEST_DATABASE=$database bash tests/interop/run.sh
+    SWITCHBOARD_TEST_DATABASE=$database bash tests/interop/js/run.sh
+done

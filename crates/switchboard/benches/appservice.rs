@@ -3,6 +3,8 @@
 //! send-to-delivery latency, events per transaction, catch-up time and peak RSS, with 1, 10 and
 //! 100 registered services (one of them interested). Run with
 //! `cargo bench -p switchboard --bench appservice` (set `BENCH_SERVICES=1` to run one size).
+//! Switchboard runs on SQLite and on PostgreSQL (`BENCH_DATABASES=sqlite,postgres`, the default;
+//! a fresh database on 127.0.0.1:5432 as in the tests, see `switchboard_store::testing`).
 //! `BENCH_SYNAPSE=1` runs the same load against Synapse (installed into `target/synapse-venv`
 //! from PyPI by `tests/interop/setup.sh synapse`) and prints Switchboard/Synapse ratios.
 
@@ -277,7 +279,7 @@ async fn run(name: &str, services: usize, load: Workload) -> Option<Figures> {
             fake_as::config_files_yaml(&paths),
             harness::RELAXED_LIMITS
         );
-        Server::start_with(&extra).await
+        Server::start_on(name == "sb-postgres", &extra, |text| text).await
     };
     let server = Arc::new(server);
     let as_token = registrations[0].as_token.clone();
@@ -393,14 +395,37 @@ async fn main() {
             .expect("run tests/interop/setup.sh");
         assert!(setup.success(), "installing Synapse failed");
     }
+    let databases: Vec<String> = std::env::var("BENCH_DATABASES")
+        .unwrap_or_else(|_| "sqlite,postgres".to_owned())
+        .split(',')
+        .map(|d| format!("sb-{}", d.trim()))
+        .collect();
     println!(
-        "application-service delivery (SQLite, loopback, {} senders; Switchboard with synchronous=FULL)",
+        "application-service delivery (loopback, {} senders; Switchboard on {databases:?}: SQLite with \
+         synchronous=FULL, PostgreSQL with its default fsync'd commits)",
         sender_count()
     );
     for services in sizes {
-        let ours = run("switchboard", services, SWITCHBOARD_LOAD)
-            .await
-            .expect("switchboard runs");
+        let mut figures = Vec::new();
+        for database in &databases {
+            figures.push(
+                run(database, services, SWITCHBOARD_LOAD)
+                    .await
+                    .expect("switchboard runs"),
+            );
+        }
+        if let [sqlite, postgres] = &figures[..] {
+            println!(
+                "  PostgreSQL/SQLite {services:>3} services | delivered {:.2}×, send→delivery p99 at full load {:.2}×, at {PACED_RATE} msgs/s {:.2}×, catch-up {:.2}×",
+                postgres.delivered_rate / sqlite.delivered_rate,
+                postgres.delivery_p99 / sqlite.delivery_p99,
+                postgres.paced_p99 / sqlite.paced_p99,
+                postgres.catch_up_rate / sqlite.catch_up_rate,
+            );
+        }
+        let Some(ours) = figures.into_iter().next() else {
+            continue;
+        };
         if !synapse {
             continue;
         }

@@ -99,7 +99,8 @@ impl Server {
         Self::start_on(false, extra_config, |text| text).await
     }
 
-    async fn start_on(postgres: bool, extra_config: &str, edit: impl FnOnce(String) -> String) -> Self {
+    /// Starts on PostgreSQL (a fresh database) or SQLite, whatever the tests run on.
+    pub async fn start_on(postgres: bool, extra_config: &str, edit: impl FnOnce(String) -> String) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let mut text = edit(config_text(port, dir.path(), extra_config));
