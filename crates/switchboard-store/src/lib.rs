@@ -938,19 +938,37 @@ impl Store {
     ) -> Result<Option<(String, String)>> {
         on_db!(self, |write, read| {
             let mut tx = write.begin().await?;
-            let row = sqlx::query(
-                "DELETE FROM one_time_keys
-                 WHERE user_id = $1 AND device_id = $2 AND algorithm = $3
-                   AND key_id = (SELECT key_id FROM one_time_keys
-                                 WHERE user_id = $1 AND device_id = $2 AND algorithm = $3
-                                 ORDER BY key_id LIMIT 1)
-                 RETURNING key_id, key",
-            )
-            .bind(user_id)
-            .bind(device_id)
-            .bind(algorithm)
-            .fetch_optional(&mut *tx)
-            .await?;
+            let mut row = None;
+            for _ in 0..CLAIM_ATTEMPTS {
+                row = sqlx::query(
+                    "DELETE FROM one_time_keys
+                     WHERE user_id = $1 AND device_id = $2 AND algorithm = $3
+                       AND key_id = (SELECT key_id FROM one_time_keys
+                                     WHERE user_id = $1 AND device_id = $2 AND algorithm = $3
+                                     ORDER BY key_id LIMIT 1)
+                     RETURNING key_id, key",
+                )
+                .bind(user_id)
+                .bind(device_id)
+                .bind(algorithm)
+                .fetch_optional(&mut *tx)
+                .await?;
+                // On PostgreSQL a concurrent claim may have taken the key this one picked; if
+                // keys are left, pick again rather than hand out the fallback key.
+                let left = row.is_none()
+                    && sqlx::query(
+                        "SELECT 1 FROM one_time_keys WHERE user_id = $1 AND device_id = $2 AND algorithm = $3 LIMIT 1",
+                    )
+                    .bind(user_id)
+                    .bind(device_id)
+                    .bind(algorithm)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .is_some();
+                if !left {
+                    break;
+                }
+            }
             let claimed = match row {
                 Some(row) => Some((row.get(0), row.get(1))),
                 None => sqlx::query(
@@ -1412,16 +1430,23 @@ impl Store {
     /// Stores a sync filter and returns its new ID (per user, counting from 0).
     pub async fn create_filter(&self, user_id: &str, filter: &str) -> Result<i64> {
         on_db!(self, |write, read| {
-            let row = sqlx::query(
-                "INSERT INTO filters (user_id, filter_id, filter)
-                 VALUES ($1, (SELECT COALESCE(MAX(filter_id) + 1, 0) FROM filters WHERE user_id = $1), $2)
-                 RETURNING filter_id",
-            )
-            .bind(user_id)
-            .bind(filter)
-            .fetch_one(write)
-            .await?;
-            Ok(row.get(0))
+            // Two concurrent creations may compute the same next ID (PostgreSQL); the loser
+            // inserts nothing and tries the next one.
+            loop {
+                let row = sqlx::query(
+                    "INSERT INTO filters (user_id, filter_id, filter)
+                     VALUES ($1, (SELECT COALESCE(MAX(filter_id) + 1, 0) FROM filters WHERE user_id = $1), $2)
+                     ON CONFLICT DO NOTHING
+                     RETURNING filter_id",
+                )
+                .bind(user_id)
+                .bind(filter)
+                .fetch_optional(write)
+                .await?;
+                if let Some(row) = row {
+                    return Ok(row.get(0));
+                }
+            }
         })
     }
 
@@ -1436,6 +1461,9 @@ impl Store {
         })
     }
 }
+
+/// Tries of a one-time-key claim that lost its key to a concurrent claim.
+const CLAIM_ATTEMPTS: usize = 64;
 
 /// Rows per multi-row `INSERT`: one statement per table for a whole group keeps the per-statement
 /// overhead (a round trip to the connection's thread) out of the hot path, and stays far below

@@ -122,3 +122,58 @@ async fn filter_ids_count_per_user() {
         Some("{\"x\":1}")
     );
 }
+
+#[tokio::test]
+async fn concurrent_claims_take_distinct_one_time_keys() {
+    let (_db, store) = temp_store().await;
+    for i in 0..20 {
+        store
+            .add_one_time_key("@a:x", "DEV", "signed_curve25519", &format!("AAAA{i:02}"), "k")
+            .await
+            .expect("add");
+    }
+    store
+        .set_fallback_key("@a:x", "DEV", "signed_curve25519", "FALLBACK", "f")
+        .await
+        .expect("fallback");
+    let claims: Vec<_> = (0..20)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.claim_key("@a:x", "DEV", "signed_curve25519").await })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for claim in claims {
+        let (id, _) = claim.await.expect("task").expect("claim").expect("a key");
+        ids.push(id);
+    }
+    ids.sort();
+    ids.dedup();
+    assert_eq!(
+        ids.len(),
+        20,
+        "twenty different one-time keys, no fallback: {ids:?}"
+    );
+    let last = store
+        .claim_key("@a:x", "DEV", "signed_curve25519")
+        .await
+        .expect("claim");
+    assert_eq!(last.map(|(id, _)| id).as_deref(), Some("FALLBACK"));
+}
+
+#[tokio::test]
+async fn concurrent_filters_get_distinct_ids() {
+    let (_db, store) = temp_store().await;
+    let creations: Vec<_> = (0..10)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move { store.create_filter("@a:x", &format!("{{\"n\":{i}}}")).await })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for creation in creations {
+        ids.push(creation.await.expect("task").expect("filter"));
+    }
+    ids.sort();
+    assert_eq!(ids, (0..10).collect::<Vec<i64>>());
+}
