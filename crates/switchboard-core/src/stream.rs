@@ -270,10 +270,11 @@ async fn writer(
         let start = positions.first().copied().unwrap_or_default();
         tokio::spawn(async move {
             let rows: Vec<&NewEvent> = group.iter().flat_map(|job| job.events.iter()).collect();
-            if let Err(e) = store.append_events(&rows).await {
+            if let Err(e) = store.append_events(&rows).await
+                && !landed_anyway(&store, &rows).await
+            {
                 if store.engine() == Engine::Sqlite {
-                    // Normally nothing of the group was stored and its positions are handed out
-                    // again; the database says for sure (a commit can fail after it landed).
+                    // Nothing of the group was stored: its positions are handed out again.
                     next.store(
                         store.max_stream_pos().await.map_or(start, |max| max + 1),
                         Ordering::SeqCst,
@@ -298,6 +299,25 @@ async fn writer(
             }
             let _ = committed.send(Some(published));
         });
+    }
+}
+
+/// Whether a group whose commit reported an error is stored all the same: a commit can fail
+/// after it landed (a connection lost while the answer was on its way). The group is all or
+/// nothing, so its first event tells.
+async fn landed_anyway(store: &Store, rows: &[&NewEvent]) -> bool {
+    let Some(first) = rows.first() else {
+        return false;
+    };
+    match store.event(&first.event_id).await {
+        Ok(Some(stored)) if stored.stream_pos == first.stream_pos => {
+            tracing::warn!(
+                events = rows.len(),
+                "a commit reported an error but is stored; carrying on"
+            );
+            true
+        }
+        _ => false,
     }
 }
 

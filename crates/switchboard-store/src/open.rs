@@ -193,7 +193,8 @@ pub(crate) async fn postgres(settings: &PostgresSettings) -> Result<PgPool> {
     let bytewise = ["C", "POSIX", "C.UTF-8", "C.utf8"].contains(&collation.as_str());
     if !bytewise {
         // As Synapse warns: a locale collation orders text differently from SQLite and can change
-        // with the C library; the queries order only by numbers and exact keys, so this is not fatal.
+        // with the C library. Here it only reorders a few text-sorted lists (aliases, devices,
+        // the room directory), so it is a warning, not a refusal.
         tracing::warn!(
             %collation,
             "the PostgreSQL database does not use the C collation; LC_COLLATE='C' is recommended"

@@ -141,6 +141,76 @@ fn bad_config_stops_startup_naming_the_key() {
     );
 }
 
+/// Starts the binary with this `database:` block; returns its stderr (it must fail).
+fn start_failing_with_database(block: &str) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sqlite = format!(
+        "database: {{name: sqlite3, args: {{database: {}/homeserver.db}}}}",
+        dir.path().display()
+    );
+    let text =
+        crate::harness::config_text(crate::harness::free_port(), dir.path(), "").replace(&sqlite, block);
+    let path = dir.path().join("homeserver.yaml");
+    std::fs::write(&path, text).expect("write");
+    let out = std::process::Command::new(binary())
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("run");
+    assert!(!out.status.success(), "must not start with {block}");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!stderr.contains("panicked"), "an error, not a panic: {stderr}");
+    stderr
+}
+
+#[tokio::test]
+async fn an_unusable_postgres_database_stops_startup_naming_it() {
+    let nobody = crate::harness::free_port();
+    let stderr = start_failing_with_database(&format!(
+        "database: {{name: psycopg2, args: {{user: postgres, dbname: sb, host: 127.0.0.1, port: {nobody}}}}}"
+    ));
+    assert!(
+        stderr.contains(&format!("\"sb\" at postgres@127.0.0.1:{nobody}")) && stderr.contains("refused"),
+        "{stderr}"
+    );
+    let pg = switchboard_store::testing::TestPostgres::create().await;
+    let settings = &pg.settings;
+    let stderr = start_failing_with_database(&format!(
+        "database: {{name: psycopg2, args: {{user: '{}', dbname: no_such_db, host: '{}', port: {}}}}}",
+        settings.user.as_deref().unwrap_or("postgres"),
+        settings.host,
+        settings.port
+    ));
+    assert!(
+        stderr.contains("\"no_such_db\"") && stderr.contains("does not exist"),
+        "{stderr}"
+    );
+    // Someone else's tables (a Synapse database, say): refused, nothing mixed in.
+    let mut admin = sqlx_connect(settings).await;
+    sqlx::raw_sql("CREATE TABLE events (event_id TEXT)")
+        .execute(&mut admin)
+        .await
+        .expect("foreign table");
+    let stderr = start_failing_with_database(&pg.config_block());
+    assert!(
+        stderr.contains(&settings.dbname) && stderr.contains("no Switchboard schema"),
+        "{stderr}"
+    );
+}
+
+async fn sqlx_connect(settings: &switchboard_store::PostgresSettings) -> sqlx::PgConnection {
+    use sqlx::Connection;
+    let url = format!(
+        "postgresql://{}@{}:{}/{}",
+        settings.user.as_deref().unwrap_or("postgres"),
+        settings.host,
+        settings.port,
+        settings.dbname
+    );
+    sqlx::PgConnection::connect(&url).await.expect("connect")
+}
+
 #[test]
 fn generate_config_gives_a_runnable_setup() {
     let dir = tempfile::tempdir().expect("tempdir");
