@@ -103,7 +103,7 @@ impl EventFilter {
 
 impl RoomEventFilter {
     pub fn matches(&self, pdu: &Pdu) -> bool {
-        if !self.events.matches(&pdu.kind.to_string(), pdu.sender.as_str())
+        if !self.events.matches(&pdu.event_type, pdu.sender.as_str())
             || !self.room_allowed(pdu.room_id.as_str())
         {
             return false;

@@ -44,7 +44,11 @@ pub struct Pdu {
     pub room_id: OwnedRoomId,
     pub sender: OwnedUserId,
     pub origin_server_ts: MilliSecondsSinceUnixEpoch,
+    /// The type, parsed for comparisons. ruma maps some unstable names to their stable ones
+    /// (`org.matrix.call.…` → `m.call.…`), so [`Pdu::event_type`] is what goes out.
     pub kind: TimelineEventType,
+    /// The type exactly as the event has it.
+    pub event_type: String,
     pub content: Box<RawValue>,
     pub state_key: Option<String>,
     pub prev_events: Vec<OwnedEventId>,
@@ -67,7 +71,7 @@ struct PduFields {
     sender: OwnedUserId,
     origin_server_ts: MilliSecondsSinceUnixEpoch,
     #[serde(rename = "type")]
-    kind: TimelineEventType,
+    kind: String,
     content: Box<RawValue>,
     state_key: Option<String>,
     #[serde(default)]
@@ -93,10 +97,11 @@ impl Pdu {
     pub fn from_json(event_id: OwnedEventId, json: String) -> Result<Self> {
         let fields: PduFields = serde_json::from_str(&json)
             .map_err(|e| Error::Internal(format!("malformed PDU {event_id}: {e}")))?;
+        let kind = TimelineEventType::from(fields.kind.as_str());
         // Room version 11 moved `redacts` into the content; read either place.
         let redacts = match fields.redacts {
             Some(r) => Some(r),
-            None if fields.kind == TimelineEventType::RoomRedaction => {
+            None if kind == TimelineEventType::RoomRedaction => {
                 serde_json::from_str::<RedactsInContent>(fields.content.get())
                     .ok()
                     .and_then(|c| c.redacts)
@@ -108,7 +113,8 @@ impl Pdu {
             room_id: fields.room_id,
             sender: fields.sender,
             origin_server_ts: fields.origin_server_ts,
-            kind: fields.kind,
+            kind,
+            event_type: fields.kind,
             content: fields.content,
             state_key: fields.state_key,
             prev_events: fields.prev_events,
@@ -171,7 +177,7 @@ impl Pdu {
             origin_server_ts: self.origin_server_ts,
             room_id: &self.room_id,
             sender: &self.sender,
-            kind: &self.kind,
+            kind: &self.event_type,
             state_key: self.state_key.as_deref(),
             redacts: self.redacts.as_ref(),
             unsigned,
@@ -181,7 +187,7 @@ impl Pdu {
     /// The stripped form used in `invite_state`.
     pub fn to_stripped(&self) -> serde_json::Value {
         serde_json::json!({
-            "type": self.kind,
+            "type": self.event_type,
             "state_key": self.state_key,
             "content": self.content,
             "sender": self.sender,
@@ -198,7 +204,7 @@ pub struct ClientEvent<'a> {
     pub room_id: &'a OwnedRoomId,
     pub sender: &'a OwnedUserId,
     #[serde(rename = "type")]
-    pub kind: &'a TimelineEventType,
+    pub kind: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub state_key: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]

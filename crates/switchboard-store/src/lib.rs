@@ -1,9 +1,11 @@
 //! Persistent storage for Switchboard.
 //!
 //! [`Store`] is the only place SQL lives. Its methods are named for what the homeserver does
-//! (`append_event`, `current_state`, …), so the layers above never see a database. The SQL uses
-//! `$N` placeholders and the dialect subset SQLite and PostgreSQL share, so a PostgreSQL backend can
-//! reuse the query text; only the pool type and the migrations differ.
+//! (`append_event`, `current_state`, …), so the layers above never see a database. It runs on
+//! SQLite (embedded default) or PostgreSQL. Every query is written once, with `$N` placeholders and
+//! SQL both engines speak; `on_db!` runs it on whichever engine the store has. What differs is
+//! kept to connecting (`open`), the twin migration folders (`migrate`) and where event-stream
+//! positions come from ([`Store::reserve_stream_positions`]).
 
 mod migrate;
 mod open;
@@ -1470,7 +1472,7 @@ const CLAIM_ATTEMPTS: usize = 64;
 /// both engines' bound-parameter limits.
 const INSERT_CHUNK: usize = 256;
 
-/// Helpers that run inside a caller's transaction, once per engine (see [`on_db!`]).
+/// Helpers that run inside a caller's transaction, once per engine (see `on_db!`).
 macro_rules! transaction_ops {
     ($module:ident, $db:ty) => {
         pub(crate) mod $module {

@@ -179,7 +179,7 @@ async fn state_event(
     let state = hs.rooms.state_for_user(&room, &session.user_id).await?;
     let event = state
         .iter()
-        .find(|e| e.kind.to_string() == event_type && e.state_key.as_deref() == Some(state_key))
+        .find(|e| e.event_type == event_type && e.state_key.as_deref() == Some(state_key))
         .ok_or_else(|| Error::NotFound("Event not found.".to_owned()))?;
     if params.format.as_deref() == Some("event") {
         return Ok(Json(to_value(

@@ -229,7 +229,8 @@ impl Rooms {
             "prev_events": prev_events,
             "room_id": handle.room_id,
             "sender": sender,
-            "type": kind,
+            // As sent: `kind` may carry ruma's stable name for an unstable type.
+            "type": draft.kind,
         });
         if let Some(redacts) = draft.redacts {
             if rules.redaction.content_field_redacts {
@@ -282,7 +283,7 @@ impl Rooms {
                 event_id: a.pdu.event_id.to_string(),
                 room_id: a.pdu.room_id.to_string(),
                 sender: a.pdu.sender.to_string(),
-                kind: a.pdu.kind.to_string(),
+                kind: a.pdu.event_type.clone(),
                 state_key: a.pdu.state_key.clone(),
                 depth: i64::from(a.pdu.depth),
                 origin_server_ts: i64::from(a.pdu.origin_server_ts.get()),
@@ -320,7 +321,7 @@ impl Rooms {
                     pdu.sender.as_str(),
                     device,
                     pdu.room_id.as_str(),
-                    &pdu.kind.to_string(),
+                    &pdu.event_type,
                     txn_id,
                     pdu.event_id.as_str(),
                 );

@@ -61,7 +61,7 @@ impl Rooms {
         let content_of = |kind: &str| {
             state
                 .iter()
-                .find(|e| e.kind.to_string() == kind && e.state_key.as_deref() == Some(""))
+                .find(|e| e.event_type == kind && e.state_key.as_deref() == Some(""))
                 .map(|e| e.content_value())
         };
         let old_create = content_of("m.room.create").unwrap_or_default();

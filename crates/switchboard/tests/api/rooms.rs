@@ -1073,3 +1073,39 @@ async fn a_sent_event_is_readable_at_once() {
         assert_eq!(page["chunk"][0]["event_id"], sent["event_id"], "round {i}");
     }
 }
+
+/// ruma knows some unstable types under their stable names; the event keeps the type it was
+/// sent with, and a retried send of it is still recognised as the same transaction.
+#[tokio::test]
+async fn unstable_event_types_are_kept_as_sent() {
+    let s = Server::start().await;
+    let alice = s.register("alice").await;
+    let room = s.create_room(&alice, json!({})).await;
+    let kind = "org.matrix.call.sdp_stream_metadata_changed";
+    let path = format!("/_matrix/client/v3/rooms/{}/send/{kind}/t1", enc(&room));
+    let content = json!({"call_id": "c1", "sdp_stream_metadata": {}});
+    let first = s.ok(Method::PUT, &path, &alice.token, content.clone()).await;
+    let again = s.ok(Method::PUT, &path, &alice.token, content).await;
+    assert_eq!(
+        first["event_id"], again["event_id"],
+        "the retry is the same transaction"
+    );
+    let event_id = first["event_id"].as_str().expect("event_id");
+    let event = s
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&room), enc(event_id)),
+            &alice.token,
+            Value::Null,
+        )
+        .await;
+    assert_eq!(event["type"], kind);
+    let sync = s.sync(&alice, "").await;
+    let timeline = sync["rooms"]["join"][&room]["timeline"]["events"]
+        .as_array()
+        .expect("timeline");
+    assert!(
+        timeline.iter().any(|e| e["type"] == kind),
+        "sync shows the type as sent: {timeline:?}"
+    );
+}
