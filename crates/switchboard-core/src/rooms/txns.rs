@@ -9,6 +9,9 @@ use std::{collections::HashMap, sync::Mutex};
 
 /// Transactions remembered per device before older ones are left to the database.
 const PER_DEVICE: usize = 10_000;
+/// Transactions remembered in all (about 200 bytes each); beyond, memory starts over and every
+/// device learns its history from the database again.
+const TOTAL: usize = 200_000;
 
 /// `(room_id, event_type, txn_id)`: the scope the spec gives a transaction ID within a device.
 type TxnKey = (String, String, String);
@@ -33,17 +36,39 @@ pub(super) enum Lookup {
     UnknownDevice,
 }
 
-#[derive(Default)]
 pub(super) struct TxnMemory {
-    devices: Mutex<HashMap<(String, String), DeviceTxns>>,
+    devices: Mutex<Devices>,
+    per_device: usize,
+    total: usize,
+}
+
+#[derive(Default)]
+struct Devices {
+    by_id: HashMap<(String, String), DeviceTxns>,
+    /// Transactions held over all devices.
+    held: usize,
+}
+
+impl Default for TxnMemory {
+    fn default() -> Self {
+        Self::with_limits(PER_DEVICE, TOTAL)
+    }
 }
 
 impl TxnMemory {
+    fn with_limits(per_device: usize, total: usize) -> Self {
+        Self {
+            devices: Mutex::new(Devices::default()),
+            per_device,
+            total,
+        }
+    }
+
     pub(super) fn lookup(&self, user: &str, device: &str, room: &str, kind: &str, txn: &str) -> Lookup {
         let Ok(devices) = self.devices.lock() else {
             return Lookup::AskDatabase;
         };
-        let Some(known) = devices.get(&(user.to_owned(), device.to_owned())) else {
+        let Some(known) = devices.by_id.get(&(user.to_owned(), device.to_owned())) else {
             return Lookup::UnknownDevice;
         };
         match known.ids.get(&(room.to_owned(), kind.to_owned(), txn.to_owned())) {
@@ -58,6 +83,7 @@ impl TxnMemory {
     pub(super) fn learn_device(&self, user: &str, device: &str, has_history: bool) {
         if let Ok(mut devices) = self.devices.lock() {
             devices
+                .by_id
                 .entry((user.to_owned(), device.to_owned()))
                 .or_insert_with(|| DeviceTxns {
                     more_in_database: has_history,
@@ -71,21 +97,32 @@ impl TxnMemory {
         let Ok(mut devices) = self.devices.lock() else {
             return;
         };
+        if devices.held >= self.total {
+            // Forgetting a device is safe: its next send asks the database about its history.
+            *devices = Devices::default();
+        }
+        let devices = &mut *devices;
         let known = devices
+            .by_id
             .entry((user.to_owned(), device.to_owned()))
             // A device first seen here (not through `lookup`) may have older transactions.
             .or_insert_with(|| DeviceTxns {
                 more_in_database: true,
                 ids: HashMap::new(),
             });
-        if known.ids.len() >= PER_DEVICE {
+        if known.ids.len() >= self.per_device {
+            devices.held -= known.ids.len();
             known.ids.clear();
             known.more_in_database = true;
         }
-        known.ids.insert(
-            (room.to_owned(), kind.to_owned(), txn.to_owned()),
-            event_id.to_owned(),
-        );
+        let fresh = known
+            .ids
+            .insert(
+                (room.to_owned(), kind.to_owned(), txn.to_owned()),
+                event_id.to_owned(),
+            )
+            .is_none();
+        devices.held += usize::from(fresh);
     }
 }
 
@@ -119,6 +156,28 @@ mod tests {
 
         memory.learn_device("@b:x", "D", true);
         assert_eq!(memory.lookup("@b:x", "D", "!r:x", "m", "1"), Lookup::AskDatabase);
+    }
+
+    #[test]
+    fn a_full_memory_starts_over_and_asks_the_database() {
+        let memory = TxnMemory::with_limits(100, 250);
+        for device in ["A", "B", "C"] {
+            memory.learn_device("@a:x", device, false);
+            for i in 0..90 {
+                memory.record("@a:x", device, "!r:x", "m", &i.to_string(), "$e");
+            }
+        }
+        // 270 > 250: the third device's last records started memory over.
+        assert_eq!(
+            memory.lookup("@a:x", "A", "!r:x", "m", "1"),
+            Lookup::UnknownDevice
+        );
+        let held = memory.devices.lock().expect("lock").held;
+        assert!(held < 250, "{held}");
+        assert!(matches!(
+            memory.lookup("@a:x", "C", "!r:x", "m", "89"),
+            Lookup::Seen(_)
+        ));
     }
 
     #[test]
