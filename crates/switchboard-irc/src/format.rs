@@ -121,7 +121,12 @@ pub fn irc_to_matrix(text: &str) -> (String, Option<String>) {
                     }
                 }
                 state.change(&mut html, |s| {
-                    s.color = fg.map(|fg| (Some(fg % 16), bg.map(|b| b % 16)))
+                    // 16–98 are mIRC's extended colours and 99 is "default": shown uncoloured
+                    // rather than as an unrelated palette entry.
+                    let basic = |n: usize| (n < PALETTE.len()).then_some(n);
+                    s.color = fg
+                        .map(|fg| (basic(fg), bg.and_then(basic)))
+                        .filter(|(fg, bg)| fg.is_some() || bg.is_some())
                 });
             }
             '\u{16}' => {
@@ -223,5 +228,11 @@ mod tests {
         );
         let (plain, _) = irc_to_matrix("\u{3}3,x");
         assert_eq!(plain, ",x", "a comma without a background colour is text");
+        let (_, html) = irc_to_matrix("\u{3}99default \u{3}99,4red behind");
+        assert_eq!(
+            html.as_deref(),
+            Some("default <font data-mx-bg-color=\"#FF0000\">red behind</font>"),
+            "99 is the default colour, not colour 3"
+        );
     }
 }
