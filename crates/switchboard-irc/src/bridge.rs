@@ -25,6 +25,9 @@ use crate::{
 /// The prefix of every ID the bridge claims (`@irc_…`, `#irc_…`).
 pub const PREFIX: &str = "irc_";
 /// How long a channel join may take before the alias query gives up.
+/// Lines for IRC that waited longer than this for a connection (while it was down) are dropped.
+const STALE_LINE: Duration = Duration::from_secs(60);
+
 const JOIN_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Numerics that refuse a JOIN, with the channel as their second parameter.
@@ -152,6 +155,7 @@ impl Inner {
             realname: "Matrix bridge (Switchboard)".to_owned(),
             flood_burst: network.flood_burst,
             flood_interval: Duration::from_millis(network.flood_interval_ms),
+            stale_after: STALE_LINE,
         };
         let link = Arc::new(NetworkLink {
             bot: Connection::spawn(settings, events),
@@ -250,6 +254,7 @@ impl Inner {
                 realname: user.to_string(),
                 flood_burst: network.flood_burst,
                 flood_interval: Duration::from_millis(network.flood_interval_ms),
+                stale_after: STALE_LINE,
             },
             events,
         );

@@ -36,6 +36,9 @@ pub struct Settings {
     pub flood_burst: u32,
     /// Then one line per this interval.
     pub flood_interval: Duration,
+    /// Lines that waited longer than this for the connection (while it was down) are dropped:
+    /// a conversation should not replay minutes later, out of context.
+    pub stale_after: Duration,
 }
 
 /// What the connection reports to its owner.
@@ -53,7 +56,7 @@ pub enum Event {
 /// [`Connection::quit`].
 #[derive(Clone)]
 pub struct Connection {
-    outgoing: mpsc::UnboundedSender<Message>,
+    outgoing: mpsc::UnboundedSender<(Instant, Message)>,
     state: Arc<Mutex<Shared>>,
     quit: watch::Sender<Option<String>>,
 }
@@ -101,7 +104,7 @@ impl Connection {
 
     /// Queues a line (sent under flood control, after registration).
     pub fn send(&self, message: Message) {
-        let _ = self.outgoing.send(message);
+        let _ = self.outgoing.send((Instant::now(), message));
     }
 
     /// Joins a channel now (or once registered) and after every reconnect.
@@ -182,7 +185,7 @@ fn backoff(attempt: u32) -> Duration {
 
 async fn run(
     settings: Settings,
-    mut queue: mpsc::UnboundedReceiver<Message>,
+    mut queue: mpsc::UnboundedReceiver<(Instant, Message)>,
     events: mpsc::UnboundedSender<Event>,
     state: Arc<Mutex<Shared>>,
     mut quitting: watch::Receiver<Option<String>>,
@@ -245,7 +248,7 @@ impl Session<'_> {
     async fn run(
         &self,
         stream: Box<dyn Stream>,
-        queue: &mut mpsc::UnboundedReceiver<Message>,
+        queue: &mut mpsc::UnboundedReceiver<(Instant, Message)>,
         quitting: &mut watch::Receiver<Option<String>>,
     ) -> Ended {
         let (reader, mut writer) = tokio::io::split(stream);
@@ -344,7 +347,15 @@ impl Session<'_> {
                 }
                 // Nothing is taken from the queue before registration: the rejoins go first.
                 queued = queue.recv(), if registered && pending.is_empty() => match queued {
-                    Some(message) => pending.push_back(message),
+                    Some((at, message)) if at.elapsed() > self.settings.stale_after => {
+                        tracing::warn!(
+                            host = %self.settings.host,
+                            command = %message.command,
+                            waited_s = at.elapsed().as_secs(),
+                            "dropping a line that waited too long for the connection"
+                        );
+                    }
+                    Some((_, message)) => pending.push_back(message),
                     None => return Ended::Quit,
                 },
                 () = tokio::time::sleep_until(due), if registered && !pending.is_empty() => {
@@ -540,6 +551,7 @@ mod tests {
                 realname: "Switchboard".to_owned(),
                 flood_burst: 5,
                 flood_interval: Duration::from_millis(10),
+                stale_after: Duration::from_millis(300),
             },
             tx,
         );
@@ -583,7 +595,11 @@ mod tests {
             next_event(&mut events).await,
             Event::Disconnected { .. }
         ));
+        // Said while the connection is down: this one waits past `stale_after` (the reconnect
+        // comes after a second's backoff) and is dropped; the next one goes out.
+        connection.send(Message::new("PRIVMSG", &["#test", "stale"]));
         let mut peer = Peer::new(accepted.recv().await.expect("reconnects"));
+        connection.send(Message::new("PRIVMSG", &["#test", "fresh"]));
         peer.expect("PASS secret").await;
         // It asks for the nick it had, not the first one it wanted.
         peer.expect("NICK bot1").await;
@@ -596,6 +612,7 @@ mod tests {
             }
         );
         peer.expect("JOIN #test").await;
+        peer.expect("PRIVMSG #test fresh").await;
 
         connection.quit("bye");
         peer.expect("QUIT bye").await;
