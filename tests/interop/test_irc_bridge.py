@@ -406,9 +406,15 @@ async def test_membership_topic_edits_and_directory_lookups(bridged):
         )
         carol.expect(r"^:alice!\S+ PRIVMSG #hall :\* typo$")
 
+        erin = in_channel(irc, "erin", "#hall")
+        erin_id = f"@irc_test_erin:{SERVER_NAME}"
+        await eventually(lambda: _has(alice, room_id, erin_id), "erin joining")
+
         # The IRC server restarts: the bot and alice's puppet come back and rejoin by themselves.
+        # erin does not come back: the bot never sees her leave, only her missing from the names.
         carol.close()
         irc.restart()
+        erin.close()
         carol = IrcPerson(irc.port, "carol")
         carol.send("JOIN #hall")
         # The bot is back in the channel: seen joining, or already there when carol joins.
@@ -420,6 +426,9 @@ async def test_membership_topic_edits_and_directory_lookups(bridged):
             return any(getattr(e, "body", None) == "back again" for e in response.chunk)
 
         await eventually(back_again, "a message after the IRC server restarted", timeout=30)
+        await eventually(
+            lambda: _has(alice, room_id, carol_id, erin_id), "erin, gone during the outage, leaving"
+        )
         await alice.room_send(room_id, "m.room.message", {"msgtype": "m.text", "body": "me too"})
         carol.expect(r"^:alice!\S+ PRIVMSG #hall :me too$", timeout=30)
 

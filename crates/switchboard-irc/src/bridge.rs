@@ -55,6 +55,9 @@ struct Inner {
     admin_rooms: Mutex<HashMap<OwnedRoomId, OwnedUserId>>,
     /// Channel topics the bot was told: `(network, folded channel)` → topic.
     topics: Mutex<HashMap<(String, String), String>>,
+    /// Who was in each channel when the bot's connection dropped: `(network, folded channel)` →
+    /// folded nicks. Whoever is not in the names after the rejoin left meanwhile (unseen).
+    before_reconnect: Mutex<HashMap<(String, String), BTreeSet<String>>>,
 }
 
 type HandlerError = Box<dyn std::error::Error + Send + Sync>;
@@ -82,6 +85,7 @@ impl Bridge {
                 dms: Mutex::new(HashMap::new()),
                 admin_rooms: Mutex::new(HashMap::new()),
                 topics: Mutex::new(HashMap::new()),
+                before_reconnect: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -165,10 +169,14 @@ impl Inner {
         let (inner, id, link_for_task) = (self.clone(), network.id.clone(), link.clone());
         tokio::spawn(async move {
             while let Some(event) = incoming.recv().await {
-                if let Event::Message(message) = event
-                    && let Err(e) = inner.relay_from_irc(&id, &link_for_task, message).await
-                {
-                    tracing::warn!(network = %id, error = %e, "relaying from IRC failed");
+                match event {
+                    Event::Message(message) => {
+                        if let Err(e) = inner.relay_from_irc(&id, &link_for_task, message).await {
+                            tracing::warn!(network = %id, error = %e, "relaying from IRC failed");
+                        }
+                    }
+                    Event::Disconnected { .. } => inner.bot_disconnected(&id),
+                    Event::Registered { .. } => {}
                 }
             }
         });
@@ -460,6 +468,7 @@ impl Inner {
             "366" => {
                 let channel = fold_case(message.param(1).unwrap_or_default());
                 self.joined(link, &channel, Ok(()));
+                self.gone_while_disconnected(network, &channel).await?;
             }
             // The members of a channel the bot joined (`353`): their virtual users join too.
             "353" => {
@@ -572,6 +581,47 @@ impl Inner {
                 }
             }
             _ => {}
+        }
+        Ok(())
+    }
+
+    /// The bot lost its connection: what it knows of the channels' members is out of date. It is
+    /// set aside to compare with the names the server sends after the rejoin.
+    fn bot_disconnected(&self, network: &str) {
+        let Ok(mut members) = self.members.lock() else {
+            return;
+        };
+        let Ok(mut before) = self.before_reconnect.lock() else {
+            return;
+        };
+        members.retain(|(net, nick), channels| {
+            if net != network {
+                return true;
+            }
+            for channel in channels.iter() {
+                before
+                    .entry((network.to_owned(), channel.clone()))
+                    .or_default()
+                    .insert(nick.clone());
+            }
+            false
+        });
+    }
+
+    /// After the names of a rejoined channel: the people who left while the bot was away leave
+    /// the room too.
+    async fn gone_while_disconnected(&self, network: &str, channel: &str) -> HandlerResult {
+        let Some(before) = self
+            .before_reconnect
+            .lock()
+            .ok()
+            .and_then(|mut b| b.remove(&(network.to_owned(), channel.to_owned())))
+        else {
+            return Ok(());
+        };
+        let now: BTreeSet<String> = self.members_of(network, channel).into_iter().collect();
+        for nick in before.difference(&now) {
+            self.leave(network, nick, channel).await?;
         }
         Ok(())
     }
