@@ -39,7 +39,7 @@ pub const SCHEMA_VERSION: i64 = SQLITE_MIGRATIONS.len() as i64;
 const _: () = assert!(SQLITE_MIGRATIONS.len() == POSTGRES_MIGRATIONS.len());
 
 const CREATE_VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)";
-const READ_VERSION: &str = "SELECT COALESCE(MAX(version), 0) FROM schema_version";
+const READ_VERSION: &str = "SELECT CAST(COALESCE(MAX(version), 0) AS BIGINT) FROM schema_version";
 
 fn check_version(current: i64) -> Result<()> {
     if current > SCHEMA_VERSION {
@@ -73,8 +73,21 @@ macro_rules! apply {
 }
 
 pub(crate) async fn sqlite(pool: &SqlitePool) -> Result<()> {
+    // Synapse's database has a `schema_version` table too (with more columns): not ours.
+    let columns: Vec<String> = sqlx::query("SELECT name FROM pragma_table_info('schema_version')")
+        .fetch_all(pool)
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if !columns.is_empty() && columns != ["version"] {
+        return Err(StoreError::Unusable {
+            database: String::new(),
+            reason: "has a schema_version table that is not Switchboard's (a Synapse database?)".to_owned(),
+        });
+    }
     sqlx::query(CREATE_VERSION_TABLE).execute(pool).await?;
-    let current: i64 = sqlx::query(READ_VERSION).fetch_one(pool).await?.get(0);
+    let current: i64 = sqlx::query(READ_VERSION).fetch_one(pool).await?.try_get(0)?;
     check_version(current)?;
     apply!(pool, SQLITE_MIGRATIONS, current);
     Ok(())
@@ -96,27 +109,50 @@ pub(crate) async fn postgres(pool: &PgPool) -> Result<()> {
 }
 
 async fn postgres_locked(conn: &mut sqlx::PgConnection) -> Result<()> {
-    let has_version_table: bool = sqlx::query("SELECT to_regclass('schema_version') IS NOT NULL")
+    // Ours: the sequence migration 1 creates. Fresh: nothing but, at most, our own empty version
+    // table (a first migration that failed). Anything else is someone else's database — Synapse
+    // has a `schema_version` table too — and is never touched.
+    let ours: bool = sqlx::query("SELECT to_regclass('events_stream_pos') IS NOT NULL")
         .fetch_one(&mut *conn)
         .await?
         .get(0);
-    if !has_version_table {
-        // Never mix our tables into someone else's database (a Synapse one, say).
-        let others: i64 = sqlx::query(
-            "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = current_schema()",
+    if !ours {
+        let tables: Vec<String> = sqlx::query(
+            "SELECT table_name::TEXT FROM information_schema.tables WHERE table_schema = current_schema()",
         )
-        .fetch_one(&mut *conn)
+        .fetch_all(&mut *conn)
         .await?
-        .get(0);
-        if others > 0 {
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+        let only_ours = tables.iter().all(|t| t == "schema_version")
+            && (tables.is_empty() || {
+                let columns: Vec<String> = sqlx::query(
+                    "SELECT column_name::TEXT FROM information_schema.columns
+                     WHERE table_schema = current_schema() AND table_name = 'schema_version'",
+                )
+                .fetch_all(&mut *conn)
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+                columns == ["version"]
+            });
+        if !only_ours {
             return Err(StoreError::Unusable {
                 database: String::new(),
-                reason: format!("holds {others} tables but no Switchboard schema; use an empty database"),
+                reason: format!(
+                    "holds {} tables but no Switchboard schema; use an empty database",
+                    tables.len()
+                ),
             });
         }
     }
     sqlx::query(CREATE_VERSION_TABLE).execute(&mut *conn).await?;
-    let current: i64 = sqlx::query(READ_VERSION).fetch_one(&mut *conn).await?.get(0);
+    let current: i64 = sqlx::query(READ_VERSION)
+        .fetch_one(&mut *conn)
+        .await?
+        .try_get(0)?;
     check_version(current)?;
     apply!(conn, POSTGRES_MIGRATIONS, current);
     Ok(())

@@ -133,7 +133,13 @@ pub(crate) async fn sqlite(path: &std::path::Path) -> Result<(SqlitePool, Sqlite
         .connect_with(options.clone())
         .await
         .map_err(open_error)?;
-    migrate::sqlite(&write).await?;
+    migrate::sqlite(&write).await.map_err(|e| match e {
+        StoreError::Unusable { reason, .. } => StoreError::Unusable {
+            database: path.display().to_string(),
+            reason,
+        },
+        other => other,
+    })?;
     let read = SqlitePoolOptions::new()
         .test_before_acquire(false)
         .max_connections(6)

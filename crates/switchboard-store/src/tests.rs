@@ -177,3 +177,28 @@ async fn concurrent_filters_get_distinct_ids() {
     ids.sort();
     assert_eq!(ids, (0..10).collect::<Vec<i64>>());
 }
+
+#[tokio::test]
+async fn refuses_a_synapse_sqlite_database() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("homeserver.db");
+    {
+        let store = Store::open_sqlite(&path).await.expect("open");
+        on_db!(store, |write, read| {
+            sqlx::raw_sql(
+                "DROP TABLE schema_version;
+                 CREATE TABLE schema_version (lock CHAR(1) NOT NULL DEFAULT 'X', version INTEGER NOT NULL, upgraded BOOL NOT NULL);
+                 INSERT INTO schema_version (version, upgraded) VALUES (92, 1)",
+            )
+            .execute(write)
+            .await
+            .expect("synapse-like");
+        });
+        store.close().await;
+    }
+    let err = Store::open_sqlite(&path).await.expect_err("refused");
+    assert!(
+        err.to_string().contains("homeserver.db") && err.to_string().contains("not Switchboard's"),
+        "{err}"
+    );
+}

@@ -188,7 +188,12 @@ async fn an_unusable_postgres_database_stops_startup_naming_it() {
     );
     // Someone else's tables (a Synapse database, say): refused, nothing mixed in.
     let mut admin = sqlx_connect(settings).await;
-    sqlx::raw_sql("CREATE TABLE events (event_id TEXT)")
+    // Synapse's own version table (integer `version`) must not pass for ours.
+    sqlx::raw_sql(
+        "CREATE TABLE schema_version (lock CHAR(1) NOT NULL DEFAULT 'X', version INTEGER NOT NULL, upgraded BOOL NOT NULL);
+         INSERT INTO schema_version (version, upgraded) VALUES (92, TRUE);
+         CREATE TABLE events (event_id TEXT)",
+    )
         .execute(&mut admin)
         .await
         .expect("foreign table");
