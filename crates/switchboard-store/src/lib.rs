@@ -194,7 +194,7 @@ impl Store {
             let mut tx = write.begin().await?;
             sqlx::query(
                 "INSERT INTO devices (user_id, device_id, display_name, created_ts) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (user_id, device_id) DO NOTHING",
+                 ON CONFLICT (user_id, device_id) DO UPDATE SET user_id = excluded.user_id",
             )
             .bind(user_id)
             .bind(device_id)
@@ -202,7 +202,9 @@ impl Store {
             .bind(now)
             .execute(&mut *tx)
             .await?;
-            // A login with an existing device_id replaces that device's old session, as in Synapse.
+            // The no-op update above locks the device row on PostgreSQL, so two logins with one
+            // device_id take turns here. A login with an existing device_id replaces that device's
+            // old session, as in Synapse.
             sqlx::query("DELETE FROM access_tokens WHERE user_id = $1 AND device_id = $2")
                 .bind(user_id)
                 .bind(device_id)

@@ -202,3 +202,33 @@ async fn refuses_a_synapse_sqlite_database() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn concurrent_logins_to_one_device_leave_one_session() {
+    let (_db, store) = temp_store().await;
+    let logins: Vec<_> = (0..8)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .add_device_token("@a:x", "DEV", None, &format!("hash{i}"), 0)
+                    .await
+            })
+        })
+        .collect();
+    for login in logins {
+        login.await.expect("task").expect("login");
+    }
+    let mut sessions = 0;
+    for i in 0..8 {
+        if store
+            .session_by_token(&format!("hash{i}"))
+            .await
+            .expect("q")
+            .is_some()
+        {
+            sessions += 1;
+        }
+    }
+    assert_eq!(sessions, 1, "the last login replaced the others");
+}
