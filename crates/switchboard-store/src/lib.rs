@@ -317,12 +317,26 @@ impl Store {
     /// state changes and the client's transaction ID, all in one database transaction, so a crash
     /// leaves either all of it or none.
     pub async fn append_events(&self, events: &[&NewEvent]) -> Result<()> {
-        on_db!(self, |write, read| {
-            let mut tx = write.begin().await?;
-            ops::append_in(&mut tx, events).await?;
-            tx.commit().await?;
-            Ok(())
-        })
+        match &self.pools {
+            Pools::Sqlite { write, .. } => {
+                let mut tx = write.begin().await?;
+                sqlite_ops::append_in(&mut tx, events).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+            Pools::Postgres(pool) => {
+                let mut tx = pool.begin().await?;
+                postgres_ops::append_in(&mut tx, events).await?;
+                let xid: String = sqlx::query("SELECT pg_current_xact_id()::TEXT")
+                    .fetch_one(&mut *tx)
+                    .await?
+                    .get(0);
+                match tx.commit().await {
+                    Ok(()) => Ok(()),
+                    Err(e) => settle_commit(pool, &xid, e).await,
+                }
+            }
+        }
     }
 
     /// The event a client transaction produced, if the transaction was seen before.
@@ -1463,6 +1477,37 @@ impl Store {
                 .await?;
             Ok(row.map(|r| r.get(0)))
         })
+    }
+}
+
+/// How long a PostgreSQL commit whose answer was lost is waited for.
+const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A commit whose answer was lost (the connection dropped) may still land: the server decides,
+/// perhaps after an fsync or a synchronous replica. Asks it until the transaction is settled, so
+/// the caller never gives up positions that turn out stored.
+async fn settle_commit(pool: &PgPool, xid: &str, error: sqlx::Error) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + SETTLE_TIMEOUT;
+    loop {
+        let status: Option<String> = sqlx::query("SELECT pg_xact_status($1::xid8)::TEXT")
+            .bind(xid)
+            .fetch_one(pool)
+            .await
+            .ok()
+            .and_then(|r| r.try_get(0).ok());
+        match status.as_deref() {
+            Some("committed") => {
+                tracing::warn!(%error, "a commit reported an error but landed; carrying on");
+                return Ok(());
+            }
+            Some("aborted") => return Err(error.into()),
+            _ if tokio::time::Instant::now() >= deadline => {
+                tracing::error!(%error, xid, "the outcome of a commit is still unknown; treating it as failed");
+                return Err(error.into());
+            }
+            // In progress, or the server is not reachable yet.
+            _ => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+        }
     }
 }
 
