@@ -37,6 +37,7 @@ pub fn router(hs: Arc<Homeserver>) -> Router {
         .layer(DefaultBodyLimit::max(limit))
         // Merged after the general limit, so uploads get theirs.
         .merge(uploads)
+        .layer(middleware::from_fn(refuse_nul))
         .layer(middleware::from_fn(cors))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(hs)
@@ -52,6 +53,23 @@ async fn method_not_allowed() -> Response {
         "M_UNRECOGNIZED",
         "Unrecognized request method",
     )
+}
+
+/// A NUL in a path or query (`%00`) can only be a mistake or a probe: no Matrix identifier, event
+/// type or transaction ID holds one, and PostgreSQL cannot store it in text.
+async fn refuse_nul(request: Request, next: Next) -> Response {
+    if request
+        .uri()
+        .path_and_query()
+        .is_some_and(|p| p.as_str().contains("%00"))
+    {
+        return matrix_error(
+            StatusCode::BAD_REQUEST,
+            "M_INVALID_PARAM",
+            "NUL characters are not allowed in request paths or queries",
+        );
+    }
+    next.run(request).await
 }
 
 /// The CORS headers the spec requires on every response, and the answer to preflights, so web

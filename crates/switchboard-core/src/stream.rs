@@ -269,29 +269,40 @@ async fn writer(
         let next = next.clone();
         let start = positions.first().copied().unwrap_or_default();
         tokio::spawn(async move {
-            let rows: Vec<&NewEvent> = group.iter().flat_map(|job| job.events.iter()).collect();
-            if let Err(e) = store.append_events(&rows).await
-                && !landed_anyway(&store, &rows).await
-            {
-                if store.engine() == Engine::Sqlite {
+            let stored = commit_group(&store, &group).await;
+            if store.engine() == Engine::Sqlite {
+                match &stored {
                     // Nothing of the group was stored: its positions are handed out again.
-                    next.store(
+                    Err(_) => next.store(
                         store.max_stream_pos().await.map_or(start, |max| max + 1),
                         Ordering::SeqCst,
-                    );
+                    ),
+                    // Some of it was: the group's positions are announced, so none is reused.
+                    Ok(outcomes) if outcomes.iter().any(Option::is_some) => {
+                        next.fetch_max(last + 1, Ordering::SeqCst);
+                    }
+                    Ok(_) => {}
                 }
-                tracing::error!(error = %e, events = count, "storing events failed");
-                for job in group {
-                    let _ = job.reply.send(Err(format!("storing events failed: {e}")));
-                }
-                let _ = committed.send(None);
-                drop(slot);
-                return;
             }
             // The next group may commit while this one's callers update their caches.
             drop(slot);
+            let outcomes = match stored {
+                Ok(outcomes) => outcomes,
+                Err(e) => {
+                    tracing::error!(error = %e, events = count, "storing events failed");
+                    for job in group {
+                        let _ = job.reply.send(Err(format!("storing events failed: {e}")));
+                    }
+                    let _ = committed.send(None);
+                    return;
+                }
+            };
             let mut published = Vec::with_capacity(group.len());
-            for (job, positions) in group.into_iter().zip(job_positions) {
+            for ((job, positions), outcome) in group.into_iter().zip(job_positions).zip(outcomes) {
+                if let Some(e) = outcome {
+                    let _ = job.reply.send(Err(format!("storing events failed: {e}")));
+                    continue;
+                }
                 let (done, wait) = oneshot::channel();
                 if job.reply.send(Ok(Written { positions, done })).is_ok() {
                     published.push(wait);
@@ -300,6 +311,37 @@ async fn writer(
             let _ = committed.send(Some(published));
         });
     }
+}
+
+/// Commits a group in one transaction. If that fails and the group holds several jobs, each
+/// job is tried on its own, so one bad event (a value the database refuses) fails its own
+/// request only, not everyone else's that happened to share the transaction. `Ok` holds each
+/// job's error, if it had one; `Err` means nothing was stored.
+async fn commit_group(store: &Store, group: &[WriteJob]) -> Result<Vec<Option<String>>, String> {
+    let rows: Vec<&NewEvent> = group.iter().flat_map(|job| job.events.iter()).collect();
+    let Err(e) = store.append_events(&rows).await else {
+        return Ok(vec![None; group.len()]);
+    };
+    if landed_anyway(store, &rows).await {
+        return Ok(vec![None; group.len()]);
+    }
+    if group.len() == 1 {
+        return Err(e.to_string());
+    }
+    tracing::warn!(error = %e, jobs = group.len(), "a group commit failed; storing its jobs one by one");
+    let mut outcomes = Vec::with_capacity(group.len());
+    for job in group {
+        let rows: Vec<&NewEvent> = job.events.iter().collect();
+        outcomes.push(match store.append_events(&rows).await {
+            Ok(()) => None,
+            Err(_) if landed_anyway(store, &rows).await => None,
+            Err(e) => Some(e.to_string()),
+        });
+    }
+    if outcomes.iter().all(Option::is_some) {
+        return Err(e.to_string());
+    }
+    Ok(outcomes)
 }
 
 /// Whether a group whose commit reported an error is stored all the same: a commit can fail
@@ -421,6 +463,33 @@ mod tests {
         rx.wait_for(|pos| *pos == expected)
             .await
             .expect("announced past the failure");
+    }
+
+    #[tokio::test]
+    async fn one_bad_job_fails_alone_not_its_whole_group() {
+        let db = switchboard_store::testing::TestDatabase::create().await;
+        let store = Store::open(&db.settings()).await.expect("store");
+        let mut one = event("$one");
+        one.stream_pos = 1;
+        store.append_events(&[&one]).await.expect("first");
+        let job = |id: &str, pos: i64| {
+            let mut e = event(id);
+            e.stream_pos = pos;
+            WriteJob {
+                events: vec![e],
+                reply: oneshot::channel().0,
+            }
+        };
+        // `$one` again violates the unique event ID; `$good` shares its transaction.
+        let group = [job("$good", 2), job("$one", 3), job("$fine", 4)];
+        let outcomes = commit_group(&store, &group).await.expect("partly stored");
+        assert!(outcomes[0].is_none() && outcomes[2].is_none(), "{outcomes:?}");
+        assert!(outcomes[1].is_some(), "the duplicate fails");
+        assert!(store.event("$good").await.expect("q").is_some());
+        assert!(store.event("$fine").await.expect("q").is_some());
+        // A group that fails as a whole reports it.
+        let group = [job("$one", 5)];
+        assert!(commit_group(&store, &group).await.is_err());
     }
 
     #[tokio::test]

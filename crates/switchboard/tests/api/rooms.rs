@@ -1109,3 +1109,31 @@ async fn unstable_event_types_are_kept_as_sent() {
         "sync shows the type as sent: {timeline:?}"
     );
 }
+
+#[tokio::test]
+async fn nul_in_a_path_is_refused_and_breaks_nothing() {
+    let s = Server::start().await;
+    let alice = s.register("alice").await;
+    let room = s.create_room(&alice, json!({})).await;
+    for path in [
+        format!(
+            "/_matrix/client/v3/rooms/{}/send/m.room.message/a%00b",
+            enc(&room)
+        ),
+        format!("/_matrix/client/v3/rooms/{}/send/m.room%00.message/t", enc(&room)),
+        format!("/_matrix/client/v3/rooms/{}/state/m.room.name/%00", enc(&room)),
+    ] {
+        let (status, body) = s
+            .call(
+                Method::PUT,
+                &path,
+                Some(&alice.token),
+                Some(json!({"body": "x", "name": "x"})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {body}");
+        assert_eq!(errcode(&body), "M_INVALID_PARAM");
+    }
+    let (status, _) = s.send_text(&alice, &room, "after", "still fine").await;
+    assert_eq!(status, StatusCode::OK);
+}
