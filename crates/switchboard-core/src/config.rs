@@ -161,15 +161,60 @@ impl Database {
             ));
         }
         let clamp = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+        let ssl_mode = text("sslmode")?;
+        if let Some(mode) = ssl_mode
+            .as_deref()
+            .filter(|m| !PostgresSettings::valid_ssl_mode(m))
+        {
+            return Err((
+                key("sslmode"),
+                format!("`{mode}` is not one of disable, allow, prefer, require, verify-ca, verify-full"),
+            ));
+        }
         Ok(Some(PostgresSettings {
-            host: text("host")?.unwrap_or_else(|| "localhost".to_owned()),
+            // Without a host libpq (and so psycopg2) uses the local socket.
+            host: text("host")?.unwrap_or_else(|| {
+                let socket = "/var/run/postgresql";
+                if Path::new(socket).is_dir() {
+                    socket.to_owned()
+                } else {
+                    "localhost".to_owned()
+                }
+            }),
             port,
             user: text("user")?,
             password: text("password")?,
             dbname,
             min_connections: clamp(min_connections),
             max_connections: clamp(max_connections),
+            ssl_mode,
+            ssl_root_cert: text("sslrootcert")?.map(PathBuf::from),
         }))
+    }
+
+    /// `args` of a `psycopg2` block that Switchboard does not use (psycopg2 passes any libpq
+    /// keyword; Synapse adds `cp_reconnect`). Warned about, not refused, so Synapse's block works.
+    pub fn ignored_postgres_args(&self) -> Vec<&str> {
+        const USED: [&str; 10] = [
+            "user",
+            "password",
+            "dbname",
+            "database",
+            "host",
+            "port",
+            "cp_min",
+            "cp_max",
+            "sslmode",
+            "sslrootcert",
+        ];
+        if self.name != "psycopg2" {
+            return Vec::new();
+        }
+        self.args
+            .keys()
+            .map(String::as_str)
+            .filter(|k| !USED.contains(k))
+            .collect()
     }
 }
 
@@ -364,6 +409,13 @@ impl Config {
                 self.database
                     .postgres()
                     .map_err(|(key, message)| bad(&key, message))?;
+                for key in self.database.ignored_postgres_args() {
+                    tracing::warn!(
+                        file = origin,
+                        key,
+                        "database.args: not used by Switchboard, ignored"
+                    );
+                }
             }
             other => {
                 return Err(bad(
@@ -581,7 +633,8 @@ some_future_key: 1
     #[test]
     fn reads_synapses_postgres_block() {
         let block = "database:\n  name: psycopg2\n  args:\n    user: synapse_user\n    password: secretpassword\n    \
-                     database: synapse\n    host: db.internal\n    port: \"5433\"\n    cp_min: 2\n    cp_max: 20\n";
+                     database: synapse\n    host: db.internal\n    port: \"5433\"\n    cp_min: 2\n    cp_max: 20\n    \
+                     sslmode: verify-full\n    sslrootcert: /etc/ssl/db-ca.pem\n    cp_reconnect: true\n";
         let text = SAMPLE.replace(
             "database: {name: sqlite3, args: {database: data/homeserver.db}}",
             block,
@@ -602,6 +655,8 @@ some_future_key: 1
                 dbname: "synapse".into(),
                 min_connections: 2,
                 max_connections: 20,
+                ssl_mode: Some("verify-full".into()),
+                ssl_root_cert: Some("/etc/ssl/db-ca.pem".into()),
             }
         );
         let defaults = SAMPLE.replace(
@@ -614,16 +669,19 @@ some_future_key: 1
         else {
             panic!("not PostgreSQL");
         };
-        assert_eq!(
-            (pg.host.as_str(), pg.port, pg.max_connections),
-            ("localhost", 5432, 10)
+        assert!(
+            pg.host == "/var/run/postgresql" || pg.host == "localhost",
+            "the local socket when there is one, as libpq: {}",
+            pg.host
         );
+        assert_eq!((pg.port, pg.max_connections), (5432, 10));
         for (args, key) in [
             ("{user: x}", "database.args.dbname"),
             ("{dbname: sb, port: seventy}", "database.args.port"),
             ("{dbname: sb, port: 70000}", "database.args.port"),
             ("{dbname: sb, cp_min: 5, cp_max: 2}", "database.args.cp_max"),
             ("{dbname: [sb]}", "database.args.dbname"),
+            ("{dbname: sb, sslmode: sometimes}", "database.args.sslmode"),
         ] {
             let text = SAMPLE.replace(
                 "database: {name: sqlite3, args: {database: data/homeserver.db}}",

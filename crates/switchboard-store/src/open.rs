@@ -4,7 +4,7 @@ use std::{path::PathBuf, str::FromStr, time::Duration};
 
 use sqlx::{
     Connection, Row,
-    postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions},
+    postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgSslMode},
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous},
 };
 
@@ -30,6 +30,10 @@ pub struct PostgresSettings {
     /// Connections kept open at least (`cp_min`) and at most (`cp_max`).
     pub min_connections: u32,
     pub max_connections: u32,
+    /// libpq's `sslmode` (`disable` … `verify-full`); `None` is libpq's default, `prefer`.
+    pub ssl_mode: Option<String>,
+    /// CA certificates (PEM) to verify the server with; the system's trust roots otherwise.
+    pub ssl_root_cert: Option<PathBuf>,
 }
 
 impl PostgresSettings {
@@ -45,24 +49,39 @@ impl PostgresSettings {
         if !matches!(url.scheme(), "postgres" | "postgresql") {
             return Err(format!("`{text}`: the URL must start with postgresql://"));
         }
+        // libpq's URLs are percent-encoded, with `+` as itself (not a space, as in forms).
         let decode = |s: &str| {
-            url::form_urlencoded::parse(format!("x={s}").as_bytes())
-                .next()
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        };
+        let query = |key: &str| {
+            url.query_pairs()
+                .find(|(k, _)| k == key)
                 .map(|(_, v)| v.into_owned())
-                .unwrap_or_default()
         };
         let dbname = url.path().trim_start_matches('/');
         if dbname.is_empty() {
             return Err(format!("`{text}` names no database (…/dbname at the end)"));
         }
+        if let Some(mode) = query("sslmode").filter(|m| !Self::valid_ssl_mode(m)) {
+            return Err(format!("`{text}`: unknown sslmode `{mode}`"));
+        }
         Ok(Self {
-            host: url.host_str().unwrap_or("localhost").to_owned(),
+            // `?host=/run/postgresql` names a socket directory, as libpq allows.
+            host: query("host").unwrap_or_else(|| match url.host() {
+                Some(url::Host::Ipv6(address)) => address.to_string(),
+                Some(host) => decode(&host.to_string()),
+                None => "localhost".to_owned(),
+            }),
             port: url.port().unwrap_or(5432),
             user: (!url.username().is_empty()).then(|| decode(url.username())),
             password: url.password().map(decode),
             dbname: decode(dbname),
             min_connections: 1,
             max_connections: 4,
+            ssl_mode: query("sslmode"),
+            ssl_root_cert: query("sslrootcert").map(PathBuf::from),
         })
     }
 
@@ -80,6 +99,15 @@ impl PostgresSettings {
         args.push(format!("port: {}", self.port));
         args.push(format!("cp_min: {}", self.min_connections));
         args.push(format!("cp_max: {}", self.max_connections));
+        if let Some(mode) = &self.ssl_mode {
+            args.push(format!("sslmode: {}", yaml_string(mode)));
+        }
+        if let Some(cert) = &self.ssl_root_cert {
+            args.push(format!(
+                "sslrootcert: {}",
+                yaml_string(&cert.display().to_string())
+            ));
+        }
         format!(
             "database:\n  name: psycopg2\n  args:\n    {}\n",
             args.join("\n    ")
@@ -98,7 +126,19 @@ impl PostgresSettings {
         if let Some(password) = &self.password {
             options = options.password(password);
         }
+        // Validated when the config was read.
+        if let Some(mode) = self.ssl_mode.as_deref().and_then(|m| PgSslMode::from_str(m).ok()) {
+            options = options.ssl_mode(mode);
+        }
+        if let Some(cert) = &self.ssl_root_cert {
+            options = options.ssl_root_cert(cert);
+        }
         options
+    }
+
+    /// Whether `mode` is one of libpq's `sslmode` values.
+    pub fn valid_ssl_mode(mode: &str) -> bool {
+        PgSslMode::from_str(mode).is_ok()
     }
 }
 

@@ -60,6 +60,10 @@ impl TestPostgres {
                 dbname: name,
                 min_connections: 1,
                 max_connections: 10,
+                // Loopback: TLS would only slow the tests (sqlx reads the system's trust roots
+                // for every connection); `durability::postgres_sslmode_is_honoured` covers it.
+                ssl_mode: Some("disable".to_owned()),
+                ssl_root_cert: None,
             },
         }
     }

@@ -204,6 +204,42 @@ async fn an_unusable_postgres_database_stops_startup_naming_it() {
     );
 }
 
+#[tokio::test]
+async fn postgres_sslmode_is_honoured() {
+    let pg = switchboard_store::testing::TestPostgres::create().await;
+    let block = |mode: &str| {
+        let mut settings = pg.settings.clone();
+        settings.ssl_mode = Some(mode.to_owned());
+        settings.config_block()
+    };
+    // The test server's certificate is self-signed: full verification must refuse it.
+    let stderr = start_failing_with_database(&block("verify-full"));
+    assert!(stderr.contains(&pg.settings.dbname), "{stderr}");
+    // `require` encrypts without verifying: the server offers TLS, so this works.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sqlite = format!(
+        "database: {{name: sqlite3, args: {{database: {}/homeserver.db}}}}",
+        dir.path().display()
+    );
+    let text = crate::harness::config_text(crate::harness::free_port(), dir.path(), "")
+        .replace(&sqlite, &block("require"));
+    let path = dir.path().join("homeserver.yaml");
+    std::fs::write(&path, text).expect("write");
+    let out = std::process::Command::new(binary())
+        .args([
+            "register-user",
+            "--user",
+            "tls",
+            "--password",
+            "secret",
+            "--config",
+        ])
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 async fn sqlx_connect(settings: &switchboard_store::PostgresSettings) -> sqlx::PgConnection {
     use sqlx::Connection;
     let url = format!(
