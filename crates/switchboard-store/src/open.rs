@@ -250,5 +250,12 @@ pub(crate) async fn postgres(settings: &PostgresSettings) -> Result<PgPool> {
         StoreError::Unusable { reason, .. } => unusable(reason),
         other => other,
     })?;
+    // A sequence behind the stored events (a data-only restore) would make every write collide.
+    sqlx::query(
+        "SELECT setval('events_stream_pos', GREATEST(MAX(stream_pos), (SELECT last_value FROM events_stream_pos)))
+         FROM events HAVING COUNT(*) > 0",
+    )
+    .execute(&pool)
+    .await?;
     Ok(pool)
 }
