@@ -38,6 +38,8 @@ CREATE TABLE rooms (
 
 -- Every accepted event, in the one global stream order. Positions come from the sequence below:
 -- a failed transaction leaves a gap, and readers never assume the stream is gap-free.
+-- Keep CACHE 1 (the default): with a per-connection cache, connections would hand out
+-- interleaved ranges and positions would no longer ascend in the order they were reserved.
 CREATE SEQUENCE events_stream_pos;
 CREATE TABLE events (
     stream_pos  BIGINT PRIMARY KEY,
