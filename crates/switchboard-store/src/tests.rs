@@ -238,13 +238,27 @@ fn postgres_urls_read_as_libpq_does() {
     let s = PostgresSettings::from_url("postgresql://bob%40corp:pa+ss%2Fw@[::1]:5433/my+db?sslmode=require")
         .expect("parses");
     assert_eq!(s.user.as_deref(), Some("bob@corp"));
-    assert_eq!(s.password.as_deref(), Some("pa+ss/w"), "`+` is itself, not a space");
-    assert_eq!((s.host.as_str(), s.port), ("::1", 5433), "no brackets around IPv6");
+    assert_eq!(
+        s.password.as_deref(),
+        Some("pa+ss/w"),
+        "`+` is itself, not a space"
+    );
+    assert_eq!(
+        (s.host.as_str(), s.port),
+        ("::1", 5433),
+        "no brackets around IPv6"
+    );
     assert_eq!(s.dbname, "my+db");
     assert_eq!(s.ssl_mode.as_deref(), Some("require"));
     let socket = PostgresSettings::from_url("postgresql:///sb?host=/run/postgresql").expect("parses");
-    assert_eq!((socket.host.as_str(), socket.dbname.as_str()), ("/run/postgresql", "sb"));
-    assert!(PostgresSettings::from_url("postgresql://h/").is_err(), "no database");
+    assert_eq!(
+        (socket.host.as_str(), socket.dbname.as_str()),
+        ("/run/postgresql", "sb")
+    );
+    assert!(
+        PostgresSettings::from_url("postgresql://h/").is_err(),
+        "no database"
+    );
     assert!(PostgresSettings::from_url("postgresql://h/db?sslmode=sometimes").is_err());
     assert!(PostgresSettings::from_url("mysql://h/db").is_err());
 }
