@@ -376,13 +376,23 @@ async fn a_failed_transaction_is_resent_byte_identical() {
     }
 }
 
-#[tokio::test]
-async fn kill_9_with_the_service_down_loses_and_reorders_nothing() {
+/// A service (exclusive `@_bridge_.*`) whose ghost sits in alice's public room, so it receives
+/// everything said there. Keep `_regs` alive: restarts read the registration again.
+struct ServiceInRoom {
+    fake: FakeAs,
+    reg: Registration,
+    s: Server,
+    _regs: tempfile::TempDir,
+    alice: User,
+    room: String,
+}
+
+async fn service_in_a_room() -> ServiceInRoom {
     let fake = FakeAs::start().await;
     let reg = Registration::new("bridge", Some(fake.url.as_str()))
         .sender("bridgebot")
         .users("@_bridge_.*:localhost", true);
-    let (mut s, _regs) = start_server(&[&reg]).await;
+    let (s, regs) = start_server(&[&reg]).await;
     let alice = s.register("alice").await;
     let room = s.create_room(&alice, json!({"preset": "public_chat"})).await;
     let ghost = register_ghost(&s, &reg.as_token, "_bridge_ghost").await;
@@ -393,6 +403,26 @@ async fn kill_9_with_the_service_down_loses_and_reorders_nothing() {
         json!({}),
     )
     .await;
+    ServiceInRoom {
+        fake,
+        reg,
+        s,
+        _regs: regs,
+        alice,
+        room,
+    }
+}
+
+#[tokio::test]
+async fn kill_9_with_the_service_down_loses_and_reorders_nothing() {
+    let ServiceInRoom {
+        fake,
+        reg,
+        mut s,
+        _regs,
+        alice,
+        room,
+    } = service_in_a_room().await;
     for i in 0..5 {
         send_ok(&s, &alice, &room, &format!("b{i}"), &format!("before-{i}")).await;
     }
@@ -482,21 +512,14 @@ fn distinct_transaction_events(fake: &FakeAs) -> Vec<Value> {
 
 #[tokio::test]
 async fn kill_9_mid_stream_loses_nothing_accepted_and_delivery_resumes_in_order() {
-    let fake = FakeAs::start().await;
-    let reg = Registration::new("bridge", Some(fake.url.as_str()))
-        .sender("bridgebot")
-        .users("@_bridge_.*:localhost", true);
-    let (mut s, _regs) = start_server(&[&reg]).await;
-    let alice = s.register("alice").await;
-    let room = s.create_room(&alice, json!({"preset": "public_chat"})).await;
-    let ghost = register_ghost(&s, &reg.as_token, "_bridge_ghost").await;
-    s.ok(
-        Method::POST,
-        &as_user(&room_path(&room, "join"), &ghost),
-        &reg.as_token,
-        json!({}),
-    )
-    .await;
+    let ServiceInRoom {
+        fake,
+        reg: _,
+        mut s,
+        _regs,
+        alice,
+        room,
+    } = service_in_a_room().await;
 
     // Four clients send as fast as they can; the server is killed while they do.
     let accepted = Arc::new(Mutex::new(Vec::new()));
