@@ -212,6 +212,7 @@ def bridged(request, tmp_path: Path):
         if kind == "tls"
         else f"port: {irc.port}"
     )
+    limit = ", max_connections: 1" if kind == "one-connection" else ""
     config.write_text(
         f"""homeserver: {{url: "{server.url}", domain: {SERVER_NAME}}}
 listen: 127.0.0.1:{bridge_port}
@@ -219,7 +220,7 @@ registration: irc.yaml
 data_dir: irc-state
 networks:
   - {{id: test, name: Test IRC, host: 127.0.0.1, bot_nick: MatrixBridge,
-      flood_burst: 20, flood_interval_ms: 50, {network_connection}}}
+      flood_burst: 20, flood_interval_ms: 50, {network_connection}{limit}}}
 """
     )
     bridge = Bridge(config, tmp_path / "bridge.stderr")
@@ -549,4 +550,27 @@ async def test_the_bridge_reaches_networks_over_tls(bridged):
         assert "TLS" in irc.log.read_text(), "the bridge's connections used TLS"
     finally:
         await alice.close()
+        carol.close()
+
+
+@pytest.mark.parametrize("bridged", ["one-connection"], indirect=True)
+async def test_beyond_max_connections_the_bot_speaks_for_people(bridged):
+    server, irc, _bridge = bridged
+    carol = in_channel(irc, "carol", "#busy")
+    alice = await register_user(server.url, "alice")
+    bob = await register_user(server.url, "bob")
+    try:
+        joined = await alice.join(f"#irc_test_#busy:{SERVER_NAME}")
+        assert isinstance(joined, JoinResponse), joined
+        room_id = joined.room_id
+        assert isinstance(await bob.join(room_id), JoinResponse)
+        # alice takes the network's one puppet connection…
+        await alice.room_send(room_id, "m.room.message", {"msgtype": "m.text", "body": "first"})
+        carol.expect(r"^:alice!\S+ PRIVMSG #busy :first$")
+        # …so the bot relays bob, naming him.
+        await bob.room_send(room_id, "m.room.message", {"msgtype": "m.text", "body": "second"})
+        carol.expect(r"^:MatrixBridge!\S+ PRIVMSG #busy :<bob> second$")
+    finally:
+        await alice.close()
+        await bob.close()
         carol.close()

@@ -205,15 +205,15 @@ impl Inner {
     }
 
     /// The IRC connection of a Matrix user on a network, started on first use with a nick made
-    /// from their display name.
+    /// from their display name; `None` when the network's `max_connections` are all in use.
     async fn puppet(
         self: &Arc<Self>,
         network: &Network,
         user: &ruma::UserId,
-    ) -> Result<Connection, Box<dyn std::error::Error + Send + Sync>> {
+    ) -> Result<Option<Connection>, Box<dyn std::error::Error + Send + Sync>> {
         let key = (user.to_owned(), network.id.clone());
         if let Some(connection) = self.puppets.lock().ok().and_then(|p| p.get(&key).cloned()) {
-            return Ok(connection);
+            return Ok(Some(connection));
         }
         let context = self.context.get().ok_or("the bridge is not started")?;
         let path = format!(
@@ -242,7 +242,11 @@ impl Inner {
         // must not open two connections.
         let mut puppets = self.puppets.lock().map_err(|_| "puppets poisoned")?;
         if let Some(connection) = puppets.get(&key) {
-            return Ok(connection.clone());
+            return Ok(Some(connection.clone()));
+        }
+        // Under the same lock, so concurrent first messages cannot overshoot the limit.
+        if puppets.keys().filter(|(_, n)| *n == network.id).count() >= network.max_connections {
+            return Ok(None);
         }
         let connection = Connection::spawn(
             Settings {
@@ -291,7 +295,7 @@ impl Inner {
             }
         });
         puppets.insert(key, connection.clone());
-        Ok(connection)
+        Ok(Some(connection))
     }
 
     /// A Matrix user's message in a bridged room, said on IRC by their puppet.
@@ -332,11 +336,7 @@ impl Inner {
         let Some(network) = self.config.network(&network_id) else {
             return Ok(());
         };
-        let at_limit = self.puppets.lock().is_ok_and(|p| {
-            !p.contains_key(&(sender.clone(), network.id.clone()))
-                && p.keys().filter(|(_, n)| *n == network.id).count() >= network.max_connections
-        });
-        if at_limit {
+        let Some(puppet) = self.puppet(network, &sender).await? else {
             // No connection left for another person: the bot says it for them.
             let body = event["content"]["body"].as_str().unwrap_or_default();
             let name = sender.localpart();
@@ -345,8 +345,7 @@ impl Inner {
                 link.bot.send(Message::new("PRIVMSG", &[&target, &line]));
             }
             return Ok(());
-        }
-        let puppet = self.puppet(network, &sender).await?;
+        };
         if target.starts_with(['#', '&', '+', '!']) {
             puppet.join(&target);
         }
