@@ -476,6 +476,18 @@ async def test_private_chats_both_ways(bridged):
         await alice.room_send(dm_room, "m.room.message", {"msgtype": "m.text", "body": "hi back"})
         carol.expect(r"^:alice!\S+ PRIVMSG carol :hi back$")
 
+        # alice leaves the chat: carol's next message opens a new one, with a new invite.
+        await alice.room_leave(dm_room)
+        # The leave reaches the bridge in a transaction of its own; give it that moment.
+        await asyncio.sleep(1)
+        carol.send("PRIVMSG alice :still there?")
+        new_dm = None
+        deadline = time.monotonic() + 20
+        while new_dm is None and time.monotonic() < deadline:
+            sync = await alice.sync(timeout=1000, since=sync.next_batch)
+            new_dm = next((r for r in sync.rooms.invite if r != dm_room), None)
+        assert new_dm, "no invite to a new private chat after leaving the old one"
+
         # A Matrix user starts one: inviting an IRC person's user makes it a private chat.
         created = await alice.room_create(is_direct=True, invite=[f"@irc_test_dave:{SERVER_NAME}"])
         assert hasattr(created, "room_id"), created

@@ -975,6 +975,12 @@ impl Inner {
         ) else {
             return;
         };
+        if let Some((network, nick, dm_user)) = self.dm_of(&room) {
+            if dm_user == user {
+                self.end_dm(&room, &network, &nick).await;
+            }
+            return;
+        }
         let Some((network, channel)) = self.channel_of(&room) else {
             return;
         };
@@ -985,6 +991,24 @@ impl Inner {
             .and_then(|p| p.get(&(user, network)).cloned());
         if let Some(puppet) = puppet {
             puppet.part(&channel, "left the Matrix room");
+        }
+    }
+
+    /// The Matrix user left a private chat: it ends. The IRC person's user leaves too, and their
+    /// next message opens a new chat (with a new invite) instead of talking to an empty room.
+    async fn end_dm(&self, room: &OwnedRoomId, network: &str, nick: &str) {
+        if let Ok(mut dms) = self.dms.lock() {
+            dms.remove(room);
+        }
+        if let Err(e) = self.store.remove_dm(room.as_str()).await {
+            tracing::warn!(%room, error = %e, "cannot forget a private chat");
+        }
+        let left = match self.intent(network, nick).await {
+            Ok(intent) => intent.leave(room).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = left {
+            tracing::warn!(%room, error = %e, "the IRC person's user cannot leave the ended chat");
         }
     }
 

@@ -103,6 +103,14 @@ impl Store {
         Ok(())
     }
 
+    pub async fn remove_dm(&self, room_id: &str) -> Result<()> {
+        sqlx::query("DELETE FROM dms WHERE room_id = $1")
+            .bind(room_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     pub async fn puppet_nick(&self, user_id: &str, network: &str) -> Result<Option<String>> {
         let row = sqlx::query("SELECT nick FROM puppets WHERE user_id = $1 AND network = $2")
             .bind(user_id)
