@@ -132,6 +132,7 @@ class IrcPerson:
                     self.send("PONG" + line[4:])
                 if re.search(pattern, line):
                     return line
+                self.skipped = (getattr(self, "skipped", []) + [line])[-10:]
             self.sock.settimeout(max(0.05, deadline - time.monotonic()))
             try:
                 chunk = self.sock.recv(4096)
@@ -140,7 +141,9 @@ class IrcPerson:
             if not chunk:
                 break
             self.buffer += chunk.decode(errors="replace")
-        pytest.fail(f"{self.nick}: no line matching {pattern!r}")
+        pytest.fail(
+            f"{self.nick}: no line matching {pattern!r}; last lines: {getattr(self, 'skipped', [])}"
+        )
 
     def close(self) -> None:
         self.sock.close()
@@ -212,7 +215,7 @@ def bridged(request, tmp_path: Path):
         if kind == "tls"
         else f"port: {irc.port}"
     )
-    limit = ", max_connections: 1" if kind == "one-connection" else ""
+    limit = {"one-connection": ", max_connections: 1", "idle": ", idle_timeout_secs: 2"}.get(kind, "")
     config.write_text(
         f"""homeserver: {{url: "{server.url}", domain: {SERVER_NAME}}}
 listen: 127.0.0.1:{bridge_port}
@@ -585,4 +588,26 @@ async def test_beyond_max_connections_the_bot_speaks_for_people(bridged):
     finally:
         await alice.close()
         await bob.close()
+        carol.close()
+
+
+@pytest.mark.parametrize("bridged", ["idle"], indirect=True)
+async def test_idle_connections_quit_and_come_back(bridged):
+    server, irc, _bridge = bridged
+    carol = in_channel(irc, "carol", "#quiet")
+    alice = await register_user(server.url, "alice")
+    try:
+        joined = await alice.join(f"#irc_test_#quiet:{SERVER_NAME}")
+        assert isinstance(joined, JoinResponse), joined
+        await alice.room_send(joined.room_id, "m.room.message", {"msgtype": "m.text", "body": "hello"})
+        carol.expect(r"^:alice!\S+ PRIVMSG #quiet :hello$")
+        # Two seconds without a word (idle_timeout_secs: 2): alice's connection quits…
+        # (ngircd shows its own reason for a client that quits this soon after connecting.)
+        carol.expect(r"^:alice!\S+ QUIT", timeout=10)
+        # …and her next message brings it back, into the channel, with the same nick.
+        await alice.room_send(joined.room_id, "m.room.message", {"msgtype": "m.text", "body": "back"})
+        carol.expect(r"^:alice!\S+ JOIN :?#quiet", timeout=10)
+        carol.expect(r"^:alice!\S+ PRIVMSG #quiet :back$")
+    finally:
+        await alice.close()
         carol.close()

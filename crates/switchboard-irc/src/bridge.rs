@@ -5,7 +5,7 @@
 use std::{
     collections::{BTreeSet, HashMap},
     sync::{Arc, Mutex, OnceLock},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use ruma::{OwnedRoomAliasId, OwnedRoomId, OwnedUserId};
@@ -47,6 +47,8 @@ struct Inner {
     rooms: Mutex<HashMap<(String, String), OwnedRoomId>>,
     /// `(Matrix user, network)` → that user's own IRC connection.
     puppets: Mutex<HashMap<(OwnedUserId, String), Connection>>,
+    /// When each puppet last spoke for its user (for `idle_timeout_secs`).
+    puppet_activity: Mutex<HashMap<(OwnedUserId, String), Instant>>,
     /// `(network, folded nick)` → the bridged channels (folded) the bot saw the nick in.
     members: Mutex<HashMap<(String, String), BTreeSet<String>>>,
     /// Private chats: room → `(network, folded nick, Matrix user)`.
@@ -81,6 +83,7 @@ impl Bridge {
                 networks: Mutex::new(HashMap::new()),
                 rooms: Mutex::new(HashMap::new()),
                 puppets: Mutex::new(HashMap::new()),
+                puppet_activity: Mutex::new(HashMap::new()),
                 members: Mutex::new(HashMap::new()),
                 dms: Mutex::new(HashMap::new()),
                 admin_rooms: Mutex::new(HashMap::new()),
@@ -133,6 +136,13 @@ impl Bridge {
             }
             self.inner.link(network).bot.join(&channel);
         }
+        let (inner, every) = (self.inner.clone(), self.inner.idle_sweep_interval());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                inner.quit_idle_puppets();
+            }
+        });
         Ok(count)
     }
 }
@@ -193,6 +203,49 @@ impl Inner {
             .map(|(key, _)| key.clone())
     }
 
+    /// How often idle puppets are looked for: a quarter of the shortest idle timeout, 1–60 s.
+    fn idle_sweep_interval(&self) -> Duration {
+        let shortest = self
+            .config
+            .networks
+            .iter()
+            .map(|n| n.idle_timeout_secs)
+            .filter(|t| *t > 0)
+            .min()
+            .unwrap_or(240);
+        Duration::from_millis(shortest * 250).clamp(Duration::from_secs(1), Duration::from_secs(60))
+    }
+
+    /// Quits the puppets whose users said nothing on their network for its `idle_timeout_secs`.
+    fn quit_idle_puppets(&self) {
+        let idle: Vec<(OwnedUserId, String)> = self
+            .puppet_activity
+            .lock()
+            .map(|activity| {
+                activity
+                    .iter()
+                    .filter(|((_, network), last)| {
+                        self.config.network(network).is_some_and(|n| {
+                            n.idle_timeout_secs > 0
+                                && last.elapsed() >= Duration::from_secs(n.idle_timeout_secs)
+                        })
+                    })
+                    .map(|(key, _)| key.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for key in idle {
+            if let Ok(mut activity) = self.puppet_activity.lock() {
+                activity.remove(&key);
+            }
+            let connection = self.puppets.lock().ok().and_then(|mut p| p.remove(&key));
+            if let Some(connection) = connection {
+                tracing::info!(user = %key.0, network = %key.1, "quitting an idle IRC connection");
+                connection.quit("idle");
+            }
+        }
+    }
+
     /// Whether a nick on a network is one of the bridge's own puppets (their lines are not
     /// bridged back).
     fn is_puppet(&self, network: &str, nick: &str) -> bool {
@@ -212,6 +265,9 @@ impl Inner {
         user: &ruma::UserId,
     ) -> Result<Option<Connection>, Box<dyn std::error::Error + Send + Sync>> {
         let key = (user.to_owned(), network.id.clone());
+        if let Ok(mut activity) = self.puppet_activity.lock() {
+            activity.insert(key.clone(), Instant::now());
+        }
         if let Some(connection) = self.puppets.lock().ok().and_then(|p| p.get(&key).cloned()) {
             return Ok(Some(connection));
         }

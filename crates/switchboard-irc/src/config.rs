@@ -53,6 +53,11 @@ pub struct Network {
     /// beyond, the bot relays for the others as `<user> text`.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// A Matrix user's IRC connection quits after this long without them saying anything on
+    /// this network (0: never), as matrix-appservice-irc's `idleTimeout`; their next message
+    /// connects again with the same nick.
+    #[serde(default = "default_idle_timeout_secs")]
+    pub idle_timeout_secs: u64,
     /// Lines sent at once before flood control paces them, and then one per interval.
     #[serde(default = "default_flood_burst")]
     pub flood_burst: u32,
@@ -74,6 +79,10 @@ fn default_nick_template() -> String {
 
 fn default_max_connections() -> usize {
     100
+}
+
+fn default_idle_timeout_secs() -> u64 {
+    2 * 24 * 3600
 }
 
 fn default_flood_burst() -> u32 {
