@@ -25,6 +25,9 @@ use crate::{
 /// The prefix of every ID the bridge claims (`@irc_…`, `#irc_…`).
 pub const PREFIX: &str = "irc_";
 /// How long a channel join may take before the alias query gives up.
+/// Channel members' virtual users joined at once when the bot learns a channel's names.
+const MEMBER_JOINS: usize = 8;
+
 /// Lines for IRC that waited longer than this for a connection (while it was down) are dropped.
 const STALE_LINE: Duration = Duration::from_secs(60);
 
@@ -513,7 +516,12 @@ impl Inner {
     }
 
     /// One line from a network.
-    async fn relay_from_irc(&self, network: &str, link: &NetworkLink, message: Message) -> HandlerResult {
+    async fn relay_from_irc(
+        self: &Arc<Self>,
+        network: &str,
+        link: &NetworkLink,
+        message: Message,
+    ) -> HandlerResult {
         let bot_nick = fold_case(&link.bot.nick());
         let from = message.source_nick().map(fold_case);
         match message.command.as_str() {
@@ -528,16 +536,24 @@ impl Inner {
             // The members of a channel the bot joined (`353`): their virtual users join too.
             "353" => {
                 if let (Some(channel), Some(names)) = (message.param(2), message.param(3)) {
-                    let room = self.room(network, channel);
+                    let mut nicks = Vec::new();
                     for name in names.split_whitespace() {
                         let nick = name.trim_start_matches(['@', '+', '%', '&', '~']);
                         if fold_case(nick) == bot_nick || self.is_puppet(network, nick) {
                             continue;
                         }
                         self.track(network, nick, channel, true);
-                        if let Some(room) = &room {
-                            self.intent(network, nick).await?.ensure_joined(room).await?;
-                        }
+                        nicks.push(nick.to_owned());
+                    }
+                    if let Some(room) = self.room(network, channel) {
+                        // A big channel means hundreds of joins: off this network's line of
+                        // events, a few at a time.
+                        tokio::spawn(self.clone().mirror_members(
+                            network.to_owned(),
+                            channel.to_owned(),
+                            room,
+                            nicks,
+                        ));
                     }
                 }
             }
@@ -691,6 +707,39 @@ impl Inner {
                 channels.remove(&fold_case(channel));
             }
         }
+    }
+
+    /// The virtual users of these channel members join the room, `MEMBER_JOINS` at a time. One
+    /// that left the channel while its join was on the way leaves again.
+    async fn mirror_members(
+        self: Arc<Self>,
+        network: String,
+        channel: String,
+        room: OwnedRoomId,
+        nicks: Vec<String>,
+    ) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(MEMBER_JOINS));
+        let mut joins = tokio::task::JoinSet::new();
+        for nick in nicks {
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let (inner, network, channel, room) =
+                (self.clone(), network.clone(), channel.clone(), room.clone());
+            joins.spawn(async move {
+                let joined = match inner.intent(&network, &nick).await {
+                    Ok(intent) => intent.ensure_joined(&room).await.map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                if let Err(e) = joined {
+                    tracing::warn!(%nick, error = %e, "cannot mirror a channel member");
+                } else if !inner.members_of(&network, &channel).contains(&fold_case(&nick)) {
+                    let _ = inner.leave(&network, &nick, &channel).await;
+                }
+                drop(slot);
+            });
+        }
+        while joins.join_next().await.is_some() {}
     }
 
     /// The nicks the bot saw in a channel.
@@ -912,19 +961,12 @@ impl Inner {
                 .await?;
         }
         // The people already in the channel appear in the room (after answering).
-        let (inner, network_id, channel, for_task) =
-            (self.clone(), network.id.clone(), channel.to_owned(), room.clone());
-        tokio::spawn(async move {
-            for nick in inner.members_of(&network_id, &channel) {
-                let joined = match inner.intent(&network_id, &nick).await {
-                    Ok(intent) => intent.ensure_joined(&for_task).await.map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
-                };
-                if let Err(e) = joined {
-                    tracing::warn!(%nick, error = %e, "cannot mirror a channel member");
-                }
-            }
-        });
+        tokio::spawn(self.clone().mirror_members(
+            network.id.clone(),
+            channel.to_owned(),
+            room.clone(),
+            self.members_of(&network.id, channel),
+        ));
         Ok(Some(room))
     }
 
