@@ -25,6 +25,18 @@ use crate::{
 /// The prefix of every ID the bridge claims (`@irc_…`, `#irc_…`).
 pub const PREFIX: &str = "irc_";
 /// How long a channel join may take before the alias query gives up.
+/// The user ID in an event's `field` (`sender`, `state_key`), if it is one.
+fn user_at(event: &Value, field: &str) -> Option<OwnedUserId> {
+    event[field].as_str().and_then(|s| OwnedUserId::try_from(s).ok())
+}
+
+/// The event's room.
+fn room_of(event: &Value) -> Option<OwnedRoomId> {
+    event["room_id"]
+        .as_str()
+        .and_then(|r| OwnedRoomId::try_from(r).ok())
+}
+
 /// Channel members' virtual users joined at once when the bot learns a channel's names.
 const MEMBER_JOINS: usize = 8;
 
@@ -359,14 +371,7 @@ impl Inner {
 
     /// A Matrix user's message in a bridged room, said on IRC by their puppet.
     async fn relay_to_irc(self: &Arc<Self>, event: &Value) -> HandlerResult {
-        let (Some(sender), Some(room)) = (
-            event["sender"]
-                .as_str()
-                .and_then(|s| OwnedUserId::try_from(s).ok()),
-            event["room_id"]
-                .as_str()
-                .and_then(|r| OwnedRoomId::try_from(r).ok()),
-        ) else {
+        let (Some(sender), Some(room)) = (user_at(event, "sender"), room_of(event)) else {
             return Ok(());
         };
         // The bridge's own users (the bot, IRC people) are not echoed back.
@@ -847,15 +852,9 @@ impl Inner {
     /// their private chat.
     async fn invited(&self, event: &Value) -> HandlerResult {
         let (Some(invitee), Some(inviter), Some(room)) = (
-            event["state_key"]
-                .as_str()
-                .and_then(|s| OwnedUserId::try_from(s).ok()),
-            event["sender"]
-                .as_str()
-                .and_then(|s| OwnedUserId::try_from(s).ok()),
-            event["room_id"]
-                .as_str()
-                .and_then(|r| OwnedRoomId::try_from(r).ok()),
+            user_at(event, "state_key"),
+            user_at(event, "sender"),
+            room_of(event),
         ) else {
             return Ok(());
         };
@@ -1063,14 +1062,7 @@ impl Inner {
 
     /// A Matrix user left a bridged room: their puppet leaves the channel.
     async fn left_room(&self, event: &Value) {
-        let (Some(user), Some(room)) = (
-            event["state_key"]
-                .as_str()
-                .and_then(|s| OwnedUserId::try_from(s).ok()),
-            event["room_id"]
-                .as_str()
-                .and_then(|r| OwnedRoomId::try_from(r).ok()),
-        ) else {
+        let (Some(user), Some(room)) = (user_at(event, "state_key"), room_of(event)) else {
             return;
         };
         if let Some((network, nick, dm_user)) = self.dm_of(&room) {
