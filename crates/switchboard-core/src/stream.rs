@@ -270,19 +270,14 @@ async fn writer(
         let start = positions.first().copied().unwrap_or_default();
         tokio::spawn(async move {
             let stored = commit_group(&store, &group).await;
-            if store.engine() == Engine::Sqlite {
-                match &stored {
-                    // Nothing of the group was stored: its positions are handed out again.
-                    Err(_) => next.store(
-                        store.max_stream_pos().await.map_or(start, |max| max + 1),
-                        Ordering::SeqCst,
-                    ),
-                    // Some of it was: the group's positions are announced, so none is reused.
-                    Ok(outcomes) if outcomes.iter().any(Option::is_some) => {
-                        next.fetch_max(last + 1, Ordering::SeqCst);
-                    }
-                    Ok(_) => {}
-                }
+            // On SQLite, when nothing of the group was stored its positions are handed out again.
+            // (When part of it was, `next` already points past the group, whose last position is
+            // announced: the failed jobs' positions stay a gap.)
+            if store.engine() == Engine::Sqlite && stored.is_err() {
+                next.store(
+                    store.max_stream_pos().await.map_or(start, |max| max + 1),
+                    Ordering::SeqCst,
+                );
             }
             // The next group may commit while this one's callers update their caches.
             drop(slot);
