@@ -18,7 +18,7 @@ if [[ ! -f data/logger.yaml ]]; then
 fi
 if [[ ! -f data/homeserver.yaml ]]; then
     target/release/switchboard generate-config --server-name "$server_name" --data-dir data \
-        --port "$port" --app-service logger.yaml
+        --port "$port" --app-service logger.yaml --open-registration
 fi
 
 # The service waits for the homeserver to come up, and stops with this script.

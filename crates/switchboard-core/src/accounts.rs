@@ -38,6 +38,20 @@ impl Session {
             None => true,
         }
     }
+
+    /// The service acting owns this user exclusively (its sender, or its exclusive users
+    /// namespace): only then may it skip the user-interactive auth a human would need.
+    pub fn service_owns_user(&self) -> bool {
+        self.appservice
+            .as_ref()
+            .is_some_and(|s| s.owns_user_exclusively(self.user_id.as_str()))
+    }
+
+    /// Device creation and deletion without user-interactive auth (MSC4190): for services that
+    /// opted in with `io.element.msc4190: true`, on users they own exclusively — Synapse's gate.
+    pub fn service_manages_devices(&self) -> bool {
+        self.service_owns_user() && self.appservice.as_ref().is_some_and(|s| s.registration.msc4190)
+    }
 }
 
 pub struct Registration {

@@ -64,6 +64,9 @@ pub struct Config {
     /// Largest request body accepted on the client API, in bytes (media uploads excepted).
     #[serde(default = "default_max_request_size")]
     pub max_request_size: usize,
+    /// The file this config was loaded from, if any: hot reload reads it again.
+    #[serde(skip)]
+    pub path: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -350,7 +353,9 @@ impl Config {
             source,
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Self::parse(&text, &path.display().to_string(), base)
+        let mut config = Self::parse(&text, &path.display().to_string(), base)?;
+        config.path = Some(path.to_owned());
+        Ok(config)
     }
 
     /// Parses config text; `origin` names the file in errors.
@@ -515,8 +520,15 @@ impl Config {
             .unwrap_or_else(|| PathBuf::from("signing.key"))
     }
 
-    /// A ready-to-run config for `generate-config`, rooted at `data_dir`.
-    pub fn generated(server_name: &str, data_dir: &Path, port: u16, shared_secret: String) -> Self {
+    /// A ready-to-run config for `generate-config`, rooted at `data_dir`. Registration is closed
+    /// (Synapse's default) unless `open_registration`.
+    pub fn generated(
+        server_name: &str,
+        data_dir: &Path,
+        port: u16,
+        shared_secret: String,
+        open_registration: bool,
+    ) -> Self {
         Self {
             server_name: server_name.to_owned(),
             public_baseurl: None,
@@ -540,8 +552,8 @@ impl Config {
             },
             media_store_path: data_dir.join("media"),
             signing_key_path: Some(data_dir.join("signing.key")),
-            enable_registration: true,
-            enable_registration_without_verification: true,
+            enable_registration: open_registration,
+            enable_registration_without_verification: open_registration,
             registration_shared_secret: Some(shared_secret),
             app_service_config_files: Vec::new(),
             use_appservice_legacy_authorization: false,
@@ -551,6 +563,7 @@ impl Config {
             rc_login: LoginRateLimits::default(),
             max_request_size: default_max_request_size(),
             max_upload_size: ByteSize::fifty_megabytes(),
+            path: None,
         }
     }
 }
@@ -696,10 +709,15 @@ some_future_key: 1
 
     #[test]
     fn generated_config_round_trips() {
-        let c = Config::generated("example.org", Path::new("/srv/sb"), 8008, "x".into());
+        let c = Config::generated("example.org", Path::new("/srv/sb"), 8008, "x".into(), false);
         let text = serde_saphyr::to_string(&c).expect("yaml");
         let back = Config::parse(&text, "gen.yaml", Path::new("/")).expect("parses");
         assert_eq!(back.server_name, "example.org");
+        assert!(!back.enable_registration, "closed unless asked, as in Synapse");
+        let open = Config::generated("example.org", Path::new("/srv/sb"), 8008, "x".into(), true);
+        let text = serde_saphyr::to_string(&open).expect("yaml");
+        let back = Config::parse(&text, "gen.yaml", Path::new("/")).expect("parses");
+        assert!(back.enable_registration && back.enable_registration_without_verification);
         assert_eq!(back.sqlite_path(), PathBuf::from("/srv/sb/homeserver.db"));
     }
 }

@@ -123,6 +123,7 @@ impl Homeserver {
             server_name.clone(),
             delivery,
             legacy_auth,
+            config.path.clone(),
         ));
         let ephemeral = ephemeral::Ephemeral::new(store.clone(), stream.clone());
         let e2ee = Arc::new(e2ee::E2ee::new(store.clone(), stream.clone()));
@@ -160,7 +161,42 @@ impl Homeserver {
     }
 }
 
+/// What a caller wants to do with an alias, for [`Homeserver::alias_rights`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AliasAction {
+    Create,
+    Delete,
+}
+
 impl Homeserver {
+    /// The one rule for who may create or delete `alias`, on every path that does (the directory,
+    /// `createRoom`, room upgrades). A service may manage only aliases in its own namespace, and
+    /// needs no membership or creator check there. Aliases in a service's exclusive namespace are
+    /// that service's: nobody else may create one, and only server admins may delete one.
+    /// Returns whether the caller is privileged (server admin or owning service).
+    pub fn alias_rights(
+        &self,
+        session: &accounts::Session,
+        alias: &str,
+        action: AliasAction,
+    ) -> Result<bool> {
+        if let Some(service) = &session.appservice {
+            if !service.aliases.matches(alias) {
+                return Err(Error::Exclusive(
+                    "This application service has not reserved this kind of alias".to_owned(),
+                ));
+            }
+            return Ok(true);
+        }
+        let reserved = self.appservices.registry().exclusive_alias_owner(alias).is_some();
+        if reserved && (action == AliasAction::Create || !session.is_admin) {
+            return Err(Error::Exclusive(format!(
+                "The alias {alias} is reserved by an application service"
+            )));
+        }
+        Ok(session.is_admin)
+    }
+
     /// Resolves a local alias; if it is unknown, the services whose alias namespace matches are
     /// asked, and may create it on the spot.
     pub async fn resolve_alias(&self, alias: &ruma::RoomAliasId) -> Result<ruma::OwnedRoomId> {

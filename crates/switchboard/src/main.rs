@@ -50,6 +50,10 @@ enum Command {
         /// (repeatable; relative paths are read from the config's directory).
         #[arg(long = "app-service")]
         app_services: Vec<PathBuf>,
+        /// Let anyone register an account (`enable_registration: true`); closed by default,
+        /// as in Synapse: accounts then come from `register-user` or shared-secret registration.
+        #[arg(long)]
+        open_registration: bool,
     },
     /// Inspect and steer application services on a running server (needs an admin's token).
     Appservice {
@@ -117,7 +121,15 @@ fn main() -> anyhow::Result<()> {
                 port,
                 force,
                 app_services,
-            }) => generate_config(&server_name, &data_dir, port, force, app_services),
+                open_registration,
+            }) => generate_config(
+                &server_name,
+                &data_dir,
+                port,
+                force,
+                app_services,
+                open_registration,
+            ),
             Some(Command::RegisterUser {
                 user,
                 password,
@@ -156,6 +168,7 @@ fn generate_config(
     port: u16,
     force: bool,
     app_services: Vec<PathBuf>,
+    open_registration: bool,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
     let data_dir = data_dir.canonicalize()?;
@@ -163,7 +176,7 @@ fn generate_config(
     if config_path.exists() && !force {
         bail!("{} exists; pass --force to overwrite it", config_path.display());
     }
-    let mut config = Config::generated(server_name, &data_dir, port, random_string(32));
+    let mut config = Config::generated(server_name, &data_dir, port, random_string(32), open_registration);
     config.app_service_config_files = app_services;
     let key_path = config.signing_key_path();
     if !key_path.exists() {

@@ -69,7 +69,7 @@ async fn update(
         .store
         .device_exists(session.user_id.as_str(), &device_id)
         .await?;
-    if !exists && session.appservice.is_none() {
+    if !exists && !session.service_manages_devices() {
         return Err(Error::NotFound("Unknown device".to_owned()).into());
     }
     hs.store
@@ -89,7 +89,7 @@ struct DeleteBody {
 }
 
 async fn authorize(hs: &Homeserver, session: &Session, auth: Option<&Value>) -> Result<(), Error> {
-    if session.appservice.is_some() {
+    if session.service_manages_devices() {
         return Ok(());
     }
     hs.require_password(&session.user_id, auth).await

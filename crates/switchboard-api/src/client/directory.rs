@@ -10,7 +10,7 @@ use axum::{
 use ruma::OwnedRoomId;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use switchboard_core::{Error, Homeserver, accounts::Session, rooms::Listing};
+use switchboard_core::{AliasAction, Error, Homeserver, rooms::Listing};
 
 use super::{alias, room_id};
 use crate::{
@@ -33,26 +33,6 @@ pub(super) fn routes() -> Router<Arc<Homeserver>> {
         .route("/publicRooms", get(public_rooms_get).post(public_rooms_post))
 }
 
-/// Aliases in a service's exclusive namespace are the service's: others get `M_EXCLUSIVE`. A service
-/// may only manage aliases in its own namespace, and needs no membership or creator check there.
-/// Returns whether the caller is privileged (server admin or owning service).
-pub(super) fn require_alias_rights(hs: &Homeserver, session: &Session, alias: &str) -> Result<bool, Error> {
-    if let Some(service) = &session.appservice {
-        if !service.aliases.matches(alias) {
-            return Err(Error::Exclusive(
-                "The application service has not reserved this kind of alias".to_owned(),
-            ));
-        }
-        return Ok(true);
-    }
-    if hs.appservices.registry().exclusive_alias_owner(alias).is_some() {
-        return Err(Error::Exclusive(
-            "This alias is reserved by an application service".to_owned(),
-        ));
-    }
-    Ok(session.is_admin)
-}
-
 async fn resolve(State(hs): State<Arc<Homeserver>>, Path(raw): Path<String>) -> ApiResult<Json<Value>> {
     let room_id = hs.resolve_alias(&alias(&raw)?).await?;
     Ok(Json(json!({ "room_id": room_id, "servers": [hs.server_name] })))
@@ -70,7 +50,7 @@ async fn create(
     Body(body): Body<CreateBody>,
 ) -> ApiResult<Json<Value>> {
     let alias = alias(&raw)?;
-    let privileged = require_alias_rights(&hs, &session, alias.as_str())?;
+    let privileged = hs.alias_rights(&session, alias.as_str(), AliasAction::Create)?;
     hs.rooms
         .create_alias(&alias, &body.room_id, &session.user_id, privileged)
         .await?;
@@ -82,8 +62,10 @@ async fn delete(
     Auth(session): Auth,
     Path(raw): Path<String>,
 ) -> ApiResult<Json<Value>> {
+    let alias = alias(&raw)?;
+    let privileged = hs.alias_rights(&session, alias.as_str(), AliasAction::Delete)?;
     hs.rooms
-        .delete_alias(&alias(&raw)?, &session.user_id, session.is_admin)
+        .delete_alias(&alias, &session.user_id, privileged)
         .await?;
     Ok(Json(json!({})))
 }

@@ -140,13 +140,13 @@ struct CrossSigningBody {
 }
 
 /// The first upload needs no user-interactive auth (spec v1.11); replacing keys needs the password.
-/// Application services never do.
+/// Nor do application services for the users they own exclusively.
 async fn upload_cross_signing(
     State(hs): State<Arc<Homeserver>>,
     Auth(session): Auth,
     Body(body): Body<CrossSigningBody>,
 ) -> ApiResult<Json<Value>> {
-    if session.appservice.is_none() && hs.e2ee.has_cross_signing(&session.user_id).await? {
+    if !session.service_owns_user() && hs.e2ee.has_cross_signing(&session.user_id).await? {
         hs.require_password(&session.user_id, body.auth.as_ref()).await?;
     }
     let keys: Vec<(&str, &Value)> = [

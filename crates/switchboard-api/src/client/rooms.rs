@@ -10,7 +10,7 @@ use axum::{
 use ruma::{OwnedRoomId, OwnedUserId};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use switchboard_core::{Homeserver, rooms::CreateRoom};
+use switchboard_core::{AliasAction, Homeserver, rooms::CreateRoom};
 
 use super::{alias, room_id};
 use crate::{
@@ -38,6 +38,10 @@ async fn create_room(
     Auth(session): Auth,
     Body(body): Body<CreateRoom>,
 ) -> ApiResult<Json<Value>> {
+    if let Some(name) = &body.room_alias_name {
+        let alias = hs.rooms.local_alias(name)?;
+        hs.alias_rights(&session, alias.as_str(), AliasAction::Create)?;
+    }
     // As for /invite: an application service may create the users it is asked about.
     for invitee in &body.invite {
         hs.ensure_user(invitee).await?;
@@ -207,15 +211,15 @@ async fn upgrade(
     Path(raw): Path<String>,
     Body(body): Body<UpgradeBody>,
 ) -> ApiResult<Json<Value>> {
+    let room = room_id(&raw)?;
+    // The room's local aliases move to the new room: each is created anew there.
+    for alias in hs.rooms.aliases(&room).await? {
+        hs.alias_rights(&session, &alias, AliasAction::Create)?;
+    }
     let displayname = hs.accounts.displayname(&session.user_id).await?;
     let new_room = hs
         .rooms
-        .upgrade(
-            &room_id(&raw)?,
-            &session.user_id,
-            displayname.as_deref(),
-            &body.new_version,
-        )
+        .upgrade(&room, &session.user_id, displayname.as_deref(), &body.new_version)
         .await?;
     Ok(Json(json!({ "replacement_room": new_room })))
 }

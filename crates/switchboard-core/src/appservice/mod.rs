@@ -274,10 +274,21 @@ impl Registry {
     }
 }
 
+/// Why a reload was refused (the previous set stays loaded).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Registration(#[from] RegistrationError),
+}
+
 /// The application-service subsystem of a running server.
 pub struct AppServices {
     registry: RwLock<Arc<Registry>>,
     files: RwLock<Vec<PathBuf>>,
+    /// The homeserver config whose `app_service_config_files` a reload reads anew.
+    config_path: Option<PathBuf>,
     server_name: OwnedServerName,
     store: Store,
     pub delivery: Arc<delivery::Delivery>,
@@ -290,10 +301,12 @@ impl AppServices {
         server_name: OwnedServerName,
         delivery: Arc<delivery::Delivery>,
         legacy_auth: bool,
+        config_path: Option<PathBuf>,
     ) -> Self {
         Self {
             registry: RwLock::new(Arc::new(Registry::default())),
             files: RwLock::new(Vec::new()),
+            config_path,
             server_name,
             store,
             delivery,
@@ -341,10 +354,15 @@ impl AppServices {
         Ok(count)
     }
 
-    /// Re-reads the files loaded last (SIGHUP).
-    pub async fn reload(&self) -> std::result::Result<usize, RegistrationError> {
-        let files = self.files.read().map(|f| f.clone()).unwrap_or_default();
-        self.load(&files).await
+    /// `SIGHUP`: reads the config's `app_service_config_files` anew — files added to the list
+    /// are loaded, files removed from it unloaded — and every listed file again. Without a config
+    /// file (tests, embedding), the files loaded last are re-read.
+    pub async fn reload(&self) -> std::result::Result<usize, ReloadError> {
+        let files = match &self.config_path {
+            Some(path) => crate::config::Config::load(path)?.app_service_config_files,
+            None => self.files.read().map(|f| f.clone()).unwrap_or_default(),
+        };
+        Ok(self.load(&files).await?)
     }
 
     /// The service an `as_token` belongs to. Any request with it shows the service is alive, so a

@@ -7,7 +7,7 @@ use crate::{Error, Result};
 
 impl Rooms {
     /// `#localpart:this-server`, with Synapse's rule for the localpart (no whitespace or `:`).
-    pub(super) fn local_alias(&self, localpart: &str) -> Result<OwnedRoomAliasId> {
+    pub fn local_alias(&self, localpart: &str) -> Result<OwnedRoomAliasId> {
         if localpart.is_empty() || localpart.chars().any(|c| c.is_whitespace() || c == ':') {
             return Err(Error::InvalidParam(format!(
                 "Invalid characters in room alias `{localpart}`"
@@ -28,7 +28,7 @@ impl Rooms {
 
     /// Creating an alias needs membership of the room, as Synapse's default
     /// `require_membership_for_aliases`, unless `privileged` (a server admin, or an application
-    /// service within its alias namespace).
+    /// service within its alias namespace; see `Homeserver::alias_rights`).
     pub async fn create_alias(
         &self,
         alias: &RoomAliasId,
@@ -50,6 +50,8 @@ impl Rooms {
         {
             return Err(Error::Conflict(format!("Room alias {alias} already exists")));
         }
+        // Services interested in this alias are interested in the room's very next event.
+        self.audience_changed(room_id);
         Ok(())
     }
 

@@ -719,6 +719,196 @@ async fn interest_follows_the_namespaces() {
     );
 }
 
+/// An alias added to an existing room makes the room interesting at once: the cached room-level
+/// answer, computed for an earlier event, must not hide the very next one.
+#[tokio::test]
+async fn a_new_alias_makes_the_rooms_next_event_reach_the_service() {
+    let fake = FakeAs::start().await;
+    // `watch` listens to alice everywhere, so the room's audience is computed and cached before
+    // the alias exists; `bridge` is interested through the alias only.
+    let watch = Registration::new("watch", Some(fake.url.as_str())).users("@alice:localhost", false);
+    let bridge = Registration::new("bridge", Some(fake.url.as_str())).aliases("#bridged_.*:localhost", true);
+    let (s, _regs) = start_server(&[&watch, &bridge]).await;
+    let alice = s.register("alice").await;
+    let room = s.create_room(&alice, json!({})).await;
+    send_ok(&s, &alice, &room, "1", "before-alias").await;
+    let to = |id: &str| bearer(&format!("hs_{id}"));
+    let bodies_for = |requests: &[Request], id: &str| -> Vec<String> {
+        let mine: Vec<Value> = requests
+            .iter()
+            .filter(|r| r.txn_id.is_some() && r.authorization == to(id))
+            .flat_map(|r| r.events())
+            .collect();
+        message_bodies(&mine)
+    };
+    fake.wait_for_requests(
+        |r| bodies_for(r, "watch").contains(&"before-alias".to_owned()),
+        WAIT,
+    )
+    .await;
+
+    let alias = enc("#bridged_room:localhost");
+    s.ok(
+        Method::PUT,
+        &format!("/_matrix/client/v3/directory/room/{alias}"),
+        &bridge.as_token,
+        json!({"room_id": room}),
+    )
+    .await;
+    send_ok(&s, &alice, &room, "2", "after-alias").await;
+    let requests = fake
+        .wait_for_requests(
+            |r| bodies_for(r, "bridge").contains(&"after-alias".to_owned()),
+            WAIT,
+        )
+        .await;
+    assert_eq!(
+        bodies_for(&requests, "bridge"),
+        vec!["after-alias"],
+        "the first event after the alias, and nothing before it: {}",
+        fake.summary()
+    );
+}
+
+/// Aliases in a service's exclusive namespace are the service's on every path that makes one:
+/// the directory, `createRoom` and room upgrades; a service makes aliases only in its own
+/// namespace; deleting a reserved alias is for the service (and server admins).
+#[tokio::test]
+async fn exclusive_alias_namespaces_hold_on_every_path() {
+    let bridge = Registration::new("bridge", None).aliases("#_b_.*:localhost", true);
+    let (s, _regs) = start_server(&[&bridge]).await;
+    let alice = s.register("alice").await;
+    let directory = |alias: &str| format!("/_matrix/client/v3/directory/room/{}", enc(alias));
+    let exclusive = (StatusCode::BAD_REQUEST, "M_EXCLUSIVE");
+
+    let (status, body) = s
+        .call(
+            Method::POST,
+            "/_matrix/client/v3/createRoom",
+            Some(&alice.token),
+            Some(json!({"room_alias_name": "_b_mine"})),
+        )
+        .await;
+    assert_eq!((status, errcode(&body)), exclusive, "createRoom: {body}");
+    let (status, _) = s
+        .call(Method::GET, &directory("#_b_mine:localhost"), None, None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "the refused alias was not stored");
+
+    let room = s.create_room(&alice, json!({})).await;
+    let (status, body) = s
+        .call(
+            Method::PUT,
+            &directory("#_b_mine:localhost"),
+            Some(&alice.token),
+            Some(json!({"room_id": room})),
+        )
+        .await;
+    assert_eq!((status, errcode(&body)), exclusive, "PUT /directory/room: {body}");
+
+    // The service: only inside its namespace, and without being in the room.
+    let (status, body) = s
+        .call(
+            Method::PUT,
+            &directory("#elsewhere:localhost"),
+            Some(&bridge.as_token),
+            Some(json!({"room_id": room})),
+        )
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        exclusive,
+        "outside its namespace: {body}"
+    );
+    let (status, body) = s
+        .call(
+            Method::POST,
+            "/_matrix/client/v3/createRoom",
+            Some(&bridge.as_token),
+            Some(json!({"room_alias_name": "elsewhere"})),
+        )
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        exclusive,
+        "createRoom outside its namespace: {body}"
+    );
+    s.ok(
+        Method::PUT,
+        &directory("#_b_theirs:localhost"),
+        &bridge.as_token,
+        json!({"room_id": room}),
+    )
+    .await;
+    s.ok(
+        Method::POST,
+        "/_matrix/client/v3/createRoom",
+        &bridge.as_token,
+        json!({"room_alias_name": "_b_made"}),
+    )
+    .await;
+
+    // alice may change the room's canonical alias, which would let her delete other aliases.
+    let (status, body) = s
+        .call(
+            Method::DELETE,
+            &directory("#_b_theirs:localhost"),
+            Some(&alice.token),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        exclusive,
+        "deleting a reserved alias: {body}"
+    );
+
+    // An upgrade would create the alias anew in the replacement room.
+    let (status, body) = s
+        .call(
+            Method::POST,
+            &room_path(&room, "upgrade"),
+            Some(&alice.token),
+            Some(json!({"new_version": "10"})),
+        )
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        exclusive,
+        "upgrade moving a reserved alias: {body}"
+    );
+    let (status, _) = s
+        .call(
+            Method::GET,
+            &room_path(&room, "state/m.room.tombstone/"),
+            Some(&alice.token),
+            None,
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "the refused upgrade left the room as it was"
+    );
+
+    s.ok(
+        Method::DELETE,
+        &directory("#_b_theirs:localhost"),
+        &bridge.as_token,
+        Value::Null,
+    )
+    .await;
+    let upgraded = s
+        .ok(
+            Method::POST,
+            &room_path(&room, "upgrade"),
+            &alice.token,
+            json!({"new_version": "10"}),
+        )
+        .await;
+    assert!(upgraded["replacement_room"].is_string(), "{upgraded}");
+}
+
 #[tokio::test]
 async fn rooms_without_interest_produce_no_transaction() {
     let fake = FakeAs::start().await;

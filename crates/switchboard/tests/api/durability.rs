@@ -253,7 +253,7 @@ async fn sqlx_connect(settings: &switchboard_store::PostgresSettings) -> sqlx::P
 }
 
 #[test]
-fn generate_config_gives_a_runnable_setup() {
+fn generate_config_gives_a_runnable_setup_with_registration_closed() {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = std::process::Command::new(binary())
         .args(["generate-config", "--server-name", "example.org", "--data-dir"])
@@ -264,6 +264,10 @@ fn generate_config_gives_a_runnable_setup() {
     assert!(dir.path().join("signing.key").exists());
     let text = std::fs::read_to_string(dir.path().join("homeserver.yaml")).expect("config");
     assert!(text.contains("server_name: example.org"));
+    assert!(
+        text.contains("enable_registration: false"),
+        "registration closed unless asked, as in Synapse: {text}"
+    );
     let again = std::process::Command::new(binary())
         .args(["generate-config", "--server-name", "example.org", "--data-dir"])
         .arg(dir.path())

@@ -284,7 +284,7 @@ async fn encrypting_services_get_key_counts_and_device_lists_in_transactions() {
     let service = FakeAs::start().await;
     let registration = Registration::new("crypto", Some(&service.url))
         .users("@_c_.*:localhost", true)
-        .extra("org.matrix.msc3202: true\n");
+        .extra("org.matrix.msc3202: true\nio.element.msc4190: true\n");
     let plain = Registration::new("plain", Some(&service.url)).users("@_p_.*:localhost", true);
     let (s, _files) = start_server(&[&registration, &plain]).await;
     let token = registration.as_token.clone();
@@ -387,5 +387,56 @@ async fn encrypting_services_get_key_counts_and_device_lists_in_transactions() {
                     .is_some_and(|a| a.ends_with("hs_plain")))
             .all(|r| !r.json().to_string().contains("msc3202")),
         "only services that asked"
+    );
+}
+
+/// A service replaces its own users' cross-signing keys without user-interactive auth, but a
+/// human whom a non-exclusive namespace merely matches keeps her password as the gate.
+#[tokio::test]
+async fn services_replace_cross_signing_keys_without_uia_only_for_users_they_own() {
+    use crate::fake_as::{Registration, as_user, register_ghost, start_server};
+    let registration = Registration::new("crypto", None)
+        .users("@_c_.*:localhost", true)
+        .users("@alice:localhost", false);
+    let (s, _files) = start_server(&[&registration]).await;
+    let token = registration.as_token.clone();
+    let alice = s.register("alice").await;
+    let ghost = register_ghost(&s, &token, "_c_ghost").await;
+    let upload_for = |user: &str| {
+        json!({
+            "master_key": {"user_id": user, "usage": ["master"], "keys": {"ed25519:M": "M"}},
+            "self_signing_key": {"user_id": user, "usage": ["self_signing"], "keys": {"ed25519:S": "S"}},
+        })
+    };
+    let path = "/_matrix/client/v3/keys/device_signing/upload";
+    for attempt in ["first upload", "replacement"] {
+        let (status, body) = s
+            .call(
+                Method::POST,
+                &as_user(path, &ghost),
+                Some(&token),
+                Some(upload_for(&ghost)),
+            )
+            .await;
+        assert_eq!(
+            status,
+            reqwest::StatusCode::OK,
+            "{attempt} for the service's own user: {body}"
+        );
+    }
+    s.ok(Method::POST, path, &alice.token, upload_for(&alice.user_id))
+        .await;
+    let (status, body) = s
+        .call(
+            Method::POST,
+            &as_user(path, &alice.user_id),
+            Some(&token),
+            Some(upload_for(&alice.user_id)),
+        )
+        .await;
+    assert_eq!(
+        status,
+        reqwest::StatusCode::UNAUTHORIZED,
+        "replacing a human's keys needs her password, whoever asks: {body}"
     );
 }

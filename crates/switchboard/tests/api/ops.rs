@@ -171,6 +171,78 @@ async fn appservice_commands_and_hot_reload() {
     );
 }
 
+/// Adding a bridge needs no restart: a file added to `app_service_config_files` is loaded on
+/// `SIGHUP` (its `as_token` works, it receives events), one removed from the list is unloaded,
+/// and a list naming a broken file is refused whole.
+#[tokio::test]
+async fn hot_reload_loads_files_added_to_the_config_and_unloads_removed_ones() {
+    let fake = FakeAs::start().await;
+    let old = Registration::new("old", None).users("@_old_.*:localhost", true);
+    let (s, files) = start_server(&[&old]).await;
+    let alice = s.register("alice").await;
+    let config = std::fs::read_to_string(s.config_path()).expect("config");
+    let old_path = files.path().join("old.yaml");
+    let new_path = files.path().join("new.yaml");
+    let new = Registration::new("new", Some(&fake.url)).users("@alice:localhost", false);
+    std::fs::write(&new_path, new.yaml()).expect("write");
+    let listed = |paths: &[&std::path::Path]| {
+        let paths: Vec<_> = paths.iter().map(|p| p.to_path_buf()).collect();
+        let old_list = crate::fake_as::config_files_yaml(std::slice::from_ref(&old_path));
+        assert!(config.contains(&old_list), "the config lists the old file");
+        config.replace(&old_list, &crate::fake_as::config_files_yaml(&paths))
+    };
+    let reload_until = |token: String, want: StatusCode| {
+        let s = &s;
+        async move {
+            for _ in 0..100 {
+                if whoami(s, &token).await == want {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("the reload did not take effect ({want} for {token}): {}", s.log());
+        }
+    };
+    assert_eq!(whoami(&s, &new.as_token).await, StatusCode::UNAUTHORIZED);
+
+    // Added to the list: loaded.
+    std::fs::write(s.config_path(), listed(&[&old_path, &new_path])).expect("config");
+    s.signal("HUP");
+    reload_until(new.as_token.clone(), StatusCode::OK).await;
+    let room = s.create_room(&alice, json!({})).await;
+    s.send_text(&alice, &room, "1", "for-the-new-service").await;
+    fake.wait_for_events(
+        |events| crate::fake_as::message_bodies(events).contains(&"for-the-new-service".to_owned()),
+        Duration::from_secs(20),
+    )
+    .await;
+
+    // A list naming a file that does not exist is refused whole: both services stay.
+    let missing = files.path().join("missing.yaml");
+    std::fs::write(s.config_path(), listed(&[&new_path, &missing])).expect("config");
+    s.signal("HUP");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(whoami(&s, &old.as_token).await, StatusCode::OK, "old set kept");
+    assert!(s.log().contains("missing.yaml"), "the refusal names the file");
+
+    // Removed from the list: unloaded.
+    std::fs::write(s.config_path(), listed(&[&new_path])).expect("config");
+    s.signal("HUP");
+    reload_until(old.as_token.clone(), StatusCode::UNAUTHORIZED).await;
+    assert_eq!(whoami(&s, &new.as_token).await, StatusCode::OK);
+}
+
+async fn whoami(s: &Server, token: &str) -> StatusCode {
+    s.call(
+        Method::GET,
+        "/_matrix/client/v3/account/whoami",
+        Some(token),
+        None,
+    )
+    .await
+    .0
+}
+
 #[tokio::test]
 async fn prometheus_metrics_on_a_metrics_listener() {
     let metrics_port = crate::harness::free_port();

@@ -301,12 +301,20 @@ async fn devices_list_rename_and_delete_with_password() {
     assert_eq!(devices["devices"].as_array().expect("list").len(), 1);
 }
 
+/// MSC4190: a service that opted in creates and deletes its own users' devices without
+/// user-interactive auth; without the opt-in it cannot, and never for a human that a
+/// non-exclusive namespace merely matches.
 #[tokio::test]
-async fn services_manage_devices_without_uia() {
+async fn services_manage_devices_without_uia_only_for_users_they_own_with_msc4190() {
     use crate::fake_as::{FakeAs, Registration, as_user, register_ghost, start_server};
     let service = FakeAs::start().await;
-    let registration = Registration::new("bridge", Some(&service.url)).users("@_b_.*:localhost", true);
-    let (s, _files) = start_server(&[&registration]).await;
+    let registration = Registration::new("bridge", Some(&service.url))
+        .users("@_b_.*:localhost", true)
+        .users("@alice:localhost", false)
+        .extra("io.element.msc4190: true\n");
+    let plain = Registration::new("plain", Some(&service.url)).users("@_p_.*:localhost", true);
+    let (s, _files) = start_server(&[&registration, &plain]).await;
+    let alice = s.register("alice").await;
     let ghost = register_ghost(&s, &registration.as_token, "_b_x").await;
     let token = &registration.as_token;
 
@@ -360,4 +368,46 @@ async fn services_manage_devices_without_uia() {
         )
         .await;
     assert!(devices["devices"].as_array().expect("list").is_empty());
+
+    // alice is in the bridge's namespace, but not exclusively: she is a human, not its user.
+    let alices_device = as_user(
+        &format!("/_matrix/client/v3/devices/{}", alice.device_id),
+        &alice.user_id,
+    );
+    let (status, body) = s
+        .call(Method::DELETE, &alices_device, Some(token), Some(json!({})))
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "a human's device needs her password even when a service asks: {body}"
+    );
+    let new_for_alice = as_user("/_matrix/client/v3/devices/SNEAKY", &alice.user_id);
+    let (status, _) = s
+        .call(Method::PUT, &new_for_alice, Some(token), Some(json!({})))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "nor may it make her devices");
+    s.ok(
+        Method::GET,
+        "/_matrix/client/v3/account/whoami",
+        &alice.token,
+        Value::Null,
+    )
+    .await;
+
+    // Without the MSC4190 opt-in a service manages devices as anyone else does.
+    let plain_ghost = register_ghost(&s, &plain.as_token, "_p_x").await;
+    let (status, _) = s
+        .call(
+            Method::PUT,
+            &as_user("/_matrix/client/v3/devices/DEV2", &plain_ghost),
+            Some(&plain.as_token),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "no device creation without MSC4190"
+    );
 }
