@@ -7,7 +7,6 @@ use axum::{
     extract::{ConnectInfo, FromRequest, FromRequestParts, Query, Request},
     http::{StatusCode, header, request::Parts},
 };
-use ruma::OwnedUserId;
 use serde::de::DeserializeOwned;
 use switchboard_core::{Error, Homeserver, accounts::Session};
 
@@ -77,8 +76,9 @@ async fn authenticate(hs: &Homeserver, parts: &Parts, token: &str) -> Result<Ses
         .map(|q| q.0)
         .map_err(|e| ApiError(Error::InvalidParam(e.body_text())))?;
     let user_id = match query.user_id {
-        Some(user) => OwnedUserId::try_from(user.as_str())
-            .map_err(|e| ApiError(Error::InvalidParam(format!("invalid user_id {user}: {e}"))))?,
+        Some(user) => {
+            switchboard_core::util::parse_user_id(&user).map_err(|e| ApiError(Error::InvalidParam(e)))?
+        }
         None => service.sender.clone(),
     };
     if !service.owns_user(user_id.as_str()) || user_id.server_name() != hs.server_name {
@@ -151,18 +151,41 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     };
     let value: serde_json::Value = serde_json::from_slice(bytes)
         .map_err(|e| ApiError(Error::NotJson(format!("Content not JSON: {e}"))))?;
+    // NUL can only arrive escaped; look closer only then.
+    if bytes.windows(6).any(|w| w == b"\\u0000") && has_nul(&value) {
+        return Err(ApiError(Error::BadJson(
+            "NUL characters (\\u0000) are not allowed in request bodies".to_owned(),
+        )));
+    }
     serde_json::from_value(value).map_err(|e| ApiError(Error::BadJson(format!("Invalid request body: {e}"))))
 }
 
-/// The client's address, for rate limiting: the peer, or `X-Forwarded-For` behind a proxy that
-/// the listener config trusts (`x_forwarded: true`).
+/// Whether any string, key or value, holds NUL. PostgreSQL cannot store it in text columns
+/// (display names, device names, account data, …), so it is refused for every body on both
+/// engines alike rather than failing deep down on one.
+fn has_nul(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::String(s) => s.contains('\0'),
+        serde_json::Value::Array(items) => items.iter().any(has_nul),
+        serde_json::Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
+    }
+}
+
+/// Whether the listener a request came in on trusts `X-Forwarded-For` (`x_forwarded: true`).
+#[derive(Clone, Copy)]
+pub struct TrustForwarded(pub bool);
+
+/// The client's address, for rate limiting: the peer, or `X-Forwarded-For` on a listener whose
+/// config trusts the proxy in front of it (`x_forwarded: true`); on any other listener the header
+/// is anyone's to forge.
 pub struct ClientIp(pub String);
 
-impl FromRequestParts<Arc<Homeserver>> for ClientIp {
+impl<S: Send + Sync> FromRequestParts<S> for ClientIp {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, hs: &Arc<Homeserver>) -> Result<Self, Self::Rejection> {
-        let trust_forwarded = hs.config.listeners.iter().any(|l| l.x_forwarded);
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let trust_forwarded = parts.extensions.get::<TrustForwarded>().is_some_and(|t| t.0);
         if trust_forwarded {
             let forwarded = parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
             if let Some(first) = forwarded.and_then(|v| v.split(',').next()) {

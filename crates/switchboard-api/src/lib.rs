@@ -24,8 +24,9 @@ use switchboard_core::Homeserver;
 
 use crate::error::matrix_error;
 
-/// The complete router for a listener serving the `client` resource.
-pub fn router(hs: Arc<Homeserver>) -> Router {
+/// The complete router for a listener serving the `client` resource. `x_forwarded` is the
+/// listener's setting: only then is `X-Forwarded-For` taken as the client's address.
+pub fn router(hs: Arc<Homeserver>, x_forwarded: bool) -> Router {
     let limit = hs.config.max_request_size;
     let uploads = media::router(hs.media.max_upload_size);
     Router::new()
@@ -39,6 +40,7 @@ pub fn router(hs: Arc<Homeserver>) -> Router {
         .merge(uploads)
         .layer(middleware::from_fn(refuse_nul))
         .layer(middleware::from_fn(cors))
+        .layer(axum::Extension(extract::TrustForwarded(x_forwarded)))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(hs)
 }

@@ -86,11 +86,18 @@ async fn authenticate<H: Handler>(
             "M_UNAUTHORIZED",
             "Missing hs_token (Authorization: Bearer …)",
         ),
-        Some(token) if token != receiver.shared.registration.hs_token => {
+        Some(token) if !tokens_match(token, &receiver.shared.registration.hs_token) => {
             error(StatusCode::FORBIDDEN, "M_FORBIDDEN", "Invalid hs_token")
         }
         Some(_) => next.run(request).await,
     }
+}
+
+/// Compares in time independent of where the tokens differ, so response timing cannot reveal
+/// the `hs_token` byte by byte (only its length, which the generator fixes anyway).
+fn tokens_match(given: &str, expected: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    bool::from(given.as_bytes().ct_eq(expected.as_bytes()))
 }
 
 /// Reads a key, or its unstable name as a fallback (older homeservers send only those).
@@ -321,4 +328,17 @@ fn answer_thirdparty(found: crate::HandlerResult<Option<Value>>) -> Response {
 
 async fn ping() -> Json<Value> {
     Json(json!({}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tokens_match;
+
+    #[test]
+    fn tokens_match_only_when_equal() {
+        assert!(tokens_match("hs_secret", "hs_secret"));
+        assert!(!tokens_match("hs_secreT", "hs_secret"));
+        assert!(!tokens_match("hs_secret", "hs_secret_longer"));
+        assert!(!tokens_match("", "hs_secret"));
+    }
 }

@@ -295,13 +295,15 @@ impl Accounts {
         display_name: Option<&str>,
     ) -> Result<LoggedIn> {
         let invalid = || Error::Forbidden("Invalid username or password".to_owned());
-        let user = self.store.user(user_id.as_str()).await?.ok_or_else(invalid)?;
-        if user.deactivated {
-            return Err(Error::UserDeactivated);
-        }
-        let hash = user.password_hash.ok_or_else(invalid)?;
+        let user = self.store.user(user_id.as_str()).await?;
+        let hash = user.as_ref().and_then(|u| u.password_hash.clone());
+        // Unknown users and users without a password cost a hash check too, so timing does not
+        // tell which accounts exist; deactivation is told only to who knows the password.
         if !verify_password(password.to_owned(), hash).await? {
             return Err(invalid());
+        }
+        if user.is_some_and(|u| u.deactivated) {
+            return Err(Error::UserDeactivated);
         }
         let (token, device) = self.new_session(user_id, device_id, display_name).await?;
         Ok(LoggedIn {
@@ -338,10 +340,7 @@ impl Accounts {
             .user(user_id.as_str())
             .await?
             .and_then(|u| u.password_hash);
-        let valid = match hash {
-            Some(hash) => verify_password(password, hash).await?,
-            None => false,
-        };
+        let valid = verify_password(password, hash).await?;
         // A wrong password is a new challenge (401 with M_FORBIDDEN), so clients ask again.
         if valid {
             Ok(())
@@ -451,12 +450,30 @@ async fn hash_password(password: String) -> Result<String> {
     .map_err(Error::internal)?
 }
 
-async fn verify_password(password: String, hash: String) -> Result<bool> {
+/// Checks a password against a stored hash. Without one (unknown user, no password) it is
+/// checked against a hash of a random password made with the same parameters, and fails: the
+/// answer takes as long as a wrong password's.
+async fn verify_password(password: String, hash: Option<String>) -> Result<bool> {
+    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     tokio::task::spawn_blocking(move || {
+        let real = hash.is_some();
+        let hash = match hash {
+            Some(hash) => hash,
+            None => DUMMY
+                .get_or_init(|| {
+                    let salt = SaltString::generate(&mut OsRng);
+                    Argon2::default()
+                        .hash_password(random_string(32).as_bytes(), &salt)
+                        .map(|h| h.to_string())
+                        .unwrap_or_default()
+                })
+                .clone(),
+        };
         let parsed = PasswordHash::new(&hash).map_err(Error::internal)?;
-        Ok(Argon2::default()
+        let matches = Argon2::default()
             .verify_password(password.as_bytes(), &parsed)
-            .is_ok())
+            .is_ok();
+        Ok(real && matches)
     })
     .await
     .map_err(Error::internal)?

@@ -43,6 +43,19 @@ impl RateLimiter {
         }
     }
 
+    /// Gives back an action taken with [`RateLimiter::check`] that did not happen after all (a
+    /// registration that stopped at user-interactive auth). Taking first and refunding failures
+    /// charges exactly what happened, and concurrent requests cannot all slip past a `peek`.
+    pub fn refund(&self, key: &str) {
+        let now = Instant::now();
+        if let Ok(mut buckets) = self.buckets.lock()
+            && let Some(bucket) = buckets.get_mut(key)
+        {
+            bucket.tokens = (self.refilled(bucket, now) + 1.0).min(self.config.burst_count);
+            bucket.updated = now;
+        }
+    }
+
     fn retry_after_ms(&self, tokens: f64) -> u64 {
         if self.config.per_second > 0.0 {
             ((1.0 - tokens) / self.config.per_second * 1000.0).ceil() as u64

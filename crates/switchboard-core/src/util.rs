@@ -12,6 +12,34 @@ pub fn random_string(len: usize) -> String {
         .collect()
 }
 
+/// A user ID from a client: `@localpart:server` within 255 bytes (ruma's parse), with a localpart
+/// that is not empty and keeps to the spec's historical grammar — printable ASCII but `:` — so
+/// spaces and control characters are refused where ruma, lenient for federation, would take
+/// them. The error says why; callers choose the errcode.
+pub fn parse_user_id(raw: &str) -> Result<ruma::OwnedUserId, String> {
+    let user_id = ruma::OwnedUserId::try_from(raw).map_err(|e| format!("invalid user ID {raw:?}: {e}"))?;
+    user_id
+        .validate_historical()
+        .map_err(|e| format!("invalid user ID {raw:?}: {e}"))?;
+    Ok(user_id)
+}
+
+/// `deserialize_with` for a user ID field of a request body, by [`parse_user_id`].
+pub fn de_user_id<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<ruma::OwnedUserId, D::Error> {
+    let raw = <std::borrow::Cow<'de, str> as serde::Deserialize>::deserialize(deserializer)?;
+    parse_user_id(&raw).map_err(serde::de::Error::custom)
+}
+
+/// `deserialize_with` for a list of user IDs, by [`parse_user_id`].
+pub fn de_user_ids<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<ruma::OwnedUserId>, D::Error> {
+    let raw = <Vec<String> as serde::Deserialize>::deserialize(deserializer)?;
+    raw.iter()
+        .map(|r| parse_user_id(r).map_err(serde::de::Error::custom))
+        .collect()
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -39,4 +67,31 @@ pub fn percent_encode(text: &str) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod user_id_tests {
+    use super::parse_user_id;
+
+    #[test]
+    fn client_user_ids_keep_to_the_historical_grammar() {
+        assert!(parse_user_id("@alice:example.org").is_ok());
+        assert!(
+            parse_user_id("@Old.Style!id:example.org").is_ok(),
+            "historical IDs stay valid"
+        );
+        for bad in [
+            "@bad user:example.org",
+            "@bad\u{1}:example.org",
+            "@tab\t:example.org",
+            "@:example.org",
+            "@caf\u{e9}:example.org",
+            "alice:example.org",
+            "@alice",
+        ] {
+            assert!(parse_user_id(bad).is_err(), "{bad:?} is refused");
+        }
+        let long = format!("@{}:example.org", "a".repeat(250));
+        assert!(parse_user_id(&long).is_err(), "over 255 bytes");
+    }
 }

@@ -24,7 +24,7 @@ use crate::{
 
 /// The prefix of every ID the bridge claims (`@irc_…`, `#irc_…`).
 pub const PREFIX: &str = "irc_";
-/// How long a channel join may take before the alias query gives up.
+
 /// The user ID in an event's `field` (`sender`, `state_key`), if it is one.
 fn user_at(event: &Value, field: &str) -> Option<OwnedUserId> {
     event[field].as_str().and_then(|s| OwnedUserId::try_from(s).ok())
@@ -43,7 +43,13 @@ const MEMBER_JOINS: usize = 8;
 /// Lines for IRC that waited longer than this for a connection (while it was down) are dropped.
 const STALE_LINE: Duration = Duration::from_secs(60);
 
+/// How long a channel join may take before the alias query gives up.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Attempts at accepting an invite. The SDK acknowledges a transaction whatever its handlers
+/// answer, so an invite whose join failed is not delivered again: a join that may pass later
+/// (the homeserver busy or unreachable) is tried again, 1, 2 and 4 s apart.
+const INVITE_JOIN_ATTEMPTS: u32 = 4;
 
 /// Numerics that refuse a JOIN, with the channel as their second parameter.
 const JOIN_REFUSALS: [&str; 6] = ["403", "405", "471", "473", "474", "475"];
@@ -873,7 +879,7 @@ impl Inner {
         };
         let context = self.context.get().ok_or("the bridge is not started")?;
         let intent = context.intent(&invitee);
-        intent.ensure_joined(&room).await?;
+        accept_invite(&intent, &room).await?;
         intent.set_display_name(&nick).await?;
         self.remember_dm(&room, &network, &nick, &inviter).await
     }
@@ -973,7 +979,7 @@ impl Inner {
     /// takes commands.
     async fn bot_invited(&self, room: &OwnedRoomId, user: &OwnedUserId) -> HandlerResult {
         let context = self.context.get().ok_or("the bridge is not started")?;
-        context.bot().ensure_joined(room).await?;
+        accept_invite(&context.bot(), room).await?;
         self.store.add_admin_room(room.as_str(), user.as_str()).await?;
         if let Ok(mut admin) = self.admin_rooms.lock() {
             admin.insert(room.clone(), user.clone());
@@ -1170,6 +1176,39 @@ impl Inner {
             Ok(Err(_)) => Err("the connection went away".to_owned()),
             Err(_) => Err(format!("no answer to JOIN {channel} within {JOIN_TIMEOUT:?}")),
         }
+    }
+}
+
+/// Joins a room the user was invited to, trying again (up to [`INVITE_JOIN_ATTEMPTS`] times)
+/// while the failure may pass: no answer, a 5xx or a 429. A refusal fails at once.
+async fn accept_invite(
+    intent: &switchboard_appservice::Intent,
+    room: &ruma::RoomId,
+) -> Result<(), switchboard_appservice::Error> {
+    let mut attempt = 1;
+    loop {
+        match intent.ensure_joined(room).await {
+            Ok(()) => return Ok(()),
+            Err(e) if attempt < INVITE_JOIN_ATTEMPTS && may_pass(&e) => {
+                tracing::warn!(
+                    %room, user = %intent.user_id(), error = %e, attempt,
+                    "accepting an invite failed; trying again"
+                );
+                tokio::time::sleep(Duration::from_secs(1u64 << (attempt - 1))).await;
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Whether a failed request may succeed if made again: the homeserver was unreachable, failed
+/// (5xx) or asked to slow down (429).
+fn may_pass(e: &switchboard_appservice::Error) -> bool {
+    match e {
+        switchboard_appservice::Error::Unreachable { .. } => true,
+        switchboard_appservice::Error::Matrix(m) => m.status >= 500 || m.status == 429,
+        _ => false,
     }
 }
 

@@ -322,22 +322,26 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             let ip = address
                 .parse()
                 .with_context(|| format!("listeners: bad bind address `{address}`"))?;
-            addresses.push((SocketAddr::new(ip, listener.port), client, metrics));
+            addresses.push((
+                SocketAddr::new(ip, listener.port),
+                client,
+                metrics,
+                listener.x_forwarded,
+            ));
         }
     }
     let hs = Arc::new(Homeserver::open(config).await?);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = Vec::new();
-    for (address, client, metrics) in addresses {
+    for (address, client, metrics, x_forwarded) in addresses {
         let listener = TcpListener::bind(address)
             .await
             .with_context(|| format!("cannot listen on {address}"))?;
         tracing::info!(%address, server_name = %hs.server_name, client, metrics, "listening");
         let app = match (client, metrics) {
-            (true, true) => {
-                switchboard_api::router(hs.clone()).merge(switchboard_api::metrics_router(hs.clone()))
-            }
-            (true, false) => switchboard_api::router(hs.clone()),
+            (true, true) => switchboard_api::router(hs.clone(), x_forwarded)
+                .merge(switchboard_api::metrics_router(hs.clone())),
+            (true, false) => switchboard_api::router(hs.clone(), x_forwarded),
             _ => switchboard_api::metrics_router(hs.clone()),
         };
         let app = app.into_make_service_with_connect_info::<SocketAddr>();

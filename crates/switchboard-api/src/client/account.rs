@@ -7,12 +7,12 @@ use axum::{
     extract::State,
     routing::{get, post},
 };
-use ruma::OwnedUserId;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use switchboard_core::{
     Error, Homeserver,
     accounts::{LoggedIn, Registration, Session},
+    util::parse_user_id,
 };
 
 use crate::{
@@ -64,10 +64,12 @@ async fn register(
     if !hs.config.enable_registration {
         return Err(Error::RegistrationDisabled.into());
     }
-    hs.limits.registration.peek(&ip)?;
     if let Some(name) = &body.username {
         require_not_reserved(&hs, name)?;
     }
+    // Taken before registering, so concurrent registrations cannot all pass; only completed
+    // ones count, as in Synapse, so a failure (a UIA round trip, a taken name) is given back.
+    hs.limits.registration.check(&ip)?;
     let done = hs
         .accounts
         .register(Registration {
@@ -78,9 +80,8 @@ async fn register(
             inhibit_login: body.inhibit_login,
             auth: body.auth,
         })
-        .await?;
-    // Only completed registrations count, as in Synapse: UIA round trips are free.
-    let _ = hs.limits.registration.check(&ip);
+        .await
+        .inspect_err(|_| hs.limits.registration.refund(&ip))?;
     Ok(Json(logged_in(&hs, done)))
 }
 
@@ -124,8 +125,8 @@ async fn register_for_service(
     let username = body
         .username
         .ok_or_else(|| Error::MissingParam("Missing username".to_owned()))?;
-    let user_id = OwnedUserId::try_from(format!("@{username}:{}", hs.server_name))
-        .map_err(|e| Error::InvalidUsername(format!("invalid user ID: {e}")))?;
+    let user_id =
+        parse_user_id(&format!("@{username}:{}", hs.server_name)).map_err(Error::InvalidUsername)?;
     if !service.owns_user(user_id.as_str()) {
         return Err(Error::Exclusive(format!(
             "{user_id} is not in the application service's users namespace"
@@ -194,10 +195,9 @@ async fn login(
         })?;
         let user = login_user(&body)?;
         let user_id = if user.starts_with('@') {
-            OwnedUserId::try_from(user.as_str()).map_err(|e| Error::InvalidParam(e.to_string()))?
+            parse_user_id(&user).map_err(Error::InvalidParam)?
         } else {
-            OwnedUserId::try_from(format!("@{user}:{}", hs.server_name))
-                .map_err(|e| Error::InvalidParam(e.to_string()))?
+            parse_user_id(&format!("@{user}:{}", hs.server_name)).map_err(Error::InvalidParam)?
         };
         let done = hs
             .accounts
@@ -288,5 +288,10 @@ async fn logout_all(State(hs): State<Arc<Homeserver>>, Auth(session): Auth) -> A
 }
 
 async fn whoami(Auth(session): Auth) -> Json<Value> {
-    Json(json!({ "user_id": session.user_id, "device_id": session.device_id, "is_guest": false }))
+    let mut answer = json!({ "user_id": session.user_id, "is_guest": false });
+    // A service's as_token without `device_id=` acts without a device: the key is left out.
+    if !session.device_id.is_empty() {
+        answer["device_id"] = json!(session.device_id);
+    }
+    Json(answer)
 }

@@ -25,7 +25,7 @@ pub(super) fn room_id(raw: &str) -> Result<OwnedRoomId, Error> {
 }
 
 pub(super) fn user_id(raw: &str) -> Result<OwnedUserId, Error> {
-    OwnedUserId::try_from(raw).map_err(|e| Error::InvalidParam(format!("invalid user ID {raw}: {e}")))
+    switchboard_core::util::parse_user_id(raw).map_err(Error::InvalidParam)
 }
 
 pub(super) fn alias(raw: &str) -> Result<OwnedRoomAliasId, Error> {

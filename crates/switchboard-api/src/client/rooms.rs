@@ -106,6 +106,7 @@ async fn leave(
 
 #[derive(Deserialize)]
 struct TargetBody {
+    #[serde(deserialize_with = "switchboard_core::util::de_user_id")]
     user_id: OwnedUserId,
     reason: Option<String>,
     #[serde(default)]

@@ -6,7 +6,7 @@
 use std::{
     collections::HashMap,
     sync::Mutex,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use reqwest::{Method, StatusCode};
@@ -15,6 +15,13 @@ use super::AppService;
 
 /// How long a service stays on legacy routes before v1 is tried again.
 const REPROBE_AFTER: Duration = Duration::from_secs(30 * 60);
+
+/// The longest wait a service's `Retry-After` can impose: the backoff ceiling.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(512);
+
+/// The most of a reply body read from a service (answers are `{}` or a small object; the body
+/// is kept only for error messages). The rest is never read, so a service cannot fill memory.
+pub const MAX_REPLY_BODY: usize = 64 * 1024;
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Family {
@@ -168,9 +175,8 @@ impl ServiceHttp {
                     .headers()
                     .get(reqwest::header::RETRY_AFTER)
                     .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .map(Duration::from_secs);
-                let body = response.text().await.unwrap_or_default();
+                    .and_then(|v| parse_retry_after(v, SystemTime::now()));
+                let body = read_limited(response, MAX_REPLY_BODY).await;
                 Reply::Status {
                     status,
                     retry_after,
@@ -181,6 +187,36 @@ impl ServiceHttp {
             Err(e) => Reply::Unreachable(error_chain(&e)),
         }
     }
+}
+
+/// `Retry-After` in seconds or as an HTTP date, at most [`MAX_RETRY_AFTER`] (a huge value must
+/// neither overflow a deadline nor park the sender for years).
+fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    let wait = match value.parse::<u64>() {
+        Ok(seconds) => Duration::from_secs(seconds),
+        // All digits but beyond u64: as long as we allow.
+        Err(_) if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) => MAX_RETRY_AFTER,
+        Err(_) => httpdate::parse_http_date(value)
+            .ok()?
+            .duration_since(now)
+            .unwrap_or(Duration::ZERO),
+    };
+    Some(wait.min(MAX_RETRY_AFTER))
+}
+
+/// The body up to `limit` bytes; a longer one is cut there and the rest left unread. Cut-off or
+/// broken bodies come back as far as they got.
+async fn read_limited(mut response: reqwest::Response, limit: usize) -> String {
+    let mut bytes = Vec::new();
+    while let Ok(Some(chunk)) = response.chunk().await {
+        let room = limit.saturating_sub(bytes.len());
+        bytes.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if bytes.len() >= limit {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 /// Whether a reply means "no such route" rather than an answer from the route. A 404 with a JSON
@@ -214,6 +250,33 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_after_is_seconds_or_a_date_and_never_beyond_the_backoff_ceiling() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(parse_retry_after(" 7 ", now), Some(Duration::from_secs(7)));
+        assert_eq!(
+            parse_retry_after("18446744073709551615", now),
+            Some(MAX_RETRY_AFTER)
+        );
+        assert_eq!(
+            parse_retry_after("99999999999999999999999", now),
+            Some(MAX_RETRY_AFTER)
+        );
+        let in_a_minute = httpdate::fmt_http_date(now + Duration::from_secs(60));
+        assert_eq!(
+            parse_retry_after(&in_a_minute, now),
+            Some(Duration::from_secs(60))
+        );
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(60));
+        assert_eq!(parse_retry_after(&past, now), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after("Fri, 31 Dec 9999 23:59:59 GMT", now),
+            Some(MAX_RETRY_AFTER)
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-5", now), None);
+    }
 
     #[test]
     fn tells_missing_routes_from_answers() {

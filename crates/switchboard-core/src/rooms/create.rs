@@ -18,6 +18,7 @@ pub struct CreateRoom {
     pub room_alias_name: Option<String>,
     pub name: Option<String>,
     pub topic: Option<String>,
+    #[serde(deserialize_with = "crate::util::de_user_ids")]
     pub invite: Vec<OwnedUserId>,
     pub room_version: Option<String>,
     pub creation_content: Option<Map<String, Value>>,

@@ -6,6 +6,7 @@
 //! stored, so `prev_events` are always right; rooms proceed in parallel.
 
 mod aliases;
+mod content;
 mod create;
 mod directory;
 mod history;
@@ -254,17 +255,25 @@ impl Rooms {
             local_joined,
             aliases,
         });
-        if self.audience_epoch.load(Ordering::Acquire) == epoch
-            && let Ok(mut audiences) = self.audiences.lock()
+        // The epoch is compared under the lock `audience_changed` bumps it under: checked outside,
+        // a change could bump it and remove the entry between the check and the insert, and this
+        // audience from before the change would stay cached until the room's next change.
+        if let Ok(mut audiences) = self.audiences.lock()
+            && self.audience_epoch.load(Ordering::Acquire) == epoch
         {
             audiences.insert(room_id.to_owned(), audience.clone());
         }
         Ok(audience)
     }
 
+    /// Called once a change of the room's local members or aliases is stored, so that a reader of
+    /// the database sees it (for events: before they are announced).
     pub(crate) fn audience_changed(&self, room_id: &RoomId) {
+        // Held across the bump and the removal (also when poisoned), so `audience` sees both or
+        // neither.
+        let audiences = self.audiences.lock();
         self.audience_epoch.fetch_add(1, Ordering::AcqRel);
-        if let Ok(mut audiences) = self.audiences.lock() {
+        if let Ok(mut audiences) = audiences {
             audiences.remove(room_id);
         }
     }

@@ -203,6 +203,9 @@ impl Rooms {
         if !content.is_object() {
             return Err(Error::BadJson("event content must be a JSON object".to_owned()));
         }
+        if draft.state_key.is_some() {
+            super::content::check(&draft.kind, &content, &rules.authorization)?;
+        }
         let kind = TimelineEventType::from(draft.kind.as_str());
         let content_raw = serde_json::value::to_raw_value(&content).map_err(Error::internal)?;
         let auth_types = state_res::auth_types_for_event(

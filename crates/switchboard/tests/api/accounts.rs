@@ -3,7 +3,7 @@
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::harness::{Server, errcode};
+use crate::harness::{RELAXED_LIMITS, Server, errcode};
 
 #[tokio::test]
 async fn registration_flow() {
@@ -230,4 +230,98 @@ async fn register_user_command_works_offline() {
         .call(Method::POST, "/_matrix/client/v3/login", None, Some(login))
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+/// The registration limit is taken before the account is made: concurrent registrations from one
+/// address cannot all pass a check made before any of them counted.
+#[tokio::test]
+async fn concurrent_registrations_cannot_all_pass_the_limit() {
+    let s = Server::start_with(&RELAXED_LIMITS.replace(
+        "rc_registration: {per_second: 1000, burst_count: 1000}",
+        "rc_registration: {per_second: 0.001, burst_count: 2}",
+    ))
+    .await;
+    let mut attempts = Vec::new();
+    for i in 0..8 {
+        let request = s
+            .http
+            .post(format!("{}/_matrix/client/v3/register", s.base))
+            .json(&json!({"username": format!("racer{i}"), "password": "pw", "auth": {"type": "m.login.dummy"}}));
+        attempts.push(tokio::spawn(async move {
+            let response = request.send().await.expect("request");
+            let status = response.status();
+            (status, response.json::<Value>().await.unwrap_or(Value::Null))
+        }));
+    }
+    let mut results = Vec::new();
+    for attempt in attempts {
+        results.push(attempt.await.expect("task"));
+    }
+    let made = results
+        .iter()
+        .filter(|(status, _)| *status == StatusCode::OK)
+        .count();
+    assert_eq!(made, 2, "burst_count accounts and no more: {results:?}");
+    assert!(
+        results
+            .iter()
+            .all(|(status, body)| *status == StatusCode::OK || errcode(body) == "M_LIMIT_EXCEEDED"),
+        "{results:?}"
+    );
+    // A refused attempt (a taken name) is not charged.
+    let s = Server::start_with(&RELAXED_LIMITS.replace(
+        "rc_registration: {per_second: 1000, burst_count: 1000}",
+        "rc_registration: {per_second: 0.001, burst_count: 2}",
+    ))
+    .await;
+    s.register("taken").await;
+    let again = json!({"username": "taken", "password": "pw", "auth": {"type": "m.login.dummy"}});
+    let (status, body) = s
+        .call(Method::POST, "/_matrix/client/v3/register", None, Some(again))
+        .await;
+    assert_eq!(errcode(&body), "M_USER_IN_USE", "{status}");
+    s.register("second").await;
+}
+
+/// `X-Forwarded-For` names the client only on a listener that says a proxy stands in front of
+/// it (`x_forwarded: true`); elsewhere anyone could forge it to dodge per-address limits.
+#[tokio::test]
+async fn x_forwarded_for_is_trusted_only_on_listeners_that_say_so() {
+    let proxied_port = crate::harness::free_port();
+    let limits = RELAXED_LIMITS.replace(
+        "rc_registration: {per_second: 1000, burst_count: 1000}",
+        "rc_registration: {per_second: 0.001, burst_count: 1}",
+    );
+    let s = Server::start_edited(&limits, |text| {
+        text.replace(
+            "listeners:\n",
+            &format!(
+                "listeners:\n  - {{port: {proxied_port}, bind_addresses: ['127.0.0.1'], type: http, x_forwarded: true, resources: [{{names: [client]}}]}}\n"
+            ),
+        )
+    })
+    .await;
+    let register = |base: String, name: &str, forwarded: &str| {
+        let body = json!({"username": name, "password": "pw", "auth": {"type": "m.login.dummy"}});
+        let request = s
+            .http
+            .post(format!("{base}/_matrix/client/v3/register"))
+            .header("X-Forwarded-For", forwarded)
+            .json(&body);
+        async move { request.send().await.expect("request").status() }
+    };
+    let direct = s.base.clone();
+    assert_eq!(register(direct.clone(), "d1", "10.0.0.1").await, StatusCode::OK);
+    assert_eq!(
+        register(direct, "d2", "10.0.0.2").await,
+        StatusCode::TOO_MANY_REQUESTS,
+        "a forged header does not make a new client on a plain listener"
+    );
+    let proxied = format!("http://127.0.0.1:{proxied_port}");
+    assert_eq!(register(proxied.clone(), "p1", "10.0.0.3").await, StatusCode::OK);
+    assert_eq!(
+        register(proxied, "p2", "10.0.0.4").await,
+        StatusCode::OK,
+        "behind the trusted proxy, each forwarded address is its own client"
+    );
 }

@@ -333,6 +333,178 @@ async fn transactions_are_authenticated_ordered_and_catch_up_in_batches() {
     );
 }
 
+/// What [`RawService`] answers to one request.
+#[derive(Clone)]
+enum RawAnswer {
+    /// These bytes, whole (status line, headers and body), then the connection closes.
+    Bytes(String),
+    /// `200 OK` and a body that never ends.
+    Endless,
+}
+
+/// A service on raw sockets, to answer what no well-behaved framework would. Each connection
+/// serves one request with the next answer (the last one repeats); request lines are recorded.
+struct RawService {
+    url: String,
+    requests: Arc<Mutex<Vec<String>>>,
+}
+
+impl RawService {
+    async fn start(answers: Vec<RawAnswer>) -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let seen = requests.clone();
+        tokio::spawn(async move {
+            let answers = Arc::new(Mutex::new(std::collections::VecDeque::from(answers)));
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let (answers, seen) = (answers.clone(), seen.clone());
+                tokio::spawn(async move {
+                    let mut request = Vec::new();
+                    let mut buffer = [0u8; 8192];
+                    // Headers, then as much body as Content-Length says.
+                    loop {
+                        let Ok(n) = socket.read(&mut buffer).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        request.extend_from_slice(&buffer[..n]);
+                        let text = String::from_utf8_lossy(&request).into_owned();
+                        if let Some(end) = text.find("\r\n\r\n") {
+                            let length = text[..end]
+                                .lines()
+                                .find_map(|l| {
+                                    l.to_ascii_lowercase()
+                                        .strip_prefix("content-length:")
+                                        .map(|v| v.trim().to_owned())
+                                })
+                                .and_then(|v| v.parse::<usize>().ok())
+                                .unwrap_or(0);
+                            if request.len() >= end + 4 + length {
+                                seen.lock()
+                                    .expect("lock")
+                                    .push(text.lines().next().unwrap_or_default().to_owned());
+                                break;
+                            }
+                        }
+                    }
+                    let answer = {
+                        let mut answers = answers.lock().expect("lock");
+                        if answers.len() > 1 {
+                            answers.pop_front()
+                        } else {
+                            answers.front().cloned()
+                        }
+                    };
+                    match answer {
+                        Some(RawAnswer::Bytes(bytes)) => {
+                            let _ = socket.write_all(bytes.as_bytes()).await;
+                        }
+                        Some(RawAnswer::Endless) | None => {
+                            let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n";
+                            let _ = socket.write_all(head.as_bytes()).await;
+                            let chunk = vec![b' '; 64 * 1024];
+                            while socket.write_all(&chunk).await.is_ok() {}
+                        }
+                    }
+                    let _ = socket.shutdown().await;
+                });
+            }
+        });
+        Self { url, requests }
+    }
+
+    fn transactions(&self) -> Vec<String> {
+        let requests = self.requests.lock().expect("lock");
+        requests
+            .iter()
+            .filter(|l| l.contains("/transactions/"))
+            .cloned()
+            .collect()
+    }
+
+    async fn wait_for_transactions(&self, count: usize) -> Vec<String> {
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            let seen = self.transactions();
+            if seen.len() >= count {
+                return seen;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "the service saw {:?}, not {count} transactions",
+            self.transactions()
+        );
+    }
+}
+
+/// A service whose answer never ends cannot stall its sender nor fill the server's memory:
+/// only the start of a reply is read, and a 200 is a 200.
+#[tokio::test]
+async fn an_endless_reply_body_is_cut_short_and_delivery_goes_on() {
+    let service = RawService::start(vec![RawAnswer::Endless]).await;
+    let reg = Registration::new("endless", Some(&service.url)).users("@_e_.*:localhost", true);
+    let (s, _regs) = start_server(&[&reg]).await;
+    let room = s
+        .ok(
+            Method::POST,
+            "/_matrix/client/v3/createRoom",
+            &reg.as_token,
+            json!({}),
+        )
+        .await["room_id"]
+        .as_str()
+        .expect("room")
+        .to_owned();
+    let first = service.wait_for_transactions(1).await;
+    as_send(&s, &reg.as_token, None, &room, "1", "next").await;
+    let seen = service.wait_for_transactions(first.len() + 1).await;
+    assert_ne!(
+        seen[first.len()],
+        seen[first.len() - 1],
+        "a new transaction, not a retry of one whose reply never ended"
+    );
+    assert!(s.rss_kib().expect("rss") < 512 * 1024, "memory stays bounded");
+}
+
+/// `Retry-After` far in the future (beyond any clock) neither crashes the sender nor parks it:
+/// the wait is capped, and the service's next request retries at once.
+#[tokio::test]
+async fn a_huge_retry_after_is_capped_and_the_sender_survives() {
+    let busy = "HTTP/1.1 429 Too Many Requests\r\nRetry-After: 18446744073709551615\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}";
+    let ok = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}";
+    let service = RawService::start(vec![
+        RawAnswer::Bytes(busy.to_owned()),
+        RawAnswer::Bytes(ok.to_owned()),
+    ])
+    .await;
+    let reg = Registration::new("busy", Some(&service.url)).users("@_b_.*:localhost", true);
+    let (s, _regs) = start_server(&[&reg]).await;
+    s.ok(
+        Method::POST,
+        "/_matrix/client/v3/createRoom",
+        &reg.as_token,
+        json!({}),
+    )
+    .await;
+    service.wait_for_transactions(1).await;
+    // A successful ping makes the sender retry at once instead of after the (capped) wait.
+    s.ok(
+        Method::POST,
+        "/_matrix/client/v1/appservice/busy/ping",
+        &reg.as_token,
+        json!({}),
+    )
+    .await;
+    let seen = service.wait_for_transactions(2).await;
+    assert_eq!(seen[0], seen[1], "the same transaction, retried");
+    assert!(!s.log().contains("panicked"), "{}", s.log());
+}
+
 #[tokio::test]
 async fn a_failed_transaction_is_resent_byte_identical() {
     let fake = FakeAs::start().await;
@@ -1263,6 +1435,10 @@ async fn services_masquerade_only_as_their_registered_users() {
         .ok(Method::GET, &as_user(whoami, &ghost), &reg.as_token, Value::Null)
         .await;
     assert_eq!(me["user_id"], "@_bot_alice:localhost");
+    assert!(
+        me.get("device_id").is_none(),
+        "no device_id= given: the service acts without a device, and says none: {me}"
+    );
 
     let (status, body) = s
         .call(

@@ -9,6 +9,7 @@ mod durability;
 mod ephemeral;
 mod fake_as;
 mod http;
+mod input;
 mod keys;
 mod media;
 mod ops;
