@@ -325,3 +325,37 @@ async fn x_forwarded_for_is_trusted_only_on_listeners_that_say_so() {
         "behind the trusted proxy, each forwarded address is its own client"
     );
 }
+
+/// An unknown user's login costs a password hash check too, so timing does not tell which
+/// accounts exist.
+#[tokio::test]
+async fn a_login_for_an_unknown_user_takes_as_long_as_a_wrong_password() {
+    let s = Server::start().await;
+    s.register("alice").await;
+    let login_ms = |user: &'static str| {
+        let s = &s;
+        async move {
+            let body = json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": user}, "password": "wrong"});
+            let started = std::time::Instant::now();
+            let (status, answer) = s
+                .call(Method::POST, "/_matrix/client/v3/login", None, Some(body))
+                .await;
+            assert_eq!(
+                (status, errcode(&answer)),
+                (StatusCode::FORBIDDEN, "M_FORBIDDEN"),
+                "the same answer for both"
+            );
+            started.elapsed().as_secs_f64() * 1000.0
+        }
+    };
+    // The fastest of several, so a busy machine's hiccups do not decide.
+    let (mut wrong, mut unknown) = (f64::MAX, f64::MAX);
+    for _ in 0..5 {
+        wrong = wrong.min(login_ms("alice").await);
+        unknown = unknown.min(login_ms("nobody").await);
+    }
+    assert!(
+        unknown >= wrong * 0.5,
+        "unknown user {unknown:.1} ms vs wrong password {wrong:.1} ms"
+    );
+}
