@@ -91,6 +91,7 @@ async fn upload(
 }
 
 async fn create(State(hs): State<Arc<Homeserver>>, Auth(session): Auth) -> ApiResult<Json<Value>> {
+    hs.limits.act(&hs.limits.media_create, &session)?;
     let media_id = hs.media.create(&session.user_id).await?;
     // Synapse's default: a reserved ID must be used within 24 hours.
     let expires = now_ms() + 24 * 3600 * 1000;

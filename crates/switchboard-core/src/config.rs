@@ -58,6 +58,19 @@ pub struct Config {
     pub rc_registration: RateLimit,
     #[serde(default)]
     pub rc_login: LoginRateLimits,
+    #[serde(default)]
+    pub rc_joins: JoinRateLimits,
+    #[serde(default)]
+    pub rc_invites: InviteRateLimits,
+    /// Redactions of others' events by room moderators; unset, they count under `rc_message`.
+    #[serde(default)]
+    pub rc_admin_redaction: Option<RateLimit>,
+    /// `POST /_matrix/media/v1/create`.
+    #[serde(default = "RateLimit::media_create_default")]
+    pub rc_media_create: RateLimit,
+    /// Accepted for Synapse's files; 3PID validation (email, phone) is not implemented.
+    #[serde(default = "RateLimit::login_default")]
+    pub rc_3pid_validation: RateLimit,
     /// Largest media upload, in bytes (Synapse's format: a number, or a string like `50M`).
     #[serde(default = "ByteSize::fifty_megabytes")]
     pub max_upload_size: ByteSize,
@@ -245,6 +258,73 @@ impl RateLimit {
         Self {
             per_second: 0.003,
             burst_count: 5.0,
+        }
+    }
+    fn media_create_default() -> Self {
+        Self::of(10.0, 50.0)
+    }
+    const fn of(per_second: f64, burst_count: f64) -> Self {
+        Self {
+            per_second,
+            burst_count,
+        }
+    }
+}
+
+/// `rc_joins`: joins by local users (`local`), and through other servers (`remote`, which
+/// applies once federation exists).
+#[derive(Clone, Copy, Debug, Deserialize, Serialize)]
+pub struct JoinRateLimits {
+    #[serde(default = "JoinRateLimits::local_default")]
+    pub local: RateLimit,
+    #[serde(default = "JoinRateLimits::remote_default")]
+    pub remote: RateLimit,
+}
+
+impl JoinRateLimits {
+    fn local_default() -> RateLimit {
+        RateLimit::of(0.1, 10.0)
+    }
+    fn remote_default() -> RateLimit {
+        RateLimit::of(0.01, 10.0)
+    }
+}
+
+impl Default for JoinRateLimits {
+    fn default() -> Self {
+        Self {
+            local: Self::local_default(),
+            remote: Self::remote_default(),
+        }
+    }
+}
+
+/// `rc_invites`: into one room, to one user, and by one user.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize)]
+pub struct InviteRateLimits {
+    #[serde(default = "InviteRateLimits::per_room_default")]
+    pub per_room: RateLimit,
+    #[serde(default = "InviteRateLimits::per_user_default")]
+    pub per_user: RateLimit,
+    #[serde(default = "InviteRateLimits::per_room_default")]
+    pub per_issuer: RateLimit,
+}
+
+impl InviteRateLimits {
+    fn per_room_default() -> RateLimit {
+        RateLimit::of(0.3, 10.0)
+    }
+    fn per_user_default() -> RateLimit {
+        RateLimit::of(0.003, 5.0)
+    }
+}
+
+impl Default for InviteRateLimits {
+    fn default() -> Self {
+        Self {
+            per_room: Self::per_room_default(),
+            per_user: Self::per_user_default(),
+            per_issuer: Self::per_room_default(),
         }
     }
 }
@@ -446,10 +526,22 @@ impl Config {
         if let Err(e) = crate::pdu::RoomVersion::parse(&self.default_room_version) {
             return Err(bad("default_room_version", e.to_string()));
         }
-        for (key, limit) in [
-            ("rc_message", self.rc_message),
-            ("rc_registration", self.rc_registration),
-        ] {
+        let limits = [
+            ("rc_message", Some(self.rc_message)),
+            ("rc_registration", Some(self.rc_registration)),
+            ("rc_login.address", Some(self.rc_login.address)),
+            ("rc_login.account", Some(self.rc_login.account)),
+            ("rc_login.failed_attempts", Some(self.rc_login.failed_attempts)),
+            ("rc_joins.local", Some(self.rc_joins.local)),
+            ("rc_joins.remote", Some(self.rc_joins.remote)),
+            ("rc_invites.per_room", Some(self.rc_invites.per_room)),
+            ("rc_invites.per_user", Some(self.rc_invites.per_user)),
+            ("rc_invites.per_issuer", Some(self.rc_invites.per_issuer)),
+            ("rc_admin_redaction", self.rc_admin_redaction),
+            ("rc_media_create", Some(self.rc_media_create)),
+            ("rc_3pid_validation", Some(self.rc_3pid_validation)),
+        ];
+        for (key, limit) in limits.into_iter().filter_map(|(k, l)| Some((k, l?))) {
             if limit.per_second < 0.0 || limit.burst_count < 1.0 {
                 return Err(bad(key, "per_second must be ≥ 0 and burst_count ≥ 1".to_owned()));
             }
@@ -561,6 +653,11 @@ impl Config {
             rc_message: RateLimit::message_default(),
             rc_registration: RateLimit::registration_default(),
             rc_login: LoginRateLimits::default(),
+            rc_joins: JoinRateLimits::default(),
+            rc_invites: InviteRateLimits::default(),
+            rc_admin_redaction: None,
+            rc_media_create: RateLimit::media_create_default(),
+            rc_3pid_validation: RateLimit::login_default(),
             max_request_size: default_max_request_size(),
             max_upload_size: ByteSize::fifty_megabytes(),
             path: None,

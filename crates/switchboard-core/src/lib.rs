@@ -33,7 +33,7 @@ use crate::{
     appservice::{AppServices, delivery::Delivery},
     config::Config,
     keys::{KeyError, SigningKey},
-    ratelimit::RateLimiter,
+    ratelimit::Limits,
     rooms::Rooms,
     stream::EventStream,
     sync::SyncService,
@@ -52,15 +52,6 @@ pub enum StartupError {
     Registration(#[from] appservice::RegistrationError),
     #[error("{0}")]
     Other(String),
-}
-
-/// Rate limiters for the actions Synapse limits.
-pub struct Limits {
-    pub message: RateLimiter,
-    pub registration: RateLimiter,
-    pub login_address: RateLimiter,
-    pub login_account: RateLimiter,
-    pub login_failed: RateLimiter,
 }
 
 /// All services of a running homeserver.
@@ -104,13 +95,7 @@ impl Homeserver {
             stream.clone(),
             config.default_room_version.clone(),
         ));
-        let limits = Limits {
-            message: RateLimiter::new(config.rc_message),
-            registration: RateLimiter::new(config.rc_registration),
-            login_address: RateLimiter::new(config.rc_login.address),
-            login_account: RateLimiter::new(config.rc_login.account),
-            login_failed: RateLimiter::new(config.rc_login.failed_attempts),
-        };
+        let limits = Limits::new(&config);
         let legacy_auth = config.use_appservice_legacy_authorization;
         let delivery = Arc::new(Delivery::new(
             store.clone(),

@@ -2,7 +2,79 @@
 
 use std::{collections::HashMap, sync::Mutex, time::Instant};
 
-use crate::{Error, Result, config::RateLimit};
+use crate::{
+    Error, Result,
+    accounts::Session,
+    config::{Config, RateLimit},
+};
+
+/// The rate limiters of the actions Synapse limits, configured under its keys.
+pub struct Limits {
+    /// `rc_message`: events, and what fans out into events or devices (`createRoom`, profile
+    /// changes, `sendToDevice`, `keys/upload`).
+    pub message: RateLimiter,
+    pub registration: RateLimiter,
+    pub login_address: RateLimiter,
+    pub login_account: RateLimiter,
+    pub login_failed: RateLimiter,
+    /// `rc_joins.local`.
+    pub joins: RateLimiter,
+    invites_per_room: RateLimiter,
+    invites_per_user: RateLimiter,
+    invites_per_issuer: RateLimiter,
+    /// `rc_admin_redaction`, if set.
+    pub admin_redaction: Option<RateLimiter>,
+    pub media_create: RateLimiter,
+}
+
+impl Limits {
+    pub fn new(config: &Config) -> Self {
+        Self {
+            message: RateLimiter::new(config.rc_message),
+            registration: RateLimiter::new(config.rc_registration),
+            login_address: RateLimiter::new(config.rc_login.address),
+            login_account: RateLimiter::new(config.rc_login.account),
+            login_failed: RateLimiter::new(config.rc_login.failed_attempts),
+            joins: RateLimiter::new(config.rc_joins.local),
+            invites_per_room: RateLimiter::new(config.rc_invites.per_room),
+            invites_per_user: RateLimiter::new(config.rc_invites.per_user),
+            invites_per_issuer: RateLimiter::new(config.rc_invites.per_issuer),
+            admin_redaction: config.rc_admin_redaction.map(RateLimiter::new),
+            media_create: RateLimiter::new(config.rc_media_create),
+        }
+    }
+
+    /// One action of the session's user under `limiter`, unless the session is exempt (a
+    /// service's sender, or its users when it registered with `rate_limited: false`).
+    pub fn act(&self, limiter: &RateLimiter, session: &Session) -> Result<()> {
+        if session.rate_limited() {
+            limiter.check(session.user_id.as_str())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// One invite, counted into the room, to the invitee and by the inviter: all three or none.
+    pub fn invite(&self, session: &Session, room_id: &str, invitee: &str) -> Result<()> {
+        if !session.rate_limited() {
+            return Ok(());
+        }
+        let buckets = [
+            (&self.invites_per_room, room_id),
+            (&self.invites_per_user, invitee),
+            (&self.invites_per_issuer, session.user_id.as_str()),
+        ];
+        for (taken, (limiter, key)) in buckets.iter().enumerate() {
+            if let Err(e) = limiter.check(key) {
+                for (limiter, key) in &buckets[..taken] {
+                    limiter.refund(key);
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+}
 
 pub struct RateLimiter {
     config: RateLimit,
@@ -125,5 +197,41 @@ mod tests {
         assert!(limiter.peek("k").is_err(), "peek sees the empty bucket");
         limiter.peek("fresh").expect("peek on an unknown key allows");
         limiter.peek("fresh").expect("and does not consume");
+    }
+
+    #[test]
+    fn an_invite_refused_by_one_bucket_is_charged_to_none() {
+        let config = Config::parse(
+            "server_name: x\nlisteners: [{port: 1, resources: [{names: [client]}]}]\n\
+             rc_invites: {per_room: {per_second: 0.001, burst_count: 5}, \
+             per_user: {per_second: 0.001, burst_count: 1}, per_issuer: {per_second: 0.001, burst_count: 5}}\n",
+            "test.yaml",
+            std::path::Path::new("/"),
+        )
+        .expect("config");
+        let limits = Limits::new(&config);
+        let session = Session {
+            user_id: ruma::owned_user_id!("@a:x"),
+            device_id: "D".to_owned(),
+            is_admin: false,
+            appservice: None,
+        };
+        limits.invite(&session, "!r:x", "@b:x").expect("first");
+        for _ in 0..10 {
+            assert!(
+                limits.invite(&session, "!r:x", "@b:x").is_err(),
+                "invitee's bucket empty"
+            );
+        }
+        // The refused ones took nothing from the room's or the inviter's buckets.
+        for invitee in ["@c:x", "@d:x", "@e:x", "@f:x"] {
+            limits
+                .invite(&session, "!r:x", invitee)
+                .expect("room and inviter still have room");
+        }
+        assert!(
+            limits.invite(&session, "!r:x", "@g:x").is_err(),
+            "now the room's are spent"
+        );
     }
 }

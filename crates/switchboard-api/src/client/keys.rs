@@ -46,6 +46,7 @@ async fn upload(
         )
         .into());
     }
+    hs.limits.act(&hs.limits.message, &session)?;
     let counts = hs
         .e2ee
         .upload(
@@ -119,6 +120,7 @@ async fn send_to_device(
     Path((event_type, txn_id)): Path<(String, String)>,
     Body(body): Body<ToDeviceBody>,
 ) -> ApiResult<Json<Value>> {
+    hs.limits.act(&hs.limits.message, &session)?;
     hs.e2ee
         .send_to_device(
             &session.user_id,

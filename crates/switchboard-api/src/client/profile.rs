@@ -116,6 +116,8 @@ async fn set_displayname(
 ) -> ApiResult<Json<Value>> {
     let user = user_id(&user)?;
     require_self(&session, &user)?;
+    // Each change fans out a member event into every joined room.
+    hs.limits.act(&hs.limits.message, &session)?;
     hs.set_profile(&user, Some(body.displayname.as_deref()), None)
         .await?;
     Ok(Json(json!({})))
@@ -129,6 +131,7 @@ async fn set_avatar_url(
 ) -> ApiResult<Json<Value>> {
     let user = user_id(&user)?;
     require_self(&session, &user)?;
+    hs.limits.act(&hs.limits.message, &session)?;
     hs.set_profile(&user, None, Some(body.avatar_url.as_deref()))
         .await?;
     Ok(Json(json!({})))

@@ -10,7 +10,7 @@ use axum::{
 use ruma::{OwnedRoomId, OwnedUserId};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use switchboard_core::{AliasAction, Homeserver, rooms::CreateRoom};
+use switchboard_core::{AliasAction, Homeserver, accounts::Session, rooms::CreateRoom};
 
 use super::{alias, room_id};
 use crate::{
@@ -41,6 +41,11 @@ async fn create_room(
     if let Some(name) = &body.room_alias_name {
         let alias = hs.rooms.local_alias(name)?;
         hs.alias_rights(&session, alias.as_str(), AliasAction::Create)?;
+    }
+    hs.limits.act(&hs.limits.message, &session)?;
+    // The room has no ID yet: its invites count per invitee and inviter, under one room key.
+    for invitee in &body.invite {
+        hs.limits.invite(&session, "(new room)", invitee.as_str())?;
     }
     // As for /invite: an application service may create the users it is asked about.
     for invitee in &body.invite {
@@ -74,7 +79,7 @@ async fn join_by_id_or_alias(
     } else {
         room_id(&target)?
     };
-    do_join(&hs, &session.user_id, &room_id).await
+    do_join(&hs, &session, &room_id).await
 }
 
 async fn join(
@@ -83,10 +88,15 @@ async fn join(
     Path(raw): Path<String>,
     Body(_body): Body<ReasonBody>,
 ) -> ApiResult<Json<Value>> {
-    do_join(&hs, &session.user_id, &room_id(&raw)?).await
+    do_join(&hs, &session, &room_id(&raw)?).await
 }
 
-async fn do_join(hs: &Homeserver, user: &OwnedUserId, room_id: &OwnedRoomId) -> ApiResult<Json<Value>> {
+async fn do_join(hs: &Homeserver, session: &Session, room_id: &OwnedRoomId) -> ApiResult<Json<Value>> {
+    let user = &session.user_id;
+    // Joining again changes nothing and costs nothing.
+    if hs.rooms.membership(room_id, user).await?.as_deref() != Some("join") {
+        hs.limits.act(&hs.limits.joins, session)?;
+    }
     let displayname = hs.accounts.displayname(user).await?;
     hs.rooms.join(room_id, user, displayname.as_deref()).await?;
     Ok(Json(json!({ "room_id": room_id })))
@@ -120,6 +130,7 @@ async fn invite(
     Body(body): Body<TargetBody>,
 ) -> ApiResult<Json<Value>> {
     let room = room_id(&raw)?;
+    hs.limits.invite(&session, room.as_str(), body.user_id.as_str())?;
     // An unknown user in a service's namespace: the service is asked and may create it
     // (Synapse does the same), so people can invite bridged users that exist only remotely.
     hs.ensure_user(&body.user_id).await?;
