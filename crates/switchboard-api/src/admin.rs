@@ -98,10 +98,49 @@ async fn reload(State(hs): State<Arc<Homeserver>>, Auth(session): Auth) -> ApiRe
 
 /// Synapse's shared-secret registration: `GET` a nonce, `POST` the account with an HMAC.
 pub(crate) fn synapse_routes() -> Router<Arc<Homeserver>> {
-    Router::new().route(
-        "/_synapse/admin/v1/register",
-        get(register_nonce).post(register_with_secret),
-    )
+    Router::new()
+        .route(
+            "/_synapse/admin/v1/register",
+            get(register_nonce).post(register_with_secret),
+        )
+        .route(
+            "/_synapse/admin/v1/users/{user_id}/admin",
+            get(get_server_admin).put(set_server_admin),
+        )
+}
+
+async fn get_server_admin(
+    State(hs): State<Arc<Homeserver>>,
+    Auth(session): Auth,
+    Path(user): Path<String>,
+) -> ApiResult<Json<Value>> {
+    require_admin(&session)?;
+    let user = switchboard_core::util::parse_user_id(&user).map_err(Error::InvalidParam)?;
+    Ok(Json(json!({ "admin": hs.accounts.is_admin(&user).await? })))
+}
+
+#[derive(serde::Deserialize)]
+struct ServerAdminBody {
+    admin: bool,
+}
+
+/// Synapse's `PUT /_synapse/admin/v1/users/{userId}/admin`: grants or revokes server admin,
+/// in effect for the user's sessions at once.
+async fn set_server_admin(
+    State(hs): State<Arc<Homeserver>>,
+    Auth(session): Auth,
+    Path(user): Path<String>,
+    crate::extract::Body(body): crate::extract::Body<ServerAdminBody>,
+) -> ApiResult<Json<Value>> {
+    require_admin(&session)?;
+    let user = switchboard_core::util::parse_user_id(&user).map_err(Error::InvalidParam)?;
+    if user == session.user_id && !body.admin {
+        return Err(Error::BadState("You may not demote yourself".to_owned()).into());
+    }
+    if !hs.accounts.set_admin(&user, body.admin).await? {
+        return Err(Error::NotFound(format!("User {user} not found")).into());
+    }
+    Ok(Json(json!({})))
 }
 
 fn shared_secret(hs: &Homeserver) -> Result<&str, Error> {

@@ -9,6 +9,9 @@ mod extract;
 mod media;
 mod metrics;
 
+/// The JSON body parsing of every endpoint, reachable for the fuzz targets (`fuzz/`).
+#[doc(hidden)]
+pub use extract::parse_json;
 pub use metrics::router as metrics_router;
 
 use std::sync::Arc;

@@ -74,7 +74,19 @@ pub struct Accounts {
     store: Store,
     server_name: OwnedServerName,
     /// Token hash → session; the database is the truth, this saves a query per request.
-    sessions: RwLock<HashMap<String, Session>>,
+    sessions: RwLock<SessionCache>,
+}
+
+/// At most this many sessions are cached; a full cache starts over (it refills from the
+/// database, one query per token).
+const MAX_CACHED_SESSIONS: usize = 100_000;
+
+#[derive(Default)]
+struct SessionCache {
+    by_token: HashMap<String, Session>,
+    /// Bumped by every change that forgets sessions, under the write lock: a lookup that read
+    /// the database before the change may not cache what it read after it.
+    generation: u64,
 }
 
 const USERNAME_CHARS: &str = "abcdefghijklmnopqrstuvwxyz0123456789._=-/+";
@@ -84,7 +96,7 @@ impl Accounts {
         Self {
             store,
             server_name,
-            sessions: RwLock::new(HashMap::new()),
+            sessions: RwLock::new(SessionCache::default()),
         }
     }
 
@@ -358,65 +370,91 @@ impl Accounts {
         let device_id = device_id.unwrap_or_else(|| random_string(10).to_uppercase());
         let token = format!("sb_{}", random_string(40));
         let hash = sha256_hex(&token);
-        // Drop cached sessions of a device whose token this login replaces.
-        if let Ok(mut sessions) = self.sessions.write() {
-            sessions.retain(|_, s| !(s.user_id == user_id && s.device_id == device_id));
-        }
         self.store
             .add_device_token(user_id.as_str(), &device_id, display_name, &hash, now_ms() as i64)
             .await?;
+        // Cached sessions of a device whose token this login replaced are gone.
+        self.forget_sessions(|s| s.user_id == user_id && s.device_id == device_id);
         Ok((token, device_id))
     }
 
     /// Resolves an access token to its session.
     pub async fn authenticate(&self, token: &str) -> Result<Session> {
         let hash = sha256_hex(token);
-        if let Some(session) = self.sessions.read().ok().and_then(|s| s.get(&hash).cloned()) {
-            return Ok(session);
-        }
+        let generation = match self.sessions.read() {
+            Ok(cache) => match cache.by_token.get(&hash) {
+                Some(session) => return Ok(session.clone()),
+                None => cache.generation,
+            },
+            Err(_) => return Err(Error::internal("session cache poisoned")),
+        };
         let (user_id, device_id) = self
             .store
             .session_by_token(&hash)
             .await?
             .ok_or(Error::UnknownToken)?;
         let user = self.store.user(&user_id).await?.ok_or(Error::UnknownToken)?;
+        if user.deactivated {
+            return Err(Error::UnknownToken);
+        }
         let session = Session {
             user_id: OwnedUserId::try_from(user_id).map_err(Error::internal)?,
             device_id,
             is_admin: user.is_admin,
             appservice: None,
         };
-        if let Ok(mut sessions) = self.sessions.write() {
-            sessions.insert(hash, session.clone());
+        if let Ok(mut cache) = self.sessions.write()
+            && cache.generation == generation
+        {
+            if cache.by_token.len() >= MAX_CACHED_SESSIONS {
+                cache.by_token.clear();
+            }
+            cache.by_token.insert(hash, session.clone());
         }
         Ok(session)
     }
 
+    /// Forgets cached sessions matching `gone`. Called after the database changed, so a lookup
+    /// from before the change cannot cache a stale session after it (the generation check).
+    fn forget_sessions(&self, gone: impl Fn(&Session) -> bool) {
+        let mut cache = match self.sessions.write() {
+            Ok(cache) => cache,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        cache.generation += 1;
+        cache.by_token.retain(|_, s| !gone(s));
+    }
+
     pub async fn logout(&self, session: &Session) -> Result<()> {
-        if let Ok(mut sessions) = self.sessions.write() {
-            sessions.retain(|_, s| !(s.user_id == session.user_id && s.device_id == session.device_id));
-        }
-        self.store
-            .delete_device(session.user_id.as_str(), &session.device_id)
-            .await?;
-        Ok(())
+        self.delete_device(&session.user_id, &session.device_id).await
     }
 
     /// Deletes a device and its sessions.
     pub async fn delete_device(&self, user_id: &UserId, device_id: &str) -> Result<()> {
-        if let Ok(mut sessions) = self.sessions.write() {
-            sessions.retain(|_, s| !(s.user_id == user_id && s.device_id == device_id));
-        }
         self.store.delete_device(user_id.as_str(), device_id).await?;
+        self.forget_sessions(|s| s.user_id == user_id && s.device_id == device_id);
         Ok(())
     }
 
     pub async fn logout_all(&self, user_id: &UserId) -> Result<()> {
-        if let Ok(mut sessions) = self.sessions.write() {
-            sessions.retain(|_, s| s.user_id != user_id);
-        }
         self.store.delete_all_devices(user_id.as_str()).await?;
+        self.forget_sessions(|s| s.user_id == user_id);
         Ok(())
+    }
+
+    /// Grants or revokes server admin; every session of the user sees it at once. `false` if
+    /// there is no such user.
+    pub async fn set_admin(&self, user_id: &UserId, admin: bool) -> Result<bool> {
+        let found = self.store.set_admin(user_id.as_str(), admin).await?;
+        self.forget_sessions(|s| s.user_id == user_id);
+        Ok(found)
+    }
+
+    /// Deactivates an account for good: no login, every device and token gone at once, the
+    /// profile cleared. The name stays taken. (Leaving rooms is the caller's part.)
+    pub async fn deactivate(&self, user_id: &UserId) -> Result<()> {
+        self.store.set_deactivated(user_id.as_str()).await?;
+        self.logout_all(user_id).await
     }
 
     /// The display name a user's member events carry (their localpart until profiles exist).

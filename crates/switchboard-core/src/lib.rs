@@ -217,6 +217,29 @@ impl Homeserver {
         result
     }
 
+    /// Deactivates an account (`/account/deactivate`): every token dead at once, the profile
+    /// cleared, and the user leaves every room they are in or invited to, as in Synapse.
+    pub async fn deactivate(&self, user: &ruma::UserId) -> Result<()> {
+        self.accounts.deactivate(user).await?;
+        for (room, membership, _) in self.store.user_memberships(user.as_str()).await? {
+            if !matches!(membership.as_str(), "join" | "invite" | "knock") {
+                continue;
+            }
+            let Ok(room_id) = ruma::OwnedRoomId::try_from(room) else {
+                continue;
+            };
+            if let Err(e) = self
+                .rooms
+                .leave(&room_id, user, Some("Account deactivated"))
+                .await
+            {
+                tracing::warn!(%room_id, %user, error = %e, "a deactivated user could not leave a room");
+            }
+        }
+        tracing::info!(%user, "account deactivated");
+        Ok(())
+    }
+
     /// Whether two users are both joined to some room.
     pub async fn share_a_room(&self, a: &ruma::UserId, b: &ruma::UserId) -> Result<bool> {
         let theirs: std::collections::HashSet<String> =

@@ -168,6 +168,33 @@ impl Store {
         })
     }
 
+    /// Sets or clears a user's server-admin flag; `false` if there is no such user.
+    pub async fn set_admin(&self, user_id: &str, admin: bool) -> Result<bool> {
+        on_db!(self, |write, read| {
+            let done = sqlx::query("UPDATE users SET is_admin = $2 WHERE user_id = $1")
+                .bind(user_id)
+                .bind(admin)
+                .execute(write)
+                .await?;
+            Ok(done.rows_affected() == 1)
+        })
+    }
+
+    /// Marks a user deactivated and clears their profile; their devices go separately
+    /// (`delete_all_devices`).
+    pub async fn set_deactivated(&self, user_id: &str) -> Result<()> {
+        on_db!(self, |write, read| {
+            sqlx::query(
+                "UPDATE users SET deactivated = TRUE, password_hash = NULL, displayname = NULL, avatar_url = NULL
+                 WHERE user_id = $1",
+            )
+            .bind(user_id)
+            .execute(write)
+            .await?;
+            Ok(())
+        })
+    }
+
     pub async fn user(&self, user_id: &str) -> Result<Option<UserRow>> {
         on_db!(self, |write, read| {
             let row = sqlx::query(

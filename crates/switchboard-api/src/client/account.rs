@@ -27,6 +27,7 @@ pub(super) fn routes() -> Router<Arc<Homeserver>> {
         .route("/login", get(login_flows).post(login))
         .route("/logout", post(logout))
         .route("/logout/all", post(logout_all))
+        .route("/account/deactivate", post(deactivate))
         .route("/account/whoami", get(whoami))
 }
 
@@ -285,6 +286,25 @@ async fn logout(State(hs): State<Arc<Homeserver>>, Auth(session): Auth) -> ApiRe
 async fn logout_all(State(hs): State<Arc<Homeserver>>, Auth(session): Auth) -> ApiResult<Json<Value>> {
     hs.accounts.logout_all(&session.user_id).await?;
     Ok(Json(json!({})))
+}
+
+#[derive(Deserialize)]
+struct DeactivateBody {
+    auth: Option<Value>,
+}
+
+/// The password proves it is the owner (a service needs none for a user it owns exclusively).
+/// No identity server is bound, so none is unbound.
+async fn deactivate(
+    State(hs): State<Arc<Homeserver>>,
+    Auth(session): Auth,
+    Body(body): Body<DeactivateBody>,
+) -> ApiResult<Json<Value>> {
+    if !session.service_owns_user() {
+        hs.require_password(&session.user_id, body.auth.as_ref()).await?;
+    }
+    hs.deactivate(&session.user_id).await?;
+    Ok(Json(json!({ "id_server_unbind_result": "no-support" })))
 }
 
 async fn whoami(Auth(session): Auth) -> Json<Value> {

@@ -23,7 +23,7 @@ const LEVEL_KEYS: &[&str] = &[
 ];
 
 /// Checks `content` of a state event of type `kind`; other types pass.
-pub(super) fn check(kind: &str, content: &Value, rules: &AuthorizationRules) -> Result<()> {
+pub fn check(kind: &str, content: &Value, rules: &AuthorizationRules) -> Result<()> {
     let Some(content) = content.as_object() else {
         return Err(bad("event content must be a JSON object"));
     };

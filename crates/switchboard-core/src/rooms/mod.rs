@@ -31,6 +31,9 @@ use ruma::{
 use switchboard_store::Store;
 use tokio::sync::Mutex;
 
+/// The content checks of interpreted state events, reachable for the fuzz targets (`fuzz/`).
+#[doc(hidden)]
+pub use content::check as check_state_content;
 pub use create::CreateRoom;
 pub use directory::{Listing, PublicRooms};
 pub use history::{Context, Direction, MessagesPage, Visibility};

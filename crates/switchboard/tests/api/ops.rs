@@ -243,6 +243,129 @@ async fn whoami(s: &Server, token: &str) -> StatusCode {
     .0
 }
 
+/// Cached sessions follow the database at once: a deleted device's token, a revoked admin flag
+/// and a deactivated account take effect on the very next request.
+#[tokio::test]
+async fn cached_sessions_follow_device_deletion_admin_changes_and_deactivation() {
+    let s = Server::start().await;
+    let (_, body) = shared_secret_register(&s, "root", true, "test").await;
+    let root = body["access_token"].as_str().expect("token").to_owned();
+    let (alice, bob) = (s.register("alice").await, s.register("bob").await);
+    let admin_list = "/_switchboard/admin/v1/appservices";
+    let status = |token: &str, path: &str| {
+        let (s, token, path) = (&s, token.to_owned(), path.to_owned());
+        async move { s.call(Method::GET, &path, Some(&token), None).await.0 }
+    };
+    // Every token is used once first, so its session is cached.
+    assert_eq!(status(&root, admin_list).await, StatusCode::OK);
+    assert_eq!(status(&bob.token, admin_list).await, StatusCode::FORBIDDEN);
+
+    let bob_admin = format!(
+        "/_synapse/admin/v1/users/{}/admin",
+        crate::harness::enc(&bob.user_id)
+    );
+    s.ok(Method::PUT, &bob_admin, &root, json!({"admin": true})).await;
+    assert_eq!(
+        status(&bob.token, admin_list).await,
+        StatusCode::OK,
+        "granted at once"
+    );
+    assert_eq!(
+        s.ok(Method::GET, &bob_admin, &root, Value::Null).await["admin"],
+        true
+    );
+    s.ok(Method::PUT, &bob_admin, &root, json!({"admin": false}))
+        .await;
+    assert_eq!(
+        status(&bob.token, admin_list).await,
+        StatusCode::FORBIDDEN,
+        "revoked at once"
+    );
+
+    // A second device of alice's, deleted: its token is dead on the next request.
+    let login = json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "alice"}, "password": "password", "device_id": "PHONE"});
+    let phone = s
+        .call(Method::POST, "/_matrix/client/v3/login", None, Some(login))
+        .await
+        .1["access_token"]
+        .as_str()
+        .expect("token")
+        .to_owned();
+    let whoami = "/_matrix/client/v3/account/whoami";
+    assert_eq!(status(&phone, whoami).await, StatusCode::OK);
+    let password = json!({"auth": {"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "alice"}, "password": "password"}});
+    s.ok(
+        Method::DELETE,
+        "/_matrix/client/v3/devices/PHONE",
+        &alice.token,
+        password.clone(),
+    )
+    .await;
+    assert_eq!(status(&phone, whoami).await, StatusCode::UNAUTHORIZED);
+
+    // Deactivation: the password first, then every token is dead, the rooms left, the name kept.
+    let room = s.create_room(&alice, json!({"preset": "public_chat"})).await;
+    s.ok(
+        Method::POST,
+        &format!("/_matrix/client/v3/rooms/{}/join", crate::harness::enc(&room)),
+        &bob.token,
+        json!({}),
+    )
+    .await;
+    let (code, _) = s
+        .call(
+            Method::POST,
+            "/_matrix/client/v3/account/deactivate",
+            Some(&alice.token),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(code, StatusCode::UNAUTHORIZED, "user-interactive auth first");
+    let done = s
+        .ok(
+            Method::POST,
+            "/_matrix/client/v3/account/deactivate",
+            &alice.token,
+            password,
+        )
+        .await;
+    assert_eq!(done["id_server_unbind_result"], "no-support");
+    let (code, body) = s.call(Method::GET, whoami, Some(&alice.token), None).await;
+    assert_eq!(
+        (code, errcode(&body)),
+        (StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN")
+    );
+    let login = json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "alice"}, "password": "password"});
+    let (code, _) = s
+        .call(Method::POST, "/_matrix/client/v3/login", None, Some(login))
+        .await;
+    assert_eq!(code, StatusCode::FORBIDDEN, "no login any more");
+    let members = s
+        .ok(
+            Method::GET,
+            &format!(
+                "/_matrix/client/v3/rooms/{}/joined_members",
+                crate::harness::enc(&room)
+            ),
+            &bob.token,
+            Value::Null,
+        )
+        .await;
+    assert!(
+        members["joined"].get(&alice.user_id).is_none(),
+        "alice left: {members}"
+    );
+    let (code, body) = s
+        .call(
+            Method::GET,
+            "/_matrix/client/v3/register/available?username=alice",
+            None,
+            None,
+        )
+        .await;
+    assert_eq!((code, errcode(&body)), (StatusCode::BAD_REQUEST, "M_USER_IN_USE"));
+}
+
 #[tokio::test]
 async fn prometheus_metrics_on_a_metrics_listener() {
     let metrics_port = crate::harness::free_port();
