@@ -17,7 +17,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use switchboard_core::{
     Error, Homeserver,
-    media::{Content, Method},
+    media::{Body as MediaBody, Content, Method},
     util::{now_ms, percent_encode},
 };
 
@@ -48,6 +48,80 @@ pub(crate) fn router(upload_limit: usize) -> Router<Arc<Homeserver>> {
         .route("/_matrix/media/v1/create", post(create))
         .nest("/_matrix/client/v1/media", authenticated)
         .layer(DefaultBodyLimit::max(upload_limit))
+        // Every media answer, errors too: browsers must take the declared type, not guess one.
+        .layer(axum::middleware::map_response(
+            |mut response: Response| async move {
+                response.headers_mut().insert(
+                    header::X_CONTENT_TYPE_OPTIONS,
+                    HeaderValue::from_static("nosniff"),
+                );
+                response
+            },
+        ))
+}
+
+/// Types a browser may show in place (Synapse's `INLINE_CONTENT_TYPES`); anything else — SVG,
+/// HTML, XML, JavaScript — could run script in the server's origin and is a download.
+const INLINE_CONTENT_TYPES: &[&str] = &[
+    "text/css",
+    "text/plain",
+    "text/csv",
+    "application/json",
+    "application/ld+json",
+    "image/jpeg",
+    "image/gif",
+    "image/png",
+    "image/apng",
+    "image/webp",
+    "image/avif",
+    "video/mp4",
+    "video/webm",
+    "video/ogg",
+    "video/quicktime",
+    "audio/mp4",
+    "audio/webm",
+    "audio/aac",
+    "audio/mpeg",
+    "audio/ogg",
+    "audio/wave",
+    "audio/wav",
+    "audio/x-wav",
+    "audio/x-pn-wav",
+    "audio/flac",
+    "audio/x-flac",
+];
+
+fn is_inline(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    INLINE_CONTENT_TYPES.contains(&essence.as_str())
+}
+
+/// The response body: a file streamed in chunks (never read whole into memory), or bytes.
+fn body(content: MediaBody) -> axum::body::Body {
+    match content {
+        MediaBody::Bytes(bytes) => axum::body::Body::from(bytes),
+        MediaBody::File { file, .. } => {
+            let chunks = futures_util::stream::unfold(Some(file), |file| async move {
+                use tokio::io::AsyncReadExt;
+                let mut file = file?;
+                let mut chunk = vec![0u8; 64 * 1024];
+                match file.read(&mut chunk).await {
+                    Ok(0) => None,
+                    Ok(n) => {
+                        chunk.truncate(n);
+                        Some((Ok(Bytes::from(chunk)), Some(file)))
+                    }
+                    Err(e) => Some((Err(e), None)),
+                }
+            });
+            axum::body::Body::from_stream(chunks)
+        }
+    }
 }
 
 fn server(raw: &str) -> Result<OwnedServerName, Error> {
@@ -127,10 +201,11 @@ async fn upload_to(
 /// Media answers carry the spec's security headers: served content must not run scripts.
 fn media_response(content: Content, filename: Option<String>) -> Response {
     let filename = filename.or(content.filename);
-    let inline = ["image/", "video/", "audio/", "text/plain"]
-        .iter()
-        .any(|p| content.content_type.starts_with(p));
-    let kind = if inline { "inline" } else { "attachment" };
+    let kind = if is_inline(&content.content_type) {
+        "inline"
+    } else {
+        "attachment"
+    };
     let disposition = match filename {
         // Non-ASCII names go in RFC 6266's `filename*`, percent-encoded UTF-8.
         Some(name) if !name.is_ascii() => format!("{kind}; filename*=UTF-8''{}", percent_encode(&name)),
@@ -140,8 +215,13 @@ fn media_response(content: Content, filename: Option<String>) -> Response {
         ),
         None => kind.to_owned(),
     };
-    let mut response = content.bytes.into_response();
+    let length = match &content.body {
+        MediaBody::File { len, .. } => *len,
+        MediaBody::Bytes(bytes) => bytes.len() as u64,
+    };
+    let mut response = body(content.body).into_response();
     let headers = response.headers_mut();
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
     let set = |value: &str| {
         HeaderValue::from_str(value).unwrap_or(HeaderValue::from_static("application/octet-stream"))
     };

@@ -74,6 +74,14 @@ pub struct Config {
     /// Largest media upload, in bytes (Synapse's format: a number, or a string like `50M`).
     #[serde(default = "ByteSize::fifty_megabytes")]
     pub max_upload_size: ByteSize,
+    /// Largest image (width × height) the server decodes to make a thumbnail (Synapse's key and
+    /// default, `32M`); larger ones are `413 M_TOO_LARGE` without decoding a pixel.
+    #[serde(default = "ByteSize::thirty_two_mega")]
+    pub max_image_pixels: ByteSize,
+    /// The only thumbnail sizes made (Synapse's key and default list): a request is answered with
+    /// the nearest, so one image cannot fill the disk with sizes.
+    #[serde(default = "default_thumbnail_sizes")]
+    pub thumbnail_sizes: Vec<ThumbnailSize>,
     /// Largest request body accepted on the client API, in bytes (media uploads excepted).
     #[serde(default = "default_max_request_size")]
     pub max_request_size: usize,
@@ -271,6 +279,40 @@ impl RateLimit {
     }
 }
 
+/// One entry of `thumbnail_sizes`.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct ThumbnailSize {
+    pub width: u32,
+    pub height: u32,
+    pub method: ThumbnailMethod,
+}
+
+/// `crop` fills the box and cuts the overflow; `scale` fits inside it.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum ThumbnailMethod {
+    Crop,
+    Scale,
+}
+
+fn default_thumbnail_sizes() -> Vec<ThumbnailSize> {
+    use ThumbnailMethod::{Crop, Scale};
+    [
+        (32, 32, Crop),
+        (96, 96, Crop),
+        (320, 240, Scale),
+        (640, 480, Scale),
+        (800, 600, Scale),
+    ]
+    .into_iter()
+    .map(|(width, height, method)| ThumbnailSize {
+        width,
+        height,
+        method,
+    })
+    .collect()
+}
+
 /// `rc_joins`: joins by local users (`local`), and through other servers (`remote`, which
 /// applies once federation exists).
 #[derive(Clone, Copy, Debug, Deserialize, Serialize)]
@@ -357,6 +399,9 @@ pub struct ByteSize(pub usize);
 impl ByteSize {
     fn fifty_megabytes() -> Self {
         Self(50 * 1024 * 1024)
+    }
+    fn thirty_two_mega() -> Self {
+        Self(32 * 1024 * 1024)
     }
 }
 
@@ -546,6 +591,17 @@ impl Config {
                 return Err(bad(key, "per_second must be ≥ 0 and burst_count ≥ 1".to_owned()));
             }
         }
+        if self.thumbnail_sizes.is_empty()
+            || self
+                .thumbnail_sizes
+                .iter()
+                .any(|t| t.width == 0 || t.height == 0 || t.width > 10_000 || t.height > 10_000)
+        {
+            return Err(bad(
+                "thumbnail_sizes",
+                "list at least one size, each side 1 to 10000 pixels".to_owned(),
+            ));
+        }
         Ok(())
     }
 
@@ -660,6 +716,8 @@ impl Config {
             rc_3pid_validation: RateLimit::login_default(),
             max_request_size: default_max_request_size(),
             max_upload_size: ByteSize::fifty_megabytes(),
+            max_image_pixels: ByteSize::thirty_two_mega(),
+            thumbnail_sizes: default_thumbnail_sizes(),
             path: None,
         }
     }

@@ -130,6 +130,8 @@ impl Homeserver {
                 store.clone(),
                 config.media_store_path.clone(),
                 config.max_upload_size.0,
+                config.max_image_pixels.0 as u64,
+                config.thumbnail_sizes.clone(),
             ),
             ephemeral,
             account_data: account_data::AccountData::new(store.clone(), stream.clone()),

@@ -1,42 +1,68 @@
 //! The media repository: uploads stored as files under `media_store_path` (Synapse's
 //! `local_content/aa/bb/rest` layout), metadata in the database, and thumbnails really scaled
 //! (`crop` fills the box and cuts the overflow, `scale` fits inside it), cached as files.
+//!
+//! Downloads are streamed from disk. Thumbnails come only in the configured `thumbnail_sizes`;
+//! an image is measured from its header before it is decoded, refused beyond `max_image_pixels`,
+//! and decoded a few at a time, so no request can make the server read, decode or store
+//! without bound.
 
-use std::path::{Path, PathBuf};
+use std::{
+    io::BufReader,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
-use image::{DynamicImage, ImageFormat, imageops::FilterType};
+use image::{DynamicImage, ImageFormat, ImageReader, imageops::FilterType};
 use ruma::{ServerName, UserId};
 use switchboard_store::Store;
+use tokio::sync::Semaphore;
 
+pub use crate::config::{ThumbnailMethod as Method, ThumbnailSize};
 use crate::{
     Error, Result,
     util::{now_ms, random_string},
 };
 
+/// Thumbnails decoded at once; more requests wait their turn.
+const CONCURRENT_DECODES: usize = 2;
+
 pub struct Media {
     store: Store,
     dir: PathBuf,
     pub max_upload_size: usize,
+    max_image_pixels: u64,
+    sizes: Vec<ThumbnailSize>,
+    decoding: Arc<Semaphore>,
+}
+
+/// What a download answers with: a file read as it is sent, or bytes made for the request.
+pub enum Body {
+    File { file: tokio::fs::File, len: u64 },
+    Bytes(Vec<u8>),
 }
 
 pub struct Content {
-    pub bytes: Vec<u8>,
+    pub body: Body,
     pub content_type: String,
     pub filename: Option<String>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Method {
-    Crop,
-    Scale,
-}
-
 impl Media {
-    pub fn new(store: Store, dir: PathBuf, max_upload_size: usize) -> Self {
+    pub fn new(
+        store: Store,
+        dir: PathBuf,
+        max_upload_size: usize,
+        max_image_pixels: u64,
+        sizes: Vec<ThumbnailSize>,
+    ) -> Self {
         Self {
             store,
             dir,
             max_upload_size,
+            max_image_pixels,
+            sizes,
+            decoding: Arc::new(Semaphore::new(CONCURRENT_DECODES)),
         }
     }
 
@@ -119,8 +145,14 @@ impl Media {
         Ok(())
     }
 
-    /// The content of local media. Remote media would need federation, which is not built.
-    pub async fn download(&self, server: &ServerName, own: &ServerName, media_id: &str) -> Result<Content> {
+    /// The stored facts of uploaded local media: content type and file name. Remote media would
+    /// need federation, which is not built.
+    async fn uploaded(
+        &self,
+        server: &ServerName,
+        own: &ServerName,
+        media_id: &str,
+    ) -> Result<(String, Option<String>)> {
         if server != own {
             return Err(Error::NotFound(
                 "Remote media is not available: federation is not supported".to_owned(),
@@ -134,17 +166,24 @@ impl Media {
         if !uploaded {
             return Err(Error::NotYetUploaded);
         }
-        let bytes = tokio::fs::read(self.path(media_id))
-            .await
-            .map_err(|e| Error::Internal(format!("media file {media_id}: {e}")))?;
+        Ok((
+            content_type.unwrap_or_else(|| "application/octet-stream".to_owned()),
+            filename,
+        ))
+    }
+
+    /// The content of local media, opened to be streamed.
+    pub async fn download(&self, server: &ServerName, own: &ServerName, media_id: &str) -> Result<Content> {
+        let (content_type, filename) = self.uploaded(server, own, media_id).await?;
         Ok(Content {
-            bytes,
-            content_type: content_type.unwrap_or_else(|| "application/octet-stream".to_owned()),
+            body: open(&self.path(media_id)).await?,
+            content_type,
             filename,
         })
     }
 
-    /// A thumbnail no larger than the original, generated once and then served from disk.
+    /// A thumbnail in one of the configured sizes, no larger than the original, made once and
+    /// then served from disk.
     pub async fn thumbnail(
         &self,
         server: &ServerName,
@@ -154,15 +193,13 @@ impl Media {
         height: u32,
         method: Method,
     ) -> Result<Content> {
-        let original = self.download(server, own, media_id).await?;
-        // Requests snap to Synapse's standard sizes, so nobody can fill the disk with one
-        // thumbnail per pixel size.
-        let (width, height) = snap(width, height);
-        let cached = self
-            .dir
-            .join("thumbnails")
-            .join(format!("{media_id}-{width}x{height}-{method:?}"));
-        let format = match original.content_type.as_str() {
+        let (content_type, _) = self.uploaded(server, own, media_id).await?;
+        let size = pick_size(&self.sizes, width, height, method);
+        let cached = self.dir.join("thumbnails").join(format!(
+            "{media_id}-{}x{}-{:?}",
+            size.width, size.height, size.method
+        ));
+        let format = match content_type.as_str() {
             "image/jpeg" => ImageFormat::Jpeg,
             _ => ImageFormat::Png,
         };
@@ -172,39 +209,95 @@ impl Media {
             "image/png"
         }
         .to_owned();
-        if let Ok(bytes) = tokio::fs::read(&cached).await {
+        if let Ok(body) = open(&cached).await {
             return Ok(Content {
-                bytes,
+                body,
                 content_type,
                 filename: None,
             });
         }
-        let bytes =
-            tokio::task::spawn_blocking(move || render(&original.bytes, width, height, method, format))
-                .await
-                .map_err(Error::internal)??;
+        let _turn = self
+            .decoding
+            .acquire()
+            .await
+            .map_err(|_| Error::internal("decoder semaphore closed"))?;
+        let (original, max_pixels) = (self.path(media_id), self.max_image_pixels);
+        let bytes = tokio::task::spawn_blocking(move || render(&original, size, format, max_pixels))
+            .await
+            .map_err(Error::internal)??;
         write_file(&cached, &bytes).await?;
         Ok(Content {
-            bytes,
+            body: Body::Bytes(bytes),
             content_type,
             filename: None,
         })
     }
 }
 
-/// The smallest standard size covering the request (32, 96, 320, 640, 800 px).
-fn snap(width: u32, height: u32) -> (u32, u32) {
-    const SIZES: [u32; 5] = [32, 96, 320, 640, 800];
-    let pick = |n: u32| SIZES.iter().copied().find(|s| *s >= n).unwrap_or(800);
-    let side = pick(width.max(height));
-    let scale = |n: u32| ((n as u64 * side as u64) / width.max(height).max(1) as u64).max(1) as u32;
-    (scale(width), scale(height))
+/// The configured thumbnail size that best answers a request: the smallest of the requested
+/// method covering the box, else the largest of that method (either method if the list has none
+/// of it) — Synapse's choice among pregenerated sizes.
+fn pick_size(sizes: &[ThumbnailSize], width: u32, height: u32, method: Method) -> ThumbnailSize {
+    let same: Vec<&ThumbnailSize> = sizes.iter().filter(|s| s.method == method).collect();
+    let candidates = if same.is_empty() {
+        sizes.iter().collect()
+    } else {
+        same
+    };
+    let area = |s: &&&ThumbnailSize| u64::from(s.width) * u64::from(s.height);
+    let covering = candidates
+        .iter()
+        .filter(|s| s.width >= width && s.height >= height)
+        .min_by_key(area);
+    match covering.or_else(|| candidates.iter().max_by_key(area)) {
+        Some(size) => **size,
+        // The config refuses an empty list.
+        None => ThumbnailSize {
+            width,
+            height,
+            method,
+        },
+    }
 }
 
-fn render(bytes: &[u8], width: u32, height: u32, method: Method, format: ImageFormat) -> Result<Vec<u8>> {
-    let image = image::load_from_memory(bytes)
-        .map_err(|e| Error::BadState(format!("Cannot make a thumbnail of this media: {e}")))?;
-    let thumbnail = thumbnail_image(&image, width, height, method);
+async fn open(path: &Path) -> Result<Body> {
+    let file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| Error::Internal(format!("media file {}: {e}", path.display())))?;
+    let len = file
+        .metadata()
+        .await
+        .map_err(|e| Error::Internal(format!("media file {}: {e}", path.display())))?
+        .len();
+    Ok(Body::File { file, len })
+}
+
+/// Measures the image from its header, refuses it beyond `max_pixels` (the spec's 413 for content
+/// too large to thumbnail), then decodes it with the decoder's allocations bounded to match.
+fn render(original: &Path, size: ThumbnailSize, format: ImageFormat, max_pixels: u64) -> Result<Vec<u8>> {
+    let unreadable =
+        |e: &dyn std::fmt::Display| Error::BadState(format!("Cannot make a thumbnail of this media: {e}"));
+    let reader = || -> Result<ImageReader<BufReader<std::fs::File>>> {
+        let file = std::fs::File::open(original).map_err(Error::internal)?;
+        ImageReader::new(BufReader::new(file))
+            .with_guessed_format()
+            .map_err(|e| unreadable(&e))
+    };
+    let (width, height) = reader()?.into_dimensions().map_err(|e| unreadable(&e))?;
+    if u64::from(width) * u64::from(height) > max_pixels {
+        return Err(Error::TooLarge(format!(
+            "The image ({width}×{height}) is too large to thumbnail (max_image_pixels {max_pixels})"
+        )));
+    }
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(width);
+    limits.max_image_height = Some(height);
+    // Room for the decoded pixels at up to 16 bytes each (RGBA, 32-bit float) and the decoder's own.
+    limits.max_alloc = Some(max_pixels.saturating_mul(16).saturating_add(64 << 20));
+    let mut reader = reader()?;
+    reader.limits(limits);
+    let image = reader.decode().map_err(|e| unreadable(&e))?;
+    let thumbnail = thumbnail_image(&image, size.width, size.height, size.method);
     let mut out = std::io::Cursor::new(Vec::new());
     thumbnail.write_to(&mut out, format).map_err(Error::internal)?;
     Ok(out.into_inner())
@@ -248,10 +341,42 @@ mod tests {
         assert_eq!((crop.width(), crop.height()), (100, 100));
         let scale = thumbnail_image(&image, 100, 100, Method::Scale);
         assert_eq!((scale.width(), scale.height()), (100, 50));
-        assert_eq!(snap(32, 32), (32, 32));
-        assert_eq!(snap(50, 25), (96, 48), "snaps up, keeping the requested shape");
-        assert_eq!(snap(5000, 5000), (800, 800));
         let big = thumbnail_image(&image, 1000, 1000, Method::Scale);
         assert_eq!((big.width(), big.height()), (400, 200));
+    }
+
+    #[test]
+    fn requests_are_answered_from_the_configured_sizes_only() {
+        let sizes = crate::config::Config::parse(
+            "server_name: x\nlisteners: [{port: 1, resources: [{names: [client]}]}]\n",
+            "t.yaml",
+            Path::new("/"),
+        )
+        .expect("config")
+        .thumbnail_sizes;
+        let size = |w, h, m| {
+            let s = pick_size(&sizes, w, h, m);
+            (s.width, s.height, s.method)
+        };
+        assert_eq!(size(20, 20, Method::Crop), (32, 32, Method::Crop));
+        assert_eq!(size(50, 25, Method::Crop), (96, 96, Method::Crop));
+        assert_eq!(
+            size(500, 500, Method::Crop),
+            (96, 96, Method::Crop),
+            "the largest crop"
+        );
+        assert_eq!(size(300, 200, Method::Scale), (320, 240, Method::Scale));
+        assert_eq!(size(5000, 5000, Method::Scale), (800, 600, Method::Scale));
+        let mut seen = std::collections::HashSet::new();
+        for w in 1..900 {
+            for method in [Method::Crop, Method::Scale] {
+                seen.insert(size(w, 901 - w, method));
+            }
+        }
+        assert_eq!(
+            seen.len(),
+            5,
+            "every request lands on one of the five configured sizes"
+        );
     }
 }
