@@ -369,14 +369,17 @@ mod tests {
         assert_eq!(size(5000, 5000, Method::Scale), (800, 600, Method::Scale));
         let mut seen = std::collections::HashSet::new();
         for w in 1..900 {
-            for method in [Method::Crop, Method::Scale] {
-                seen.insert(size(w, 901 - w, method));
+            for h in [1, 50, 200, 500, 900] {
+                for method in [Method::Crop, Method::Scale] {
+                    seen.insert(size(w, h, method));
+                }
             }
         }
+        let configured: std::collections::HashSet<_> =
+            sizes.iter().map(|s| (s.width, s.height, s.method)).collect();
         assert_eq!(
-            seen.len(),
-            5,
-            "every request lands on one of the five configured sizes"
+            seen, configured,
+            "every request lands on one of the configured sizes"
         );
     }
 }
