@@ -37,6 +37,9 @@ pub enum StoreError {
     SchemaTooNew { found: i64, supported: i64 },
     #[error("corrupt row: {0}")]
     Corrupt(String),
+    /// A write that did not finish in time (a lock held elsewhere, a connection gone silent).
+    #[error("the database did not finish a write within {0:?}")]
+    TimedOut(std::time::Duration),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -352,15 +355,34 @@ impl Store {
                 Ok(())
             }
             Pools::Postgres(pool) => {
-                let mut tx = pool.begin().await?;
-                postgres_ops::append_in(&mut tx, events).await?;
-                let xid: String = sqlx::query("SELECT pg_current_xact_id()::TEXT")
-                    .fetch_one(&mut *tx)
-                    .await?
-                    .get(0);
-                match tx.commit().await {
-                    Ok(()) => Ok(()),
-                    Err(e) => settle_commit(pool, &xid, e).await,
+                // Bounded: a lock an operator holds or a connection gone silent must not stall
+                // every send forever. Past the deadline it is the lost-answer case: before the
+                // transaction ID is known the commit was never sent; after, the server decides.
+                let mut xid = None;
+                let write = async {
+                    let mut tx = pool.begin().await?;
+                    postgres_ops::append_in(&mut tx, events).await?;
+                    let id: String = sqlx::query("SELECT pg_current_xact_id()::TEXT")
+                        .fetch_one(&mut *tx)
+                        .await?
+                        .get(0);
+                    xid = Some(id);
+                    tx.commit().await.map_err(StoreError::from)
+                };
+                let outcome = tokio::time::timeout(WRITE_TIMEOUT, write).await;
+                match (outcome, xid) {
+                    (Ok(Ok(())), _) => Ok(()),
+                    (Ok(Err(e)), Some(xid)) => settle_commit(pool, &xid, e).await,
+                    (Ok(Err(e)), None) => Err(e),
+                    (Err(_), Some(xid)) => {
+                        settle_commit(pool, &xid, StoreError::TimedOut(WRITE_TIMEOUT)).await
+                    }
+                    (Err(_), None) => {
+                        tracing::error!(
+                            "an event write waited over {WRITE_TIMEOUT:?} for the database; given up"
+                        );
+                        Err(StoreError::TimedOut(WRITE_TIMEOUT))
+                    }
                 }
             }
         }
@@ -1507,13 +1529,16 @@ impl Store {
     }
 }
 
+/// How long an event write may take on PostgreSQL before it is given up (and settled).
+const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// How long a PostgreSQL commit whose answer was lost is waited for.
 const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A commit whose answer was lost (the connection dropped) may still land: the server decides,
 /// perhaps after an fsync or a synchronous replica. Asks it until the transaction is settled, so
 /// the caller never gives up positions that turn out stored.
-async fn settle_commit(pool: &PgPool, xid: &str, error: sqlx::Error) -> Result<()> {
+async fn settle_commit(pool: &PgPool, xid: &str, error: StoreError) -> Result<()> {
     let deadline = tokio::time::Instant::now() + SETTLE_TIMEOUT;
     loop {
         let status: Option<String> = sqlx::query("SELECT pg_xact_status($1::xid8)::TEXT")
@@ -1527,10 +1552,10 @@ async fn settle_commit(pool: &PgPool, xid: &str, error: sqlx::Error) -> Result<(
                 tracing::warn!(%error, "a commit reported an error but landed; carrying on");
                 return Ok(());
             }
-            Some("aborted") => return Err(error.into()),
+            Some("aborted") => return Err(error),
             _ if tokio::time::Instant::now() >= deadline => {
                 tracing::error!(%error, xid, "the outcome of a commit is still unknown; treating it as failed");
-                return Err(error.into());
+                return Err(error);
             }
             // In progress, or the server is not reachable yet.
             _ => tokio::time::sleep(std::time::Duration::from_millis(100)).await,

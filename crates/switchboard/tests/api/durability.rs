@@ -337,3 +337,61 @@ async fn clients_hanging_up_mid_send_break_nothing() {
         "stream position {next} covers all {count} events"
     );
 }
+
+/// A write that waits on a lock an operator holds (or a connection gone silent) is bounded: the
+/// send fails after the write timeout instead of stalling every sender forever, and once the lock
+/// is gone sending works again, with nothing half-stored. PostgreSQL only (SQLite has one local
+/// writer); the suite runs on both engines in CI.
+#[tokio::test]
+async fn a_write_stuck_behind_a_postgres_lock_fails_in_bounded_time() {
+    use sqlx::Executor;
+    let s = Server::start().await;
+    let Some(database) = &s.database else {
+        return;
+    };
+    let alice = s.register("alice").await;
+    let room = s.create_room(&alice, json!({})).await;
+    let mut operator = sqlx_connect(&database.settings).await;
+    operator.execute("BEGIN").await.expect("begin");
+    operator
+        .execute("LOCK TABLE events IN EXCLUSIVE MODE")
+        .await
+        .expect("lock");
+    let started = Instant::now();
+    let (status, body) = tokio::time::timeout(
+        Duration::from_secs(90),
+        s.send_text(&alice, &room, "stuck", "behind the lock"),
+    )
+    .await
+    .expect("the write gives up on its own, not when the lock goes");
+    let waited = started.elapsed();
+    assert!(status.is_server_error(), "the stuck write fails: {status} {body}");
+    assert!(
+        waited >= Duration::from_secs(25) && waited < Duration::from_secs(90),
+        "bounded by the write timeout: {waited:?}"
+    );
+    operator.execute("ROLLBACK").await.expect("release");
+    let (status, _) = s.send_text(&alice, &room, "after", "lock gone").await;
+    assert_eq!(status, StatusCode::OK, "sending works again: {}", s.log());
+    let (status, _) = s.send_text(&alice, &room, "stuck", "behind the lock").await;
+    assert_eq!(status, StatusCode::OK, "the failed transaction can be retried");
+    let messages = s
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=10", enc(&room)),
+            &alice.token,
+            Value::Null,
+        )
+        .await;
+    let bodies: Vec<&str> = messages["chunk"]
+        .as_array()
+        .expect("chunk")
+        .iter()
+        .filter_map(|e| e["content"]["body"].as_str())
+        .collect();
+    assert_eq!(
+        bodies,
+        ["behind the lock", "lock gone"],
+        "each once, nothing half-stored"
+    );
+}
