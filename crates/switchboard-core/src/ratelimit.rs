@@ -54,16 +54,20 @@ impl Limits {
         }
     }
 
-    /// One invite, counted into the room, to the invitee and by the inviter: all three or none.
-    pub fn invite(&self, session: &Session, room_id: &str, invitee: &str) -> Result<()> {
+    /// One invite, counted into the room (`None` for a room being created, which has no history
+    /// to protect), to the invitee and by the inviter: all of them or none.
+    pub fn invite(&self, session: &Session, room_id: Option<&str>, invitee: &str) -> Result<()> {
         if !session.rate_limited() {
             return Ok(());
         }
-        let buckets = [
-            (&self.invites_per_room, room_id),
-            (&self.invites_per_user, invitee),
-            (&self.invites_per_issuer, session.user_id.as_str()),
-        ];
+        let buckets: Vec<(&RateLimiter, &str)> = room_id
+            .map(|room| (&self.invites_per_room, room))
+            .into_iter()
+            .chain([
+                (&self.invites_per_user, invitee),
+                (&self.invites_per_issuer, session.user_id.as_str()),
+            ])
+            .collect();
         for (taken, (limiter, key)) in buckets.iter().enumerate() {
             if let Err(e) = limiter.check(key) {
                 for (limiter, key) in &buckets[..taken] {
@@ -204,7 +208,7 @@ mod tests {
         let config = Config::parse(
             "server_name: x\nlisteners: [{port: 1, resources: [{names: [client]}]}]\n\
              rc_invites: {per_room: {per_second: 0.001, burst_count: 5}, \
-             per_user: {per_second: 0.001, burst_count: 1}, per_issuer: {per_second: 0.001, burst_count: 5}}\n",
+             per_user: {per_second: 0.001, burst_count: 1}, per_issuer: {per_second: 0.001, burst_count: 10}}\n",
             "test.yaml",
             std::path::Path::new("/"),
         )
@@ -216,22 +220,27 @@ mod tests {
             is_admin: false,
             appservice: None,
         };
-        limits.invite(&session, "!r:x", "@b:x").expect("first");
+        let room = Some("!r:x");
+        limits.invite(&session, room, "@b:x").expect("first");
         for _ in 0..10 {
             assert!(
-                limits.invite(&session, "!r:x", "@b:x").is_err(),
+                limits.invite(&session, room, "@b:x").is_err(),
                 "invitee's bucket empty"
             );
         }
         // The refused ones took nothing from the room's or the inviter's buckets.
         for invitee in ["@c:x", "@d:x", "@e:x", "@f:x"] {
             limits
-                .invite(&session, "!r:x", invitee)
+                .invite(&session, room, invitee)
                 .expect("room and inviter still have room");
         }
         assert!(
-            limits.invite(&session, "!r:x", "@g:x").is_err(),
+            limits.invite(&session, room, "@g:x").is_err(),
             "now the room's are spent"
+        );
+        assert!(
+            limits.invite(&session, None, "@h:x").is_ok(),
+            "a new room's invites count per invitee and inviter only"
         );
     }
 }

@@ -43,9 +43,9 @@ async fn create_room(
         hs.alias_rights(&session, alias.as_str(), AliasAction::Create)?;
     }
     hs.limits.act(&hs.limits.message, &session)?;
-    // The room has no ID yet: its invites count per invitee and inviter, under one room key.
+    // A room being made has nothing to protect yet: its invites count per invitee and inviter.
     for invitee in &body.invite {
-        hs.limits.invite(&session, "(new room)", invitee.as_str())?;
+        hs.limits.invite(&session, None, invitee.as_str())?;
     }
     // As for /invite: an application service may create the users it is asked about.
     for invitee in &body.invite {
@@ -130,7 +130,8 @@ async fn invite(
     Body(body): Body<TargetBody>,
 ) -> ApiResult<Json<Value>> {
     let room = room_id(&raw)?;
-    hs.limits.invite(&session, room.as_str(), body.user_id.as_str())?;
+    hs.limits
+        .invite(&session, Some(room.as_str()), body.user_id.as_str())?;
     // An unknown user in a service's namespace: the service is asked and may create it
     // (Synapse does the same), so people can invite bridged users that exist only remotely.
     hs.ensure_user(&body.user_id).await?;
