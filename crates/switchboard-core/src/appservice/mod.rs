@@ -556,7 +556,9 @@ mod tests {
             70,
             "anchored at the start only, like Synapse"
         );
-        registry.add_room_matches("!other:x", &mut ServiceSet::default());
+        let mut other = ServiceSet::default();
+        registry.add_room_matches("!other:x", &mut other);
+        assert!(other.is_empty(), "a room no namespace matches");
 
         let mut none = ServiceSet::default();
         registry.add_user_owners("@nobody:x", &mut none);

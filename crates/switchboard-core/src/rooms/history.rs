@@ -10,6 +10,9 @@ use ruma::{
 use super::Rooms;
 use crate::{Error, Result, filter::RoomEventFilter, pdu::Pdu, sync::StreamToken};
 
+/// The most events one `/messages` request looks at to fill a filtered page.
+const MAX_SCANNED: usize = 5_000;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {
     Backward,
@@ -146,7 +149,8 @@ impl Rooms {
             .collect()
     }
 
-    /// `GET /rooms/{roomId}/messages`.
+    /// `GET /rooms/{roomId}/messages`: up to `limit` events the filter keeps and the user may
+    /// see, from `from` in direction `dir`, with the token to go on from.
     #[allow(clippy::too_many_arguments)]
     pub async fn messages(
         &self,
@@ -160,41 +164,71 @@ impl Rooms {
     ) -> Result<MessagesPage> {
         let until = self.visible_until(room_id, user).await?;
         let limit = limit.clamp(1, 1000) as i64;
-        let (start, rows) = match dir {
-            Direction::Backward => {
-                let start = from.unwrap_or(StreamToken(self.stream.current()));
-                let after = to.map_or(0, |t| t.0);
-                (
-                    start,
-                    self.store
-                        .room_events(room_id.as_str(), after, start.0.min(until), limit, true)
-                        .await?,
-                )
-            }
-            Direction::Forward => {
-                let start = from.unwrap_or(StreamToken(0));
-                let upto = to.map_or(until, |t| t.0.min(until));
-                (
-                    start,
-                    self.store
-                        .room_events(room_id.as_str(), start.0, upto, limit, false)
-                        .await?,
-                )
-            }
+        let visibility = self.visibility(room_id, user).await?;
+        let start = from.unwrap_or(StreamToken(match dir {
+            Direction::Backward => self.stream.current(),
+            Direction::Forward => 0,
+        }));
+        // `limit` counts the events the filter keeps, as in Synapse: pages of the room are read
+        // until that many are kept, the room ends, or MAX_SCANNED events were looked at (then
+        // `end` lets the client go on from there).
+        let mut chunk: Vec<Pdu> = Vec::new();
+        let mut examined: Option<i64> = None;
+        let mut scanned = 0;
+        let mut exhausted = false;
+        let mut cursor = match dir {
+            Direction::Backward => start.0.min(until),
+            Direction::Forward => start.0,
         };
-        let full_page = rows.len() as i64 == limit;
-        let mut chunk: Vec<Pdu> = rows.into_iter().map(Pdu::from_row).collect::<Result<_>>()?;
-        if dir == Direction::Backward {
-            chunk.reverse();
+        loop {
+            let rows = match dir {
+                Direction::Backward => {
+                    let after = to.map_or(0, |t| t.0);
+                    let mut rows = self
+                        .store
+                        .room_events(room_id.as_str(), after, cursor, limit, true)
+                        .await?;
+                    rows.reverse();
+                    rows
+                }
+                Direction::Forward => {
+                    let upto = to.map_or(until, |t| t.0.min(until));
+                    self.store
+                        .room_events(room_id.as_str(), cursor, upto, limit, false)
+                        .await?
+                }
+            };
+            let got = rows.len() as i64;
+            for row in rows {
+                let event = Pdu::from_row(row)?;
+                scanned += 1;
+                examined = Some(event.stream_pos);
+                if filter.matches(&event) && visibility.can_see(&event) {
+                    chunk.push(event);
+                    if chunk.len() as i64 == limit {
+                        break;
+                    }
+                }
+            }
+            if chunk.len() as i64 == limit || scanned >= MAX_SCANNED {
+                break;
+            }
+            if got < limit {
+                exhausted = true;
+                break;
+            }
+            cursor = match (dir, examined) {
+                (Direction::Backward, Some(pos)) => pos - 1,
+                (Direction::Forward, Some(pos)) => pos,
+                (_, None) => break,
+            };
         }
-        // The next page starts after the last event of this one, whether or not the filter kept it.
-        let end = match (full_page, dir, chunk.last()) {
-            (true, Direction::Backward, Some(last)) => Some(StreamToken(last.stream_pos - 1)),
-            (true, Direction::Forward, Some(last)) => Some(StreamToken(last.stream_pos)),
+        // The next page starts after the last event looked at, whether or not the filter kept it.
+        let end = match (exhausted, dir, examined) {
+            (false, Direction::Backward, Some(pos)) => Some(StreamToken(pos - 1)),
+            (false, Direction::Forward, Some(pos)) => Some(StreamToken(pos)),
             _ => None,
         };
-        let visibility = self.visibility(room_id, user).await?;
-        chunk.retain(|e| filter.matches(e) && visibility.can_see(e));
         let state = if filter.lazy_load_members {
             let senders: HashSet<&str> = chunk.iter().map(|e| e.sender.as_str()).collect();
             let mut members = Vec::new();

@@ -1388,7 +1388,11 @@ async fn services_register_their_users_and_humans_cannot() {
     );
     // The service type without the service's token is refused.
     let (status, body) = as_register(&s, None, "_bot_sneaky").await;
-    assert!(status.is_client_error(), "{status} {body}");
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::FORBIDDEN, "M_FORBIDDEN"),
+        "{body}"
+    );
 
     // Humans cannot take IDs in an exclusive namespace.
     let human = |username: &str| json!({"username": username, "password": "password", "auth": {"type": "m.login.dummy"}});
@@ -1527,7 +1531,11 @@ async fn services_log_their_users_in() {
             Some(login("_bot_alice")),
         )
         .await;
-    assert!(status.is_client_error(), "no as_token: {status} {body}");
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::FORBIDDEN, "M_FORBIDDEN"),
+        "no as_token: {body}"
+    );
     let (status, body) = s
         .call(
             Method::POST,
@@ -1536,9 +1544,10 @@ async fn services_log_their_users_in() {
             Some(login("carol")),
         )
         .await;
-    assert!(
-        status.is_client_error() && ["M_FORBIDDEN", "M_EXCLUSIVE"].contains(&errcode(&body)),
-        "outside the namespace: {status} {body}"
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::BAD_REQUEST, "M_EXCLUSIVE"),
+        "outside the namespace: {body}"
     );
 }
 
@@ -1743,7 +1752,7 @@ async fn new_events_do_not_shorten_the_backoff_of_a_failing_service() {
     fake.wait_for_requests(|r| !r.is_empty(), WAIT).await;
     let first_failure = Instant::now();
     for i in 0..15 {
-        s.send_text(&alice, &room, &format!("b{i}"), "busy room").await;
+        send_ok(&s, &alice, &room, &format!("b{i}"), "busy room").await;
         tokio::time::sleep(Duration::from_millis(80)).await;
     }
     let attempts = fake.transaction_attempts().len();
@@ -1751,6 +1760,14 @@ async fn new_events_do_not_shorten_the_backoff_of_a_failing_service() {
     assert!(
         attempts <= 2,
         "{attempts} attempts within {:?} of the first failure",
+        first_failure.elapsed()
+    );
+    // And the retry does come, after the backoff: the sender is alive, only waiting.
+    fake.wait_for_requests(|r| r.iter().filter(|r| r.txn_id.is_some()).count() >= 2, WAIT)
+        .await;
+    assert!(
+        first_failure.elapsed() >= Duration::from_millis(1700),
+        "retried after {:?}, before the backoff",
         first_failure.elapsed()
     );
 }
@@ -1814,5 +1831,28 @@ async fn inviting_an_unknown_namespaced_user_asks_the_service() {
             json!({"is_direct": true, "invite": ["@_dm_bob2:localhost"]}),
         )
         .await;
-    assert!(created["room_id"].is_string(), "{created}");
+    let dm = created["room_id"].as_str().expect("room_id");
+    let asked: Vec<String> = fake
+        .requests()
+        .iter()
+        .filter(|r| r.method == "GET" && r.path.contains("/users/"))
+        .map(Request::decoded_path)
+        .collect();
+    for user in [
+        "@_dm_bob:localhost",
+        "@_dm_bob2:localhost",
+        "@_dm_nobody:localhost",
+    ] {
+        assert!(
+            asked.iter().any(|p| p.ends_with(user)),
+            "the service was asked about {user}: {asked:?}"
+        );
+    }
+    for (room, user) in [(room.as_str(), "@_dm_bob:localhost"), (dm, "@_dm_bob2:localhost")] {
+        assert_eq!(
+            s.state(&alice, room, "m.room.member", user).await["membership"],
+            "invite",
+            "{user} is invited"
+        );
+    }
 }

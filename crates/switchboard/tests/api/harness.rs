@@ -429,6 +429,16 @@ pub fn enc(segment: &str) -> String {
         .collect()
 }
 
+/// A user-interactive auth challenge asking for the password (`401` with a session and an
+/// `m.login.password` flow), not some other `401` such as an unknown token.
+pub fn is_password_challenge(status: StatusCode, body: &Value) -> bool {
+    status == StatusCode::UNAUTHORIZED
+        && body["session"].is_string()
+        && body["flows"]
+            .as_array()
+            .is_some_and(|flows| flows.iter().any(|f| f["stages"][0] == "m.login.password"))
+}
+
 pub fn errcode(body: &Value) -> &str {
     body["errcode"].as_str().unwrap_or("<none>")
 }

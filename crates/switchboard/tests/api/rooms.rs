@@ -533,7 +533,15 @@ async fn messages_paginate_both_ways() {
         )
         .await;
     let chunk = forward["chunk"].as_array().expect("chunk");
-    assert!(chunk.iter().all(|e| e["type"] == "m.room.message"));
+    let forward_bodies: Vec<&str> = chunk
+        .iter()
+        .map(|e| e["content"]["body"].as_str().unwrap_or("<not a message>"))
+        .collect();
+    assert_eq!(
+        forward_bodies,
+        ["m0", "m1", "m2", "m3", "m4"],
+        "only messages, oldest first"
+    );
     assert!(forward["end"].is_string());
 
     let (status, body) = s

@@ -191,11 +191,12 @@ async fn stored_filters_and_lazy_loading() {
 
     let sync = s.sync(&alice, &format!("filter={id}")).await;
     let section = &sync["rooms"]["join"][&room];
+    let messages = timeline(&sync, "join", &room);
     assert!(
-        timeline(&sync, "join", &room)
-            .iter()
-            .all(|e| e["type"] == "m.room.message")
+        messages.iter().all(|e| e["type"] == "m.room.message"),
+        "only messages"
     );
+    assert_eq!(bodies(&messages), vec!["from bob"; 5], "the newest five");
     let members: Vec<&str> = section["state"]["events"]
         .as_array()
         .expect("state")
@@ -268,7 +269,8 @@ async fn invites_and_leaves_appear() {
         json!({"user_id": bob.user_id}),
     )
     .await;
-    s.send_text(&alice, &room, "after", "not for bob").await;
+    let (status, _) = s.send_text(&alice, &room, "after", "not for bob").await;
+    assert_eq!(status, StatusCode::OK, "the message bob must not see exists");
     let sync = s.sync(&bob, &format!("since={since}&timeout=5000")).await;
     let left = timeline(&sync, "leave", &room);
     assert!(
