@@ -375,7 +375,7 @@ async def eventually(check, what: str, timeout: float = EVENTUALLY):
     pytest.fail(f"timed out waiting for {what}")
 
 
-async def test_membership_topic_edits_and_directory_lookups(bridged):
+async def test_channel_members_topics_and_edits_are_bridged_and_survive_an_irc_restart(bridged):
     server, irc, _bridge = bridged
     carol = in_channel(irc, "carol", "#hall")
     carol.send("TOPIC #hall :the great hall")

@@ -150,7 +150,7 @@ async def test_profile_changes_seen_by_other_member(clients: Clients):
     )
 
 
-async def test_typing_and_read_receipts(clients: Clients):
+async def test_typing_starts_and_stops_and_read_receipts_reach_the_sender(clients: Clients):
     alice = await clients.register("alice")
     bob = await clients.register("bob")
     room_id = await shared_room(alice, bob)
@@ -222,7 +222,7 @@ async def test_typing_and_read_receipts(clients: Clients):
     await sync_until(alice, lambda r: bob_receipt(r, second.event_id), "bob's second read receipt")
 
 
-async def test_media_upload_download_thumbnail(clients: Clients):
+async def test_media_downloads_byte_for_byte_and_thumbnails_are_images(clients: Clients):
     alice = await clients.register("alice")
     bob = await clients.register("bob")
 
@@ -268,7 +268,7 @@ async def test_media_upload_download_thumbnail(clients: Clients):
         )
 
 
-async def test_to_device_message(clients: Clients):
+async def test_to_device_messages_arrive_once_and_a_wildcard_reaches_every_device(clients: Clients):
     alice = await clients.register("alice")
     bob = await clients.register("bob")
     await sync(bob, timeout=0)

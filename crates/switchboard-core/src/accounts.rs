@@ -531,7 +531,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn username_rules() {
+    async fn usernames_outside_the_lowercase_grammar_or_with_a_leading_underscore_are_invalid() {
         let (_dir, accounts) = accounts().await;
         assert!(accounts.user_id_for("alice.b-c=d/e+f_").is_ok());
         for bad in ["", "_bot", "Alice", "a b", "a:b", "ü"] {
@@ -544,7 +544,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn register_login_logout() {
+    async fn registration_needs_uia_and_logout_ends_only_that_session() {
         let (_dir, accounts) = accounts().await;
         let request = |auth: Option<Value>| Registration {
             username: Some("alice".into()),

@@ -132,7 +132,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn wildcards() {
+    fn type_patterns_match_star_across_any_characters() {
         assert!(type_matches("m.room.*", "m.room.message"));
         assert!(type_matches("*", "anything"));
         assert!(type_matches("m.*.member", "m.room.member"));
@@ -152,7 +152,7 @@ mod tests {
     }
 
     #[test]
-    fn types_and_senders() {
+    fn event_filters_apply_types_then_not_types_and_not_senders() {
         let f: EventFilter = serde_json::from_value(serde_json::json!({
             "types": ["m.room.*"], "not_types": ["m.room.member"], "not_senders": ["@spam:x"]
         }))

@@ -470,7 +470,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn token_round_trip() {
+    fn stream_tokens_round_trip_and_ignore_future_suffixes() {
         let token: StreamToken = "s42".parse().expect("valid");
         assert_eq!(token, StreamToken(42));
         assert_eq!(token.to_string(), "s42");

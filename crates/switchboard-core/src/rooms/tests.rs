@@ -358,7 +358,7 @@ async fn readable(f: &Fixture, room: &RoomId, who: &UserId) -> Vec<String> {
 }
 
 #[tokio::test]
-async fn history_visibility_windows() {
+async fn shared_and_joined_history_visibility_show_only_their_windows() {
     let f = fixture().await;
     let alice = user("alice");
     let bob = registered(&f, "bob").await;

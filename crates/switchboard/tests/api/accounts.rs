@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use crate::harness::{RELAXED_LIMITS, Server, errcode};
 
 #[tokio::test]
-async fn registration_flow() {
+async fn registration_asks_for_dummy_auth_and_refuses_taken_or_invalid_names() {
     let s = Server::start().await;
     // Without auth: the UIA flows, so the client knows to send m.login.dummy.
     let (status, body) = s
@@ -82,7 +82,7 @@ async fn registration_flow() {
 }
 
 #[tokio::test]
-async fn login_and_logout() {
+async fn bad_logins_are_forbidden_alike_and_logout_ends_one_or_all_sessions() {
     let s = Server::start().await;
     let alice = s.register("alice").await;
     let (status, body) = s.call(Method::GET, "/_matrix/client/v3/login", None, None).await;
@@ -207,7 +207,7 @@ async fn failed_logins_are_rate_limited() {
 }
 
 #[tokio::test]
-async fn register_user_command_works_offline() {
+async fn register_user_makes_an_account_while_the_server_is_stopped() {
     let mut s = Server::start().await;
     assert!(s.terminate().success());
     let out = std::process::Command::new(crate::harness::binary())

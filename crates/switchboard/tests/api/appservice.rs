@@ -1339,7 +1339,7 @@ async fn joining_a_missing_alias_in_the_namespace_creates_it() {
 }
 
 #[tokio::test]
-async fn legacy_service_on_unprefixed_routes_works() {
+async fn a_service_without_v1_routes_is_queried_and_sent_transactions_on_legacy_routes() {
     joining_a_missing_alias_creates_it(true).await;
 }
 

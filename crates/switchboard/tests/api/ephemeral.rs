@@ -77,7 +77,7 @@ async fn typing_wakes_the_other_sync_and_expires() {
 }
 
 #[tokio::test]
-async fn receipts_and_read_markers() {
+async fn public_receipts_reach_members_private_ones_their_owner_and_fully_read_is_account_data() {
     let s = Server::start().await;
     let (alice, bob, room) = pair(&s).await;
     let (_, sent) = s.send_text(&alice, &room, "1", "read me").await;

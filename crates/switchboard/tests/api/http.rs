@@ -25,7 +25,7 @@ async fn unknown_endpoints_and_methods_are_unrecognized() {
 }
 
 #[tokio::test]
-async fn token_errors() {
+async fn missing_or_unknown_tokens_are_401_and_query_tokens_work() {
     let s = Server::start().await;
     let (status, body) = s
         .call(Method::GET, "/_matrix/client/v3/account/whoami", None, None)
@@ -64,7 +64,7 @@ async fn token_errors() {
 }
 
 #[tokio::test]
-async fn malformed_bodies() {
+async fn non_json_misshaped_or_oversized_bodies_are_not_json_bad_json_or_too_large() {
     let s = Server::start().await;
     let alice = s.register("alice").await;
     let client = reqwest::Client::new();
@@ -145,7 +145,7 @@ async fn cors_on_every_response_and_preflight() {
 }
 
 #[tokio::test]
-async fn discovery() {
+async fn versions_and_well_known_advertise_spec_versions_and_public_baseurl() {
     let s = Server::start_with(&format!(
         "{}\npublic_baseurl: https://matrix.example.org/",
         crate::harness::RELAXED_LIMITS

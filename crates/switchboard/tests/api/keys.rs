@@ -17,7 +17,7 @@ fn device_keys(user: &User) -> Value {
 }
 
 #[tokio::test]
-async fn keys_upload_query_claim() {
+async fn one_time_keys_are_claimed_once_then_the_fallback_and_uploads_announce_device_changes() {
     let s = Server::start().await;
     let (alice, bob) = (s.register("alice").await, s.register("bob").await);
     let room = s.create_room(&alice, json!({"preset": "public_chat"})).await;
@@ -192,7 +192,7 @@ async fn to_device_messages_until_acknowledged() {
 }
 
 #[tokio::test]
-async fn cross_signing_keys_and_signatures() {
+async fn replacing_cross_signing_keys_needs_uia_and_others_see_signatures_not_user_signing_keys() {
     let s = Server::start().await;
     let (alice, bob) = (s.register("alice").await, s.register("bob").await);
     s.ok(

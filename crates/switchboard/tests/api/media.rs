@@ -13,7 +13,7 @@ fn png(width: u32, height: u32) -> Vec<u8> {
 }
 
 #[tokio::test]
-async fn upload_download_thumbnail() {
+async fn uploads_download_byte_for_byte_thumbnail_to_configured_sizes_and_honour_max_upload_size() {
     let s = Server::start_with(&format!(
         "{}\nmax_upload_size: 100K",
         crate::harness::RELAXED_LIMITS
@@ -112,7 +112,7 @@ async fn upload_download_thumbnail() {
 }
 
 #[tokio::test]
-async fn async_upload_to_a_reserved_id() {
+async fn a_reserved_media_id_is_filled_once_and_only_by_its_creator() {
     let s = Server::start().await;
     let (alice, bob) = (s.register("alice").await, s.register("bob").await);
     let created = s

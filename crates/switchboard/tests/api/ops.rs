@@ -102,7 +102,7 @@ async fn shared_secret_registration_creates_admins() {
 
 // Multi-threaded: the CLI runs as a blocking child process while the fake service answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn appservice_commands_and_hot_reload() {
+async fn appservice_cli_lists_and_pings_and_sighup_loads_only_valid_registrations() {
     let service = FakeAs::start().await;
     let registration = Registration::new("bridge", Some(&service.url)).users("@_old_.*:localhost", true);
     let (s, files) = start_server(&[&registration]).await;

@@ -129,7 +129,7 @@ async fn account_data_is_stored_and_synced() {
 }
 
 #[tokio::test]
-async fn push_rules_default_and_edit() {
+async fn push_rules_start_from_spec_defaults_and_edits_persist() {
     let s = Server::start().await;
     let alice = s.register("alice").await;
     let rules = s

@@ -131,7 +131,7 @@ async fn create_join_by_alias_and_talk() {
 }
 
 #[tokio::test]
-async fn state_and_power_levels() {
+async fn state_changes_need_power_and_custom_state_keys_round_trip() {
     let s = Server::start().await;
     let (alice, bob) = (s.register("alice").await, s.register("bob").await);
     let room = s.create_room(&alice, json!({"preset": "public_chat"})).await;
@@ -208,7 +208,7 @@ async fn state_and_power_levels() {
 }
 
 #[tokio::test]
-async fn invites_kicks_bans_and_forget() {
+async fn moderation_is_enforced_and_only_non_members_may_forget() {
     let s = Server::start().await;
     let (alice, bob) = (s.register("alice").await, s.register("bob").await);
     let room = s.create_room(&alice, json!({})).await;
@@ -298,7 +298,7 @@ async fn invites_kicks_bans_and_forget() {
 }
 
 #[tokio::test]
-async fn aliases() {
+async fn local_aliases_are_added_by_members_and_deleted_only_by_creators_or_admins() {
     let s = Server::start().await;
     let (alice, bob) = (s.register("alice").await, s.register("bob").await);
     let room = s.create_room(&alice, json!({"preset": "public_chat"})).await;
@@ -390,7 +390,7 @@ async fn aliases() {
 }
 
 #[tokio::test]
-async fn room_versions() {
+async fn rooms_are_made_in_versions_9_to_11_default_to_11_and_refuse_others() {
     let s = Server::start().await;
     let alice = s.register("alice").await;
     for version in ["9", "10", "11"] {
@@ -433,7 +433,7 @@ async fn room_versions() {
 }
 
 #[tokio::test]
-async fn create_room_options() {
+async fn create_room_applies_preset_invites_initial_state_and_power_overrides() {
     let s = Server::start().await;
     let (alice, bob) = (s.register("alice").await, s.register("bob").await);
     let room = s
@@ -674,7 +674,7 @@ async fn redaction_removes_content_everywhere() {
 }
 
 #[tokio::test]
-async fn context_around_an_event() {
+async fn context_returns_the_window_around_an_event_with_its_state() {
     let s = Server::start().await;
     let alice = s.register("alice").await;
     let room = s.create_room(&alice, json!({"name": "Ctx"})).await;
@@ -746,7 +746,7 @@ async fn context_around_an_event() {
 }
 
 #[tokio::test]
-async fn public_room_directory() {
+async fn public_directory_lists_biggest_first_pages_searches_and_keeps_network_lists_apart() {
     use crate::fake_as::{FakeAs, Registration, start_server};
     let service = FakeAs::start().await;
     let registration = Registration::new("irc", Some(&service.url)).users("@_irc_.*:localhost", true);
@@ -897,7 +897,7 @@ async fn public_room_directory() {
 }
 
 #[tokio::test]
-async fn relations_and_tags() {
+async fn relations_page_and_filter_by_type_and_room_tags_are_set_and_deleted() {
     let s = Server::start().await;
     let alice = s.register("alice").await;
     let room = s.create_room(&alice, json!({})).await;

@@ -82,7 +82,7 @@ async fn long_poll_wakes_at_once() {
 }
 
 #[tokio::test]
-async fn incremental_sync_and_limited_timelines() {
+async fn a_limited_incremental_sync_shows_the_newest_and_prev_batch_fills_the_gap() {
     let s = Server::start().await;
     let alice = s.register("alice").await;
     let room = s.create_room(&alice, json!({"name": "Named"})).await;
@@ -140,7 +140,7 @@ async fn incremental_sync_and_limited_timelines() {
 }
 
 #[tokio::test]
-async fn stored_filters_and_lazy_loading() {
+async fn stored_filters_are_private_and_lazy_loading_sends_only_timeline_senders() {
     let s = Server::start().await;
     let (alice, bob, carol) = (
         s.register("alice").await,
@@ -216,7 +216,7 @@ async fn stored_filters_and_lazy_loading() {
 }
 
 #[tokio::test]
-async fn invites_and_leaves_appear() {
+async fn invites_carry_stripped_state_and_a_kicked_user_sees_nothing_after_the_kick() {
     let s = Server::start().await;
     let (alice, bob) = (s.register("alice").await, s.register("bob").await);
     let room = s.create_room(&alice, json!({"name": "Secret"})).await;
