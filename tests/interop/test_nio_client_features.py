@@ -310,6 +310,7 @@ async def test_typing_wakes_long_poll(clients: Clients):
 
     poll = asyncio.create_task(bob.sync(timeout=10_000))
     await asyncio.sleep(0.3)
+    assert not poll.done(), f"bob's long-poll answered before anyone typed: {poll.result()}"
     started = asyncio.get_running_loop().time()
     typing = await alice.room_typing(room_id, True, timeout=20_000)
     assert isinstance(typing, RoomTypingResponse), f"room_typing failed: {typing}"

@@ -41,16 +41,27 @@ async fn typing_wakes_the_other_sync_and_expires() {
         enc(&room),
         enc(&alice.user_id)
     );
-    let started = Instant::now();
-    s.ok(
-        Method::PUT,
-        &typing,
-        &alice.token,
-        json!({"typing": true, "timeout": 1000}),
-    )
-    .await;
-    let sync = s.sync(&bob, &format!("since={since}&timeout=5000")).await;
-    assert!(started.elapsed() < Duration::from_secs(2));
+    // bob's sync waits first; alice starts typing while it does.
+    let query = format!("since={since}&timeout=10000");
+    let poll = s.sync(&bob, &query);
+    let start_typing = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        s.ok(
+            Method::PUT,
+            &typing,
+            &alice.token,
+            json!({"typing": true, "timeout": 1000}),
+        )
+        .await;
+        Instant::now()
+    };
+    let (sync, typed_at) = tokio::join!(poll, start_typing);
+    assert!(
+        typed_at.elapsed() < Duration::from_secs(1),
+        "the waiting sync answered {:?} after the typing started",
+        typed_at.elapsed()
+    );
+    // Had the sync answered before the PUT, the typing would not be in it.
     let event = ephemeral_of(&sync, &room, "m.typing").expect("typing event");
     assert_eq!(event["content"]["user_ids"], json!([alice.user_id]));
 
