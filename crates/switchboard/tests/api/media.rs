@@ -22,19 +22,7 @@ async fn uploads_download_byte_for_byte_thumbnail_to_configured_sizes_and_honour
     let alice = s.register("alice").await;
     let client = reqwest::Client::new();
     let bytes = png(1000, 500);
-    let uploaded: Value = client
-        .post(format!("{}/_matrix/media/v3/upload?filename=pic.png", s.base))
-        .bearer_auth(&alice.token)
-        .header("Content-Type", "image/png")
-        .body(bytes.clone())
-        .send()
-        .await
-        .expect("upload")
-        .json()
-        .await
-        .expect("json");
-    let uri = uploaded["content_uri"].as_str().expect("content_uri");
-    let media = uri.strip_prefix("mxc://").expect("mxc");
+    let media = upload_named(&s, &alice.token, "image/png", bytes.clone(), "?filename=pic.png").await;
 
     let response = client
         .get(format!("{}/_matrix/media/v3/download/{media}", s.base))
@@ -168,9 +156,14 @@ async fn a_reserved_media_id_is_filled_once_and_only_by_its_creator() {
 }
 
 async fn upload(s: &Server, token: &str, content_type: &str, bytes: Vec<u8>) -> String {
+    upload_named(s, token, content_type, bytes, "").await
+}
+
+/// Uploads with `query` (`?filename=…` or empty) after the path; returns `server/mediaId`.
+async fn upload_named(s: &Server, token: &str, content_type: &str, bytes: Vec<u8>, query: &str) -> String {
     let uploaded: Value = s
         .http
-        .post(format!("{}/_matrix/media/v3/upload", s.base))
+        .post(format!("{}/_matrix/media/v3/upload{query}", s.base))
         .bearer_auth(token)
         .header("Content-Type", content_type)
         .body(bytes)
