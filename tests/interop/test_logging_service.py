@@ -172,7 +172,8 @@ async def test_joining_a_logged_alias_creates_the_room_and_logs_its_messages(sys
         # A room without a logged alias is none of the service's business.
         private = await alice.room_create(name="not logged")
         assert isinstance(private, RoomCreateResponse), private
-        await alice.room_send(private.room_id, "m.room.message", {"msgtype": "m.text", "body": "secret"})
+        secret = await alice.room_send(private.room_id, "m.room.message", {"msgtype": "m.text", "body": "secret"})
+        assert isinstance(secret, RoomSendResponse), f"the message the service must not see exists: {secret}"
         await alice.room_send(second, "m.room.message", {"msgtype": "m.text", "body": "barrier"})
         await logger.wait_for("barrier")
         assert all(line["content"].get("body") != "secret" for line in logger.lines())

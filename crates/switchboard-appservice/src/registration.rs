@@ -395,14 +395,9 @@ namespaces:
 
     #[test]
     fn bad_fields_are_named() {
-        let err = parse(
-            &GOOD
-                .replace("rate_limited", "x")
-                .replace("as_token: aaa", "as_token: [1]"),
-            "f.yaml",
-        )
-        .expect_err("bad type")
-        .to_string();
+        let err = parse(&GOOD.replace("as_token: aaa", "as_token: [1]"), "f.yaml")
+            .expect_err("bad type")
+            .to_string();
         assert!(err.contains("as_token"), "{err}");
         let look_around = GOOD.replace(r"'@_irc_.*:example\.org'", "'@(?=x).*'");
         // Parsing compiles every namespace: a regex Rust cannot run stops the file from loading.
@@ -413,7 +408,13 @@ namespaces:
             err.contains("f.yaml") && err.contains("namespaces.users[0].regex"),
             "{err}"
         );
-        assert!(parse(&GOOD.replace("_irc_bot", "bad bot"), "f.yaml").is_err());
+        let err = parse(&GOOD.replace("_irc_bot", "bad bot"), "f.yaml")
+            .expect_err("a space in the sender")
+            .to_string();
+        assert!(
+            err.contains("f.yaml") && err.contains("sender_localpart"),
+            "{err}"
+        );
     }
 
     #[test]
