@@ -131,8 +131,37 @@ impl Server {
             base: format!("http://127.0.0.1:{port}"),
             http: reqwest::Client::new(),
         };
-        server.spawn().await;
-        server
+        // `free_port` can only find a port that was free a moment ago: another test may take it
+        // before the server binds it. Then the server starts again on another.
+        for _ in 0..5 {
+            if !server.spawn_on_port().await {
+                return server;
+            }
+            let taken = server.base.rsplit(':').next().unwrap_or_default().to_owned();
+            let port = free_port();
+            let text = std::fs::read_to_string(server.config_path()).expect("config");
+            let text = text.replacen(&format!("port: {taken}\n"), &format!("port: {port}\n"), 1);
+            std::fs::write(server.config_path(), text).expect("config");
+            server.base = format!("http://127.0.0.1:{port}");
+        }
+        panic!("no free port for switchboard after 5 tries: {}", server.log());
+    }
+
+    /// Spawns the server; `true` if its port was taken meanwhile (it exited saying so).
+    async fn spawn_on_port(&mut self) -> bool {
+        let earlier = self.log().len();
+        match self.try_spawn().await {
+            Ok(()) => false,
+            Err(_)
+                if self
+                    .log()
+                    .get(earlier..)
+                    .is_some_and(|new| new.contains("Address already in use")) =>
+            {
+                true
+            }
+            Err(log) => panic!("switchboard exited: {log}"),
+        }
     }
 
     pub fn config_path(&self) -> PathBuf {
@@ -140,6 +169,13 @@ impl Server {
     }
 
     async fn spawn(&mut self) {
+        if let Err(log) = self.try_spawn().await {
+            panic!("switchboard exited: {log}");
+        }
+    }
+
+    /// Starts the binary and waits until it answers; `Err` with its log if it exited first.
+    async fn try_spawn(&mut self) -> Result<(), String> {
         tls_init();
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -163,10 +199,11 @@ impl Server {
                 .await
                 && r.status().is_success()
             {
-                return;
+                return Ok(());
             }
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("switchboard exited with {status}: {}", self.log());
+                self.child = None;
+                return Err(format!("{status}: {}", self.log()));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
