@@ -22,3 +22,7 @@ for database in sqlite postgres; do
     SWITCHBOARD_TEST_DATABASE=$database bash tests/interop/run.sh
     SWITCHBOARD_TEST_DATABASE=$database bash tests/interop/js/run.sh
 done
+# Every cargo-fuzz target for 30 s from its checked-in corpus, after replaying the checked-in crash
+# regressions (nightly toolchain; cargo-fuzz is installed into target/cargo-fuzz on first use).
+echo "==> fuzzing (scripts/fuzz.sh, ${FUZZ_SECONDS:-30} s per target)"
+bash scripts/fuzz.sh
