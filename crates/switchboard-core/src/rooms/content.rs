@@ -91,7 +91,8 @@ fn power_levels(content: &Map<String, Value>, rules: &AuthorizationRules) -> Res
             _ => None,
         };
         match number {
-            Some(n) if n.abs() <= MAX_SAFE_INTEGER => Ok(()),
+            // Not `n.abs()`: it overflows for `i64::MIN` (a panic in debug builds).
+            Some(n) if (-MAX_SAFE_INTEGER..=MAX_SAFE_INTEGER).contains(&n) => Ok(()),
             _ => Err(bad(&format!(
                 "power level `{what}` must be an integer, not {value}"
             ))),
@@ -179,6 +180,7 @@ mod tests {
             ("m.room.power_levels", json!({"users": {"not a user": 100}})),
             ("m.room.power_levels", json!({"events": []})),
             ("m.room.power_levels", json!({"kick": 9_007_199_254_740_992_i64})),
+            ("m.room.power_levels", json!({"users": {"@a:x": i64::MIN}})),
             ("m.room.member", json!({"membership": 1})),
             ("m.room.member", json!({})),
             ("m.room.member", json!({"membership": "dance"})),
@@ -227,6 +229,15 @@ mod tests {
         assert!(
             checked("m.room.power_levels", json!({"ban": "50"}), &RoomVersionRules::V9).is_ok(),
             "room version 9 still takes levels in strings"
+        );
+        assert!(
+            checked(
+                "m.room.power_levels",
+                json!({"ban": "-9223372036854775808"}),
+                &RoomVersionRules::V9
+            )
+            .is_err(),
+            "nor the smallest i64 in a string"
         );
     }
 }
