@@ -59,6 +59,12 @@ impl IntoResponse for ApiError {
             Error::UnsupportedRoomVersion(_) => (StatusCode::BAD_REQUEST, "M_UNSUPPORTED_ROOM_VERSION"),
             Error::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "M_TOO_LARGE"),
             Error::Unrecognized(_) => (StatusCode::NOT_FOUND, "M_UNRECOGNIZED"),
+            Error::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED"),
+            Error::BadGateway(_) => (StatusCode::BAD_GATEWAY, "M_UNKNOWN"),
+            Error::Remote { status, errcode, .. } => {
+                let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY);
+                return matrix_error(status, errcode, message);
+            }
             Error::BadState(_) => (StatusCode::BAD_REQUEST, "M_UNKNOWN"),
             Error::LimitExceeded { retry_after_ms } => {
                 let body = json!({ "errcode": "M_LIMIT_EXCEEDED", "error": message, "retry_after_ms": retry_after_ms });

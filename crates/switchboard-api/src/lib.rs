@@ -6,6 +6,7 @@ mod admin;
 mod client;
 pub mod error;
 mod extract;
+mod federation;
 mod media;
 mod metrics;
 
@@ -27,15 +28,45 @@ use switchboard_core::Homeserver;
 
 use crate::error::matrix_error;
 
+/// What one listener serves, from its `resources`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Resources {
+    pub client: bool,
+    pub federation: bool,
+}
+
 /// The complete router for a listener serving the `client` resource. `x_forwarded` is the
 /// listener's setting: only then is `X-Forwarded-For` taken as the client's address.
 pub fn router(hs: Arc<Homeserver>, x_forwarded: bool) -> Router {
+    router_for(
+        hs,
+        Resources {
+            client: true,
+            federation: false,
+        },
+        x_forwarded,
+    )
+}
+
+/// The router of a listener serving `resources` (the client API, the federation API, or both).
+pub fn router_for(hs: Arc<Homeserver>, resources: Resources, x_forwarded: bool) -> Router {
     let limit = hs.config.max_request_size;
     let uploads = media::router(hs.media.max_upload_size);
-    Router::new()
-        .merge(client::router())
-        .merge(admin::routes())
-        .merge(admin::synapse_routes())
+    let mut routes = Router::new();
+    if resources.client {
+        routes = routes
+            .merge(client::router())
+            .merge(admin::routes())
+            .merge(admin::synapse_routes());
+    }
+    if resources.federation {
+        routes = routes.merge(federation::router());
+    }
+    if let Some(well_known) = federation::well_known(&hs) {
+        routes = routes.merge(well_known);
+    }
+    let uploads = if resources.client { uploads } else { Router::new() };
+    routes
         .fallback(unrecognized)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))

@@ -85,9 +85,143 @@ pub struct Config {
     /// Largest request body accepted on the client API, in bytes (media uploads excepted).
     #[serde(default = "default_max_request_size")]
     pub max_request_size: usize,
+    // ---- federation (Synapse's keys) -----------------------------------------------------
+    /// PEM certificate chain for listeners with `tls: true`.
+    #[serde(default)]
+    pub tls_certificate_path: Option<PathBuf>,
+    /// PEM private key for listeners with `tls: true`.
+    #[serde(default)]
+    pub tls_private_key_path: Option<PathBuf>,
+    /// Serve `/.well-known/matrix/server`, delegating to `public_baseurl`'s host and port (443 if none).
+    #[serde(default)]
+    pub serve_server_wellknown: bool,
+    /// Check the certificates of servers this one connects to.
+    #[serde(default = "yes")]
+    pub federation_verify_certificates: bool,
+    /// PEM files of certificate authorities trusted for outbound federation, besides the system's.
+    #[serde(default)]
+    pub federation_custom_ca_list: Vec<PathBuf>,
+    /// When set, the only servers federated with (both ways).
+    #[serde(default)]
+    pub federation_domain_whitelist: Option<Vec<String>>,
+    /// Addresses no outbound request may reach (Synapse's default: private, loopback, link-local…).
+    #[serde(default)]
+    pub ip_range_blacklist: Option<Vec<String>>,
+    /// Exceptions to the blacklist.
+    #[serde(default)]
+    pub ip_range_whitelist: Vec<String>,
+    /// Synapse's older key: when present, the blacklist of federation requests (no whitelist).
+    #[serde(default)]
+    pub federation_ip_range_blacklist: Option<Vec<String>>,
+    /// Notaries asked for other servers' keys before the servers themselves.
+    #[serde(default = "default_trusted_key_servers")]
+    pub trusted_key_servers: Vec<TrustedKeyServer>,
+    #[serde(default)]
+    pub suppress_key_server_warning: bool,
+    /// Keys this server signed with before, still published so old signatures verify.
+    #[serde(default)]
+    pub old_signing_keys: BTreeMap<String, OldSigningKey>,
+    /// How long other servers may cache this server's keys.
+    #[serde(default = "DurationMs::one_day")]
+    pub key_refresh_interval: DurationMs,
+    /// Whether other servers may list this server's public rooms.
+    #[serde(default)]
+    pub allow_public_rooms_over_federation: bool,
     /// The file this config was loaded from, if any: hot reload reads it again.
     #[serde(skip)]
     pub path: Option<PathBuf>,
+}
+
+/// One entry of `trusted_key_servers`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct TrustedKeyServer {
+    pub server_name: String,
+    /// The notary's own keys (`ed25519:<id>` → base64); without them its answers are trusted
+    /// on the strength of its TLS certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_keys: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub accept_keys_insecurely: bool,
+}
+
+/// One entry of `old_signing_keys`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct OldSigningKey {
+    /// The public key, unpadded base64.
+    pub key: String,
+    pub expired_ts: u64,
+}
+
+fn default_trusted_key_servers() -> Vec<TrustedKeyServer> {
+    vec![TrustedKeyServer {
+        server_name: "matrix.org".to_owned(),
+        verify_keys: None,
+        accept_keys_insecurely: false,
+    }]
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A duration written as Synapse writes it: milliseconds, or a number with `s`, `m`, `h`, `d`,
+/// `w` or `y`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(into = "u64")]
+pub struct DurationMs(pub u64);
+
+impl DurationMs {
+    fn one_day() -> Self {
+        Self(24 * 3600 * 1000)
+    }
+
+    pub fn as_duration(self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.0)
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        let text = text.trim();
+        let (number, unit) = match text.char_indices().last()? {
+            (i, c) if c.is_ascii_alphabetic() => (&text[..i], c),
+            _ => (text, ' '),
+        };
+        let factor: u64 = match unit {
+            ' ' => 1,
+            's' => 1000,
+            'm' => 60_000,
+            'h' => 3_600_000,
+            'd' => 86_400_000,
+            'w' => 7 * 86_400_000,
+            'y' => 365 * 86_400_000,
+            _ => return None,
+        };
+        number.trim().parse::<u64>().ok()?.checked_mul(factor).map(Self)
+    }
+}
+
+impl From<DurationMs> for u64 {
+    fn from(d: DurationMs) -> u64 {
+        d.0
+    }
+}
+
+impl<'de> Deserialize<'de> for DurationMs {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        match Raw::deserialize(deserializer)? {
+            Raw::Number(ms) => Ok(Self(ms)),
+            Raw::Text(text) => Self::parse(&text).ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "`{text}` is not a duration (milliseconds, or a number with s, m, h, d, w or y)"
+                ))
+            }),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -391,6 +525,32 @@ impl Default for LoginRateLimits {
     }
 }
 
+impl Listener {
+    pub fn serves(&self, resource: &str) -> bool {
+        self.resources
+            .iter()
+            .any(|r| r.names.iter().any(|n| n == resource))
+    }
+}
+
+/// An IP address or CIDR range as Synapse's `ip_range_*` lists take them.
+pub fn parse_ip_range(text: &str) -> Option<ipnet::IpNet> {
+    text.parse::<ipnet::IpNet>()
+        .ok()
+        .or_else(|| text.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
+}
+
+/// A 32-byte ed25519 public key in (unpadded or padded) base64.
+pub fn decode_key(text: &str) -> Option<[u8; 32]> {
+    use base64::Engine;
+    let engine = base64::engine::GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        base64::engine::GeneralPurposeConfig::new()
+            .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+    );
+    engine.decode(text.trim()).ok()?.try_into().ok()
+}
+
 /// A size in bytes, written as a number or as Synapse writes it (`512K`, `50M`, `1G`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(into = "u64")]
@@ -568,6 +728,7 @@ impl Config {
                     .to_owned(),
             ));
         }
+        self.validate_federation(&bad)?;
         if let Err(e) = crate::pdu::RoomVersion::parse(&self.default_room_version) {
             return Err(bad("default_room_version", e.to_string()));
         }
@@ -620,6 +781,17 @@ impl Config {
             .unwrap_or_else(|| PathBuf::from(format!("{}.signing.key", self.server_name)));
         self.signing_key_path = Some(resolve(&key));
         self.app_service_config_files = self.app_service_config_files.iter().map(|p| resolve(p)).collect();
+        self.federation_custom_ca_list = self
+            .federation_custom_ca_list
+            .iter()
+            .map(|p| resolve(p))
+            .collect();
+        for path in [&mut self.tls_certificate_path, &mut self.tls_private_key_path]
+            .into_iter()
+            .flatten()
+        {
+            *path = resolve(path);
+        }
         // For PostgreSQL `database` is a database name, not a path.
         if self.database.name == "sqlite3"
             && let Some(serde_json::Value::String(db)) = self.database.args.get("database")
@@ -628,6 +800,98 @@ impl Config {
             let resolved = resolve(Path::new(db)).display().to_string();
             self.database.args.insert("database".to_owned(), resolved.into());
         }
+    }
+
+    /// Listeners that serve the Server-Server API (and the key API beside it).
+    pub fn federation_listeners(&self) -> impl Iterator<Item = &Listener> {
+        self.listeners
+            .iter()
+            .filter(|l| l.kind == "http" && l.serves("federation"))
+    }
+
+    fn validate_federation(&self, bad: &dyn Fn(&str, String) -> ConfigError) -> Result<(), ConfigError> {
+        if self.listeners.iter().any(|l| l.tls) {
+            for (key, path) in [
+                ("tls_certificate_path", &self.tls_certificate_path),
+                ("tls_private_key_path", &self.tls_private_key_path),
+            ] {
+                match path {
+                    None => {
+                        return Err(bad(
+                            key,
+                            "a listener has `tls: true`, so this file is needed".to_owned(),
+                        ));
+                    }
+                    Some(p) if !p.is_file() => {
+                        return Err(bad(key, format!("{} is not a readable file", p.display())));
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        for (i, ca) in self.federation_custom_ca_list.iter().enumerate() {
+            if !ca.is_file() {
+                return Err(bad(
+                    &format!("federation_custom_ca_list[{i}]"),
+                    format!("{} is not a readable file", ca.display()),
+                ));
+            }
+        }
+        let lists = [
+            ("ip_range_blacklist", self.ip_range_blacklist.as_deref()),
+            ("ip_range_whitelist", Some(self.ip_range_whitelist.as_slice())),
+            (
+                "federation_ip_range_blacklist",
+                self.federation_ip_range_blacklist.as_deref(),
+            ),
+        ];
+        for (key, list) in lists.into_iter().filter_map(|(k, l)| Some((k, l?))) {
+            for (i, range) in list.iter().enumerate() {
+                if parse_ip_range(range).is_none() {
+                    return Err(bad(
+                        &format!("{key}[{i}]"),
+                        format!("`{range}` is not an IP address or CIDR range"),
+                    ));
+                }
+            }
+        }
+        for (i, server) in self.trusted_key_servers.iter().enumerate() {
+            if ruma::ServerName::parse(&server.server_name).is_err() {
+                return Err(bad(
+                    &format!("trusted_key_servers[{i}].server_name"),
+                    format!("`{}` is not a server name", server.server_name),
+                ));
+            }
+            for (key_id, key) in server.verify_keys.iter().flatten() {
+                if !key_id.starts_with("ed25519:") || decode_key(key).is_none() {
+                    return Err(bad(
+                        &format!("trusted_key_servers[{i}].verify_keys"),
+                        format!("`{key_id}: {key}` is not an ed25519 key ID and a base64 key"),
+                    ));
+                }
+            }
+            if server.verify_keys.is_none()
+                && !self.federation_verify_certificates
+                && !server.accept_keys_insecurely
+            {
+                return Err(bad(
+                    &format!("trusted_key_servers[{i}]"),
+                    "without verify_keys, this notary's answers are only as good as its certificate, which \
+                     federation_verify_certificates: false does not check; give verify_keys or set \
+                     accept_keys_insecurely: true"
+                        .to_owned(),
+                ));
+            }
+        }
+        for (key_id, old) in &self.old_signing_keys {
+            if !key_id.starts_with("ed25519:") || decode_key(&old.key).is_none() {
+                return Err(bad(
+                    &format!("old_signing_keys.{key_id}"),
+                    "expected `ed25519:<id>: {key: <base64>, expired_ts: <ms>}`".to_owned(),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Listeners that serve the Client-Server API.
@@ -718,6 +982,20 @@ impl Config {
             max_upload_size: ByteSize::fifty_megabytes(),
             max_image_pixels: ByteSize::thirty_two_mega(),
             thumbnail_sizes: default_thumbnail_sizes(),
+            tls_certificate_path: None,
+            tls_private_key_path: None,
+            serve_server_wellknown: false,
+            federation_verify_certificates: true,
+            federation_custom_ca_list: Vec::new(),
+            federation_domain_whitelist: None,
+            ip_range_blacklist: None,
+            ip_range_whitelist: Vec::new(),
+            federation_ip_range_blacklist: None,
+            trusted_key_servers: default_trusted_key_servers(),
+            suppress_key_server_warning: false,
+            old_signing_keys: BTreeMap::new(),
+            key_refresh_interval: DurationMs::one_day(),
+            allow_public_rooms_over_federation: false,
             path: None,
         }
     }

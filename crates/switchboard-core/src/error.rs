@@ -72,6 +72,19 @@ pub enum Error {
         status: Option<u16>,
         body: Option<String>,
     },
+    /// A server-to-server request without a valid `X-Matrix` signature.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// Another server could not be reached, or answered nonsense.
+    #[error("{0}")]
+    BadGateway(String),
+    /// Another server's own Matrix error, passed on.
+    #[error("{message}")]
+    Remote {
+        status: u16,
+        errcode: String,
+        message: String,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("internal error: {0}")]

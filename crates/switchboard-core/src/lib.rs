@@ -8,6 +8,7 @@ pub mod config;
 pub mod e2ee;
 pub mod ephemeral;
 pub mod error;
+pub mod federation;
 pub mod filter;
 pub mod keys;
 pub mod media;
@@ -70,6 +71,7 @@ pub struct Homeserver {
     pub ephemeral: Arc<ephemeral::Ephemeral>,
     pub e2ee: Arc<e2ee::E2ee>,
     pub media: media::Media,
+    pub federation: Arc<federation::Federation>,
 }
 
 impl Homeserver {
@@ -82,6 +84,7 @@ impl Homeserver {
         if generated {
             tracing::info!(path = %key_path.display(), "generated a new signing key");
         }
+        let key = Arc::new(key);
         let store = Store::open(&config.database_settings()).await?;
         let stream = EventStream::start(
             store.clone(),
@@ -91,7 +94,7 @@ impl Homeserver {
         let rooms = Arc::new(Rooms::new(
             store.clone(),
             server_name.clone(),
-            Arc::new(key),
+            key.clone(),
             stream.clone(),
             config.default_room_version.clone(),
         ));
@@ -117,7 +120,12 @@ impl Homeserver {
         if count > 0 {
             tracing::info!(count, "application services registered");
         }
+        let federation = Arc::new(
+            federation::Federation::new(&config, server_name.clone(), key, store.clone())
+                .map_err(StartupError::Other)?,
+        );
         Ok(Self {
+            federation,
             sync: SyncService::new(
                 rooms.clone(),
                 store.clone(),
@@ -182,6 +190,22 @@ impl Homeserver {
             )));
         }
         Ok(session.is_admin)
+    }
+
+    /// Resolves an alias to its room and servers likely to be in it: a remote alias by asking
+    /// its server, a local one as [`Self::resolve_alias`] does.
+    pub async fn lookup_alias(
+        &self,
+        alias: &ruma::RoomAliasId,
+    ) -> Result<(ruma::OwnedRoomId, Vec<OwnedServerName>)> {
+        if alias.server_name() != self.server_name {
+            let request =
+                ruma::api::federation::query::get_room_information::v1::Request::new(alias.to_owned());
+            let response = self.federation.client.send(alias.server_name(), request).await?;
+            return Ok((response.room_id, response.servers));
+        }
+        let room_id = self.resolve_alias(alias).await?;
+        Ok((room_id, vec![self.server_name.clone()]))
     }
 
     /// Resolves a local alias; if it is unknown, the services whose alias namespace matches are

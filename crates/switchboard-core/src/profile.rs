@@ -1,7 +1,7 @@
 //! Profiles: display name and avatar. A change is also written into the user's member event in
 //! every room they are joined to, as Synapse does, so other members see it.
 
-use ruma::{OwnedRoomId, UserId, events::StateEventType};
+use ruma::{OwnedRoomId, UserId, api::federation::query::get_profile_information, events::StateEventType};
 use serde_json::{Value, json};
 
 use crate::{Error, Homeserver, Result, rooms::EventDraft};
@@ -12,8 +12,33 @@ pub struct Profile {
 }
 
 impl Homeserver {
-    /// A local user's profile; unknown users (after asking the services) are `404 M_NOT_FOUND`.
+    /// A user's profile: a remote user's from their server; unknown local users (after asking
+    /// the services) are `404 M_NOT_FOUND`.
     pub async fn profile(&self, user_id: &UserId) -> Result<Profile> {
+        if user_id.server_name() != self.server_name {
+            let request = get_profile_information::v1::Request::new(user_id.to_owned());
+            let response = self
+                .federation
+                .client
+                .send(user_id.server_name(), request)
+                .await?;
+            let field = |name: &str| {
+                response
+                    .data
+                    .get(name)
+                    .and_then(|v| v.as_str())
+                    .map(str::to_owned)
+            };
+            return Ok(Profile {
+                displayname: field("displayname"),
+                avatar_url: field("avatar_url"),
+            });
+        }
+        self.local_profile(user_id).await
+    }
+
+    /// A local user's profile, for this server's clients and for other servers' queries.
+    pub async fn local_profile(&self, user_id: &UserId) -> Result<Profile> {
         if user_id.server_name() != self.server_name {
             return Err(Error::NotFound(format!("{user_id} is not a user of this server")));
         }

@@ -69,6 +69,37 @@ pub fn percent_encode(text: &str) -> String {
     out
 }
 
+/// A response body up to `limit` bytes, and whether it ended there (`false`: it was longer, or
+/// broke off). The rest is left unread, so a peer cannot make us read or buffer without end.
+pub async fn read_capped(mut response: reqwest::Response, limit: usize) -> (Vec<u8>, bool) {
+    let mut bytes = Vec::new();
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                let room = limit.saturating_sub(bytes.len());
+                bytes.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                if chunk.len() > room {
+                    return (bytes, false);
+                }
+            }
+            Ok(None) => return (bytes, true),
+            Err(_) => return (bytes, false),
+        }
+    }
+}
+
+/// An error with its sources, for logs and messages ("error sending request: connection refused").
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod user_id_tests {
     use super::parse_user_id;

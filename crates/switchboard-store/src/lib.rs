@@ -16,6 +16,7 @@ pub mod testing;
 
 use sqlx::{AssertSqlSafe, Row, postgres::PgPool, sqlite::SqlitePool};
 
+pub use federation::StoredServerKey;
 pub use migrate::SCHEMA_VERSION;
 pub use open::{DatabaseSettings, PostgresSettings};
 pub use rows::{AsPosition, EventRow, NewEvent, NewUser, StoredTxn, UserRow};
@@ -1725,6 +1726,9 @@ fn prefixed_event_columns(prefix: &str) -> String {
         .collect::<Vec<_>>()
         .join(", ")
 }
+
+// After the macros, which it uses.
+mod federation;
 
 #[cfg(test)]
 mod tests;

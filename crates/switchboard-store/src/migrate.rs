@@ -18,6 +18,7 @@ const SQLITE_MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0008_media.sql"),
     include_str!("../migrations/sqlite/0009_relations.sql"),
     include_str!("../migrations/sqlite/0010_cross_signing.sql"),
+    include_str!("../migrations/sqlite/0011_server_keys.sql"),
 ];
 
 const POSTGRES_MIGRATIONS: &[&str] = &[
@@ -31,6 +32,7 @@ const POSTGRES_MIGRATIONS: &[&str] = &[
     include_str!("../migrations/postgres/0008_media.sql"),
     include_str!("../migrations/postgres/0009_relations.sql"),
     include_str!("../migrations/postgres/0010_cross_signing.sql"),
+    include_str!("../migrations/postgres/0011_server_keys.sql"),
 ];
 
 /// The schema version this binary writes.

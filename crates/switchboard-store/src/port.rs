@@ -208,6 +208,20 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
         "cross_signing_keys",
         &[("user_id", Text), ("key_type", Text), ("keys", Text)],
     ),
+    (
+        "server_keys",
+        &[
+            ("server_name", Text),
+            ("key_id", Text),
+            ("verify_key", Text),
+            ("valid_until_ts", Int),
+            ("expired_ts", Int),
+        ],
+    ),
+    (
+        "server_key_responses",
+        &[("server_name", Text), ("response", Text), ("valid_until_ts", Int)],
+    ),
 ];
 
 /// Rows read from SQLite per query.

@@ -13,6 +13,8 @@ use switchboard_store::{DatabaseSettings, PostgresSettings, Store, port};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
+mod tls;
+
 /// mimalloc returns freed memory to the OS: with glibc's malloc, the 19 MiB argon2 buffers of
 /// password hashing stay resident after every login (RSS 170 MiB vs 21 MiB after the benchmark).
 #[global_allocator]
@@ -309,50 +311,91 @@ async fn appservice_command(
     Ok(())
 }
 
+/// One address a listener binds, and what it serves there.
+struct Binding {
+    address: SocketAddr,
+    resources: switchboard_api::Resources,
+    metrics: bool,
+    tls: bool,
+    x_forwarded: bool,
+}
+
 async fn serve(config: Config) -> anyhow::Result<()> {
-    let mut addresses = Vec::new();
-    // Each listener serves what its resources say: the client API, metrics, or both.
+    let mut bindings = Vec::new();
+    // Each listener serves what its resources say: the client API, federation, metrics.
     for listener in &config.listeners {
-        let client = config.client_listeners().any(|l| std::ptr::eq(l, listener));
+        let resources = switchboard_api::Resources {
+            client: config.client_listeners().any(|l| std::ptr::eq(l, listener)),
+            federation: config.federation_listeners().any(|l| std::ptr::eq(l, listener)),
+        };
         let metrics = config.metrics_listeners().any(|l| std::ptr::eq(l, listener));
-        if !client && !metrics {
+        if !resources.client && !resources.federation && !metrics {
             continue;
         }
         for address in &listener.bind_addresses {
             let ip = address
                 .parse()
                 .with_context(|| format!("listeners: bad bind address `{address}`"))?;
-            addresses.push((
-                SocketAddr::new(ip, listener.port),
-                client,
+            bindings.push(Binding {
+                address: SocketAddr::new(ip, listener.port),
+                resources,
                 metrics,
-                listener.x_forwarded,
-            ));
+                tls: listener.tls,
+                x_forwarded: listener.x_forwarded,
+            });
         }
     }
+    let tls = match (&config.tls_certificate_path, &config.tls_private_key_path) {
+        (Some(cert), Some(key)) if bindings.iter().any(|b| b.tls) => Some(tls::server_config(cert, key)?),
+        _ => None,
+    };
     let hs = Arc::new(Homeserver::open(config).await?);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = Vec::new();
-    for (address, client, metrics, x_forwarded) in addresses {
+    for binding in bindings {
+        let Binding {
+            address,
+            resources,
+            metrics,
+            x_forwarded,
+            ..
+        } = binding;
         let listener = TcpListener::bind(address)
             .await
             .with_context(|| format!("cannot listen on {address}"))?;
-        tracing::info!(%address, server_name = %hs.server_name, client, metrics, "listening");
-        let app = match (client, metrics) {
-            (true, true) => switchboard_api::router(hs.clone(), x_forwarded)
-                .merge(switchboard_api::metrics_router(hs.clone())),
-            (true, false) => switchboard_api::router(hs.clone(), x_forwarded),
-            _ => switchboard_api::metrics_router(hs.clone()),
+        tracing::info!(
+            %address,
+            server_name = %hs.server_name,
+            client = resources.client,
+            federation = resources.federation,
+            metrics,
+            tls = binding.tls,
+            "listening"
+        );
+        let mut app = if resources.client || resources.federation {
+            switchboard_api::router_for(hs.clone(), resources, x_forwarded)
+        } else {
+            axum::Router::new()
         };
+        if metrics {
+            app = app.merge(switchboard_api::metrics_router(hs.clone()));
+        }
         let app = app.into_make_service_with_connect_info::<SocketAddr>();
         let mut stop = stop_rx.clone();
-        servers.push(tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await
-        }));
+        let stopped = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        servers.push(match (&tls, binding.tls) {
+            (Some(config), true) => {
+                use axum::serve::ListenerExt;
+                // `tap_io` gives the listener axum's connect-info support (the peer's address).
+                let listener = tls::TlsListener::new(listener, config.clone())?.tap_io(|_| {});
+                tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stopped).await })
+            }
+            _ => {
+                tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stopped).await })
+            }
+        });
     }
     #[cfg(unix)]
     tokio::spawn(reload_on_sighup(hs.clone()));

@@ -34,8 +34,8 @@ pub(super) fn routes() -> Router<Arc<Homeserver>> {
 }
 
 async fn resolve(State(hs): State<Arc<Homeserver>>, Path(raw): Path<String>) -> ApiResult<Json<Value>> {
-    let room_id = hs.resolve_alias(&alias(&raw)?).await?;
-    Ok(Json(json!({ "room_id": room_id, "servers": [hs.server_name] })))
+    let (room_id, servers) = hs.lookup_alias(&alias(&raw)?).await?;
+    Ok(Json(json!({ "room_id": room_id, "servers": servers })))
 }
 
 #[derive(Deserialize)]

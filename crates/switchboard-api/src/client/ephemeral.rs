@@ -149,7 +149,7 @@ async fn get_presence(
     Path(user): Path<String>,
 ) -> ApiResult<Json<Value>> {
     let user = user_id(&user)?;
-    hs.profile(&user).await?;
+    hs.local_profile(&user).await?;
     // Presence is for people who share a room (Synapse's rule).
     if user != session.user_id && !hs.share_a_room(&session.user_id, &user).await? {
         return Err(Error::Forbidden("You do not share a room with this user".to_owned()).into());

@@ -24,11 +24,11 @@ pub(super) fn room_id(raw: &str) -> Result<OwnedRoomId, Error> {
     OwnedRoomId::try_from(raw).map_err(|e| Error::InvalidParam(format!("invalid room ID {raw}: {e}")))
 }
 
-pub(super) fn user_id(raw: &str) -> Result<OwnedUserId, Error> {
+pub(crate) fn user_id(raw: &str) -> Result<OwnedUserId, Error> {
     switchboard_core::util::parse_user_id(raw).map_err(Error::InvalidParam)
 }
 
-pub(super) fn alias(raw: &str) -> Result<OwnedRoomAliasId, Error> {
+pub(crate) fn alias(raw: &str) -> Result<OwnedRoomAliasId, Error> {
     OwnedRoomAliasId::try_from(raw).map_err(|e| Error::InvalidParam(format!("invalid room alias {raw}: {e}")))
 }
 

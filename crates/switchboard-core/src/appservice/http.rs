@@ -184,7 +184,7 @@ impl ServiceHttp {
                 }
             }
             Err(e) if e.is_timeout() => Reply::TimedOut,
-            Err(e) => Reply::Unreachable(error_chain(&e)),
+            Err(e) => Reply::Unreachable(crate::util::error_chain(&e)),
         }
     }
 }
@@ -207,16 +207,8 @@ fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
 
 /// The body up to `limit` bytes; a longer one is cut there and the rest left unread. Cut-off or
 /// broken bodies come back as far as they got.
-async fn read_limited(mut response: reqwest::Response, limit: usize) -> String {
-    let mut bytes = Vec::new();
-    while let Ok(Some(chunk)) = response.chunk().await {
-        let room = limit.saturating_sub(bytes.len());
-        bytes.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        if bytes.len() >= limit {
-            break;
-        }
-    }
-    String::from_utf8_lossy(&bytes).into_owned()
+async fn read_limited(response: reqwest::Response, limit: usize) -> String {
+    String::from_utf8_lossy(&crate::util::read_capped(response, limit).await.0).into_owned()
 }
 
 /// Whether a reply means "no such route" rather than an answer from the route. A 404 with a JSON
@@ -234,17 +226,6 @@ fn route_missing(status: StatusCode, body: &str) -> bool {
         },
         _ => false,
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -366,6 +366,14 @@ impl Server {
     /// registration open, rate limits as relaxed as Switchboard's in the tests, and these
     /// application-service registration files. `None` if Synapse is not installed.
     pub async fn start_synapse(app_service_files: &[PathBuf]) -> Option<Self> {
+        Self::start_synapse_edited(app_service_files, |text| text).await
+    }
+
+    /// [`Self::start_synapse`] with the config text passed through `edit` first.
+    pub async fn start_synapse_edited(
+        app_service_files: &[PathBuf],
+        edit: impl FnOnce(String) -> String,
+    ) -> Option<Self> {
         let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/synapse-venv/bin/python");
         if !python.exists() {
             return None;
@@ -404,7 +412,7 @@ rc_joins: {{local: {{per_second: 1000, burst_count: 1000}}}}
             files = files.join(", ")
         );
         let config_path = dir.path().join("homeserver.yaml");
-        std::fs::write(&config_path, config).expect("synapse config");
+        std::fs::write(&config_path, edit(config)).expect("synapse config");
         let keys = Command::new(&python)
             .args(["-m", "synapse.app.homeserver", "--generate-keys", "-c"])
             .arg(&config_path)

@@ -8,6 +8,7 @@ mod appservice;
 mod durability;
 mod ephemeral;
 mod fake_as;
+mod federation;
 mod http;
 mod input;
 mod keys;

@@ -1,0 +1,96 @@
+//! Tables of the Server-Server API: other servers' signing keys.
+
+use sqlx::Row;
+
+use crate::{Pools, Result, Store};
+
+/// One signing key of another server, as last vouched for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredServerKey {
+    pub key_id: String,
+    /// Unpadded base64.
+    pub verify_key: String,
+    pub valid_until_ts: i64,
+    pub expired_ts: Option<i64>,
+}
+
+impl Store {
+    /// Every key known of `server_name`.
+    pub async fn server_keys(&self, server_name: &str) -> Result<Vec<StoredServerKey>> {
+        on_db!(self, |write, read| {
+            let rows = sqlx::query(
+                "SELECT key_id, verify_key, valid_until_ts, expired_ts FROM server_keys WHERE server_name = $1",
+            )
+            .bind(server_name)
+            .fetch_all(read)
+            .await?;
+            Ok(rows
+                .into_iter()
+                .map(|r| StoredServerKey {
+                    key_id: r.get(0),
+                    verify_key: r.get(1),
+                    valid_until_ts: r.get(2),
+                    expired_ts: r.get(3),
+                })
+                .collect())
+        })
+    }
+
+    /// Records a verified key response: its keys (a key's validity only ever grows, and a key
+    /// once expired stays expired) and the response itself, for serving as a notary.
+    pub async fn save_server_keys(
+        &self,
+        server_name: &str,
+        keys: &[StoredServerKey],
+        response: &str,
+        valid_until_ts: i64,
+    ) -> Result<()> {
+        on_db!(self, |write, read| {
+            let mut tx = write.begin().await?;
+            for key in keys {
+                sqlx::query(
+                    "INSERT INTO server_keys (server_name, key_id, verify_key, valid_until_ts, expired_ts)
+                     VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (server_name, key_id) DO UPDATE SET
+                       verify_key = excluded.verify_key,
+                       valid_until_ts = CASE WHEN excluded.valid_until_ts > server_keys.valid_until_ts
+                                             THEN excluded.valid_until_ts ELSE server_keys.valid_until_ts END,
+                       expired_ts = COALESCE(server_keys.expired_ts, excluded.expired_ts)",
+                )
+                .bind(server_name)
+                .bind(&key.key_id)
+                .bind(&key.verify_key)
+                .bind(key.valid_until_ts)
+                .bind(key.expired_ts)
+                .execute(&mut *tx)
+                .await?;
+            }
+            sqlx::query(
+                "INSERT INTO server_key_responses (server_name, response, valid_until_ts) VALUES ($1, $2, $3)
+                 ON CONFLICT (server_name) DO UPDATE SET response = excluded.response,
+                   valid_until_ts = excluded.valid_until_ts
+                 WHERE excluded.valid_until_ts >= server_key_responses.valid_until_ts",
+            )
+            .bind(server_name)
+            .bind(response)
+            .bind(valid_until_ts)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    /// The newest key response of `server_name` and its `valid_until_ts`.
+    pub async fn server_key_response(&self, server_name: &str) -> Result<Option<(String, i64)>> {
+        on_db!(self, |write, read| {
+            let row = sqlx::query(
+                "SELECT response, valid_until_ts FROM server_key_responses WHERE server_name = $1",
+            )
+            .bind(server_name)
+            .fetch_optional(read)
+            .await?;
+            Ok(row.map(|r| (r.get(0), r.get(1))))
+        })
+    }
+}

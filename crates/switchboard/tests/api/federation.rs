@@ -1,0 +1,612 @@
+//! Federation between real servers on loopback: each has the server name `localhost:<port>` (the
+//! port of its TLS federation listener) and a certificate from a CA made for this test run, which
+//! every server trusts (`federation_custom_ca_list`).
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    sync::OnceLock,
+};
+
+use reqwest::{Method, StatusCode};
+use ruma::{
+    OwnedServerName,
+    api::federation::authentication::{XMatrix, XMatrixSigningInput},
+};
+use serde_json::{Value, json};
+use switchboard_core::keys::SigningKey;
+
+use crate::harness::{RELAXED_LIMITS, Server, enc, errcode, free_port, tls_init};
+
+/// The test CA and one certificate for `localhost` / 127.0.0.1 it issued, made once per run.
+fn ca_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        // Kept for the whole run (servers read the files at start); tiny, under the system's tmp.
+        let dir = tempfile::tempdir().expect("tempdir").keep();
+        let run = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .output()
+                .expect("openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        run(&[
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=Switchboard test CA",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ],
+        ]
+        .concat());
+        run(&[
+            &["req"][..],
+            &ec,
+            &[
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=localhost",
+            ],
+        ]
+        .concat());
+        std::fs::write(
+            dir.join("server.ext"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+             keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+        )
+        .expect("ext");
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ]);
+        dir
+    })
+}
+
+/// The TLS and trust settings both kinds of server take under the same keys.
+fn tls_settings() -> String {
+    let ca = ca_dir().display();
+    format!(
+        "tls_certificate_path: {ca}/server.pem
+tls_private_key_path: {ca}/server.key
+federation_verify_certificates: true
+federation_custom_ca_list: ['{ca}/ca.pem']
+ip_range_whitelist: ['127.0.0.0/8']
+trusted_key_servers: []
+"
+    )
+}
+
+/// A server in the test federation.
+struct Peer {
+    server: Server,
+    name: String,
+    fed_port: u16,
+}
+
+impl Peer {
+    async fn switchboard(extra: &str) -> Self {
+        let fed_port = free_port();
+        // A key `extra` sets replaces the default one.
+        let settings: String = tls_settings()
+            .lines()
+            .filter(|line| line.split(':').next().is_none_or(|key| !extra.contains(key)))
+            .map(|line| format!("{line}\n"))
+            .collect();
+        let server = Server::start_edited(&format!("{RELAXED_LIMITS}\n{settings}\n{extra}"), |text| {
+            text.replacen(
+                "server_name: localhost\n",
+                &format!("server_name: \"localhost:{fed_port}\"\n"),
+                1,
+            )
+            .replacen(
+                "    resources: [{names: [client]}]\n",
+                &format!(
+                    "    resources: [{{names: [client]}}]
+  - port: {fed_port}
+    bind_addresses: ['127.0.0.1']
+    type: http
+    tls: true
+    resources: [{{names: [federation]}}]
+"
+                ),
+                1,
+            )
+        })
+        .await;
+        Self {
+            server,
+            name: format!("localhost:{fed_port}"),
+            fed_port,
+        }
+    }
+
+    /// Synapse from `target/synapse-venv`, federating the same way; `None` if not installed.
+    async fn synapse() -> Option<Self> {
+        let fed_port = free_port();
+        let server = Server::start_synapse_edited(&[], |text| {
+            format!(
+                "{}\n{}federation_ip_range_blacklist: []\n",
+                text.replacen("server_name: localhost\n", &format!("server_name: \"localhost:{fed_port}\"\n"), 1)
+                    .replacen(
+                        "listeners:\n",
+                        &format!(
+                            "listeners:\n  - {{port: {fed_port}, bind_addresses: ['127.0.0.1'], type: http, tls: true, \
+                             resources: [{{names: [federation], compress: false}}]}}\n"
+                        ),
+                        1,
+                    ),
+                tls_settings()
+            )
+        })
+        .await?;
+        Some(Self {
+            server,
+            name: format!("localhost:{fed_port}"),
+            fed_port,
+        })
+    }
+
+    fn federation_url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.fed_port)
+    }
+}
+
+/// An HTTPS client trusting the test CA.
+fn tls_client() -> reqwest::Client {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    tls_init();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca_dir().join("ca.pem")).expect("ca") {
+        roots.add(cert.expect("cert")).expect("add");
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    reqwest::Client::builder()
+        .use_preconfigured_tls(config)
+        .build()
+        .expect("client")
+}
+
+/// A federation request signed with `key` as `origin`, for `destination` (which may differ from
+/// where it is sent, to test that), optionally with its URI changed after signing.
+async fn signed(
+    to: &Peer,
+    key: &SigningKey,
+    origin: &str,
+    destination: &str,
+    path: &str,
+    signed_path: Option<&str>,
+) -> (StatusCode, Value) {
+    let origin = OwnedServerName::try_from(origin).expect("origin");
+    let destination = OwnedServerName::try_from(destination).expect("destination");
+    let request = http::Request::builder()
+        .method("GET")
+        .uri(signed_path.unwrap_or(path))
+        .body(Vec::<u8>::new())
+        .expect("request");
+    let x_matrix = XMatrix::sign_http_request(
+        &request,
+        XMatrixSigningInput::new(origin, destination, &key.key_pair),
+    )
+    .expect("sign");
+    let header = http::HeaderValue::from(&x_matrix);
+    let response = tls_client()
+        .get(to.federation_url(path))
+        .header("Authorization", header.to_str().expect("header"))
+        .send()
+        .await
+        .expect("request");
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn keys_and_version_are_served_over_tls_self_signed() {
+    let peer = Peer::switchboard("").await;
+    let client = tls_client();
+    let version: Value = client
+        .get(peer.federation_url("/_matrix/federation/v1/version"))
+        .send()
+        .await
+        .expect("version")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(version["server"]["name"], "Switchboard");
+    let keys: Value = client
+        .get(peer.federation_url("/_matrix/key/v2/server"))
+        .send()
+        .await
+        .expect("keys")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(keys["server_name"], peer.name);
+    let key_id = keys["verify_keys"]
+        .as_object()
+        .expect("verify_keys")
+        .keys()
+        .next()
+        .expect("a key")
+        .clone();
+    assert!(key_id.starts_with("ed25519:"), "{keys}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("time")
+        .as_millis() as i64;
+    let valid_until = keys["valid_until_ts"].as_i64().expect("valid_until_ts");
+    assert!(valid_until > now + 23 * 3600 * 1000, "a day, by default: {keys}");
+    // The document verifies with the key it publishes.
+    let public = keys["verify_keys"][&key_id]["key"].as_str().expect("key");
+    let map = ruma::signatures::PublicKeyMap::from([(
+        peer.name.clone(),
+        ruma::signatures::PublicKeySet::from([(
+            key_id.clone(),
+            ruma::serde::Base64::parse(public).expect("base64"),
+        )]),
+    )]);
+    let object: ruma::CanonicalJsonObject = serde_json::from_value(keys.clone()).expect("canonical");
+    ruma::signatures::verify_json(&map, &object).expect("self-signed");
+    // The client listener does not serve federation, nor the federation listener the client API.
+    let (status, body) = peer
+        .server
+        .call(Method::GET, "/_matrix/key/v2/server", None, None)
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::NOT_FOUND, "M_UNRECOGNIZED")
+    );
+    let response = client
+        .get(peer.federation_url("/_matrix/client/versions"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn two_switchboards_query_profiles_aliases_and_keys_of_each_other() {
+    let (a, b) = (Peer::switchboard("").await, Peer::switchboard("").await);
+    let alice = a.server.register("alice").await;
+    let bob = b.server.register("bob").await;
+    a.server
+        .ok(
+            Method::PUT,
+            &format!("/_matrix/client/v3/profile/{}/displayname", enc(&alice.user_id)),
+            &alice.token,
+            json!({"displayname": "Alice of A"}),
+        )
+        .await;
+    assert!(
+        alice.user_id.ends_with(&format!(":{}", a.name)),
+        "{}",
+        alice.user_id
+    );
+    // Bob's server asks Alice's, signed; Alice's fetches Bob's server's key to check it.
+    let profile = b
+        .server
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/profile/{}", enc(&alice.user_id)),
+            &bob.token,
+            Value::Null,
+        )
+        .await;
+    assert_eq!(profile["displayname"], "Alice of A");
+    let (status, body) = b
+        .server
+        .call(
+            Method::GET,
+            &format!(
+                "/_matrix/client/v3/profile/{}",
+                enc(&format!("@nobody:{}", a.name))
+            ),
+            Some(&bob.token),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::NOT_FOUND, "M_NOT_FOUND"),
+        "{body}"
+    );
+
+    let room = a
+        .server
+        .create_room(&alice, json!({"room_alias_name": "hall"}))
+        .await;
+    let alias = format!("#hall:{}", a.name);
+    let found = b
+        .server
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/directory/room/{}", enc(&alias)),
+            &bob.token,
+            Value::Null,
+        )
+        .await;
+    assert_eq!(found["room_id"], room.as_str());
+    assert_eq!(found["servers"], json!([a.name]));
+
+    // B as a notary for A's keys: A's signature and B's on the same document.
+    let answer: Value = tls_client()
+        .get(b.federation_url(&format!("/_matrix/key/v2/query/{}", a.name)))
+        .send()
+        .await
+        .expect("notary")
+        .json()
+        .await
+        .expect("json");
+    let keys = &answer["server_keys"][0];
+    assert_eq!(keys["server_name"], a.name, "{answer}");
+    let signers: Vec<&String> = keys["signatures"]
+        .as_object()
+        .expect("signatures")
+        .keys()
+        .collect();
+    assert_eq!(signers.len(), 2, "{answer}");
+    assert!(
+        signers.contains(&&a.name) && signers.contains(&&b.name),
+        "{answer}"
+    );
+}
+
+#[tokio::test]
+async fn unsigned_misdirected_and_forged_requests_are_refused() {
+    let (a, b) = (Peer::switchboard("").await, Peer::switchboard("").await);
+    let alice = a.server.register("alice").await;
+    let path = format!(
+        "/_matrix/federation/v1/query/profile?user_id={}",
+        enc(&alice.user_id)
+    );
+    let b_key = SigningKey::load(&b.server.dir.path().join("signing.key")).expect("b's key");
+
+    // Signed with B's real key, for A: accepted (A fetches B's key from B).
+    let (status, body) = signed(&a, &b_key, &b.name, &a.name, &path, None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["displayname"], "alice");
+
+    let no_auth = tls_client()
+        .get(a.federation_url(&path))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(no_auth.status(), StatusCode::UNAUTHORIZED);
+    let body: Value = no_auth.json().await.expect("json");
+    assert_eq!(errcode(&body), "M_UNAUTHORIZED");
+
+    // Signed for another destination.
+    let (status, body) = signed(&a, &b_key, &b.name, "localhost:1", &path, None).await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED"),
+        "{body}"
+    );
+    // A signature over another URI.
+    let (status, body) = signed(
+        &a,
+        &b_key,
+        &b.name,
+        &a.name,
+        &path,
+        Some("/_matrix/federation/v1/version"),
+    )
+    .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED"),
+        "{body}"
+    );
+    // Someone else's key under B's name.
+    let forger =
+        SigningKey::parse(&switchboard_core::keys::generate_key_file_contents(), "forger").expect("key");
+    let (status, body) = signed(&a, &forger, &b.name, &a.name, &path, None).await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED"),
+        "{body}"
+    );
+    // A garbled header.
+    let response = tls_client()
+        .get(a.federation_url(&path))
+        .header("Authorization", "X-Matrix origin=")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    // Unknown endpoints are the spec's 404.
+    let (status, body) = signed(
+        &a,
+        &b_key,
+        &b.name,
+        &a.name,
+        "/_matrix/federation/v1/no_such_thing",
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::NOT_FOUND, "M_UNRECOGNIZED"),
+        "{body}"
+    );
+
+    // A server outside federation_domain_whitelist is refused both ways.
+    let c = Peer::switchboard("federation_domain_whitelist: ['example.org']").await;
+    let (status, body) = signed(&c, &b_key, &b.name, &c.name, &path, None).await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::FORBIDDEN, "M_FORBIDDEN"),
+        "{body}"
+    );
+    let carol = c.server.register("carol").await;
+    let (status, body) = c
+        .server
+        .call(
+            Method::GET,
+            &format!("/_matrix/client/v3/profile/{}", enc(&alice.user_id)),
+            Some(&carol.token),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::FORBIDDEN, "M_FORBIDDEN"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn outbound_requests_never_reach_a_blacklisted_address() {
+    // Without the loopback whitelist, Synapse's default blacklist keeps every request off 127/8.
+    let a = Peer::switchboard("").await;
+    let b = Peer::switchboard("ip_range_whitelist: []").await;
+    let alice = a.server.register("alice").await;
+    let bob = b.server.register("bob").await;
+    let (status, body) = b
+        .server
+        .call(
+            Method::GET,
+            &format!("/_matrix/client/v3/profile/{}", enc(&alice.user_id)),
+            Some(&bob.token),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("ip_range_blacklist"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn synapse_and_switchboard_query_each_other_with_signed_requests() {
+    let Some(synapse) = Peer::synapse().await else {
+        eprintln!("Synapse is not installed (tests/interop/setup.sh synapse); skipped");
+        return;
+    };
+    let ours = Peer::switchboard("").await;
+    let alice = ours.server.register("alice").await;
+    ours.server
+        .ok(
+            Method::PUT,
+            &format!("/_matrix/client/v3/profile/{}/displayname", enc(&alice.user_id)),
+            &alice.token,
+            json!({"displayname": "Alice on Switchboard"}),
+        )
+        .await;
+    let room = ours
+        .server
+        .create_room(&alice, json!({"room_alias_name": "lobby"}))
+        .await;
+    let sam = synapse.server.register("sam").await;
+    synapse
+        .server
+        .ok(
+            Method::PUT,
+            &format!("/_matrix/client/v3/profile/{}/displayname", enc(&sam.user_id)),
+            &sam.token,
+            json!({"displayname": "Sam on Synapse"}),
+        )
+        .await;
+
+    // Synapse asks us (it verifies our X-Matrix signature with the keys it fetched from us).
+    let profile = synapse
+        .server
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/profile/{}", enc(&alice.user_id)),
+            &sam.token,
+            Value::Null,
+        )
+        .await;
+    assert_eq!(
+        profile["displayname"],
+        "Alice on Switchboard",
+        "synapse log: {}",
+        synapse_log(&synapse)
+    );
+    let found = synapse
+        .server
+        .ok(
+            Method::GET,
+            &format!(
+                "/_matrix/client/v3/directory/room/{}",
+                enc(&format!("#lobby:{}", ours.name))
+            ),
+            &sam.token,
+            Value::Null,
+        )
+        .await;
+    assert_eq!(found["room_id"], room.as_str());
+
+    // We ask Synapse (we verify its signature on nothing here, but it verifies ours).
+    let profile = ours
+        .server
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/profile/{}", enc(&sam.user_id)),
+            &alice.token,
+            Value::Null,
+        )
+        .await;
+    assert_eq!(profile["displayname"], "Sam on Synapse", "{}", ours.server.log());
+
+    // Synapse as our notary's subject: we fetched its keys for its requests to us.
+    let answer: Value = tls_client()
+        .get(ours.federation_url(&format!("/_matrix/key/v2/query/{}", synapse.name)))
+        .send()
+        .await
+        .expect("notary")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(answer["server_keys"][0]["server_name"], synapse.name, "{answer}");
+}
+
+fn synapse_log(peer: &Peer) -> String {
+    std::fs::read_to_string(peer.server.dir.path().join("synapse.log")).unwrap_or_default()
+}
