@@ -59,6 +59,10 @@ impl IntoResponse for ApiError {
             Error::UnsupportedRoomVersion(_) => (StatusCode::BAD_REQUEST, "M_UNSUPPORTED_ROOM_VERSION"),
             Error::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "M_TOO_LARGE"),
             Error::Unrecognized(_) => (StatusCode::NOT_FOUND, "M_UNRECOGNIZED"),
+            Error::IncompatibleRoomVersion(version) => {
+                let body = json!({ "errcode": "M_INCOMPATIBLE_ROOM_VERSION", "error": message, "room_version": version });
+                return (StatusCode::BAD_REQUEST, Json(body)).into_response();
+            }
             Error::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED"),
             Error::BadGateway(_) => (StatusCode::BAD_GATEWAY, "M_UNKNOWN"),
             Error::Remote { status, errcode, .. } => {

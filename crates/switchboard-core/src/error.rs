@@ -31,6 +31,9 @@ pub enum Error {
     Conflict(String),
     #[error("{0}")]
     UnsupportedRoomVersion(String),
+    /// A remote server cannot join a room of this version; carries the room's version.
+    #[error("Your homeserver does not support the features required to join this room (version {0})")]
+    IncompatibleRoomVersion(String),
     #[error("Too many requests")]
     LimitExceeded { retry_after_ms: u64 },
     #[error("{0}")]

@@ -121,8 +121,15 @@ impl Homeserver {
             tracing::info!(count, "application services registered");
         }
         let federation = Arc::new(
-            federation::Federation::new(&config, server_name.clone(), key, store.clone())
-                .map_err(StartupError::Other)?,
+            federation::Federation::start(
+                &config,
+                server_name.clone(),
+                key,
+                store.clone(),
+                rooms.clone(),
+                stream.clone(),
+            )
+            .await?,
         );
         Ok(Self {
             federation,

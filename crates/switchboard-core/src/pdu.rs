@@ -148,6 +148,11 @@ impl Pdu {
             .and_then(|c| c.membership)
     }
 
+    /// The PDU as servers exchange it: the signed JSON, unchanged.
+    pub fn federation_json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.json).unwrap_or_default()
+    }
+
     pub fn content_value(&self) -> serde_json::Value {
         serde_json::from_str(self.content.get()).unwrap_or(serde_json::Value::Null)
     }

@@ -392,6 +392,7 @@ mod tests {
             membership: None,
             creates_room_version: None,
             relates_to: None,
+            prev_events: Vec::new(),
         }
     }
 

@@ -93,4 +93,59 @@ impl Store {
             Ok(row.map(|r| (r.get(0), r.get(1))))
         })
     }
+
+    // ---- outbound federation ------------------------------------------------------------------
+
+    /// Every destination with its last sent stream position (`""` is the dispatcher's cursor).
+    pub async fn federation_destinations(&self) -> Result<Vec<(String, i64)>> {
+        on_db!(self, |write, read| {
+            let rows = sqlx::query("SELECT destination, sent_pos FROM federation_destinations")
+                .fetch_all(read)
+                .await?;
+            Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+        })
+    }
+
+    /// Adds a destination starting after `sent_pos`; an existing one keeps its position.
+    pub async fn add_federation_destination(&self, destination: &str, sent_pos: i64) -> Result<()> {
+        on_db!(self, |write, read| {
+            sqlx::query(
+                "INSERT INTO federation_destinations (destination, sent_pos) VALUES ($1, $2)
+                 ON CONFLICT (destination) DO NOTHING",
+            )
+            .bind(destination)
+            .bind(sent_pos)
+            .execute(write)
+            .await?;
+            Ok(())
+        })
+    }
+
+    /// Records that everything up to `sent_pos` was sent (positions only move forward).
+    pub async fn set_federation_sent(&self, destination: &str, sent_pos: i64) -> Result<()> {
+        on_db!(self, |write, read| {
+            sqlx::query(
+                "UPDATE federation_destinations SET sent_pos = $2 WHERE destination = $1 AND sent_pos < $2",
+            )
+            .bind(destination)
+            .bind(sent_pos)
+            .execute(write)
+            .await?;
+            Ok(())
+        })
+    }
+
+    /// A new transaction number for `destination`, never handed out before.
+    pub async fn next_federation_txn(&self, destination: &str) -> Result<i64> {
+        on_db!(self, |write, read| {
+            let row = sqlx::query(
+                "UPDATE federation_destinations SET last_txn_id = last_txn_id + 1 WHERE destination = $1
+                 RETURNING last_txn_id",
+            )
+            .bind(destination)
+            .fetch_one(write)
+            .await?;
+            Ok(row.get(0))
+        })
+    }
 }

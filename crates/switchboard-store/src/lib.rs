@@ -438,7 +438,23 @@ impl Store {
         })
     }
 
-    /// The newest event of a room (its forward extremity) and its depth.
+    /// The forward extremities of a room (events no other event names in `prev_events`) with
+    /// their depths.
+    pub async fn room_extremities(&self, room_id: &str) -> Result<Vec<(String, i64)>> {
+        on_db!(self, |write, read| {
+            let rows = sqlx::query(
+                "SELECT e.event_id, e.depth FROM events e WHERE e.room_id = $1 AND NOT EXISTS
+                   (SELECT 1 FROM event_edges x WHERE x.room_id = $1 AND x.prev_event_id = e.event_id)
+                 ORDER BY e.stream_pos",
+            )
+            .bind(room_id)
+            .fetch_all(read)
+            .await?;
+            Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+        })
+    }
+
+    /// The newest event of a room and its depth.
     pub async fn room_head(&self, room_id: &str) -> Result<Option<(String, i64)>> {
         on_db!(self, |write, read| {
             let row = sqlx::query(
@@ -1644,6 +1660,20 @@ macro_rules! transaction_ops {
                             .execute(&mut **tx)
                             .await?;
                     }
+                }
+                let edges: Vec<_> = events
+                    .iter()
+                    .flat_map(|e| e.prev_events.iter().map(move |prev| (*e, prev)))
+                    .collect();
+                for chunk in edges.chunks(INSERT_CHUNK) {
+                    let mut insert = sqlx::QueryBuilder::new("INSERT INTO event_edges (room_id, event_id, prev_event_id) ");
+                    insert.push_values(chunk, |mut row, (event, prev)| {
+                        row.push_bind(event.room_id.as_str())
+                            .push_bind(event.event_id.as_str())
+                            .push_bind(prev.as_str());
+                    });
+                    insert.push(" ON CONFLICT DO NOTHING");
+                    insert.build().execute(&mut **tx).await?;
                 }
                 let with_txn: Vec<_> = events
                     .iter()

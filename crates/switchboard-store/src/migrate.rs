@@ -19,6 +19,7 @@ const SQLITE_MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0009_relations.sql"),
     include_str!("../migrations/sqlite/0010_cross_signing.sql"),
     include_str!("../migrations/sqlite/0011_server_keys.sql"),
+    include_str!("../migrations/sqlite/0012_federation_rooms.sql"),
 ];
 
 const POSTGRES_MIGRATIONS: &[&str] = &[
@@ -33,6 +34,7 @@ const POSTGRES_MIGRATIONS: &[&str] = &[
     include_str!("../migrations/postgres/0009_relations.sql"),
     include_str!("../migrations/postgres/0010_cross_signing.sql"),
     include_str!("../migrations/postgres/0011_server_keys.sql"),
+    include_str!("../migrations/postgres/0012_federation_rooms.sql"),
 ];
 
 /// The schema version this binary writes.

@@ -222,6 +222,14 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
         "server_key_responses",
         &[("server_name", Text), ("response", Text), ("valid_until_ts", Int)],
     ),
+    (
+        "event_edges",
+        &[("room_id", Text), ("event_id", Text), ("prev_event_id", Text)],
+    ),
+    (
+        "federation_destinations",
+        &[("destination", Text), ("sent_pos", Int), ("last_txn_id", Int)],
+    ),
 ];
 
 /// Rows read from SQLite per query.

@@ -48,6 +48,8 @@ pub struct NewEvent {
     pub creates_room_version: Option<String>,
     /// `(event_id, rel_type)` of `content.m.relates_to`, for `/relations`.
     pub relates_to: Option<(String, String)>,
+    /// The event's `prev_events`: edges of the room DAG.
+    pub prev_events: Vec<String>,
 }
 
 #[derive(Clone, Debug)]

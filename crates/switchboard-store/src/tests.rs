@@ -23,6 +23,7 @@ fn event(pos: i64, id: &str, kind: &str, state_key: Option<&str>) -> NewEvent {
         membership: None,
         creates_room_version: None,
         relates_to: None,
+        prev_events: Vec::new(),
     }
 }
 

@@ -20,7 +20,7 @@ use ruma::{OwnedRoomAliasId, OwnedRoomId, OwnedUserId};
 use switchboard_core::{Error, Homeserver};
 
 /// Path parameters: Matrix IDs, parsed with `M_INVALID_PARAM` for malformed ones.
-pub(super) fn room_id(raw: &str) -> Result<OwnedRoomId, Error> {
+pub(crate) fn room_id(raw: &str) -> Result<OwnedRoomId, Error> {
     OwnedRoomId::try_from(raw).map_err(|e| Error::InvalidParam(format!("invalid room ID {raw}: {e}")))
 }
 

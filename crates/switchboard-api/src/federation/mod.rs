@@ -3,12 +3,15 @@
 //! takes its caller from a verified `X-Matrix` signature ([`Federated`]).
 
 mod keys;
+mod membership;
 mod query;
+mod transactions;
 
 use std::sync::Arc;
 
 use axum::{
     Json, Router,
+    body::Bytes,
     extract::{FromRequest, OriginalUri, Request, State},
     http::header,
     routing::get,
@@ -27,6 +30,8 @@ pub(crate) fn router() -> Router<Arc<Homeserver>> {
         .route("/_matrix/federation/v1/version", get(version))
         .merge(keys::routes())
         .merge(query::routes())
+        .merge(membership::routes())
+        .merge(transactions::routes())
 }
 
 /// `/.well-known/matrix/server`, when `serve_server_wellknown` is set.
@@ -68,10 +73,17 @@ async fn version() -> Json<Value> {
     Json(json!({ "server": { "name": "Switchboard", "version": env!("CARGO_PKG_VERSION") } }))
 }
 
-/// A request another server signed: its origin, verified. (The body it signed is checked and
-/// dropped; the endpoints that take one will carry it.)
+/// A request another server signed: its origin, verified, and the body it signed.
 pub struct Federated {
     pub origin: OwnedServerName,
+    pub body: Bytes,
+}
+
+impl Federated {
+    /// The body as JSON, with the client API's errors for bodies that are not.
+    pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, ApiError> {
+        crate::extract::parse_json(&self.body)
+    }
 }
 
 impl FromRequest<Arc<Homeserver>> for Federated {
@@ -96,7 +108,7 @@ impl FromRequest<Arc<Homeserver>> for Federated {
             .authenticate(authorization, &parts.method, &uri, &body)
             .await
             .inspect_err(|e| tracing::info!(path = %uri.path(), error = %e, "federation request refused"))?;
-        Ok(Self { origin })
+        Ok(Self { origin, body })
     }
 }
 

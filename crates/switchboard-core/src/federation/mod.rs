@@ -4,6 +4,7 @@
 pub mod client;
 pub mod keys;
 pub mod resolve;
+pub mod sender;
 
 use std::sync::Arc;
 
@@ -66,21 +67,35 @@ pub struct Federation {
     pub server_name: OwnedServerName,
     pub client: Arc<FederationClient>,
     pub keys: KeyRing,
+    pub sender: sender::FederationSender,
 }
 
 impl Federation {
-    pub fn new(
+    /// Builds the client and key ring and resumes the outbound queues.
+    pub async fn start(
         config: &Config,
         server_name: OwnedServerName,
         key: Arc<SigningKey>,
         store: Store,
-    ) -> Result<Self, String> {
-        let client = Arc::new(FederationClient::new(config, server_name.clone(), key.clone())?);
-        let keys = KeyRing::new(config, server_name.clone(), key, store, client.clone());
+        rooms: Arc<crate::rooms::Rooms>,
+        stream: Arc<crate::stream::EventStream>,
+    ) -> Result<Self, crate::StartupError> {
+        let client = Arc::new(
+            FederationClient::new(config, server_name.clone(), key.clone())
+                .map_err(crate::StartupError::Other)?,
+        );
+        let keys = KeyRing::new(config, server_name.clone(), key, store.clone(), client.clone());
+        let sender =
+            sender::FederationSender::start(store, rooms, stream, client.clone(), server_name.clone())
+                .await
+                .map_err(|e| {
+                    crate::StartupError::Other(format!("cannot resume the federation queues: {e}"))
+                })?;
         Ok(Self {
             server_name,
             client,
             keys,
+            sender,
         })
     }
 
@@ -134,6 +149,8 @@ impl Federation {
         x_matrix
             .verify_http_request(&request, &self.server_name, &key_map)
             .map_err(|e| Error::Unauthorized(format!("Bad X-Matrix signature: {e}")))?;
+        // It is up: whatever waits for it need not wait out a back-off.
+        self.sender.wake(&x_matrix.origin);
         Ok(x_matrix.origin)
     }
 }

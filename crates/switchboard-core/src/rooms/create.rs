@@ -156,7 +156,7 @@ impl Rooms {
             version: version.clone(),
             inner: Mutex::new(RoomInner {
                 state: StateMap::new(),
-                head: None,
+                extremities: Vec::new(),
             }),
         });
         if let Err(e) = self.send_batch(&handle, creator, events, None).await {

@@ -13,6 +13,7 @@ mod history;
 mod membership;
 mod pipeline;
 mod redaction;
+mod remote;
 mod txns;
 mod upgrade;
 
@@ -38,6 +39,7 @@ pub use create::CreateRoom;
 pub use directory::{Listing, PublicRooms};
 pub use history::{Context, Direction, MessagesPage, Visibility};
 pub use pipeline::EventDraft;
+pub use remote::Received;
 
 use crate::{
     Error, Result,
@@ -58,8 +60,10 @@ pub struct RoomHandle {
 
 struct RoomInner {
     state: StateMap,
-    /// The newest event and its depth: the only forward extremity, since this server never forks.
-    head: Option<(OwnedEventId, u64)>,
+    /// The forward extremities (events nothing points at yet) and their depths. One while only
+    /// this server writes; more when servers sent events concurrently. New local events name
+    /// them all as `prev_events`, which merges the branches.
+    extremities: Vec<(OwnedEventId, u64)>,
 }
 
 pub struct Rooms {
@@ -121,20 +125,21 @@ impl Rooms {
             );
             state.insert(key, Arc::new(pdu));
         }
-        let head = self
+        let extremities = self
             .store
-            .room_head(room_id.as_str())
+            .room_extremities(room_id.as_str())
             .await?
+            .into_iter()
             .map(|(id, depth)| {
                 OwnedEventId::try_from(id.as_str())
                     .map(|id| (id, depth as u64))
                     .map_err(|e| Error::Internal(format!("stored event ID {id}: {e}")))
             })
-            .transpose()?;
+            .collect::<Result<Vec<_>>>()?;
         let handle = Arc::new(RoomHandle {
             room_id: room_id.to_owned(),
             version,
-            inner: Mutex::new(RoomInner { state, head }),
+            inner: Mutex::new(RoomInner { state, extremities }),
         });
         // Another request may have loaded it meanwhile; keep the first so there is one lock per room.
         let mut cache = self

@@ -61,17 +61,47 @@ pub(super) struct StateView<'a> {
     overlay: StateMap,
 }
 
-impl StateView<'_> {
-    fn get(&self, key: &(StateEventType, String)) -> Option<&Arc<Pdu>> {
+impl<'a> StateView<'a> {
+    pub(super) fn over(base: &'a StateMap) -> Self {
+        Self {
+            base,
+            overlay: StateMap::new(),
+        }
+    }
+
+    pub(super) fn get(&self, key: &(StateEventType, String)) -> Option<&Arc<Pdu>> {
         self.overlay.get(key).or_else(|| self.base.get(key))
     }
 }
 
 /// A built and authorised event waiting to be stored.
-struct Accepted {
-    pdu: Pdu,
-    state_key: Option<(StateEventType, String)>,
-    unsigned: Option<String>,
+pub(super) struct Accepted {
+    pub(super) pdu: Pdu,
+    pub(super) state_key: Option<(StateEventType, String)>,
+    pub(super) unsigned: Option<String>,
+}
+
+impl Accepted {
+    /// `pdu` with the `unsigned` data of a state event replacing another in `state`.
+    pub(super) fn new(pdu: Pdu, state: &StateView<'_>) -> Self {
+        let state_key = pdu
+            .state_key
+            .clone()
+            .map(|k| (StateEventType::from(pdu.kind.to_string()), k));
+        let unsigned = state_key.as_ref().and_then(|key| state.get(key)).map(|prev| {
+            json!({
+                "replaces_state": prev.event_id,
+                "prev_content": prev.content,
+                "prev_sender": prev.sender,
+            })
+            .to_string()
+        });
+        Self {
+            pdu,
+            state_key,
+            unsigned,
+        }
+    }
 }
 
 impl Rooms {
@@ -158,43 +188,28 @@ impl Rooms {
             base: &inner.state,
             overlay: StateMap::new(),
         };
-        let mut head = inner.head.clone();
+        let mut extremities = inner.extremities.clone();
         let mut accepted = Vec::with_capacity(drafts.len());
         for draft in drafts {
-            let (pdu, auth) = self.build(handle, &view, head.as_ref(), sender, draft)?;
+            let (pdu, auth) = self.build(handle, &view, &extremities, sender, draft)?;
             authorize(&handle.version, &view, &pdu, &auth)?;
-            let state_key = pdu
-                .state_key
-                .clone()
-                .map(|k| (StateEventType::from(pdu.kind.to_string()), k));
-            let unsigned = state_key.as_ref().and_then(|key| view.get(key)).map(|prev| {
-                json!({
-                    "replaces_state": prev.event_id,
-                    "prev_content": prev.content,
-                    "prev_sender": prev.sender,
-                })
-                .to_string()
-            });
-            head = Some((pdu.event_id.clone(), u64::from(pdu.depth)));
-            if let Some(key) = &state_key {
-                view.overlay.insert(key.clone(), Arc::new(pdu.clone()));
+            advance(&mut extremities, &pdu);
+            let event = Accepted::new(pdu, &view);
+            if let Some(key) = &event.state_key {
+                view.overlay.insert(key.clone(), Arc::new(event.pdu.clone()));
             }
-            accepted.push(Accepted {
-                pdu,
-                state_key,
-                unsigned,
-            });
+            accepted.push(event);
         }
         drop(view);
         self.persist(handle, &mut inner, accepted, txn).await
     }
 
-    /// Builds, hashes and signs an event against the given state and head.
+    /// Builds, hashes and signs an event against the given state and forward extremities.
     fn build(
         &self,
         handle: &RoomHandle,
         state: &StateView<'_>,
-        head: Option<&(OwnedEventId, u64)>,
+        extremities: &[(OwnedEventId, u64)],
         sender: &UserId,
         draft: EventDraft,
     ) -> Result<(Pdu, Vec<Arc<Pdu>>)> {
@@ -220,10 +235,13 @@ impl Rooms {
             .into_iter()
             .filter_map(|key| state.get(&key).cloned())
             .collect();
-        let (prev_events, depth) = match head {
-            Some((id, depth)) => (vec![id.to_string()], depth + 1),
-            None => (Vec::new(), 1),
-        };
+        let prev_events = prev_events_of(extremities);
+        let depth = extremities
+            .iter()
+            .map(|(_, depth)| depth + 1)
+            .max()
+            .unwrap_or(1)
+            .min(MAX_DEPTH);
 
         let mut object = json!({
             "auth_events": auth.iter().map(|e| e.event_id.to_string()).collect::<Vec<_>>(),
@@ -272,7 +290,7 @@ impl Rooms {
     }
 
     /// Stores authorised events and publishes them: stream positions, current state, caches.
-    async fn persist(
+    pub(super) async fn persist(
         &self,
         handle: &RoomHandle,
         inner: &mut RoomInner,
@@ -298,6 +316,7 @@ impl Rooms {
                 creates_room_version: (a.pdu.kind == TimelineEventType::RoomCreate)
                     .then(|| handle.version.id.to_string()),
                 relates_to: relation(&a.pdu),
+                prev_events: a.pdu.prev_events.iter().map(ToString::to_string).collect(),
             })
             .collect();
         let membership_changed = rows.iter().any(|r| r.membership.is_some());
@@ -330,7 +349,7 @@ impl Rooms {
                 );
             }
             let pdu = Arc::new(pdu);
-            inner.head = Some((pdu.event_id.clone(), u64::from(pdu.depth)));
+            advance(&mut inner.extremities, &pdu);
             if let Some(key) = state_key {
                 inner.state.insert(key, pdu.clone());
             }
@@ -346,6 +365,29 @@ impl Rooms {
         }
         Ok(stored)
     }
+}
+
+/// The largest depth the spec allows (canonical JSON integers end at 2^53 - 1).
+const MAX_DEPTH: u64 = (1 << 53) - 1;
+
+/// At most this many `prev_events` (Synapse's limit): the newest extremities; the others stay
+/// extremities and are merged by a later event.
+const MAX_PREV_EVENTS: usize = 10;
+
+pub(super) fn prev_events_of(extremities: &[(OwnedEventId, u64)]) -> Vec<String> {
+    let mut newest: Vec<&(OwnedEventId, u64)> = extremities.iter().collect();
+    newest.sort_by_key(|e| std::cmp::Reverse(e.1));
+    newest
+        .into_iter()
+        .take(MAX_PREV_EVENTS)
+        .map(|(id, _)| id.to_string())
+        .collect()
+}
+
+/// The forward extremities after `pdu`: the ones it names are extremities no more; it is one.
+pub(super) fn advance(extremities: &mut Vec<(OwnedEventId, u64)>, pdu: &Pdu) {
+    extremities.retain(|(id, _)| !pdu.prev_events.contains(id));
+    extremities.push((pdu.event_id.clone(), u64::from(pdu.depth)));
 }
 
 /// `(event_id, rel_type)` of an event's `m.relates_to`, for `/relations`.
@@ -371,7 +413,12 @@ pub(super) async fn detached<T: Send + 'static>(
 }
 
 /// The room version's authorisation rules against the current state.
-fn authorize(version: &RoomVersion, state: &StateView<'_>, pdu: &Pdu, auth: &[Arc<Pdu>]) -> Result<()> {
+pub(super) fn authorize(
+    version: &RoomVersion,
+    state: &StateView<'_>,
+    pdu: &Pdu,
+    auth: &[Arc<Pdu>],
+) -> Result<()> {
     let rules = &version.rules.authorization;
     state_res::check_state_independent_auth_rules(rules, pdu, |id| {
         auth.iter().find(|e| e.event_id == id).cloned()
@@ -383,7 +430,7 @@ fn authorize(version: &RoomVersion, state: &StateView<'_>, pdu: &Pdu, auth: &[Ar
     .map_err(Error::Forbidden)
 }
 
-fn json_error(e: JsonError) -> Error {
+pub(super) fn json_error(e: JsonError) -> Error {
     match e {
         JsonError::PduTooLarge => Error::TooLarge(format!("event exceeds {MAX_PDU_BYTES} bytes")),
         other => Error::BadJson(other.to_string()),

@@ -610,3 +610,144 @@ async fn synapse_and_switchboard_query_each_other_with_signed_requests() {
 fn synapse_log(peer: &Peer) -> String {
     std::fs::read_to_string(peer.server.dir.path().join("synapse.log")).unwrap_or_default()
 }
+
+/// Polls `/messages` (newest first) until an `m.room.message` with `body` shows up; returns its
+/// sender. Panics after 30 s with the logs of both servers.
+async fn wait_for_message(
+    on: &Peer,
+    user: &crate::harness::User,
+    room: &str,
+    body: &str,
+    other: &Peer,
+) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let path = format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=50", enc(room));
+    loop {
+        let (status, page) = on.server.call(Method::GET, &path, Some(&user.token), None).await;
+        if status == StatusCode::OK
+            && let Some(event) = page["chunk"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|e| e["type"] == "m.room.message" && e["content"]["body"] == body)
+        {
+            return event["sender"].as_str().unwrap_or_default().to_owned();
+        }
+        if std::time::Instant::now() > deadline {
+            panic!(
+                "{body:?} never reached {} ({status}: {page})\n--- {} log:\n{}\n--- {} log:\n{}",
+                on.name,
+                on.name,
+                log_of(on),
+                other.name,
+                log_of(other)
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+fn log_of(peer: &Peer) -> String {
+    let synapse = peer.server.dir.path().join("synapse.log");
+    let log = std::fs::read_to_string(&synapse).unwrap_or_else(|_| peer.server.log());
+    // The end is what matters.
+    log.chars()
+        .rev()
+        .take(20_000)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect()
+}
+
+#[tokio::test]
+async fn a_synapse_user_joins_a_switchboard_room_by_alias_and_they_talk() {
+    let Some(synapse) = Peer::synapse().await else {
+        eprintln!("Synapse is not installed (tests/interop/setup.sh synapse); skipped");
+        return;
+    };
+    let ours = Peer::switchboard("").await;
+    let alice = ours.server.register("alice").await;
+    let room = ours
+        .server
+        .create_room(
+            &alice,
+            json!({"room_alias_name": "town", "preset": "public_chat"}),
+        )
+        .await;
+    let sam = synapse.server.register("sam").await;
+    let alias = format!("#town:{}", ours.name);
+    let (status, joined) = synapse
+        .server
+        .call(
+            Method::POST,
+            &format!("/_matrix/client/v3/join/{}", enc(&alias)),
+            Some(&sam.token),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "{joined}\n{}\n{}",
+        log_of(&synapse),
+        log_of(&ours)
+    );
+    assert_eq!(joined["room_id"], room.as_str());
+    // Alice's server took Sam's join.
+    let members = ours
+        .server
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/rooms/{}/joined_members", enc(&room)),
+            &alice.token,
+            Value::Null,
+        )
+        .await;
+    assert!(members["joined"].get(&sam.user_id).is_some(), "{members}");
+
+    // Both ways.
+    let (status, body) = synapse
+        .server
+        .send_text(&sam, &room, "s1", "hello from Synapse")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        wait_for_message(&ours, &alice, &room, "hello from Synapse", &synapse).await,
+        sam.user_id
+    );
+    let (status, body) = ours
+        .server
+        .send_text(&alice, &room, "a1", "hello from Switchboard")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        wait_for_message(&synapse, &sam, &room, "hello from Switchboard", &ours).await,
+        alice.user_id
+    );
+    // A burst arrives whole and in order.
+    for i in 0..20 {
+        ours.server
+            .send_text(&alice, &room, &format!("b{i}"), &format!("burst {i}"))
+            .await;
+    }
+    wait_for_message(&synapse, &sam, &room, "burst 19", &ours).await;
+    let page = synapse
+        .server
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=40", enc(&room)),
+            &sam.token,
+            Value::Null,
+        )
+        .await;
+    let bursts: Vec<&str> = page["chunk"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["content"]["body"].as_str())
+        .filter(|b| b.starts_with("burst "))
+        .collect();
+    let expected: Vec<String> = (0..20).rev().map(|i| format!("burst {i}")).collect();
+    assert_eq!(bursts, expected, "Synapse holds each once, in order");
+}

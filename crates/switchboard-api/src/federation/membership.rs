@@ -1,0 +1,81 @@
+//! Joining this server's rooms from other servers: `make_join` and `send_join` (v2).
+
+use std::sync::Arc;
+
+use axum::{
+    Json, Router,
+    extract::{Path, State},
+    http::Uri,
+    routing::{get, put},
+};
+use ruma::CanonicalJsonObject;
+use serde_json::{Value, json};
+use switchboard_core::{Error, Homeserver};
+
+use super::{FedResult, Federated};
+use crate::client::{room_id, user_id};
+
+pub(super) fn routes() -> Router<Arc<Homeserver>> {
+    Router::new()
+        .route(
+            "/_matrix/federation/v1/make_join/{room_id}/{user_id}",
+            get(make_join),
+        )
+        .route(
+            "/_matrix/federation/v2/send_join/{room_id}/{event_id}",
+            put(send_join),
+        )
+}
+
+/// The `ver` parameters (repeated, so not for serde's query parsing). Without any, only room
+/// version 1 is supported (the spec's default), which this server does not serve.
+fn versions(uri: &Uri) -> Vec<String> {
+    uri.query()
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .filter_map(|pair| pair.strip_prefix("ver="))
+        .map(str::to_owned)
+        .collect()
+}
+
+async fn make_join(
+    State(hs): State<Arc<Homeserver>>,
+    Path((room, user)): Path<(String, String)>,
+    uri: Uri,
+    request: Federated,
+) -> FedResult<Json<Value>> {
+    let (room, user) = (room_id(&room)?, user_id(&user)?);
+    if user.server_name() != request.origin {
+        return Err(Error::Forbidden(format!("{} cannot join on behalf of {user}", request.origin)).into());
+    }
+    let supported = versions(&uri);
+    let supported = if supported.is_empty() {
+        vec!["1".to_owned()]
+    } else {
+        supported
+    };
+    let (room_version, event) = hs.rooms.make_join(&room, &user, &supported).await?;
+    Ok(Json(json!({ "room_version": room_version, "event": event })))
+}
+
+async fn send_join(
+    State(hs): State<Arc<Homeserver>>,
+    Path((room, event_id)): Path<(String, String)>,
+    request: Federated,
+) -> FedResult<Json<Value>> {
+    let room = room_id(&room)?;
+    let object: CanonicalJsonObject = request.json()?;
+    let (state, auth_chain, event) = hs
+        .rooms
+        .send_join(&request.origin, &room, &event_id, object, &hs.federation.keys)
+        .await?;
+    let servers = hs.rooms.joined_servers(&room).await?;
+    Ok(Json(json!({
+        "origin": hs.server_name,
+        "state": state.iter().map(|e| e.federation_json()).collect::<Vec<_>>(),
+        "auth_chain": auth_chain.iter().map(|e| e.federation_json()).collect::<Vec<_>>(),
+        "event": event.federation_json(),
+        "members_omitted": false,
+        "servers_in_room": servers,
+    })))
+}

@@ -1,0 +1,109 @@
+//! Transactions other servers push (`/send/{txnId}`) and single events they fetch (`/event`).
+
+use std::sync::Arc;
+
+use axum::{
+    Json, Router,
+    extract::{Path, State},
+    routing::{get, put},
+};
+use ruma::{CanonicalJsonObject, CanonicalJsonValue, OwnedRoomId};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use switchboard_core::{Error, Homeserver, rooms::Received, util::now_ms};
+
+use super::{FedResult, Federated};
+
+pub(super) fn routes() -> Router<Arc<Homeserver>> {
+    Router::new()
+        .route("/_matrix/federation/v1/send/{txn_id}", put(send))
+        .route("/_matrix/federation/v1/event/{event_id}", get(event))
+}
+
+/// The spec's limits of one transaction.
+const MAX_PDUS: usize = 50;
+const MAX_EDUS: usize = 100;
+
+#[derive(Deserialize)]
+struct Transaction {
+    origin: String,
+    #[serde(default)]
+    pdus: Vec<CanonicalJsonObject>,
+    #[serde(default)]
+    edus: Vec<Value>,
+}
+
+/// Takes the PDUs of a transaction one by one, in order. Each gets its own verdict; a bad one
+/// does not spoil the rest, and a repeated transaction finds its events known.
+async fn send(
+    State(hs): State<Arc<Homeserver>>,
+    Path(txn_id): Path<String>,
+    request: Federated,
+) -> FedResult<Json<Value>> {
+    let txn: Transaction = request.json()?;
+    if txn.origin != request.origin.as_str() {
+        return Err(Error::Forbidden(format!(
+            "the transaction claims to come from {}, but {} signed it",
+            txn.origin, request.origin
+        ))
+        .into());
+    }
+    if txn.pdus.len() > MAX_PDUS || txn.edus.len() > MAX_EDUS {
+        return Err(Error::TooLarge(format!(
+            "a transaction holds at most {MAX_PDUS} PDUs and {MAX_EDUS} EDUs"
+        ))
+        .into());
+    }
+    let mut results = Map::new();
+    for pdu in txn.pdus {
+        let Some(CanonicalJsonValue::String(room)) = pdu.get("room_id") else {
+            tracing::info!(origin = %request.origin, %txn_id, "a PDU without room_id; dropped");
+            continue;
+        };
+        let Ok(room) = OwnedRoomId::try_from(room.as_str()) else {
+            continue;
+        };
+        let event_id = hs.rooms.pdu_event_id(&room, &pdu).await.ok();
+        match hs.rooms.receive_pdu(&room, pdu, &hs.federation.keys).await {
+            Ok(Received::Accepted(event)) => {
+                results.insert(event.event_id.to_string(), json!({}));
+            }
+            Ok(Received::AlreadyKnown) => {}
+            Err(Error::Store(e)) => return Err(Error::Store(e).into()),
+            Err(e) => {
+                tracing::info!(origin = %request.origin, %txn_id, %room, error = %e, "PDU refused");
+                // Without a computable ID the refusal cannot be keyed; it is logged above.
+                if let Some(id) = event_id {
+                    results.insert(id.to_string(), json!({ "error": e.to_string() }));
+                }
+            }
+        }
+    }
+    Ok(Json(json!({ "pdus": results })))
+}
+
+async fn event(
+    State(hs): State<Arc<Homeserver>>,
+    Path(event_id): Path<String>,
+    request: Federated,
+) -> FedResult<Json<Value>> {
+    let event = hs
+        .rooms
+        .event(&event_id)
+        .await?
+        .ok_or_else(|| Error::NotFound("Unknown event".to_owned()))?;
+    // Only servers in the room see its events.
+    if !hs
+        .rooms
+        .joined_servers(&event.room_id)
+        .await?
+        .contains(&request.origin)
+    {
+        return Err(Error::Forbidden(format!("{} is not in the event's room", request.origin)).into());
+    }
+    Ok(Json(json!({
+        "origin": hs.server_name,
+        "origin_server_ts": now_ms(),
+        "pdus": [event.federation_json()],
+    })))
+}

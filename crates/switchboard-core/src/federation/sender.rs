@@ -1,0 +1,315 @@
+//! Outbound events: one queue per destination server, built like the application-service
+//! sender. The queue is the event stream itself plus a stored position per destination, so
+//! nothing is copied and nothing accepted is lost: a dispatcher follows the stream (its own
+//! stored cursor), notes every destination of each event this server's users send, and wakes
+//! that destination's task; the task sends what lies after its position in transactions of at
+//! most 50 PDUs, and moves its position only when the destination has answered. A down
+//! destination backs off (doubling to an hour) without holding up any other, and is retried at
+//! once when it contacts this server.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use ruma::{
+    MilliSecondsSinceUnixEpoch, OwnedServerName, OwnedTransactionId, ServerName, UserId,
+    api::federation::transactions::send_transaction_message, events::TimelineEventType,
+};
+use switchboard_store::Store;
+use tokio::sync::Notify;
+
+use super::client::FederationClient;
+use crate::{Result, pdu::Pdu, rooms::Rooms, stream::EventStream};
+
+/// The spec's limit of PDUs per transaction.
+const MAX_PDUS: usize = 50;
+/// Events read from the stream at a time.
+const SCAN: i64 = 500;
+const MAX_BACKOFF: Duration = Duration::from_secs(3600);
+/// The dispatcher's row among the destinations (no server is named "").
+const DISPATCHER: &str = "";
+
+pub struct FederationSender {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    store: Store,
+    rooms: Arc<Rooms>,
+    stream: Arc<EventStream>,
+    client: Arc<FederationClient>,
+    server_name: OwnedServerName,
+    queues: Mutex<HashMap<OwnedServerName, Arc<Notify>>>,
+}
+
+impl FederationSender {
+    /// Resumes every destination's queue where it stopped and starts following the stream.
+    pub async fn start(
+        store: Store,
+        rooms: Arc<Rooms>,
+        stream: Arc<EventStream>,
+        client: Arc<FederationClient>,
+        server_name: OwnedServerName,
+    ) -> Result<Self> {
+        let shared = Arc::new(Shared {
+            store: store.clone(),
+            rooms,
+            stream: stream.clone(),
+            client,
+            server_name,
+            queues: Mutex::new(HashMap::new()),
+        });
+        let mut cursor = None;
+        for (destination, _) in store.federation_destinations().await? {
+            if destination == DISPATCHER {
+                continue;
+            }
+            if let Ok(server) = OwnedServerName::try_from(destination.as_str()) {
+                shared.clone().queue(&server);
+            }
+        }
+        for (destination, pos) in store.federation_destinations().await? {
+            if destination == DISPATCHER {
+                cursor = Some(pos);
+            }
+        }
+        let cursor = match cursor {
+            Some(pos) => pos,
+            None => {
+                // First start: nothing before now was ever meant for another server.
+                let now = stream.current();
+                store.add_federation_destination(DISPATCHER, now).await?;
+                now
+            }
+        };
+        tokio::spawn(shared.clone().dispatch(cursor));
+        Ok(Self { shared })
+    }
+
+    /// `server` contacted this server: if its queue is waiting out a back-off, try now.
+    pub fn wake(&self, server: &ServerName) {
+        if let Some(notify) = self
+            .shared
+            .queues
+            .lock()
+            .ok()
+            .and_then(|q| q.get(server).cloned())
+        {
+            notify.notify_one();
+        }
+    }
+}
+
+impl Shared {
+    /// The queue of `server`, with its task started if it has none.
+    fn queue(self: Arc<Self>, server: &ServerName) -> Arc<Notify> {
+        let Ok(mut queues) = self.queues.lock() else {
+            return Arc::new(Notify::new());
+        };
+        if let Some(notify) = queues.get(server) {
+            return notify.clone();
+        }
+        let notify = Arc::new(Notify::new());
+        queues.insert(server.to_owned(), notify.clone());
+        drop(queues);
+        tokio::spawn(self.clone().run_queue(server.to_owned(), notify.clone()));
+        notify
+    }
+
+    /// Follows the stream and wakes the destinations of each local event.
+    async fn dispatch(self: Arc<Self>, mut cursor: i64) {
+        let mut news = self.stream.subscribe();
+        loop {
+            let now = self.stream.current();
+            if now > cursor {
+                match self.dispatch_round(cursor, now).await {
+                    Ok(next) => cursor = next,
+                    Err(e) => {
+                        tracing::error!(error = %e, "federation dispatch failed; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+                continue;
+            }
+            if news.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn dispatch_round(self: &Arc<Self>, after: i64, until: i64) -> Result<i64> {
+        let rows = self.store.events_after(after, until, SCAN).await?;
+        let last = rows.last().map_or(until, |r| r.stream_pos);
+        let mut rooms = HashMap::new();
+        for row in rows {
+            let pos = row.stream_pos;
+            let pdu = Pdu::from_row(row)?;
+            if pdu.sender.server_name() != self.server_name {
+                continue;
+            }
+            for destination in self.destinations(&pdu, &mut rooms).await? {
+                // Created just before this event, so the queue starts with it.
+                self.store
+                    .add_federation_destination(destination.as_str(), pos - 1)
+                    .await?;
+                self.clone().queue(&destination).notify_one();
+            }
+        }
+        self.store.set_federation_sent(DISPATCHER, last).await?;
+        Ok(last)
+    }
+
+    /// The servers an event goes to: those with members in its room, and the server of a member
+    /// whose membership it changes (a kicked user's server is no longer in the room).
+    async fn destinations(
+        &self,
+        pdu: &Pdu,
+        rooms: &mut HashMap<ruma::OwnedRoomId, BTreeSet<OwnedServerName>>,
+    ) -> Result<BTreeSet<OwnedServerName>> {
+        if !rooms.contains_key(&pdu.room_id) {
+            let servers = self.rooms.joined_servers(&pdu.room_id).await?;
+            rooms.insert(pdu.room_id.clone(), servers);
+        }
+        let mut servers = rooms.get(&pdu.room_id).cloned().unwrap_or_default();
+        if pdu.kind == TimelineEventType::RoomMember
+            && let Some(user) = pdu.state_key.as_deref().and_then(|u| UserId::parse(u).ok())
+        {
+            servers.insert(user.server_name().to_owned());
+        }
+        servers.remove(&self.server_name);
+        Ok(servers)
+    }
+
+    /// One destination's queue: send what lies after its position, in order, until caught up.
+    async fn run_queue(self: Arc<Self>, destination: OwnedServerName, wake: Arc<Notify>) {
+        let mut failures: u32 = 0;
+        // A batch being retried keeps its transaction ID, so the destination can tell a repeat.
+        let mut pending: Option<(OwnedTransactionId, Vec<Box<serde_json::value::RawValue>>, i64)> = None;
+        let mut sent = loop {
+            match self.sent_pos(&destination).await {
+                Ok(pos) => break pos,
+                Err(e) => {
+                    tracing::error!(%destination, error = %e, "federation queue cannot read its position");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        };
+        loop {
+            if pending.is_none() {
+                match self.next_batch(&destination, sent).await {
+                    Ok(Some((pdus, upto))) if pdus.is_empty() => {
+                        if let Err(e) = self.store.set_federation_sent(destination.as_str(), upto).await {
+                            tracing::error!(%destination, error = %e, "cannot record the queue's position");
+                        }
+                        sent = upto;
+                        continue;
+                    }
+                    Ok(Some((pdus, upto))) => {
+                        match self.store.next_federation_txn(destination.as_str()).await {
+                            Ok(n) => pending = Some((OwnedTransactionId::from(format!("sb{n}")), pdus, upto)),
+                            Err(e) => {
+                                tracing::error!(%destination, error = %e, "cannot number a transaction");
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                                continue;
+                            }
+                        }
+                    }
+                    Ok(None) => {
+                        wake.notified().await;
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::error!(%destination, error = %e, "federation queue cannot read events");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                }
+            }
+            let Some((txn_id, pdus, upto)) = &pending else {
+                continue;
+            };
+            let mut request = send_transaction_message::v1::Request::new(
+                txn_id.clone(),
+                self.server_name.clone(),
+                MilliSecondsSinceUnixEpoch::now(),
+            );
+            request.pdus = pdus.clone();
+            match self.client.send(&destination, request).await {
+                Ok(response) => {
+                    for (event_id, result) in response.pdus {
+                        if let Err(error) = result {
+                            tracing::warn!(%destination, %event_id, %error, "the destination refused an event");
+                        }
+                    }
+                    tracing::debug!(%destination, %txn_id, count = pdus.len(), "transaction sent");
+                    if let Err(e) = self.store.set_federation_sent(destination.as_str(), *upto).await {
+                        tracing::error!(%destination, error = %e, "cannot record the queue's position");
+                    }
+                    sent = *upto;
+                    pending = None;
+                    failures = 0;
+                }
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    let backoff = Duration::from_secs(1u64 << failures.min(12)).min(MAX_BACKOFF);
+                    tracing::warn!(%destination, error = %e, retry_in = ?backoff, "transaction not delivered");
+                    // Woken early when the destination contacts this server.
+                    let _ = tokio::time::timeout(backoff, wake.notified()).await;
+                }
+            }
+        }
+    }
+
+    async fn sent_pos(&self, destination: &ServerName) -> Result<i64> {
+        Ok(self
+            .store
+            .federation_destinations()
+            .await?
+            .into_iter()
+            .find(|(d, _)| d == destination.as_str())
+            .map_or(0, |(_, pos)| pos))
+    }
+
+    /// Up to 50 of this server's events for `destination` after `sent`, and the position they
+    /// reach; `None` when there is nothing after `sent` at all.
+    async fn next_batch(
+        &self,
+        destination: &ServerName,
+        sent: i64,
+    ) -> Result<Option<(Vec<Box<serde_json::value::RawValue>>, i64)>> {
+        let now = self.stream.current();
+        if now <= sent {
+            return Ok(None);
+        }
+        let mut pdus = Vec::new();
+        let mut upto = sent;
+        let mut rooms = HashMap::new();
+        while upto < now && pdus.len() < MAX_PDUS {
+            let rows = self.store.events_after(upto, now, SCAN).await?;
+            let Some(last) = rows.last().map(|r| r.stream_pos) else {
+                upto = now;
+                break;
+            };
+            for row in rows {
+                let pos = row.stream_pos;
+                let pdu = Pdu::from_row(row)?;
+                if pdu.sender.server_name() == self.server_name
+                    && self.destinations(&pdu, &mut rooms).await?.contains(destination)
+                {
+                    pdus.push(
+                        serde_json::value::RawValue::from_string(pdu.json.clone())
+                            .map_err(crate::Error::internal)?,
+                    );
+                }
+                upto = pos;
+                if pdus.len() == MAX_PDUS {
+                    break;
+                }
+            }
+            debug_assert!(upto <= last);
+        }
+        Ok(Some((pdus, upto)))
+    }
+}

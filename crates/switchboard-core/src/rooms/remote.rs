@@ -1,0 +1,283 @@
+//! Events from other servers. Each PDU is checked as the spec's "Checks performed on receipt of
+//! a PDU" order them — format and size, signatures of the servers that must have signed (a
+//! content hash mismatch keeps only the redacted form), authorisation against its own
+//! `auth_events`, then against the room's state — and appended through the same `persist` as
+//! local events. Also the resident side of the join handshake: `make_join` templates and
+//! `send_join`.
+
+use std::{
+    collections::{BTreeSet, HashSet},
+    sync::Arc,
+};
+
+use ruma::{
+    CanonicalJsonObject, CanonicalJsonValue, OwnedEventId, RoomId, ServerName, UserId,
+    canonical_json::redact,
+    events::TimelineEventType,
+    signatures::{
+        PublicKeyMap, Verified, reference_hash, required_server_signatures_to_verify_event, verify_event,
+    },
+    state_res,
+};
+use serde_json::json;
+
+use super::{
+    Rooms,
+    pipeline::{Accepted, StateView, authorize, prev_events_of},
+};
+use crate::{
+    Error, Result,
+    federation::KeyRing,
+    pdu::{Pdu, RoomVersion},
+    util::now_ms,
+};
+
+/// What became of one received PDU.
+#[derive(Debug)]
+pub enum Received {
+    Accepted(Arc<Pdu>),
+    AlreadyKnown,
+}
+
+impl Rooms {
+    /// The checks of a PDU that need no room state: the ID from its reference hash, format and
+    /// size, and the signatures of every server that must have signed it, with keys valid when
+    /// it was sent. A content hash mismatch keeps the redacted form (the spec's rule).
+    pub async fn verify_pdu(
+        &self,
+        version: &RoomVersion,
+        mut object: CanonicalJsonObject,
+        keys: &KeyRing,
+    ) -> Result<(OwnedEventId, CanonicalJsonObject)> {
+        // Not part of what was signed; this server computes its own.
+        object.remove("unsigned");
+        object.remove("event_id");
+        let rules = &version.rules;
+        state_res::check_pdu_format(&object, &rules.event_format).map_err(Error::BadJson)?;
+        let servers = required_server_signatures_to_verify_event(&object, &rules.signatures)
+            .map_err(|e| Error::BadJson(format!("cannot tell who must have signed the event: {e}")))?;
+        let ts = match object.get("origin_server_ts") {
+            Some(CanonicalJsonValue::Integer(ts)) => u64::try_from(i64::from(*ts)).unwrap_or(0),
+            _ => return Err(Error::BadJson("origin_server_ts is not an integer".to_owned())),
+        };
+        let mut key_map = PublicKeyMap::new();
+        for server in servers {
+            let key_ids: Vec<String> = match object.get("signatures") {
+                Some(CanonicalJsonValue::Object(signatures)) => match signatures.get(server.as_str()) {
+                    Some(CanonicalJsonValue::Object(by_key)) => by_key.keys().cloned().collect(),
+                    _ => Vec::new(),
+                },
+                _ => Vec::new(),
+            };
+            let ids: Vec<&str> = key_ids.iter().map(String::as_str).collect();
+            let set = keys
+                .keys(&server, &ids, ts)
+                .await
+                .map_err(|e| Error::Forbidden(format!("no usable key of {server} for the event: {e}")))?;
+            key_map.insert(server.to_string(), set);
+        }
+        let verified = verify_event(&key_map, &object, rules)
+            .map_err(|e| Error::Forbidden(format!("bad event signature: {e}")))?;
+        let hash = reference_hash(&object, rules).map_err(super::pipeline::json_error)?;
+        let event_id = OwnedEventId::try_from(format!("${hash}")).map_err(Error::internal)?;
+        if verified == Verified::Signatures {
+            tracing::info!(%event_id, "content hash mismatch: keeping the redacted event");
+            object = redact(object, &rules.redaction, None).map_err(|e| Error::BadJson(e.to_string()))?;
+        }
+        Ok((event_id, object))
+    }
+
+    /// The ID a PDU has in its room's version (its reference hash), checks aside.
+    pub async fn pdu_event_id(&self, room_id: &RoomId, object: &CanonicalJsonObject) -> Result<OwnedEventId> {
+        let handle = self.handle(room_id).await?;
+        let mut object = object.clone();
+        object.remove("unsigned");
+        object.remove("event_id");
+        let hash = reference_hash(&object, &handle.version.rules).map_err(super::pipeline::json_error)?;
+        OwnedEventId::try_from(format!("${hash}")).map_err(Error::internal)
+    }
+
+    /// Checks a PDU another server sent and appends it to its room. Events failing the auth
+    /// rules are refused (and not stored).
+    pub async fn receive_pdu(
+        self: &Arc<Self>,
+        room_id: &RoomId,
+        object: CanonicalJsonObject,
+        keys: &KeyRing,
+    ) -> Result<Received> {
+        let handle = self.handle(room_id).await?;
+        let (event_id, object) = self.verify_pdu(&handle.version, object, keys).await?;
+        if self.event(event_id.as_str()).await?.is_some() {
+            return Ok(Received::AlreadyKnown);
+        }
+        let json = serde_json::to_string(&object).map_err(Error::internal)?;
+        let pdu = Pdu::from_json(event_id, json).map_err(|e| Error::BadJson(e.to_string()))?;
+        if pdu.room_id != room_id {
+            return Err(Error::BadJson(format!(
+                "the event is for {}, not {room_id}",
+                pdu.room_id
+            )));
+        }
+        let auth = self.auth_events_of(&pdu).await?;
+        let this = self.clone();
+        super::pipeline::detached(async move {
+            let mut inner = handle.inner.lock().await;
+            // Known by now? Another request may have stored it while this one was checking.
+            if this.event(pdu.event_id.as_str()).await?.is_some() {
+                return Ok(Received::AlreadyKnown);
+            }
+            let view = StateView::over(&inner.state);
+            authorize(&handle.version, &view, &pdu, &auth)?;
+            let accepted = Accepted::new(pdu, &view);
+            drop(view);
+            let mut stored = this.persist(&handle, &mut inner, vec![accepted], None).await?;
+            let pdu = stored.pop().ok_or_else(|| Error::internal("nothing stored"))?;
+            Ok(Received::Accepted(pdu))
+        })
+        .await
+    }
+
+    /// The events an event names as `auth_events`: all must be known and in its room.
+    async fn auth_events_of(&self, pdu: &Pdu) -> Result<Vec<Arc<Pdu>>> {
+        let mut auth = Vec::with_capacity(pdu.auth_events.len());
+        for id in &pdu.auth_events {
+            let event = self
+                .event(id.as_str())
+                .await?
+                .ok_or_else(|| Error::Forbidden(format!("unknown auth event {id}")))?;
+            if event.room_id != pdu.room_id {
+                return Err(Error::Forbidden(format!("auth event {id} is from another room")));
+            }
+            auth.push(Arc::new(event));
+        }
+        Ok(auth)
+    }
+
+    /// A join event template for `user_id` (of the asking server), if the room's rules let them
+    /// join: `(room version, template)`.
+    pub async fn make_join(
+        &self,
+        room_id: &RoomId,
+        user_id: &UserId,
+        supported: &[String],
+    ) -> Result<(String, serde_json::Value)> {
+        let handle = self.handle(room_id).await?;
+        let version = handle.version.id.to_string();
+        if !supported.contains(&version) {
+            return Err(Error::IncompatibleRoomVersion(version));
+        }
+        let inner = handle.inner.lock().await;
+        let content = json!({ "membership": "join" });
+        let rules = &handle.version.rules;
+        let content_raw = serde_json::value::to_raw_value(&content).map_err(Error::internal)?;
+        let auth_types = state_res::auth_types_for_event(
+            &TimelineEventType::RoomMember,
+            user_id,
+            Some(user_id.as_str()),
+            &content_raw,
+            &rules.authorization,
+        )
+        .map_err(Error::BadJson)?;
+        let auth: Vec<Arc<Pdu>> = auth_types
+            .into_iter()
+            .filter_map(|key| inner.state.get(&key).cloned())
+            .collect();
+        let depth = inner.extremities.iter().map(|(_, d)| d + 1).max().unwrap_or(1);
+        let template = json!({
+            "type": "m.room.member",
+            "state_key": user_id,
+            "sender": user_id,
+            "room_id": room_id,
+            "origin_server_ts": now_ms(),
+            "content": content,
+            "depth": depth,
+            "prev_events": prev_events_of(&inner.extremities),
+            "auth_events": auth.iter().map(|e| e.event_id.to_string()).collect::<Vec<_>>(),
+        });
+        // Would the join pass? Checked on a stand-in, so a refusal comes now, not at send_join.
+        let probe = Pdu::from_json(
+            OwnedEventId::try_from("$probe").map_err(Error::internal)?,
+            template.to_string(),
+        )?;
+        authorize(&handle.version, &StateView::over(&inner.state), &probe, &auth)?;
+        Ok((version, template))
+    }
+
+    /// The resident side of `send_join`: checks the signed join of `origin`'s user, appends it,
+    /// and returns the state before it and the auth chain of that state (PDU JSON).
+    pub async fn send_join(
+        self: &Arc<Self>,
+        origin: &ServerName,
+        room_id: &RoomId,
+        event_id: &str,
+        object: CanonicalJsonObject,
+        keys: &KeyRing,
+    ) -> Result<(Vec<Arc<Pdu>>, Vec<Arc<Pdu>>, Arc<Pdu>)> {
+        let handle = self.handle(room_id).await?;
+        let (computed, checked) = self.verify_pdu(&handle.version, object, keys).await?;
+        if computed.as_str() != event_id {
+            return Err(Error::BadJson(format!(
+                "the event's ID is {computed}, not {event_id}"
+            )));
+        }
+        let json = serde_json::to_string(&checked).map_err(Error::internal)?;
+        let pdu = Pdu::from_json(computed, json).map_err(|e| Error::BadJson(e.to_string()))?;
+        if pdu.kind != TimelineEventType::RoomMember
+            || pdu.membership().as_deref() != Some("join")
+            || pdu.state_key.as_deref() != Some(pdu.sender.as_str())
+        {
+            return Err(Error::BadJson(
+                "send_join takes the joining user's own join event".to_owned(),
+            ));
+        }
+        if pdu.sender.server_name() != origin || pdu.room_id != room_id {
+            return Err(Error::Forbidden(format!(
+                "{origin} cannot send a join for {}",
+                pdu.sender
+            )));
+        }
+        let state_before = self.current_state(room_id).await?;
+        let joined = match self.receive_pdu(room_id, checked, keys).await? {
+            Received::Accepted(pdu) => pdu,
+            Received::AlreadyKnown => Arc::new(
+                self.event(pdu.event_id.as_str())
+                    .await?
+                    .ok_or_else(|| Error::internal("known join vanished"))?,
+            ),
+        };
+        let chain = self.auth_chain(state_before.iter().chain([&joined])).await?;
+        Ok((state_before, chain, joined))
+    }
+
+    /// Every event the given events' `auth_events` reach, recursively.
+    pub async fn auth_chain<'a>(&self, events: impl Iterator<Item = &'a Arc<Pdu>>) -> Result<Vec<Arc<Pdu>>> {
+        let mut seen: HashSet<OwnedEventId> = HashSet::new();
+        let mut todo: Vec<OwnedEventId> = events.flat_map(|e| e.auth_events.iter().cloned()).collect();
+        let mut chain = Vec::new();
+        while let Some(id) = todo.pop() {
+            if !seen.insert(id.clone()) {
+                continue;
+            }
+            let Some(event) = self.event(id.as_str()).await? else {
+                tracing::warn!(event_id = %id, "auth chain: event not stored");
+                continue;
+            };
+            todo.extend(event.auth_events.iter().filter(|a| !seen.contains(*a)).cloned());
+            chain.push(Arc::new(event));
+        }
+        chain.sort_by_key(|e| u64::from(e.depth));
+        Ok(chain)
+    }
+
+    /// The servers with joined members in a room (this one included if it has any).
+    pub async fn joined_servers(&self, room_id: &RoomId) -> Result<BTreeSet<ruma::OwnedServerName>> {
+        Ok(self
+            .members_with(room_id, "join")
+            .await?
+            .iter()
+            .filter_map(|e| e.state_key.as_deref())
+            .filter_map(|user| UserId::parse(user).ok())
+            .map(|user| user.server_name().to_owned())
+            .collect())
+    }
+}
