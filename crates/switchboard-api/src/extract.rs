@@ -212,3 +212,35 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Params<T> {
             .map_err(|e| ApiError(Error::InvalidParam(e.body_text())))
     }
 }
+
+/// Every value of a query parameter that may repeat (`?via=a&via=b`), percent-decoded; serde's
+/// query parsing keeps only one.
+pub fn repeated_param(uri: &axum::http::Uri, name: &str) -> Vec<String> {
+    uri.query()
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .filter_map(|pair| pair.split_once('='))
+        .filter(|(key, _)| *key == name)
+        .filter_map(|(_, value)| {
+            let value = value.replace('+', " ");
+            percent_decode(&value)
+        })
+        .collect()
+}
+
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}

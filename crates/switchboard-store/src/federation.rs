@@ -2,7 +2,7 @@
 
 use sqlx::Row;
 
-use crate::{Pools, Result, Store};
+use crate::{NewEvent, Pools, Result, Store};
 
 /// One signing key of another server, as last vouched for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -146,6 +146,85 @@ impl Store {
             .fetch_one(write)
             .await?;
             Ok(row.get(0))
+        })
+    }
+
+    // ---- rooms joined over federation ---------------------------------------------------------
+
+    /// Stores a room joined through another server: its row, the state and auth chain that
+    /// server gave — as outliers, with negative stream positions: before every timeline event,
+    /// never announced, in no timeline — and its current state (`state`, event IDs among
+    /// `outliers`). `outliers` come oldest first; an event stored before is left as it is.
+    pub async fn import_room(
+        &self,
+        room_id: &str,
+        version: &str,
+        creator: &str,
+        created_ts: i64,
+        outliers: &[NewEvent],
+        state: &[String],
+    ) -> Result<()> {
+        // Two imports must not take the same negative positions (SQLite has one writer anyway).
+        let lock = match &self.pools {
+            Pools::Postgres(_) => "SELECT pg_advisory_xact_lock(7011)",
+            Pools::Sqlite { .. } => "SELECT 1",
+        };
+        on_db!(self, |write, read| {
+            let mut tx = write.begin().await?;
+            sqlx::query(lock).execute(&mut *tx).await?;
+            let lowest: i64 = sqlx::query("SELECT COALESCE(MIN(stream_pos), 0) FROM events")
+                .fetch_one(&mut *tx)
+                .await?
+                .get(0);
+            let lowest = lowest.min(0);
+            sqlx::query(
+                "INSERT INTO rooms (room_id, room_version, creator, created_ts) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (room_id) DO NOTHING",
+            )
+            .bind(room_id)
+            .bind(version)
+            .bind(creator)
+            .bind(created_ts)
+            .execute(&mut *tx)
+            .await?;
+            let count = outliers.len() as i64;
+            for (i, event) in outliers.iter().enumerate() {
+                sqlx::query(
+                    "INSERT INTO events (stream_pos, event_id, room_id, sender, type, state_key, depth, pdu)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (event_id) DO NOTHING",
+                )
+                .bind(lowest - count + i as i64)
+                .bind(&event.event_id)
+                .bind(&event.room_id)
+                .bind(&event.sender)
+                .bind(&event.kind)
+                .bind(event.state_key.as_deref())
+                .bind(event.depth)
+                .bind(&event.pdu)
+                .execute(&mut *tx)
+                .await?;
+            }
+            for event in outliers.iter().filter(|e| state.contains(&e.event_id)) {
+                let Some(state_key) = &event.state_key else {
+                    continue;
+                };
+                sqlx::query(
+                    "INSERT INTO current_state (room_id, type, state_key, event_id, stream_pos, membership)
+                     SELECT $1, $2, $3, $4, stream_pos, $5 FROM events WHERE event_id = $4
+                     ON CONFLICT (room_id, type, state_key)
+                     DO UPDATE SET event_id = excluded.event_id, stream_pos = excluded.stream_pos,
+                                   membership = excluded.membership",
+                )
+                .bind(room_id)
+                .bind(&event.kind)
+                .bind(state_key)
+                .bind(&event.event_id)
+                .bind(event.membership.as_deref())
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(())
         })
     }
 }

@@ -443,7 +443,7 @@ impl Store {
     pub async fn room_extremities(&self, room_id: &str) -> Result<Vec<(String, i64)>> {
         on_db!(self, |write, read| {
             let rows = sqlx::query(
-                "SELECT e.event_id, e.depth FROM events e WHERE e.room_id = $1 AND NOT EXISTS
+                "SELECT e.event_id, e.depth FROM events e WHERE e.room_id = $1 AND e.stream_pos > 0 AND NOT EXISTS
                    (SELECT 1 FROM event_edges x WHERE x.room_id = $1 AND x.prev_event_id = e.event_id)
                  ORDER BY e.stream_pos",
             )
@@ -540,7 +540,7 @@ impl Store {
             let order = if newest { "DESC" } else { "ASC" };
             let rows = sqlx::query(AssertSqlSafe(format!(
                 "SELECT {EVENT_COLUMNS} FROM events
-                 WHERE room_id = $1 AND stream_pos > $2 AND stream_pos <= $3
+                 WHERE room_id = $1 AND stream_pos > $2 AND stream_pos > 0 AND stream_pos <= $3
                  ORDER BY stream_pos {order} LIMIT $4"
             )))
             .bind(room_id)

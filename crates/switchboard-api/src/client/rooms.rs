@@ -5,12 +5,13 @@ use std::sync::Arc;
 use axum::{
     Json, Router,
     extract::{Path, State},
+    http::Uri,
     routing::{get, post},
 };
-use ruma::{OwnedRoomId, OwnedUserId};
+use ruma::{OwnedRoomId, OwnedServerName, OwnedUserId};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use switchboard_core::{AliasAction, Homeserver, accounts::Session, rooms::CreateRoom};
+use switchboard_core::{AliasAction, Error, Homeserver, accounts::Session, rooms::CreateRoom};
 
 use super::{alias, room_id};
 use crate::{
@@ -72,14 +73,20 @@ async fn join_by_id_or_alias(
     State(hs): State<Arc<Homeserver>>,
     Auth(session): Auth,
     Path(target): Path<String>,
+    uri: Uri,
     Body(_body): Body<ReasonBody>,
 ) -> ApiResult<Json<Value>> {
+    // `via` (and the older `server_name`) name servers to ask when this one is not in the room.
+    let mut servers = server_names(&uri, "via");
+    servers.extend(server_names(&uri, "server_name"));
     let room_id = if target.starts_with('#') {
-        hs.resolve_alias(&alias(&target)?).await?
+        let (room_id, alias_servers) = hs.lookup_alias(&alias(&target)?).await?;
+        servers.extend(alias_servers);
+        room_id
     } else {
         room_id(&target)?
     };
-    do_join(&hs, &session, &room_id).await
+    do_join(&hs, &session, &room_id, &servers).await
 }
 
 async fn join(
@@ -88,17 +95,33 @@ async fn join(
     Path(raw): Path<String>,
     Body(_body): Body<ReasonBody>,
 ) -> ApiResult<Json<Value>> {
-    do_join(&hs, &session, &room_id(&raw)?).await
+    do_join(&hs, &session, &room_id(&raw)?, &[]).await
 }
 
-async fn do_join(hs: &Homeserver, session: &Session, room_id: &OwnedRoomId) -> ApiResult<Json<Value>> {
+fn server_names(uri: &Uri, name: &str) -> Vec<OwnedServerName> {
+    crate::extract::repeated_param(uri, name)
+        .into_iter()
+        .filter_map(|s| OwnedServerName::try_from(s).ok())
+        .collect()
+}
+
+async fn do_join(
+    hs: &Homeserver,
+    session: &Session,
+    room_id: &OwnedRoomId,
+    servers: &[OwnedServerName],
+) -> ApiResult<Json<Value>> {
     let user = &session.user_id;
     // Joining again changes nothing and costs nothing.
-    if hs.rooms.membership(room_id, user).await?.as_deref() != Some("join") {
+    if hs.rooms.membership(room_id, user).await.ok().flatten().as_deref() != Some("join") {
         hs.limits.act(&hs.limits.joins, session)?;
     }
-    let displayname = hs.accounts.displayname(user).await?;
-    hs.rooms.join(room_id, user, displayname.as_deref()).await?;
+    hs.join_room(user, room_id, servers).await.map_err(|e| match e {
+        Error::Forbidden(reason) => {
+            Error::Forbidden(format!("You are not allowed to join {room_id}: {reason}"))
+        }
+        other => other,
+    })?;
     Ok(Json(json!({ "room_id": room_id })))
 }
 

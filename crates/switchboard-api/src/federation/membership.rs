@@ -27,17 +27,6 @@ pub(super) fn routes() -> Router<Arc<Homeserver>> {
         )
 }
 
-/// The `ver` parameters (repeated, so not for serde's query parsing). Without any, only room
-/// version 1 is supported (the spec's default), which this server does not serve.
-fn versions(uri: &Uri) -> Vec<String> {
-    uri.query()
-        .into_iter()
-        .flat_map(|q| q.split('&'))
-        .filter_map(|pair| pair.strip_prefix("ver="))
-        .map(str::to_owned)
-        .collect()
-}
-
 async fn make_join(
     State(hs): State<Arc<Homeserver>>,
     Path((room, user)): Path<(String, String)>,
@@ -48,7 +37,8 @@ async fn make_join(
     if user.server_name() != request.origin {
         return Err(Error::Forbidden(format!("{} cannot join on behalf of {user}", request.origin)).into());
     }
-    let supported = versions(&uri);
+    // Without any `ver`, only room version 1 is supported (the spec's default).
+    let supported = crate::extract::repeated_param(&uri, "ver");
     let supported = if supported.is_empty() {
         vec!["1".to_owned()]
     } else {

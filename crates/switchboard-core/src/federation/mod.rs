@@ -2,6 +2,7 @@
 //! `resolve`), signing keys (`keys`), and the authentication of inbound requests.
 
 pub mod client;
+mod join;
 pub mod keys;
 pub mod resolve;
 pub mod sender;
@@ -68,6 +69,8 @@ pub struct Federation {
     pub client: Arc<FederationClient>,
     pub keys: KeyRing,
     pub sender: sender::FederationSender,
+    /// This server's signing key, for the events it signs for other servers' rooms.
+    pub key: Arc<SigningKey>,
 }
 
 impl Federation {
@@ -84,7 +87,13 @@ impl Federation {
             FederationClient::new(config, server_name.clone(), key.clone())
                 .map_err(crate::StartupError::Other)?,
         );
-        let keys = KeyRing::new(config, server_name.clone(), key, store.clone(), client.clone());
+        let keys = KeyRing::new(
+            config,
+            server_name.clone(),
+            key.clone(),
+            store.clone(),
+            client.clone(),
+        );
         let sender =
             sender::FederationSender::start(store, rooms, stream, client.clone(), server_name.clone())
                 .await
@@ -96,6 +105,7 @@ impl Federation {
             client,
             keys,
             sender,
+            key,
         })
     }
 

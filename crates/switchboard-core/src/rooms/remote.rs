@@ -6,7 +6,7 @@
 //! `send_join`.
 
 use std::{
-    collections::{BTreeSet, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     sync::Arc,
 };
 
@@ -269,6 +269,131 @@ impl Rooms {
         Ok(chain)
     }
 
+    /// Takes the answer of a resident server to this server's `send_join`: checks every event of
+    /// the room's state and auth chain (signatures, hashes, each against its own auth events),
+    /// stores them as the room's history before the join, then appends `join` (signed here).
+    pub async fn import_joined_room(
+        self: &Arc<Self>,
+        room_id: &RoomId,
+        version: RoomVersion,
+        join: CanonicalJsonObject,
+        state: Vec<Box<serde_json::value::RawValue>>,
+        auth_chain: Vec<Box<serde_json::value::RawValue>>,
+        keys: &KeyRing,
+    ) -> Result<Arc<Pdu>> {
+        let mut events: HashMap<OwnedEventId, Arc<Pdu>> = HashMap::new();
+        let mut state_ids = Vec::new();
+        for (is_state, raw) in auth_chain
+            .iter()
+            .map(|r| (false, r))
+            .chain(state.iter().map(|r| (true, r)))
+        {
+            let object: CanonicalJsonObject = serde_json::from_str(raw.get())
+                .map_err(|e| Error::BadGateway(format!("send_join: bad event: {e}")))?;
+            let (event_id, object) = match self.verify_pdu(&version, object, keys).await {
+                Ok(checked) => checked,
+                Err(e) => {
+                    tracing::warn!(%room_id, error = %e, "send_join: an event of the room's state does not verify; left out");
+                    continue;
+                }
+            };
+            let json = serde_json::to_string(&object).map_err(Error::internal)?;
+            let pdu = Pdu::from_json(event_id.clone(), json).map_err(|e| Error::BadGateway(e.to_string()))?;
+            if pdu.room_id != room_id {
+                return Err(Error::BadGateway(format!(
+                    "send_join: {event_id} is from another room"
+                )));
+            }
+            if is_state && pdu.state_key.is_some() {
+                state_ids.push(event_id.to_string());
+            }
+            events.insert(event_id, Arc::new(pdu));
+        }
+        // Oldest first, and each event checked against its own auth events.
+        let mut ordered: Vec<Arc<Pdu>> = events.values().cloned().collect();
+        ordered.sort_by_key(|e| (u64::from(e.depth), e.origin_server_ts));
+        let rules = &version.rules.authorization;
+        let mut accepted: HashMap<OwnedEventId, Arc<Pdu>> = HashMap::new();
+        for event in &ordered {
+            let auth: Vec<Arc<Pdu>> = event
+                .auth_events
+                .iter()
+                .filter_map(|id| accepted.get(id).cloned())
+                .collect();
+            let fetch = |id: &ruma::EventId| auth.iter().find(|e| e.event_id == id).cloned();
+            let by_key = |kind: &ruma::events::StateEventType, key: &str| {
+                auth.iter()
+                    .find(|e| e.kind.to_string() == kind.to_string() && e.state_key.as_deref() == Some(key))
+                    .cloned()
+            };
+            let verdict = state_res::check_state_independent_auth_rules(rules, event.as_ref(), fetch)
+                .and_then(|()| state_res::check_state_dependent_auth_rules(rules, event.as_ref(), by_key));
+            match verdict {
+                Ok(()) => {
+                    accepted.insert(event.event_id.clone(), event.clone());
+                }
+                Err(e) => {
+                    tracing::warn!(%room_id, event_id = %event.event_id, error = %e, "send_join: an event fails the auth rules; left out")
+                }
+            }
+        }
+        let create = ordered
+            .iter()
+            .find(|e| e.kind == TimelineEventType::RoomCreate && e.state_key.as_deref() == Some(""))
+            .filter(|e| accepted.contains_key(&e.event_id))
+            .ok_or_else(|| {
+                Error::BadGateway("send_join: the room's state has no valid create event".to_owned())
+            })?
+            .clone();
+        let outliers: Vec<switchboard_store::NewEvent> = ordered
+            .iter()
+            .filter(|e| accepted.contains_key(&e.event_id))
+            // State last, so each key's newest position is its current state.
+            .filter(|e| !state_ids.contains(&e.event_id.to_string()))
+            .chain(ordered.iter().filter(|e| {
+                accepted.contains_key(&e.event_id) && state_ids.contains(&e.event_id.to_string())
+            }))
+            .map(|e| outlier_row(e))
+            .collect();
+        let state_ids: Vec<String> = state_ids
+            .into_iter()
+            .filter(|id| outliers.iter().any(|o| o.event_id == *id))
+            .collect();
+        self.store
+            .import_room(
+                room_id.as_str(),
+                version.id.as_str(),
+                create.sender.as_str(),
+                i64::from(create.origin_server_ts.get()),
+                &outliers,
+                &state_ids,
+            )
+            .await?;
+        // The join, through the pipeline like any event from another server, but signed here.
+        let (join_id, join) = {
+            let hash = reference_hash(&join, &version.rules).map_err(super::pipeline::json_error)?;
+            (
+                OwnedEventId::try_from(format!("${hash}")).map_err(Error::internal)?,
+                join,
+            )
+        };
+        let json = serde_json::to_string(&join).map_err(Error::internal)?;
+        let pdu = Pdu::from_json(join_id, json)?;
+        let auth = self.auth_events_of(&pdu).await?;
+        let handle = self.handle(room_id).await?;
+        let this = self.clone();
+        super::pipeline::detached(async move {
+            let mut inner = handle.inner.lock().await;
+            let view = StateView::over(&inner.state);
+            authorize(&handle.version, &view, &pdu, &auth)?;
+            let accepted = Accepted::new(pdu, &view);
+            drop(view);
+            let mut stored = this.persist(&handle, &mut inner, vec![accepted], None).await?;
+            stored.pop().ok_or_else(|| Error::internal("nothing stored"))
+        })
+        .await
+    }
+
     /// The servers with joined members in a room (this one included if it has any).
     pub async fn joined_servers(&self, room_id: &RoomId) -> Result<BTreeSet<ruma::OwnedServerName>> {
         Ok(self
@@ -279,5 +404,26 @@ impl Rooms {
             .filter_map(|user| UserId::parse(user).ok())
             .map(|user| user.server_name().to_owned())
             .collect())
+    }
+}
+
+/// An event of a joined room's past, stored outside the timeline.
+fn outlier_row(pdu: &Pdu) -> switchboard_store::NewEvent {
+    switchboard_store::NewEvent {
+        stream_pos: 0,
+        event_id: pdu.event_id.to_string(),
+        room_id: pdu.room_id.to_string(),
+        sender: pdu.sender.to_string(),
+        kind: pdu.event_type.clone(),
+        state_key: pdu.state_key.clone(),
+        depth: i64::from(pdu.depth),
+        origin_server_ts: i64::from(pdu.origin_server_ts.get()),
+        pdu: pdu.json.clone(),
+        unsigned: None,
+        txn: None,
+        membership: pdu.membership(),
+        creates_room_version: None,
+        relates_to: None,
+        prev_events: Vec::new(),
     }
 }

@@ -751,3 +751,116 @@ async fn a_synapse_user_joins_a_switchboard_room_by_alias_and_they_talk() {
     let expected: Vec<String> = (0..20).rev().map(|i| format!("burst {i}")).collect();
     assert_eq!(bursts, expected, "Synapse holds each once, in order");
 }
+
+/// `user` on `on` joins `alias` (of another server) and gets the room ID.
+async fn join_alias(on: &Peer, user: &crate::harness::User, alias: &str, other: &Peer) -> String {
+    let (status, joined) = on
+        .server
+        .call(
+            Method::POST,
+            &format!("/_matrix/client/v3/join/{}", enc(alias)),
+            Some(&user.token),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "{joined}\n--- {}:\n{}\n--- {}:\n{}",
+        on.name,
+        log_of(on),
+        other.name,
+        log_of(other)
+    );
+    joined["room_id"].as_str().expect("room_id").to_owned()
+}
+
+#[tokio::test]
+async fn a_switchboard_user_joins_a_room_on_another_switchboard_and_they_talk() {
+    let (a, b) = (Peer::switchboard("").await, Peer::switchboard("").await);
+    let alice = a.server.register("alice").await;
+    let bob = b.server.register("bob").await;
+    let room = a
+        .server
+        .create_room(
+            &alice,
+            json!({"room_alias_name": "hall", "preset": "public_chat", "name": "The Hall"}),
+        )
+        .await;
+    let joined = join_alias(&b, &bob, &format!("#hall:{}", a.name), &a).await;
+    assert_eq!(joined, room);
+    // Bob's server holds the room's state now: its name, and both members.
+    assert_eq!(
+        b.server.state(&bob, &room, "m.room.name", "").await["name"],
+        "The Hall"
+    );
+    let members = b
+        .server
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/rooms/{}/joined_members", enc(&room)),
+            &bob.token,
+            Value::Null,
+        )
+        .await;
+    assert!(
+        members["joined"].get(&alice.user_id).is_some() && members["joined"].get(&bob.user_id).is_some(),
+        "{members}"
+    );
+
+    let (status, body) = b.server.send_text(&bob, &room, "b1", "hello from B").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        wait_for_message(&a, &alice, &room, "hello from B", &b).await,
+        bob.user_id
+    );
+    let (status, body) = a.server.send_text(&alice, &room, "a1", "hello from A").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        wait_for_message(&b, &bob, &room, "hello from A", &a).await,
+        alice.user_id
+    );
+    // Bob's sync carries the room, its state and the message.
+    let sync = b.server.sync(&bob, "timeout=0").await;
+    let joined_room = &sync["rooms"]["join"][&room];
+    assert!(joined_room.is_object(), "{sync}");
+}
+
+#[tokio::test]
+async fn a_switchboard_user_joins_a_synapse_room_and_they_talk() {
+    let Some(synapse) = Peer::synapse().await else {
+        eprintln!("Synapse is not installed (tests/interop/setup.sh synapse); skipped");
+        return;
+    };
+    let ours = Peer::switchboard("").await;
+    let sam = synapse.server.register("sam").await;
+    let room = synapse
+        .server
+        .create_room(&sam, json!({"room_alias_name": "plaza", "preset": "public_chat", "name": "Plaza", "room_version": "11"}))
+        .await;
+    let alice = ours.server.register("alice").await;
+    let joined = join_alias(&ours, &alice, &format!("#plaza:{}", synapse.name), &synapse).await;
+    assert_eq!(joined, room);
+    assert_eq!(
+        ours.server.state(&alice, &room, "m.room.name", "").await["name"],
+        "Plaza"
+    );
+    let (status, body) = ours
+        .server
+        .send_text(&alice, &room, "a1", "hello from Switchboard")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        wait_for_message(&synapse, &sam, &room, "hello from Switchboard", &ours).await,
+        alice.user_id
+    );
+    let (status, body) = synapse
+        .server
+        .send_text(&sam, &room, "s1", "hello from Synapse")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        wait_for_message(&ours, &alice, &room, "hello from Synapse", &synapse).await,
+        sam.user_id
+    );
+}

@@ -1,0 +1,156 @@
+//! A local user joining a room that lives on other servers: `make_join` for a template,
+//! sign it here, `send_join` with it, and take the room's state from the answer.
+
+use std::sync::Arc;
+
+use ruma::{
+    CanonicalJsonObject, CanonicalJsonValue, OwnedServerName, RoomId, RoomVersionId, UserId,
+    api::federation::membership::{create_join_event, prepare_join_event},
+    signatures::hash_and_sign_event,
+};
+
+use crate::{
+    Error, Homeserver, Result,
+    pdu::{Pdu, RoomVersion, STABLE_ROOM_VERSIONS},
+    util::now_ms,
+};
+
+impl Homeserver {
+    /// Joins a local user to a room: through this server's own pipeline when it knows the room,
+    /// otherwise through the first of `servers` (and the room ID's own server) that lets them in.
+    pub async fn join_room(
+        &self,
+        user: &UserId,
+        room_id: &RoomId,
+        servers: &[OwnedServerName],
+    ) -> Result<Arc<Pdu>> {
+        match self.rooms.handle(room_id).await {
+            Ok(_) => {
+                let displayname = self.accounts.displayname(user).await?;
+                self.rooms.join(room_id, user, displayname.as_deref()).await
+            }
+            Err(Error::NotFound(_)) => {
+                let mut servers = servers.to_vec();
+                if let Some(server) = room_id.server_name()
+                    && !servers.iter().any(|s| s == server)
+                {
+                    servers.push(server.to_owned());
+                }
+                self.join_remote(user, room_id, &servers).await
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Joins `user` to `room_id` through the first of `servers` that lets them in.
+    pub async fn join_remote(
+        &self,
+        user: &UserId,
+        room_id: &RoomId,
+        servers: &[OwnedServerName],
+    ) -> Result<Arc<Pdu>> {
+        let mut last_error = Error::NotFound(format!("No server could be asked to join {room_id}"));
+        for server in servers.iter().filter(|s| **s != self.server_name) {
+            match self.join_through(user, room_id, server).await {
+                Ok(pdu) => return Ok(pdu),
+                Err(e) => {
+                    tracing::info!(%room_id, %server, error = %e, "remote join failed");
+                    last_error = e;
+                }
+            }
+        }
+        Err(last_error)
+    }
+
+    async fn join_through(
+        &self,
+        user: &UserId,
+        room_id: &RoomId,
+        server: &OwnedServerName,
+    ) -> Result<Arc<Pdu>> {
+        let client = &self.federation.client;
+        let mut request = prepare_join_event::v1::Request::new(room_id.to_owned(), user.to_owned());
+        request.ver = STABLE_ROOM_VERSIONS
+            .iter()
+            .filter_map(|v| RoomVersionId::try_from(*v).ok())
+            .collect();
+        let template = client.send(server, request).await?;
+        let version_id = template
+            .room_version
+            .ok_or_else(|| Error::BadGateway(format!("{server} named no room version")))?;
+        let version = RoomVersion::parse(version_id.as_str()).map_err(|_| {
+            Error::UnsupportedRoomVersion(format!("this server cannot join rooms of version {version_id}"))
+        })?;
+        let mut event: CanonicalJsonObject = serde_json::from_str(template.event.get())
+            .map_err(|e| Error::BadGateway(format!("{server}'s join template is not canonical JSON: {e}")))?;
+        // The template must be the join it claims to be.
+        let field = |name: &str| match event.get(name) {
+            Some(CanonicalJsonValue::String(s)) => Some(s.clone()),
+            _ => None,
+        };
+        if field("type").as_deref() != Some("m.room.member")
+            || field("state_key").as_deref() != Some(user.as_str())
+            || field("sender").as_deref() != Some(user.as_str())
+            || field("room_id").as_deref() != Some(room_id.as_str())
+        {
+            return Err(Error::BadGateway(format!(
+                "{server}'s join template is not a join of {user}"
+            )));
+        }
+        let profile = self.local_profile(user).await?;
+        let mut content = serde_json::json!({ "membership": "join" });
+        if let Some(name) = profile.displayname {
+            content["displayname"] = name.into();
+        }
+        if let Some(url) = profile.avatar_url {
+            content["avatar_url"] = url.into();
+        }
+        // Kept from the template: a restricted room's authorising user.
+        if let Some(CanonicalJsonValue::Object(template_content)) = event.get("content")
+            && let Some(CanonicalJsonValue::String(via)) =
+                template_content.get("join_authorised_via_users_server")
+        {
+            content["join_authorised_via_users_server"] = via.clone().into();
+        }
+        event.insert(
+            "content".to_owned(),
+            CanonicalJsonValue::try_from(content).map_err(Error::internal)?,
+        );
+        event.insert(
+            "origin_server_ts".to_owned(),
+            CanonicalJsonValue::Integer(ruma::Int::try_from(now_ms()).unwrap_or(ruma::Int::MAX)),
+        );
+        for unsigned in ["hashes", "signatures", "event_id", "unsigned"] {
+            event.remove(unsigned);
+        }
+        hash_and_sign_event(
+            self.server_name.as_str(),
+            &self.federation.key.key_pair,
+            &mut event,
+            &version.rules.redaction,
+        )
+        .map_err(|e| Error::Internal(format!("cannot sign the join: {e}")))?;
+        let hash = ruma::signatures::reference_hash(&event, &version.rules).map_err(Error::internal)?;
+        let event_id = ruma::OwnedEventId::try_from(format!("${hash}")).map_err(Error::internal)?;
+        let pdu = serde_json::value::to_raw_value(&event).map_err(Error::internal)?;
+        let request = create_join_event::v2::Request::new(room_id.to_owned(), event_id, pdu);
+        let answer = client.send(server, request).await?.room_state;
+        // A restricted join comes back signed by the resident server too.
+        let join = match answer.event {
+            Some(signed) => serde_json::from_str(signed.get()).map_err(|e| {
+                Error::BadGateway(format!("{server}'s signed join is not canonical JSON: {e}"))
+            })?,
+            None => event,
+        };
+        self.rooms
+            .import_joined_room(
+                room_id,
+                version,
+                join,
+                answer.state,
+                answer.auth_chain,
+                &self.federation.keys,
+            )
+            .await
+    }
+}
