@@ -395,22 +395,22 @@ impl SyncService {
     }
 
     async fn invite_section(&self, room_id: &RoomId, user: &UserId) -> Result<Value> {
-        const STRIPPED: &[&str] = &[
-            "m.room.create",
-            "m.room.join_rules",
-            "m.room.name",
-            "m.room.avatar",
-            "m.room.canonical_alias",
-            "m.room.encryption",
-            "m.room.topic",
-        ];
-        let mut events = Vec::new();
-        for event in self.rooms.current_state(room_id).await? {
-            let own_member = event.kind == TimelineEventType::RoomMember
-                && event.state_key.as_deref() == Some(user.as_str());
-            if own_member || STRIPPED.contains(&event.kind.to_string().as_str()) {
-                events.push(event.to_stripped());
-            }
+        let own = self
+            .rooms
+            .state_event(room_id, &ruma::events::StateEventType::RoomMember, user.as_str())
+            .await?;
+        let mut events = if self.rooms.is_resident(room_id).await? {
+            self.rooms.stripped_state(room_id).await?
+        } else {
+            // An invite from another server: the state its server sent along.
+            own.as_ref()
+                .and_then(|e| e.unsigned.as_ref())
+                .and_then(|u| serde_json::from_str::<Value>(u.get()).ok())
+                .and_then(|u| u.get("invite_room_state").and_then(|s| s.as_array().cloned()))
+                .unwrap_or_default()
+        };
+        if let Some(own) = own {
+            events.push(own.to_stripped());
         }
         Ok(json!({ "invite_state": { "events": events } }))
     }

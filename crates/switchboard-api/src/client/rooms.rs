@@ -53,10 +53,25 @@ async fn create_room(
         hs.ensure_user(invitee).await?;
     }
     let displayname = hs.accounts.displayname(&session.user_id).await?;
+    // Users of other servers are invited once the room exists: their servers sign the invites.
+    let (local, remote): (Vec<_>, Vec<_>) = body
+        .invite
+        .iter()
+        .cloned()
+        .partition(|u| u.server_name() == hs.server_name);
+    let is_direct = body.is_direct;
+    let body = CreateRoom {
+        invite: local,
+        ..body
+    };
     let (room_id, alias) = hs
         .rooms
         .create_room(&session.user_id, displayname.as_deref(), body)
         .await?;
+    for invitee in &remote {
+        hs.invite(&room_id, &session.user_id, invitee, None, is_direct)
+            .await?;
+    }
     let mut response = json!({ "room_id": room_id });
     if let Some(alias) = alias {
         response["room_alias"] = json!(alias);
@@ -131,8 +146,7 @@ async fn leave(
     Path(raw): Path<String>,
     Body(body): Body<ReasonBody>,
 ) -> ApiResult<Json<Value>> {
-    hs.rooms
-        .leave(&room_id(&raw)?, &session.user_id, body.reason.as_deref())
+    hs.leave_room(&room_id(&raw)?, &session.user_id, body.reason.as_deref())
         .await?;
     Ok(Json(json!({})))
 }
@@ -158,15 +172,14 @@ async fn invite(
     // An unknown user in a service's namespace: the service is asked and may create it
     // (Synapse does the same), so people can invite bridged users that exist only remotely.
     hs.ensure_user(&body.user_id).await?;
-    hs.rooms
-        .invite(
-            &room,
-            &session.user_id,
-            &body.user_id,
-            body.reason.as_deref(),
-            body.is_direct,
-        )
-        .await?;
+    hs.invite(
+        &room,
+        &session.user_id,
+        &body.user_id,
+        body.reason.as_deref(),
+        body.is_direct,
+    )
+    .await?;
     Ok(Json(json!({})))
 }
 

@@ -18,6 +18,15 @@ use crate::client::{room_id, user_id};
 pub(super) fn routes() -> Router<Arc<Homeserver>> {
     Router::new()
         .route(
+            "/_matrix/federation/v1/make_leave/{room_id}/{user_id}",
+            get(make_leave),
+        )
+        .route(
+            "/_matrix/federation/v2/send_leave/{room_id}/{event_id}",
+            put(send_leave),
+        )
+        .route("/_matrix/federation/v2/invite/{room_id}/{event_id}", put(invite))
+        .route(
             "/_matrix/federation/v1/make_join/{room_id}/{user_id}",
             get(make_join),
         )
@@ -68,4 +77,58 @@ async fn send_join(
         "members_omitted": false,
         "servers_in_room": servers,
     })))
+}
+
+async fn make_leave(
+    State(hs): State<Arc<Homeserver>>,
+    Path((room, user)): Path<(String, String)>,
+    request: Federated,
+) -> FedResult<Json<Value>> {
+    let (room, user) = (room_id(&room)?, user_id(&user)?);
+    if user.server_name() != request.origin {
+        return Err(Error::Forbidden(format!("{} cannot leave on behalf of {user}", request.origin)).into());
+    }
+    let (room_version, event) = hs.rooms.make_leave(&room, &user).await?;
+    Ok(Json(json!({ "room_version": room_version, "event": event })))
+}
+
+async fn send_leave(
+    State(hs): State<Arc<Homeserver>>,
+    Path((room, event_id)): Path<(String, String)>,
+    request: Federated,
+) -> FedResult<Json<Value>> {
+    let room = room_id(&room)?;
+    let object: CanonicalJsonObject = request.json()?;
+    hs.rooms
+        .send_leave(&request.origin, &room, &event_id, object, &hs.federation.keys)
+        .await?;
+    Ok(Json(json!({})))
+}
+
+#[derive(serde::Deserialize)]
+struct InviteBody {
+    room_version: String,
+    event: CanonicalJsonObject,
+    #[serde(default)]
+    invite_room_state: Vec<Value>,
+}
+
+async fn invite(
+    State(hs): State<Arc<Homeserver>>,
+    Path((room, event_id)): Path<(String, String)>,
+    request: Federated,
+) -> FedResult<Json<Value>> {
+    let room = room_id(&room)?;
+    let body: InviteBody = request.json()?;
+    let event = hs
+        .receive_invite(
+            &request.origin,
+            &room,
+            &event_id,
+            &body.room_version,
+            body.event,
+            body.invite_room_state,
+        )
+        .await?;
+    Ok(Json(json!({ "event": event })))
 }

@@ -24,22 +24,25 @@ impl Homeserver {
         room_id: &RoomId,
         servers: &[OwnedServerName],
     ) -> Result<Arc<Pdu>> {
-        match self.rooms.handle(room_id).await {
-            Ok(_) => {
-                let displayname = self.accounts.displayname(user).await?;
-                self.rooms.join(room_id, user, displayname.as_deref()).await
-            }
-            Err(Error::NotFound(_)) => {
-                let mut servers = servers.to_vec();
-                if let Some(server) = room_id.server_name()
-                    && !servers.iter().any(|s| s == server)
-                {
-                    servers.push(server.to_owned());
-                }
-                self.join_remote(user, room_id, &servers).await
-            }
-            Err(e) => Err(e),
+        if self.rooms.is_resident(room_id).await? {
+            let displayname = self.accounts.displayname(user).await?;
+            return self.rooms.join(room_id, user, displayname.as_deref()).await;
         }
+        let mut servers = servers.to_vec();
+        // An invite names a server that is surely in the room: the inviter's.
+        if let Ok(Some(invite)) = self
+            .rooms
+            .state_event(room_id, &ruma::events::StateEventType::RoomMember, user.as_str())
+            .await
+        {
+            servers.insert(0, invite.sender.server_name().to_owned());
+        }
+        if let Some(server) = room_id.server_name() {
+            servers.push(server.to_owned());
+        }
+        let mut seen = std::collections::HashSet::new();
+        servers.retain(|s| seen.insert(s.clone()));
+        self.join_remote(user, room_id, &servers).await
     }
 
     /// Joins `user` to `room_id` through the first of `servers` that lets them in.

@@ -2,6 +2,7 @@
 //! `resolve`), signing keys (`keys`), and the authentication of inbound requests.
 
 pub mod client;
+mod invite;
 mod join;
 pub mod keys;
 pub mod resolve;
@@ -15,6 +16,7 @@ use switchboard_store::{Store, StoreError};
 use crate::{Error, config::Config, keys::SigningKey, util::now_ms};
 
 pub use client::FederationClient;
+pub use invite::STRIPPED;
 pub use keys::KeyRing;
 
 /// Why a request to another server failed.

@@ -149,6 +149,34 @@ impl Rooms {
         Ok(cache.entry(room_id.to_owned()).or_insert(handle).clone())
     }
 
+    /// Drops the in-memory handle, so the next use loads the room from the database again.
+    pub(crate) fn forget_handle(&self, room_id: &RoomId) {
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.remove(room_id);
+        }
+    }
+
+    /// Whether this server holds the room's state (it has its create event), as opposed to
+    /// knowing only an invite to it.
+    pub async fn is_resident(&self, room_id: &RoomId) -> Result<bool> {
+        match self.state_event(room_id, &StateEventType::RoomCreate, "").await {
+            Ok(create) => Ok(create.is_some()),
+            Err(Error::NotFound(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The state an invitee sees of a room before joining (the spec's stripped state).
+    pub async fn stripped_state(&self, room_id: &RoomId) -> Result<Vec<serde_json::Value>> {
+        Ok(self
+            .current_state(room_id)
+            .await?
+            .iter()
+            .filter(|e| crate::federation::STRIPPED.contains(&e.event_type.as_str()))
+            .map(|e| e.to_stripped())
+            .collect())
+    }
+
     fn cached(&self, room_id: &RoomId) -> Option<Arc<RoomHandle>> {
         self.cache.lock().ok()?.get(room_id).cloned()
     }

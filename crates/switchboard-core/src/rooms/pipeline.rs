@@ -129,6 +129,18 @@ impl Rooms {
         .await
     }
 
+    /// Builds, signs and authorises an event against the room's current state without storing
+    /// it: for events another server must sign before they count (invites of its users), or
+    /// that go to another server instead (leaves of a room this server is not in).
+    pub async fn prepare(&self, room_id: &RoomId, sender: &UserId, draft: EventDraft) -> Result<Pdu> {
+        let handle = self.handle(room_id).await?;
+        let inner = handle.inner.lock().await;
+        let view = StateView::over(&inner.state);
+        let (pdu, auth) = self.build(&handle, &view, &inner.extremities, sender, draft)?;
+        authorize(&handle.version, &view, &pdu, &auth)?;
+        Ok(pdu)
+    }
+
     /// The event an earlier identical client transaction created, if any.
     pub async fn txn_event(
         &self,

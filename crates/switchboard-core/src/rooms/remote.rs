@@ -119,6 +119,19 @@ impl Rooms {
             )));
         }
         let auth = self.auth_events_of(&pdu).await?;
+        self.append_checked(handle, pdu, Some(auth), None).await
+    }
+
+    /// Appends an event checked elsewhere, under the room lock: against the room's state by the
+    /// auth rules (`auth`: its auth events), or — `None` — on the word of the signatures
+    /// alone, for an invite to a room this server is not in.
+    pub(super) async fn append_checked(
+        self: &Arc<Self>,
+        handle: Arc<super::RoomHandle>,
+        pdu: Pdu,
+        auth: Option<Vec<Arc<Pdu>>>,
+        unsigned: Option<String>,
+    ) -> Result<Received> {
         let this = self.clone();
         super::pipeline::detached(async move {
             let mut inner = handle.inner.lock().await;
@@ -127,14 +140,119 @@ impl Rooms {
                 return Ok(Received::AlreadyKnown);
             }
             let view = StateView::over(&inner.state);
-            authorize(&handle.version, &view, &pdu, &auth)?;
-            let accepted = Accepted::new(pdu, &view);
+            if let Some(auth) = &auth {
+                authorize(&handle.version, &view, &pdu, auth)?;
+            }
+            let mut accepted = Accepted::new(pdu, &view);
+            if unsigned.is_some() {
+                accepted.unsigned = unsigned;
+            }
             drop(view);
             let mut stored = this.persist(&handle, &mut inner, vec![accepted], None).await?;
             let pdu = stored.pop().ok_or_else(|| Error::internal("nothing stored"))?;
             Ok(Received::Accepted(pdu))
         })
         .await
+    }
+
+    /// Appends an event this server signed whose other signatures came back from another
+    /// server (an invite the invitee's server signed): checked as a received PDU, then appended.
+    pub async fn append_countersigned(
+        self: &Arc<Self>,
+        room_id: &RoomId,
+        object: CanonicalJsonObject,
+        keys: &KeyRing,
+    ) -> Result<Arc<Pdu>> {
+        match self.receive_pdu(room_id, object, keys).await? {
+            Received::Accepted(pdu) => Ok(pdu),
+            Received::AlreadyKnown => Err(Error::BadState("the event is stored already".to_owned())),
+        }
+    }
+
+    /// Stores an event of a room this server is not in, on the word of its signatures (checked
+    /// by the caller): an invite of a local user, or that user's leave of such an invite. The
+    /// room is created as a stub (its version only) if unknown.
+    pub async fn store_outside_event(
+        self: &Arc<Self>,
+        version: &RoomVersion,
+        object: CanonicalJsonObject,
+        event_id: OwnedEventId,
+        unsigned: Option<String>,
+    ) -> Result<Arc<Pdu>> {
+        let json = serde_json::to_string(&object).map_err(Error::internal)?;
+        let pdu = Pdu::from_json(event_id, json).map_err(|e| Error::BadJson(e.to_string()))?;
+        if self.handle(&pdu.room_id).await.is_err() {
+            self.store
+                .import_room(
+                    pdu.room_id.as_str(),
+                    version.id.as_str(),
+                    pdu.sender.as_str(),
+                    i64::from(pdu.origin_server_ts.get()),
+                    &[],
+                    &[],
+                )
+                .await?;
+        }
+        let handle = self.handle(&pdu.room_id).await?;
+        match self.append_checked(handle, pdu, None, unsigned).await? {
+            Received::Accepted(pdu) => Ok(pdu),
+            Received::AlreadyKnown => Err(Error::BadState("the event is stored already".to_owned())),
+        }
+    }
+
+    /// The resident side of `send_leave`: the leaving user's own signed leave, checked and appended.
+    pub async fn send_leave(
+        self: &Arc<Self>,
+        origin: &ServerName,
+        room_id: &RoomId,
+        event_id: &str,
+        object: CanonicalJsonObject,
+        keys: &KeyRing,
+    ) -> Result<()> {
+        let pdu = self
+            .own_membership_pdu(origin, room_id, event_id, &object, "leave", keys)
+            .await?;
+        if self.event(pdu.event_id.as_str()).await?.is_none() {
+            self.receive_pdu(room_id, object, keys).await?;
+        }
+        Ok(())
+    }
+
+    /// Checks a membership event a server sends for its own user (`send_join`, `send_leave`):
+    /// its ID, signatures, kind, and that the user belongs to `origin`.
+    async fn own_membership_pdu(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        event_id: &str,
+        object: &CanonicalJsonObject,
+        membership: &str,
+        keys: &KeyRing,
+    ) -> Result<Pdu> {
+        let handle = self.handle(room_id).await?;
+        let (computed, checked) = self.verify_pdu(&handle.version, object.clone(), keys).await?;
+        if computed.as_str() != event_id {
+            return Err(Error::BadJson(format!(
+                "the event's ID is {computed}, not {event_id}"
+            )));
+        }
+        let json = serde_json::to_string(&checked).map_err(Error::internal)?;
+        let pdu = Pdu::from_json(computed, json).map_err(|e| Error::BadJson(e.to_string()))?;
+        if pdu.kind != TimelineEventType::RoomMember
+            || pdu.membership().as_deref() != Some(membership)
+            || pdu.state_key.as_deref() != Some(pdu.sender.as_str())
+        {
+            return Err(Error::BadJson(format!(
+                "expected the user's own {membership} event"
+            )));
+        }
+        if pdu.sender.server_name() != origin || pdu.room_id != room_id {
+            return Err(Error::Forbidden(format!(
+                "{origin} cannot send a {membership} for {}",
+                pdu.sender
+            )));
+        }
+        Ok(pdu)
     }
 
     /// The events an event names as `auth_events`: all must be known and in its room.
@@ -161,13 +279,38 @@ impl Rooms {
         user_id: &UserId,
         supported: &[String],
     ) -> Result<(String, serde_json::Value)> {
+        self.make_membership(room_id, user_id, "join", Some(supported))
+            .await
+    }
+
+    /// A leave template for `user_id` of the asking server (to refuse an invite, or leave a
+    /// room it is not resident in): `(room version, template)`.
+    pub async fn make_leave(
+        &self,
+        room_id: &RoomId,
+        user_id: &UserId,
+    ) -> Result<(String, serde_json::Value)> {
+        self.make_membership(room_id, user_id, "leave", None).await
+    }
+
+    /// A membership template for a remote user, checked against the auth rules on a stand-in,
+    /// so a refusal comes now rather than when the signed event arrives.
+    async fn make_membership(
+        &self,
+        room_id: &RoomId,
+        user_id: &UserId,
+        membership: &str,
+        supported: Option<&[String]>,
+    ) -> Result<(String, serde_json::Value)> {
         let handle = self.handle(room_id).await?;
         let version = handle.version.id.to_string();
-        if !supported.contains(&version) {
+        if let Some(supported) = supported
+            && !supported.contains(&version)
+        {
             return Err(Error::IncompatibleRoomVersion(version));
         }
         let inner = handle.inner.lock().await;
-        let content = json!({ "membership": "join" });
+        let content = json!({ "membership": membership });
         let rules = &handle.version.rules;
         let content_raw = serde_json::value::to_raw_value(&content).map_err(Error::internal)?;
         let auth_types = state_res::auth_types_for_event(
@@ -194,7 +337,6 @@ impl Rooms {
             "prev_events": prev_events_of(&inner.extremities),
             "auth_events": auth.iter().map(|e| e.event_id.to_string()).collect::<Vec<_>>(),
         });
-        // Would the join pass? Checked on a stand-in, so a refusal comes now, not at send_join.
         let probe = Pdu::from_json(
             OwnedEventId::try_from("$probe").map_err(Error::internal)?,
             template.to_string(),
@@ -213,31 +355,11 @@ impl Rooms {
         object: CanonicalJsonObject,
         keys: &KeyRing,
     ) -> Result<(Vec<Arc<Pdu>>, Vec<Arc<Pdu>>, Arc<Pdu>)> {
-        let handle = self.handle(room_id).await?;
-        let (computed, checked) = self.verify_pdu(&handle.version, object, keys).await?;
-        if computed.as_str() != event_id {
-            return Err(Error::BadJson(format!(
-                "the event's ID is {computed}, not {event_id}"
-            )));
-        }
-        let json = serde_json::to_string(&checked).map_err(Error::internal)?;
-        let pdu = Pdu::from_json(computed, json).map_err(|e| Error::BadJson(e.to_string()))?;
-        if pdu.kind != TimelineEventType::RoomMember
-            || pdu.membership().as_deref() != Some("join")
-            || pdu.state_key.as_deref() != Some(pdu.sender.as_str())
-        {
-            return Err(Error::BadJson(
-                "send_join takes the joining user's own join event".to_owned(),
-            ));
-        }
-        if pdu.sender.server_name() != origin || pdu.room_id != room_id {
-            return Err(Error::Forbidden(format!(
-                "{origin} cannot send a join for {}",
-                pdu.sender
-            )));
-        }
+        let pdu = self
+            .own_membership_pdu(origin, room_id, event_id, &object, "join", keys)
+            .await?;
         let state_before = self.current_state(room_id).await?;
-        let joined = match self.receive_pdu(room_id, checked, keys).await? {
+        let joined = match self.receive_pdu(room_id, object, keys).await? {
             Received::Accepted(pdu) => pdu,
             Received::AlreadyKnown => Arc::new(
                 self.event(pdu.event_id.as_str())
@@ -380,18 +502,13 @@ impl Rooms {
         let json = serde_json::to_string(&join).map_err(Error::internal)?;
         let pdu = Pdu::from_json(join_id, json)?;
         let auth = self.auth_events_of(&pdu).await?;
+        // A stub from an invite may be cached; the room is whole now.
+        self.forget_handle(room_id);
         let handle = self.handle(room_id).await?;
-        let this = self.clone();
-        super::pipeline::detached(async move {
-            let mut inner = handle.inner.lock().await;
-            let view = StateView::over(&inner.state);
-            authorize(&handle.version, &view, &pdu, &auth)?;
-            let accepted = Accepted::new(pdu, &view);
-            drop(view);
-            let mut stored = this.persist(&handle, &mut inner, vec![accepted], None).await?;
-            stored.pop().ok_or_else(|| Error::internal("nothing stored"))
-        })
-        .await
+        match self.append_checked(handle, pdu, Some(auth), None).await? {
+            Received::Accepted(pdu) => Ok(pdu),
+            Received::AlreadyKnown => Err(Error::BadState("already joined".to_owned())),
+        }
     }
 
     /// The servers with joined members in a room (this one included if it has any).

@@ -864,3 +864,247 @@ async fn a_switchboard_user_joins_a_synapse_room_and_they_talk() {
         sam.user_id
     );
 }
+
+/// Polls `user`'s membership in `room` on `on` (from the room's state) until it is `want`.
+async fn wait_for_membership(
+    on: &Peer,
+    user: &crate::harness::User,
+    room: &str,
+    whose: &str,
+    want: &str,
+    other: &Peer,
+) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let path = format!(
+        "/_matrix/client/v3/rooms/{}/state/m.room.member/{}",
+        enc(room),
+        enc(whose)
+    );
+    loop {
+        let (status, content) = on.server.call(Method::GET, &path, Some(&user.token), None).await;
+        if status == StatusCode::OK && content["membership"] == want {
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            panic!(
+                "{whose} never became {want} on {} ({status}: {content})\n--- {}:\n{}\n--- {}:\n{}",
+                on.name,
+                on.name,
+                log_of(on),
+                other.name,
+                log_of(other)
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// Polls `/sync` until `room` is among `user`'s invites; returns the invite's state.
+async fn wait_for_invite(on: &Peer, user: &crate::harness::User, room: &str, other: &Peer) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let sync = on.server.sync(user, "timeout=0").await;
+        let invite = &sync["rooms"]["invite"][room];
+        if invite.is_object() {
+            return invite["invite_state"]["events"].clone();
+        }
+        if std::time::Instant::now() > deadline {
+            panic!(
+                "no invite to {room} on {}: {sync}\n--- {}:\n{}",
+                on.name,
+                other.name,
+                log_of(other)
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn invites_kicks_bans_and_leaves_cross_between_switchboards() {
+    let (a, b) = (Peer::switchboard("").await, Peer::switchboard("").await);
+    let alice = a.server.register("alice").await;
+    let bob = b.server.register("bob").await;
+    let room = a
+        .server
+        .create_room(
+            &alice,
+            json!({"preset": "private_chat", "name": "Secret", "invite": [bob.user_id]}),
+        )
+        .await;
+    // Bob's server signed the invite and shows it with the room's name.
+    let state = wait_for_invite(&b, &bob, &room, &a).await;
+    assert!(
+        state
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|e| e["type"] == "m.room.name" && e["content"]["name"] == "Secret"),
+        "{state}"
+    );
+    let (status, body) = b
+        .server
+        .call(
+            Method::POST,
+            &format!("/_matrix/client/v3/join/{}", enc(&room)),
+            Some(&bob.token),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}\n{}", log_of(&a));
+    wait_for_membership(&a, &alice, &room, &bob.user_id, "join", &b).await;
+    let (status, _) = b.server.send_text(&bob, &room, "b1", "inside").await;
+    assert_eq!(status, StatusCode::OK);
+    wait_for_message(&a, &alice, &room, "inside", &b).await;
+
+    // A kick reaches the kicked user's server; its user can say nothing more.
+    a.server
+        .ok(
+            Method::POST,
+            &format!("/_matrix/client/v3/rooms/{}/kick", enc(&room)),
+            &alice.token,
+            json!({"user_id": bob.user_id, "reason": "out"}),
+        )
+        .await;
+    wait_for_membership(&b, &bob, &room, &bob.user_id, "leave", &a).await;
+    let (status, body) = b.server.send_text(&bob, &room, "b2", "still here?").await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::FORBIDDEN, "M_FORBIDDEN"),
+        "{body}"
+    );
+
+    // Invited again, Bob refuses: Alice's server sees the leave.
+    a.server
+        .ok(
+            Method::POST,
+            &format!("/_matrix/client/v3/rooms/{}/invite", enc(&room)),
+            &alice.token,
+            json!({"user_id": bob.user_id}),
+        )
+        .await;
+    wait_for_invite(&b, &bob, &room, &a).await;
+    b.server
+        .ok(
+            Method::POST,
+            &format!("/_matrix/client/v3/rooms/{}/leave", enc(&room)),
+            &bob.token,
+            json!({}),
+        )
+        .await;
+    wait_for_membership(&a, &alice, &room, &bob.user_id, "leave", &b).await;
+
+    // Banned, Bob cannot come back.
+    a.server
+        .ok(
+            Method::POST,
+            &format!("/_matrix/client/v3/rooms/{}/ban", enc(&room)),
+            &alice.token,
+            json!({"user_id": bob.user_id}),
+        )
+        .await;
+    wait_for_membership(&b, &bob, &room, &bob.user_id, "ban", &a).await;
+    let (status, body) = b
+        .server
+        .call(
+            Method::POST,
+            &format!("/_matrix/client/v3/join/{}", enc(&room)),
+            Some(&bob.token),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::FORBIDDEN, "M_FORBIDDEN"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn invites_and_refusals_cross_between_synapse_and_switchboard() {
+    let Some(synapse) = Peer::synapse().await else {
+        eprintln!("Synapse is not installed (tests/interop/setup.sh synapse); skipped");
+        return;
+    };
+    let ours = Peer::switchboard("").await;
+    let alice = ours.server.register("alice").await;
+    let sam = synapse.server.register("sam").await;
+
+    // Sam invites Alice into a Synapse room; she accepts and they talk.
+    let room = synapse
+        .server
+        .create_room(
+            &sam,
+            json!({"preset": "private_chat", "name": "Tea", "room_version": "11", "invite": [alice.user_id]}),
+        )
+        .await;
+    let state = wait_for_invite(&ours, &alice, &room, &synapse).await;
+    assert!(
+        state
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|e| e["type"] == "m.room.name" && e["content"]["name"] == "Tea"),
+        "{state}"
+    );
+    let (status, body) = ours
+        .server
+        .call(
+            Method::POST,
+            &format!("/_matrix/client/v3/join/{}", enc(&room)),
+            Some(&alice.token),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}\n{}", log_of(&synapse));
+    ours.server
+        .send_text(&alice, &room, "a1", "thanks for the tea")
+        .await;
+    wait_for_message(&synapse, &sam, &room, "thanks for the tea", &ours).await;
+    ours.server
+        .ok(
+            Method::POST,
+            &format!("/_matrix/client/v3/rooms/{}/leave", enc(&room)),
+            &alice.token,
+            json!({}),
+        )
+        .await;
+    wait_for_membership(&synapse, &sam, &room, &alice.user_id, "leave", &ours).await;
+
+    // A second invite, refused without ever joining (make_leave / send_leave to Synapse).
+    let other = synapse
+        .server
+        .create_room(
+            &sam,
+            json!({"preset": "private_chat", "room_version": "11", "invite": [alice.user_id]}),
+        )
+        .await;
+    wait_for_invite(&ours, &alice, &other, &synapse).await;
+    ours.server
+        .ok(
+            Method::POST,
+            &format!("/_matrix/client/v3/rooms/{}/leave", enc(&other)),
+            &alice.token,
+            json!({}),
+        )
+        .await;
+    wait_for_membership(&synapse, &sam, &other, &alice.user_id, "leave", &ours).await;
+
+    // Alice invites Sam into a Switchboard room; Synapse signs, Sam joins.
+    let ours_room = ours
+        .server
+        .create_room(&alice, json!({"preset": "private_chat", "invite": [sam.user_id]}))
+        .await;
+    wait_for_invite(&synapse, &sam, &ours_room, &ours).await;
+    let (status, body) = synapse
+        .server
+        .call(
+            Method::POST,
+            &format!("/_matrix/client/v3/join/{}", enc(&ours_room)),
+            Some(&sam.token),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}\n{}", log_of(&ours));
+    wait_for_membership(&ours, &alice, &ours_room, &sam.user_id, "join", &synapse).await;
+}
