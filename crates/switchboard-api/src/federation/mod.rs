@@ -2,6 +2,7 @@
 //! served on listeners with the `federation` resource. Every federation endpoint but `version`
 //! takes its caller from a verified `X-Matrix` signature ([`Federated`]).
 
+mod events;
 mod keys;
 mod membership;
 mod query;
@@ -32,6 +33,7 @@ pub(crate) fn router() -> Router<Arc<Homeserver>> {
         .merge(query::routes())
         .merge(membership::routes())
         .merge(transactions::routes())
+        .merge(events::routes())
 }
 
 /// `/.well-known/matrix/server`, when `serve_server_wellknown` is set.

@@ -5,19 +5,17 @@ use std::sync::Arc;
 use axum::{
     Json, Router,
     extract::{Path, State},
-    routing::{get, put},
+    routing::put,
 };
 use ruma::{CanonicalJsonObject, CanonicalJsonValue, OwnedRoomId};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
-use switchboard_core::{Error, Homeserver, rooms::Received, util::now_ms};
+use switchboard_core::{Error, Homeserver, rooms::Received};
 
 use super::{FedResult, Federated};
 
 pub(super) fn routes() -> Router<Arc<Homeserver>> {
-    Router::new()
-        .route("/_matrix/federation/v1/send/{txn_id}", put(send))
-        .route("/_matrix/federation/v1/event/{event_id}", get(event))
+    Router::new().route("/_matrix/federation/v1/send/{txn_id}", put(send))
 }
 
 /// The spec's limits of one transaction.
@@ -64,7 +62,7 @@ async fn send(
             continue;
         };
         let event_id = hs.rooms.pdu_event_id(&room, &pdu).await.ok();
-        match hs.rooms.receive_pdu(&room, pdu, &hs.federation.keys).await {
+        match hs.receive_pdu_from(&request.origin, &room, pdu).await {
             Ok(Received::Accepted(event)) => {
                 results.insert(event.event_id.to_string(), json!({}));
             }
@@ -80,30 +78,4 @@ async fn send(
         }
     }
     Ok(Json(json!({ "pdus": results })))
-}
-
-async fn event(
-    State(hs): State<Arc<Homeserver>>,
-    Path(event_id): Path<String>,
-    request: Federated,
-) -> FedResult<Json<Value>> {
-    let event = hs
-        .rooms
-        .event(&event_id)
-        .await?
-        .ok_or_else(|| Error::NotFound("Unknown event".to_owned()))?;
-    // Only servers in the room see its events.
-    if !hs
-        .rooms
-        .joined_servers(&event.room_id)
-        .await?
-        .contains(&request.origin)
-    {
-        return Err(Error::Forbidden(format!("{} is not in the event's room", request.origin)).into());
-    }
-    Ok(Json(json!({
-        "origin": hs.server_name,
-        "origin_server_ts": now_ms(),
-        "pdus": [event.federation_json()],
-    })))
 }

@@ -2,6 +2,7 @@
 //! `resolve`), signing keys (`keys`), and the authentication of inbound requests.
 
 pub mod client;
+mod intake;
 mod invite;
 mod join;
 pub mod keys;

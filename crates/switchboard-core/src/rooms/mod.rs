@@ -8,6 +8,7 @@
 mod aliases;
 mod content;
 mod create;
+mod dag;
 mod directory;
 mod history;
 mod membership;

@@ -6,7 +6,7 @@
 //! `send_join`.
 
 use std::{
-    collections::{BTreeSet, HashMap, HashSet},
+    collections::{BTreeSet, HashMap},
     sync::Arc,
 };
 
@@ -369,26 +369,6 @@ impl Rooms {
         };
         let chain = self.auth_chain(state_before.iter().chain([&joined])).await?;
         Ok((state_before, chain, joined))
-    }
-
-    /// Every event the given events' `auth_events` reach, recursively.
-    pub async fn auth_chain<'a>(&self, events: impl Iterator<Item = &'a Arc<Pdu>>) -> Result<Vec<Arc<Pdu>>> {
-        let mut seen: HashSet<OwnedEventId> = HashSet::new();
-        let mut todo: Vec<OwnedEventId> = events.flat_map(|e| e.auth_events.iter().cloned()).collect();
-        let mut chain = Vec::new();
-        while let Some(id) = todo.pop() {
-            if !seen.insert(id.clone()) {
-                continue;
-            }
-            let Some(event) = self.event(id.as_str()).await? else {
-                tracing::warn!(event_id = %id, "auth chain: event not stored");
-                continue;
-            };
-            todo.extend(event.auth_events.iter().filter(|a| !seen.contains(*a)).cloned());
-            chain.push(Arc::new(event));
-        }
-        chain.sort_by_key(|e| u64::from(e.depth));
-        Ok(chain)
     }
 
     /// Takes the answer of a resident server to this server's `send_join`: checks every event of

@@ -675,6 +675,12 @@ async fn a_synapse_user_joins_a_switchboard_room_by_alias_and_they_talk() {
             json!({"room_alias_name": "town", "preset": "public_chat"}),
         )
         .await;
+    for i in 0..3 {
+        let text = format!("said before Sam came {i}");
+        ours.server
+            .send_text(&alice, &room, &format!("h{i}"), &text)
+            .await;
+    }
     let sam = synapse.server.register("sam").await;
     let alias = format!("#town:{}", ours.name);
     let (status, joined) = synapse
@@ -705,6 +711,9 @@ async fn a_synapse_user_joins_a_switchboard_room_by_alias_and_they_talk() {
         )
         .await;
     assert!(members["joined"].get(&sam.user_id).is_some(), "{members}");
+
+    // History from before the join: Synapse backfills it from this server when Sam pages back.
+    wait_for_message(&synapse, &sam, &room, "said before Sam came 0", &ours).await;
 
     // Both ways.
     let (status, body) = synapse

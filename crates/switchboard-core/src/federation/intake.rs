@@ -1,0 +1,108 @@
+//! PDUs arriving from other servers, with the gaps before them filled: a PDU whose
+//! `prev_events` this server lacks makes it ask the sender for what lies between its own
+//! forward extremities and that PDU (`/get_missing_events`), and take those first.
+
+use ruma::{
+    CanonicalJsonObject, CanonicalJsonValue, OwnedEventId, RoomId, ServerName, UInt,
+    api::federation::event::get_missing_events, events::StateEventType,
+};
+
+use crate::{Error, Homeserver, Result, rooms::Received};
+
+/// At most this many missing events are fetched before one PDU (Synapse asks for 10).
+const MISSING_LIMIT: u32 = 10;
+
+impl Homeserver {
+    /// One PDU of a transaction from `origin`.
+    pub async fn receive_pdu_from(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        object: CanonicalJsonObject,
+    ) -> Result<Received> {
+        let prev_events: Vec<OwnedEventId> = match object.get("prev_events") {
+            Some(CanonicalJsonValue::Array(ids)) => ids
+                .iter()
+                .filter_map(|v| match v {
+                    CanonicalJsonValue::String(id) => OwnedEventId::try_from(id.as_str()).ok(),
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        let mut missing = false;
+        for id in &prev_events {
+            if self.rooms.event(id.as_str()).await?.is_none() {
+                missing = true;
+                break;
+            }
+        }
+        if missing && let Ok(event_id) = self.rooms.pdu_event_id(room_id, &object).await {
+            self.fill_gap(origin, room_id, event_id).await;
+        }
+        self.rooms
+            .receive_pdu(room_id, object, &self.federation.keys)
+            .await
+    }
+
+    /// Fetches and takes what lies between this server's extremities and `latest`; failures
+    /// only mean the gap stays (the PDU itself is still judged on its own auth events).
+    async fn fill_gap(&self, origin: &ServerName, room_id: &RoomId, latest: OwnedEventId) {
+        let Ok(earliest) = self.rooms.extremities(room_id).await else {
+            return;
+        };
+        let mut request = get_missing_events::v1::Request::new(room_id.to_owned(), earliest, vec![latest]);
+        request.limit = UInt::from(MISSING_LIMIT);
+        let events = match self.federation.client.send(origin, request).await {
+            Ok(response) => response.events,
+            Err(e) => {
+                tracing::info!(%origin, %room_id, error = %e, "cannot fetch missing events");
+                return;
+            }
+        };
+        let mut objects: Vec<CanonicalJsonObject> = events
+            .iter()
+            .filter_map(|raw| serde_json::from_str(raw.get()).ok())
+            .collect();
+        objects.sort_by_key(|o| match o.get("depth") {
+            Some(CanonicalJsonValue::Integer(d)) => i64::from(*d),
+            _ => 0,
+        });
+        for object in objects {
+            if let Err(e) = self
+                .rooms
+                .receive_pdu(room_id, object, &self.federation.keys)
+                .await
+            {
+                tracing::info!(%origin, %room_id, error = %e, "a missing event was refused");
+            }
+        }
+    }
+
+    /// Whether `server` may read the room's events: it has a member there, or the room's
+    /// history is world-readable.
+    pub async fn server_may_see(&self, server: &ServerName, room_id: &RoomId) -> Result<()> {
+        if self
+            .rooms
+            .joined_servers(room_id)
+            .await?
+            .iter()
+            .any(|s| s == server)
+        {
+            return Ok(());
+        }
+        let visibility = self
+            .rooms
+            .state_event(room_id, &StateEventType::RoomHistoryVisibility, "")
+            .await?
+            .and_then(|e| {
+                e.content_value()["history_visibility"]
+                    .as_str()
+                    .map(str::to_owned)
+            });
+        if visibility.as_deref() == Some("world_readable") {
+            return Ok(());
+        }
+        Err(Error::Forbidden(format!("{server} is not in {room_id}")))
+    }
+}
