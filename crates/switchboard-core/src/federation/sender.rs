@@ -28,6 +28,18 @@ const MAX_PDUS: usize = 50;
 /// Events read from the stream at a time.
 const SCAN: i64 = 500;
 const MAX_BACKOFF: Duration = Duration::from_secs(3600);
+
+/// The wait after `failures` failed attempts in a row: doubling from a second to 30 s, held
+/// there for about five minutes (a restart or a short outage is over soon, and the peer may have
+/// nothing to send that would wake the queue), then doubling again to an hour.
+fn backoff(failures: u32) -> Duration {
+    let seconds = match failures {
+        0..=4 => 1u64 << failures,
+        5..=14 => 30,
+        n => 60u64.saturating_mul(1 << (n - 15).min(6)),
+    };
+    Duration::from_secs(seconds).min(MAX_BACKOFF)
+}
 /// The dispatcher's row among the destinations (no server is named "").
 const DISPATCHER: &str = "";
 
@@ -41,7 +53,17 @@ struct Shared {
     stream: Arc<EventStream>,
     client: Arc<FederationClient>,
     server_name: OwnedServerName,
-    queues: Mutex<HashMap<OwnedServerName, Arc<Notify>>>,
+    queues: Mutex<HashMap<OwnedServerName, Arc<Signals>>>,
+}
+
+/// What wakes one destination's queue. Kept apart so new events never cut a back-off short
+/// (that would retry a down server once per event); only the server itself calling does.
+#[derive(Default)]
+struct Signals {
+    /// New events for the destination.
+    news: Notify,
+    /// The destination contacted this server: it is up.
+    alive: Notify,
 }
 
 impl FederationSender {
@@ -97,25 +119,25 @@ impl FederationSender {
             .ok()
             .and_then(|q| q.get(server).cloned())
         {
-            notify.notify_one();
+            notify.alive.notify_one();
         }
     }
 }
 
 impl Shared {
     /// The queue of `server`, with its task started if it has none.
-    fn queue(self: Arc<Self>, server: &ServerName) -> Arc<Notify> {
+    fn queue(self: Arc<Self>, server: &ServerName) -> Arc<Signals> {
         let Ok(mut queues) = self.queues.lock() else {
-            return Arc::new(Notify::new());
+            return Arc::new(Signals::default());
         };
-        if let Some(notify) = queues.get(server) {
-            return notify.clone();
+        if let Some(signals) = queues.get(server) {
+            return signals.clone();
         }
-        let notify = Arc::new(Notify::new());
-        queues.insert(server.to_owned(), notify.clone());
+        let signals = Arc::new(Signals::default());
+        queues.insert(server.to_owned(), signals.clone());
         drop(queues);
-        tokio::spawn(self.clone().run_queue(server.to_owned(), notify.clone()));
-        notify
+        tokio::spawn(self.clone().run_queue(server.to_owned(), signals.clone()));
+        signals
     }
 
     /// Follows the stream and wakes the destinations of each local event.
@@ -154,7 +176,7 @@ impl Shared {
                 self.store
                     .add_federation_destination(destination.as_str(), pos - 1)
                     .await?;
-                self.clone().queue(&destination).notify_one();
+                self.clone().queue(&destination).news.notify_one();
             }
         }
         self.store.set_federation_sent(DISPATCHER, last).await?;
@@ -183,7 +205,7 @@ impl Shared {
     }
 
     /// One destination's queue: send what lies after its position, in order, until caught up.
-    async fn run_queue(self: Arc<Self>, destination: OwnedServerName, wake: Arc<Notify>) {
+    async fn run_queue(self: Arc<Self>, destination: OwnedServerName, wake: Arc<Signals>) {
         let mut failures: u32 = 0;
         // A batch being retried keeps its transaction ID, so the destination can tell a repeat.
         let mut pending: Option<(OwnedTransactionId, Vec<Box<serde_json::value::RawValue>>, i64)> = None;
@@ -217,7 +239,7 @@ impl Shared {
                         }
                     }
                     Ok(None) => {
-                        wake.notified().await;
+                        wake.news.notified().await;
                         continue;
                     }
                     Err(e) => {
@@ -253,10 +275,10 @@ impl Shared {
                 }
                 Err(e) => {
                     failures = failures.saturating_add(1);
-                    let backoff = Duration::from_secs(1u64 << failures.min(12)).min(MAX_BACKOFF);
+                    let backoff = backoff(failures);
                     tracing::warn!(%destination, error = %e, retry_in = ?backoff, "transaction not delivered");
                     // Woken early when the destination contacts this server.
-                    let _ = tokio::time::timeout(backoff, wake.notified()).await;
+                    let _ = tokio::time::timeout(backoff, wake.alive.notified()).await;
                 }
             }
         }
@@ -311,5 +333,20 @@ impl Shared {
             debug_assert!(upto <= last);
         }
         Ok(Some((pdus, upto)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_short_for_a_few_minutes_then_grows_to_an_hour() {
+        let waits: Vec<u64> = (1..=22).map(|n| backoff(n).as_secs()).collect();
+        assert_eq!(&waits[..5], &[2, 4, 8, 16, 30]);
+        let first_five_minutes: u64 = waits[..14].iter().sum();
+        assert!((250..=400).contains(&first_five_minutes), "{waits:?}");
+        assert_eq!(waits[14], 60);
+        assert_eq!(*waits.last().unwrap(), 3600, "{waits:?}");
     }
 }

@@ -1117,3 +1117,393 @@ async fn invites_and_refusals_cross_between_synapse_and_switchboard() {
     assert_eq!(status, StatusCode::OK, "{body}\n{}", log_of(&ours));
     wait_for_membership(&ours, &alice, &ours_room, &sam.user_id, "join", &synapse).await;
 }
+
+/// The bodies of `m.room.message` events in `room` as `user` on `on` sees them, oldest first.
+async fn bodies(on: &Peer, user: &crate::harness::User, room: &str) -> Vec<String> {
+    let page = on
+        .server
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=500", enc(room)),
+            &user.token,
+            Value::Null,
+        )
+        .await;
+    let mut bodies: Vec<String> = page["chunk"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["type"] == "m.room.message")
+        .filter_map(|e| e["content"]["body"].as_str().map(str::to_owned))
+        .collect();
+    bodies.reverse();
+    bodies
+}
+
+/// Two Switchboards with Bob (of B) in Alice's room on A.
+async fn two_in_a_room() -> (Peer, Peer, crate::harness::User, crate::harness::User, String) {
+    let (a, b) = (Peer::switchboard("").await, Peer::switchboard("").await);
+    let alice = a.server.register("alice").await;
+    let bob = b.server.register("bob").await;
+    let room = a
+        .server
+        .create_room(
+            &alice,
+            json!({"room_alias_name": "hall", "preset": "public_chat"}),
+        )
+        .await;
+    join_alias(&b, &bob, &format!("#hall:{}", a.name), &a).await;
+    (a, b, alice, bob, room)
+}
+
+#[tokio::test]
+async fn a_peer_down_for_a_minute_gets_everything_sent_meanwhile_once_and_in_order() {
+    let (a, mut b, alice, bob, room) = two_in_a_room().await;
+    assert!(b.server.terminate().success());
+    let started = std::time::Instant::now();
+    let mut sent = Vec::new();
+    let mut i = 0;
+    while started.elapsed() < std::time::Duration::from_secs(60) {
+        let text = format!("while down {i}");
+        let (status, body) = a.server.send_text(&alice, &room, &format!("d{i}"), &text).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        sent.push(text);
+        i += 1;
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    }
+    b.server.restart().await;
+    let last = sent.last().expect("sent").clone();
+    // The queue retries at most 30 s apart during the first minutes of an outage.
+    wait_for_message(&b, &bob, &room, &last, &a).await;
+    let seen: Vec<String> = bodies(&b, &bob, &room)
+        .await
+        .into_iter()
+        .filter(|t| t.starts_with("while down"))
+        .collect();
+    assert_eq!(seen, sent, "each once, in order");
+}
+
+#[tokio::test]
+async fn a_crash_mid_stream_loses_nothing_of_the_outbound_queue() {
+    let (mut a, mut b, alice, bob, room) = two_in_a_room().await;
+    // B is away, so A's queue surely holds undelivered events when A is killed.
+    assert!(b.server.terminate().success());
+    let mut sent = Vec::new();
+    for i in 0..60 {
+        if i == 30 {
+            a.server.crash_and_restart().await;
+        }
+        let text = format!("stream {i}");
+        let (status, body) = a.server.send_text(&alice, &room, &format!("s{i}"), &text).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        sent.push(text);
+    }
+    b.server.restart().await;
+    wait_for_message(&b, &bob, &room, "stream 59", &a).await;
+    let seen: Vec<String> = bodies(&b, &bob, &room)
+        .await
+        .into_iter()
+        .filter(|t| t.starts_with("stream "))
+        .collect();
+    assert_eq!(seen, sent, "each once, in order");
+}
+
+/// A federation request with a body, signed with `key` as `origin` for `to`.
+async fn fed_request(
+    to: &Peer,
+    key: &SigningKey,
+    origin: &str,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> (StatusCode, Value) {
+    let bytes = body
+        .map(|b| serde_json::to_vec(b).expect("json"))
+        .unwrap_or_default();
+    let request = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .body(bytes.clone())
+        .expect("request");
+    let x_matrix = XMatrix::sign_http_request(
+        &request,
+        XMatrixSigningInput::new(
+            OwnedServerName::try_from(origin).expect("origin"),
+            OwnedServerName::try_from(to.name.as_str()).expect("destination"),
+            &key.key_pair,
+        ),
+    )
+    .expect("sign");
+    let header = http::HeaderValue::from(&x_matrix);
+    let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+    let mut builder = tls_client()
+        .request(method, to.federation_url(path))
+        .header("Authorization", header.to_str().expect("header"));
+    if body.is_some() {
+        builder = builder.header("Content-Type", "application/json").body(bytes);
+    }
+    let response = builder.send().await.expect("request");
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// A message event of `sender` in `room` as `room`'s server holds it, signed with `key` as
+/// `origin`; `tamper` changes it after signing. Returns the event and its ID.
+async fn crafted_message(
+    on: &Peer,
+    viewer: &crate::harness::User,
+    room: &str,
+    sender: &str,
+    key: &SigningKey,
+    origin: &str,
+    body: &str,
+    tamper: impl FnOnce(&mut ruma::CanonicalJsonObject),
+) -> (Value, String) {
+    let state = on
+        .server
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/rooms/{}/state", enc(room)),
+            &viewer.token,
+            Value::Null,
+        )
+        .await;
+    let id_of = |kind: &str, key: &str| {
+        state
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["type"] == kind && e["state_key"] == key)
+            .map(|e| e["event_id"].as_str().expect("id").to_owned())
+    };
+    let mut auth: Vec<String> = [
+        id_of("m.room.create", ""),
+        id_of("m.room.power_levels", ""),
+        id_of("m.room.member", sender),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    auth.sort();
+    let last = on
+        .server
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=1", enc(room)),
+            &viewer.token,
+            Value::Null,
+        )
+        .await;
+    let prev = last["chunk"][0]["event_id"].as_str().expect("prev").to_owned();
+    let event = json!({
+        "room_id": room,
+        "sender": sender,
+        "type": "m.room.message",
+        "content": {"msgtype": "m.text", "body": body},
+        "origin_server_ts": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("t").as_millis() as u64,
+        "depth": 1000,
+        "prev_events": [prev],
+        "auth_events": auth,
+    });
+    let mut object: ruma::CanonicalJsonObject = serde_json::from_value(event).expect("canonical");
+    let rules = ruma::RoomVersionId::V11.rules().expect("rules");
+    ruma::signatures::hash_and_sign_event(origin, &key.key_pair, &mut object, &rules.redaction)
+        .expect("sign");
+    let id = format!(
+        "${}",
+        ruma::signatures::reference_hash(&object, &rules).expect("hash")
+    );
+    tamper(&mut object);
+    (serde_json::to_value(&object).expect("json"), id)
+}
+
+#[tokio::test]
+async fn bad_pdus_and_transactions_are_refused_with_the_specs_errors_and_never_stored() {
+    let (a, b, alice, bob, room) = two_in_a_room().await;
+    let b_key = SigningKey::load(&b.server.dir.path().join("signing.key")).expect("b's key");
+    let send = |pdus: Vec<Value>, txn: &'static str| {
+        let body = json!({"origin": b.name, "origin_server_ts": 1, "pdus": pdus, "edus": []});
+        let (a, b_key, b_name) = (&a, &b_key, b.name.clone());
+        async move {
+            fed_request(
+                a,
+                b_key,
+                &b_name,
+                "PUT",
+                &format!("/_matrix/federation/v1/send/{txn}"),
+                Some(&body),
+            )
+            .await
+        }
+    };
+    let stored = |id: String| {
+        let (a, alice, room) = (&a, &alice, room.clone());
+        async move {
+            a.server
+                .call(
+                    Method::GET,
+                    &format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&room), enc(&id)),
+                    Some(&alice.token),
+                    None,
+                )
+                .await
+        }
+    };
+
+    // A well-made one is taken (the control).
+    let (good, good_id) = crafted_message(
+        &a,
+        &alice,
+        &room,
+        &bob.user_id,
+        &b_key,
+        &b.name,
+        "crafted but fine",
+        |_| {},
+    )
+    .await;
+    let (status, result) = send(vec![good], "t1").await;
+    assert_eq!(status, StatusCode::OK, "{result}");
+    assert_eq!(result["pdus"][&good_id], json!({}), "{result}");
+    assert_eq!(stored(good_id).await.0, StatusCode::OK);
+
+    // A broken signature: refused, not stored.
+    let (forged, forged_id) =
+        crafted_message(&a, &alice, &room, &bob.user_id, &b_key, &b.name, "forged", |o| {
+            let Some(ruma::CanonicalJsonValue::Object(sigs)) = o.get_mut("signatures") else {
+                panic!("signatures")
+            };
+            let Some(ruma::CanonicalJsonValue::Object(by_key)) = sigs.values_mut().next() else {
+                panic!("by key")
+            };
+            for sig in by_key.values_mut() {
+                *sig = ruma::CanonicalJsonValue::String("A".repeat(86));
+            }
+        })
+        .await;
+    let (status, result) = send(vec![forged], "t2").await;
+    assert_eq!(status, StatusCode::OK, "{result}");
+    assert!(result["pdus"][&forged_id]["error"].is_string(), "{result}");
+    assert_eq!(stored(forged_id).await.0, StatusCode::NOT_FOUND);
+
+    // Content changed after hashing: the signature (over the redacted form) holds, the hash
+    // does not: stored, redacted.
+    let (changed, changed_id) = crafted_message(
+        &a,
+        &alice,
+        &room,
+        &bob.user_id,
+        &b_key,
+        &b.name,
+        "original",
+        |o| {
+            o.insert(
+                "content".to_owned(),
+                ruma::CanonicalJsonValue::Object(
+                    [
+                        (
+                            "msgtype".to_owned(),
+                            ruma::CanonicalJsonValue::String("m.text".to_owned()),
+                        ),
+                        (
+                            "body".to_owned(),
+                            ruma::CanonicalJsonValue::String("swapped".to_owned()),
+                        ),
+                    ]
+                    .into(),
+                ),
+            );
+        },
+    )
+    .await;
+    let (status, result) = send(vec![changed], "t3").await;
+    assert_eq!(status, StatusCode::OK, "{result}");
+    let (status, event) = stored(changed_id).await;
+    assert_eq!(status, StatusCode::OK, "{event}");
+    assert_eq!(event["content"], json!({}), "kept redacted: {event}");
+
+    // Someone who is not in the room: fails the auth rules.
+    let mallory = format!("@mallory:{}", b.name);
+    let (stranger, stranger_id) =
+        crafted_message(&a, &alice, &room, &mallory, &b_key, &b.name, "let me in", |_| {}).await;
+    let (_, result) = send(vec![stranger], "t4").await;
+    assert!(result["pdus"][&stranger_id]["error"].is_string(), "{result}");
+    assert_eq!(stored(stranger_id).await.0, StatusCode::NOT_FOUND);
+
+    // Banned, Bob's server's events for him are refused.
+    a.server
+        .ok(
+            Method::POST,
+            &format!("/_matrix/client/v3/rooms/{}/ban", enc(&room)),
+            &alice.token,
+            json!({"user_id": bob.user_id}),
+        )
+        .await;
+    let (banned, banned_id) = crafted_message(
+        &a,
+        &alice,
+        &room,
+        &bob.user_id,
+        &b_key,
+        &b.name,
+        "from the banned",
+        |_| {},
+    )
+    .await;
+    let (_, result) = send(vec![banned], "t5").await;
+    assert!(result["pdus"][&banned_id]["error"].is_string(), "{result}");
+    assert_eq!(stored(banned_id).await.0, StatusCode::NOT_FOUND);
+
+    // Over the spec's limits.
+    let (status, result) = send(vec![json!({}); 51], "t6").await;
+    assert_eq!(
+        (status, errcode(&result)),
+        (StatusCode::PAYLOAD_TOO_LARGE, "M_TOO_LARGE"),
+        "{result}"
+    );
+    // Not JSON at all.
+    let response = tls_client()
+        .put(a.federation_url("/_matrix/federation/v1/send/t7"))
+        .header(
+            "Authorization",
+            format!(
+                "X-Matrix origin=\"{}\",key=\"ed25519:x\",sig=\"{}\"",
+                b.name,
+                "A".repeat(86)
+            ),
+        )
+        .body("{not json")
+        .send()
+        .await
+        .expect("request");
+    let status = response.status();
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::BAD_REQUEST, "M_NOT_JSON"),
+        "{body}"
+    );
+    // A room version the joining server does not name.
+    let (status, body) = fed_request(
+        &a,
+        &b_key,
+        &b.name,
+        "GET",
+        &format!(
+            "/_matrix/federation/v1/make_join/{}/{}?ver=1",
+            enc(&room),
+            enc(&format!("@carol:{}", b.name))
+        ),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::BAD_REQUEST, "M_INCOMPATIBLE_ROOM_VERSION"),
+        "{body}"
+    );
+    assert_eq!(body["room_version"], "11");
+    // The server is still fine.
+    let (status, _) = a.server.send_text(&alice, &room, "z", "still standing").await;
+    assert_eq!(status, StatusCode::OK);
+}
