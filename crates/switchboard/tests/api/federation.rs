@@ -1248,17 +1248,18 @@ async fn fed_request(
 }
 
 /// A message event of `sender` in `room` as `room`'s server holds it, signed with `key` as
-/// `origin`; `tamper` changes it after signing. Returns the event and its ID.
+/// the sender's server; `tamper` changes it after signing. Returns the event and its ID.
 async fn crafted_message(
     on: &Peer,
     viewer: &crate::harness::User,
     room: &str,
     sender: &str,
     key: &SigningKey,
-    origin: &str,
     body: &str,
     tamper: impl FnOnce(&mut ruma::CanonicalJsonObject),
 ) -> (Value, String) {
+    // Signed by the sender's server.
+    let origin = sender.split_once(':').expect("user ID").1;
     let state = on
         .server
         .ok(
@@ -1357,7 +1358,6 @@ async fn bad_pdus_and_transactions_are_refused_with_the_specs_errors_and_never_s
         &room,
         &bob.user_id,
         &b_key,
-        &b.name,
         "crafted but fine",
         |_| {},
     )
@@ -1368,19 +1368,18 @@ async fn bad_pdus_and_transactions_are_refused_with_the_specs_errors_and_never_s
     assert_eq!(stored(good_id).await.0, StatusCode::OK);
 
     // A broken signature: refused, not stored.
-    let (forged, forged_id) =
-        crafted_message(&a, &alice, &room, &bob.user_id, &b_key, &b.name, "forged", |o| {
-            let Some(ruma::CanonicalJsonValue::Object(sigs)) = o.get_mut("signatures") else {
-                panic!("signatures")
-            };
-            let Some(ruma::CanonicalJsonValue::Object(by_key)) = sigs.values_mut().next() else {
-                panic!("by key")
-            };
-            for sig in by_key.values_mut() {
-                *sig = ruma::CanonicalJsonValue::String("A".repeat(86));
-            }
-        })
-        .await;
+    let (forged, forged_id) = crafted_message(&a, &alice, &room, &bob.user_id, &b_key, "forged", |o| {
+        let Some(ruma::CanonicalJsonValue::Object(sigs)) = o.get_mut("signatures") else {
+            panic!("signatures")
+        };
+        let Some(ruma::CanonicalJsonValue::Object(by_key)) = sigs.values_mut().next() else {
+            panic!("by key")
+        };
+        for sig in by_key.values_mut() {
+            *sig = ruma::CanonicalJsonValue::String("A".repeat(86));
+        }
+    })
+    .await;
     let (status, result) = send(vec![forged], "t2").await;
     assert_eq!(status, StatusCode::OK, "{result}");
     assert!(result["pdus"][&forged_id]["error"].is_string(), "{result}");
@@ -1388,33 +1387,24 @@ async fn bad_pdus_and_transactions_are_refused_with_the_specs_errors_and_never_s
 
     // Content changed after hashing: the signature (over the redacted form) holds, the hash
     // does not: stored, redacted.
-    let (changed, changed_id) = crafted_message(
-        &a,
-        &alice,
-        &room,
-        &bob.user_id,
-        &b_key,
-        &b.name,
-        "original",
-        |o| {
-            o.insert(
-                "content".to_owned(),
-                ruma::CanonicalJsonValue::Object(
-                    [
-                        (
-                            "msgtype".to_owned(),
-                            ruma::CanonicalJsonValue::String("m.text".to_owned()),
-                        ),
-                        (
-                            "body".to_owned(),
-                            ruma::CanonicalJsonValue::String("swapped".to_owned()),
-                        ),
-                    ]
-                    .into(),
-                ),
-            );
-        },
-    )
+    let (changed, changed_id) = crafted_message(&a, &alice, &room, &bob.user_id, &b_key, "original", |o| {
+        o.insert(
+            "content".to_owned(),
+            ruma::CanonicalJsonValue::Object(
+                [
+                    (
+                        "msgtype".to_owned(),
+                        ruma::CanonicalJsonValue::String("m.text".to_owned()),
+                    ),
+                    (
+                        "body".to_owned(),
+                        ruma::CanonicalJsonValue::String("swapped".to_owned()),
+                    ),
+                ]
+                .into(),
+            ),
+        );
+    })
     .await;
     let (status, result) = send(vec![changed], "t3").await;
     assert_eq!(status, StatusCode::OK, "{result}");
@@ -1425,7 +1415,7 @@ async fn bad_pdus_and_transactions_are_refused_with_the_specs_errors_and_never_s
     // Someone who is not in the room: fails the auth rules.
     let mallory = format!("@mallory:{}", b.name);
     let (stranger, stranger_id) =
-        crafted_message(&a, &alice, &room, &mallory, &b_key, &b.name, "let me in", |_| {}).await;
+        crafted_message(&a, &alice, &room, &mallory, &b_key, "let me in", |_| {}).await;
     let (_, result) = send(vec![stranger], "t4").await;
     assert!(result["pdus"][&stranger_id]["error"].is_string(), "{result}");
     assert_eq!(stored(stranger_id).await.0, StatusCode::NOT_FOUND);
@@ -1439,17 +1429,8 @@ async fn bad_pdus_and_transactions_are_refused_with_the_specs_errors_and_never_s
             json!({"user_id": bob.user_id}),
         )
         .await;
-    let (banned, banned_id) = crafted_message(
-        &a,
-        &alice,
-        &room,
-        &bob.user_id,
-        &b_key,
-        &b.name,
-        "from the banned",
-        |_| {},
-    )
-    .await;
+    let (banned, banned_id) =
+        crafted_message(&a, &alice, &room, &bob.user_id, &b_key, "from the banned", |_| {}).await;
     let (_, result) = send(vec![banned], "t5").await;
     assert!(result["pdus"][&banned_id]["error"].is_string(), "{result}");
     assert_eq!(stored(banned_id).await.0, StatusCode::NOT_FOUND);
