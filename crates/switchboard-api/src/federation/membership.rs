@@ -43,6 +43,7 @@ async fn make_join(
     request: Federated,
 ) -> FedResult<Json<Value>> {
     let (room, user) = (room_id(&room)?, user_id(&user)?);
+    hs.check_server_acl(&request.origin, &room).await?;
     if user.server_name() != request.origin {
         return Err(Error::Forbidden(format!("{} cannot join on behalf of {user}", request.origin)).into());
     }
@@ -63,6 +64,7 @@ async fn send_join(
     request: Federated,
 ) -> FedResult<Json<Value>> {
     let room = room_id(&room)?;
+    hs.check_server_acl(&request.origin, &room).await?;
     let object: CanonicalJsonObject = request.json()?;
     let (state, auth_chain, event) = hs
         .rooms
@@ -85,6 +87,7 @@ async fn make_leave(
     request: Federated,
 ) -> FedResult<Json<Value>> {
     let (room, user) = (room_id(&room)?, user_id(&user)?);
+    hs.check_server_acl(&request.origin, &room).await?;
     if user.server_name() != request.origin {
         return Err(Error::Forbidden(format!("{} cannot leave on behalf of {user}", request.origin)).into());
     }
@@ -98,6 +101,7 @@ async fn send_leave(
     request: Federated,
 ) -> FedResult<Json<Value>> {
     let room = room_id(&room)?;
+    hs.check_server_acl(&request.origin, &room).await?;
     let object: CanonicalJsonObject = request.json()?;
     hs.rooms
         .send_leave(&request.origin, &room, &event_id, object, &hs.federation.keys)
@@ -119,6 +123,7 @@ async fn invite(
     request: Federated,
 ) -> FedResult<Json<Value>> {
     let room = room_id(&room)?;
+    hs.check_server_acl(&request.origin, &room).await?;
     let body: InviteBody = request.json()?;
     let event = hs
         .receive_invite(

@@ -4,7 +4,8 @@
 
 use ruma::{
     CanonicalJsonObject, CanonicalJsonValue, OwnedEventId, RoomId, ServerName, UInt,
-    api::federation::event::get_missing_events, events::StateEventType,
+    api::federation::event::get_missing_events,
+    events::{StateEventType, room::server_acl::RoomServerAclEventContent},
 };
 
 use crate::{Error, Homeserver, Result, rooms::Received};
@@ -20,6 +21,7 @@ impl Homeserver {
         room_id: &RoomId,
         object: CanonicalJsonObject,
     ) -> Result<Received> {
+        self.check_server_acl(origin, room_id).await?;
         let prev_events: Vec<OwnedEventId> = match object.get("prev_events") {
             Some(CanonicalJsonValue::Array(ids)) => ids
                 .iter()
@@ -79,9 +81,30 @@ impl Homeserver {
         }
     }
 
-    /// Whether `server` may read the room's events: it has a member there, or the room's
-    /// history is world-readable.
+    /// The room's `m.room.server_acl`: a server it denies is answered `403` in everything
+    /// concerning the room, and its PDUs are dropped.
+    pub async fn check_server_acl(&self, server: &ServerName, room_id: &RoomId) -> Result<()> {
+        let acl = match self.rooms.state_event(room_id, &StateEventType::RoomServerAcl, "").await {
+            Ok(acl) => acl,
+            // Rooms this server does not know have no ACL here.
+            Err(Error::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let Some(acl) = acl else {
+            return Ok(());
+        };
+        match serde_json::from_str::<RoomServerAclEventContent>(acl.content.get()) {
+            Ok(content) if !content.is_allowed(server) => {
+                Err(Error::Forbidden(format!("Server {server} is banned from room {room_id}")))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether `server` may read the room's events: the room's ACL allows it, and it has a
+    /// member there or the room's history is world-readable.
     pub async fn server_may_see(&self, server: &ServerName, room_id: &RoomId) -> Result<()> {
+        self.check_server_acl(server, room_id).await?;
         if self
             .rooms
             .joined_servers(room_id)

@@ -1488,3 +1488,51 @@ async fn bad_pdus_and_transactions_are_refused_with_the_specs_errors_and_never_s
     let (status, _) = a.server.send_text(&alice, &room, "z", "still standing").await;
     assert_eq!(status, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn a_server_the_rooms_acl_denies_is_refused_in_everything_about_the_room() {
+    let (a, b, alice, bob, room) = two_in_a_room().await;
+    let (status, _) = b.server.send_text(&bob, &room, "b0", "before the ACL").await;
+    assert_eq!(status, StatusCode::OK);
+    wait_for_message(&a, &alice, &room, "before the ACL", &b).await;
+    // Both servers are "localhost" to an ACL (it matches hosts, not ports): B is denied.
+    a.server
+        .ok(
+            Method::PUT,
+            &format!("/_matrix/client/v3/rooms/{}/state/m.room.server_acl/", enc(&room)),
+            &alice.token,
+            json!({"allow": ["*"], "deny": ["localhost"], "allow_ip_literals": false}),
+        )
+        .await;
+    // B's PDUs are dropped...
+    let (status, _) = b.server.send_text(&bob, &room, "b1", "after the ACL").await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = a.server.send_text(&alice, &room, "a1", "alice after the ACL").await;
+    assert_eq!(status, StatusCode::OK);
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let seen = bodies(&a, &alice, &room).await;
+    assert!(seen.contains(&"before the ACL".to_owned()), "{seen:?}");
+    assert!(!seen.contains(&"after the ACL".to_owned()), "{seen:?}");
+    // ...and its requests about the room refused.
+    let b_key = SigningKey::load(&b.server.dir.path().join("signing.key")).expect("b's key");
+    let create = a.server.state(&alice, &room, "m.room.create", "").await;
+    assert!(create.is_object());
+    let last = a
+        .server
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=1", enc(&room)),
+            &alice.token,
+            Value::Null,
+        )
+        .await;
+    let event_id = last["chunk"][0]["event_id"].as_str().expect("id").to_owned();
+    for path in [
+        format!("/_matrix/federation/v1/state_ids/{}?event_id={}", enc(&room), enc(&event_id)),
+        format!("/_matrix/federation/v1/backfill/{}?v={}&limit=5", enc(&room), enc(&event_id)),
+        format!("/_matrix/federation/v1/make_join/{}/{}?ver=11", enc(&room), enc(&format!("@carol:{}", b.name))),
+    ] {
+        let (status, body) = fed_request(&a, &b_key, &b.name, "GET", &path, None).await;
+        assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"), "{path}: {body}");
+    }
+}
