@@ -84,7 +84,11 @@ impl Homeserver {
     /// The room's `m.room.server_acl`: a server it denies is answered `403` in everything
     /// concerning the room, and its PDUs are dropped.
     pub async fn check_server_acl(&self, server: &ServerName, room_id: &RoomId) -> Result<()> {
-        let acl = match self.rooms.state_event(room_id, &StateEventType::RoomServerAcl, "").await {
+        let acl = match self
+            .rooms
+            .state_event(room_id, &StateEventType::RoomServerAcl, "")
+            .await
+        {
             Ok(acl) => acl,
             // Rooms this server does not know have no ACL here.
             Err(Error::NotFound(_)) => return Ok(()),
@@ -94,9 +98,9 @@ impl Homeserver {
             return Ok(());
         };
         match serde_json::from_str::<RoomServerAclEventContent>(acl.content.get()) {
-            Ok(content) if !content.is_allowed(server) => {
-                Err(Error::Forbidden(format!("Server {server} is banned from room {room_id}")))
-            }
+            Ok(content) if !content.is_allowed(server) => Err(Error::Forbidden(format!(
+                "Server {server} is banned from room {room_id}"
+            ))),
             _ => Ok(()),
         }
     }

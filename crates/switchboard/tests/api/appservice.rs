@@ -23,7 +23,7 @@ use crate::{
 /// Upper bound for anything the tests wait for (the first retry comes after a 2 s backoff).
 const WAIT: Duration = Duration::from_secs(20);
 
-fn has_body(events: &[Value], body: &str) -> bool {
+pub(crate) fn has_body(events: &[Value], body: &str) -> bool {
     message_bodies(events).iter().any(|b| b == body)
 }
 
@@ -1135,7 +1135,7 @@ fn is_alias_query(r: &Request, alias: &str) -> bool {
 
 /// What the logging service of the blog post does when asked about an alias: create the room with
 /// that alias (as its sender, with the as_token), remember its ID, and answer 200 `{}`.
-async fn create_room_for_alias(
+pub(crate) async fn create_room_for_alias(
     base: String,
     token: String,
     created: Arc<Mutex<Option<String>>>,

@@ -1507,7 +1507,10 @@ async fn a_server_the_rooms_acl_denies_is_refused_in_everything_about_the_room()
     // B's PDUs are dropped...
     let (status, _) = b.server.send_text(&bob, &room, "b1", "after the ACL").await;
     assert_eq!(status, StatusCode::OK);
-    let (status, _) = a.server.send_text(&alice, &room, "a1", "alice after the ACL").await;
+    let (status, _) = a
+        .server
+        .send_text(&alice, &room, "a1", "alice after the ACL")
+        .await;
     assert_eq!(status, StatusCode::OK);
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     let seen = bodies(&a, &alice, &room).await;
@@ -1528,11 +1531,84 @@ async fn a_server_the_rooms_acl_denies_is_refused_in_everything_about_the_room()
         .await;
     let event_id = last["chunk"][0]["event_id"].as_str().expect("id").to_owned();
     for path in [
-        format!("/_matrix/federation/v1/state_ids/{}?event_id={}", enc(&room), enc(&event_id)),
-        format!("/_matrix/federation/v1/backfill/{}?v={}&limit=5", enc(&room), enc(&event_id)),
-        format!("/_matrix/federation/v1/make_join/{}/{}?ver=11", enc(&room), enc(&format!("@carol:{}", b.name))),
+        format!(
+            "/_matrix/federation/v1/state_ids/{}?event_id={}",
+            enc(&room),
+            enc(&event_id)
+        ),
+        format!(
+            "/_matrix/federation/v1/backfill/{}?v={}&limit=5",
+            enc(&room),
+            enc(&event_id)
+        ),
+        format!(
+            "/_matrix/federation/v1/make_join/{}/{}?ver=11",
+            enc(&room),
+            enc(&format!("@carol:{}", b.name))
+        ),
     ] {
         let (status, body) = fed_request(&a, &b_key, &b.name, "GET", &path, None).await;
-        assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"), "{path}: {body}");
+        assert_eq!(
+            (status, errcode(&body)),
+            (StatusCode::FORBIDDEN, "M_FORBIDDEN"),
+            "{path}: {body}"
+        );
     }
+}
+
+#[tokio::test]
+async fn a_synapse_user_joining_a_bridged_alias_makes_the_service_create_it_and_the_service_hears_them() {
+    use std::sync::{Arc, Mutex};
+
+    use crate::fake_as::{FakeAs, Registration, config_files_yaml, write_registrations};
+    let Some(synapse) = Peer::synapse().await else {
+        eprintln!("Synapse is not installed (tests/interop/setup.sh synapse); skipped");
+        return;
+    };
+    let fake = FakeAs::start().await;
+    let reg = Registration::new("logger", Some(fake.url.as_str()))
+        .sender("logbot")
+        .aliases("#logged_.*", true);
+    let (_dir, paths) = write_registrations(&[("logger.yaml", reg.yaml().as_str())]);
+    let ours = Peer::switchboard(&config_files_yaml(&paths)).await;
+    let created: Arc<Mutex<Option<String>>> = Arc::default();
+    {
+        let (base, token, created) = (ours.server.base.clone(), reg.as_token.clone(), created.clone());
+        fake.on_room_query(move |alias: String| {
+            crate::appservice::create_room_for_alias(base.clone(), token.clone(), created.clone(), alias)
+        });
+    }
+    let sam = synapse.server.register("sam").await;
+    // The room does not exist until Synapse asks this server about the alias.
+    let room = join_alias(&synapse, &sam, &format!("#logged_fed:{}", ours.name), &ours).await;
+    assert_eq!(
+        created.lock().expect("lock").as_deref(),
+        Some(room.as_str()),
+        "created by the service"
+    );
+    for i in 0..5 {
+        let (status, body) = synapse
+            .server
+            .send_text(&sam, &room, &format!("s{i}"), &format!("remote line {i}"))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    // The service hears the remote user, in order.
+    let events = fake
+        .wait_for_events(
+            |events| crate::appservice::has_body(events, "remote line 4"),
+            std::time::Duration::from_secs(30),
+        )
+        .await;
+    let lines: Vec<&str> = events
+        .iter()
+        .filter(|e| e["sender"] == sam.user_id.as_str())
+        .filter_map(|e| e["content"]["body"].as_str())
+        .collect();
+    assert_eq!(
+        lines,
+        (0..5).map(|i| format!("remote line {i}")).collect::<Vec<_>>(),
+        "{}",
+        log_of(&ours)
+    );
 }
