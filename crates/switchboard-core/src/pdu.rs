@@ -17,10 +17,15 @@ pub struct RoomVersion {
     pub rules: RoomVersionRules,
 }
 
-/// Versions the spec calls stable and ruma-state-res fully supports.
+/// Versions this server creates rooms of (and upgrades to).
 pub const STABLE_ROOM_VERSIONS: &[&str] = &["9", "10", "11"];
 
+/// Versions this server takes part in when another server created the room: also 12, whose
+/// room IDs are the hash of the create event (Synapse's default since 1.136).
+pub const JOINABLE_ROOM_VERSIONS: &[&str] = &["9", "10", "11", "12"];
+
 impl RoomVersion {
+    /// A version this server creates rooms of.
     pub fn parse(version: &str) -> Result<Self> {
         if !STABLE_ROOM_VERSIONS.contains(&version) {
             return Err(Error::UnsupportedRoomVersion(format!(
@@ -28,6 +33,21 @@ impl RoomVersion {
                 STABLE_ROOM_VERSIONS.join(", ")
             )));
         }
+        Self::known(version)
+    }
+
+    /// A version this server can hold a room of, whoever created it.
+    pub fn joinable(version: &str) -> Result<Self> {
+        if !JOINABLE_ROOM_VERSIONS.contains(&version) {
+            return Err(Error::UnsupportedRoomVersion(format!(
+                "room version {version} is not supported; this server takes part in {}",
+                JOINABLE_ROOM_VERSIONS.join(", ")
+            )));
+        }
+        Self::known(version)
+    }
+
+    fn known(version: &str) -> Result<Self> {
         let id =
             RoomVersionId::try_from(version).map_err(|e| Error::UnsupportedRoomVersion(e.to_string()))?;
         let rules = id.rules().ok_or_else(|| {
@@ -42,6 +62,9 @@ impl RoomVersion {
 pub struct Pdu {
     pub event_id: OwnedEventId,
     pub room_id: OwnedRoomId,
+    /// The event carries no `room_id` (the create event of a version 12 room): `room_id` is
+    /// derived from its ID, and the auth rules must see none.
+    pub room_id_implied: bool,
     pub sender: OwnedUserId,
     pub origin_server_ts: MilliSecondsSinceUnixEpoch,
     /// The type, parsed for comparisons. ruma maps some unstable names to their stable ones
@@ -67,7 +90,8 @@ pub struct Pdu {
 
 #[derive(Deserialize)]
 struct PduFields {
-    room_id: OwnedRoomId,
+    /// Absent only from the create event of room version 12, whose ID names the room.
+    room_id: Option<OwnedRoomId>,
     sender: OwnedUserId,
     origin_server_ts: MilliSecondsSinceUnixEpoch,
     #[serde(rename = "type")]
@@ -108,9 +132,20 @@ impl Pdu {
             }
             None => None,
         };
+        let (room_id, room_id_implied) = match fields.room_id {
+            Some(room_id) => (room_id, false),
+            None if kind == TimelineEventType::RoomCreate => {
+                let derived = format!("!{}", event_id.as_str().trim_start_matches('$'));
+                let room_id = OwnedRoomId::try_from(derived)
+                    .map_err(|e| Error::Internal(format!("room ID of create event {event_id}: {e}")))?;
+                (room_id, true)
+            }
+            None => return Err(Error::Internal(format!("PDU {event_id} has no room_id"))),
+        };
         Ok(Self {
+            room_id_implied,
             event_id,
-            room_id: fields.room_id,
+            room_id,
             sender: fields.sender,
             origin_server_ts: fields.origin_server_ts,
             kind,
@@ -224,7 +259,7 @@ impl ruma::state_res::Event for Pdu {
         &self.event_id
     }
     fn room_id(&self) -> Option<&RoomId> {
-        Some(&self.room_id)
+        (!self.room_id_implied).then_some(&*self.room_id)
     }
     fn sender(&self) -> &UserId {
         &self.sender

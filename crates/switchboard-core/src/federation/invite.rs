@@ -101,7 +101,7 @@ impl Homeserver {
         event: CanonicalJsonObject,
         invite_room_state: Vec<Value>,
     ) -> Result<CanonicalJsonObject> {
-        let version = RoomVersion::parse(room_version)
+        let version = RoomVersion::joinable(room_version)
             .map_err(|_| Error::IncompatibleRoomVersion(room_version.to_owned()))?;
         let (computed, mut object) = self
             .rooms
@@ -173,7 +173,7 @@ impl Homeserver {
         let version_id = template
             .room_version
             .ok_or_else(|| Error::BadGateway(format!("{server} named no room version")))?;
-        let version = RoomVersion::parse(version_id.as_str())?;
+        let version = RoomVersion::joinable(version_id.as_str())?;
         let mut event: CanonicalJsonObject = serde_json::from_str(template.event.get()).map_err(|e| {
             Error::BadGateway(format!("{server}'s leave template is not canonical JSON: {e}"))
         })?;

@@ -11,7 +11,7 @@ use ruma::{
 
 use crate::{
     Error, Homeserver, Result,
-    pdu::{Pdu, RoomVersion, STABLE_ROOM_VERSIONS},
+    pdu::{JOINABLE_ROOM_VERSIONS, Pdu, RoomVersion},
     util::now_ms,
 };
 
@@ -73,7 +73,7 @@ impl Homeserver {
     ) -> Result<Arc<Pdu>> {
         let client = &self.federation.client;
         let mut request = prepare_join_event::v1::Request::new(room_id.to_owned(), user.to_owned());
-        request.ver = STABLE_ROOM_VERSIONS
+        request.ver = JOINABLE_ROOM_VERSIONS
             .iter()
             .filter_map(|v| RoomVersionId::try_from(*v).ok())
             .collect();
@@ -81,7 +81,7 @@ impl Homeserver {
         let version_id = template
             .room_version
             .ok_or_else(|| Error::BadGateway(format!("{server} named no room version")))?;
-        let version = RoomVersion::parse(version_id.as_str()).map_err(|_| {
+        let version = RoomVersion::joinable(version_id.as_str()).map_err(|_| {
             Error::UnsupportedRoomVersion(format!("this server cannot join rooms of version {version_id}"))
         })?;
         let mut event: CanonicalJsonObject = serde_json::from_str(template.event.get())

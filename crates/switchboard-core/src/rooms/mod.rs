@@ -116,7 +116,7 @@ impl Rooms {
             .room_version(room_id.as_str())
             .await?
             .ok_or_else(|| Error::NotFound(format!("Unknown room {room_id}")))?;
-        let version = RoomVersion::parse(&version)?;
+        let version = RoomVersion::joinable(&version)?;
         let mut state = StateMap::new();
         for row in self.store.current_state(room_id.as_str()).await? {
             let pdu = Pdu::from_row(row)?;

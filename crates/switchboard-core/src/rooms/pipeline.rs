@@ -432,8 +432,13 @@ pub(super) fn authorize(
     auth: &[Arc<Pdu>],
 ) -> Result<()> {
     let rules = &version.rules.authorization;
+    // Room version 12 names the create event by the room ID, not among the auth events.
+    let create = state.get(&(StateEventType::RoomCreate, String::new())).cloned();
     state_res::check_state_independent_auth_rules(rules, pdu, |id| {
-        auth.iter().find(|e| e.event_id == id).cloned()
+        auth.iter()
+            .find(|e| e.event_id == id)
+            .cloned()
+            .or_else(|| create.clone().filter(|c| c.event_id == id))
     })
     .map_err(Error::Forbidden)?;
     state_res::check_state_dependent_auth_rules(rules, pdu, |kind, state_key| {

@@ -415,6 +415,10 @@ impl Rooms {
         let mut ordered: Vec<Arc<Pdu>> = events.values().cloned().collect();
         ordered.sort_by_key(|e| (u64::from(e.depth), e.origin_server_ts));
         let rules = &version.rules.authorization;
+        let create_event: Option<Arc<Pdu>> = ordered
+            .iter()
+            .find(|e| e.kind == TimelineEventType::RoomCreate && e.state_key.as_deref() == Some(""))
+            .cloned();
         let mut accepted: HashMap<OwnedEventId, Arc<Pdu>> = HashMap::new();
         for event in &ordered {
             let auth: Vec<Arc<Pdu>> = event
@@ -422,9 +426,11 @@ impl Rooms {
                 .iter()
                 .filter_map(|id| accepted.get(id).cloned())
                 .collect();
-            let fetch = |id: &ruma::EventId| auth.iter().find(|e| e.event_id == id).cloned();
+            // Any accepted event: version 12 names the create event by the room ID alone.
+            let fetch = |id: &ruma::EventId| accepted.get(id).cloned();
             let by_key = |kind: &ruma::events::StateEventType, key: &str| {
                 auth.iter()
+                    .chain(create_event.iter())
                     .find(|e| e.kind.to_string() == kind.to_string() && e.state_key.as_deref() == Some(key))
                     .cloned()
             };

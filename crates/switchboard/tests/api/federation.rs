@@ -845,7 +845,10 @@ async fn a_switchboard_user_joins_a_synapse_room_and_they_talk() {
     let sam = synapse.server.register("sam").await;
     let room = synapse
         .server
-        .create_room(&sam, json!({"room_alias_name": "plaza", "preset": "public_chat", "name": "Plaza", "room_version": "11"}))
+        .create_room(
+            &sam,
+            json!({"room_alias_name": "plaza", "preset": "public_chat", "name": "Plaza"}),
+        )
         .await;
     let alice = ours.server.register("alice").await;
     let joined = join_alias(&ours, &alice, &format!("#plaza:{}", synapse.name), &synapse).await;
@@ -854,6 +857,9 @@ async fn a_switchboard_user_joins_a_synapse_room_and_they_talk() {
         ours.server.state(&alice, &room, "m.room.name", "").await["name"],
         "Plaza"
     );
+    // Synapse's default: room version 12, whose room ID is its create event's hash.
+    let create = ours.server.state(&alice, &room, "m.room.create", "").await;
+    assert_eq!(create["room_version"], "12", "{create}");
     let (status, body) = ours
         .server
         .send_text(&alice, &room, "a1", "hello from Switchboard")
