@@ -393,6 +393,9 @@ mod tests {
             creates_room_version: None,
             relates_to: None,
             prev_events: Vec::new(),
+            state_after: None,
+            snapshots: Vec::new(),
+            current_state: None,
         }
     }
 

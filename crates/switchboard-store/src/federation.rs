@@ -227,4 +227,39 @@ impl Store {
             Ok(())
         })
     }
+
+    // ---- state snapshots ----------------------------------------------------------------------
+
+    /// The snapshot of the state right after an event, if one was recorded.
+    pub async fn event_snapshot(&self, event_id: &str) -> Result<Option<i64>> {
+        on_db!(self, |write, read| {
+            let row = sqlx::query("SELECT snapshot_id FROM event_state WHERE event_id = $1")
+                .bind(event_id)
+                .fetch_optional(read)
+                .await?;
+            Ok(row.map(|r| r.get(0)))
+        })
+    }
+
+    /// One snapshot: `(parent, chain length, delta)`.
+    pub async fn snapshot(&self, snapshot_id: i64) -> Result<Option<(Option<i64>, i64, String)>> {
+        on_db!(self, |write, read| {
+            let row =
+                sqlx::query("SELECT parent_id, chain, delta FROM state_snapshots WHERE snapshot_id = $1")
+                    .bind(snapshot_id)
+                    .fetch_optional(read)
+                    .await?;
+            Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))))
+        })
+    }
+
+    /// The highest snapshot ID in use (0 if none).
+    pub async fn max_snapshot_id(&self) -> Result<i64> {
+        on_db!(self, |write, read| {
+            let row = sqlx::query("SELECT COALESCE(MAX(snapshot_id), 0) FROM state_snapshots")
+                .fetch_one(read)
+                .await?;
+            Ok(row.get(0))
+        })
+    }
 }

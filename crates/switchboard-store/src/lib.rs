@@ -19,7 +19,7 @@ use sqlx::{AssertSqlSafe, Row, postgres::PgPool, sqlite::SqlitePool};
 pub use federation::StoredServerKey;
 pub use migrate::SCHEMA_VERSION;
 pub use open::{DatabaseSettings, PostgresSettings};
-pub use rows::{AsPosition, EventRow, NewEvent, NewUser, StoredTxn, UserRow};
+pub use rows::{AsPosition, EventRow, NewEvent, NewSnapshot, NewUser, StateRow, StoredTxn, UserRow};
 
 /// A storage failure. The homeserver maps all of these to `500 M_UNKNOWN`; the details go to the log.
 #[derive(Debug, thiserror::Error)]
@@ -1634,8 +1634,57 @@ macro_rules! transaction_ops {
                     });
                     insert.build().execute(&mut **tx).await?;
                 }
-                // In order: a later event of the group replaces an earlier one's state.
                 for event in events {
+                    for snapshot in &event.snapshots {
+                        sqlx::query(
+                            "INSERT INTO state_snapshots (snapshot_id, room_id, parent_id, chain, delta)
+                             VALUES ($1, $2, $3, $4, $5)",
+                        )
+                        .bind(snapshot.snapshot_id)
+                        .bind(snapshot.room_id.as_str())
+                        .bind(snapshot.parent_id)
+                        .bind(snapshot.chain)
+                        .bind(snapshot.delta.as_str())
+                        .execute(&mut **tx)
+                        .await?;
+                    }
+                    if let Some(snapshot_id) = event.state_after {
+                        sqlx::query("INSERT INTO event_state (event_id, snapshot_id) VALUES ($1, $2)")
+                            .bind(event.event_id.as_str())
+                            .bind(snapshot_id)
+                            .execute(&mut **tx)
+                            .await?;
+                    }
+                    // A state resolution's outcome: the rows it names, whatever the event's own key.
+                    let Some(rows) = &event.current_state else {
+                        continue;
+                    };
+                    for row in rows {
+                        sqlx::query(
+                            "INSERT INTO current_state (room_id, type, state_key, event_id, stream_pos, membership)
+                                 SELECT $1, $2, $3, $4, stream_pos, $5 FROM events WHERE event_id = $4
+                                 ON CONFLICT (room_id, type, state_key)
+                                 DO UPDATE SET event_id = excluded.event_id, stream_pos = excluded.stream_pos,
+                                               membership = excluded.membership",
+                        )
+                        .bind(event.room_id.as_str())
+                        .bind(row.kind.as_str())
+                        .bind(row.state_key.as_str())
+                        .bind(row.event_id.as_str())
+                        .bind(row.membership.as_deref())
+                        .execute(&mut **tx)
+                        .await?;
+                        if row.membership.is_some() {
+                            sqlx::query("DELETE FROM forgotten_rooms WHERE user_id = $1 AND room_id = $2")
+                                .bind(row.state_key.as_str())
+                                .bind(event.room_id.as_str())
+                                .execute(&mut **tx)
+                                .await?;
+                        }
+                    }
+                }
+                // In order: a later event of the group replaces an earlier one's state.
+                for event in events.iter().filter(|e| e.current_state.is_none()) {
                     let Some(state_key) = &event.state_key else {
                         continue;
                     };

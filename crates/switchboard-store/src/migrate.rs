@@ -20,6 +20,7 @@ const SQLITE_MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0010_cross_signing.sql"),
     include_str!("../migrations/sqlite/0011_server_keys.sql"),
     include_str!("../migrations/sqlite/0012_federation_rooms.sql"),
+    include_str!("../migrations/sqlite/0013_state_snapshots.sql"),
 ];
 
 const POSTGRES_MIGRATIONS: &[&str] = &[
@@ -35,6 +36,7 @@ const POSTGRES_MIGRATIONS: &[&str] = &[
     include_str!("../migrations/postgres/0010_cross_signing.sql"),
     include_str!("../migrations/postgres/0011_server_keys.sql"),
     include_str!("../migrations/postgres/0012_federation_rooms.sql"),
+    include_str!("../migrations/postgres/0013_state_snapshots.sql"),
 ];
 
 /// The schema version this binary writes.

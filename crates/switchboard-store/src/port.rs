@@ -230,6 +230,17 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
         "federation_destinations",
         &[("destination", Text), ("sent_pos", Int), ("last_txn_id", Int)],
     ),
+    (
+        "state_snapshots",
+        &[
+            ("snapshot_id", Int),
+            ("room_id", Text),
+            ("parent_id", Int),
+            ("chain", Int),
+            ("delta", Text),
+        ],
+    ),
+    ("event_state", &[("event_id", Text), ("snapshot_id", Int)]),
 ];
 
 /// Rows read from SQLite per query.

@@ -50,6 +50,33 @@ pub struct NewEvent {
     pub relates_to: Option<(String, String)>,
     /// The event's `prev_events`: edges of the room DAG.
     pub prev_events: Vec<String>,
+    /// The snapshot of the state after the event.
+    pub state_after: Option<i64>,
+    /// New snapshots to write with the event.
+    pub snapshots: Vec<NewSnapshot>,
+    /// When set, the current state rows to write instead of the event's own key (a state
+    /// resolution may change several keys, or keep the event out of the current state).
+    pub current_state: Option<Vec<StateRow>>,
+}
+
+/// A state snapshot: its parent's state plus `delta`.
+#[derive(Clone, Debug)]
+pub struct NewSnapshot {
+    pub snapshot_id: i64,
+    pub room_id: String,
+    pub parent_id: Option<i64>,
+    pub chain: i64,
+    /// JSON object "<type>\u{1f}<state_key>" → event ID.
+    pub delta: String,
+}
+
+/// One current-state entry.
+#[derive(Clone, Debug)]
+pub struct StateRow {
+    pub kind: String,
+    pub state_key: String,
+    pub event_id: String,
+    pub membership: Option<String>,
 }
 
 #[derive(Clone, Debug)]

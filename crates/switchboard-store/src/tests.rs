@@ -24,6 +24,9 @@ fn event(pos: i64, id: &str, kind: &str, state_key: Option<&str>) -> NewEvent {
         creates_room_version: None,
         relates_to: None,
         prev_events: Vec::new(),
+        state_after: None,
+        snapshots: Vec::new(),
+        current_state: None,
     }
 }
 

@@ -157,6 +157,7 @@ impl Rooms {
             inner: Mutex::new(RoomInner {
                 state: StateMap::new(),
                 extremities: Vec::new(),
+                snapshot: None,
             }),
         });
         if let Err(e) = self.send_batch(&handle, creator, events, None).await {

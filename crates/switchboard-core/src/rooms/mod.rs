@@ -15,6 +15,7 @@ mod membership;
 mod pipeline;
 mod redaction;
 mod remote;
+mod state;
 mod txns;
 mod upgrade;
 
@@ -65,6 +66,9 @@ struct RoomInner {
     /// this server writes; more when servers sent events concurrently. New local events name
     /// them all as `prev_events`, which merges the branches.
     extremities: Vec<(OwnedEventId, u64)>,
+    /// The snapshot of the current state and its chain length, once known (a room stored before
+    /// snapshots existed gets a full one with its next event).
+    snapshot: Option<(i64, i64)>,
 }
 
 pub struct Rooms {
@@ -79,6 +83,7 @@ pub struct Rooms {
     /// Bumped on every membership or alias change; an audience computed across a bump is not cached.
     audience_epoch: AtomicU64,
     txns: txns::TxnMemory,
+    snapshots: state::Snapshots,
 }
 
 impl Rooms {
@@ -99,6 +104,7 @@ impl Rooms {
             audiences: StdMutex::new(HashMap::new()),
             audience_epoch: AtomicU64::new(0),
             txns: txns::TxnMemory::default(),
+            snapshots: state::Snapshots::default(),
         }
     }
 
@@ -140,7 +146,14 @@ impl Rooms {
         let handle = Arc::new(RoomHandle {
             room_id: room_id.to_owned(),
             version,
-            inner: Mutex::new(RoomInner { state, extremities }),
+            inner: Mutex::new(RoomInner {
+                state,
+                snapshot: match extremities.as_slice() {
+                    [(only, _)] => self.snapshot_of(only.as_str()).await?,
+                    _ => None,
+                },
+                extremities,
+            }),
         });
         // Another request may have loaded it meanwhile; keep the first so there is one lock per room.
         let mut cache = self

@@ -9,9 +9,9 @@ use ruma::{
     state_res,
 };
 use serde_json::json;
-use switchboard_store::NewEvent;
+use switchboard_store::{NewEvent, StateRow};
 
-use super::{RoomHandle, RoomInner, Rooms, StateMap, txns::Lookup};
+use super::{RoomHandle, RoomInner, Rooms, StateMap, state::StateIds, txns::Lookup};
 use crate::{
     Error, Result,
     pdu::{Pdu, RoomVersion},
@@ -79,6 +79,14 @@ pub(super) struct Accepted {
     pub(super) pdu: Pdu,
     pub(super) state_key: Option<(StateEventType, String)>,
     pub(super) unsigned: Option<String>,
+    /// Set for an event from another server that forks the room's history: the state after
+    /// it, and the room's state once it is resolved with the other forward extremities.
+    pub(super) resolution: Option<Resolution>,
+}
+
+pub(super) struct Resolution {
+    pub(super) after_event: Arc<super::state::StateIds>,
+    pub(super) current: StateMap,
 }
 
 impl Accepted {
@@ -100,6 +108,7 @@ impl Accepted {
             pdu,
             state_key,
             unsigned,
+            resolution: None,
         }
     }
 }
@@ -309,9 +318,12 @@ impl Rooms {
         accepted: Vec<Accepted>,
         txn: Option<(&str, &str)>,
     ) -> Result<Vec<Arc<Pdu>>> {
+        self.ensure_snapshot_ids().await?;
+        let plans = self.plan_snapshots(handle, inner, &accepted);
         let rows: Vec<NewEvent> = accepted
             .iter()
-            .map(|a| NewEvent {
+            .zip(&plans)
+            .map(|(a, plan)| NewEvent {
                 stream_pos: 0,
                 event_id: a.pdu.event_id.to_string(),
                 room_id: a.pdu.room_id.to_string(),
@@ -329,12 +341,23 @@ impl Rooms {
                     .then(|| handle.version.id.to_string()),
                 relates_to: relation(&a.pdu),
                 prev_events: a.pdu.prev_events.iter().map(ToString::to_string).collect(),
+                state_after: Some(plan.state_after),
+                snapshots: plan.snapshots.clone(),
+                current_state: plan.current_state.clone(),
             })
             .collect();
-        let membership_changed = rows.iter().any(|r| r.membership.is_some());
+        let membership_changed = rows.iter().any(|r| {
+            r.membership.is_some()
+                || r.current_state
+                    .as_ref()
+                    .is_some_and(|c| c.iter().any(|s| s.membership.is_some()))
+        });
         let written = self.stream.write(rows).await?;
         if membership_changed {
             self.audience_changed(&handle.room_id);
+        }
+        if let Some(plan) = plans.last() {
+            inner.snapshot = Some(plan.current);
         }
 
         let mut stored = Vec::with_capacity(accepted.len());
@@ -344,6 +367,7 @@ impl Rooms {
                 mut pdu,
                 state_key,
                 unsigned,
+                resolution,
             },
         ) in accepted.into_iter().enumerate()
         {
@@ -362,8 +386,20 @@ impl Rooms {
             }
             let pdu = Arc::new(pdu);
             advance(&mut inner.extremities, &pdu);
-            if let Some(key) = state_key {
-                inner.state.insert(key, pdu.clone());
+            match resolution {
+                Some(resolution) => {
+                    inner.state = resolution.current;
+                    if let Some(key) = state_key
+                        && inner.state.get(&key).is_some_and(|e| e.event_id == pdu.event_id)
+                    {
+                        inner.state.insert(key, pdu.clone());
+                    }
+                }
+                None => {
+                    if let Some(key) = state_key {
+                        inner.state.insert(key, pdu.clone());
+                    }
+                }
             }
             tracing::debug!(event_id = %pdu.event_id, room_id = %pdu.room_id, pos = pdu.stream_pos, "event stored");
             stored.push(pdu);
@@ -377,6 +413,107 @@ impl Rooms {
         }
         Ok(stored)
     }
+
+    /// The state snapshots a group of events needs: the state after each, as a delta on the
+    /// room's current snapshot while history is linear, a full snapshot now and then (and when
+    /// the room has none yet), and full snapshots plus current-state rows after a resolution.
+    fn plan_snapshots(
+        &self,
+        handle: &RoomHandle,
+        inner: &RoomInner,
+        accepted: &[Accepted],
+    ) -> Vec<SnapshotPlan> {
+        let room = &handle.room_id;
+        let mut current = inner.snapshot;
+        // The full current state as IDs, built only when a full snapshot is due.
+        let mut full: Option<StateIds> = None;
+        let mut pending: Vec<((StateEventType, String), OwnedEventId)> = Vec::new();
+        let mut plans = Vec::with_capacity(accepted.len());
+        for a in accepted {
+            if let Some(resolution) = &a.resolution {
+                let (after, _) = self.new_snapshot(room, None, &resolution.after_event);
+                let now = super::state::ids_of(&resolution.current);
+                let mut snapshots = vec![after.clone()];
+                let current_id = if now == *resolution.after_event {
+                    after.snapshot_id
+                } else {
+                    let (resolved, _) = self.new_snapshot(room, None, &now);
+                    snapshots.push(resolved.clone());
+                    resolved.snapshot_id
+                };
+                let before = super::state::ids_of(&inner.state);
+                let current_state = now
+                    .iter()
+                    .filter(|(key, id)| before.get(*key) != Some(*id))
+                    .map(|(key, id)| StateRow {
+                        kind: key.0.to_string(),
+                        state_key: key.1.clone(),
+                        event_id: id.to_string(),
+                        membership: resolution.current.get(key).and_then(|e| e.membership()),
+                    })
+                    .collect();
+                self.remember_snapshot(after.snapshot_id, resolution.after_event.clone());
+                self.remember_snapshot(current_id, Arc::new(now.clone()));
+                plans.push(SnapshotPlan {
+                    state_after: after.snapshot_id,
+                    snapshots,
+                    current_state: Some(current_state),
+                    current: (current_id, 0),
+                });
+                full = Some(now);
+                current = Some((current_id, 0));
+                continue;
+            }
+            let mut snapshots = Vec::new();
+            if let Some(key) = &a.state_key {
+                match full.as_mut() {
+                    Some(state) => {
+                        state.insert(key.clone(), a.pdu.event_id.clone());
+                    }
+                    None => pending.push((key.clone(), a.pdu.event_id.clone())),
+                }
+            }
+            let need_full = match current {
+                None => true,
+                Some((_, chain)) => a.state_key.is_some() && Self::chain_too_long(chain),
+            };
+            if need_full {
+                let state = full.get_or_insert_with(|| {
+                    let mut state = super::state::ids_of(&inner.state);
+                    state.extend(pending.drain(..));
+                    state
+                });
+                let (snapshot, _) = self.new_snapshot(room, None, state);
+                current = Some((snapshot.snapshot_id, 0));
+                snapshots.push(snapshot);
+            } else if let (Some(key), Some(parent)) = (&a.state_key, current) {
+                let delta = StateIds::from([(key.clone(), a.pdu.event_id.clone())]);
+                let (snapshot, chain) = self.new_snapshot(room, Some(parent), &delta);
+                current = Some((snapshot.snapshot_id, chain));
+                snapshots.push(snapshot);
+            }
+            let Some(now) = current else {
+                continue;
+            };
+            plans.push(SnapshotPlan {
+                state_after: now.0,
+                snapshots,
+                current_state: None,
+                current: now,
+            });
+        }
+        plans
+    }
+}
+
+/// What one event writes about state: its snapshot (and any new ones), and — after a state
+/// resolution — the current-state rows that change.
+struct SnapshotPlan {
+    state_after: i64,
+    snapshots: Vec<switchboard_store::NewSnapshot>,
+    current_state: Option<Vec<StateRow>>,
+    /// The room's current snapshot after the event, with its chain length.
+    current: (i64, i64),
 }
 
 /// The largest depth the spec allows (canonical JSON integers end at 2^53 - 1).

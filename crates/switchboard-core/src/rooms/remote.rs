@@ -6,7 +6,7 @@
 //! `send_join`.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap, HashSet},
     sync::Arc,
 };
 
@@ -139,15 +139,33 @@ impl Rooms {
             if this.event(pdu.event_id.as_str()).await?.is_some() {
                 return Ok(Received::AlreadyKnown);
             }
-            let view = StateView::over(&inner.state);
-            if let Some(auth) = &auth {
-                authorize(&handle.version, &view, &pdu, auth)?;
-            }
-            let mut accepted = Accepted::new(pdu, &view);
+            let forks = auth.is_some() && !inner.extremities.is_empty() && {
+                let named: HashSet<&OwnedEventId> = pdu.prev_events.iter().collect();
+                let current: HashSet<&OwnedEventId> = inner.extremities.iter().map(|(id, _)| id).collect();
+                named != current
+            };
+            let accepted = if forks {
+                // Its predecessors are not this server's extremities: the state before it is
+                // theirs, and the room's state after it the resolution with the other branches.
+                let (state_before, resolution) = this.fork_state(&handle, &inner, &pdu).await?;
+                let view = StateView::over(&state_before);
+                if let Some(auth) = &auth {
+                    authorize(&handle.version, &view, &pdu, auth)?;
+                }
+                let mut accepted = Accepted::new(pdu, &view);
+                accepted.resolution = Some(resolution);
+                accepted
+            } else {
+                let view = StateView::over(&inner.state);
+                if let Some(auth) = &auth {
+                    authorize(&handle.version, &view, &pdu, auth)?;
+                }
+                Accepted::new(pdu, &view)
+            };
+            let mut accepted = accepted;
             if unsigned.is_some() {
                 accepted.unsigned = unsigned;
             }
-            drop(view);
             let mut stored = this.persist(&handle, &mut inner, vec![accepted], None).await?;
             let pdu = stored.pop().ok_or_else(|| Error::internal("nothing stored"))?;
             Ok(Received::Accepted(pdu))
@@ -253,6 +271,71 @@ impl Rooms {
             )));
         }
         Ok(pdu)
+    }
+
+    /// The state before an event that forks the room (the resolution of the states after its
+    /// `prev_events`) and the room's state after it (resolved with the forward extremities it
+    /// does not name). Predecessors this server lacks are passed over; with none known, the
+    /// current state stands in.
+    async fn fork_state(
+        &self,
+        handle: &super::RoomHandle,
+        inner: &super::RoomInner,
+        pdu: &Pdu,
+    ) -> Result<(super::StateMap, super::pipeline::Resolution)> {
+        let version = &handle.version;
+        let current = Arc::new(super::state::ids_of(&inner.state));
+        let mut befores = Vec::new();
+        for prev in &pdu.prev_events {
+            if let Some(state) = self.state_after_event(prev.as_str()).await? {
+                befores.push(state);
+            }
+        }
+        let before = match befores.len() {
+            0 => current.clone(),
+            1 => befores.remove(0),
+            _ => Arc::new(self.resolve(version, &befores, &[]).await?),
+        };
+        let this = Arc::new(pdu.clone());
+        let known: Vec<Arc<Pdu>> = inner.state.values().cloned().chain([this.clone()]).collect();
+        let state_before = self.pdus_of(&before, &known).await?;
+        let mut after = (*before).clone();
+        if let Some(state_key) = &pdu.state_key {
+            after.insert(
+                (
+                    ruma::events::StateEventType::from(pdu.event_type.as_str()),
+                    state_key.clone(),
+                ),
+                pdu.event_id.clone(),
+            );
+        }
+        let after = Arc::new(after);
+        let mut states = vec![after.clone()];
+        for (other, _) in inner
+            .extremities
+            .iter()
+            .filter(|(id, _)| !pdu.prev_events.contains(id))
+        {
+            if let Some(state) = self.state_after_event(other.as_str()).await? {
+                states.push(state);
+            }
+        }
+        let now = if states.len() == 1 {
+            (*after).clone()
+        } else {
+            self.resolve(version, &states, &[this]).await?
+        };
+        if now != *current {
+            tracing::info!(room_id = %handle.room_id, event_id = %pdu.event_id, "state resolved after a fork");
+        }
+        let current = self.pdus_of(&now, &known).await?;
+        Ok((
+            state_before,
+            super::pipeline::Resolution {
+                after_event: after,
+                current,
+            },
+        ))
     }
 
     /// The events an event names as `auth_events`: all must be known and in its room.
@@ -528,5 +611,8 @@ fn outlier_row(pdu: &Pdu) -> switchboard_store::NewEvent {
         creates_room_version: None,
         relates_to: None,
         prev_events: Vec::new(),
+        state_after: None,
+        snapshots: Vec::new(),
+        current_state: None,
     }
 }

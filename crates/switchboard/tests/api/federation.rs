@@ -620,7 +620,19 @@ async fn wait_for_message(
     body: &str,
     other: &Peer,
 ) -> String {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    wait_for_message_within(on, user, room, body, other, 30).await
+}
+
+/// [`wait_for_message`] with a deadline of `seconds`.
+async fn wait_for_message_within(
+    on: &Peer,
+    user: &crate::harness::User,
+    room: &str,
+    body: &str,
+    other: &Peer,
+    seconds: u64,
+) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
     let path = format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=50", enc(room));
     loop {
         let (status, page) = on.server.call(Method::GET, &path, Some(&user.token), None).await;
@@ -1179,8 +1191,9 @@ async fn a_peer_down_for_a_minute_gets_everything_sent_meanwhile_once_and_in_ord
     }
     b.server.restart().await;
     let last = sent.last().expect("sent").clone();
-    // The queue retries at most 30 s apart during the first minutes of an outage.
-    wait_for_message(&b, &bob, &room, &last, &a).await;
+    // The queue retries at most 30 s apart during the first minutes of an outage; the margin
+    // is for a loaded machine.
+    wait_for_message_within(&b, &bob, &room, &last, &a, 75).await;
     let seen: Vec<String> = bodies(&b, &bob, &room)
         .await
         .into_iter()
@@ -1617,4 +1630,112 @@ async fn a_synapse_user_joining_a_bridged_alias_makes_the_service_create_it_and_
         "{}",
         log_of(&ours)
     );
+}
+
+/// Polls until `check` holds for the state event on `on`; returns it.
+async fn wait_for_state(
+    on: &Peer,
+    user: &crate::harness::User,
+    room: &str,
+    kind: &str,
+    key: &str,
+    check: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let path = format!("/_matrix/client/v3/rooms/{}/state/{kind}/{}", enc(room), enc(key));
+    loop {
+        let (status, content) = on.server.call(Method::GET, &path, Some(&user.token), None).await;
+        if status == StatusCode::OK && check(&content) {
+            return content;
+        }
+        if std::time::Instant::now() > deadline {
+            panic!(
+                "{kind} on {} never matched: {status} {content}\n{}",
+                on.name,
+                log_of(on)
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test]
+async fn concurrent_state_changes_on_both_sides_converge_to_the_same_state() {
+    let (mut a, mut b) = (Peer::switchboard("").await, Peer::switchboard("").await);
+    let alice = a.server.register("alice").await;
+    let bob = b.server.register("bob").await;
+    let room = a
+        .server
+        .create_room(
+            &alice,
+            json!({
+                "room_alias_name": "fork", "preset": "public_chat", "name": "Before",
+                "power_level_content_override": {"users": {alice.user_id.clone(): 100, bob.user_id.clone(): 100}},
+            }),
+        )
+        .await;
+    join_alias(&b, &bob, &format!("#fork:{}", a.name), &a).await;
+    wait_for_membership(&a, &alice, &room, &bob.user_id, "join", &b).await;
+
+    // A partition: each side changes state while the other cannot hear it.
+    assert!(b.server.terminate().success());
+    let put = |peer: &Peer, user: &crate::harness::User, kind: &str, content: Value| {
+        let path = format!("/_matrix/client/v3/rooms/{}/state/{kind}/", enc(&room));
+        let (peer, token) = (peer.server.base.clone(), user.token.clone());
+        async move {
+            let response = reqwest::Client::new()
+                .put(format!("{peer}{path}"))
+                .bearer_auth(token)
+                .json(&content)
+                .send()
+                .await
+                .expect("put state");
+            assert!(response.status().is_success(), "{:?}", response.text().await);
+        }
+    };
+    put(&a, &alice, "m.room.name", json!({"name": "Named on A"})).await;
+    put(&a, &alice, "m.room.topic", json!({"topic": "topic from A"})).await;
+    assert!(a.server.terminate().success());
+    b.server.restart().await;
+    put(&b, &bob, "m.room.name", json!({"name": "Named on B"})).await;
+    put(&b, &bob, "org.example.note", json!({"from": "B"})).await;
+    a.server.restart().await;
+
+    // Both sides end with the same resolved state, each branch's unconflicted change kept.
+    let name_a = wait_for_state(&a, &alice, &room, "org.example.note", "", |c| c["from"] == "B").await;
+    assert_eq!(name_a["from"], "B");
+    wait_for_state(&b, &bob, &room, "m.room.topic", "", |c| {
+        c["topic"] == "topic from A"
+    })
+    .await;
+    let name_on_a = a.server.state(&alice, &room, "m.room.name", "").await;
+    let name_on_b = b.server.state(&bob, &room, "m.room.name", "").await;
+    assert_eq!(
+        name_on_a, name_on_b,
+        "the two servers resolved the conflict alike"
+    );
+    // Each side took the other's branch as a fork, not as a continuation.
+    for peer in [&a, &b] {
+        assert!(
+            peer.server.log().contains("state resolved after a fork"),
+            "{}",
+            log_of(peer)
+        );
+    }
+    assert!(
+        name_on_a["name"] == "Named on A" || name_on_a["name"] == "Named on B",
+        "{name_on_a}"
+    );
+    // And the room goes on: each side's next event merges the branches.
+    a.server
+        .send_text(&alice, &room, "m1", "after the fork, from A")
+        .await;
+    b.server
+        .send_text(&bob, &room, "m2", "after the fork, from B")
+        .await;
+    wait_for_message(&b, &bob, &room, "after the fork, from A", &a).await;
+    wait_for_message(&a, &alice, &room, "after the fork, from B", &b).await;
+    let name_on_a = a.server.state(&alice, &room, "m.room.name", "").await;
+    let name_on_b = b.server.state(&bob, &room, "m.room.name", "").await;
+    assert_eq!(name_on_a, name_on_b);
 }
