@@ -164,6 +164,26 @@ async fn set_service_visibility(
 struct PublicRoomsQuery {
     limit: Option<usize>,
     since: Option<String>,
+    /// Another server's list, asked over federation.
+    server: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct ServerQuery {
+    server: Option<String>,
+}
+
+/// The `server` of a `/publicRooms` request, when it names another server.
+fn remote(
+    hs: &Homeserver,
+    server: Option<&str>,
+) -> Result<Option<ruma::OwnedServerName>, switchboard_core::Error> {
+    let Some(server) = server else {
+        return Ok(None);
+    };
+    let server = ruma::OwnedServerName::try_from(server)
+        .map_err(|e| switchboard_core::Error::InvalidParam(format!("invalid server name {server}: {e}")))?;
+    Ok((server != hs.server_name).then_some(server))
 }
 
 #[derive(Deserialize, Default)]
@@ -181,7 +201,7 @@ struct SearchFilter {
     generic_search_term: Option<String>,
 }
 
-fn directory_json(page: switchboard_core::rooms::PublicRooms) -> Value {
+pub(crate) fn directory_json(page: switchboard_core::rooms::PublicRooms) -> Value {
     let mut body = json!({ "chunk": page.chunk, "total_room_count_estimate": page.total });
     if let Some(next) = page.next_batch {
         body["next_batch"] = json!(next);
@@ -196,6 +216,12 @@ async fn public_rooms_get(
     State(hs): State<Arc<Homeserver>>,
     crate::extract::Params(query): crate::extract::Params<PublicRoomsQuery>,
 ) -> ApiResult<Json<Value>> {
+    if let Some(server) = remote(&hs, query.server.as_deref())? {
+        let list = hs
+            .remote_public_rooms(&server, query.limit, query.since.as_deref(), None, None)
+            .await?;
+        return Ok(Json(list));
+    }
     let page = hs
         .rooms
         .public_rooms(Listing::Main, None, query.limit, query.since.as_deref())
@@ -206,8 +232,24 @@ async fn public_rooms_get(
 async fn public_rooms_post(
     State(hs): State<Arc<Homeserver>>,
     _auth: Auth,
+    crate::extract::Params(query): crate::extract::Params<ServerQuery>,
     Body(body): Body<PublicRoomsBody>,
 ) -> ApiResult<Json<Value>> {
+    if let Some(server) = remote(&hs, query.server.as_deref())? {
+        let network = match (&body.third_party_instance_id, body.include_all_networks) {
+            (Some(instance), _) => Some(Some(instance.as_str())),
+            (None, true) => Some(None),
+            (None, false) => None,
+        };
+        let search = body
+            .filter
+            .as_ref()
+            .and_then(|f| f.generic_search_term.as_deref());
+        let list = hs
+            .remote_public_rooms(&server, body.limit, body.since.as_deref(), search, network)
+            .await?;
+        return Ok(Json(list));
+    }
     let listing = match (&body.third_party_instance_id, body.include_all_networks) {
         (Some(instance), _) => Listing::Instance(instance),
         (None, true) => Listing::All,

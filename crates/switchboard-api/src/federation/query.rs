@@ -5,7 +5,7 @@ use std::sync::Arc;
 use axum::{Json, Router, extract::State, routing::get};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use switchboard_core::{Error, Homeserver};
+use switchboard_core::{Error, Homeserver, rooms::Listing};
 
 use super::{FedResult, Federated};
 use crate::{
@@ -17,6 +17,10 @@ pub(super) fn routes() -> Router<Arc<Homeserver>> {
     Router::new()
         .route("/_matrix/federation/v1/query/profile", get(profile))
         .route("/_matrix/federation/v1/query/directory", get(directory))
+        .route(
+            "/_matrix/federation/v1/publicRooms",
+            get(public_rooms_get).post(public_rooms_post),
+        )
 }
 
 #[derive(Deserialize)]
@@ -63,4 +67,78 @@ async fn directory(
     // alias makes the bridge create the room.
     let room_id = hs.resolve_alias(&alias).await?;
     Ok(Json(json!({ "room_id": room_id, "servers": [hs.server_name] })))
+}
+
+#[derive(Deserialize, Default)]
+struct DirectoryQuery {
+    limit: Option<usize>,
+    since: Option<String>,
+    #[serde(default)]
+    include_all_networks: Option<String>,
+    third_party_instance_id: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct DirectoryBody {
+    limit: Option<usize>,
+    since: Option<String>,
+    filter: Option<Filter>,
+    #[serde(default)]
+    include_all_networks: bool,
+    third_party_instance_id: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct Filter {
+    generic_search_term: Option<String>,
+}
+
+/// Other servers see the public room list only with `allow_public_rooms_over_federation`.
+fn listing_allowed(hs: &Homeserver, origin: &ruma::ServerName) -> Result<(), Error> {
+    if hs.config.allow_public_rooms_over_federation {
+        Ok(())
+    } else {
+        Err(Error::Forbidden(format!(
+            "{origin} may not view the public rooms of {} (allow_public_rooms_over_federation is off)",
+            hs.server_name
+        )))
+    }
+}
+
+async fn public_rooms_get(
+    State(hs): State<Arc<Homeserver>>,
+    Params(query): Params<DirectoryQuery>,
+    request: Federated,
+) -> FedResult<Json<Value>> {
+    listing_allowed(&hs, &request.origin)?;
+    let all = query.include_all_networks.as_deref() == Some("true");
+    let listing = match (&query.third_party_instance_id, all) {
+        (Some(instance), _) => Listing::Instance(instance),
+        (None, true) => Listing::All,
+        (None, false) => Listing::Main,
+    };
+    let page = hs
+        .rooms
+        .public_rooms(listing, None, query.limit, query.since.as_deref())
+        .await?;
+    Ok(Json(crate::client::directory_json(page)))
+}
+
+async fn public_rooms_post(State(hs): State<Arc<Homeserver>>, request: Federated) -> FedResult<Json<Value>> {
+    listing_allowed(&hs, &request.origin)?;
+    let body: DirectoryBody = request.json()?;
+    let listing = match (&body.third_party_instance_id, body.include_all_networks) {
+        (Some(instance), _) => Listing::Instance(instance),
+        (None, true) => Listing::All,
+        (None, false) => Listing::Main,
+    };
+    let search = body
+        .filter
+        .as_ref()
+        .and_then(|f| f.generic_search_term.as_deref());
+    let page = hs
+        .rooms
+        .public_rooms(listing, search, body.limit, body.since.as_deref())
+        .await?;
+    Ok(Json(crate::client::directory_json(page)))
 }

@@ -157,3 +157,38 @@ impl Homeserver {
             .await
     }
 }
+
+impl Homeserver {
+    /// Another server's public room list (`server` in `/publicRooms`), in the client format.
+    pub async fn remote_public_rooms(
+        &self,
+        server: &ruma::ServerName,
+        limit: Option<usize>,
+        since: Option<&str>,
+        search: Option<&str>,
+        network: Option<Option<&str>>,
+    ) -> Result<serde_json::Value> {
+        use ruma::{api::federation::directory::get_public_rooms_filtered, directory::RoomNetwork};
+        let mut request = get_public_rooms_filtered::v1::Request::new();
+        request.limit = limit.and_then(|l| ruma::UInt::try_from(l as u64).ok());
+        request.since = since.map(str::to_owned);
+        request.filter.generic_search_term = search.map(str::to_owned);
+        request.room_network = match network {
+            None => RoomNetwork::Matrix,
+            Some(None) => RoomNetwork::All,
+            Some(Some(instance)) => RoomNetwork::ThirdParty(instance.to_owned()),
+        };
+        let response = self.federation.client.send(server, request).await?;
+        let mut body = serde_json::json!({
+            "chunk": response.chunk,
+            "total_room_count_estimate": response.total_room_count_estimate,
+        });
+        if let Some(next) = response.next_batch {
+            body["next_batch"] = next.into();
+        }
+        if let Some(prev) = response.prev_batch {
+            body["prev_batch"] = prev.into();
+        }
+        Ok(body)
+    }
+}

@@ -1739,3 +1739,66 @@ async fn concurrent_state_changes_on_both_sides_converge_to_the_same_state() {
     let name_on_b = b.server.state(&bob, &room, "m.room.name", "").await;
     assert_eq!(name_on_a, name_on_b);
 }
+
+#[tokio::test]
+async fn public_rooms_are_listed_over_federation_only_where_allowed() {
+    let a = Peer::switchboard("allow_public_rooms_over_federation: true").await;
+    let b = Peer::switchboard("").await;
+    let alice = a.server.register("alice").await;
+    let bob = b.server.register("bob").await;
+    let room = a
+        .server
+        .create_room(
+            &alice,
+            json!({"preset": "public_chat", "visibility": "public", "name": "Lobby"}),
+        )
+        .await;
+    b.server
+        .create_room(
+            &bob,
+            json!({"preset": "public_chat", "visibility": "public", "name": "Hidden"}),
+        )
+        .await;
+    let list = b
+        .server
+        .ok(
+            Method::GET,
+            &format!("/_matrix/client/v3/publicRooms?server={}", enc(&a.name)),
+            &bob.token,
+            Value::Null,
+        )
+        .await;
+    assert!(
+        list["chunk"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|r| r["room_id"] == room.as_str() && r["name"] == "Lobby"),
+        "{list}"
+    );
+    let searched = b
+        .server
+        .ok(
+            Method::POST,
+            &format!("/_matrix/client/v3/publicRooms?server={}", enc(&a.name)),
+            &bob.token,
+            json!({"filter": {"generic_search_term": "lob"}}),
+        )
+        .await;
+    assert_eq!(searched["chunk"].as_array().map(Vec::len), Some(1), "{searched}");
+    // B does not let other servers list its rooms.
+    let (status, body) = a
+        .server
+        .call(
+            Method::GET,
+            &format!("/_matrix/client/v3/publicRooms?server={}", enc(&b.name)),
+            Some(&alice.token),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::FORBIDDEN, "M_FORBIDDEN"),
+        "{body}"
+    );
+}
