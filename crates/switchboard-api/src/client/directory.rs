@@ -186,14 +186,31 @@ fn remote(
     Ok((server != hs.server_name).then_some(server))
 }
 
+/// The body of `POST /publicRooms`, on the client and the federation API alike.
 #[derive(Deserialize, Default)]
-struct PublicRoomsBody {
-    limit: Option<usize>,
-    since: Option<String>,
+pub(crate) struct PublicRoomsBody {
+    pub(crate) limit: Option<usize>,
+    pub(crate) since: Option<String>,
     filter: Option<SearchFilter>,
     #[serde(default)]
     include_all_networks: bool,
     third_party_instance_id: Option<String>,
+}
+
+impl PublicRoomsBody {
+    pub(crate) fn listing(&self) -> Listing<'_> {
+        match (&self.third_party_instance_id, self.include_all_networks) {
+            (Some(instance), _) => Listing::Instance(instance),
+            (None, true) => Listing::All,
+            (None, false) => Listing::Main,
+        }
+    }
+
+    pub(crate) fn search(&self) -> Option<&str> {
+        self.filter
+            .as_ref()
+            .and_then(|f| f.generic_search_term.as_deref())
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -236,32 +253,19 @@ async fn public_rooms_post(
     Body(body): Body<PublicRoomsBody>,
 ) -> ApiResult<Json<Value>> {
     if let Some(server) = remote(&hs, query.server.as_deref())? {
-        let network = match (&body.third_party_instance_id, body.include_all_networks) {
-            (Some(instance), _) => Some(Some(instance.as_str())),
-            (None, true) => Some(None),
-            (None, false) => None,
+        let network = match body.listing() {
+            Listing::Instance(instance) => Some(Some(instance)),
+            Listing::All => Some(None),
+            Listing::Main => None,
         };
-        let search = body
-            .filter
-            .as_ref()
-            .and_then(|f| f.generic_search_term.as_deref());
         let list = hs
-            .remote_public_rooms(&server, body.limit, body.since.as_deref(), search, network)
+            .remote_public_rooms(&server, body.limit, body.since.as_deref(), body.search(), network)
             .await?;
         return Ok(Json(list));
     }
-    let listing = match (&body.third_party_instance_id, body.include_all_networks) {
-        (Some(instance), _) => Listing::Instance(instance),
-        (None, true) => Listing::All,
-        (None, false) => Listing::Main,
-    };
-    let search = body
-        .filter
-        .as_ref()
-        .and_then(|f| f.generic_search_term.as_deref());
     let page = hs
         .rooms
-        .public_rooms(listing, search, body.limit, body.since.as_deref())
+        .public_rooms(body.listing(), body.search(), body.limit, body.since.as_deref())
         .await?;
     Ok(Json(directory_json(page)))
 }

@@ -4,7 +4,7 @@ mod account;
 mod appservice;
 mod devices;
 mod directory;
-pub(crate) use directory::directory_json;
+pub(crate) use directory::{PublicRoomsBody, directory_json};
 mod ephemeral;
 mod events;
 mod keys;

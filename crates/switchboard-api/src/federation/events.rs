@@ -127,16 +127,27 @@ struct AtEvent {
     event_id: String,
 }
 
+/// The state before an event and the auth chain of that state, for a server allowed to see them.
+async fn state_at(
+    hs: &Homeserver,
+    room: &str,
+    event_id: &str,
+    origin: &ruma::ServerName,
+) -> FedResult<(Vec<Arc<Pdu>>, Vec<Arc<Pdu>>)> {
+    let room = room_id(room)?;
+    hs.server_may_see(origin, &room).await?;
+    let state = hs.rooms.state_before(&room, event_id).await?;
+    let chain = hs.rooms.auth_chain(state.iter()).await?;
+    Ok((state, chain))
+}
+
 async fn state(
     State(hs): State<Arc<Homeserver>>,
     Path(room): Path<String>,
     Params(at): Params<AtEvent>,
     request: Federated,
 ) -> FedResult<Json<Value>> {
-    let room = room_id(&room)?;
-    hs.server_may_see(&request.origin, &room).await?;
-    let state = hs.rooms.state_before(&room, &at.event_id).await?;
-    let chain = hs.rooms.auth_chain(state.iter()).await?;
+    let (state, chain) = state_at(&hs, &room, &at.event_id, &request.origin).await?;
     Ok(Json(json!({ "pdus": pdus(&state), "auth_chain": pdus(&chain) })))
 }
 
@@ -146,10 +157,7 @@ async fn state_ids(
     Params(at): Params<AtEvent>,
     request: Federated,
 ) -> FedResult<Json<Value>> {
-    let room = room_id(&room)?;
-    hs.server_may_see(&request.origin, &room).await?;
-    let state = hs.rooms.state_before(&room, &at.event_id).await?;
-    let chain = hs.rooms.auth_chain(state.iter()).await?;
+    let (state, chain) = state_at(&hs, &room, &at.event_id, &request.origin).await?;
     Ok(Json(
         json!({ "pdu_ids": ids(&state), "auth_chain_ids": ids(&chain) }),
     ))

@@ -78,21 +78,6 @@ struct DirectoryQuery {
     third_party_instance_id: Option<String>,
 }
 
-#[derive(Deserialize, Default)]
-struct DirectoryBody {
-    limit: Option<usize>,
-    since: Option<String>,
-    filter: Option<Filter>,
-    #[serde(default)]
-    include_all_networks: bool,
-    third_party_instance_id: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-struct Filter {
-    generic_search_term: Option<String>,
-}
-
 /// Other servers see the public room list only with `allow_public_rooms_over_federation`.
 fn listing_allowed(hs: &Homeserver, origin: &ruma::ServerName) -> Result<(), Error> {
     if hs.config.allow_public_rooms_over_federation {
@@ -126,19 +111,10 @@ async fn public_rooms_get(
 
 async fn public_rooms_post(State(hs): State<Arc<Homeserver>>, request: Federated) -> FedResult<Json<Value>> {
     listing_allowed(&hs, &request.origin)?;
-    let body: DirectoryBody = request.json()?;
-    let listing = match (&body.third_party_instance_id, body.include_all_networks) {
-        (Some(instance), _) => Listing::Instance(instance),
-        (None, true) => Listing::All,
-        (None, false) => Listing::Main,
-    };
-    let search = body
-        .filter
-        .as_ref()
-        .and_then(|f| f.generic_search_term.as_deref());
+    let body: crate::client::PublicRoomsBody = request.json()?;
     let page = hs
         .rooms
-        .public_rooms(listing, search, body.limit, body.since.as_deref())
+        .public_rooms(body.listing(), body.search(), body.limit, body.since.as_deref())
         .await?;
     Ok(Json(crate::client::directory_json(page)))
 }

@@ -5,10 +5,10 @@
 use std::sync::Arc;
 
 use ruma::{
-    CanonicalJsonObject, CanonicalJsonValue, OwnedEventId, OwnedServerName, RoomId, ServerName, UserId,
+    CanonicalJsonObject, OwnedServerName, RoomId, ServerName, UserId,
     api::federation::membership::{RawStrippedState, create_invite, create_leave_event, prepare_leave_event},
     events::StateEventType,
-    signatures::{hash_and_sign_event, reference_hash, sign_event},
+    signatures::{reference_hash, sign_event},
 };
 use serde_json::{Value, json};
 
@@ -16,7 +16,6 @@ use crate::{
     Error, Homeserver, Result,
     pdu::{Pdu, RoomVersion},
     rooms::EventDraft,
-    util::now_ms,
 };
 
 impl Homeserver {
@@ -174,40 +173,18 @@ impl Homeserver {
             .room_version
             .ok_or_else(|| Error::BadGateway(format!("{server} named no room version")))?;
         let version = RoomVersion::joinable(version_id.as_str())?;
-        let mut event: CanonicalJsonObject = serde_json::from_str(template.event.get()).map_err(|e| {
-            Error::BadGateway(format!("{server}'s leave template is not canonical JSON: {e}"))
-        })?;
-        let mut content = json!({ "membership": "leave" });
+        let mut content = json!({});
         if let Some(reason) = reason {
             content["reason"] = json!(reason);
         }
-        event.insert(
-            "content".to_owned(),
-            CanonicalJsonValue::try_from(content).map_err(Error::internal)?,
-        );
-        event.insert(
-            "origin_server_ts".to_owned(),
-            CanonicalJsonValue::Integer(ruma::Int::try_from(now_ms()).unwrap_or(ruma::Int::MAX)),
-        );
-        for field in ["hashes", "signatures", "event_id", "unsigned"] {
-            event.remove(field);
-        }
-        let is = |name: &str, want: &str| matches!(event.get(name), Some(CanonicalJsonValue::String(s)) if s == want);
-        if !(is("type", "m.room.member") && is("state_key", user.as_str()) && is("sender", user.as_str())) {
-            return Err(Error::BadGateway(format!(
-                "{server}'s leave template is not a leave of {user}"
-            )));
-        }
-        hash_and_sign_event(
-            self.server_name.as_str(),
-            &self.federation.key.key_pair,
-            &mut event,
-            &version.rules.redaction,
-        )
-        .map_err(|e| Error::Internal(format!("cannot sign the leave: {e}")))?;
-        let hash = reference_hash(&event, &version.rules).map_err(Error::internal)?;
-        let event_id = OwnedEventId::try_from(format!("${hash}")).map_err(Error::internal)?;
-        let raw = serde_json::value::to_raw_value(&event).map_err(Error::internal)?;
+        let (event_id, event, raw) = self.sign_template(
+            &server,
+            template.event.get(),
+            &version,
+            (user, room_id),
+            "leave",
+            content,
+        )?;
         self.federation
             .client
             .send(

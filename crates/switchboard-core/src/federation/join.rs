@@ -4,15 +4,13 @@
 use std::sync::Arc;
 
 use ruma::{
-    CanonicalJsonObject, CanonicalJsonValue, OwnedServerName, RoomId, RoomVersionId, UserId,
+    OwnedServerName, RoomId, RoomVersionId, UserId,
     api::federation::membership::{create_join_event, prepare_join_event},
-    signatures::hash_and_sign_event,
 };
 
 use crate::{
     Error, Homeserver, Result,
     pdu::{JOINABLE_ROOM_VERSIONS, Pdu, RoomVersion},
-    util::now_ms,
 };
 
 impl Homeserver {
@@ -84,58 +82,22 @@ impl Homeserver {
         let version = RoomVersion::joinable(version_id.as_str()).map_err(|_| {
             Error::UnsupportedRoomVersion(format!("this server cannot join rooms of version {version_id}"))
         })?;
-        let mut event: CanonicalJsonObject = serde_json::from_str(template.event.get())
-            .map_err(|e| Error::BadGateway(format!("{server}'s join template is not canonical JSON: {e}")))?;
-        // The template must be the join it claims to be.
-        let field = |name: &str| match event.get(name) {
-            Some(CanonicalJsonValue::String(s)) => Some(s.clone()),
-            _ => None,
-        };
-        if field("type").as_deref() != Some("m.room.member")
-            || field("state_key").as_deref() != Some(user.as_str())
-            || field("sender").as_deref() != Some(user.as_str())
-            || field("room_id").as_deref() != Some(room_id.as_str())
-        {
-            return Err(Error::BadGateway(format!(
-                "{server}'s join template is not a join of {user}"
-            )));
-        }
         let profile = self.local_profile(user).await?;
-        let mut content = serde_json::json!({ "membership": "join" });
+        let mut content = serde_json::json!({});
         if let Some(name) = profile.displayname {
             content["displayname"] = name.into();
         }
         if let Some(url) = profile.avatar_url {
             content["avatar_url"] = url.into();
         }
-        // Kept from the template: a restricted room's authorising user.
-        if let Some(CanonicalJsonValue::Object(template_content)) = event.get("content")
-            && let Some(CanonicalJsonValue::String(via)) =
-                template_content.get("join_authorised_via_users_server")
-        {
-            content["join_authorised_via_users_server"] = via.clone().into();
-        }
-        event.insert(
-            "content".to_owned(),
-            CanonicalJsonValue::try_from(content).map_err(Error::internal)?,
-        );
-        event.insert(
-            "origin_server_ts".to_owned(),
-            CanonicalJsonValue::Integer(ruma::Int::try_from(now_ms()).unwrap_or(ruma::Int::MAX)),
-        );
-        for unsigned in ["hashes", "signatures", "event_id", "unsigned"] {
-            event.remove(unsigned);
-        }
-        hash_and_sign_event(
-            self.server_name.as_str(),
-            &self.federation.key.key_pair,
-            &mut event,
-            &version.rules.redaction,
-        )
-        .map_err(|e| Error::Internal(format!("cannot sign the join: {e}")))?;
-        let hash = ruma::signatures::reference_hash(&event, &version.rules).map_err(Error::internal)?;
-        let event_id = ruma::OwnedEventId::try_from(format!("${hash}")).map_err(Error::internal)?;
-        let pdu = serde_json::value::to_raw_value(&event).map_err(Error::internal)?;
+        let (event_id, event, pdu) = self.sign_template(
+            server,
+            template.event.get(),
+            &version,
+            (user, room_id),
+            "join",
+            content,
+        )?;
         let request = create_join_event::v2::Request::new(room_id.to_owned(), event_id, pdu);
         let answer = client.send(server, request).await?.room_state;
         // A restricted join comes back signed by the resident server too.

@@ -8,6 +8,7 @@ mod join;
 pub mod keys;
 pub mod resolve;
 pub mod sender;
+mod template;
 
 use std::sync::Arc;
 

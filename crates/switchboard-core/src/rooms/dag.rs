@@ -24,27 +24,10 @@ impl Rooms {
         from: &[OwnedEventId],
         limit: usize,
     ) -> Result<Vec<Arc<Pdu>>> {
-        let limit = limit.min(MAX_WALK);
-        let mut seen: HashSet<OwnedEventId> = HashSet::new();
-        let mut queue: VecDeque<OwnedEventId> = from.iter().cloned().collect();
-        let mut events = Vec::new();
-        while let Some(id) = queue.pop_front() {
-            if events.len() >= limit {
-                break;
-            }
-            if !seen.insert(id.clone()) {
-                continue;
-            }
-            let Some(event) = self.event(id.as_str()).await? else {
-                continue;
-            };
-            if event.room_id != room_id {
-                continue;
-            }
-            queue.extend(event.prev_events.iter().cloned());
-            events.push(Arc::new(event));
-        }
-        events.sort_by_key(|e| std::cmp::Reverse(u64::from(e.depth)));
+        let mut events = self
+            .walk_back(room_id, from.iter().cloned().collect(), HashSet::new(), limit, 0)
+            .await?;
+        events.reverse();
         Ok(events)
     }
 
@@ -59,14 +42,27 @@ impl Rooms {
         limit: usize,
         min_depth: u64,
     ) -> Result<Vec<Arc<Pdu>>> {
-        let limit = limit.min(MAX_WALK);
-        let mut seen: HashSet<OwnedEventId> = earliest.iter().chain(latest).cloned().collect();
-        let mut queue: VecDeque<OwnedEventId> = VecDeque::new();
+        let mut start = VecDeque::new();
         for id in latest {
             if let Some(event) = self.event(id.as_str()).await? {
-                queue.extend(event.prev_events.iter().cloned());
+                start.extend(event.prev_events.iter().cloned());
             }
         }
+        let seen = earliest.iter().chain(latest).cloned().collect();
+        self.walk_back(room_id, start, seen, limit, min_depth).await
+    }
+
+    /// Breadth-first along `prev_events` from `queue`, skipping `seen`, events of other rooms
+    /// and below `min_depth`; at most `limit` (and [`MAX_WALK`]), oldest first.
+    async fn walk_back(
+        &self,
+        room_id: &RoomId,
+        mut queue: VecDeque<OwnedEventId>,
+        mut seen: HashSet<OwnedEventId>,
+        limit: usize,
+        min_depth: u64,
+    ) -> Result<Vec<Arc<Pdu>>> {
+        let limit = limit.min(MAX_WALK);
         let mut events = Vec::new();
         while let Some(id) = queue.pop_front() {
             if events.len() >= limit {

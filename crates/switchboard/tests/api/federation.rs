@@ -901,29 +901,15 @@ async fn wait_for_membership(
     want: &str,
     other: &Peer,
 ) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let path = format!(
-        "/_matrix/client/v3/rooms/{}/state/m.room.member/{}",
-        enc(room),
-        enc(whose)
-    );
-    loop {
-        let (status, content) = on.server.call(Method::GET, &path, Some(&user.token), None).await;
-        if status == StatusCode::OK && content["membership"] == want {
-            return;
-        }
-        if std::time::Instant::now() > deadline {
-            panic!(
-                "{whose} never became {want} on {} ({status}: {content})\n--- {}:\n{}\n--- {}:\n{}",
-                on.name,
-                on.name,
-                log_of(on),
-                other.name,
-                log_of(other)
-            );
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
+    wait_for_state(
+        on,
+        user,
+        room,
+        ("m.room.member", whose),
+        |c| c["membership"] == want,
+        other,
+    )
+    .await;
 }
 
 /// Polls `/sync` until `room` is among `user`'s invites; returns the invite's state.
@@ -1632,14 +1618,14 @@ async fn a_synapse_user_joining_a_bridged_alias_makes_the_service_create_it_and_
     );
 }
 
-/// Polls until `check` holds for the state event on `on`; returns it.
+/// Polls the state event `(kind, key)` on `on` until `check` holds (60 s); returns its content.
 async fn wait_for_state(
     on: &Peer,
     user: &crate::harness::User,
     room: &str,
-    kind: &str,
-    key: &str,
+    (kind, key): (&str, &str),
     check: impl Fn(&Value) -> bool,
+    other: &Peer,
 ) -> Value {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let path = format!("/_matrix/client/v3/rooms/{}/state/{kind}/{}", enc(room), enc(key));
@@ -1650,12 +1636,15 @@ async fn wait_for_state(
         }
         if std::time::Instant::now() > deadline {
             panic!(
-                "{kind} on {} never matched: {status} {content}\n{}",
+                "{kind} {key} on {} never matched ({status}: {content})\n--- {}:\n{}\n--- {}:\n{}",
                 on.name,
-                log_of(on)
+                on.name,
+                log_of(on),
+                other.name,
+                log_of(other)
             );
         }
-        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }
 
@@ -1702,11 +1691,24 @@ async fn concurrent_state_changes_on_both_sides_converge_to_the_same_state() {
     a.server.restart().await;
 
     // Both sides end with the same resolved state, each branch's unconflicted change kept.
-    let name_a = wait_for_state(&a, &alice, &room, "org.example.note", "", |c| c["from"] == "B").await;
+    let name_a = wait_for_state(
+        &a,
+        &alice,
+        &room,
+        ("org.example.note", ""),
+        |c| c["from"] == "B",
+        &b,
+    )
+    .await;
     assert_eq!(name_a["from"], "B");
-    wait_for_state(&b, &bob, &room, "m.room.topic", "", |c| {
-        c["topic"] == "topic from A"
-    })
+    wait_for_state(
+        &b,
+        &bob,
+        &room,
+        ("m.room.topic", ""),
+        |c| c["topic"] == "topic from A",
+        &a,
+    )
     .await;
     let name_on_a = a.server.state(&alice, &room, "m.room.name", "").await;
     let name_on_b = b.server.state(&bob, &room, "m.room.name", "").await;
