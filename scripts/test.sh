@@ -8,6 +8,10 @@ echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
+# Synapse (from PyPI, into target/synapse-venv) first: the federation tests use it as a peer, and
+# the SDK's tests run against it too.
+echo "==> installing Synapse for the tests that federate with it (tests/interop/setup.sh synapse)"
+bash tests/interop/setup.sh synapse
 echo "==> cargo test (unit + integration against the real binary, SQLite)"
 cargo test --workspace
 # The same suites on PostgreSQL (127.0.0.1:5432, trust auth; SWITCHBOARD_TEST_POSTGRES to change):
