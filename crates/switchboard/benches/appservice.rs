@@ -58,7 +58,7 @@ use serde_json::{Value, json};
 const BENCH_LIMITS: &str = "rc_message: {per_second: 100000, burst_count: 100000}
 rc_registration: {per_second: 1000, burst_count: 1000}
 rc_login: {address: {per_second: 1000, burst_count: 1000}, account: {per_second: 1000, burst_count: 1000}}
-rc_joins: {local: {per_second: 1000, burst_count: 1000}}
+rc_joins: {local: {per_second: 1000, burst_count: 1000}, remote: {per_second: 1000, burst_count: 1000}}
 ";
 
 /// How long no transaction may arrive before a phase is closed (the last phase waits longer:

@@ -1,12 +1,6 @@
 //! Federation between real servers on loopback: each has the server name `localhost:<port>` (the
 //! port of its TLS federation listener) and a certificate from a CA made for this test run, which
-//! every server trusts (`federation_custom_ca_list`).
-
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-    sync::OnceLock,
-};
+//! every server trusts (`federation_custom_ca_list`); see `peers.rs`.
 
 use reqwest::{Method, StatusCode};
 use ruma::{
@@ -16,197 +10,10 @@ use ruma::{
 use serde_json::{Value, json};
 use switchboard_core::keys::SigningKey;
 
-use crate::harness::{RELAXED_LIMITS, Server, enc, errcode, free_port, tls_init};
-
-/// The test CA and one certificate for `localhost` / 127.0.0.1 it issued, made once per run.
-fn ca_dir() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        // Kept for the whole run (servers read the files at start); tiny, under the system's tmp.
-        let dir = tempfile::tempdir().expect("tempdir").keep();
-        let run = |args: &[&str]| {
-            let out = Command::new("openssl")
-                .args(args)
-                .current_dir(&dir)
-                .output()
-                .expect("openssl");
-            assert!(
-                out.status.success(),
-                "openssl {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        let ec = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-        ];
-        run(&[
-            &["req", "-x509"][..],
-            &ec,
-            &[
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.pem",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=Switchboard test CA",
-                "-addext",
-                "basicConstraints=critical,CA:TRUE",
-                "-addext",
-                "keyUsage=critical,keyCertSign,cRLSign",
-            ],
-        ]
-        .concat());
-        run(&[
-            &["req"][..],
-            &ec,
-            &[
-                "-keyout",
-                "server.key",
-                "-out",
-                "server.csr",
-                "-subj",
-                "/CN=localhost",
-            ],
-        ]
-        .concat());
-        std::fs::write(
-            dir.join("server.ext"),
-            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
-             keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
-        )
-        .expect("ext");
-        run(&[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "server.ext",
-        ]);
-        dir
-    })
-}
-
-/// The TLS and trust settings both kinds of server take under the same keys.
-fn tls_settings() -> String {
-    let ca = ca_dir().display();
-    format!(
-        "tls_certificate_path: {ca}/server.pem
-tls_private_key_path: {ca}/server.key
-federation_verify_certificates: true
-federation_custom_ca_list: ['{ca}/ca.pem']
-ip_range_whitelist: ['127.0.0.0/8']
-trusted_key_servers: []
-"
-    )
-}
-
-/// A server in the test federation.
-struct Peer {
-    server: Server,
-    name: String,
-    fed_port: u16,
-}
-
-impl Peer {
-    async fn switchboard(extra: &str) -> Self {
-        let fed_port = free_port();
-        // A key `extra` sets replaces the default one.
-        let settings: String = tls_settings()
-            .lines()
-            .filter(|line| line.split(':').next().is_none_or(|key| !extra.contains(key)))
-            .map(|line| format!("{line}\n"))
-            .collect();
-        let server = Server::start_edited(&format!("{RELAXED_LIMITS}\n{settings}\n{extra}"), |text| {
-            text.replacen(
-                "server_name: localhost\n",
-                &format!("server_name: \"localhost:{fed_port}\"\n"),
-                1,
-            )
-            .replacen(
-                "    resources: [{names: [client]}]\n",
-                &format!(
-                    "    resources: [{{names: [client]}}]
-  - port: {fed_port}
-    bind_addresses: ['127.0.0.1']
-    type: http
-    tls: true
-    resources: [{{names: [federation]}}]
-"
-                ),
-                1,
-            )
-        })
-        .await;
-        Self {
-            server,
-            name: format!("localhost:{fed_port}"),
-            fed_port,
-        }
-    }
-
-    /// Synapse from `target/synapse-venv`, federating the same way; `None` if not installed.
-    async fn synapse() -> Option<Self> {
-        let fed_port = free_port();
-        let server = Server::start_synapse_edited(&[], |text| {
-            format!(
-                "{}\n{}federation_ip_range_blacklist: []\n",
-                text.replacen("server_name: localhost\n", &format!("server_name: \"localhost:{fed_port}\"\n"), 1)
-                    .replacen(
-                        "listeners:\n",
-                        &format!(
-                            "listeners:\n  - {{port: {fed_port}, bind_addresses: ['127.0.0.1'], type: http, tls: true, \
-                             resources: [{{names: [federation], compress: false}}]}}\n"
-                        ),
-                        1,
-                    ),
-                tls_settings()
-            )
-        })
-        .await?;
-        Some(Self {
-            server,
-            name: format!("localhost:{fed_port}"),
-            fed_port,
-        })
-    }
-
-    fn federation_url(&self, path: &str) -> String {
-        format!("https://localhost:{}{path}", self.fed_port)
-    }
-}
-
-/// An HTTPS client trusting the test CA.
-fn tls_client() -> reqwest::Client {
-    use rustls::pki_types::{CertificateDer, pem::PemObject};
-    tls_init();
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca_dir().join("ca.pem")).expect("ca") {
-        roots.add(cert.expect("cert")).expect("add");
-    }
-    let config = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    reqwest::Client::builder()
-        .use_preconfigured_tls(config)
-        .build()
-        .expect("client")
-}
+use crate::{
+    harness::{enc, errcode},
+    peers::{Peer, log_of, tls_client},
+};
 
 /// A federation request signed with `key` as `origin`, for `destination` (which may differ from
 /// where it is sent, to test that), optionally with its URI changed after signing.
@@ -657,19 +464,6 @@ async fn wait_for_message_within(
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
-}
-
-fn log_of(peer: &Peer) -> String {
-    let synapse = peer.server.dir.path().join("synapse.log");
-    let log = std::fs::read_to_string(&synapse).unwrap_or_else(|_| peer.server.log());
-    // The end is what matters.
-    log.chars()
-        .rev()
-        .take(20_000)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect()
 }
 
 #[tokio::test]

@@ -28,7 +28,7 @@ rc_login:
   address: {per_second: 1000, burst_count: 1000}
   account: {per_second: 1000, burst_count: 1000}
   failed_attempts: {per_second: 1000, burst_count: 1000}
-rc_joins: {local: {per_second: 1000, burst_count: 1000}}
+rc_joins: {local: {per_second: 1000, burst_count: 1000}, remote: {per_second: 1000, burst_count: 1000}}
 rc_invites:
   per_room: {per_second: 1000, burst_count: 1000}
   per_user: {per_second: 1000, burst_count: 1000}
@@ -407,7 +407,7 @@ app_service_config_files: [{files}]
 rc_message: {{per_second: 100000, burst_count: 100000}}
 rc_registration: {{per_second: 1000, burst_count: 1000}}
 rc_login: {{address: {{per_second: 1000, burst_count: 1000}}, account: {{per_second: 1000, burst_count: 1000}}}}
-rc_joins: {{local: {{per_second: 1000, burst_count: 1000}}}}
+rc_joins: {{local: {{per_second: 1000, burst_count: 1000}}, remote: {{per_second: 1000, burst_count: 1000}}}}
 ",
             files = files.join(", ")
         );
@@ -419,37 +419,49 @@ rc_joins: {{local: {{per_second: 1000, burst_count: 1000}}}}
             .output()
             .expect("run synapse");
         assert!(keys.status.success(), "synapse --generate-keys: {keys:?}");
-        let log = std::fs::File::create(dir.path().join("synapse.log")).expect("log");
-        let child = Command::new(&python)
-            .args(["-m", "synapse.app.homeserver", "-c"])
-            .arg(&config_path)
-            .stdout(Stdio::from(log.try_clone().expect("log")))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("start synapse");
-        let server = Self {
-            child: Some(child),
+        let mut server = Self {
+            child: None,
             database: None,
             dir,
             base: format!("http://127.0.0.1:{port}"),
             http: reqwest::Client::new(),
         };
+        server.spawn_synapse().await;
+        Some(server)
+    }
+
+    /// Starts (or starts again) the Synapse of this `Server` and waits until it answers.
+    pub async fn spawn_synapse(&mut self) {
+        let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/synapse-venv/bin/python");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("synapse.log"))
+            .expect("log");
+        let child = Command::new(&python)
+            .args(["-m", "synapse.app.homeserver", "-c"])
+            .arg(self.config_path())
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start synapse");
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(120);
         while Instant::now() < deadline {
-            if let Ok(r) = server
+            if let Ok(r) = self
                 .http
-                .get(format!("{}/_matrix/client/versions", server.base))
+                .get(format!("{}/_matrix/client/versions", self.base))
                 .send()
                 .await
                 && r.status().is_success()
             {
-                return Some(server);
+                return;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         panic!(
             "synapse did not start; log in {}",
-            server.dir.path().join("synapse.log").display()
+            self.dir.path().join("synapse.log").display()
         );
     }
 }

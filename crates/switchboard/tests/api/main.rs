@@ -14,6 +14,7 @@ mod input;
 mod keys;
 mod media;
 mod ops;
+mod peers;
 mod port;
 mod profile;
 mod rooms;
