@@ -172,10 +172,15 @@ impl Shared {
                 continue;
             }
             for destination in self.destinations(&pdu, &mut rooms).await? {
-                // Created just before this event, so the queue starts with it.
-                self.store
-                    .add_federation_destination(destination.as_str(), pos - 1)
-                    .await?;
+                // A destination with a running queue has its row; a new one is created just
+                // before this event, so the queue starts with it (one write per new server, not
+                // one per event).
+                let known = self.queues.lock().is_ok_and(|q| q.contains_key(&destination));
+                if !known {
+                    self.store
+                        .add_federation_destination(destination.as_str(), pos - 1)
+                        .await?;
+                }
                 self.clone().queue(&destination).news.notify_one();
             }
         }
