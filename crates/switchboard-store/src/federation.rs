@@ -151,6 +151,13 @@ impl Store {
 
     // ---- rooms joined over federation ---------------------------------------------------------
 
+    /// Stores events of a known room outside its timeline (soft-failed events), like the
+    /// outliers of [`Store::import_room`].
+    pub async fn add_outliers(&self, room_id: &str, outliers: &[NewEvent]) -> Result<()> {
+        // The room exists: its row is left as it is.
+        self.import_room(room_id, "", "", 0, outliers, &[]).await
+    }
+
     /// Stores a room joined through another server: its row, the state and auth chain that
     /// server gave — as outliers, with negative stream positions: before every timeline event,
     /// never announced, in no timeline — and its current state (`state`, event IDs among

@@ -2,6 +2,8 @@
 //! `prev_events` this server lacks makes it ask the sender for what lies between its own
 //! forward extremities and that PDU (`/get_missing_events`), and take those first.
 
+use std::collections::HashSet;
+
 use ruma::{
     CanonicalJsonObject, CanonicalJsonValue, OwnedEventId, RoomId, ServerName, UInt,
     api::federation::event::get_missing_events,
@@ -14,37 +16,52 @@ use crate::{Error, Homeserver, Result, rooms::Received};
 const MISSING_LIMIT: u32 = 10;
 
 impl Homeserver {
-    /// One PDU of a transaction from `origin`.
-    pub async fn receive_pdu_from(
+    /// The PDUs of a transaction from `origin` for one room, in order: one verdict each (see
+    /// [`crate::rooms::Rooms::receive_pdus`]). A gap before them is filled first.
+    pub async fn receive_pdus_from(
         &self,
         origin: &ServerName,
         room_id: &RoomId,
-        object: CanonicalJsonObject,
-    ) -> Result<Received> {
+        objects: Vec<CanonicalJsonObject>,
+    ) -> Result<Vec<Result<Received>>> {
         self.check_server_acl(origin, room_id).await?;
-        let prev_events: Vec<OwnedEventId> = match object.get("prev_events") {
-            Some(CanonicalJsonValue::Array(ids)) => ids
-                .iter()
-                .filter_map(|v| match v {
-                    CanonicalJsonValue::String(id) => OwnedEventId::try_from(id.as_str()).ok(),
-                    _ => None,
-                })
-                .collect(),
-            _ => Vec::new(),
-        };
-        let mut missing = false;
-        for id in &prev_events {
-            if self.rooms.event(id.as_str()).await?.is_none() {
-                missing = true;
-                break;
-            }
-        }
-        if missing && let Ok(event_id) = self.rooms.pdu_event_id(room_id, &object).await {
+        if let Some(event_id) = self.first_after_gap(room_id, &objects).await? {
             self.fill_gap(origin, room_id, event_id).await;
         }
         self.rooms
-            .receive_pdu(room_id, object, &self.federation.keys)
+            .receive_pdus(room_id, objects, &self.federation.keys)
             .await
+    }
+
+    /// The first PDU naming a predecessor that is neither stored nor earlier in the batch.
+    async fn first_after_gap(
+        &self,
+        room_id: &RoomId,
+        objects: &[CanonicalJsonObject],
+    ) -> Result<Option<OwnedEventId>> {
+        let mut earlier: HashSet<OwnedEventId> = HashSet::new();
+        for object in objects {
+            let Ok(event_id) = self.rooms.pdu_event_id(room_id, object).await else {
+                continue;
+            };
+            let prev_events = match object.get("prev_events") {
+                Some(CanonicalJsonValue::Array(ids)) => ids.as_slice(),
+                _ => &[],
+            };
+            for id in prev_events {
+                let CanonicalJsonValue::String(id) = id else {
+                    continue;
+                };
+                let Ok(id) = OwnedEventId::try_from(id.as_str()) else {
+                    continue;
+                };
+                if !earlier.contains(&id) && self.rooms.event(id.as_str()).await?.is_none() {
+                    return Ok(Some(event_id));
+                }
+            }
+            earlier.insert(event_id);
+        }
+        Ok(None)
     }
 
     /// Fetches and takes what lies between this server's extremities and `latest`; failures
@@ -70,14 +87,17 @@ impl Homeserver {
             Some(CanonicalJsonValue::Integer(d)) => i64::from(*d),
             _ => 0,
         });
-        for object in objects {
-            if let Err(e) = self
-                .rooms
-                .receive_pdu(room_id, object, &self.federation.keys)
-                .await
-            {
-                tracing::info!(%origin, %room_id, error = %e, "a missing event was refused");
+        match self
+            .rooms
+            .receive_pdus(room_id, objects, &self.federation.keys)
+            .await
+        {
+            Ok(verdicts) => {
+                for e in verdicts.into_iter().filter_map(Result::err) {
+                    tracing::info!(%origin, %room_id, error = %e, "a missing event was refused");
+                }
             }
+            Err(e) => tracing::info!(%origin, %room_id, error = %e, "missing events not stored"),
         }
     }
 

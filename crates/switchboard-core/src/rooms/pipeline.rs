@@ -69,6 +69,15 @@ impl<'a> StateView<'a> {
         }
     }
 
+    /// `base` with `overlay` laid over it; [`StateView::into_overlay`] takes it back.
+    pub(super) fn layered(base: &'a StateMap, overlay: StateMap) -> Self {
+        Self { base, overlay }
+    }
+
+    pub(super) fn into_overlay(self) -> StateMap {
+        self.overlay
+    }
+
     pub(super) fn get(&self, key: &(StateEventType, String)) -> Option<&Arc<Pdu>> {
         self.overlay.get(key).or_else(|| self.base.get(key))
     }
@@ -205,10 +214,7 @@ impl Rooms {
                 return Ok(vec![pdu]);
             }
         }
-        let mut view = StateView {
-            base: &inner.state,
-            overlay: StateMap::new(),
-        };
+        let mut view = StateView::over(&inner.state);
         let mut extremities = inner.extremities.clone();
         let mut accepted = Vec::with_capacity(drafts.len());
         for draft in drafts {

@@ -23,7 +23,7 @@ use serde_json::json;
 
 use super::{
     Rooms,
-    pipeline::{Accepted, StateView, authorize, prev_events_of},
+    pipeline::{Accepted, StateView, advance, authorize, prev_events_of},
 };
 use crate::{
     Error, Result,
@@ -37,6 +37,32 @@ use crate::{
 pub enum Received {
     Accepted(Arc<Pdu>),
     AlreadyKnown,
+    /// Allowed by the state before it but not by the room's current state (a banned user's
+    /// message from a server that had not seen the ban): kept outside the timeline.
+    SoftFailed,
+}
+
+impl Received {
+    /// The event stored, for callers that need one.
+    fn stored(self) -> Result<Arc<Pdu>> {
+        match self {
+            Received::Accepted(pdu) => Ok(pdu),
+            Received::AlreadyKnown => Err(Error::BadState("the event is stored already".to_owned())),
+            Received::SoftFailed => Err(Error::Forbidden(
+                "the room's current state does not allow the event".to_owned(),
+            )),
+        }
+    }
+}
+
+/// Whether `pdu` names other predecessors than the room's forward extremities.
+fn forks(extremities: &[(OwnedEventId, u64)], pdu: &Pdu) -> bool {
+    if extremities.is_empty() {
+        return false;
+    }
+    let named: HashSet<&OwnedEventId> = pdu.prev_events.iter().collect();
+    let current: HashSet<&OwnedEventId> = extremities.iter().map(|(id, _)| id).collect();
+    named != current
 }
 
 impl Rooms {
@@ -97,29 +123,191 @@ impl Rooms {
         OwnedEventId::try_from(format!("${hash}")).map_err(Error::internal)
     }
 
-    /// Checks a PDU another server sent and appends it to its room. Events failing the auth
-    /// rules are refused (and not stored).
+    /// Checks a PDU another server sent and appends it to its room.
     pub async fn receive_pdu(
         self: &Arc<Self>,
         room_id: &RoomId,
         object: CanonicalJsonObject,
         keys: &KeyRing,
     ) -> Result<Received> {
+        self.receive_pdus(room_id, vec![object], keys)
+            .await?
+            .pop()
+            .unwrap_or_else(|| Err(Error::internal("no verdict")))
+    }
+
+    /// Checks PDUs another server sent for one room and appends those that pass, in order and
+    /// in one write (one commit for a transaction's worth of a room), each judged against the
+    /// state the ones before it leave. Events failing the auth rules are refused and not
+    /// stored. One verdict per PDU; `Err` when the room is unknown or storing failed.
+    pub async fn receive_pdus(
+        self: &Arc<Self>,
+        room_id: &RoomId,
+        objects: Vec<CanonicalJsonObject>,
+        keys: &KeyRing,
+    ) -> Result<Vec<Result<Received>>> {
         let handle = self.handle(room_id).await?;
+        let mut verdicts: Vec<Option<Result<Received>>> = Vec::with_capacity(objects.len());
+        let mut candidates = Vec::new();
+        for object in objects {
+            match self.received_pdu(&handle, object, keys).await {
+                Ok(Some(pdu)) => {
+                    candidates.push((verdicts.len(), pdu));
+                    verdicts.push(None);
+                }
+                Ok(None) => verdicts.push(Some(Ok(Received::AlreadyKnown))),
+                Err(e) => verdicts.push(Some(Err(e))),
+            }
+        }
+        if !candidates.is_empty() {
+            let this = self.clone();
+            let outcomes = super::pipeline::detached(async move {
+                let mut inner = handle.inner.lock().await;
+                this.accept_received(&handle, &mut inner, candidates).await
+            })
+            .await?;
+            for (i, outcome) in outcomes {
+                verdicts[i] = Some(outcome);
+            }
+        }
+        Ok(verdicts
+            .into_iter()
+            .map(|v| v.unwrap_or_else(|| Err(Error::internal("no verdict"))))
+            .collect())
+    }
+
+    /// The checks of a received PDU that need no lock: signatures, hashes, its room. `None`
+    /// when the event is stored already.
+    async fn received_pdu(
+        &self,
+        handle: &super::RoomHandle,
+        object: CanonicalJsonObject,
+        keys: &KeyRing,
+    ) -> Result<Option<Pdu>> {
         let (event_id, object) = self.verify_pdu(&handle.version, object, keys).await?;
         if self.event(event_id.as_str()).await?.is_some() {
-            return Ok(Received::AlreadyKnown);
+            return Ok(None);
         }
         let json = serde_json::to_string(&object).map_err(Error::internal)?;
         let pdu = Pdu::from_json(event_id, json).map_err(|e| Error::BadJson(e.to_string()))?;
-        if pdu.room_id != room_id {
+        if pdu.room_id != handle.room_id {
             return Err(Error::BadJson(format!(
-                "the event is for {}, not {room_id}",
-                pdu.room_id
+                "the event is for {}, not {}",
+                pdu.room_id, handle.room_id
             )));
         }
-        let auth = self.auth_events_of(&pdu).await?;
-        self.append_checked(handle, pdu, Some(auth), None).await
+        Ok(Some(pdu))
+    }
+
+    /// Authorises verified PDUs under the room lock. Those continuing the room's history
+    /// are gathered and stored together; one that forks it is resolved on its own (after
+    /// the gathered ones are stored). `(index, verdict)` per PDU; `Err` if storing failed.
+    async fn accept_received(
+        &self,
+        handle: &super::RoomHandle,
+        inner: &mut super::RoomInner,
+        candidates: Vec<(usize, Pdu)>,
+    ) -> Result<Vec<(usize, Result<Received>)>> {
+        let mut outcomes = Vec::with_capacity(candidates.len());
+        let mut pending: Vec<(usize, Accepted)> = Vec::new();
+        let mut overlay = super::StateMap::new();
+        let mut extremities = inner.extremities.clone();
+        let mut batch: HashMap<OwnedEventId, Arc<Pdu>> = HashMap::new();
+        for (i, pdu) in candidates {
+            // Stored by another request while this one was checking, or twice in the batch?
+            if batch.contains_key(&pdu.event_id) || self.event(pdu.event_id.as_str()).await?.is_some() {
+                outcomes.push((i, Ok(Received::AlreadyKnown)));
+                continue;
+            }
+            let auth = match self.auth_events_of(&pdu, &batch).await {
+                Ok(auth) => auth,
+                Err(e) => {
+                    outcomes.push((i, Err(e)));
+                    continue;
+                }
+            };
+            if forks(&extremities, &pdu) {
+                self.store_gathered(handle, inner, &mut pending, &mut outcomes)
+                    .await?;
+                overlay.clear();
+                let outcome = self.accept_fork(handle, inner, pdu, &auth).await;
+                if let Err(Error::Store(_)) = outcome {
+                    return outcome.map(|_| Vec::new());
+                }
+                extremities = inner.extremities.clone();
+                outcomes.push((i, outcome));
+                continue;
+            }
+            let view = StateView::layered(&inner.state, std::mem::take(&mut overlay));
+            let accepted = authorize(&handle.version, &view, &pdu, &auth).map(|()| Accepted::new(pdu, &view));
+            overlay = view.into_overlay();
+            let accepted = match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    outcomes.push((i, Err(e)));
+                    continue;
+                }
+            };
+            advance(&mut extremities, &accepted.pdu);
+            let stored = Arc::new(accepted.pdu.clone());
+            if let Some(key) = &accepted.state_key {
+                overlay.insert(key.clone(), stored.clone());
+            }
+            batch.insert(stored.event_id.clone(), stored);
+            pending.push((i, accepted));
+        }
+        self.store_gathered(handle, inner, &mut pending, &mut outcomes)
+            .await?;
+        Ok(outcomes)
+    }
+
+    /// Stores the events [`Rooms::accept_received`] gathered, in one write.
+    async fn store_gathered(
+        &self,
+        handle: &super::RoomHandle,
+        inner: &mut super::RoomInner,
+        pending: &mut Vec<(usize, Accepted)>,
+        outcomes: &mut Vec<(usize, Result<Received>)>,
+    ) -> Result<()> {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let (indices, accepted): (Vec<usize>, Vec<Accepted>) = pending.drain(..).unzip();
+        let stored = self.persist(handle, inner, accepted, None).await?;
+        outcomes.extend(
+            indices
+                .into_iter()
+                .zip(stored.into_iter().map(|pdu| Ok(Received::Accepted(pdu)))),
+        );
+        Ok(())
+    }
+
+    /// A PDU whose predecessors are not this server's extremities: authorised against the
+    /// state before it (the resolution of its predecessors' states), then against the room's
+    /// current state. Failing the latter soft-fails it: it is kept (other servers' events
+    /// may name it) but outside the timeline and the room's state, and nothing points at it.
+    async fn accept_fork(
+        &self,
+        handle: &super::RoomHandle,
+        inner: &mut super::RoomInner,
+        pdu: Pdu,
+        auth: &[Arc<Pdu>],
+    ) -> Result<Received> {
+        let (state_before, resolution) = self.fork_state(handle, inner, &pdu).await?;
+        let view = StateView::over(&state_before);
+        authorize(&handle.version, &view, &pdu, auth)?;
+        if let Err(e) = authorize(&handle.version, &StateView::over(&inner.state), &pdu, auth) {
+            tracing::info!(room_id = %handle.room_id, event_id = %pdu.event_id, error = %e, "soft-failed: the room's current state does not allow the event");
+            self.store
+                .add_outliers(handle.room_id.as_str(), &[outlier_row(&pdu)])
+                .await?;
+            return Ok(Received::SoftFailed);
+        }
+        let mut accepted = Accepted::new(pdu, &view);
+        accepted.resolution = Some(resolution);
+        let mut stored = self.persist(handle, inner, vec![accepted], None).await?;
+        let pdu = stored.pop().ok_or_else(|| Error::internal("nothing stored"))?;
+        Ok(Received::Accepted(pdu))
     }
 
     /// Appends an event checked elsewhere, under the room lock: against the room's state by the
@@ -135,34 +323,19 @@ impl Rooms {
         let this = self.clone();
         super::pipeline::detached(async move {
             let mut inner = handle.inner.lock().await;
-            // Known by now? Another request may have stored it while this one was checking.
             if this.event(pdu.event_id.as_str()).await?.is_some() {
                 return Ok(Received::AlreadyKnown);
             }
-            let forks = auth.is_some() && !inner.extremities.is_empty() && {
-                let named: HashSet<&OwnedEventId> = pdu.prev_events.iter().collect();
-                let current: HashSet<&OwnedEventId> = inner.extremities.iter().map(|(id, _)| id).collect();
-                named != current
-            };
-            let accepted = if forks {
-                // Its predecessors are not this server's extremities: the state before it is
-                // theirs, and the room's state after it the resolution with the other branches.
-                let (state_before, resolution) = this.fork_state(&handle, &inner, &pdu).await?;
-                let view = StateView::over(&state_before);
-                if let Some(auth) = &auth {
-                    authorize(&handle.version, &view, &pdu, auth)?;
-                }
-                let mut accepted = Accepted::new(pdu, &view);
-                accepted.resolution = Some(resolution);
-                accepted
-            } else {
-                let view = StateView::over(&inner.state);
-                if let Some(auth) = &auth {
-                    authorize(&handle.version, &view, &pdu, auth)?;
-                }
-                Accepted::new(pdu, &view)
-            };
-            let mut accepted = accepted;
+            if let Some(auth) = &auth
+                && forks(&inner.extremities, &pdu)
+            {
+                return this.accept_fork(&handle, &mut inner, pdu, auth).await;
+            }
+            let view = StateView::over(&inner.state);
+            if let Some(auth) = &auth {
+                authorize(&handle.version, &view, &pdu, auth)?;
+            }
+            let mut accepted = Accepted::new(pdu, &view);
             if unsigned.is_some() {
                 accepted.unsigned = unsigned;
             }
@@ -181,10 +354,7 @@ impl Rooms {
         object: CanonicalJsonObject,
         keys: &KeyRing,
     ) -> Result<Arc<Pdu>> {
-        match self.receive_pdu(room_id, object, keys).await? {
-            Received::Accepted(pdu) => Ok(pdu),
-            Received::AlreadyKnown => Err(Error::BadState("the event is stored already".to_owned())),
-        }
+        self.receive_pdu(room_id, object, keys).await?.stored()
     }
 
     /// Stores an event of a room this server is not in, on the word of its signatures (checked
@@ -212,10 +382,7 @@ impl Rooms {
                 .await?;
         }
         let handle = self.handle(&pdu.room_id).await?;
-        match self.append_checked(handle, pdu, None, unsigned).await? {
-            Received::Accepted(pdu) => Ok(pdu),
-            Received::AlreadyKnown => Err(Error::BadState("the event is stored already".to_owned())),
-        }
+        self.append_checked(handle, pdu, None, unsigned).await?.stored()
     }
 
     /// The resident side of `send_leave`: the leaving user's own signed leave, checked and appended.
@@ -338,10 +505,19 @@ impl Rooms {
         ))
     }
 
-    /// The events an event names as `auth_events`: all must be known and in its room.
-    async fn auth_events_of(&self, pdu: &Pdu) -> Result<Vec<Arc<Pdu>>> {
+    /// The events an event names as `auth_events` (stored, or among `pending`): all must be
+    /// known and in its room.
+    async fn auth_events_of(
+        &self,
+        pdu: &Pdu,
+        pending: &HashMap<OwnedEventId, Arc<Pdu>>,
+    ) -> Result<Vec<Arc<Pdu>>> {
         let mut auth = Vec::with_capacity(pdu.auth_events.len());
         for id in &pdu.auth_events {
+            if let Some(event) = pending.get(id) {
+                auth.push(event.clone());
+                continue;
+            }
             let event = self
                 .event(id.as_str())
                 .await?
@@ -443,12 +619,12 @@ impl Rooms {
             .await?;
         let state_before = self.current_state(room_id).await?;
         let joined = match self.receive_pdu(room_id, object, keys).await? {
-            Received::Accepted(pdu) => pdu,
             Received::AlreadyKnown => Arc::new(
                 self.event(pdu.event_id.as_str())
                     .await?
                     .ok_or_else(|| Error::internal("known join vanished"))?,
             ),
+            other => other.stored()?,
         };
         let chain = self.auth_chain(state_before.iter().chain([&joined])).await?;
         Ok((state_before, chain, joined))
@@ -570,14 +746,11 @@ impl Rooms {
         };
         let json = serde_json::to_string(&join).map_err(Error::internal)?;
         let pdu = Pdu::from_json(join_id, json)?;
-        let auth = self.auth_events_of(&pdu).await?;
+        let auth = self.auth_events_of(&pdu, &HashMap::new()).await?;
         // A stub from an invite may be cached; the room is whole now.
         self.forget_handle(room_id);
         let handle = self.handle(room_id).await?;
-        match self.append_checked(handle, pdu, Some(auth), None).await? {
-            Received::Accepted(pdu) => Ok(pdu),
-            Received::AlreadyKnown => Err(Error::BadState("already joined".to_owned())),
-        }
+        self.append_checked(handle, pdu, Some(auth), None).await?.stored()
     }
 
     /// The servers with joined members in a room (this one included if it has any).

@@ -1219,6 +1219,10 @@ async fn bad_pdus_and_transactions_are_refused_with_the_specs_errors_and_never_s
     assert!(result["pdus"][&stranger_id]["error"].is_string(), "{result}");
     assert_eq!(stored(stranger_id).await.0, StatusCode::NOT_FOUND);
 
+    // Made by Bob's server before the ban reached it, arriving after: it follows the events
+    // before the ban, so the state before it allows it, the room's current state does not.
+    let (concurrent, concurrent_id) =
+        crafted_message(&a, &alice, &room, &bob.user_id, &b_key, "crossed the ban", |_| {}).await;
     // Banned, Bob's server's events for him are refused.
     a.server
         .ok(
@@ -1233,6 +1237,21 @@ async fn bad_pdus_and_transactions_are_refused_with_the_specs_errors_and_never_s
     let (_, result) = send(vec![banned], "t5").await;
     assert!(result["pdus"][&banned_id]["error"].is_string(), "{result}");
     assert_eq!(stored(banned_id).await.0, StatusCode::NOT_FOUND);
+    // The concurrent one is soft-failed: taken (the transaction answers for it without an
+    // error) but kept out of the timeline, and the room goes on from the ban.
+    let (status, result) = send(vec![concurrent], "t5b").await;
+    assert_eq!(status, StatusCode::OK, "{result}");
+    assert_eq!(result["pdus"][&concurrent_id], json!({}), "{result}");
+    let (status, _) = a.server.send_text(&alice, &room, "z0", "after the ban").await;
+    assert_eq!(status, StatusCode::OK);
+    let seen = bodies(&a, &alice, &room).await;
+    assert!(seen.contains(&"after the ban".to_owned()), "{seen:?}");
+    assert!(!seen.contains(&"crossed the ban".to_owned()), "{seen:?}");
+    let synced = a
+        .server
+        .ok(Method::GET, "/_matrix/client/v3/sync", &alice.token, Value::Null)
+        .await;
+    assert!(!synced.to_string().contains("crossed the ban"), "{synced}");
 
     // Over the spec's limits.
     let (status, result) = send(vec![json!({}); 51], "t6").await;
