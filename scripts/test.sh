@@ -8,10 +8,14 @@ echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
-# Synapse (from PyPI, into target/synapse-venv) first: the federation tests use it as a peer, and
-# the SDK's tests run against it too.
-echo "==> installing Synapse for the tests that federate with it (tests/interop/setup.sh synapse)"
+# The federation tests' peers first: Synapse (from PyPI, into target/synapse-venv; the SDK's tests
+# run against it too), ngircd and the IRC bridge's binary. Where they are required, a test that
+# cannot find one fails instead of skipping.
+echo "==> installing the federation tests' peers (tests/interop/setup.sh synapse, irc)"
 bash tests/interop/setup.sh synapse
+bash tests/interop/setup.sh irc
+cargo build -p switchboard -p switchboard-logger -p switchboard-irc
+export SWITCHBOARD_PEERS_REQUIRED=1
 echo "==> cargo test (unit + integration against the real binary, SQLite)"
 cargo test --workspace
 # The same suites on PostgreSQL (127.0.0.1:5432, trust auth; SWITCHBOARD_TEST_POSTGRES to change):
@@ -20,7 +24,6 @@ cargo test --workspace
 echo "==> cargo test (the homeserver's crates again, PostgreSQL)"
 SWITCHBOARD_TEST_DATABASE=postgres cargo test -p switchboard-store -p switchboard-core -p switchboard
 echo "==> interop tests (matrix-nio, mautrix-python, matrix-js-sdk) on SQLite, then PostgreSQL"
-cargo build -p switchboard -p switchboard-logger -p switchboard-irc
 for database in sqlite postgres; do
     echo "==> interop on $database"
     SWITCHBOARD_TEST_DATABASE=$database bash tests/interop/run.sh

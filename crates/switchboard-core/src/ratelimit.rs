@@ -17,8 +17,10 @@ pub struct Limits {
     pub login_address: RateLimiter,
     pub login_account: RateLimiter,
     pub login_failed: RateLimiter,
-    /// `rc_joins.local`.
+    /// `rc_joins.local`: joins of rooms this server is in.
     pub joins: RateLimiter,
+    /// `rc_joins.remote`: joins that go through another server.
+    pub joins_remote: RateLimiter,
     invites_per_room: RateLimiter,
     invites_per_user: RateLimiter,
     invites_per_issuer: RateLimiter,
@@ -36,6 +38,7 @@ impl Limits {
             login_account: RateLimiter::new(config.rc_login.account),
             login_failed: RateLimiter::new(config.rc_login.failed_attempts),
             joins: RateLimiter::new(config.rc_joins.local),
+            joins_remote: RateLimiter::new(config.rc_joins.remote),
             invites_per_room: RateLimiter::new(config.rc_invites.per_room),
             invites_per_user: RateLimiter::new(config.rc_invites.per_user),
             invites_per_issuer: RateLimiter::new(config.rc_invites.per_issuer),

@@ -378,6 +378,7 @@ mod tests {
 
     fn event(id: &str) -> NewEvent {
         NewEvent {
+            relay: false,
             stream_pos: 0,
             event_id: id.to_owned(),
             room_id: "!r:x".to_owned(),

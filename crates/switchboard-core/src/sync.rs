@@ -36,9 +36,10 @@ impl FromStr for StreamToken {
         // Later streams (typing, receipts, …) will append `_`-separated parts; the event position
         // stays first, so tokens issued now remain valid.
         let events = s.strip_prefix('s').and_then(|rest| rest.split('_').next());
+        // Negative: history fetched from other servers, below the stream's first event.
         match events.and_then(|n| n.parse::<i64>().ok()) {
-            Some(n) if n >= 0 => Ok(Self(n)),
-            _ => Err(Error::InvalidParam(format!("invalid pagination token `{s}`"))),
+            Some(n) => Ok(Self(n)),
+            None => Err(Error::InvalidParam(format!("invalid pagination token `{s}`"))),
         }
     }
 }
@@ -62,6 +63,9 @@ impl FromStr for SyncToken {
 
     fn from_str(s: &str) -> Result<Self> {
         let events = StreamToken::from_str(s)?.0;
+        if events < 0 {
+            return Err(Error::InvalidParam(format!("invalid sync token `{s}`")));
+        }
         let aux = match s.split('_').nth(1) {
             Some(part) => part
                 .parse::<i64>()
@@ -494,11 +498,17 @@ mod tests {
 
     #[test]
     fn bad_tokens_are_invalid_param() {
-        for bad in ["", "42", "s", "s-1", "sx", "t1-2"] {
+        for bad in ["", "42", "s", "sx", "t1-2"] {
             assert!(
                 matches!(bad.parse::<StreamToken>(), Err(Error::InvalidParam(_))),
                 "{bad}"
             );
         }
+        // Negative positions are backfilled history: a place in `/messages`, never in `/sync`.
+        assert_eq!("s-1".parse::<StreamToken>().expect("history"), StreamToken(-1));
+        assert!(matches!(
+            "s-1_0".parse::<SyncToken>(),
+            Err(Error::InvalidParam(_))
+        ));
     }
 }

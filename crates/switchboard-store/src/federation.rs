@@ -158,6 +158,84 @@ impl Store {
         self.import_room(room_id, "", "", 0, outliers, &[]).await
     }
 
+    /// Two writers of negative positions must not take the same ones (SQLite has one writer
+    /// anyway): a transaction-scoped lock on PostgreSQL.
+    fn negative_positions_lock(&self) -> &'static str {
+        match &self.pools {
+            Pools::Postgres(_) => "SELECT pg_advisory_xact_lock(7011)",
+            Pools::Sqlite { .. } => "SELECT 1",
+        }
+    }
+
+    /// Stores history fetched from other servers (`events` oldest first) below everything
+    /// stored: `/messages` pages through it, `/sync` never sees it. An event stored before (an
+    /// outlier the join brought) stays as it is. Returns how many were new.
+    pub async fn add_backfilled(&self, room_id: &str, events: &[NewEvent]) -> Result<usize> {
+        let lock = self.negative_positions_lock();
+        on_db!(self, |write, read| {
+            let mut tx = write.begin().await?;
+            sqlx::query(lock).execute(&mut *tx).await?;
+            let lowest: i64 = sqlx::query("SELECT COALESCE(MIN(stream_pos), 0) FROM events")
+                .fetch_one(&mut *tx)
+                .await?
+                .get(0);
+            let lowest = lowest.min(0);
+            let count = events.len() as i64;
+            let mut added = 0;
+            for (i, event) in events.iter().enumerate() {
+                let inserted = sqlx::query(
+                    "INSERT INTO events (stream_pos, event_id, room_id, sender, type, state_key, depth, pdu,
+                                         relates_to, rel_type)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (event_id) DO NOTHING",
+                )
+                .bind(lowest - count + i as i64)
+                .bind(&event.event_id)
+                .bind(room_id)
+                .bind(&event.sender)
+                .bind(&event.kind)
+                .bind(event.state_key.as_deref())
+                .bind(event.depth)
+                .bind(&event.pdu)
+                .bind(event.relates_to.as_ref().map(|r| r.0.as_str()))
+                .bind(event.relates_to.as_ref().map(|r| r.1.as_str()))
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if inserted == 0 {
+                    continue;
+                }
+                added += 1;
+                for prev in &event.prev_events {
+                    sqlx::query(
+                        "INSERT INTO event_edges (room_id, event_id, prev_event_id) VALUES ($1, $2, $3)
+                         ON CONFLICT DO NOTHING",
+                    )
+                    .bind(room_id)
+                    .bind(&event.event_id)
+                    .bind(prev)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+            tx.commit().await?;
+            Ok(added)
+        })
+    }
+
+    /// The oldest event of a room's timeline (outliers aside).
+    pub async fn oldest_timeline_event(&self, room_id: &str) -> Result<Option<crate::EventRow>> {
+        on_db!(self, |write, read| {
+            let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {} FROM events WHERE room_id = $1 AND NOT outlier ORDER BY stream_pos LIMIT 1",
+                crate::EVENT_COLUMNS
+            )))
+            .bind(room_id)
+            .fetch_optional(read)
+            .await?;
+            row.map(|r| crate::rows::event_from_row(&r)).transpose()
+        })
+    }
+
     /// Stores a room joined through another server: its row, the state and auth chain that
     /// server gave — as outliers, with negative stream positions: before every timeline event,
     /// never announced, in no timeline — and its current state (`state`, event IDs among
@@ -171,11 +249,7 @@ impl Store {
         outliers: &[NewEvent],
         state: &[String],
     ) -> Result<()> {
-        // Two imports must not take the same negative positions (SQLite has one writer anyway).
-        let lock = match &self.pools {
-            Pools::Postgres(_) => "SELECT pg_advisory_xact_lock(7011)",
-            Pools::Sqlite { .. } => "SELECT 1",
-        };
+        let lock = self.negative_positions_lock();
         on_db!(self, |write, read| {
             let mut tx = write.begin().await?;
             sqlx::query(lock).execute(&mut *tx).await?;
@@ -197,8 +271,8 @@ impl Store {
             let count = outliers.len() as i64;
             for (i, event) in outliers.iter().enumerate() {
                 sqlx::query(
-                    "INSERT INTO events (stream_pos, event_id, room_id, sender, type, state_key, depth, pdu)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (event_id) DO NOTHING",
+                    "INSERT INTO events (stream_pos, event_id, room_id, sender, type, state_key, depth, pdu, outlier)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, TRUE) ON CONFLICT (event_id) DO NOTHING",
                 )
                 .bind(lowest - count + i as i64)
                 .bind(&event.event_id)

@@ -97,7 +97,7 @@ macro_rules! on_db {
 }
 
 const EVENT_COLUMNS: &str =
-    "stream_pos, event_id, room_id, sender, type, state_key, pdu, unsigned, txn_device, txn_id";
+    "stream_pos, event_id, room_id, sender, type, state_key, pdu, unsigned, txn_device, txn_id, relay";
 
 impl Store {
     /// Opens the database the settings name and applies migrations.
@@ -454,6 +454,19 @@ impl Store {
         })
     }
 
+    /// Whether a stored event names `event_id` among its `prev_events` (it arrived late).
+    pub async fn has_successors(&self, room_id: &str, event_id: &str) -> Result<bool> {
+        on_db!(self, |write, read| {
+            let row =
+                sqlx::query("SELECT 1 FROM event_edges WHERE room_id = $1 AND prev_event_id = $2 LIMIT 1")
+                    .bind(room_id)
+                    .bind(event_id)
+                    .fetch_optional(read)
+                    .await?;
+            Ok(row.is_some())
+        })
+    }
+
     /// The newest event of a room and its depth.
     pub async fn room_head(&self, room_id: &str) -> Result<Option<(String, i64)>> {
         on_db!(self, |write, read| {
@@ -540,7 +553,7 @@ impl Store {
             let order = if newest { "DESC" } else { "ASC" };
             let rows = sqlx::query(AssertSqlSafe(format!(
                 "SELECT {EVENT_COLUMNS} FROM events
-                 WHERE room_id = $1 AND stream_pos > $2 AND stream_pos > 0 AND stream_pos <= $3
+                 WHERE room_id = $1 AND stream_pos > $2 AND stream_pos <= $3 AND NOT outlier
                  ORDER BY stream_pos {order} LIMIT $4"
             )))
             .bind(room_id)
@@ -1615,7 +1628,7 @@ macro_rules! transaction_ops {
                 for chunk in events.chunks(INSERT_CHUNK) {
                     let mut insert = sqlx::QueryBuilder::new(
                         "INSERT INTO events (stream_pos, event_id, room_id, sender, type, state_key, depth, pdu,
-                                             unsigned, txn_device, txn_id, relates_to, rel_type) ",
+                                             unsigned, txn_device, txn_id, relates_to, rel_type, relay) ",
                     );
                     insert.push_values(chunk, |mut row, event| {
                         row.push_bind(event.stream_pos)
@@ -1630,7 +1643,8 @@ macro_rules! transaction_ops {
                             .push_bind(event.txn.as_ref().map(|t| t.1.as_str()))
                             .push_bind(event.txn.as_ref().map(|t| t.2.as_str()))
                             .push_bind(event.relates_to.as_ref().map(|r| r.0.as_str()))
-                            .push_bind(event.relates_to.as_ref().map(|r| r.1.as_str()));
+                            .push_bind(event.relates_to.as_ref().map(|r| r.1.as_str()))
+                            .push_bind(event.relay);
                     });
                     insert.build().execute(&mut **tx).await?;
                 }

@@ -21,6 +21,7 @@ const SQLITE_MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0011_server_keys.sql"),
     include_str!("../migrations/sqlite/0012_federation_rooms.sql"),
     include_str!("../migrations/sqlite/0013_state_snapshots.sql"),
+    include_str!("../migrations/sqlite/0014_backfill_and_relay.sql"),
 ];
 
 const POSTGRES_MIGRATIONS: &[&str] = &[
@@ -37,6 +38,7 @@ const POSTGRES_MIGRATIONS: &[&str] = &[
     include_str!("../migrations/postgres/0011_server_keys.sql"),
     include_str!("../migrations/postgres/0012_federation_rooms.sql"),
     include_str!("../migrations/postgres/0013_state_snapshots.sql"),
+    include_str!("../migrations/postgres/0014_backfill_and_relay.sql"),
 ];
 
 /// The schema version this binary writes.

@@ -75,6 +75,8 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
             ("txn_id", Text),
             ("relates_to", Text),
             ("rel_type", Text),
+            ("outlier", Bool),
+            ("relay", Bool),
         ],
     ),
     (

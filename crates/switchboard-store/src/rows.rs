@@ -57,6 +57,9 @@ pub struct NewEvent {
     /// When set, the current state rows to write instead of the event's own key (a state
     /// resolution may change several keys, or keep the event out of the current state).
     pub current_state: Option<Vec<StateRow>>,
+    /// Another server's member event taken through `send_join`/`send_leave`, which this server
+    /// sends on to the room's other servers.
+    pub relay: bool,
 }
 
 /// A state snapshot: its parent's state plus `delta`.
@@ -91,6 +94,8 @@ pub struct EventRow {
     pub unsigned: Option<String>,
     pub txn_device: Option<String>,
     pub txn_id: Option<String>,
+    /// Another server's event this server sends on to the room's servers.
+    pub relay: bool,
 }
 
 /// Decodes a row of [`EVENT_COLUMNS`](crate::EVENT_COLUMNS) from either engine.
@@ -113,6 +118,7 @@ where
         unsigned: r.try_get(7)?,
         txn_device: r.try_get(8)?,
         txn_id: r.try_get(9)?,
+        relay: r.try_get(10)?,
     })
 }
 

@@ -9,6 +9,7 @@ async fn temp_store() -> (crate::testing::TestDatabase, Store) {
 
 fn event(pos: i64, id: &str, kind: &str, state_key: Option<&str>) -> NewEvent {
     NewEvent {
+        relay: false,
         stream_pos: pos,
         event_id: id.to_owned(),
         room_id: "!r:x".to_owned(),

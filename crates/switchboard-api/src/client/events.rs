@@ -255,7 +255,6 @@ async fn messages(
         None => RoomEventFilter::default(),
     };
     let page = hs
-        .rooms
         .messages(
             &room,
             &session.user_id,

@@ -129,7 +129,13 @@ async fn do_join(
     let user = &session.user_id;
     // Joining again changes nothing and costs nothing.
     if hs.rooms.membership(room_id, user).await.ok().flatten().as_deref() != Some("join") {
-        hs.limits.act(&hs.limits.joins, session)?;
+        // Synapse's split: a join through another server costs that server work too.
+        let limiter = if hs.rooms.is_resident(room_id).await? {
+            &hs.limits.joins
+        } else {
+            &hs.limits.joins_remote
+        };
+        hs.limits.act(limiter, session)?;
     }
     hs.join_room(user, room_id, servers).await.map_err(|e| match e {
         Error::Forbidden(reason) => {

@@ -2,7 +2,7 @@
 //! `prev_events` this server lacks makes it ask the sender for what lies between its own
 //! forward extremities and that PDU (`/get_missing_events`), and take those first.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use ruma::{
     CanonicalJsonObject, CanonicalJsonValue, OwnedEventId, RoomId, ServerName, UInt,
@@ -12,8 +12,11 @@ use ruma::{
 
 use crate::{Error, Homeserver, Result, rooms::Received};
 
-/// At most this many missing events are fetched before one PDU (Synapse asks for 10).
-const MISSING_LIMIT: u32 = 10;
+/// Missing events asked for at a time (Synapse asks for 10 and answers at most 20; a peer back
+/// from an outage may leave a longer gap), and how many times a gap is asked about before the
+/// PDU after it is taken anyway.
+const MISSING_LIMIT: u32 = 100;
+const MISSING_ROUNDS: usize = 20;
 
 impl Homeserver {
     /// The PDUs of a transaction from `origin` for one room, in order: one verdict each (see
@@ -44,17 +47,7 @@ impl Homeserver {
             let Ok(event_id) = self.rooms.pdu_event_id(room_id, object).await else {
                 continue;
             };
-            let prev_events = match object.get("prev_events") {
-                Some(CanonicalJsonValue::Array(ids)) => ids.as_slice(),
-                _ => &[],
-            };
-            for id in prev_events {
-                let CanonicalJsonValue::String(id) = id else {
-                    continue;
-                };
-                let Ok(id) = OwnedEventId::try_from(id.as_str()) else {
-                    continue;
-                };
+            for id in prev_events(object) {
                 if !earlier.contains(&id) && self.rooms.event(id.as_str()).await?.is_none() {
                     return Ok(Some(event_id));
                 }
@@ -64,25 +57,60 @@ impl Homeserver {
         Ok(None)
     }
 
-    /// Fetches and takes what lies between this server's extremities and `latest`; failures
-    /// only mean the gap stays (the PDU itself is still judged on its own auth events).
+    /// Fetches and takes what lies between this server's extremities and `latest`, asking
+    /// again from the oldest events fetched until the gap closes (a peer back from an outage
+    /// sends its latest events first), at most [`MISSING_ROUNDS`] times. Failures only mean
+    /// the gap stays (the PDU itself is still judged on its own auth events).
     async fn fill_gap(&self, origin: &ServerName, room_id: &RoomId, latest: OwnedEventId) {
         let Ok(earliest) = self.rooms.extremities(room_id).await else {
             return;
         };
-        let mut request = get_missing_events::v1::Request::new(room_id.to_owned(), earliest, vec![latest]);
-        request.limit = UInt::from(MISSING_LIMIT);
-        let events = match self.federation.client.send(origin, request).await {
-            Ok(response) => response.events,
-            Err(e) => {
-                tracing::info!(%origin, %room_id, error = %e, "cannot fetch missing events");
-                return;
+        let mut fetched: HashMap<OwnedEventId, CanonicalJsonObject> = HashMap::new();
+        let mut wanted = vec![latest];
+        for _ in 0..MISSING_ROUNDS {
+            let mut request =
+                get_missing_events::v1::Request::new(room_id.to_owned(), earliest.clone(), wanted);
+            request.limit = UInt::from(MISSING_LIMIT);
+            let events = match self.federation.client.send(origin, request).await {
+                Ok(response) => response.events,
+                Err(e) => {
+                    tracing::info!(%origin, %room_id, error = %e, "cannot fetch missing events");
+                    break;
+                }
+            };
+            let mut new = Vec::new();
+            for raw in &events {
+                let Ok(object) = serde_json::from_str::<CanonicalJsonObject>(raw.get()) else {
+                    continue;
+                };
+                let Ok(id) = self.rooms.pdu_event_id(room_id, &object).await else {
+                    continue;
+                };
+                if let std::collections::hash_map::Entry::Vacant(slot) = fetched.entry(id.clone()) {
+                    slot.insert(object);
+                    new.push(id);
+                }
             }
-        };
-        let mut objects: Vec<CanonicalJsonObject> = events
-            .iter()
-            .filter_map(|raw| serde_json::from_str(raw.get()).ok())
-            .collect();
+            // Ask on from the fetched events whose predecessors are still unknown.
+            wanted = Vec::new();
+            for id in new {
+                let mut open = false;
+                for prev in prev_events(&fetched[&id]) {
+                    if !fetched.contains_key(&prev)
+                        && matches!(self.rooms.event(prev.as_str()).await, Ok(None))
+                    {
+                        open = true;
+                    }
+                }
+                if open {
+                    wanted.push(id);
+                }
+            }
+            if wanted.is_empty() {
+                break;
+            }
+        }
+        let mut objects: Vec<CanonicalJsonObject> = fetched.into_values().collect();
         objects.sort_by_key(|o| match o.get("depth") {
             Some(CanonicalJsonValue::Integer(d)) => i64::from(*d),
             _ => 0,
@@ -151,5 +179,19 @@ impl Homeserver {
             return Ok(());
         }
         Err(Error::Forbidden(format!("{server} is not in {room_id}")))
+    }
+}
+
+/// The `prev_events` a PDU names (those that are event IDs).
+fn prev_events(object: &CanonicalJsonObject) -> Vec<OwnedEventId> {
+    match object.get("prev_events") {
+        Some(CanonicalJsonValue::Array(ids)) => ids
+            .iter()
+            .filter_map(|v| match v {
+                CanonicalJsonValue::String(id) => OwnedEventId::try_from(id.as_str()).ok(),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
     }
 }

@@ -2,6 +2,7 @@
 //! `resolve`), signing keys (`keys`), and the authentication of inbound requests.
 
 pub mod client;
+mod history;
 mod intake;
 mod invite;
 mod join;
@@ -75,6 +76,8 @@ pub struct Federation {
     pub sender: sender::FederationSender,
     /// This server's signing key, for the events it signs for other servers' rooms.
     pub key: Arc<SigningKey>,
+    /// Oldest events of rooms before which other servers had no more history to give.
+    history_ends: std::sync::Mutex<std::collections::HashSet<ruma::OwnedEventId>>,
 }
 
 impl Federation {
@@ -110,6 +113,7 @@ impl Federation {
             keys,
             sender,
             key,
+            history_ends: Default::default(),
         })
     }
 

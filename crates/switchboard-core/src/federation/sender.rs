@@ -28,6 +28,10 @@ const MAX_PDUS: usize = 50;
 /// Events read from the stream at a time.
 const SCAN: i64 = 500;
 const MAX_BACKOFF: Duration = Duration::from_secs(3600);
+/// A backlog longer than this (ten transactions) after an outage goes latest first. A shorter
+/// one is sent in order: a peer fills a gap only so far (Synapse fetches 10 events and keeps
+/// the one before them out of the timeline), and in order nothing is left to fill.
+const LATEST_FIRST_BACKLOG: usize = 10 * MAX_PDUS;
 
 /// The wait after `failures` failed attempts in a row: doubling from a second to 30 s, held
 /// there for about five minutes (a restart or a short outage is over soon, and the peer may have
@@ -167,8 +171,9 @@ impl Shared {
         let mut rooms = HashMap::new();
         for row in rows {
             let pos = row.stream_pos;
+            let relay = row.relay;
             let pdu = Pdu::from_row(row)?;
-            if pdu.sender.server_name() != self.server_name {
+            if !self.sends(&pdu, relay) {
                 continue;
             }
             for destination in self.destinations(&pdu, &mut rooms).await? {
@@ -188,8 +193,15 @@ impl Shared {
         Ok(last)
     }
 
+    /// Whether this server sends an event to other servers: its own users' events, and other
+    /// servers' joins and leaves it took through `send_join`/`send_leave` (`relay`).
+    fn sends(&self, pdu: &Pdu, relay: bool) -> bool {
+        relay || pdu.sender.server_name() == self.server_name
+    }
+
     /// The servers an event goes to: those with members in its room, and the server of a member
-    /// whose membership it changes (a kicked user's server is no longer in the room).
+    /// whose membership it changes (a kicked user's server is no longer in the room); never
+    /// this server or the sender's (which has it).
     async fn destinations(
         &self,
         pdu: &Pdu,
@@ -206,12 +218,15 @@ impl Shared {
             servers.insert(user.server_name().to_owned());
         }
         servers.remove(&self.server_name);
+        servers.remove(pdu.sender.server_name());
         Ok(servers)
     }
 
     /// One destination's queue: send what lies after its position, in order, until caught up.
     async fn run_queue(self: Arc<Self>, destination: OwnedServerName, wake: Arc<Signals>) {
         let mut failures: u32 = 0;
+        // Set by a failed attempt: the next one starts with the latest events.
+        let mut catching_up = false;
         // A batch being retried keeps its transaction ID, so the destination can tell a repeat.
         let mut pending: Option<(OwnedTransactionId, Vec<Box<serde_json::value::RawValue>>, i64)> = None;
         let mut sent = loop {
@@ -257,20 +272,26 @@ impl Shared {
             let Some((txn_id, pdus, upto)) = &pending else {
                 continue;
             };
-            let mut request = send_transaction_message::v1::Request::new(
-                txn_id.clone(),
-                self.server_name.clone(),
-                MilliSecondsSinceUnixEpoch::now(),
-            );
-            request.pdus = pdus.clone();
-            match self.client.send(&destination, request).await {
-                Ok(response) => {
-                    for (event_id, result) in response.pdus {
-                        if let Err(error) = result {
-                            tracing::warn!(%destination, %event_id, %error, "the destination refused an event");
+            if catching_up {
+                // Back from a long outage: the latest event of each room goes first, so
+                // conversations resume at once and the destination fetches the gaps before them
+                // itself; the backlog follows in order (what it fetched meanwhile is answered
+                // as known).
+                catching_up = false;
+                if *upto < self.stream.current() {
+                    match self.send_latest(&destination, sent).await {
+                        Ok(()) => {}
+                        Err(e) => {
+                            failures = failures.saturating_add(1);
+                            catching_up = true;
+                            self.wait_out(&destination, &wake, failures, &e).await;
+                            continue;
                         }
                     }
-                    tracing::debug!(%destination, %txn_id, count = pdus.len(), "transaction sent");
+                }
+            }
+            match self.transmit(&destination, txn_id, pdus.clone()).await {
+                Ok(()) => {
                     if let Err(e) = self.store.set_federation_sent(destination.as_str(), *upto).await {
                         tracing::error!(%destination, error = %e, "cannot record the queue's position");
                     }
@@ -280,13 +301,91 @@ impl Shared {
                 }
                 Err(e) => {
                     failures = failures.saturating_add(1);
-                    let backoff = backoff(failures);
-                    tracing::warn!(%destination, error = %e, retry_in = ?backoff, "transaction not delivered");
-                    // Woken early when the destination contacts this server.
-                    let _ = tokio::time::timeout(backoff, wake.alive.notified()).await;
+                    catching_up = true;
+                    self.wait_out(&destination, &wake, failures, &e).await;
                 }
             }
         }
+    }
+
+    /// Waits out the back-off after `failures` failed attempts, or until the destination calls.
+    async fn wait_out(&self, destination: &ServerName, wake: &Signals, failures: u32, error: &crate::Error) {
+        let backoff = backoff(failures);
+        tracing::warn!(%destination, %error, retry_in = ?backoff, "transaction not delivered");
+        let _ = tokio::time::timeout(backoff, wake.alive.notified()).await;
+    }
+
+    /// Sends one transaction; the destination's verdicts on single events are only logged (a
+    /// refused event is not sent again).
+    async fn transmit(
+        &self,
+        destination: &ServerName,
+        txn_id: &OwnedTransactionId,
+        pdus: Vec<Box<serde_json::value::RawValue>>,
+    ) -> Result<()> {
+        let count = pdus.len();
+        let mut request = send_transaction_message::v1::Request::new(
+            txn_id.clone(),
+            self.server_name.clone(),
+            MilliSecondsSinceUnixEpoch::now(),
+        );
+        request.pdus = pdus;
+        let response = self.client.send(destination, request).await?;
+        for (event_id, result) in response.pdus {
+            if let Err(error) = result {
+                tracing::warn!(%destination, %event_id, %error, "the destination refused an event");
+            }
+        }
+        tracing::debug!(%destination, %txn_id, count, "transaction sent");
+        Ok(())
+    }
+
+    /// Sends the newest event of each room (at most 50 rooms) among what `destination` has not
+    /// had since `sent`, when that is more than [`LATEST_FIRST_BACKLOG`] events.
+    async fn send_latest(&self, destination: &ServerName, sent: i64) -> Result<()> {
+        let now = self.stream.current();
+        let mut backlog = 0;
+        let mut latest: HashMap<ruma::OwnedRoomId, (i64, String)> = HashMap::new();
+        let mut rooms = HashMap::new();
+        let mut after = sent;
+        while after < now {
+            let rows = self.store.events_after(after, now, SCAN).await?;
+            let Some(last) = rows.last().map(|r| r.stream_pos) else {
+                break;
+            };
+            for row in rows {
+                let pos = row.stream_pos;
+                let relay = row.relay;
+                let pdu = Pdu::from_row(row)?;
+                if self.sends(&pdu, relay) && self.destinations(&pdu, &mut rooms).await?.contains(destination)
+                {
+                    backlog += 1;
+                    latest.insert(pdu.room_id.clone(), (pos, pdu.json.clone()));
+                }
+            }
+            after = last;
+        }
+        if backlog <= LATEST_FIRST_BACKLOG {
+            return Ok(());
+        }
+        let mut newest: Vec<(i64, String)> = latest.into_values().collect();
+        newest.sort_unstable();
+        let pdus = newest
+            .into_iter()
+            .rev()
+            .take(MAX_PDUS)
+            .rev()
+            .map(|(_, json)| serde_json::value::RawValue::from_string(json).map_err(crate::Error::internal))
+            .collect::<Result<Vec<_>>>()?;
+        if pdus.is_empty() {
+            return Ok(());
+        }
+        let n = self.store.next_federation_txn(destination.as_str()).await?;
+        let count = pdus.len();
+        self.transmit(destination, &OwnedTransactionId::from(format!("sb{n}")), pdus)
+            .await?;
+        tracing::info!(%destination, rooms = count, "back from an outage: the latest events sent first");
+        Ok(())
     }
 
     async fn sent_pos(&self, destination: &ServerName) -> Result<i64> {
@@ -321,9 +420,9 @@ impl Shared {
             };
             for row in rows {
                 let pos = row.stream_pos;
+                let relay = row.relay;
                 let pdu = Pdu::from_row(row)?;
-                if pdu.sender.server_name() == self.server_name
-                    && self.destinations(&pdu, &mut rooms).await?.contains(destination)
+                if self.sends(&pdu, relay) && self.destinations(&pdu, &mut rooms).await?.contains(destination)
                 {
                     pdus.push(
                         serde_json::value::RawValue::from_string(pdu.json.clone())

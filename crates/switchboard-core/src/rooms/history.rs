@@ -10,6 +10,10 @@ use ruma::{
 use super::Rooms;
 use crate::{Error, Result, filter::RoomEventFilter, pdu::Pdu, sync::StreamToken};
 
+/// Before every stream position: history fetched from other servers (`/backfill`) lies at
+/// negative ones.
+const HISTORY_START: i64 = i64::MIN;
+
 /// The most events one `/messages` request looks at to fill a filtered page.
 const MAX_SCANNED: usize = 5_000;
 
@@ -167,7 +171,7 @@ impl Rooms {
         let visibility = self.visibility(room_id, user).await?;
         let start = from.unwrap_or(StreamToken(match dir {
             Direction::Backward => self.stream.current(),
-            Direction::Forward => 0,
+            Direction::Forward => HISTORY_START,
         }));
         // `limit` counts the events the filter keeps, as in Synapse: pages of the room are read
         // until that many are kept, the room ends, or MAX_SCANNED events were looked at (then
@@ -183,7 +187,7 @@ impl Rooms {
         loop {
             let rows = match dir {
                 Direction::Backward => {
-                    let after = to.map_or(0, |t| t.0);
+                    let after = to.map_or(HISTORY_START, |t| t.0);
                     let mut rows = self
                         .store
                         .room_events(room_id.as_str(), after, cursor, limit, true)
@@ -268,7 +272,7 @@ impl Rooms {
         let half = (limit.min(100) / 2) as i64;
         let mut before: Vec<Pdu> = self
             .store
-            .room_events(room_id.as_str(), 0, event.stream_pos - 1, half, true)
+            .room_events(room_id.as_str(), HISTORY_START, event.stream_pos - 1, half, true)
             .await?
             .into_iter()
             .map(Pdu::from_row)

@@ -91,6 +91,12 @@ pub(super) struct Accepted {
     /// Set for an event from another server that forks the room's history: the state after
     /// it, and the room's state once it is resolved with the other forward extremities.
     pub(super) resolution: Option<Resolution>,
+    /// An event from another server that stored events already follow (it arrived after
+    /// them): it closes a gap and is no forward extremity.
+    pub(super) late: bool,
+    /// Another server's member event taken through `send_join`/`send_leave`: sent on to the
+    /// room's other servers.
+    pub(super) relay: bool,
 }
 
 pub(super) struct Resolution {
@@ -118,6 +124,8 @@ impl Accepted {
             state_key,
             unsigned,
             resolution: None,
+            late: false,
+            relay: false,
         }
     }
 }
@@ -350,6 +358,7 @@ impl Rooms {
                 state_after: Some(plan.state_after),
                 snapshots: plan.snapshots.clone(),
                 current_state: plan.current_state.clone(),
+                relay: a.relay,
             })
             .collect();
         let membership_changed = rows.iter().any(|r| {
@@ -374,6 +383,8 @@ impl Rooms {
                 state_key,
                 unsigned,
                 resolution,
+                late,
+                ..
             },
         ) in accepted.into_iter().enumerate()
         {
@@ -391,7 +402,9 @@ impl Rooms {
                 );
             }
             let pdu = Arc::new(pdu);
-            advance(&mut inner.extremities, &pdu);
+            if !late {
+                advance(&mut inner.extremities, &pdu);
+            }
             match resolution {
                 Some(resolution) => {
                     inner.state = resolution.current;
@@ -546,7 +559,7 @@ pub(super) fn advance(extremities: &mut Vec<(OwnedEventId, u64)>, pdu: &Pdu) {
 }
 
 /// `(event_id, rel_type)` of an event's `m.relates_to`, for `/relations`.
-fn relation(pdu: &Pdu) -> Option<(String, String)> {
+pub(super) fn relation(pdu: &Pdu) -> Option<(String, String)> {
     let content = pdu.content_value();
     let relates = content.get("m.relates_to")?;
     let event_id = relates.get("event_id")?.as_str()?.to_owned();

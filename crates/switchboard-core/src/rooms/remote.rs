@@ -13,7 +13,7 @@ use std::{
 use ruma::{
     CanonicalJsonObject, CanonicalJsonValue, OwnedEventId, RoomId, ServerName, UserId,
     canonical_json::redact,
-    events::TimelineEventType,
+    events::{StateEventType, TimelineEventType},
     signatures::{
         PublicKeyMap, Verified, reference_hash, required_server_signatures_to_verify_event, verify_event,
     },
@@ -130,7 +130,29 @@ impl Rooms {
         object: CanonicalJsonObject,
         keys: &KeyRing,
     ) -> Result<Received> {
-        self.receive_pdus(room_id, vec![object], keys)
+        self.receive_one(room_id, object, keys, false).await
+    }
+
+    /// [`Rooms::receive_pdu`] for a member event another server hands this one to put into
+    /// the room (`send_join`, `send_leave`): once accepted, this server sends it on to the
+    /// room's other servers.
+    async fn receive_relayed(
+        self: &Arc<Self>,
+        room_id: &RoomId,
+        object: CanonicalJsonObject,
+        keys: &KeyRing,
+    ) -> Result<Received> {
+        self.receive_one(room_id, object, keys, true).await
+    }
+
+    async fn receive_one(
+        self: &Arc<Self>,
+        room_id: &RoomId,
+        object: CanonicalJsonObject,
+        keys: &KeyRing,
+        relay: bool,
+    ) -> Result<Received> {
+        self.receive_pdus_with(room_id, vec![object], keys, relay)
             .await?
             .pop()
             .unwrap_or_else(|| Err(Error::internal("no verdict")))
@@ -145,6 +167,18 @@ impl Rooms {
         room_id: &RoomId,
         objects: Vec<CanonicalJsonObject>,
         keys: &KeyRing,
+    ) -> Result<Vec<Result<Received>>> {
+        self.receive_pdus_with(room_id, objects, keys, false).await
+    }
+
+    /// [`Rooms::receive_pdus`]; with `relay`, the accepted events are sent on to the room's
+    /// other servers (a join or leave this server took through `send_join`/`send_leave`).
+    async fn receive_pdus_with(
+        self: &Arc<Self>,
+        room_id: &RoomId,
+        objects: Vec<CanonicalJsonObject>,
+        keys: &KeyRing,
+        relay: bool,
     ) -> Result<Vec<Result<Received>>> {
         let handle = self.handle(room_id).await?;
         let mut verdicts: Vec<Option<Result<Received>>> = Vec::with_capacity(objects.len());
@@ -163,7 +197,7 @@ impl Rooms {
             let this = self.clone();
             let outcomes = super::pipeline::detached(async move {
                 let mut inner = handle.inner.lock().await;
-                this.accept_received(&handle, &mut inner, candidates).await
+                this.accept_received(&handle, &mut inner, candidates, relay).await
             })
             .await?;
             for (i, outcome) in outcomes {
@@ -207,6 +241,7 @@ impl Rooms {
         handle: &super::RoomHandle,
         inner: &mut super::RoomInner,
         candidates: Vec<(usize, Pdu)>,
+        relay: bool,
     ) -> Result<Vec<(usize, Result<Received>)>> {
         let mut outcomes = Vec::with_capacity(candidates.len());
         let mut pending: Vec<(usize, Accepted)> = Vec::new();
@@ -230,7 +265,7 @@ impl Rooms {
                 self.store_gathered(handle, inner, &mut pending, &mut outcomes)
                     .await?;
                 overlay.clear();
-                let outcome = self.accept_fork(handle, inner, pdu, &auth).await;
+                let outcome = self.accept_fork(handle, inner, pdu, &auth, relay).await;
                 if let Err(Error::Store(_)) = outcome {
                     return outcome.map(|_| Vec::new());
                 }
@@ -241,13 +276,14 @@ impl Rooms {
             let view = StateView::layered(&inner.state, std::mem::take(&mut overlay));
             let accepted = authorize(&handle.version, &view, &pdu, &auth).map(|()| Accepted::new(pdu, &view));
             overlay = view.into_overlay();
-            let accepted = match accepted {
+            let mut accepted = match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
                     outcomes.push((i, Err(e)));
                     continue;
                 }
             };
+            accepted.relay = relay;
             advance(&mut extremities, &accepted.pdu);
             let stored = Arc::new(accepted.pdu.clone());
             if let Some(key) = &accepted.state_key {
@@ -292,6 +328,7 @@ impl Rooms {
         inner: &mut super::RoomInner,
         pdu: Pdu,
         auth: &[Arc<Pdu>],
+        relay: bool,
     ) -> Result<Received> {
         let (state_before, resolution) = self.fork_state(handle, inner, &pdu).await?;
         let view = StateView::over(&state_before);
@@ -305,6 +342,11 @@ impl Rooms {
         }
         let mut accepted = Accepted::new(pdu, &view);
         accepted.resolution = Some(resolution);
+        accepted.relay = relay;
+        accepted.late = self
+            .store
+            .has_successors(handle.room_id.as_str(), accepted.pdu.event_id.as_str())
+            .await?;
         let mut stored = self.persist(handle, inner, vec![accepted], None).await?;
         let pdu = stored.pop().ok_or_else(|| Error::internal("nothing stored"))?;
         Ok(Received::Accepted(pdu))
@@ -329,7 +371,7 @@ impl Rooms {
             if let Some(auth) = &auth
                 && forks(&inner.extremities, &pdu)
             {
-                return this.accept_fork(&handle, &mut inner, pdu, auth).await;
+                return this.accept_fork(&handle, &mut inner, pdu, auth, false).await;
             }
             let view = StateView::over(&inner.state);
             if let Some(auth) = &auth {
@@ -398,7 +440,7 @@ impl Rooms {
             .own_membership_pdu(origin, room_id, event_id, &object, "leave", keys)
             .await?;
         if self.event(pdu.event_id.as_str()).await?.is_none() {
-            self.receive_pdu(room_id, object, keys).await?;
+            self.receive_relayed(room_id, object, keys).await?;
         }
         Ok(())
     }
@@ -618,7 +660,7 @@ impl Rooms {
             .own_membership_pdu(origin, room_id, event_id, &object, "join", keys)
             .await?;
         let state_before = self.current_state(room_id).await?;
-        let joined = match self.receive_pdu(room_id, object, keys).await? {
+        let joined = match self.receive_relayed(room_id, object, keys).await? {
             Received::AlreadyKnown => Arc::new(
                 self.event(pdu.event_id.as_str())
                     .await?
@@ -673,7 +715,6 @@ impl Rooms {
         // Oldest first, and each event checked against its own auth events.
         let mut ordered: Vec<Arc<Pdu>> = events.values().cloned().collect();
         ordered.sort_by_key(|e| (u64::from(e.depth), e.origin_server_ts));
-        let rules = &version.rules.authorization;
         let create_event: Option<Arc<Pdu>> = ordered
             .iter()
             .find(|e| e.kind == TimelineEventType::RoomCreate && e.state_key.as_deref() == Some(""))
@@ -685,16 +726,7 @@ impl Rooms {
                 .iter()
                 .filter_map(|id| accepted.get(id).cloned())
                 .collect();
-            // Any accepted event: version 12 names the create event by the room ID alone.
-            let fetch = |id: &ruma::EventId| accepted.get(id).cloned();
-            let by_key = |kind: &ruma::events::StateEventType, key: &str| {
-                auth.iter()
-                    .chain(create_event.iter())
-                    .find(|e| e.kind.to_string() == kind.to_string() && e.state_key.as_deref() == Some(key))
-                    .cloned()
-            };
-            let verdict = state_res::check_state_independent_auth_rules(rules, event.as_ref(), fetch)
-                .and_then(|()| state_res::check_state_dependent_auth_rules(rules, event.as_ref(), by_key));
+            let verdict = check_on_auth_events(&version, event, &auth, create_event.as_ref());
             match verdict {
                 Ok(()) => {
                     accepted.insert(event.event_id.clone(), event.clone());
@@ -753,6 +785,78 @@ impl Rooms {
         self.append_checked(handle, pdu, Some(auth), None).await?.stored()
     }
 
+    /// History before the oldest event this server holds of a room, as another server's
+    /// `/backfill` answered: each event verified (signatures, hashes) and checked against its
+    /// own auth events, then stored below everything else (`Store::add_backfilled`). Returns
+    /// how many were new.
+    pub async fn take_backfill(
+        &self,
+        room_id: &RoomId,
+        pdus: Vec<Box<serde_json::value::RawValue>>,
+        keys: &KeyRing,
+    ) -> Result<usize> {
+        let handle = self.handle(room_id).await?;
+        let mut events = Vec::new();
+        for raw in pdus {
+            let Ok(object) = serde_json::from_str::<CanonicalJsonObject>(raw.get()) else {
+                continue;
+            };
+            let (event_id, object) = match self.verify_pdu(&handle.version, object, keys).await {
+                Ok(checked) => checked,
+                Err(e) => {
+                    tracing::info!(%room_id, error = %e, "a backfilled event does not verify; left out");
+                    continue;
+                }
+            };
+            if self.event(event_id.as_str()).await?.is_some() {
+                continue;
+            }
+            let json = serde_json::to_string(&object).map_err(Error::internal)?;
+            match Pdu::from_json(event_id, json) {
+                Ok(pdu) if pdu.room_id == room_id => events.push(Arc::new(pdu)),
+                _ => continue,
+            }
+        }
+        events.sort_by_key(|e| (u64::from(e.depth), e.origin_server_ts));
+        let create = self.state_event(room_id, &StateEventType::RoomCreate, "").await?;
+        let mut batch: HashMap<OwnedEventId, Arc<Pdu>> = HashMap::new();
+        let mut rows = Vec::with_capacity(events.len());
+        for event in events {
+            let checked = match self.auth_events_of(&event, &batch).await {
+                Ok(auth) => check_on_auth_events(&handle.version, &event, &auth, create.as_ref())
+                    .map_err(Error::Forbidden),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = checked {
+                tracing::info!(%room_id, event_id = %event.event_id, error = %e, "a backfilled event fails the auth rules; left out");
+                continue;
+            }
+            let mut row = outlier_row(&event);
+            row.prev_events = event.prev_events.iter().map(ToString::to_string).collect();
+            row.relates_to = super::pipeline::relation(&event);
+            rows.push(row);
+            batch.insert(event.event_id.clone(), event);
+        }
+        Ok(self.store.add_backfilled(room_id.as_str(), &rows).await?)
+    }
+
+    /// The oldest event of a room's timeline, and whether history this server lacks lies
+    /// before it: a predecessor it does not hold, or holds only outside the timeline (the
+    /// state a join brought), other than the create event.
+    pub async fn history_gap(&self, room_id: &RoomId) -> Result<Option<Pdu>> {
+        let Some(row) = self.store.oldest_timeline_event(room_id.as_str()).await? else {
+            return Ok(None);
+        };
+        let oldest = Pdu::from_row(row)?;
+        for prev in &oldest.prev_events {
+            match self.event(prev.as_str()).await? {
+                Some(e) if e.kind == TimelineEventType::RoomCreate => {}
+                _ => return Ok(Some(oldest)),
+            }
+        }
+        Ok(None)
+    }
+
     /// The servers with joined members in a room (this one included if it has any).
     pub async fn joined_servers(&self, room_id: &RoomId) -> Result<BTreeSet<ruma::OwnedServerName>> {
         Ok(self
@@ -769,6 +873,7 @@ impl Rooms {
 /// An event of a joined room's past, stored outside the timeline.
 fn outlier_row(pdu: &Pdu) -> switchboard_store::NewEvent {
     switchboard_store::NewEvent {
+        relay: false,
         stream_pos: 0,
         event_id: pdu.event_id.to_string(),
         room_id: pdu.room_id.to_string(),
@@ -788,4 +893,25 @@ fn outlier_row(pdu: &Pdu) -> switchboard_store::NewEvent {
         snapshots: Vec::new(),
         current_state: None,
     }
+}
+
+/// An event checked against its own auth events alone (it has no place in this server's view
+/// of the room's state): the state-independent rules, then the state-dependent ones over its
+/// auth events and the create event (which version 12 names by the room ID).
+fn check_on_auth_events(
+    version: &RoomVersion,
+    event: &Pdu,
+    auth: &[Arc<Pdu>],
+    create: Option<&Arc<Pdu>>,
+) -> std::result::Result<(), String> {
+    let rules = &version.rules.authorization;
+    let known = || auth.iter().chain(create);
+    state_res::check_state_independent_auth_rules(rules, event, |id| {
+        known().find(|e| e.event_id == id).cloned()
+    })?;
+    state_res::check_state_dependent_auth_rules(rules, event, |kind, key| {
+        known()
+            .find(|e| e.kind.to_string() == kind.to_string() && e.state_key.as_deref() == Some(key))
+            .cloned()
+    })
 }

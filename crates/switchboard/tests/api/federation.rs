@@ -12,7 +12,7 @@ use switchboard_core::keys::SigningKey;
 
 use crate::{
     harness::{enc, errcode},
-    peers::{Peer, log_of, tls_client},
+    peers::{Peer, log_of, skip_without, tls_client},
 };
 
 /// A federation request signed with `key` as `origin`, for `destination` (which may differ from
@@ -332,7 +332,7 @@ async fn outbound_requests_never_reach_a_blacklisted_address() {
 #[tokio::test]
 async fn synapse_and_switchboard_query_each_other_with_signed_requests() {
     let Some(synapse) = Peer::synapse().await else {
-        eprintln!("Synapse is not installed (tests/interop/setup.sh synapse); skipped");
+        skip_without("Synapse (tests/interop/setup.sh synapse)");
         return;
     };
     let ours = Peer::switchboard("").await;
@@ -469,7 +469,7 @@ async fn wait_for_message_within(
 #[tokio::test]
 async fn a_synapse_user_joins_a_switchboard_room_by_alias_and_they_talk() {
     let Some(synapse) = Peer::synapse().await else {
-        eprintln!("Synapse is not installed (tests/interop/setup.sh synapse); skipped");
+        skip_without("Synapse (tests/interop/setup.sh synapse)");
         return;
     };
     let ours = Peer::switchboard("").await;
@@ -602,8 +602,46 @@ async fn a_switchboard_user_joins_a_room_on_another_switchboard_and_they_talk() 
             json!({"room_alias_name": "hall", "preset": "public_chat", "name": "The Hall"}),
         )
         .await;
+    // More than one `/backfill` request's worth (100) said before Bob comes.
+    let before: Vec<String> = (0..130).map(|i| format!("said before Bob came {i}")).collect();
+    for (i, text) in before.iter().enumerate() {
+        let (status, body) = a.server.send_text(&alice, &room, &format!("p{i}"), text).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
     let joined = join_alias(&b, &bob, &format!("#hall:{}", a.name), &a).await;
     assert_eq!(joined, room);
+    // History from before the join, fetched from A as Bob pages back, page after page.
+    let mut seen = Vec::new();
+    let mut from = String::new();
+    for _ in 0..20 {
+        let page = b
+            .server
+            .ok(
+                Method::GET,
+                &format!(
+                    "/_matrix/client/v3/rooms/{}/messages?dir=b&limit=25{from}",
+                    enc(&room)
+                ),
+                &bob.token,
+                Value::Null,
+            )
+            .await;
+        seen.extend(
+            page["chunk"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|e| e["content"]["body"].as_str())
+                .filter(|b| b.starts_with("said before"))
+                .map(str::to_owned),
+        );
+        match page["end"].as_str() {
+            Some(end) => from = format!("&from={end}"),
+            None => break,
+        }
+    }
+    seen.reverse();
+    assert_eq!(seen, before, "each once, in order\n{}", log_of(&b));
     // Bob's server holds the room's state now: its name, and both members.
     assert_eq!(
         b.server.state(&bob, &room, "m.room.name", "").await["name"],
@@ -644,7 +682,7 @@ async fn a_switchboard_user_joins_a_room_on_another_switchboard_and_they_talk() 
 #[tokio::test]
 async fn a_switchboard_user_joins_a_synapse_room_and_they_talk() {
     let Some(synapse) = Peer::synapse().await else {
-        eprintln!("Synapse is not installed (tests/interop/setup.sh synapse); skipped");
+        skip_without("Synapse (tests/interop/setup.sh synapse)");
         return;
     };
     let ours = Peer::switchboard("").await;
@@ -656,9 +694,24 @@ async fn a_switchboard_user_joins_a_synapse_room_and_they_talk() {
             json!({"room_alias_name": "plaza", "preset": "public_chat", "name": "Plaza"}),
         )
         .await;
+    let before: Vec<String> = (0..30).map(|i| format!("said before Alice came {i}")).collect();
+    for (i, text) in before.iter().enumerate() {
+        let (status, body) = synapse
+            .server
+            .send_text(&sam, &room, &format!("p{i}"), text)
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
     let alice = ours.server.register("alice").await;
     let joined = join_alias(&ours, &alice, &format!("#plaza:{}", synapse.name), &synapse).await;
     assert_eq!(joined, room);
+    // History from before the join: fetched from Synapse (`/backfill`) as Alice pages back.
+    let seen: Vec<String> = bodies(&ours, &alice, &room)
+        .await
+        .into_iter()
+        .filter(|b| b.starts_with("said before"))
+        .collect();
+    assert_eq!(seen, before, "each once, in order\n{}", log_of(&ours));
     assert_eq!(
         ours.server.state(&alice, &room, "m.room.name", "").await["name"],
         "Plaza"
@@ -830,7 +883,7 @@ async fn invites_kicks_bans_and_leaves_cross_between_switchboards() {
 #[tokio::test]
 async fn invites_and_refusals_cross_between_synapse_and_switchboard() {
     let Some(synapse) = Peer::synapse().await else {
-        eprintln!("Synapse is not installed (tests/interop/setup.sh synapse); skipped");
+        skip_without("Synapse (tests/interop/setup.sh synapse)");
         return;
     };
     let ours = Peer::switchboard("").await;
@@ -922,7 +975,7 @@ async fn bodies(on: &Peer, user: &crate::harness::User, room: &str) -> Vec<Strin
         .server
         .ok(
             Method::GET,
-            &format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=500", enc(room)),
+            &format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=1000", enc(room)),
             &user.token,
             Value::Null,
         )
@@ -967,8 +1020,10 @@ async fn a_peer_down_for_a_minute_gets_everything_sent_meanwhile_once_and_in_ord
         assert_eq!(status, StatusCode::OK, "{body}");
         sent.push(text);
         i += 1;
-        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        // More than a transaction's worth (50), so A catches up latest first.
+        tokio::time::sleep(std::time::Duration::from_millis(900)).await;
     }
+    assert!(sent.len() > 50, "{}", sent.len());
     b.server.restart().await;
     let last = sent.last().expect("sent").clone();
     // The queue retries at most 30 s apart during the first minutes of an outage; the margin
@@ -978,6 +1033,32 @@ async fn a_peer_down_for_a_minute_gets_everything_sent_meanwhile_once_and_in_ord
         .await
         .into_iter()
         .filter(|t| t.starts_with("while down"))
+        .collect();
+    assert_eq!(seen, sent, "each once, in order");
+}
+
+#[tokio::test]
+async fn after_a_long_outage_the_latest_go_first_and_the_peer_fills_the_gap_in_order() {
+    let (a, mut b, alice, bob, room) = two_in_a_room().await;
+    assert!(b.server.terminate().success());
+    // More than ten transactions' worth (500) waiting.
+    let sent: Vec<String> = (0..520).map(|i| format!("backlog {i}")).collect();
+    for (i, text) in sent.iter().enumerate() {
+        let (status, body) = a.server.send_text(&alice, &room, &format!("l{i}"), text).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    b.server.restart().await;
+    wait_for_message_within(&b, &bob, &room, "backlog 519", &a, 75).await;
+    // The latest went first and B fetched the gap before it itself, oldest first.
+    assert!(
+        a.server.log().contains("the latest events sent first"),
+        "{}",
+        log_of(&a)
+    );
+    let seen: Vec<String> = bodies(&b, &bob, &room)
+        .await
+        .into_iter()
+        .filter(|t| t.starts_with("backlog "))
         .collect();
     assert_eq!(seen, sent, "each once, in order");
 }
@@ -1380,7 +1461,7 @@ async fn a_synapse_user_joining_a_bridged_alias_makes_the_service_create_it_and_
 
     use crate::fake_as::{FakeAs, Registration, config_files_yaml, write_registrations};
     let Some(synapse) = Peer::synapse().await else {
-        eprintln!("Synapse is not installed (tests/interop/setup.sh synapse); skipped");
+        skip_without("Synapse (tests/interop/setup.sh synapse)");
         return;
     };
     let fake = FakeAs::start().await;
@@ -1616,4 +1697,277 @@ async fn public_rooms_are_listed_over_federation_only_where_allowed() {
         (StatusCode::FORBIDDEN, "M_FORBIDDEN"),
         "{body}"
     );
+}
+
+/// A child process, stopped when dropped (also when a test panics).
+struct Process(std::process::Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// ngircd on a loopback port.
+struct Ngircd {
+    _process: Process,
+    port: u16,
+}
+
+const NGIRCD: &str = "/usr/sbin/ngircd";
+
+impl Ngircd {
+    async fn start(dir: &std::path::Path) -> Self {
+        let port = crate::harness::free_port();
+        let config = dir.join("ngircd.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "[Global]\n\tName = irc.test\n\tInfo = test\n\tListen = 127.0.0.1\n\tPorts = {port}\n\
+                 \tMotdPhrase = \"test\"\n\tPidFile = {}\n[Limits]\n\tMaxNickLength = 30\n\
+                 [Options]\n\tPAM = no\n\tDNS = no\n\tIdent = no\n",
+                dir.join("ngircd.pid").display()
+            ),
+        )
+        .expect("ngircd config");
+        let process = Process(
+            std::process::Command::new(NGIRCD)
+                .args(["--nodaemon", "--config"])
+                .arg(&config)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("ngircd"),
+        );
+        for _ in 0..200 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                return Self {
+                    _process: process,
+                    port,
+                };
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("ngircd does not listen on {port}");
+    }
+}
+
+/// A person on IRC, on a raw socket.
+struct IrcPerson {
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>>,
+    writer: tokio::net::tcp::OwnedWriteHalf,
+    seen: Vec<String>,
+}
+
+impl IrcPerson {
+    async fn connect(port: u16, nick: &str) -> Self {
+        use tokio::io::AsyncBufReadExt;
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("IRC connection");
+        let (read, writer) = stream.into_split();
+        let mut person = Self {
+            lines: tokio::io::BufReader::new(read).lines(),
+            writer,
+            seen: Vec::new(),
+        };
+        person.send(&format!("NICK {nick}")).await;
+        person.send(&format!("USER {nick} 0 * :{nick}")).await;
+        person.expect(&format!(" 001 {nick} ")).await;
+        person
+    }
+
+    async fn send(&mut self, line: &str) {
+        use tokio::io::AsyncWriteExt;
+        self.writer
+            .write_all(format!("{line}\r\n").as_bytes())
+            .await
+            .expect("IRC write");
+    }
+
+    /// Reads lines (answering PINGs) until one contains `needle`.
+    async fn expect(&mut self, needle: &str) -> String {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let line = tokio::time::timeout_at(deadline, self.lines.next_line())
+                .await
+                .unwrap_or_else(|_| panic!("no IRC line with {needle:?}; last: {:?}", self.seen))
+                .expect("IRC read")
+                .expect("IRC connection open");
+            if let Some(rest) = line.strip_prefix("PING") {
+                self.send(&format!("PONG{rest}")).await;
+            }
+            if line.contains(needle) {
+                return line;
+            }
+            self.seen.push(line);
+            if self.seen.len() > 20 {
+                self.seen.remove(0);
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_synapse_user_joins_an_irc_bridged_room_and_talks_with_an_irc_person() {
+    let bridge_bin = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.join("switchboard-irc")))
+        .filter(|path| path.exists());
+    let (Some(bridge_bin), true) = (bridge_bin, std::path::Path::new(NGIRCD).exists()) else {
+        skip_without("ngircd (tests/interop/setup.sh irc) or the bridge (cargo build -p switchboard-irc)");
+        return;
+    };
+    let Some(synapse) = Peer::synapse().await else {
+        skip_without("Synapse (tests/interop/setup.sh synapse)");
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let irc = Ngircd::start(dir.path()).await;
+    // The registration names the server, so the name comes first.
+    let fed_port = crate::harness::free_port();
+    let name = format!("localhost:{fed_port}");
+    let bridge_port = crate::harness::free_port();
+    let registration = dir.path().join("irc.yaml");
+    let generated = std::process::Command::new(&bridge_bin)
+        .arg("generate-registration")
+        .args(["--url", &format!("http://127.0.0.1:{bridge_port}")])
+        .args(["--server-name", &name])
+        .arg("--output")
+        .arg(&registration)
+        .output()
+        .expect("generate-registration");
+    assert!(generated.status.success(), "{generated:?}");
+    let ours = Peer::switchboard_on(
+        fed_port,
+        &crate::fake_as::config_files_yaml(std::slice::from_ref(&registration)),
+    )
+    .await;
+    let config = dir.path().join("irc-bridge.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "homeserver: {{url: \"{}\", domain: \"{name}\"}}\nlisten: 127.0.0.1:{bridge_port}\n\
+             registration: irc.yaml\ndata_dir: irc-state\nnetworks:\n  - {{id: test, name: Test IRC, \
+             host: 127.0.0.1, port: {}, bot_nick: MatrixBridge, flood_burst: 20, flood_interval_ms: 50}}\n",
+            ours.server.base, irc.port
+        ),
+    )
+    .expect("bridge config");
+    let stderr = dir.path().join("bridge.stderr");
+    let _bridge = Process(
+        std::process::Command::new(&bridge_bin)
+            .arg("--config")
+            .arg(&config)
+            .current_dir(dir.path())
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+            .spawn()
+            .expect("switchboard-irc"),
+    );
+    let bridge_log = || std::fs::read_to_string(&stderr).unwrap_or_default();
+    let mut ready = false;
+    for _ in 0..300 {
+        if bridge_log().contains("application service ready") {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(ready, "the bridge did not start: {}", bridge_log());
+
+    let mut carol = IrcPerson::connect(irc.port, "carol").await;
+    carol.send("JOIN #room").await;
+    carol.expect(" JOIN").await;
+    // A Synapse user joins the channel's alias: the bridge makes the room on the fly.
+    let sam = synapse.server.register("sam").await;
+    let room = join_alias(&synapse, &sam, &format!("#irc_test_#room:{name}"), &ours).await;
+    carol.expect("MatrixBridge").await;
+    let (status, body) = synapse
+        .server
+        .send_text(&sam, &room, "s1", "hi from synapse")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let line = carol.expect("PRIVMSG #room :hi from synapse").await;
+    assert!(line.starts_with(":sam"), "{line}: {}", bridge_log());
+    carol.send("PRIVMSG #room :hello sam, from IRC").await;
+    wait_for_message(&synapse, &sam, &room, "hello sam, from IRC", &ours).await;
+}
+
+#[tokio::test]
+async fn joins_through_another_server_are_limited_by_rc_joins_remote() {
+    let a = Peer::switchboard("").await;
+    let b = Peer::switchboard(
+        "rc_joins: {local: {per_second: 1000, burst_count: 1000}, remote: {per_second: 0.001, burst_count: 1}}\n",
+    )
+    .await;
+    let alice = a.server.register("alice").await;
+    let (bob, carol) = (b.server.register("bob").await, b.server.register("carol").await);
+    for alias in ["one", "two"] {
+        a.server
+            .create_room(&alice, json!({"room_alias_name": alias, "preset": "public_chat"}))
+            .await;
+    }
+    join_alias(&b, &bob, &format!("#one:{}", a.name), &a).await;
+    let (status, body) = b
+        .server
+        .call(
+            Method::POST,
+            &format!("/_matrix/client/v3/join/{}", enc(&format!("#two:{}", a.name))),
+            Some(&bob.token),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::TOO_MANY_REQUESTS, "M_LIMIT_EXCEEDED"),
+        "{body}"
+    );
+    // Joins of rooms this server is in count under `rc_joins.local`.
+    let local = b
+        .server
+        .create_room(&carol, json!({"preset": "public_chat"}))
+        .await;
+    let (status, body) = b
+        .server
+        .call(
+            Method::POST,
+            &format!("/_matrix/client/v3/join/{}", enc(&local)),
+            Some(&bob.token),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+#[tokio::test]
+async fn a_join_through_one_server_reaches_the_rooms_other_servers() {
+    let (a, b, c) = (
+        Peer::switchboard("").await,
+        Peer::switchboard("").await,
+        Peer::switchboard("").await,
+    );
+    let alice = a.server.register("alice").await;
+    let (bob, carol) = (b.server.register("bob").await, c.server.register("carol").await);
+    let room = a
+        .server
+        .create_room(
+            &alice,
+            json!({"room_alias_name": "three", "preset": "public_chat"}),
+        )
+        .await;
+    let alias = format!("#three:{}", a.name);
+    join_alias(&b, &bob, &alias, &a).await;
+    // Carol joins through A: A sends her join on to B, so B knows C is in the room.
+    join_alias(&c, &carol, &alias, &a).await;
+    wait_for_membership(&b, &bob, &room, &carol.user_id, "join", &a).await;
+    let (status, body) = b.server.send_text(&bob, &room, "b1", "hello carol").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    wait_for_message(&c, &carol, &room, "hello carol", &b).await;
+    let (status, body) = c.server.send_text(&carol, &room, "c1", "hello bob").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    wait_for_message(&b, &bob, &room, "hello bob", &c).await;
+    wait_for_message(&a, &alice, &room, "hello bob", &c).await;
 }

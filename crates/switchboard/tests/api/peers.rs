@@ -117,14 +117,29 @@ pub struct Peer {
 
 impl Peer {
     pub async fn switchboard(extra: &str) -> Self {
-        let fed_port = free_port();
+        Self::switchboard_on(free_port(), extra).await
+    }
+
+    /// A Switchboard named `localhost:{fed_port}` (for configuration that needs the name first).
+    pub async fn switchboard_on(fed_port: u16, extra: &str) -> Self {
         // A key `extra` sets replaces the default one.
         let settings: String = tls_settings()
             .lines()
             .filter(|line| line.split(':').next().is_none_or(|key| !extra.contains(key)))
             .map(|line| format!("{line}\n"))
             .collect();
-        let server = Server::start_edited(&format!("{RELAXED_LIMITS}\n{settings}\n{extra}"), |text| {
+        // So does a one-line limit.
+        let limits: String = RELAXED_LIMITS
+            .lines()
+            .filter(|line| {
+                line.starts_with(' ')
+                    || line
+                        .split_once(": {")
+                        .is_none_or(|(key, _)| !extra.contains(&format!("{key}:")))
+            })
+            .map(|line| format!("{line}\n"))
+            .collect();
+        let server = Server::start_edited(&format!("{limits}\n{settings}\n{extra}"), |text| {
             text.replacen(
                 "server_name: localhost\n",
                 &format!("server_name: \"localhost:{fed_port}\"\n"),
@@ -212,4 +227,14 @@ pub fn log_of(peer: &Peer) -> String {
         .into_iter()
         .rev()
         .collect()
+}
+
+/// Whether a test whose peers (Synapse, ngircd, the IRC bridge's binary) are missing fails
+/// rather than skips: `scripts/test.sh` installs them all and sets `SWITCHBOARD_PEERS_REQUIRED`.
+pub fn skip_without(what: &str) {
+    assert!(
+        std::env::var_os("SWITCHBOARD_PEERS_REQUIRED").is_none(),
+        "{what} is missing, and SWITCHBOARD_PEERS_REQUIRED is set"
+    );
+    eprintln!("{what} is missing; skipped");
 }
