@@ -348,20 +348,10 @@ impl Shared {
         let mut latest: HashMap<ruma::OwnedRoomId, (i64, String)> = HashMap::new();
         let mut rooms = HashMap::new();
         let mut after = sent;
-        while after < now {
-            let rows = self.store.events_after(after, now, SCAN).await?;
-            let Some(last) = rows.last().map(|r| r.stream_pos) else {
-                break;
-            };
-            for row in rows {
-                let pos = row.stream_pos;
-                let relay = row.relay;
-                let pdu = Pdu::from_row(row)?;
-                if self.sends(&pdu, relay) && self.destinations(&pdu, &mut rooms).await?.contains(destination)
-                {
-                    backlog += 1;
-                    latest.insert(pdu.room_id.clone(), (pos, pdu.json.clone()));
-                }
+        while let Some((events, last)) = self.page_for(destination, after, now, &mut rooms).await? {
+            backlog += events.len();
+            for (pos, pdu) in events {
+                latest.insert(pdu.room_id.clone(), (pos, pdu.json));
             }
             after = last;
         }
@@ -412,31 +402,47 @@ impl Shared {
         let mut pdus = Vec::new();
         let mut upto = sent;
         let mut rooms = HashMap::new();
-        while upto < now && pdus.len() < MAX_PDUS {
-            let rows = self.store.events_after(upto, now, SCAN).await?;
-            let Some(last) = rows.last().map(|r| r.stream_pos) else {
+        'scan: while upto < now {
+            let Some((events, last)) = self.page_for(destination, upto, now, &mut rooms).await? else {
                 upto = now;
                 break;
             };
-            for row in rows {
-                let pos = row.stream_pos;
-                let relay = row.relay;
-                let pdu = Pdu::from_row(row)?;
-                if self.sends(&pdu, relay) && self.destinations(&pdu, &mut rooms).await?.contains(destination)
-                {
-                    pdus.push(
-                        serde_json::value::RawValue::from_string(pdu.json.clone())
-                            .map_err(crate::Error::internal)?,
-                    );
-                }
-                upto = pos;
+            for (pos, pdu) in events {
+                pdus.push(
+                    serde_json::value::RawValue::from_string(pdu.json).map_err(crate::Error::internal)?,
+                );
                 if pdus.len() == MAX_PDUS {
-                    break;
+                    upto = pos;
+                    break 'scan;
                 }
             }
-            debug_assert!(upto <= last);
+            upto = last;
         }
         Ok(Some((pdus, upto)))
+    }
+
+    /// One page of the stream after `after` (up to `now`): the events in it this server sends
+    /// to `destination` with their positions, and the page's last position; `None` past the end.
+    async fn page_for(
+        &self,
+        destination: &ServerName,
+        after: i64,
+        now: i64,
+        rooms: &mut HashMap<ruma::OwnedRoomId, BTreeSet<OwnedServerName>>,
+    ) -> Result<Option<(Vec<(i64, Pdu)>, i64)>> {
+        let rows = self.store.events_after(after, now, SCAN).await?;
+        let Some(last) = rows.last().map(|r| r.stream_pos) else {
+            return Ok(None);
+        };
+        let mut events = Vec::new();
+        for row in rows {
+            let (pos, relay) = (row.stream_pos, row.relay);
+            let pdu = Pdu::from_row(row)?;
+            if self.sends(&pdu, relay) && self.destinations(&pdu, rooms).await?.contains(destination) {
+                events.push((pos, pdu));
+            }
+        }
+        Ok(Some((events, last)))
     }
 }
 
