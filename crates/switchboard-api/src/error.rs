@@ -65,6 +65,7 @@ impl IntoResponse for ApiError {
             }
             Error::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED"),
             Error::BadGateway(_) => (StatusCode::BAD_GATEWAY, "M_UNKNOWN"),
+            Error::UnableToGrantJoin(_) => (StatusCode::BAD_REQUEST, "M_UNABLE_TO_GRANT_JOIN"),
             Error::Remote { status, errcode, .. } => {
                 let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY);
                 return matrix_error(status, errcode, message);

@@ -81,6 +81,10 @@ pub enum Error {
     /// Another server could not be reached, or answered nonsense.
     #[error("{0}")]
     BadGateway(String),
+    /// A restricted room's join rules let the user in, but no member of this server may
+    /// invite, so none can vouch for the join.
+    #[error("{0}")]
+    UnableToGrantJoin(String),
     /// Another server's own Matrix error, passed on.
     #[error("{message}")]
     Remote {

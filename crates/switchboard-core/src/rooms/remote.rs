@@ -610,8 +610,13 @@ impl Rooms {
         {
             return Err(Error::IncompatibleRoomVersion(version));
         }
+        let mut content = json!({ "membership": membership });
+        if membership == "join"
+            && let Some(voucher) = self.join_authoriser(room_id, user_id).await?
+        {
+            content["join_authorised_via_users_server"] = json!(voucher);
+        }
         let inner = handle.inner.lock().await;
-        let content = json!({ "membership": membership });
         let rules = &handle.version.rules;
         let content_raw = serde_json::value::to_raw_value(&content).map_err(Error::internal)?;
         let auth_types = state_res::auth_types_for_event(
@@ -646,6 +651,105 @@ impl Rooms {
         Ok((version, template))
     }
 
+    /// For a join of a `restricted` (or `knock_restricted`) room by a user neither invited nor
+    /// joined: once the user is found joined to a room the join rules allow, a member of this
+    /// server who may invite, to vouch for the join (`join_authorised_via_users_server`).
+    /// `None` when no voucher is needed.
+    async fn join_authoriser(&self, room_id: &RoomId, user_id: &UserId) -> Result<Option<ruma::OwnedUserId>> {
+        let Some(rules) = self
+            .state_event(room_id, &StateEventType::RoomJoinRules, "")
+            .await?
+        else {
+            return Ok(None);
+        };
+        let content = rules.content_value();
+        if !matches!(
+            content["join_rule"].as_str(),
+            Some("restricted" | "knock_restricted")
+        ) || matches!(
+            self.membership(room_id, user_id).await?.as_deref(),
+            Some("invite" | "join")
+        ) {
+            return Ok(None);
+        }
+        let mut allowed = false;
+        for rule in content["allow"].as_array().into_iter().flatten() {
+            let Some(other) = rule["room_id"].as_str().and_then(|r| RoomId::parse(r).ok()) else {
+                continue;
+            };
+            if rule["type"] == "m.room_membership"
+                && matches!(self.membership(&other, user_id).await, Ok(Some(m)) if m == "join")
+            {
+                allowed = true;
+                break;
+            }
+        }
+        if !allowed {
+            return Err(Error::Forbidden(format!(
+                "{user_id} is in none of the rooms whose members may join {room_id}"
+            )));
+        }
+        for member in self.members_with(room_id, "join").await? {
+            let Some(local) = member.state_key.as_deref().and_then(|u| UserId::parse(u).ok()) else {
+                continue;
+            };
+            if local.server_name() == self.server_name && self.has_power(room_id, &local, "invite", 0).await?
+            {
+                return Ok(Some(local));
+            }
+        }
+        Err(Error::UnableToGrantJoin(format!(
+            "no member of this server may invite to {room_id}"
+        )))
+    }
+
+    /// Adds this server's signature to a restricted join naming a member of this server as its
+    /// voucher (the spec requires the vouching server's signature), over the redacted event as
+    /// every signature is — after checking again that the join rules let the user in, since
+    /// the auth rules check the voucher's power, not the conditions.
+    async fn countersign_join(
+        &self,
+        room_id: &RoomId,
+        version: &RoomVersion,
+        mut object: CanonicalJsonObject,
+    ) -> Result<CanonicalJsonObject> {
+        let voucher = match object.get("content") {
+            Some(CanonicalJsonValue::Object(content)) => {
+                match content.get("join_authorised_via_users_server") {
+                    Some(CanonicalJsonValue::String(user)) => UserId::parse(user.as_str()).ok(),
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        if voucher.is_none_or(|user| user.server_name() != self.server_name) {
+            return Ok(object);
+        }
+        let sender = match object.get("sender") {
+            Some(CanonicalJsonValue::String(sender)) => {
+                UserId::parse(sender.as_str()).map_err(|e| Error::BadJson(format!("bad sender: {e}")))?
+            }
+            _ => return Err(Error::BadJson("the join has no sender".to_owned())),
+        };
+        self.join_authoriser(room_id, &sender).await?;
+        let mut redacted = redact(object.clone(), &version.rules.redaction, None)
+            .map_err(|e| Error::BadJson(e.to_string()))?;
+        ruma::signatures::sign_json(self.server_name.as_str(), &self.key.key_pair, &mut redacted)
+            .map_err(|e| Error::Internal(format!("cannot sign the join: {e}")))?;
+        let ours = match redacted.get("signatures") {
+            Some(CanonicalJsonValue::Object(all)) => all.get(self.server_name.as_str()).cloned(),
+            _ => None,
+        }
+        .ok_or_else(|| Error::internal("the join's signature is missing"))?;
+        match object.get_mut("signatures") {
+            Some(CanonicalJsonValue::Object(all)) => {
+                all.insert(self.server_name.to_string(), ours);
+            }
+            _ => return Err(Error::BadJson("the join has no signatures".to_owned())),
+        }
+        Ok(object)
+    }
+
     /// The resident side of `send_join`: checks the signed join of `origin`'s user, appends it,
     /// and returns the state before it and the auth chain of that state (PDU JSON).
     pub async fn send_join(
@@ -656,6 +760,8 @@ impl Rooms {
         object: CanonicalJsonObject,
         keys: &KeyRing,
     ) -> Result<(Vec<Arc<Pdu>>, Vec<Arc<Pdu>>, Arc<Pdu>)> {
+        let version = self.handle(room_id).await?.version.clone();
+        let object = self.countersign_join(room_id, &version, object).await?;
         let pdu = self
             .own_membership_pdu(origin, room_id, event_id, &object, "join", keys)
             .await?;

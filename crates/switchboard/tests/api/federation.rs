@@ -1699,6 +1699,14 @@ async fn public_rooms_are_listed_over_federation_only_where_allowed() {
     );
 }
 
+/// A binary of the workspace, built next to this test's (`cargo build -p <name>`), if it is.
+fn workspace_binary(name: &str) -> Option<std::path::PathBuf> {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.join(name)))
+        .filter(|path| path.exists())
+}
+
 /// A child process, stopped when dropped (also when a test panics).
 struct Process(std::process::Child);
 
@@ -1811,10 +1819,7 @@ impl IrcPerson {
 
 #[tokio::test]
 async fn a_synapse_user_joins_an_irc_bridged_room_and_talks_with_an_irc_person() {
-    let bridge_bin = std::env::current_exe()
-        .ok()
-        .and_then(|exe| Some(exe.parent()?.parent()?.join("switchboard-irc")))
-        .filter(|path| path.exists());
+    let bridge_bin = workspace_binary("switchboard-irc");
     let (Some(bridge_bin), true) = (bridge_bin, std::path::Path::new(NGIRCD).exists()) else {
         skip_without("ngircd (tests/interop/setup.sh irc) or the bridge (cargo build -p switchboard-irc)");
         return;
@@ -1970,4 +1975,172 @@ async fn a_join_through_one_server_reaches_the_rooms_other_servers() {
     assert_eq!(status, StatusCode::OK, "{body}");
     wait_for_message(&b, &bob, &room, "hello bob", &c).await;
     wait_for_message(&a, &alice, &room, "hello bob", &c).await;
+}
+
+#[tokio::test]
+async fn a_synapse_user_joins_a_logged_alias_and_the_logging_service_logs_them() {
+    let Some(logger_bin) = workspace_binary("switchboard-logger") else {
+        skip_without("the logging service (cargo build -p switchboard-logger)");
+        return;
+    };
+    let Some(synapse) = Peer::synapse().await else {
+        skip_without("Synapse (tests/interop/setup.sh synapse)");
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fed_port = crate::harness::free_port();
+    let name = format!("localhost:{fed_port}");
+    let logger_port = crate::harness::free_port();
+    let registration = dir.path().join("logger.yaml");
+    let generated = std::process::Command::new(&logger_bin)
+        .arg("generate-registration")
+        .args(["--url", &format!("http://127.0.0.1:{logger_port}")])
+        .args(["--server-name", &name])
+        .arg("--output")
+        .arg(&registration)
+        .output()
+        .expect("generate-registration");
+    assert!(generated.status.success(), "{generated:?}");
+    let ours = Peer::switchboard_on(
+        fed_port,
+        &crate::fake_as::config_files_yaml(std::slice::from_ref(&registration)),
+    )
+    .await;
+    let (log, stderr) = (dir.path().join("logged.jsonl"), dir.path().join("logger.stderr"));
+    let _logger = Process(
+        std::process::Command::new(&logger_bin)
+            .arg("--registration")
+            .arg(&registration)
+            .args(["--homeserver", &ours.server.base, "--server-name", &name])
+            .args(["--listen", &format!("127.0.0.1:{logger_port}")])
+            .arg("--log-file")
+            .arg(&log)
+            .arg("--txn-file")
+            .arg(dir.path().join("logger-txns"))
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+            .spawn()
+            .expect("switchboard-logger"),
+    );
+    let logger_log = || std::fs::read_to_string(&stderr).unwrap_or_default();
+    let mut ready = false;
+    for _ in 0..300 {
+        if logger_log().contains("application service ready") {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(ready, "the logging service did not start: {}", logger_log());
+    // The room does not exist until Synapse asks about the alias; the service creates it.
+    let sam = synapse.server.register("sam").await;
+    let room = join_alias(&synapse, &sam, &format!("#logged_fed:{name}"), &ours).await;
+    for i in 0..3 {
+        let (status, body) = synapse
+            .server
+            .send_text(&sam, &room, &format!("s{i}"), &format!("logged line {i}"))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let logged = || -> Vec<Value> {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !logged().iter().any(|l| l["content"]["body"] == "logged line 2") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not logged: {:?}\n{}",
+            logged(),
+            logger_log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let lines: Vec<(String, String)> = logged()
+        .iter()
+        .map(|l| {
+            (
+                l["sender"].as_str().unwrap_or_default().to_owned(),
+                l["content"]["body"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    let expected: Vec<(String, String)> = (0..3)
+        .map(|i| (sam.user_id.clone(), format!("logged line {i}")))
+        .collect();
+    assert_eq!(
+        lines, expected,
+        "each of Sam's lines once, in order, from Synapse"
+    );
+    assert!(logged().iter().all(|l| l["room_id"] == room.as_str()));
+}
+
+#[tokio::test]
+async fn a_synapse_user_joins_a_restricted_room_through_a_room_it_is_in() {
+    let Some(synapse) = Peer::synapse().await else {
+        skip_without("Synapse (tests/interop/setup.sh synapse)");
+        return;
+    };
+    let ours = Peer::switchboard("").await;
+    let alice = ours.server.register("alice").await;
+    let lobby = ours
+        .server
+        .create_room(
+            &alice,
+            json!({"room_alias_name": "lobby", "preset": "public_chat"}),
+        )
+        .await;
+    let inner = ours
+        .server
+        .create_room(
+            &alice,
+            json!({"preset": "private_chat", "initial_state": [{
+                "type": "m.room.join_rules", "state_key": "",
+                "content": {"join_rule": "restricted", "allow": [{"type": "m.room_membership", "room_id": lobby}]}
+            }]}),
+        )
+        .await;
+    let join_inner = |user: crate::harness::User| {
+        let (synapse, inner, name) = (&synapse, inner.clone(), ours.name.clone());
+        async move {
+            synapse
+                .server
+                .call(
+                    Method::POST,
+                    &format!(
+                        "/_matrix/client/v3/join/{}?server_name={}",
+                        enc(&inner),
+                        enc(&name)
+                    ),
+                    Some(&user.token),
+                    Some(json!({})),
+                )
+                .await
+        }
+    };
+    // Not in the lobby: refused.
+    let stranger = synapse.server.register("stranger").await;
+    let (status, body) = join_inner(stranger).await;
+    assert_ne!(status, StatusCode::OK, "{body}");
+    // In the lobby: Switchboard vouches for the join (Alice may invite) and signs it.
+    let sam = synapse.server.register("sam").await;
+    join_alias(&synapse, &sam, &format!("#lobby:{}", ours.name), &ours).await;
+    let (status, body) = join_inner(sam.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{body}\n{}", log_of(&ours));
+    wait_for_membership(&ours, &alice, &inner, &sam.user_id, "join", &synapse).await;
+    let member = ours
+        .server
+        .state(&alice, &inner, "m.room.member", &sam.user_id)
+        .await;
+    assert_eq!(
+        member["join_authorised_via_users_server"], alice.user_id,
+        "{member}"
+    );
+    let (status, body) = synapse.server.send_text(&sam, &inner, "s1", "inside").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    wait_for_message(&ours, &alice, &inner, "inside", &synapse).await;
 }
