@@ -1761,6 +1761,70 @@ impl Ngircd {
     }
 }
 
+/// A service of this workspace (its binary `bin`) registered with a Switchboard peer: the
+/// registration is generated first (it names the server), then the server starts with it.
+struct ServiceSetup {
+    dir: tempfile::TempDir,
+    registration: std::path::PathBuf,
+    port: u16,
+    name: String,
+    ours: Peer,
+}
+
+impl ServiceSetup {
+    async fn new(bin: &std::path::Path, file: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fed_port = crate::harness::free_port();
+        let name = format!("localhost:{fed_port}");
+        let port = crate::harness::free_port();
+        let registration = dir.path().join(file);
+        let generated = std::process::Command::new(bin)
+            .arg("generate-registration")
+            .args(["--url", &format!("http://127.0.0.1:{port}")])
+            .args(["--server-name", &name])
+            .arg("--output")
+            .arg(&registration)
+            .output()
+            .expect("generate-registration");
+        assert!(generated.status.success(), "{generated:?}");
+        let ours = Peer::switchboard_on(
+            fed_port,
+            &crate::fake_as::config_files_yaml(std::slice::from_ref(&registration)),
+        )
+        .await;
+        Self {
+            dir,
+            registration,
+            port,
+            name,
+            ours,
+        }
+    }
+
+    /// Starts the service (`command` with its arguments), its stderr in the data directory,
+    /// and waits until it says it is ready. Returns the process and a reader of its stderr.
+    async fn start(&self, mut command: std::process::Command) -> (Process, impl Fn() -> String + use<>) {
+        let stderr = self.dir.path().join("service.stderr");
+        let process = Process(
+            command
+                .current_dir(self.dir.path())
+                .env("NO_COLOR", "1")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+                .spawn()
+                .expect("service"),
+        );
+        let log = move || std::fs::read_to_string(&stderr).unwrap_or_default();
+        for _ in 0..300 {
+            if log().contains("application service ready") {
+                return (process, log);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!("the service did not start: {}", log());
+    }
+}
+
 /// A person on IRC, on a raw socket.
 struct IrcPerson {
     lines: tokio::io::Lines<tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>>,
@@ -1828,67 +1892,30 @@ async fn a_synapse_user_joins_an_irc_bridged_room_and_talks_with_an_irc_person()
         skip_without("Synapse (tests/interop/setup.sh synapse)");
         return;
     };
-    let dir = tempfile::tempdir().expect("tempdir");
-    let irc = Ngircd::start(dir.path()).await;
-    // The registration names the server, so the name comes first.
-    let fed_port = crate::harness::free_port();
-    let name = format!("localhost:{fed_port}");
-    let bridge_port = crate::harness::free_port();
-    let registration = dir.path().join("irc.yaml");
-    let generated = std::process::Command::new(&bridge_bin)
-        .arg("generate-registration")
-        .args(["--url", &format!("http://127.0.0.1:{bridge_port}")])
-        .args(["--server-name", &name])
-        .arg("--output")
-        .arg(&registration)
-        .output()
-        .expect("generate-registration");
-    assert!(generated.status.success(), "{generated:?}");
-    let ours = Peer::switchboard_on(
-        fed_port,
-        &crate::fake_as::config_files_yaml(std::slice::from_ref(&registration)),
-    )
-    .await;
-    let config = dir.path().join("irc-bridge.yaml");
+    let setup = ServiceSetup::new(&bridge_bin, "irc.yaml").await;
+    let irc = Ngircd::start(setup.dir.path()).await;
+    let (ours, name) = (&setup.ours, &setup.name);
+    let config = setup.dir.path().join("irc-bridge.yaml");
     std::fs::write(
         &config,
         format!(
-            "homeserver: {{url: \"{}\", domain: \"{name}\"}}\nlisten: 127.0.0.1:{bridge_port}\n\
+            "homeserver: {{url: \"{}\", domain: \"{name}\"}}\nlisten: 127.0.0.1:{}\n\
              registration: irc.yaml\ndata_dir: irc-state\nnetworks:\n  - {{id: test, name: Test IRC, \
              host: 127.0.0.1, port: {}, bot_nick: MatrixBridge, flood_burst: 20, flood_interval_ms: 50}}\n",
-            ours.server.base, irc.port
+            ours.server.base, setup.port, irc.port
         ),
     )
     .expect("bridge config");
-    let stderr = dir.path().join("bridge.stderr");
-    let _bridge = Process(
-        std::process::Command::new(&bridge_bin)
-            .arg("--config")
-            .arg(&config)
-            .current_dir(dir.path())
-            .env("NO_COLOR", "1")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
-            .spawn()
-            .expect("switchboard-irc"),
-    );
-    let bridge_log = || std::fs::read_to_string(&stderr).unwrap_or_default();
-    let mut ready = false;
-    for _ in 0..300 {
-        if bridge_log().contains("application service ready") {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    assert!(ready, "the bridge did not start: {}", bridge_log());
+    let mut command = std::process::Command::new(&bridge_bin);
+    command.arg("--config").arg(&config);
+    let (_bridge, bridge_log) = setup.start(command).await;
 
     let mut carol = IrcPerson::connect(irc.port, "carol").await;
     carol.send("JOIN #room").await;
     carol.expect(" JOIN").await;
     // A Synapse user joins the channel's alias: the bridge makes the room on the fly.
     let sam = synapse.server.register("sam").await;
-    let room = join_alias(&synapse, &sam, &format!("#irc_test_#room:{name}"), &ours).await;
+    let room = join_alias(&synapse, &sam, &format!("#irc_test_#room:{name}"), ours).await;
     carol.expect("MatrixBridge").await;
     let (status, body) = synapse
         .server
@@ -1898,7 +1925,7 @@ async fn a_synapse_user_joins_an_irc_bridged_room_and_talks_with_an_irc_person()
     let line = carol.expect("PRIVMSG #room :hi from synapse").await;
     assert!(line.starts_with(":sam"), "{line}: {}", bridge_log());
     carol.send("PRIVMSG #room :hello sam, from IRC").await;
-    wait_for_message(&synapse, &sam, &room, "hello sam, from IRC", &ours).await;
+    wait_for_message(&synapse, &sam, &room, "hello sam, from IRC", ours).await;
 }
 
 #[tokio::test]
@@ -1987,55 +2014,23 @@ async fn a_synapse_user_joins_a_logged_alias_and_the_logging_service_logs_them()
         skip_without("Synapse (tests/interop/setup.sh synapse)");
         return;
     };
-    let dir = tempfile::tempdir().expect("tempdir");
-    let fed_port = crate::harness::free_port();
-    let name = format!("localhost:{fed_port}");
-    let logger_port = crate::harness::free_port();
-    let registration = dir.path().join("logger.yaml");
-    let generated = std::process::Command::new(&logger_bin)
-        .arg("generate-registration")
-        .args(["--url", &format!("http://127.0.0.1:{logger_port}")])
-        .args(["--server-name", &name])
-        .arg("--output")
-        .arg(&registration)
-        .output()
-        .expect("generate-registration");
-    assert!(generated.status.success(), "{generated:?}");
-    let ours = Peer::switchboard_on(
-        fed_port,
-        &crate::fake_as::config_files_yaml(std::slice::from_ref(&registration)),
-    )
-    .await;
-    let (log, stderr) = (dir.path().join("logged.jsonl"), dir.path().join("logger.stderr"));
-    let _logger = Process(
-        std::process::Command::new(&logger_bin)
-            .arg("--registration")
-            .arg(&registration)
-            .args(["--homeserver", &ours.server.base, "--server-name", &name])
-            .args(["--listen", &format!("127.0.0.1:{logger_port}")])
-            .arg("--log-file")
-            .arg(&log)
-            .arg("--txn-file")
-            .arg(dir.path().join("logger-txns"))
-            .env("NO_COLOR", "1")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
-            .spawn()
-            .expect("switchboard-logger"),
-    );
-    let logger_log = || std::fs::read_to_string(&stderr).unwrap_or_default();
-    let mut ready = false;
-    for _ in 0..300 {
-        if logger_log().contains("application service ready") {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    assert!(ready, "the logging service did not start: {}", logger_log());
+    let setup = ServiceSetup::new(&logger_bin, "logger.yaml").await;
+    let (ours, name) = (&setup.ours, &setup.name);
+    let log = setup.dir.path().join("logged.jsonl");
+    let mut command = std::process::Command::new(&logger_bin);
+    command
+        .arg("--registration")
+        .arg(&setup.registration)
+        .args(["--homeserver", &ours.server.base, "--server-name", name])
+        .args(["--listen", &format!("127.0.0.1:{}", setup.port)])
+        .arg("--log-file")
+        .arg(&log)
+        .arg("--txn-file")
+        .arg(setup.dir.path().join("logger-txns"));
+    let (_logger, logger_log) = setup.start(command).await;
     // The room does not exist until Synapse asks about the alias; the service creates it.
     let sam = synapse.server.register("sam").await;
-    let room = join_alias(&synapse, &sam, &format!("#logged_fed:{name}"), &ours).await;
+    let room = join_alias(&synapse, &sam, &format!("#logged_fed:{name}"), ours).await;
     for i in 0..3 {
         let (status, body) = synapse
             .server
