@@ -570,6 +570,64 @@ impl Store {
         })
     }
 
+    /// Events of a room in topological order — by `(depth, stream_pos)` — strictly after `from`
+    /// (before it, `backward`) and strictly before `to` (after it), with `stream_pos <= until`,
+    /// at most `limit`, in the order of the walk. Outliers aside.
+    pub async fn room_events_topo(
+        &self,
+        room_id: &str,
+        from: (i64, i64),
+        to: (i64, i64),
+        until: i64,
+        limit: i64,
+        backward: bool,
+    ) -> Result<Vec<EventRow>> {
+        let (walk, order) = if backward {
+            (
+                "(depth < $2 OR (depth = $2 AND stream_pos < $3)) AND (depth > $4 OR (depth = $4 AND stream_pos > $5))",
+                "DESC",
+            )
+        } else {
+            (
+                "(depth > $2 OR (depth = $2 AND stream_pos > $3)) AND (depth < $4 OR (depth = $4 AND stream_pos < $5))",
+                "ASC",
+            )
+        };
+        on_db!(self, |write, read| {
+            let rows = sqlx::query(AssertSqlSafe(format!(
+                "SELECT {EVENT_COLUMNS} FROM events
+                 WHERE room_id = $1 AND {walk} AND stream_pos <= $6 AND NOT outlier
+                 ORDER BY depth {order}, stream_pos {order} LIMIT $7"
+            )))
+            .bind(room_id)
+            .bind(from.0)
+            .bind(from.1)
+            .bind(to.0)
+            .bind(to.1)
+            .bind(until)
+            .bind(limit)
+            .fetch_all(read)
+            .await?;
+            rows.iter().map(rows::event_from_row).collect()
+        })
+    }
+
+    /// The topological position `(depth, stream_pos)` standing for stream position `pos` in a
+    /// room: the greatest depth among its events up to `pos`, with `pos`.
+    pub async fn topological_position(&self, room_id: &str, pos: i64) -> Result<(i64, i64)> {
+        on_db!(self, |write, read| {
+            let depth: Option<i64> = sqlx::query(
+                "SELECT MAX(depth) FROM events WHERE room_id = $1 AND stream_pos <= $2 AND NOT outlier",
+            )
+            .bind(room_id)
+            .bind(pos)
+            .fetch_one(read)
+            .await?
+            .get(0);
+            Ok((depth.unwrap_or(i64::MIN), pos))
+        })
+    }
+
     /// The rooms a user has a current membership in, with that membership and its stream position.
     pub async fn user_memberships(&self, user_id: &str) -> Result<Vec<(String, String, i64)>> {
         on_db!(self, |write, read| {

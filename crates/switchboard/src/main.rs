@@ -351,8 +351,17 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     };
     let hs = Arc::new(Homeserver::open(config).await?);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut servers = Vec::new();
+    // Every port is bound before any serves: once one answers, all do (clients and tests may
+    // take the first answer as "started").
+    let mut bound = Vec::with_capacity(bindings.len());
     for binding in bindings {
+        let listener = TcpListener::bind(binding.address)
+            .await
+            .with_context(|| format!("cannot listen on {}", binding.address))?;
+        bound.push((binding, listener));
+    }
+    let mut servers = Vec::new();
+    for (binding, listener) in bound {
         let Binding {
             address,
             resources,
@@ -360,9 +369,6 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             x_forwarded,
             ..
         } = binding;
-        let listener = TcpListener::bind(address)
-            .await
-            .with_context(|| format!("cannot listen on {address}"))?;
         tracing::info!(
             %address,
             server_name = %hs.server_name,

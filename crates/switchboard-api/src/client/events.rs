@@ -13,7 +13,7 @@ use switchboard_core::{
     Error, Homeserver,
     accounts::Session,
     filter::RoomEventFilter,
-    rooms::{Direction, EventDraft},
+    rooms::{Direction, EventDraft, PageToken},
     sync::{StreamToken, to_value},
 };
 
@@ -240,13 +240,13 @@ async fn messages(
         .from
         .as_deref()
         .filter(|s| !s.is_empty())
-        .map(str::parse::<StreamToken>)
+        .map(str::parse::<PageToken>)
         .transpose()?;
     let to = params
         .to
         .as_deref()
         .filter(|s| !s.is_empty())
-        .map(str::parse::<StreamToken>)
+        .map(str::parse::<PageToken>)
         .transpose()?;
     let filter: RoomEventFilter = match params.filter.as_deref() {
         Some(text) => {

@@ -6,8 +6,7 @@ use ruma::{RoomId, UInt, UserId, api::federation::backfill::get_backfill};
 use crate::{
     Homeserver, Result,
     filter::RoomEventFilter,
-    rooms::{Direction, MessagesPage},
-    sync::StreamToken,
+    rooms::{Direction, MessagesPage, PageToken},
 };
 
 /// Events asked for per `/backfill` request, at least and at most.
@@ -23,8 +22,8 @@ impl Homeserver {
         &self,
         room_id: &RoomId,
         user: &UserId,
-        from: Option<StreamToken>,
-        to: Option<StreamToken>,
+        from: Option<PageToken>,
+        to: Option<PageToken>,
         dir: Direction,
         limit: u64,
         filter: &RoomEventFilter,
@@ -47,7 +46,7 @@ impl Homeserver {
                 if page.end.is_none()
                     && let Some(last) = page.chunk.last()
                 {
-                    page.end = Some(StreamToken(last.stream_pos - 1));
+                    page.end = Some(PageToken::Topo(i64::from(last.depth), last.stream_pos));
                 }
                 Ok(page)
             }

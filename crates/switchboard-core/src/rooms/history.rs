@@ -24,11 +24,41 @@ pub enum Direction {
 }
 
 pub struct MessagesPage {
-    pub start: StreamToken,
-    pub end: Option<StreamToken>,
+    pub start: PageToken,
+    pub end: Option<PageToken>,
     pub chunk: Vec<Pdu>,
     /// Member events of the chunk's senders, when the filter asks for lazy loading.
     pub state: Vec<Arc<Pdu>>,
+}
+
+/// A place in a room's history for `/messages`: a stream position (`s<pos>`, as `/sync`'s
+/// `prev_batch` gives) or a topological one (`t<depth>_<pos>`, as `/messages` gives).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageToken {
+    Stream(i64),
+    Topo(i64, i64),
+}
+
+impl std::fmt::Display for PageToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PageToken::Stream(pos) => StreamToken(*pos).fmt(f),
+            PageToken::Topo(depth, pos) => write!(f, "t{depth}_{pos}"),
+        }
+    }
+}
+
+impl std::str::FromStr for PageToken {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let Some(topo) = s.strip_prefix('t') else {
+            return s.parse::<StreamToken>().map(|t| PageToken::Stream(t.0));
+        };
+        topo.split_once('_')
+            .and_then(|(depth, pos)| Some(PageToken::Topo(depth.parse().ok()?, pos.parse().ok()?)))
+            .ok_or_else(|| Error::InvalidParam(format!("invalid pagination token `{s}`")))
+    }
 }
 
 /// What one user may see of one room's history, by the spec's history visibility rules.
@@ -153,15 +183,29 @@ impl Rooms {
             .collect()
     }
 
+    /// A page token as `(depth, stream_pos)`. A stream position stands for the room's greatest
+    /// depth up to it: as an upper bound (paging back from it, or forward up to it) it includes
+    /// the event at it, as a lower bound it does not.
+    async fn topological(&self, room_id: &RoomId, token: PageToken, upper: bool) -> Result<(i64, i64)> {
+        match token {
+            PageToken::Topo(depth, pos) => Ok((depth, pos)),
+            PageToken::Stream(pos) => {
+                let (depth, pos) = self.store.topological_position(room_id.as_str(), pos).await?;
+                Ok((depth, if upper { pos.saturating_add(1) } else { pos }))
+            }
+        }
+    }
+
     /// `GET /rooms/{roomId}/messages`: up to `limit` events the filter keeps and the user may
-    /// see, from `from` in direction `dir`, with the token to go on from.
+    /// see, from `from` in direction `dir`, in topological order (depth, then stream position),
+    /// with the token to go on from.
     #[allow(clippy::too_many_arguments)]
     pub async fn messages(
         &self,
         room_id: &RoomId,
         user: &UserId,
-        from: Option<StreamToken>,
-        to: Option<StreamToken>,
+        from: Option<PageToken>,
+        to: Option<PageToken>,
         dir: Direction,
         limit: u64,
         filter: &RoomEventFilter,
@@ -169,44 +213,35 @@ impl Rooms {
         let until = self.visible_until(room_id, user).await?;
         let limit = limit.clamp(1, 1000) as i64;
         let visibility = self.visibility(room_id, user).await?;
-        let start = from.unwrap_or(StreamToken(match dir {
-            Direction::Backward => self.stream.current(),
-            Direction::Forward => HISTORY_START,
-        }));
+        let backward = dir == Direction::Backward;
+        let start = from.unwrap_or(if backward {
+            PageToken::Stream(self.stream.current())
+        } else {
+            PageToken::Topo(i64::MIN, i64::MIN)
+        });
+        let mut cursor = self.topological(room_id, start, backward).await?;
+        let bound = match to {
+            Some(to) => self.topological(room_id, to, !backward).await?,
+            None if backward => (i64::MIN, i64::MIN),
+            None => (i64::MAX, i64::MAX),
+        };
         // `limit` counts the events the filter keeps, as in Synapse: pages of the room are read
         // until that many are kept, the room ends, or MAX_SCANNED events were looked at (then
         // `end` lets the client go on from there).
         let mut chunk: Vec<Pdu> = Vec::new();
-        let mut examined: Option<i64> = None;
+        let mut examined: Option<(i64, i64)> = None;
         let mut scanned = 0;
         let mut exhausted = false;
-        let mut cursor = match dir {
-            Direction::Backward => start.0.min(until),
-            Direction::Forward => start.0,
-        };
         loop {
-            let rows = match dir {
-                Direction::Backward => {
-                    let after = to.map_or(HISTORY_START, |t| t.0);
-                    let mut rows = self
-                        .store
-                        .room_events(room_id.as_str(), after, cursor, limit, true)
-                        .await?;
-                    rows.reverse();
-                    rows
-                }
-                Direction::Forward => {
-                    let upto = to.map_or(until, |t| t.0.min(until));
-                    self.store
-                        .room_events(room_id.as_str(), cursor, upto, limit, false)
-                        .await?
-                }
-            };
+            let rows = self
+                .store
+                .room_events_topo(room_id.as_str(), cursor, bound, until, limit, backward)
+                .await?;
             let got = rows.len() as i64;
             for row in rows {
                 let event = Pdu::from_row(row)?;
                 scanned += 1;
-                examined = Some(event.stream_pos);
+                examined = Some((i64::from(event.depth), event.stream_pos));
                 if filter.matches(&event) && visibility.can_see(&event) {
                     chunk.push(event);
                     if chunk.len() as i64 == limit {
@@ -221,16 +256,14 @@ impl Rooms {
                 exhausted = true;
                 break;
             }
-            cursor = match (dir, examined) {
-                (Direction::Backward, Some(pos)) => pos - 1,
-                (Direction::Forward, Some(pos)) => pos,
-                (_, None) => break,
-            };
+            match examined {
+                Some(position) => cursor = position,
+                None => break,
+            }
         }
         // The next page starts after the last event looked at, whether or not the filter kept it.
-        let end = match (exhausted, dir, examined) {
-            (false, Direction::Backward, Some(pos)) => Some(StreamToken(pos - 1)),
-            (false, Direction::Forward, Some(pos)) => Some(StreamToken(pos)),
+        let end = match (exhausted, examined) {
+            (false, Some((depth, pos))) => Some(PageToken::Topo(depth, pos)),
             _ => None,
         };
         let state = if filter.lazy_load_members {

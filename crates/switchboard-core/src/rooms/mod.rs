@@ -39,7 +39,7 @@ use tokio::sync::Mutex;
 pub use content::check as check_state_content;
 pub use create::CreateRoom;
 pub use directory::{Listing, PublicRooms};
-pub use history::{Context, Direction, MessagesPage, Visibility};
+pub use history::{Context, Direction, MessagesPage, PageToken, Visibility};
 pub use pipeline::EventDraft;
 pub use remote::Received;
 

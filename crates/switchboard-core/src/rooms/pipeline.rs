@@ -402,7 +402,10 @@ impl Rooms {
                 );
             }
             let pdu = Arc::new(pdu);
-            if !late {
+            if late {
+                // It closes a gap: what it names is no extremity, and neither is it.
+                inner.extremities.retain(|(id, _)| !pdu.prev_events.contains(id));
+            } else {
                 advance(&mut inner.extremities, &pdu);
             }
             match resolution {

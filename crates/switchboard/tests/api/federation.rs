@@ -1138,6 +1138,22 @@ async fn crafted_message(
     body: &str,
     tamper: impl FnOnce(&mut ruma::CanonicalJsonObject),
 ) -> (Value, String) {
+    crafted_message_after(on, viewer, room, sender, key, body, None, tamper).await
+}
+
+/// [`crafted_message`] following `after` (`(prev event, depth)`) instead of the room's last
+/// event at depth 1000.
+#[allow(clippy::too_many_arguments)]
+async fn crafted_message_after(
+    on: &Peer,
+    viewer: &crate::harness::User,
+    room: &str,
+    sender: &str,
+    key: &SigningKey,
+    body: &str,
+    after: Option<(String, u64)>,
+    tamper: impl FnOnce(&mut ruma::CanonicalJsonObject),
+) -> (Value, String) {
     // Signed by the sender's server.
     let origin = sender.split_once(':').expect("user ID").1;
     let state = on
@@ -1175,14 +1191,15 @@ async fn crafted_message(
             Value::Null,
         )
         .await;
-    let prev = last["chunk"][0]["event_id"].as_str().expect("prev").to_owned();
+    let last_id = last["chunk"][0]["event_id"].as_str().expect("prev").to_owned();
+    let (prev, depth) = after.unwrap_or((last_id, 1000));
     let event = json!({
         "room_id": room,
         "sender": sender,
         "type": "m.room.message",
         "content": {"msgtype": "m.text", "body": body},
         "origin_server_ts": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("t").as_millis() as u64,
-        "depth": 1000,
+        "depth": depth,
         "prev_events": [prev],
         "auth_events": auth,
     });
@@ -2138,4 +2155,51 @@ async fn a_synapse_user_joins_a_restricted_room_through_a_room_it_is_in() {
     let (status, body) = synapse.server.send_text(&sam, &inner, "s1", "inside").await;
     assert_eq!(status, StatusCode::OK, "{body}");
     wait_for_message(&ours, &alice, &inner, "inside", &synapse).await;
+}
+
+#[tokio::test]
+async fn events_that_arrive_out_of_order_page_in_topological_order() {
+    let (a, b, alice, bob, room) = two_in_a_room().await;
+    let b_key = SigningKey::load(&b.server.dir.path().join("signing.key")).expect("b's key");
+    let (first, first_id) = crafted_message(&a, &alice, &room, &bob.user_id, &b_key, "first", |_| {}).await;
+    let (second, _) = crafted_message_after(
+        &a,
+        &alice,
+        &room,
+        &bob.user_id,
+        &b_key,
+        "second",
+        Some((first_id, 1001)),
+        |_| {},
+    )
+    .await;
+    // The second arrives first (B cannot fill the gap: it never stored either), then the first.
+    for (pdu, txn) in [(second, "o1"), (first, "o2")] {
+        let body = json!({"origin": b.name, "origin_server_ts": 1, "pdus": [pdu], "edus": []});
+        let (status, result) = fed_request(
+            &a,
+            &b_key,
+            &b.name,
+            "PUT",
+            &format!("/_matrix/federation/v1/send/{txn}"),
+            Some(&body),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{result}");
+        assert!(
+            result["pdus"]
+                .as_object()
+                .is_some_and(|r| r.values().all(|v| v == &json!({}))),
+            "{result}"
+        );
+    }
+    let (status, _) = a.server.send_text(&alice, &room, "z", "after both").await;
+    assert_eq!(status, StatusCode::OK);
+    // Stored second, first, after — paged by depth: first, second, after.
+    let seen: Vec<String> = bodies(&a, &alice, &room)
+        .await
+        .into_iter()
+        .filter(|t| ["first", "second", "after both"].contains(&t.as_str()))
+        .collect();
+    assert_eq!(seen, ["first", "second", "after both"]);
 }
