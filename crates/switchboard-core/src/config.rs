@@ -127,9 +127,17 @@ pub struct Config {
     /// Whether other servers may list this server's public rooms.
     #[serde(default)]
     pub allow_public_rooms_over_federation: bool,
+    /// Whether presence is shared with other servers (sent to those sharing a room with the
+    /// user, and taken from them). Synapse's key.
+    #[serde(default = "default_true")]
+    pub use_presence: bool,
     /// The file this config was loaded from, if any: hot reload reads it again.
     #[serde(skip)]
     pub path: Option<PathBuf>,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// One entry of `trusted_key_servers`.
@@ -996,6 +1004,7 @@ impl Config {
             old_signing_keys: BTreeMap::new(),
             key_refresh_interval: DurationMs::one_day(),
             allow_public_rooms_over_federation: false,
+            use_presence: true,
             path: None,
         }
     }

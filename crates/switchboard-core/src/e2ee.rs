@@ -1,6 +1,8 @@
 //! End-to-end encryption plumbing, stored for real: device keys, one-time and fallback keys
 //! (claimed atomically), device-list changes and to-device messages. The server never sees
-//! plaintext; it only keeps and hands over what clients upload.
+//! plaintext; it only keeps and hands over what clients upload. Changes of local users' devices
+//! go to the servers sharing a room with them, to-device messages for other servers' users to
+//! those servers, both through the outbox; `crate::federation::devices` is the other side.
 
 use std::{collections::HashSet, sync::Arc};
 
@@ -8,16 +10,25 @@ use ruma::UserId;
 use serde_json::{Map, Value, json};
 use switchboard_store::Store;
 
-use crate::{Error, Result, stream::EventStream};
+use crate::{
+    Error, Result,
+    federation::outbox::{Edu, Outbox},
+    stream::EventStream,
+};
 
 pub struct E2ee {
     store: Store,
     stream: Arc<EventStream>,
+    outbox: Arc<Outbox>,
 }
 
 impl E2ee {
-    pub fn new(store: Store, stream: Arc<EventStream>) -> Self {
-        Self { store, stream }
+    pub fn new(store: Store, stream: Arc<EventStream>, outbox: Arc<Outbox>) -> Self {
+        Self {
+            store,
+            stream,
+            outbox,
+        }
     }
 
     /// `POST /keys/upload`: returns the device's unclaimed one-time key counts.
@@ -38,7 +49,8 @@ impl E2ee {
                 ));
             }
             let text = keys.to_string();
-            self.stream
+            let pos = self
+                .stream
                 .aux_write(|pos| async move {
                     Ok(self
                         .store
@@ -46,6 +58,7 @@ impl E2ee {
                         .await?)
                 })
                 .await?;
+            self.announce(user, Some(device), pos).await?;
         }
         for (id, key) in one_time_keys.into_iter().flatten() {
             let (algorithm, _) = id
@@ -103,7 +116,7 @@ impl E2ee {
                 .set_cross_signing_key(user.as_str(), kind, &key.to_string())
                 .await?;
         }
-        self.device_list_changed(user).await
+        self.device_list_changed(user, None).await
     }
 
     /// `POST /keys/signatures/upload`: merges signatures into device keys or cross-signing keys.
@@ -127,8 +140,8 @@ impl E2ee {
                 } else {
                     None
                 };
-                if merged.is_some() {
-                    changed.insert(user.clone());
+                if let Some(which) = merged {
+                    changed.insert((user.clone(), which));
                 } else if let Some(entry) = failures
                     .entry(user.clone())
                     .or_insert_with(|| json!({}))
@@ -142,9 +155,9 @@ impl E2ee {
             }
         }
         // Only an actual change makes peers re-query keys.
-        for user in changed {
+        for (user, device) in changed {
             if let Ok(user_id) = <&UserId>::try_from(user.as_str()) {
-                self.device_list_changed(user_id).await?;
+                self.device_list_changed(user_id, device.as_deref()).await?;
             }
         }
         Ok(json!({ "failures": failures }))
@@ -171,14 +184,15 @@ impl E2ee {
     }
 
     /// Adds `new` (signing key ID → signature) by `signer` to the device or cross-signing key
-    /// `key_id` of `user`. `None` if there is no such key.
+    /// `key_id` of `user`: `Some(Some(device))` or `Some(None)` for a cross-signing key; `None`
+    /// if there is no such key.
     async fn add_signatures(
         &self,
         signer: &str,
         user: &str,
         key_id: &str,
         new: &Map<String, Value>,
-    ) -> Result<Option<()>> {
+    ) -> Result<Option<Option<String>>> {
         let merge = |mut keys: Value| {
             // Indexing a missing entry mutably creates it, so absent `signatures` are fine.
             let slot = &mut keys["signatures"][signer];
@@ -193,7 +207,7 @@ impl E2ee {
                 self.store
                     .update_device_keys(user, &device, &merged.to_string())
                     .await?;
-                return Ok(Some(()));
+                return Ok(Some(Some(device)));
             }
         }
         for (kind, keys) in self.store.cross_signing_keys(user).await? {
@@ -206,22 +220,27 @@ impl E2ee {
                 self.store
                     .set_cross_signing_key(user, &kind, &merge(value).to_string())
                     .await?;
-                return Ok(Some(()));
+                return Ok(Some(None));
             }
         }
         Ok(None)
     }
 
     /// `POST /keys/query`: device keys of the requested users (all devices for an empty list),
-    /// plus their public cross-signing keys (`user_signing` only the requester's own).
-    pub async fn query_for(&self, requester: &UserId, requested: &Map<String, Value>) -> Result<Value> {
+    /// plus their public cross-signing keys (`user_signing` only the requester's own; none for
+    /// another server, `None`).
+    pub async fn query_for(
+        &self,
+        requester: Option<&UserId>,
+        requested: &Map<String, Value>,
+    ) -> Result<Value> {
         let mut response = self.query(requested).await?;
         for user in requested.keys() {
             for (kind, keys) in self.store.cross_signing_keys(user).await? {
                 let field = match kind.as_str() {
                     "master" => "master_keys",
                     "self_signing" => "self_signing_keys",
-                    "user_signing" if user == requester.as_str() => "user_signing_keys",
+                    "user_signing" if requester.is_some_and(|r| r.as_str() == user) => "user_signing_keys",
                     _ => continue,
                 };
                 response[field][user] = serde_json::from_str(&keys).unwrap_or(Value::Null);
@@ -270,14 +289,84 @@ impl E2ee {
         Ok(json!({ "one_time_keys": claimed, "failures": {} }))
     }
 
-    /// A device appeared or went away: everyone sharing a room must re-query.
-    pub async fn device_list_changed(&self, user: &UserId) -> Result<()> {
-        self.stream
-            .aux_write(
-                |pos| async move { Ok(self.store.record_device_list_change(user.as_str(), pos).await?) },
-            )
+    /// A device appeared, changed or went away (or, `None`, the user's cross-signing keys
+    /// changed): everyone sharing a room must re-query.
+    pub async fn device_list_changed(&self, user: &UserId, device: Option<&str>) -> Result<()> {
+        let pos = self
+            .stream
+            .aux_write(|pos| async move {
+                Ok(self
+                    .store
+                    .record_device_list_change(user.as_str(), device, pos)
+                    .await?)
+            })
             .await?;
-        Ok(())
+        self.announce(user, device, pos).await
+    }
+
+    /// Tells the servers sharing a room with a local user of a change at `pos`: an
+    /// `m.device_list_update` naming the user's previous change (`prev_id`), so a server that
+    /// missed one fetches the whole list; or an `m.signing_key_update`.
+    async fn announce(&self, user: &UserId, device: Option<&str>, pos: i64) -> Result<()> {
+        if !self.outbox.is_local(user) {
+            return Ok(());
+        }
+        let edu = match device {
+            Some(device) => {
+                let prev = self.store.previous_device_list_change(user.as_str(), pos).await?;
+                let mut content = json!({
+                    "user_id": user,
+                    "device_id": device,
+                    "stream_id": pos,
+                    "prev_id": prev.into_iter().collect::<Vec<_>>(),
+                });
+                match self
+                    .store
+                    .devices(user.as_str())
+                    .await?
+                    .into_iter()
+                    .find(|(id, _, _)| id == device)
+                {
+                    Some((_, name, _)) => {
+                        if let Some(name) = name {
+                            content["device_display_name"] = json!(name);
+                        }
+                        if let Some((_, keys)) = self
+                            .store
+                            .device_keys(user.as_str())
+                            .await?
+                            .into_iter()
+                            .find(|(id, _)| id == device)
+                        {
+                            content["keys"] = serde_json::from_str(&keys).unwrap_or(Value::Null);
+                        }
+                    }
+                    None => content["deleted"] = json!(true),
+                }
+                Edu {
+                    edu_type: "m.device_list_update",
+                    content,
+                    replace_key: None,
+                }
+            }
+            None => {
+                let mut content = json!({ "user_id": user });
+                for (kind, keys) in self.store.cross_signing_keys(user.as_str()).await? {
+                    let field = match kind.as_str() {
+                        "master" => "master_key",
+                        "self_signing" => "self_signing_key",
+                        _ => continue,
+                    };
+                    content[field] = serde_json::from_str(&keys).unwrap_or(Value::Null);
+                }
+                Edu {
+                    edu_type: "m.signing_key_update",
+                    content,
+                    replace_key: Some(format!("signing {user}")),
+                }
+            }
+        };
+        self.outbox.to_peers_of(user, edu).await
     }
 
     /// Users among `peers` whose device lists changed in `(after, until]`.
@@ -305,11 +394,100 @@ impl E2ee {
         kind: &str,
         messages: &Map<String, Value>,
     ) -> Result<()> {
+        if self
+            .store
+            .to_device_txn_seen(sender.as_str(), sender_device, txn_id)
+            .await?
+        {
+            return Ok(());
+        }
+        // Other servers' users first: a crash before the local part is stored makes the client
+        // send again, and the outbox replaces the repeat (same message ID) instead of adding it.
+        let message_id = message_id(sender, sender_device, txn_id);
+        let mut remote: std::collections::BTreeMap<ruma::OwnedServerName, Map<String, Value>> =
+            Default::default();
+        for (user, devices) in messages {
+            if let Ok(user_id) = <&UserId>::try_from(user.as_str())
+                && !self.outbox.is_local(user_id)
+            {
+                remote
+                    .entry(user_id.server_name().to_owned())
+                    .or_default()
+                    .insert(user.clone(), devices.clone());
+            }
+        }
+        for (server, messages) in remote {
+            let edu = Edu {
+                edu_type: "m.direct_to_device",
+                content: json!({
+                    "sender": sender,
+                    "type": kind,
+                    "message_id": message_id,
+                    "messages": messages,
+                }),
+                replace_key: Some(format!("to-device {message_id}")),
+            };
+            self.outbox.to_servers([server].into(), edu).await?;
+        }
+        let queued = self.local_deliveries(kind, messages).await?;
+        self.stream
+            .aux_write(|pos| async move {
+                self.store
+                    .queue_to_device((sender.as_str(), sender_device, txn_id), &queued, pos)
+                    .await?;
+                Ok(())
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// An `m.direct_to_device` EDU from another server's user: delivered to the local devices
+    /// it names (every device for `*`), once per message ID; unknown users and devices are
+    /// skipped.
+    pub async fn receive_to_device(
+        &self,
+        sender: &UserId,
+        message_id: &str,
+        kind: &str,
+        messages: &Map<String, Value>,
+        server_name: &ruma::ServerName,
+    ) -> Result<()> {
+        let mut queued = Vec::new();
+        for (user, device, kind, content) in self.local_deliveries(kind, messages).await? {
+            if UserId::parse(user.as_str()).is_ok_and(|u| u.server_name() == server_name)
+                && self.store.device_exists(&user, &device).await?
+            {
+                queued.push((user, device, kind, content));
+            }
+        }
+        // Remote senders have no device here: "" keeps their message IDs apart from clients' txns.
+        let queued = &queued;
+        self.stream
+            .aux_write(|pos| async move {
+                self.store
+                    .queue_to_device((sender.as_str(), "", message_id), queued, pos)
+                    .await?;
+                Ok(())
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// `(user, device, type, content)` for each local device `messages` names (`*`: all the
+    /// user's devices).
+    async fn local_deliveries(
+        &self,
+        kind: &str,
+        messages: &Map<String, Value>,
+    ) -> Result<Vec<(String, String, String, String)>> {
         let mut queued = Vec::new();
         for (user, devices) in messages {
             let Some(devices) = devices.as_object() else {
                 continue;
             };
+            if UserId::parse(user.as_str()).is_ok_and(|u| !self.outbox.is_local(&u)) {
+                continue;
+            }
             for (device, content) in devices {
                 let targets: Vec<String> = if device == "*" {
                     self.store
@@ -326,15 +504,7 @@ impl E2ee {
                 }
             }
         }
-        self.stream
-            .aux_write(|pos| async move {
-                self.store
-                    .queue_to_device((sender.as_str(), sender_device, txn_id), &queued, pos)
-                    .await?;
-                Ok(())
-            })
-            .await?;
-        Ok(())
+        Ok(queued)
     }
 
     /// Messages waiting for a device up to `until`; those up to `ack` (the client's previous
@@ -356,4 +526,13 @@ impl E2ee {
             })
             .collect())
     }
+}
+
+/// The federation message ID of a client's to-device send: the same for a repeated request, so
+/// the receiving server can drop a repeat.
+fn message_id(sender: &UserId, device: &str, txn_id: &str) -> String {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(format!("{sender}\u{0}{device}\u{0}{txn_id}").as_bytes());
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&digest[..18])
 }

@@ -1,6 +1,8 @@
 //! Ephemeral data: typing notifications (in memory, expiring), read receipts (stored) and
 //! presence (in memory). Every change takes a position on the auxiliary stream, which wakes
 //! `/sync` and is how clients and application services learn what changed since their token.
+//! What this server's users do goes to the other servers concerned through the outbox; what
+//! other servers' users do arrives through the same calls (`crate::federation::edus`).
 
 use std::{
     collections::HashMap,
@@ -12,7 +14,12 @@ use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
 use serde_json::{Map, Value, json};
 use switchboard_store::Store;
 
-use crate::{Error, Result, stream::EventStream, util::now_ms};
+use crate::{
+    Error, Result,
+    federation::outbox::{Edu, Outbox},
+    stream::EventStream,
+    util::now_ms,
+};
 
 /// Typing lasts at most this long without a refresh, whatever the client asks.
 const MAX_TYPING: Duration = Duration::from_secs(120);
@@ -35,6 +42,9 @@ pub struct Presence {
 pub struct Ephemeral {
     store: Store,
     stream: Arc<EventStream>,
+    outbox: Arc<Outbox>,
+    /// `use_presence`: whether presence crosses servers.
+    federate_presence: bool,
     typing: Mutex<HashMap<OwnedRoomId, RoomTyping>>,
     presence: Mutex<HashMap<OwnedUserId, Presence>>,
 }
@@ -42,10 +52,17 @@ pub struct Ephemeral {
 pub const RECEIPT_TYPES: &[&str] = &["m.read", "m.read.private"];
 
 impl Ephemeral {
-    pub fn new(store: Store, stream: Arc<EventStream>) -> Arc<Self> {
+    pub fn new(
+        store: Store,
+        stream: Arc<EventStream>,
+        outbox: Arc<Outbox>,
+        federate_presence: bool,
+    ) -> Arc<Self> {
         Arc::new(Self {
             store,
             stream,
+            outbox,
+            federate_presence,
             typing: Mutex::new(HashMap::new()),
             presence: Mutex::new(HashMap::new()),
         })
@@ -69,6 +86,8 @@ impl Ephemeral {
         if changed {
             self.bump_typing(room).await;
         }
+        // A refresh goes out too: the other servers time typing out by themselves.
+        self.send_typing(room, user, typing).await;
         if typing {
             let this = self.clone();
             let (room, user) = (room.to_owned(), user.to_owned());
@@ -95,6 +114,22 @@ impl Ephemeral {
         });
         if expired {
             self.bump_typing(room).await;
+            self.send_typing(room, user, false).await;
+        }
+    }
+
+    /// Tells the room's other servers that a local user started or stopped typing.
+    async fn send_typing(&self, room: &RoomId, user: &UserId, typing: bool) {
+        if !self.outbox.is_local(user) {
+            return;
+        }
+        let edu = Edu {
+            edu_type: "m.typing",
+            content: json!({ "room_id": room, "user_id": user, "typing": typing }),
+            replace_key: Some(format!("typing {room} {user}")),
+        };
+        if let Err(e) = self.outbox.to_room(room, edu).await {
+            tracing::warn!(%room, %user, error = %e, "typing not queued for other servers");
         }
     }
 
@@ -157,15 +192,31 @@ impl Ephemeral {
             return Err(Error::InvalidParam(format!("unknown receipt type `{kind}`")));
         }
         let ts = now_ms() as i64;
-        let thread = thread.unwrap_or("");
+        let thread_id = thread.unwrap_or("");
         self.stream
             .aux_write(|pos| async move {
                 Ok(self
                     .store
-                    .set_receipt(room.as_str(), kind, user.as_str(), thread, event_id, ts, pos)
+                    .set_receipt(room.as_str(), kind, user.as_str(), thread_id, event_id, ts, pos)
                     .await?)
             })
             .await?;
+        // Private receipts never leave the server.
+        if kind == "m.read" && self.outbox.is_local(user) {
+            let mut data = json!({ "ts": ts });
+            if let Some(thread) = thread {
+                data["thread_id"] = json!(thread);
+            }
+            let content = json!({
+                room.as_str(): { "m.read": { user.as_str(): { "data": data, "event_ids": [event_id] } } }
+            });
+            let edu = Edu {
+                edu_type: "m.receipt",
+                content,
+                replace_key: Some(format!("receipt {room} {user} {thread_id}")),
+            };
+            self.outbox.to_room(room, edu).await?;
+        }
         Ok(())
     }
 
@@ -219,26 +270,29 @@ impl Ephemeral {
         Ok(out)
     }
 
+    /// Sets a user's presence; `last_active_ago` is how long ago they were last active (other
+    /// servers say; a local user is active now).
     pub async fn set_presence(
         &self,
         user: &UserId,
         presence: &str,
         status_msg: Option<String>,
+        last_active_ago: u64,
     ) -> Result<()> {
         if !["online", "offline", "unavailable"].contains(&presence) {
             return Err(Error::InvalidParam(format!("unknown presence `{presence}`")));
         }
-        let user = user.to_owned();
-        let presence = presence.to_owned();
+        let owned = (user.to_owned(), presence.to_owned(), status_msg.clone());
         self.stream
             .aux_write(|pos| async move {
+                let (user, presence, status_msg) = owned;
                 if let Ok(mut all) = self.presence.lock() {
                     all.insert(
                         user,
                         Presence {
                             presence,
                             status_msg,
-                            last_active_ms: now_ms(),
+                            last_active_ms: now_ms().saturating_sub(last_active_ago),
                             pos,
                         },
                     );
@@ -246,7 +300,30 @@ impl Ephemeral {
                 Ok(())
             })
             .await?;
+        // Only to servers sharing a room with the user (Synapse's rule too).
+        if self.federate_presence && self.outbox.is_local(user) {
+            let mut state = json!({
+                "user_id": user,
+                "presence": presence,
+                "last_active_ago": last_active_ago,
+                "currently_active": presence == "online",
+            });
+            if let Some(status) = status_msg {
+                state["status_msg"] = json!(status);
+            }
+            let edu = Edu {
+                edu_type: "m.presence",
+                content: json!({ "push": [state] }),
+                replace_key: Some(format!("presence {user}")),
+            };
+            self.outbox.to_peers_of(user, edu).await?;
+        }
         Ok(())
+    }
+
+    /// Whether presence crosses servers (`use_presence`).
+    pub fn federates_presence(&self) -> bool {
+        self.federate_presence
     }
 
     pub fn presence(&self, user: &UserId) -> Option<Presence> {

@@ -113,8 +113,11 @@ impl Homeserver {
             legacy_auth,
             config.path.clone(),
         ));
-        let ephemeral = ephemeral::Ephemeral::new(store.clone(), stream.clone());
-        let e2ee = Arc::new(e2ee::E2ee::new(store.clone(), stream.clone()));
+        let (outbox, outbox_news) =
+            federation::outbox::Outbox::new(store.clone(), rooms.clone(), server_name.clone());
+        let ephemeral =
+            ephemeral::Ephemeral::new(store.clone(), stream.clone(), outbox.clone(), config.use_presence);
+        let e2ee = Arc::new(e2ee::E2ee::new(store.clone(), stream.clone(), outbox.clone()));
         appservices.delivery.set_ephemeral(ephemeral.clone());
         let count = appservices.load(&config.app_service_config_files).await?;
         if count > 0 {
@@ -128,6 +131,7 @@ impl Homeserver {
                 store.clone(),
                 rooms.clone(),
                 stream.clone(),
+                outbox_news,
             )
             .await?,
         );

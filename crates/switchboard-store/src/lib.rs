@@ -16,6 +16,7 @@ pub mod testing;
 
 use sqlx::{AssertSqlSafe, Row, postgres::PgPool, sqlite::SqlitePool};
 
+pub use edus::{OutboundEdu, QueuedEdu, RemoteDevice};
 pub use federation::StoredServerKey;
 pub use migrate::SCHEMA_VERSION;
 pub use open::{DatabaseSettings, PostgresSettings};
@@ -985,22 +986,27 @@ impl Store {
             .bind(keys)
             .execute(&mut *tx)
             .await?;
-            sqlx::query("INSERT INTO device_list_changes (user_id, stream_pos) VALUES ($1, $2)")
-                .bind(user_id)
-                .bind(pos)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "INSERT INTO device_list_changes (user_id, stream_pos, device_id) VALUES ($1, $2, $3)",
+            )
+            .bind(user_id)
+            .bind(pos)
+            .bind(device_id)
+            .execute(&mut *tx)
+            .await?;
             tx.commit().await?;
             Ok(())
         })
     }
 
-    /// `(device_id, keys)` of a user's devices that uploaded keys.
+    /// `(device_id, keys)` of a user's devices that uploaded keys (of a local user, only devices
+    /// that still exist; of another server's user, the kept list).
     pub async fn device_keys(&self, user_id: &str) -> Result<Vec<(String, String)>> {
         on_db!(self, |write, read| {
             let rows = sqlx::query(
-                "SELECT k.device_id, k.keys FROM device_keys k
-                 JOIN devices d ON d.user_id = k.user_id AND d.device_id = k.device_id WHERE k.user_id = $1",
+                "SELECT k.device_id, k.keys FROM device_keys k WHERE k.user_id = $1
+                 AND (EXISTS (SELECT 1 FROM devices d WHERE d.user_id = k.user_id AND d.device_id = k.device_id)
+                      OR EXISTS (SELECT 1 FROM remote_device_lists r WHERE r.user_id = k.user_id))",
             )
             .bind(user_id)
             .fetch_all(read)
@@ -1195,14 +1201,39 @@ impl Store {
         })
     }
 
-    pub async fn record_device_list_change(&self, user_id: &str, pos: i64) -> Result<()> {
+    /// Records a change of `user_id`'s device list: of one device, or (`None`) of the user's
+    /// cross-signing keys.
+    pub async fn record_device_list_change(
+        &self,
+        user_id: &str,
+        device_id: Option<&str>,
+        pos: i64,
+    ) -> Result<()> {
         on_db!(self, |write, read| {
-            sqlx::query("INSERT INTO device_list_changes (user_id, stream_pos) VALUES ($1, $2)")
-                .bind(user_id)
-                .bind(pos)
-                .execute(write)
-                .await?;
+            sqlx::query(
+                "INSERT INTO device_list_changes (user_id, stream_pos, device_id) VALUES ($1, $2, $3)",
+            )
+            .bind(user_id)
+            .bind(pos)
+            .bind(device_id)
+            .execute(write)
+            .await?;
             Ok(())
+        })
+    }
+
+    /// Whether `sender`'s device already sent to-device transaction `txn_id`.
+    pub async fn to_device_txn_seen(&self, sender: &str, device_id: &str, txn_id: &str) -> Result<bool> {
+        on_db!(self, |write, read| {
+            Ok(sqlx::query(
+                "SELECT 1 FROM to_device_txns WHERE sender = $1 AND device_id = $2 AND txn_id = $3",
+            )
+            .bind(sender)
+            .bind(device_id)
+            .bind(txn_id)
+            .fetch_optional(write)
+            .await?
+            .is_some())
         })
     }
 
@@ -1879,6 +1910,7 @@ fn prefixed_event_columns(prefix: &str) -> String {
 }
 
 // After the macros, which it uses.
+mod edus;
 mod federation;
 
 #[cfg(test)]

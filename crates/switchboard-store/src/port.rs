@@ -178,7 +178,10 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
             ("used", Bool),
         ],
     ),
-    ("device_list_changes", &[("user_id", Text), ("stream_pos", Int)]),
+    (
+        "device_list_changes",
+        &[("user_id", Text), ("stream_pos", Int), ("device_id", Text)],
+    ),
     (
         "to_device",
         &[
@@ -243,6 +246,21 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
         ],
     ),
     ("event_state", &[("event_id", Text), ("snapshot_id", Int)]),
+    (
+        "federation_edus",
+        &[
+            ("id", Int),
+            ("destination", Text),
+            ("edu_type", Text),
+            ("content", Text),
+            ("replace_key", Text),
+            ("created_ts", Int),
+        ],
+    ),
+    (
+        "remote_device_lists",
+        &[("user_id", Text), ("stream_id", Int), ("stale", Bool)],
+    ),
 ];
 
 /// Rows read from SQLite per query.
@@ -347,6 +365,12 @@ pub async fn sqlite_to_postgres(source: &Store, target: &Store) -> Result<PortRe
     // New events continue after the copied ones.
     sqlx::query(
         "SELECT setval('events_stream_pos', (SELECT MAX(stream_pos) FROM events)) WHERE EXISTS (SELECT 1 FROM events)",
+    )
+    .execute(&mut *to)
+    .await?;
+    sqlx::query(
+        "SELECT setval(pg_get_serial_sequence('federation_edus', 'id'), (SELECT MAX(id) FROM federation_edus))
+         WHERE EXISTS (SELECT 1 FROM federation_edus)",
     )
     .execute(&mut *to)
     .await?;

@@ -80,6 +80,10 @@ async fn update(
             now_ms() as i64,
         )
         .await?;
+    // Other servers show device names too.
+    hs.e2ee
+        .device_list_changed(&session.user_id, Some(&device_id))
+        .await?;
     Ok(Json(json!({})))
 }
 
@@ -110,7 +114,9 @@ async fn delete(
     }
     authorize(&hs, &session, body.auth.as_ref()).await?;
     hs.accounts.delete_device(&session.user_id, &device_id).await?;
-    hs.e2ee.device_list_changed(&session.user_id).await?;
+    hs.e2ee
+        .device_list_changed(&session.user_id, Some(&device_id))
+        .await?;
     Ok(Json(json!({})))
 }
 
@@ -128,7 +134,9 @@ async fn delete_many(
     authorize(&hs, &session, body.auth.as_ref()).await?;
     for device in &body.devices {
         hs.accounts.delete_device(&session.user_id, device).await?;
+        hs.e2ee
+            .device_list_changed(&session.user_id, Some(device))
+            .await?;
     }
-    hs.e2ee.device_list_changed(&session.user_id).await?;
     Ok(Json(json!({})))
 }

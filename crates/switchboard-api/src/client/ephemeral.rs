@@ -138,7 +138,7 @@ async fn set_presence(
         return Err(Error::Forbidden("Cannot set another user's presence".to_owned()).into());
     }
     hs.ephemeral
-        .set_presence(&user, &body.presence, body.status_msg)
+        .set_presence(&user, &body.presence, body.status_msg, 0)
         .await?;
     Ok(Json(json!({})))
 }
@@ -149,8 +149,11 @@ async fn get_presence(
     Path(user): Path<String>,
 ) -> ApiResult<Json<Value>> {
     let user = user_id(&user)?;
-    hs.local_profile(&user).await?;
-    // Presence is for people who share a room (Synapse's rule).
+    if user.server_name() == hs.server_name {
+        hs.local_profile(&user).await?;
+    }
+    // Presence is for people who share a room (Synapse's rule); other servers' users' presence
+    // is what their servers sent.
     if user != session.user_id && !hs.share_a_room(&session.user_id, &user).await? {
         return Err(Error::Forbidden("You do not share a room with this user".to_owned()).into());
     }

@@ -70,9 +70,7 @@ async fn query(
     Auth(session): Auth,
     Body(body): Body<QueryBody>,
 ) -> ApiResult<Json<Value>> {
-    Ok(Json(
-        hs.e2ee.query_for(&session.user_id, &body.device_keys).await?,
-    ))
+    Ok(Json(hs.query_keys(&session.user_id, &body.device_keys).await?))
 }
 
 #[derive(Deserialize)]
@@ -85,7 +83,7 @@ async fn claim(
     _auth: Auth,
     Body(body): Body<ClaimBody>,
 ) -> ApiResult<Json<Value>> {
-    Ok(Json(hs.e2ee.claim(&body.one_time_keys).await?))
+    Ok(Json(hs.claim_keys(&body.one_time_keys).await?))
 }
 
 #[derive(Deserialize)]

@@ -2,6 +2,7 @@
 //! served on listeners with the `federation` resource. Every federation endpoint but `version`
 //! takes its caller from a verified `X-Matrix` signature ([`Federated`]).
 
+mod devices;
 mod events;
 mod keys;
 mod membership;
@@ -34,6 +35,7 @@ pub(crate) fn router() -> Router<Arc<Homeserver>> {
         .merge(membership::routes())
         .merge(transactions::routes())
         .merge(events::routes())
+        .merge(devices::routes())
 }
 
 /// `/.well-known/matrix/server`, when `serve_server_wellknown` is set.

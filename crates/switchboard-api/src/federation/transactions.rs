@@ -1,4 +1,4 @@
-//! Transactions other servers push (`/send/{txnId}`) and single events they fetch (`/event`).
+//! Transactions other servers push (`/send/{txnId}`): their PDUs and EDUs.
 
 use std::sync::Arc;
 
@@ -114,5 +114,7 @@ async fn send(
             }
         }
     }
+    // After the PDUs: a receipt may name an event of the same transaction.
+    hs.receive_edus(&request.origin, &txn.edus).await?;
     Ok(Json(json!({ "pdus": results })))
 }

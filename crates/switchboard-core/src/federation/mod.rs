@@ -2,11 +2,14 @@
 //! `resolve`), signing keys (`keys`), and the authentication of inbound requests.
 
 pub mod client;
+mod devices;
+mod edus;
 mod history;
 mod intake;
 mod invite;
 mod join;
 pub mod keys;
+pub mod outbox;
 pub mod resolve;
 pub mod sender;
 mod template;
@@ -89,6 +92,7 @@ impl Federation {
         store: Store,
         rooms: Arc<crate::rooms::Rooms>,
         stream: Arc<crate::stream::EventStream>,
+        outbox: tokio::sync::mpsc::UnboundedReceiver<OwnedServerName>,
     ) -> Result<Self, crate::StartupError> {
         let client = Arc::new(
             FederationClient::new(config, server_name.clone(), key.clone())
@@ -101,12 +105,16 @@ impl Federation {
             store.clone(),
             client.clone(),
         );
-        let sender =
-            sender::FederationSender::start(store, rooms, stream, client.clone(), server_name.clone())
-                .await
-                .map_err(|e| {
-                    crate::StartupError::Other(format!("cannot resume the federation queues: {e}"))
-                })?;
+        let sender = sender::FederationSender::start(
+            store,
+            rooms,
+            stream,
+            client.clone(),
+            server_name.clone(),
+            outbox,
+        )
+        .await
+        .map_err(|e| crate::StartupError::Other(format!("cannot resume the federation queues: {e}")))?;
         Ok(Self {
             server_name,
             client,

@@ -5,7 +5,8 @@
 //! that destination's task; the task sends what lies after its position in transactions of at
 //! most 50 PDUs, and moves its position only when the destination has answered. A down
 //! destination backs off (doubling to an hour) without holding up any other, and is retried at
-//! once when it contacts this server.
+//! once when it contacts this server. EDUs ride along: each transaction also carries up to 100
+//! of what waits in the destination's outbox ([`super::outbox`]), deleted once answered.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -23,8 +24,12 @@ use tokio::sync::Notify;
 use super::client::FederationClient;
 use crate::{Result, pdu::Pdu, rooms::Rooms, stream::EventStream};
 
-/// The spec's limit of PDUs per transaction.
+/// The spec's limits of PDUs and EDUs per transaction.
 const MAX_PDUS: usize = 50;
+const MAX_EDUS: i64 = 100;
+/// A typing notification older than this is not worth sending (receivers time typing out
+/// after 30 to 60 s themselves).
+const TYPING_STALE_MS: i64 = 30_000;
 /// Events read from the stream at a time.
 const SCAN: i64 = 500;
 const MAX_BACKOFF: Duration = Duration::from_secs(3600);
@@ -78,6 +83,7 @@ impl FederationSender {
         stream: Arc<EventStream>,
         client: Arc<FederationClient>,
         server_name: OwnedServerName,
+        mut outbox: tokio::sync::mpsc::UnboundedReceiver<OwnedServerName>,
     ) -> Result<Self> {
         let shared = Arc::new(Shared {
             store: store.clone(),
@@ -111,6 +117,12 @@ impl FederationSender {
             }
         };
         tokio::spawn(shared.clone().dispatch(cursor));
+        let edus = shared.clone();
+        tokio::spawn(async move {
+            while let Some(destination) = outbox.recv().await {
+                edus.clone().queue(&destination).news.notify_one();
+            }
+        });
         Ok(Self { shared })
     }
 
@@ -228,7 +240,7 @@ impl Shared {
         // Set by a failed attempt: the next one starts with the latest events.
         let mut catching_up = false;
         // A batch being retried keeps its transaction ID, so the destination can tell a repeat.
-        let mut pending: Option<(OwnedTransactionId, Vec<Box<serde_json::value::RawValue>>, i64)> = None;
+        let mut pending: Option<Batch> = None;
         let mut sent = loop {
             match self.sent_pos(&destination).await {
                 Ok(pos) => break pos,
@@ -240,38 +252,31 @@ impl Shared {
         };
         loop {
             if pending.is_none() {
-                match self.next_batch(&destination, sent).await {
-                    Ok(Some((pdus, upto))) if pdus.is_empty() => {
+                match self.next_transaction(&destination, sent).await {
+                    Ok(Next::Send(batch)) => pending = Some(batch),
+                    Ok(Next::Skip(upto)) => {
+                        // Nothing for it up to `upto`.
                         if let Err(e) = self.store.set_federation_sent(destination.as_str(), upto).await {
                             tracing::error!(%destination, error = %e, "cannot record the queue's position");
                         }
                         sent = upto;
                         continue;
                     }
-                    Ok(Some((pdus, upto))) => {
-                        match self.store.next_federation_txn(destination.as_str()).await {
-                            Ok(n) => pending = Some((OwnedTransactionId::from(format!("sb{n}")), pdus, upto)),
-                            Err(e) => {
-                                tracing::error!(%destination, error = %e, "cannot number a transaction");
-                                tokio::time::sleep(Duration::from_secs(1)).await;
-                                continue;
-                            }
-                        }
-                    }
-                    Ok(None) => {
+                    Ok(Next::Wait) => {
                         wake.news.notified().await;
                         continue;
                     }
                     Err(e) => {
-                        tracing::error!(%destination, error = %e, "federation queue cannot read events");
+                        tracing::error!(%destination, error = %e, "federation queue cannot read what to send");
                         tokio::time::sleep(Duration::from_secs(1)).await;
                         continue;
                     }
                 }
             }
-            let Some((txn_id, pdus, upto)) = &pending else {
+            let Some(batch) = &pending else {
                 continue;
             };
+            let upto = &batch.upto;
             if catching_up {
                 // Back from a long outage: the latest event of each room goes first, so
                 // conversations resume at once and the destination fetches the gaps before them
@@ -290,10 +295,27 @@ impl Shared {
                     }
                 }
             }
-            match self.transmit(&destination, txn_id, pdus.clone()).await {
+            match self
+                .transmit(
+                    &destination,
+                    &batch.txn_id,
+                    batch.pdus.clone(),
+                    batch.edus.clone(),
+                )
+                .await
+            {
                 Ok(()) => {
                     if let Err(e) = self.store.set_federation_sent(destination.as_str(), *upto).await {
                         tracing::error!(%destination, error = %e, "cannot record the queue's position");
+                    }
+                    if let Some(last) = batch.last_edu
+                        && let Err(e) = self
+                            .store
+                            .delete_federation_edus(destination.as_str(), last)
+                            .await
+                    {
+                        // Sent again later; receivers drop repeats (to-device by message ID).
+                        tracing::error!(%destination, error = %e, "cannot drop the EDUs sent");
                     }
                     sent = *upto;
                     pending = None;
@@ -322,6 +344,7 @@ impl Shared {
         destination: &ServerName,
         txn_id: &OwnedTransactionId,
         pdus: Vec<Box<serde_json::value::RawValue>>,
+        edus: Vec<Box<serde_json::value::RawValue>>,
     ) -> Result<()> {
         let count = pdus.len();
         let mut request = send_transaction_message::v1::Request::new(
@@ -330,6 +353,7 @@ impl Shared {
             MilliSecondsSinceUnixEpoch::now(),
         );
         request.pdus = pdus;
+        request.edus = edus.into_iter().map(ruma::serde::Raw::from_json).collect();
         let response = self.client.send(destination, request).await?;
         for (event_id, result) in response.pdus {
             if let Err(error) = result {
@@ -372,10 +396,66 @@ impl Shared {
         }
         let n = self.store.next_federation_txn(destination.as_str()).await?;
         let count = pdus.len();
-        self.transmit(destination, &OwnedTransactionId::from(format!("sb{n}")), pdus)
-            .await?;
+        self.transmit(
+            destination,
+            &OwnedTransactionId::from(format!("sb{n}")),
+            pdus,
+            Vec::new(),
+        )
+        .await?;
         tracing::info!(%destination, rooms = count, "back from an outage: the latest events sent first");
         Ok(())
+    }
+
+    /// What the queue does next: send a transaction of the PDUs after `sent` and the waiting
+    /// EDUs, move past events none of which are for the destination, or wait.
+    async fn next_transaction(&self, destination: &ServerName, sent: i64) -> Result<Next> {
+        let (pdus, upto) = self
+            .next_batch(destination, sent)
+            .await?
+            .unwrap_or((Vec::new(), sent));
+        let (edus, last_edu) = self.next_edus(destination).await?;
+        if pdus.is_empty() && edus.is_empty() {
+            if let Some(last) = last_edu {
+                // Only stale typing waited.
+                self.store
+                    .delete_federation_edus(destination.as_str(), last)
+                    .await?;
+            }
+            return Ok(if upto > sent { Next::Skip(upto) } else { Next::Wait });
+        }
+        let n = self.store.next_federation_txn(destination.as_str()).await?;
+        Ok(Next::Send(Batch {
+            txn_id: OwnedTransactionId::from(format!("sb{n}")),
+            pdus,
+            upto,
+            edus,
+            last_edu,
+        }))
+    }
+
+    /// Up to 100 EDUs waiting for `destination`, oldest first, and the last one's ID. Typing
+    /// notifications that waited too long are left out (but counted as sent).
+    async fn next_edus(
+        &self,
+        destination: &ServerName,
+    ) -> Result<(Vec<Box<serde_json::value::RawValue>>, Option<i64>)> {
+        let queued = self.store.federation_edus(destination.as_str(), MAX_EDUS).await?;
+        let last = queued.last().map(|e| e.id);
+        let now = crate::util::now_ms() as i64;
+        let mut edus = Vec::with_capacity(queued.len());
+        for edu in queued {
+            if edu.edu_type == "m.typing" && now - edu.created_ts > TYPING_STALE_MS {
+                continue;
+            }
+            let json = format!(
+                r#"{{"edu_type":{},"content":{}}}"#,
+                serde_json::Value::from(edu.edu_type),
+                edu.content
+            );
+            edus.push(serde_json::value::RawValue::from_string(json).map_err(crate::Error::internal)?);
+        }
+        Ok((edus, last))
     }
 
     async fn sent_pos(&self, destination: &ServerName) -> Result<i64> {
@@ -444,6 +524,23 @@ impl Shared {
         }
         Ok(Some((events, last)))
     }
+}
+
+/// A transaction ready to send (and to send again, unchanged, until the destination answers).
+struct Batch {
+    txn_id: OwnedTransactionId,
+    pdus: Vec<Box<serde_json::value::RawValue>>,
+    /// The stream position the PDUs reach.
+    upto: i64,
+    edus: Vec<Box<serde_json::value::RawValue>>,
+    /// The ID of the last EDU taken from the outbox.
+    last_edu: Option<i64>,
+}
+
+enum Next {
+    Send(Batch),
+    Skip(i64),
+    Wait,
 }
 
 #[cfg(test)]

@@ -420,7 +420,7 @@ fn synapse_log(peer: &Peer) -> String {
 
 /// Polls `/messages` (newest first) until an `m.room.message` with `body` shows up; returns its
 /// sender. Panics after 30 s with the logs of both servers.
-async fn wait_for_message(
+pub(crate) async fn wait_for_message(
     on: &Peer,
     user: &crate::harness::User,
     room: &str,
@@ -568,7 +568,7 @@ async fn a_synapse_user_joins_a_switchboard_room_by_alias_and_they_talk() {
 }
 
 /// `user` on `on` joins `alias` (of another server) and gets the room ID.
-async fn join_alias(on: &Peer, user: &crate::harness::User, alias: &str, other: &Peer) -> String {
+pub(crate) async fn join_alias(on: &Peer, user: &crate::harness::User, alias: &str, other: &Peer) -> String {
     let (status, joined) = on
         .server
         .call(
@@ -992,7 +992,7 @@ async fn bodies(on: &Peer, user: &crate::harness::User, room: &str) -> Vec<Strin
 }
 
 /// Two Switchboards with Bob (of B) in Alice's room on A.
-async fn two_in_a_room() -> (Peer, Peer, crate::harness::User, crate::harness::User, String) {
+pub(crate) async fn two_in_a_room() -> (Peer, Peer, crate::harness::User, crate::harness::User, String) {
     let (a, b) = (Peer::switchboard("").await, Peer::switchboard("").await);
     let alice = a.server.register("alice").await;
     let bob = b.server.register("bob").await;
@@ -1089,7 +1089,7 @@ async fn a_crash_mid_stream_loses_nothing_of_the_outbound_queue() {
 }
 
 /// A federation request with a body, signed with `key` as `origin` for `to`.
-async fn fed_request(
+pub(crate) async fn fed_request(
     to: &Peer,
     key: &SigningKey,
     origin: &str,

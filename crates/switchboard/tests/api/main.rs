@@ -9,6 +9,7 @@ mod durability;
 mod ephemeral;
 mod fake_as;
 mod federation;
+mod federation_edus;
 mod http;
 mod input;
 mod keys;

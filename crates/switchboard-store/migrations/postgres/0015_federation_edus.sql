@@ -1,0 +1,25 @@
+-- EDUs waiting for another server: typing, receipts, presence, device-list and cross-signing
+-- updates, to-device messages. Sent with the destination's next transaction and deleted once it
+-- answered. An EDU with a replace_key replaces a waiting one with the same key (only a user's
+-- latest typing state, receipt or presence matters; a retried to-device send is not doubled).
+CREATE TABLE federation_edus (
+    id           BIGSERIAL PRIMARY KEY,
+    destination  TEXT NOT NULL,
+    edu_type     TEXT NOT NULL,
+    content      TEXT NOT NULL,
+    replace_key  TEXT,
+    created_ts   BIGINT NOT NULL
+);
+CREATE INDEX federation_edus_destination ON federation_edus (destination, id);
+
+-- The device a device-list change is about (NULL: the user's cross-signing keys).
+ALTER TABLE device_list_changes ADD COLUMN device_id TEXT;
+
+-- Other servers' users whose device lists this server keeps (their keys are in device_keys and
+-- cross_signing_keys like local ones): the last update's stream_id, and whether an update was
+-- missed, so the list must be fetched again before it is used.
+CREATE TABLE remote_device_lists (
+    user_id    TEXT PRIMARY KEY,
+    stream_id  BIGINT NOT NULL,
+    stale      BOOLEAN NOT NULL DEFAULT FALSE
+);

@@ -1,0 +1,619 @@
+//! What crosses servers outside room events (EDUs and the device/key API): typing, receipts,
+//! presence, device lists and keys, to-device messages — with Synapse and between Switchboards.
+
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use switchboard_core::keys::SigningKey;
+
+use crate::{
+    federation::{fed_request, join_alias, two_in_a_room, wait_for_message},
+    harness::{User, enc},
+    peers::{Peer, log_of, skip_without},
+};
+
+/// Syncs `user` on `on` (initial, then incremental) until `found` picks something out of a
+/// response; panics after `seconds` with both servers' logs.
+async fn sync_until<T>(
+    on: &Peer,
+    user: &User,
+    other: &Peer,
+    what: &str,
+    seconds: u64,
+    found: impl Fn(&Value) -> Option<T>,
+) -> T {
+    sync_from_until(on, user, other, what, seconds, None, found).await
+}
+
+/// [`sync_until`] from the sync token `since` (`None`: an initial sync first).
+async fn sync_from_until<T>(
+    on: &Peer,
+    user: &User,
+    other: &Peer,
+    what: &str,
+    seconds: u64,
+    mut since: Option<String>,
+    found: impl Fn(&Value) -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    loop {
+        let query = match &since {
+            Some(token) => format!("timeout=1000&since={}", enc(token)),
+            None => "timeout=0".to_owned(),
+        };
+        let body = on.server.sync(user, &query).await;
+        if let Some(value) = found(&body) {
+            return value;
+        }
+        since = body["next_batch"].as_str().map(str::to_owned);
+        assert!(
+            Instant::now() < deadline,
+            "{what} never reached {} within {seconds} s\n--- {} log:\n{}\n--- {} log:\n{}",
+            on.name,
+            on.name,
+            log_of(on),
+            other.name,
+            log_of(other)
+        );
+    }
+}
+
+async fn next_batch(on: &Peer, user: &User) -> String {
+    on.server.sync(user, "timeout=0").await["next_batch"]
+        .as_str()
+        .expect("next_batch")
+        .to_owned()
+}
+
+/// The room's ephemeral events of type `kind` in a sync response.
+fn ephemeral<'a>(sync: &'a Value, room: &str, kind: &str) -> Vec<&'a Value> {
+    sync["rooms"]["join"][room]["ephemeral"]["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["type"] == kind)
+        .collect()
+}
+
+fn typing_users(sync: &Value, room: &str) -> Option<Vec<String>> {
+    ephemeral(sync, room, "m.typing").last().map(|e| {
+        e["content"]["user_ids"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|u| u.as_str().map(str::to_owned))
+            .collect()
+    })
+}
+
+/// The event `user`'s public read receipt points at, if this response carries it.
+fn read_receipt(sync: &Value, room: &str, user: &str) -> Option<String> {
+    ephemeral(sync, room, "m.receipt").into_iter().find_map(|e| {
+        e["content"].as_object().and_then(|by_event| {
+            by_event
+                .iter()
+                .find(|(_, kinds)| kinds["m.read"][user].is_object())
+                .map(|(event, _)| event.clone())
+        })
+    })
+}
+
+fn presence_of(sync: &Value, user: &str) -> Option<Value> {
+    sync["presence"]["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["sender"] == user)
+        .map(|e| e["content"].clone())
+}
+
+async fn send_id(on: &Peer, user: &User, room: &str, txn: &str, text: &str) -> String {
+    let (status, body) = on.server.send_text(user, room, txn, text).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body["event_id"].as_str().expect("event_id").to_owned()
+}
+
+async fn put(on: &Peer, user: &User, path: &str, body: Value) -> Value {
+    on.server.ok(Method::PUT, path, &user.token, body).await
+}
+
+async fn post(on: &Peer, user: &User, path: &str, body: Value) -> Value {
+    on.server.ok(Method::POST, path, &user.token, body).await
+}
+
+/// Sam on Synapse and Alice on Switchboard in Sam's room.
+async fn with_synapse() -> Option<(Peer, Peer, User, User, String)> {
+    let Some(synapse) = Peer::synapse().await else {
+        skip_without("Synapse (tests/interop/setup.sh synapse)");
+        return None;
+    };
+    let ours = Peer::switchboard("").await;
+    let sam = synapse.server.register("sam").await;
+    let room = synapse
+        .server
+        .create_room(
+            &sam,
+            json!({"room_alias_name": "lounge", "preset": "public_chat"}),
+        )
+        .await;
+    let alice = ours.server.register("alice").await;
+    join_alias(&ours, &alice, &format!("#lounge:{}", synapse.name), &synapse).await;
+    // Both sides know the join before anything ephemeral is said.
+    send_id(&ours, &alice, &room, "hello", "alice is here").await;
+    wait_for_message(&synapse, &sam, &room, "alice is here", &ours).await;
+    Some((synapse, ours, sam, alice, room))
+}
+
+#[tokio::test]
+async fn typing_receipts_and_presence_cross_both_ways_with_synapse() {
+    let Some((synapse, ours, sam, alice, room)) = with_synapse().await else {
+        return;
+    };
+    let typing = |user: &User| {
+        format!(
+            "/_matrix/client/v3/rooms/{}/typing/{}",
+            enc(&room),
+            enc(&user.user_id)
+        )
+    };
+
+    // Typing, ours → Synapse and back.
+    put(
+        &ours,
+        &alice,
+        &typing(&alice),
+        json!({"typing": true, "timeout": 20000}),
+    )
+    .await;
+    let seen = sync_until(&synapse, &sam, &ours, "Alice typing", 30, |s| {
+        typing_users(s, &room).filter(|u| u.contains(&alice.user_id))
+    })
+    .await;
+    assert_eq!(seen, vec![alice.user_id.clone()]);
+    put(
+        &synapse,
+        &sam,
+        &typing(&sam),
+        json!({"typing": true, "timeout": 20000}),
+    )
+    .await;
+    sync_until(&ours, &alice, &synapse, "Sam typing", 30, |s| {
+        typing_users(s, &room).filter(|u| u.contains(&sam.user_id))
+    })
+    .await;
+    put(&ours, &alice, &typing(&alice), json!({"typing": false})).await;
+    sync_until(&synapse, &sam, &ours, "Alice stopping", 30, |s| {
+        typing_users(s, &room).filter(|u| !u.contains(&alice.user_id))
+    })
+    .await;
+
+    // Receipts: a private one never leaves the server, the public one after it arrives.
+    let first = send_id(&synapse, &sam, &room, "s1", "read me privately").await;
+    let second = send_id(&synapse, &sam, &room, "s2", "read me publicly").await;
+    wait_for_message(&ours, &alice, &room, "read me publicly", &synapse).await;
+    let receipt = |kind: &str, event: &str| {
+        format!(
+            "/_matrix/client/v3/rooms/{}/receipt/{kind}/{}",
+            enc(&room),
+            enc(event)
+        )
+    };
+    post(&ours, &alice, &receipt("m.read.private", &first), json!({})).await;
+    post(&ours, &alice, &receipt("m.read", &second), json!({})).await;
+    let read = sync_until(&synapse, &sam, &ours, "Alice's receipt", 30, |s| {
+        read_receipt(s, &room, &alice.user_id)
+    })
+    .await;
+    assert_eq!(read, second, "only the public receipt, never the private one");
+    let mine = send_id(&ours, &alice, &room, "a2", "read me, Sam").await;
+    wait_for_message(&synapse, &sam, &room, "read me, Sam", &ours).await;
+    post(&synapse, &sam, &receipt("m.read", &mine), json!({})).await;
+    let read = sync_until(&ours, &alice, &synapse, "Sam's receipt", 30, |s| {
+        read_receipt(s, &room, &sam.user_id)
+    })
+    .await;
+    assert_eq!(read, mine);
+
+    // Presence, to the servers sharing a room.
+    let presence = |user: &User| format!("/_matrix/client/v3/presence/{}/status", enc(&user.user_id));
+    put(
+        &ours,
+        &alice,
+        &presence(&alice),
+        json!({"presence": "online", "status_msg": "bridging"}),
+    )
+    .await;
+    let seen = sync_until(&synapse, &sam, &ours, "Alice's presence", 30, |s| {
+        presence_of(s, &alice.user_id).filter(|p| p["status_msg"] == "bridging")
+    })
+    .await;
+    assert_eq!(seen["presence"], "online", "{seen}");
+    put(
+        &synapse,
+        &sam,
+        &presence(&sam),
+        json!({"presence": "unavailable", "status_msg": "lunch"}),
+    )
+    .await;
+    let seen = sync_until(&ours, &alice, &synapse, "Sam's presence", 30, |s| {
+        presence_of(s, &sam.user_id).filter(|p| p["status_msg"] == "lunch")
+    })
+    .await;
+    assert_eq!(seen["presence"], "unavailable", "{seen}");
+    let (status, body) = ours
+        .server
+        .call(Method::GET, &presence(&sam), Some(&alice.token), None)
+        .await;
+    assert_eq!(
+        (status, &body["status_msg"]),
+        (StatusCode::OK, &json!("lunch")),
+        "{body}"
+    );
+}
+
+/// Device keys as a client uploads them (the servers check their shape, not their signatures).
+fn device_keys(user: &User, device: &str, seed: &str) -> Value {
+    json!({
+        "user_id": user.user_id,
+        "device_id": device,
+        "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
+        "keys": {
+            format!("curve25519:{device}"): format!("{seed}curve"),
+            format!("ed25519:{device}"): format!("{seed}ed"),
+        },
+        "signatures": { user.user_id.as_str(): { format!("ed25519:{device}"): format!("{seed}sig") } },
+    })
+}
+
+/// Device keys without their `unsigned` part (servers add display names there).
+fn without_unsigned(keys: &Value) -> Value {
+    let mut keys = keys.clone();
+    if let Some(keys) = keys.as_object_mut() {
+        keys.remove("unsigned");
+    }
+    keys
+}
+
+async fn upload_keys(on: &Peer, user: &User, device: &str, seed: &str, one_time: usize) -> Value {
+    let one_time_keys: serde_json::Map<String, Value> = (0..one_time)
+        .map(|i| {
+            (
+                format!("signed_curve25519:{seed}{i}"),
+                json!({"key": format!("{seed}otk{i}"), "signatures": {user.user_id.as_str(): {format!("ed25519:{device}"): "x"}}}),
+            )
+        })
+        .collect();
+    post(
+        on,
+        user,
+        "/_matrix/client/v3/keys/upload",
+        json!({"device_keys": device_keys(user, device, seed), "one_time_keys": one_time_keys}),
+    )
+    .await
+}
+
+async fn query_keys(on: &Peer, user: &User, of: &User) -> Value {
+    post(
+        on,
+        user,
+        "/_matrix/client/v3/keys/query",
+        json!({"device_keys": {of.user_id.as_str(): []}}),
+    )
+    .await
+}
+
+/// Logs `user` in again on `on`: a second device.
+async fn second_device(on: &Peer, user: &User) -> User {
+    let localpart = user.user_id[1..].split(':').next().expect("localpart");
+    let (status, body) = on
+        .server
+        .call(
+            Method::POST,
+            "/_matrix/client/v3/login",
+            None,
+            Some(json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": localpart}, "password": "password"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    User {
+        user_id: user.user_id.clone(),
+        token: body["access_token"].as_str().expect("token").to_owned(),
+        device_id: body["device_id"].as_str().expect("device").to_owned(),
+    }
+}
+
+fn to_device_from(sync: &Value, sender: &str, kind: &str) -> Vec<Value> {
+    sync["to_device"]["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["sender"] == sender && e["type"] == kind)
+        .map(|e| e["content"].clone())
+        .collect()
+}
+
+/// Syncs until `count` to-device messages of `kind` from `sender` arrived (over any number of
+/// responses), then once more to catch a duplicate; returns their contents.
+async fn to_device_until(
+    on: &Peer,
+    user: &User,
+    other: &Peer,
+    sender: &str,
+    kind: &str,
+    count: usize,
+) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut got = Vec::new();
+    let mut since = on.server.sync(user, "timeout=0").await;
+    got.extend(to_device_from(&since, sender, kind));
+    let mut extra_round = false;
+    loop {
+        let token = since["next_batch"].as_str().expect("next_batch").to_owned();
+        since = on
+            .server
+            .sync(user, &format!("timeout=1000&since={}", enc(&token)))
+            .await;
+        got.extend(to_device_from(&since, sender, kind));
+        if extra_round {
+            return got;
+        }
+        extra_round = got.len() >= count;
+        assert!(
+            Instant::now() < deadline,
+            "{count} {kind} from {sender} never reached {} (got {got:?})\n--- {} log:\n{}\n--- {} log:\n{}",
+            on.name,
+            on.name,
+            log_of(on),
+            other.name,
+            log_of(other)
+        );
+    }
+}
+
+fn changed_includes(sync: &Value, user: &str) -> bool {
+    sync["device_lists"]["changed"]
+        .as_array()
+        .is_some_and(|c| c.iter().any(|u| u == user))
+}
+
+/// Both directions between `a` (Alice's server) and `b` (Bob's): keys queried and claimed across
+/// servers, to-device messages, a new device seen by the other side.
+async fn keys_and_to_device_cross(a: &Peer, b: &Peer, alice: &User, bob: &User) {
+    upload_keys(a, alice, &alice.device_id, "alice", 2).await;
+    upload_keys(b, bob, &bob.device_id, "bob", 2).await;
+
+    // Each side queries the other's keys: byte-for-byte what was uploaded.
+    let theirs = query_keys(b, bob, alice).await;
+    assert_eq!(
+        without_unsigned(&theirs["device_keys"][&alice.user_id][&alice.device_id]),
+        device_keys(alice, &alice.device_id, "alice"),
+        "{theirs}\n{}\n{}",
+        log_of(a),
+        log_of(b)
+    );
+    let ours = query_keys(a, alice, bob).await;
+    assert_eq!(
+        without_unsigned(&ours["device_keys"][&bob.user_id][&bob.device_id]),
+        device_keys(bob, &bob.device_id, "bob"),
+        "{ours}"
+    );
+
+    // One-time keys claimed across: each key once.
+    let claim = |of: &User| json!({"one_time_keys": {of.user_id.as_str(): {of.device_id.as_str(): "signed_curve25519"}}});
+    let claimed = post(b, bob, "/_matrix/client/v3/keys/claim", claim(alice)).await;
+    let keys = claimed["one_time_keys"][&alice.user_id][&alice.device_id]
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(keys.len(), 1, "{claimed}");
+    assert!(
+        keys.keys().all(|k| k.starts_with("signed_curve25519:alice")),
+        "{claimed}"
+    );
+    let counts = post(a, alice, "/_matrix/client/v3/keys/upload", json!({})).await;
+    assert_eq!(counts["one_time_key_counts"]["signed_curve25519"], 1, "{counts}");
+    let claimed = post(a, alice, "/_matrix/client/v3/keys/claim", claim(bob)).await;
+    assert_eq!(
+        claimed["one_time_keys"][&bob.user_id][&bob.device_id]
+            .as_object()
+            .map(|k| k.len()),
+        Some(1),
+        "{claimed}"
+    );
+
+    // To-device messages, to one device and to all of them.
+    let to_device =
+        |to: &User, device: &str, n: u32| json!({"messages": {to.user_id.as_str(): {device: {"n": n}}}});
+    put(
+        a,
+        alice,
+        "/_matrix/client/v3/sendToDevice/org.example.ping/t1",
+        to_device(bob, &bob.device_id, 1),
+    )
+    .await;
+    // The same transaction again is the same message: it arrives once.
+    put(
+        a,
+        alice,
+        "/_matrix/client/v3/sendToDevice/org.example.ping/t1",
+        to_device(bob, &bob.device_id, 1),
+    )
+    .await;
+    put(
+        a,
+        alice,
+        "/_matrix/client/v3/sendToDevice/org.example.ping/t2",
+        to_device(bob, "*", 2),
+    )
+    .await;
+    let got = to_device_until(b, bob, a, &alice.user_id, "org.example.ping", 2).await;
+    assert_eq!(got, vec![json!({"n": 1}), json!({"n": 2})]);
+    put(
+        b,
+        bob,
+        "/_matrix/client/v3/sendToDevice/org.example.pong/t1",
+        to_device(alice, &alice.device_id, 3),
+    )
+    .await;
+    let got = to_device_until(a, alice, b, &bob.user_id, "org.example.pong", 1).await;
+    assert_eq!(got, vec![json!({"n": 3})]);
+
+    // A new device of either is seen by the other side (`device_lists.changed`, then its keys).
+    let since = next_batch(b, bob).await;
+    let alice2 = second_device(a, alice).await;
+    upload_keys(a, &alice2, &alice2.device_id, "alice2", 1).await;
+    sync_from_until(b, bob, a, "Alice's new device", 30, Some(since), |s| {
+        changed_includes(s, &alice.user_id).then_some(())
+    })
+    .await;
+    let theirs = query_keys(b, bob, alice).await;
+    assert_eq!(
+        without_unsigned(&theirs["device_keys"][&alice.user_id][&alice2.device_id]),
+        device_keys(alice, &alice2.device_id, "alice2"),
+        "{theirs}"
+    );
+    let since = next_batch(a, alice).await;
+    let bob2 = second_device(b, bob).await;
+    upload_keys(b, &bob2, &bob2.device_id, "bob2", 1).await;
+    sync_from_until(a, alice, b, "Bob's new device", 30, Some(since), |s| {
+        changed_includes(s, &bob.user_id).then_some(())
+    })
+    .await;
+    let ours = query_keys(a, alice, bob).await;
+    let devices = ours["device_keys"][&bob.user_id]
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(devices.len(), 2, "{ours}");
+    assert_eq!(
+        without_unsigned(&devices[&bob2.device_id]),
+        device_keys(bob, &bob2.device_id, "bob2")
+    );
+}
+
+#[tokio::test]
+async fn keys_devices_and_to_device_messages_cross_both_ways_with_synapse() {
+    let Some((synapse, ours, sam, alice, _room)) = with_synapse().await else {
+        return;
+    };
+    keys_and_to_device_cross(&ours, &synapse, &alice, &sam).await;
+}
+
+#[tokio::test]
+async fn keys_devices_and_to_device_messages_cross_between_switchboards() {
+    let (a, b, alice, bob, _room) = two_in_a_room().await;
+    keys_and_to_device_cross(&a, &b, &alice, &bob).await;
+}
+
+#[tokio::test]
+async fn device_updates_and_to_device_messages_sent_while_the_peer_is_down_arrive_afterwards() {
+    let (a, mut b, alice, bob, _room) = two_in_a_room().await;
+    upload_keys(&a, &alice, &alice.device_id, "alice", 1).await;
+    // Bob's server keeps Alice's list from here on (fetched on Bob's query or on the update
+    // Alice's upload sent, whichever came first; the other finds it current).
+    query_keys(&b, &bob, &alice).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let since = next_batch(&b, &bob).await;
+    b.server.terminate();
+    put(
+        &a,
+        &alice,
+        "/_matrix/client/v3/sendToDevice/org.example.ping/down",
+        json!({"messages": {bob.user_id.as_str(): {bob.device_id.as_str(): {"while": "down"}}}}),
+    )
+    .await;
+    let alice2 = second_device(&a, &alice).await;
+    upload_keys(&a, &alice2, &alice2.device_id, "alice2", 1).await;
+    // Let the queue fail and back off before the peer returns.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    b.server.restart().await;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let (mut since, mut got, mut changed) = (since, Vec::new(), false);
+    while got.is_empty() || !changed {
+        let sync = b
+            .server
+            .sync(&bob, &format!("timeout=1000&since={}", enc(&since)))
+            .await;
+        got.extend(to_device_from(&sync, &alice.user_id, "org.example.ping"));
+        changed |= changed_includes(&sync, &alice.user_id);
+        since = sync["next_batch"].as_str().expect("next_batch").to_owned();
+        assert!(
+            Instant::now() < deadline,
+            "after the outage: to-device {got:?}, changed {changed}\n{}",
+            log_of(&a)
+        );
+    }
+    assert_eq!(got, vec![json!({"while": "down"})]);
+    let theirs = query_keys(&b, &bob, &alice).await;
+    assert_eq!(
+        without_unsigned(&theirs["device_keys"][&alice.user_id][&alice2.device_id]),
+        device_keys(&alice, &alice2.device_id, "alice2"),
+        "{theirs}"
+    );
+}
+
+#[tokio::test]
+async fn bad_edus_are_dropped_and_a_broken_device_list_chain_is_fetched_again() {
+    let (a, b, alice, bob, room) = two_in_a_room().await;
+    let b_key = SigningKey::load(&b.server.dir.path().join("signing.key")).expect("b's key");
+    upload_keys(&b, &bob, &bob.device_id, "bob", 1).await;
+    // Alice's server keeps Bob's list.
+    let kept = query_keys(&a, &alice, &bob).await;
+    assert!(
+        kept["device_keys"][&bob.user_id][&bob.device_id].is_object(),
+        "{kept}"
+    );
+    let send = |edus: Value, txn: &str| {
+        let body = json!({"origin": b.name, "origin_server_ts": 1, "pdus": [], "edus": edus});
+        let path = format!("/_matrix/federation/v1/send/{txn}");
+        let (a, b_key, b_name) = (&a, &b_key, b.name.clone());
+        async move { fed_request(a, b_key, &b_name, "PUT", &path, Some(&body)).await }
+    };
+    let stranger = format!("@mallory:{}", a.name);
+    let (status, body) = send(
+        json!([
+            // Typing and presence for a user of another server than the origin.
+            {"edu_type": "m.typing", "content": {"room_id": room, "user_id": stranger, "typing": true}},
+            {"edu_type": "m.presence", "content": {"push": [{"user_id": alice.user_id, "presence": "offline"}]}},
+            // To-device for users who do not exist, and without a message ID.
+            {"edu_type": "m.direct_to_device", "content": {"sender": bob.user_id, "type": "m.x", "message_id": "m1",
+                "messages": {format!("@nobody:{}", a.name): {"DEV": {}}, format!("@far:{}", b.name): {"*": {}}}}},
+            {"edu_type": "m.direct_to_device", "content": {"sender": bob.user_id, "type": "m.x", "messages": {}}},
+            // Garbage.
+            {"edu_type": "m.receipt", "content": "nonsense"},
+            {"edu_type": "m.device_list_update", "content": {"user_id": 7}},
+            {"edu_type": "org.example.unknown", "content": {}},
+            // A device update naming a predecessor Alice's server never saw: the list is fetched.
+            {"edu_type": "m.device_list_update", "content": {"user_id": bob.user_id, "device_id": "GHOST",
+                "stream_id": 9_000_000_000_000_i64, "prev_id": [8_999_999_999_999_i64], "deleted": false,
+                "keys": {"user_id": bob.user_id, "device_id": "GHOST", "keys": {}}}},
+        ]),
+        "bad1",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let kept = query_keys(&a, &alice, &bob).await;
+    let devices = kept["device_keys"][&bob.user_id]
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        devices.contains_key(&bob.device_id) && !devices.contains_key("GHOST"),
+        "the list as Bob's server has it, not the forged device: {kept}"
+    );
+    let sync = a.server.sync(&alice, "timeout=0").await;
+    assert!(typing_users(&sync, &room).is_none_or(|u| u.is_empty()), "{sync}");
+    assert!(
+        sync["to_device"]["events"]
+            .as_array()
+            .is_none_or(|e| e.is_empty()),
+        "{sync}"
+    );
+    // Over the spec's 100 EDUs: refused whole.
+    let many: Vec<Value> = (0..101)
+        .map(|_| json!({"edu_type": "org.example.unknown", "content": {}}))
+        .collect();
+    let (status, body) = send(Value::Array(many), "bad2").await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+}
