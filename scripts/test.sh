@@ -9,10 +9,12 @@ cargo fmt --all -- --check
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 # The federation tests' peers first: Synapse (from PyPI, into target/synapse-venv; the SDK's tests
-# run against it too), ngircd and the IRC bridge's binary. Where they are required, a test that
+# run against it too), matrix-nio (target/interop-venv: the end-to-end encryption tests across
+# servers drive it), ngircd and the IRC bridge's binary. Where they are required, a test that
 # cannot find one fails instead of skipping.
-echo "==> installing the federation tests' peers (tests/interop/setup.sh synapse, irc)"
+echo "==> installing the federation tests' peers (tests/interop/setup.sh synapse, interop, irc)"
 bash tests/interop/setup.sh synapse
+bash tests/interop/setup.sh interop
 bash tests/interop/setup.sh irc
 cargo build -p switchboard -p switchboard-logger -p switchboard-irc
 export SWITCHBOARD_PEERS_REQUIRED=1

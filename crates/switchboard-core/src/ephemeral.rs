@@ -39,6 +39,22 @@ pub struct Presence {
     pub pos: i64,
 }
 
+impl Presence {
+    /// The `m.presence` content as of `now` (no `status_msg` when there is none: clients
+    /// validate it as a string).
+    pub fn content(&self, now: u64) -> Value {
+        let mut content = json!({
+            "presence": self.presence,
+            "last_active_ago": now.saturating_sub(self.last_active_ms),
+            "currently_active": self.presence == "online",
+        });
+        if let Some(status) = &self.status_msg {
+            content["status_msg"] = json!(status);
+        }
+        content
+    }
+}
+
 pub struct Ephemeral {
     store: Store,
     stream: Arc<EventStream>,
@@ -355,12 +371,7 @@ impl Ephemeral {
                 let event = json!({
                     "type": "m.presence",
                     "sender": user,
-                    "content": {
-                        "presence": p.presence,
-                        "status_msg": p.status_msg,
-                        "last_active_ago": now.saturating_sub(p.last_active_ms),
-                        "currently_active": p.presence == "online",
-                    },
+                    "content": p.content(now),
                 });
                 (p.pos, event)
             })

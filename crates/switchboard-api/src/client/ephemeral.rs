@@ -160,12 +160,7 @@ async fn get_presence(
     let presence = hs.ephemeral.presence(&user);
     let now = switchboard_core::util::now_ms();
     Ok(Json(match presence {
-        Some(p) => json!({
-            "presence": p.presence,
-            "status_msg": p.status_msg,
-            "last_active_ago": now.saturating_sub(p.last_active_ms),
-            "currently_active": p.presence == "online",
-        }),
+        Some(p) => p.content(now),
         None => json!({ "presence": "offline" }),
     }))
 }

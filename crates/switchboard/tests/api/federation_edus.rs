@@ -617,3 +617,57 @@ async fn bad_edus_are_dropped_and_a_broken_device_list_chain_is_fetched_again() 
     let (status, body) = send(Value::Array(many), "bad2").await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
 }
+
+/// Runs `tests/interop/federated_e2ee.py` (matrix-nio with vodozemac): Alice on `a`, Bob on `b`,
+/// Megolm both ways in an encrypted room and DM, then a new device on each side.
+async fn nio_e2ee_between(a: &Peer, b: &Peer) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let python = root.join("target/interop-venv/bin/python");
+    if !python.exists() {
+        skip_without("matrix-nio (tests/interop/setup.sh interop)");
+        return;
+    }
+    let stores = tempfile::tempdir().expect("tempdir");
+    let output = std::process::Command::new(python)
+        .arg(root.join("tests/interop/federated_e2ee.py"))
+        .arg(&a.server.base)
+        .arg(&b.server.base)
+        .arg(stores.path())
+        .output()
+        .expect("run python");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    assert!(
+        output.status.success(),
+        "{stdout}\n{stderr}\n--- {} log:\n{}\n--- {} log:\n{}",
+        a.name,
+        log_of(a),
+        b.name,
+        log_of(b)
+    );
+    assert_eq!(stdout.matches("ok: ").count(), 8, "{stdout}");
+}
+
+#[tokio::test]
+async fn nio_users_on_switchboard_and_synapse_exchange_megolm_messages_and_see_new_devices() {
+    let Some(synapse) = Peer::synapse().await else {
+        skip_without("Synapse (tests/interop/setup.sh synapse)");
+        return;
+    };
+    let ours = Peer::switchboard("").await;
+    // The rooms on Switchboard, then on Synapse.
+    nio_e2ee_between(&ours, &synapse).await;
+    let (synapse2, ours2) = (
+        Peer::synapse().await.expect("synapse"),
+        Peer::switchboard("").await,
+    );
+    nio_e2ee_between(&synapse2, &ours2).await;
+}
+
+#[tokio::test]
+async fn nio_users_on_two_switchboards_exchange_megolm_messages_and_see_new_devices() {
+    let (a, b) = (Peer::switchboard("").await, Peer::switchboard("").await);
+    nio_e2ee_between(&a, &b).await;
+}
