@@ -20,6 +20,25 @@ pub(crate) fn routes() -> Router<Arc<Homeserver>> {
         .route("/_switchboard/admin/v1/appservices/{id}", get(show))
         .route("/_switchboard/admin/v1/appservices/{id}/ping", post(ping))
         .route("/_switchboard/admin/v1/appservices/{id}/retry", post(retry))
+        // Synapse's admin API, so its tools work here too.
+        .route("/_synapse/admin/v1/purge_media_cache", post(purge_media_cache))
+}
+
+#[derive(serde::Deserialize)]
+struct PurgeParams {
+    before_ts: i64,
+}
+
+/// Drops cached media of other servers not used since `before_ts` (ms); it is fetched again
+/// when asked for.
+async fn purge_media_cache(
+    State(hs): State<Arc<Homeserver>>,
+    Auth(session): Auth,
+    crate::extract::Params(params): crate::extract::Params<PurgeParams>,
+) -> ApiResult<Json<Value>> {
+    require_admin(&session)?;
+    let deleted = hs.purge_remote_media(params.before_ts).await?;
+    Ok(Json(json!({ "deleted": deleted })))
 }
 
 fn require_admin(session: &Session) -> Result<(), Error> {

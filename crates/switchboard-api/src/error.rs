@@ -58,6 +58,7 @@ impl IntoResponse for ApiError {
             Error::Conflict(_) => (StatusCode::CONFLICT, "M_UNKNOWN"),
             Error::UnsupportedRoomVersion(_) => (StatusCode::BAD_REQUEST, "M_UNSUPPORTED_ROOM_VERSION"),
             Error::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "M_TOO_LARGE"),
+            Error::RemoteTooLarge(_) => (StatusCode::BAD_GATEWAY, "M_TOO_LARGE"),
             Error::Unrecognized(_) => (StatusCode::NOT_FOUND, "M_UNRECOGNIZED"),
             Error::IncompatibleRoomVersion(version) => {
                 let body = json!({ "errcode": "M_INCOMPATIBLE_ROOM_VERSION", "error": message, "room_version": version });

@@ -101,27 +101,40 @@ fn is_inline(content_type: &str) -> bool {
     INLINE_CONTENT_TYPES.contains(&essence.as_str())
 }
 
-/// The response body: a file streamed in chunks (never read whole into memory), or bytes.
-fn body(content: MediaBody) -> axum::body::Body {
+/// The content's bytes as a stream: a file read in chunks (never whole into memory), or bytes.
+pub(crate) fn chunks(
+    content: MediaBody,
+) -> futures_util::stream::BoxStream<'static, Result<Bytes, std::io::Error>> {
+    use futures_util::StreamExt;
     match content {
-        MediaBody::Bytes(bytes) => axum::body::Body::from(bytes),
-        MediaBody::File { file, .. } => {
-            let chunks = futures_util::stream::unfold(Some(file), |file| async move {
-                use tokio::io::AsyncReadExt;
-                let mut file = file?;
-                let mut chunk = vec![0u8; 64 * 1024];
-                match file.read(&mut chunk).await {
-                    Ok(0) => None,
-                    Ok(n) => {
-                        chunk.truncate(n);
-                        Some((Ok(Bytes::from(chunk)), Some(file)))
-                    }
-                    Err(e) => Some((Err(e), None)),
+        MediaBody::Bytes(bytes) => futures_util::stream::once(async move { Ok(Bytes::from(bytes)) }).boxed(),
+        MediaBody::File { file, .. } => futures_util::stream::unfold(Some(file), |file| async move {
+            use tokio::io::AsyncReadExt;
+            let mut file = file?;
+            let mut chunk = vec![0u8; 64 * 1024];
+            match file.read(&mut chunk).await {
+                Ok(0) => None,
+                Ok(n) => {
+                    chunk.truncate(n);
+                    Some((Ok(Bytes::from(chunk)), Some(file)))
                 }
-            });
-            axum::body::Body::from_stream(chunks)
-        }
+                Err(e) => Some((Err(e), None)),
+            }
+        })
+        .boxed(),
     }
+}
+
+/// The length of the content's bytes.
+pub(crate) fn length(content: &MediaBody) -> u64 {
+    match content {
+        MediaBody::File { len, .. } => *len,
+        MediaBody::Bytes(bytes) => bytes.len() as u64,
+    }
+}
+
+fn body(content: MediaBody) -> axum::body::Body {
+    axum::body::Body::from_stream(chunks(content))
 }
 
 fn server(raw: &str) -> Result<OwnedServerName, Error> {
@@ -198,27 +211,29 @@ async fn upload_to(
     Ok(Json(json!({})))
 }
 
-/// Media answers carry the spec's security headers: served content must not run scripts.
-fn media_response(content: Content, filename: Option<String>) -> Response {
-    let filename = filename.or(content.filename);
-    let kind = if is_inline(&content.content_type) {
+/// The `Content-Disposition` of served media: `inline` only for types a browser may show.
+pub(crate) fn disposition(content_type: &str, filename: Option<&str>) -> String {
+    let kind = if is_inline(content_type) {
         "inline"
     } else {
         "attachment"
     };
-    let disposition = match filename {
+    match filename {
         // Non-ASCII names go in RFC 6266's `filename*`, percent-encoded UTF-8.
-        Some(name) if !name.is_ascii() => format!("{kind}; filename*=UTF-8''{}", percent_encode(&name)),
+        Some(name) if !name.is_ascii() => format!("{kind}; filename*=UTF-8''{}", percent_encode(name)),
         Some(name) => format!(
             "{kind}; filename=\"{}\"",
             name.replace(['"', '\\', '\r', '\n'], "_")
         ),
         None => kind.to_owned(),
-    };
-    let length = match &content.body {
-        MediaBody::File { len, .. } => *len,
-        MediaBody::Bytes(bytes) => bytes.len() as u64,
-    };
+    }
+}
+
+/// Media answers carry the spec's security headers: served content must not run scripts.
+fn media_response(content: Content, filename: Option<String>) -> Response {
+    let filename = filename.or(content.filename);
+    let disposition = disposition(&content.content_type, filename.as_deref());
+    let length = length(&content.body);
     let mut response = body(content.body).into_response();
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
@@ -240,15 +255,21 @@ fn media_response(content: Content, filename: Option<String>) -> Response {
     response
 }
 
+/// Whether a route may fetch other servers' media: the authenticated ones always, the legacy
+/// ones only with `enable_authenticated_media: false` (Synapse's rule).
+fn may_fetch(hs: &Homeserver, authenticated: bool) -> bool {
+    authenticated || !hs.config.enable_authenticated_media
+}
+
 async fn fetch(
     hs: &Homeserver,
     server_name: &str,
     media_id: &str,
     filename: Option<String>,
+    authenticated: bool,
 ) -> ApiResult<Response> {
     let content = hs
-        .media
-        .download(&server(server_name)?, &hs.server_name, media_id)
+        .media_content(&server(server_name)?, media_id, may_fetch(hs, authenticated))
         .await?;
     Ok(media_response(content, filename))
 }
@@ -257,14 +278,14 @@ async fn download(
     State(hs): State<Arc<Homeserver>>,
     Path((server_name, media_id)): Path<(String, String)>,
 ) -> ApiResult<Response> {
-    fetch(&hs, &server_name, &media_id, None).await
+    fetch(&hs, &server_name, &media_id, None, false).await
 }
 
 async fn download_named(
     State(hs): State<Arc<Homeserver>>,
     Path((server_name, media_id, filename)): Path<(String, String, String)>,
 ) -> ApiResult<Response> {
-    fetch(&hs, &server_name, &media_id, Some(filename)).await
+    fetch(&hs, &server_name, &media_id, Some(filename), false).await
 }
 
 async fn download_authenticated(
@@ -272,7 +293,7 @@ async fn download_authenticated(
     _auth: Auth,
     Path((server_name, media_id)): Path<(String, String)>,
 ) -> ApiResult<Response> {
-    fetch(&hs, &server_name, &media_id, None).await
+    fetch(&hs, &server_name, &media_id, None, true).await
 }
 
 async fn download_named_authenticated(
@@ -280,14 +301,30 @@ async fn download_named_authenticated(
     _auth: Auth,
     Path((server_name, media_id, filename)): Path<(String, String, String)>,
 ) -> ApiResult<Response> {
-    fetch(&hs, &server_name, &media_id, Some(filename)).await
+    fetch(&hs, &server_name, &media_id, Some(filename), true).await
 }
 
 #[derive(Deserialize)]
-struct ThumbnailParams {
+pub(crate) struct ThumbnailParams {
     width: u32,
     height: u32,
     method: Option<String>,
+}
+
+impl ThumbnailParams {
+    /// `(width, height, method)`, with the spec's default method `scale`.
+    pub(crate) fn size(&self) -> Result<(u32, u32, Method), Error> {
+        let method = match self.method.as_deref() {
+            None | Some("scale") => Method::Scale,
+            Some("crop") => Method::Crop,
+            Some(other) => {
+                return Err(Error::InvalidParam(format!(
+                    "method must be crop or scale, not `{other}`"
+                )));
+            }
+        };
+        Ok((self.width, self.height, method))
+    }
 }
 
 async fn make_thumbnail(
@@ -295,23 +332,14 @@ async fn make_thumbnail(
     server_name: &str,
     media_id: &str,
     params: ThumbnailParams,
+    authenticated: bool,
 ) -> ApiResult<Response> {
-    let method = match params.method.as_deref() {
-        None | Some("scale") => Method::Scale,
-        Some("crop") => Method::Crop,
-        Some(other) => {
-            return Err(Error::InvalidParam(format!("method must be crop or scale, not `{other}`")).into());
-        }
-    };
     let content = hs
-        .media
-        .thumbnail(
+        .media_thumbnail(
             &server(server_name)?,
-            &hs.server_name,
             media_id,
-            params.width,
-            params.height,
-            method,
+            params.size()?,
+            may_fetch(hs, authenticated),
         )
         .await?;
     Ok(media_response(content, None))
@@ -322,7 +350,7 @@ async fn thumbnail(
     Path((server_name, media_id)): Path<(String, String)>,
     Params(params): Params<ThumbnailParams>,
 ) -> ApiResult<Response> {
-    make_thumbnail(&hs, &server_name, &media_id, params).await
+    make_thumbnail(&hs, &server_name, &media_id, params, false).await
 }
 
 async fn thumbnail_authenticated(
@@ -331,7 +359,7 @@ async fn thumbnail_authenticated(
     Path((server_name, media_id)): Path<(String, String)>,
     Params(params): Params<ThumbnailParams>,
 ) -> ApiResult<Response> {
-    make_thumbnail(&hs, &server_name, &media_id, params).await
+    make_thumbnail(&hs, &server_name, &media_id, params, true).await
 }
 
 async fn config(State(hs): State<Arc<Homeserver>>) -> Json<Value> {

@@ -131,9 +131,28 @@ pub struct Config {
     /// user, and taken from them). Synapse's key.
     #[serde(default = "default_true")]
     pub use_presence: bool,
+    /// Whether other servers' media is fetched only for the authenticated media routes
+    /// (`/_matrix/client/v1/media`), not the legacy unauthenticated ones. Synapse's key and default.
+    #[serde(default = "default_true")]
+    pub enable_authenticated_media: bool,
+    /// How long cached media of other servers is kept after its last use (Synapse's
+    /// `media_retention`); kept for ever without `remote_media_lifetime`.
+    #[serde(default)]
+    pub media_retention: MediaRetention,
     /// The file this config was loaded from, if any: hot reload reads it again.
     #[serde(skip)]
     pub path: Option<PathBuf>,
+}
+
+/// `media_retention`: only `remote_media_lifetime` is acted on (local media is kept).
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MediaRetention {
+    #[serde(default)]
+    pub remote_media_lifetime: Option<DurationMs>,
+    /// Accepted for Synapse configs; local media is never deleted by age.
+    #[serde(default)]
+    pub local_media_lifetime: Option<DurationMs>,
 }
 
 fn default_true() -> bool {
@@ -1005,6 +1024,8 @@ impl Config {
             key_refresh_interval: DurationMs::one_day(),
             allow_public_rooms_over_federation: false,
             use_presence: true,
+            enable_authenticated_media: true,
+            media_retention: MediaRetention::default(),
             path: None,
         }
     }

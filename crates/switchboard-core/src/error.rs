@@ -38,6 +38,9 @@ pub enum Error {
     LimitExceeded { retry_after_ms: u64 },
     #[error("{0}")]
     TooLarge(String),
+    /// Another server's media is larger than this server takes (`max_upload_size`).
+    #[error("{0}")]
+    RemoteTooLarge(String),
     #[error("{0}")]
     Unrecognized(String),
     #[error("{0}")]

@@ -72,6 +72,32 @@ impl Media {
         self.dir.join("local_content").join(a).join(b).join(rest)
     }
 
+    /// Where other servers' media is cached.
+    pub(crate) fn remote_root(&self) -> PathBuf {
+        self.dir.join("remote_content")
+    }
+
+    /// The cached file of another server's media (`variant` "" for the original).
+    pub(crate) fn remote_path(&self, origin: &ServerName, media_id: &str, variant: &str) -> PathBuf {
+        let (a, rest) = media_id.split_at(2.min(media_id.len()));
+        let (b, rest) = rest.split_at(2.min(rest.len()));
+        let name = if variant.is_empty() {
+            rest.to_owned()
+        } else {
+            format!("{rest}-{variant}")
+        };
+        self.remote_root()
+            .join(origin.as_str())
+            .join(a)
+            .join(b)
+            .join(name)
+    }
+
+    /// A new file name for a download in progress.
+    pub(crate) fn temp_path(&self) -> PathBuf {
+        self.remote_root().join("incoming").join(random_string(16))
+    }
+
     /// `POST /_matrix/media/v1/create`: reserves an ID to upload to later.
     pub async fn create(&self, uploader: &UserId) -> Result<String> {
         let media_id = random_string(24);
@@ -145,8 +171,8 @@ impl Media {
         Ok(())
     }
 
-    /// The stored facts of uploaded local media: content type and file name. Remote media would
-    /// need federation, which is not built.
+    /// The stored facts of uploaded local media: content type and file name. (Other servers'
+    /// media goes through `crate::federation::media`.)
     async fn uploaded(
         &self,
         server: &ServerName,
@@ -154,9 +180,7 @@ impl Media {
         media_id: &str,
     ) -> Result<(String, Option<String>)> {
         if server != own {
-            return Err(Error::NotFound(
-                "Remote media is not available: federation is not supported".to_owned(),
-            ));
+            return Err(Error::NotFound("Media not found".to_owned()));
         }
         let (_, content_type, filename, uploaded) = self
             .store
@@ -260,7 +284,7 @@ fn pick_size(sizes: &[ThumbnailSize], width: u32, height: u32, method: Method) -
     }
 }
 
-async fn open(path: &Path) -> Result<Body> {
+pub(crate) async fn open(path: &Path) -> Result<Body> {
     let file = tokio::fs::File::open(path)
         .await
         .map_err(|e| Error::Internal(format!("media file {}: {e}", path.display())))?;
@@ -319,15 +343,29 @@ async fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
             .await
             .map_err(|e| Error::Internal(format!("{}: {e}", parent.display())))?;
     }
-    // Unique per write: two requests rendering the same thumbnail must not share a file.
-    let tmp = path.with_extension(format!("tmp{}", random_string(8)));
+    let tmp = sibling_temp(path);
     tokio::fs::write(&tmp, bytes)
         .await
         .map_err(|e| Error::Internal(format!("{}: {e}", tmp.display())))?;
-    tokio::fs::rename(&tmp, path)
+    rename(&tmp, path).await
+}
+
+/// A temporary file beside `path`, unique per write: two requests making the same file must
+/// not share one.
+pub(crate) fn sibling_temp(path: &Path) -> PathBuf {
+    path.with_extension(format!("tmp{}", random_string(8)))
+}
+
+/// Moves a finished file into place (creating its directory).
+pub(crate) async fn rename(from: &Path, to: &Path) -> Result<()> {
+    if let Some(parent) = to.parent() {
+        tokio::fs::create_dir_all(parent)
+            .await
+            .map_err(|e| Error::Internal(format!("{}: {e}", parent.display())))?;
+    }
+    tokio::fs::rename(from, to)
         .await
-        .map_err(|e| Error::Internal(format!("{}: {e}", path.display())))?;
-    Ok(())
+        .map_err(|e| Error::Internal(format!("{}: {e}", to.display())))
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
-//! Tables of what crosses servers outside rooms: EDUs waiting for their destination, and the
-//! device lists of other servers' users this server keeps.
+//! Tables of what crosses servers outside rooms: EDUs waiting for their destination, the
+//! device lists of other servers' users this server keeps, and their media it cached.
 
 use sqlx::Row;
 
@@ -257,6 +257,79 @@ impl Store {
                 .await?;
             tx.commit().await?;
             Ok(())
+        })
+    }
+
+    // ---- other servers' media -----------------------------------------------------------------
+
+    /// A cached piece of remote media: `(content_type, filename, size)`, its access time moved to
+    /// `now`.
+    pub async fn remote_media(
+        &self,
+        origin: &str,
+        media_id: &str,
+        variant: &str,
+        now: i64,
+    ) -> Result<Option<(String, Option<String>, i64)>> {
+        on_db!(self, |write, read| {
+            let row = sqlx::query(
+                "UPDATE remote_media SET last_access_ts = $4
+                 WHERE origin = $1 AND media_id = $2 AND variant = $3
+                 RETURNING content_type, filename, size",
+            )
+            .bind(origin)
+            .bind(media_id)
+            .bind(variant)
+            .bind(now)
+            .fetch_optional(write)
+            .await?;
+            Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))))
+        })
+    }
+
+    /// Records remote media just cached (a concurrent fetch of the same may have recorded it).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn add_remote_media(
+        &self,
+        origin: &str,
+        media_id: &str,
+        variant: &str,
+        content_type: &str,
+        filename: Option<&str>,
+        size: i64,
+        now: i64,
+    ) -> Result<()> {
+        on_db!(self, |write, read| {
+            sqlx::query(
+                "INSERT INTO remote_media
+                   (origin, media_id, variant, content_type, filename, size, created_ts, last_access_ts)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $7)
+                 ON CONFLICT (origin, media_id, variant) DO NOTHING",
+            )
+            .bind(origin)
+            .bind(media_id)
+            .bind(variant)
+            .bind(content_type)
+            .bind(filename)
+            .bind(size)
+            .bind(now)
+            .execute(write)
+            .await?;
+            Ok(())
+        })
+    }
+
+    /// Forgets cached remote media not used since `before`: `(origin, media_id, variant)` of
+    /// each, for their files to be deleted.
+    pub async fn purge_remote_media(&self, before: i64) -> Result<Vec<(String, String, String)>> {
+        on_db!(self, |write, read| {
+            let rows = sqlx::query(
+                "DELETE FROM remote_media WHERE last_access_ts < $1 RETURNING origin, media_id, variant",
+            )
+            .bind(before)
+            .fetch_all(write)
+            .await?;
+            Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
         })
     }
 }

@@ -22,7 +22,7 @@ const SQLITE_MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0012_federation_rooms.sql"),
     include_str!("../migrations/sqlite/0013_state_snapshots.sql"),
     include_str!("../migrations/sqlite/0014_backfill_and_relay.sql"),
-    include_str!("../migrations/sqlite/0015_federation_edus.sql"),
+    include_str!("../migrations/sqlite/0015_federation_edus_and_media.sql"),
 ];
 
 const POSTGRES_MIGRATIONS: &[&str] = &[
@@ -40,7 +40,7 @@ const POSTGRES_MIGRATIONS: &[&str] = &[
     include_str!("../migrations/postgres/0012_federation_rooms.sql"),
     include_str!("../migrations/postgres/0013_state_snapshots.sql"),
     include_str!("../migrations/postgres/0014_backfill_and_relay.sql"),
-    include_str!("../migrations/postgres/0015_federation_edus.sql"),
+    include_str!("../migrations/postgres/0015_federation_edus_and_media.sql"),
 ];
 
 /// The schema version this binary writes.

@@ -261,6 +261,19 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
         "remote_device_lists",
         &[("user_id", Text), ("stream_id", Int), ("stale", Bool)],
     ),
+    (
+        "remote_media",
+        &[
+            ("origin", Text),
+            ("media_id", Text),
+            ("variant", Text),
+            ("content_type", Text),
+            ("filename", Text),
+            ("size", Int),
+            ("created_ts", Int),
+            ("last_access_ts", Int),
+        ],
+    ),
 ];
 
 /// Rows read from SQLite per query.

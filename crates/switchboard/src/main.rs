@@ -405,6 +405,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     #[cfg(unix)]
     tokio::spawn(reload_on_sighup(hs.clone()));
+    tokio::spawn(hs.clone().expire_remote_media());
     shutdown_signal().await;
     tracing::info!("shutting down: finishing requests in flight");
     let _ = stop_tx.send(true);

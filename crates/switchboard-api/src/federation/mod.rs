@@ -5,6 +5,7 @@
 mod devices;
 mod events;
 mod keys;
+mod media;
 mod membership;
 mod query;
 mod transactions;
@@ -36,6 +37,7 @@ pub(crate) fn router() -> Router<Arc<Homeserver>> {
         .merge(transactions::routes())
         .merge(events::routes())
         .merge(devices::routes())
+        .merge(media::routes())
 }
 
 /// `/.well-known/matrix/server`, when `serve_server_wellknown` is set.

@@ -233,6 +233,60 @@ impl FederationClient {
         Ok(destination)
     }
 
+    /// A `GET` of `path_and_query` on `destination` — signed (`X-Matrix`), or not for the legacy
+    /// media routes — whose successful answer is handed back unread, to be streamed.
+    pub async fn get_stream(
+        &self,
+        destination: &ServerName,
+        path_and_query: &str,
+        signed: bool,
+    ) -> Result<reqwest::Response, FederationError> {
+        if !self.allowed(destination) {
+            return Err(FederationError::NotWhitelisted(destination.to_string()));
+        }
+        if destination == self.origin {
+            return Err(FederationError::Unreachable(
+                "a request to this server itself".to_owned(),
+            ));
+        }
+        let target = self.destination(destination).await?;
+        let mut request = self
+            .http
+            .get(format!("{}{path_and_query}", target.base_url()))
+            .header(reqwest::header::HOST, target.host_header.as_str())
+            .timeout(REQUEST_TIMEOUT);
+        if signed {
+            let unsigned = http::Request::builder()
+                .method(http::Method::GET)
+                .uri(path_and_query)
+                .body(Vec::<u8>::new())
+                .map_err(|e| FederationError::Internal(format!("cannot build the request: {e}")))?;
+            let x_matrix = ruma::api::federation::authentication::XMatrix::sign_http_request(
+                &unsigned,
+                XMatrixSigningInput::new(self.origin.clone(), destination.to_owned(), &self.key.key_pair),
+            )
+            .map_err(|e| FederationError::Internal(format!("cannot sign the request: {e}")))?;
+            let header = http::HeaderValue::from(&x_matrix);
+            request = request.header(reqwest::header::AUTHORIZATION, header);
+        }
+        let response = request.send().await.map_err(|e| {
+            FederationError::Unreachable(format!("{destination}: {}", crate::util::error_chain(&e)))
+        })?;
+        let status = response.status();
+        if !status.is_success() {
+            let (body, _) = crate::util::read_capped(response, 64 * 1024).await;
+            let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            return Err(FederationError::Remote {
+                status: status.as_u16(),
+                errcode: json["errcode"].as_str().unwrap_or("M_UNKNOWN").to_owned(),
+                message: json["error"]
+                    .as_str()
+                    .map_or_else(|| format!("{destination} answered {status}"), str::to_owned),
+            });
+        }
+        Ok(response)
+    }
+
     /// Sends one request to `destination`, signed as the endpoint requires, and parses the answer.
     pub async fn send<R>(
         &self,

@@ -9,6 +9,7 @@ mod intake;
 mod invite;
 mod join;
 pub mod keys;
+mod media;
 pub mod outbox;
 pub mod resolve;
 pub mod sender;

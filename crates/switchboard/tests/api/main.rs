@@ -10,6 +10,7 @@ mod ephemeral;
 mod fake_as;
 mod federation;
 mod federation_edus;
+mod federation_media;
 mod http;
 mod input;
 mod keys;

@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 
 use crate::harness::{Server, errcode};
 
-fn png(width: u32, height: u32) -> Vec<u8> {
+pub(crate) fn png(width: u32, height: u32) -> Vec<u8> {
     let image = image::DynamicImage::new_rgb8(width, height);
     let mut out = std::io::Cursor::new(Vec::new());
     image.write_to(&mut out, image::ImageFormat::Png).expect("png");

@@ -10,7 +10,7 @@ use crate::{
     harness::{Server, binary, errcode},
 };
 
-async fn shared_secret_register(
+pub(crate) async fn shared_secret_register(
     s: &Server,
     username: &str,
     admin: bool,

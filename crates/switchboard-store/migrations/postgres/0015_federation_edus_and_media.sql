@@ -23,3 +23,19 @@ CREATE TABLE remote_device_lists (
     stream_id  BIGINT NOT NULL,
     stale      BOOLEAN NOT NULL DEFAULT FALSE
 );
+
+-- Other servers' media fetched for local clients, cached as files under
+-- media_store_path/remote_content: the original (variant '') and thumbnails as the origin made
+-- them (variant '<width>x<height>-<method>'). last_access_ts says what the purge may drop.
+CREATE TABLE remote_media (
+    origin          TEXT NOT NULL,
+    media_id        TEXT NOT NULL,
+    variant         TEXT NOT NULL,
+    content_type    TEXT NOT NULL,
+    filename        TEXT,
+    size            BIGINT NOT NULL,
+    created_ts      BIGINT NOT NULL,
+    last_access_ts  BIGINT NOT NULL,
+    PRIMARY KEY (origin, media_id, variant)
+);
+CREATE INDEX remote_media_access ON remote_media (last_access_ts);

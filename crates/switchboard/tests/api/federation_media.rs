@@ -1,0 +1,249 @@
+//! Media across servers: another server's media fetched through the authenticated media routes
+//! (multipart federation answers), cached, thumbnailed by its origin, bounded by
+//! `max_upload_size`, purged on request — with Synapse and between Switchboards.
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::{
+    harness::{User, errcode},
+    media::png,
+    ops::shared_secret_register,
+    peers::{Peer, log_of, skip_without},
+};
+
+async fn upload(on: &Peer, user: &User, kind: &str, bytes: Vec<u8>) -> String {
+    let response = on
+        .server
+        .http
+        .post(format!(
+            "{}/_matrix/media/v3/upload?filename=pic.png",
+            on.server.base
+        ))
+        .bearer_auth(&user.token)
+        .header("Content-Type", kind)
+        .body(bytes)
+        .send()
+        .await
+        .expect("upload");
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.expect("json");
+    let uri = body["content_uri"].as_str().expect("content_uri");
+    uri.strip_prefix("mxc://").expect("mxc").to_owned()
+}
+
+/// GETs `path` on `on` as `user` (or without a token); status, content type and bytes.
+async fn get(on: &Peer, user: Option<&User>, path: &str) -> (StatusCode, String, Vec<u8>) {
+    let mut request = on.server.http.get(format!("{}{path}", on.server.base));
+    if let Some(user) = user {
+        request = request.bearer_auth(&user.token);
+    }
+    let response = request.send().await.expect("get");
+    let status = response.status();
+    let kind = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    (status, kind, response.bytes().await.expect("body").to_vec())
+}
+
+fn json_of(bytes: &[u8]) -> Value {
+    serde_json::from_slice(bytes).unwrap_or(Value::Null)
+}
+
+/// Each side downloads and thumbnails the other's upload: the original byte for byte; on `a`,
+/// a Switchboard, the thumbnail its origin made (Synapse makes its own of remote media, so on
+/// `b` it is only checked to be a smaller image of the same picture).
+async fn media_crosses(a: &Peer, b: &Peer, alice: &User, bob: &User, b_is_switchboard: bool) {
+    let original = png(640, 480);
+    let theirs = upload(b, bob, "image/png", original.clone()).await;
+    let download = format!("/_matrix/client/v1/media/download/{theirs}");
+    let (status, kind, bytes) = get(a, Some(alice), &download).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "{}\n{}",
+        String::from_utf8_lossy(&bytes),
+        log_of(a)
+    );
+    assert_eq!(kind, "image/png");
+    assert!(bytes == original, "the download differs from the upload");
+    let thumbnail = format!("/_matrix/client/v1/media/thumbnail/{theirs}?width=96&height=96&method=crop");
+    let (status, kind, here) = get(a, Some(alice), &thumbnail).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&here));
+    let (_, origin_kind, there) = get(b, Some(bob), &thumbnail).await;
+    assert_eq!(kind, origin_kind);
+    assert!(here == there, "the thumbnail is not the one its origin made");
+    assert!(here != original && image::load_from_memory(&here).is_ok());
+
+    let original = png(300, 200);
+    let ours = upload(a, alice, "image/png", original.clone()).await;
+    let (status, _, bytes) = get(b, Some(bob), &format!("/_matrix/client/v1/media/download/{ours}")).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "{}\n{}",
+        String::from_utf8_lossy(&bytes),
+        log_of(b)
+    );
+    assert!(bytes == original, "the download differs from the upload");
+    let thumbnail = format!("/_matrix/client/v1/media/thumbnail/{ours}?width=32&height=32&method=crop");
+    let (status, _, there) = get(b, Some(bob), &thumbnail).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "{}\n{}",
+        String::from_utf8_lossy(&there),
+        log_of(b)
+    );
+    let (_, _, here) = get(a, Some(alice), &thumbnail).await;
+    if b_is_switchboard {
+        assert!(here == there, "the thumbnail is not the one Switchboard made");
+    } else {
+        let thumb = image::load_from_memory(&there).expect("Synapse's thumbnail is an image");
+        assert_eq!((thumb.width(), thumb.height()), (32, 32));
+    }
+
+    // The legacy unauthenticated route does not fetch other servers' media (Synapse's
+    // `enable_authenticated_media` default); an unknown ID is the origin's 404.
+    let unfetched = upload(b, bob, "image/png", png(10, 10)).await;
+    let (status, _, body) = get(a, None, &format!("/_matrix/media/v3/download/{unfetched}")).await;
+    assert_eq!(
+        (status, errcode(&json_of(&body))),
+        (StatusCode::NOT_FOUND, "M_NOT_FOUND")
+    );
+    let (server, _) = theirs.split_once('/').expect("server/id");
+    let (status, _, body) = get(
+        a,
+        Some(alice),
+        &format!("/_matrix/client/v1/media/download/{server}/NoSuchMedia"),
+    )
+    .await;
+    assert_eq!(
+        (status, errcode(&json_of(&body))),
+        (StatusCode::NOT_FOUND, "M_NOT_FOUND")
+    );
+    // Nothing but the grammar's characters reaches a path.
+    let (status, _, _) = get(
+        a,
+        Some(alice),
+        &format!("/_matrix/client/v1/media/download/{server}/..%2F..%2Fsigning.key"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn media_crosses_both_ways_with_synapse_byte_for_byte_with_the_origins_thumbnails() {
+    let Some(synapse) = Peer::synapse().await else {
+        skip_without("Synapse (tests/interop/setup.sh synapse)");
+        return;
+    };
+    let ours = Peer::switchboard("").await;
+    let (alice, sam) = (
+        ours.server.register("alice").await,
+        synapse.server.register("sam").await,
+    );
+    media_crosses(&ours, &synapse, &alice, &sam, false).await;
+}
+
+#[tokio::test]
+async fn media_crosses_between_switchboards_is_cached_bounded_and_purged() {
+    let (a, mut b) = (
+        Peer::switchboard("max_upload_size: 100K").await,
+        Peer::switchboard("").await,
+    );
+    let (alice, bob) = (a.server.register("alice").await, b.server.register("bob").await);
+    media_crosses(&a, &b, &alice, &bob, true).await;
+
+    // Cached: served while the origin is down.
+    let original = png(200, 100);
+    let media = upload(&b, &bob, "image/png", original.clone()).await;
+    let download = format!("/_matrix/client/v1/media/download/{media}");
+    assert_eq!(get(&a, Some(&alice), &download).await.2, original);
+    b.server.terminate();
+    let (status, _, bytes) = get(&a, Some(&alice), &download).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(bytes == original);
+    b.server.restart().await;
+
+    // Over A's max_upload_size (100 KiB): 502 M_TOO_LARGE, and nothing kept.
+    let noise: Vec<u8> = (0..300_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let big = upload(&b, &bob, "application/octet-stream", noise).await;
+    let (status, _, body) = get(
+        &a,
+        Some(&alice),
+        &format!("/_matrix/client/v1/media/download/{big}"),
+    )
+    .await;
+    assert_eq!(
+        (status, errcode(&json_of(&body))),
+        (StatusCode::BAD_GATEWAY, "M_TOO_LARGE"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    let kept: Vec<_> = walk(&a.server.dir.path().join("media/remote_content"))
+        .into_iter()
+        .filter(|p| {
+            p.to_string_lossy()
+                .contains(big.split('/').nth(1).unwrap_or_default().get(4..).unwrap_or("?"))
+        })
+        .collect();
+    assert!(kept.is_empty(), "{kept:?}");
+    assert!(walk(&a.server.dir.path().join("media/remote_content/incoming")).is_empty());
+
+    // The purge (Synapse's admin API) drops the cache; the next download fetches again.
+    let (_, root) = shared_secret_register(&a.server, "root", true, "test").await;
+    let root = User {
+        user_id: root["user_id"].as_str().expect("user_id").to_owned(),
+        token: root["access_token"].as_str().expect("token").to_owned(),
+        device_id: String::new(),
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let (status, body) = a
+        .server
+        .call(
+            Method::POST,
+            &format!("/_synapse/admin/v1/purge_media_cache?before_ts={}", now + 1),
+            Some(&alice.token),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"));
+    let purged = a
+        .server
+        .ok(
+            Method::POST,
+            &format!("/_synapse/admin/v1/purge_media_cache?before_ts={}", now + 1),
+            &root.token,
+            json!({}),
+        )
+        .await;
+    assert!(purged["deleted"].as_u64().unwrap_or(0) >= 3, "{purged}");
+    let left: Vec<_> = walk(&a.server.dir.path().join("media/remote_content"));
+    assert!(left.is_empty(), "{left:?}");
+    let (status, _, bytes) = get(&a, Some(&alice), &download).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(bytes == original);
+}
+
+/// Every file under `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
