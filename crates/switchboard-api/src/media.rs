@@ -12,11 +12,12 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use ruma::OwnedServerName;
+use ruma::{OwnedServerName, UserId};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use switchboard_core::{
     Error, Homeserver,
+    accounts::Session,
     media::{Body as MediaBody, Content, Method},
     util::{now_ms, percent_encode},
 };
@@ -255,10 +256,18 @@ fn media_response(content: Content, filename: Option<String>) -> Response {
     response
 }
 
-/// Whether a route may fetch other servers' media: the authenticated ones always, the legacy
-/// ones only with `enable_authenticated_media: false` (Synapse's rule).
-fn may_fetch(hs: &Homeserver, authenticated: bool) -> bool {
-    authenticated || !hs.config.enable_authenticated_media
+/// For whom a route may fetch other servers' media: the authenticated ones for their user, the
+/// legacy ones only with `enable_authenticated_media: false` (Synapse's rule), for nobody in
+/// particular.
+fn fetch_for<'a>(hs: &Homeserver, session: Option<&'a Session>) -> Option<&'a UserId> {
+    static ANONYMOUS: std::sync::LazyLock<ruma::OwnedUserId> = std::sync::LazyLock::new(|| {
+        ruma::OwnedUserId::try_from("@anonymous:media.invalid").expect("a valid user ID")
+    });
+    match session {
+        Some(session) => Some(&session.user_id),
+        None if !hs.config.enable_authenticated_media => Some(&ANONYMOUS),
+        None => None,
+    }
 }
 
 async fn fetch(
@@ -266,10 +275,10 @@ async fn fetch(
     server_name: &str,
     media_id: &str,
     filename: Option<String>,
-    authenticated: bool,
+    session: Option<&Session>,
 ) -> ApiResult<Response> {
     let content = hs
-        .media_content(&server(server_name)?, media_id, may_fetch(hs, authenticated))
+        .media_content(&server(server_name)?, media_id, fetch_for(hs, session))
         .await?;
     Ok(media_response(content, filename))
 }
@@ -278,30 +287,30 @@ async fn download(
     State(hs): State<Arc<Homeserver>>,
     Path((server_name, media_id)): Path<(String, String)>,
 ) -> ApiResult<Response> {
-    fetch(&hs, &server_name, &media_id, None, false).await
+    fetch(&hs, &server_name, &media_id, None, None).await
 }
 
 async fn download_named(
     State(hs): State<Arc<Homeserver>>,
     Path((server_name, media_id, filename)): Path<(String, String, String)>,
 ) -> ApiResult<Response> {
-    fetch(&hs, &server_name, &media_id, Some(filename), false).await
+    fetch(&hs, &server_name, &media_id, Some(filename), None).await
 }
 
 async fn download_authenticated(
     State(hs): State<Arc<Homeserver>>,
-    _auth: Auth,
+    Auth(session): Auth,
     Path((server_name, media_id)): Path<(String, String)>,
 ) -> ApiResult<Response> {
-    fetch(&hs, &server_name, &media_id, None, true).await
+    fetch(&hs, &server_name, &media_id, None, Some(&session)).await
 }
 
 async fn download_named_authenticated(
     State(hs): State<Arc<Homeserver>>,
-    _auth: Auth,
+    Auth(session): Auth,
     Path((server_name, media_id, filename)): Path<(String, String, String)>,
 ) -> ApiResult<Response> {
-    fetch(&hs, &server_name, &media_id, Some(filename), true).await
+    fetch(&hs, &server_name, &media_id, Some(filename), Some(&session)).await
 }
 
 #[derive(Deserialize)]
@@ -332,14 +341,14 @@ async fn make_thumbnail(
     server_name: &str,
     media_id: &str,
     params: ThumbnailParams,
-    authenticated: bool,
+    session: Option<&Session>,
 ) -> ApiResult<Response> {
     let content = hs
         .media_thumbnail(
             &server(server_name)?,
             media_id,
             params.size()?,
-            may_fetch(hs, authenticated),
+            fetch_for(hs, session),
         )
         .await?;
     Ok(media_response(content, None))
@@ -350,16 +359,16 @@ async fn thumbnail(
     Path((server_name, media_id)): Path<(String, String)>,
     Params(params): Params<ThumbnailParams>,
 ) -> ApiResult<Response> {
-    make_thumbnail(&hs, &server_name, &media_id, params, false).await
+    make_thumbnail(&hs, &server_name, &media_id, params, None).await
 }
 
 async fn thumbnail_authenticated(
     State(hs): State<Arc<Homeserver>>,
-    _auth: Auth,
+    Auth(session): Auth,
     Path((server_name, media_id)): Path<(String, String)>,
     Params(params): Params<ThumbnailParams>,
 ) -> ApiResult<Response> {
-    make_thumbnail(&hs, &server_name, &media_id, params, true).await
+    make_thumbnail(&hs, &server_name, &media_id, params, Some(&session)).await
 }
 
 async fn config(State(hs): State<Arc<Homeserver>>) -> Json<Value> {

@@ -139,6 +139,12 @@ pub struct Config {
     /// `media_retention`); kept for ever without `remote_media_lifetime`.
     #[serde(default)]
     pub media_retention: MediaRetention,
+    /// How much of other servers' media one user may have fetched in a burst, and how fast that
+    /// allowance comes back (Synapse's keys and defaults, which it counts per IP address).
+    #[serde(default = "ByteSize::five_hundred_megabytes")]
+    pub remote_media_download_burst_count: ByteSize,
+    #[serde(default = "ByteSize::eighty_seven_kilobytes")]
+    pub remote_media_download_per_second: ByteSize,
     /// The file this config was loaded from, if any: hot reload reads it again.
     #[serde(skip)]
     pub path: Option<PathBuf>,
@@ -590,6 +596,12 @@ impl ByteSize {
     fn thirty_two_mega() -> Self {
         Self(32 * 1024 * 1024)
     }
+    fn five_hundred_megabytes() -> Self {
+        Self(500 * 1024 * 1024)
+    }
+    fn eighty_seven_kilobytes() -> Self {
+        Self(87 * 1024)
+    }
 }
 
 impl From<ByteSize> for u64 {
@@ -1026,6 +1038,8 @@ impl Config {
             use_presence: true,
             enable_authenticated_media: true,
             media_retention: MediaRetention::default(),
+            remote_media_download_burst_count: ByteSize::five_hundred_megabytes(),
+            remote_media_download_per_second: ByteSize::eighty_seven_kilobytes(),
             path: None,
         }
     }

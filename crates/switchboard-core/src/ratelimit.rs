@@ -27,6 +27,8 @@ pub struct Limits {
     /// `rc_admin_redaction`, if set.
     pub admin_redaction: Option<RateLimiter>,
     pub media_create: RateLimiter,
+    /// Bytes of other servers' media fetched per user (`remote_media_download_*`).
+    pub remote_media: RateLimiter,
 }
 
 impl Limits {
@@ -44,6 +46,10 @@ impl Limits {
             invites_per_issuer: RateLimiter::new(config.rc_invites.per_issuer),
             admin_redaction: config.rc_admin_redaction.map(RateLimiter::new),
             media_create: RateLimiter::new(config.rc_media_create),
+            remote_media: RateLimiter::new(RateLimit {
+                per_second: config.remote_media_download_per_second.0 as f64,
+                burst_count: config.remote_media_download_burst_count.0 as f64,
+            }),
         }
     }
 
@@ -131,6 +137,21 @@ impl RateLimiter {
             && let Some(bucket) = buckets.get_mut(key)
         {
             bucket.tokens = (self.refilled(bucket, now) + 1.0).min(self.config.burst_count);
+            bucket.updated = now;
+        }
+    }
+
+    /// Charges `amount` (bytes, say) to `key` after the fact; the bucket may go into debt, and
+    /// [`RateLimiter::peek`] refuses until it is paid back.
+    pub fn charge(&self, key: &str, amount: f64) {
+        let now = Instant::now();
+        if let Ok(mut buckets) = self.buckets.lock() {
+            let burst = self.config.burst_count;
+            let bucket = buckets.entry(key.to_owned()).or_insert(Bucket {
+                tokens: burst,
+                updated: now,
+            });
+            bucket.tokens = self.refilled(bucket, now) - amount;
             bucket.updated = now;
         }
     }

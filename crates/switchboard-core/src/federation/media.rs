@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use ruma::ServerName;
+use ruma::{ServerName, UserId};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
 use super::FederationError;
@@ -47,13 +47,19 @@ fn method_name(method: Method) -> &'static str {
 }
 
 impl Homeserver {
-    /// Media for a download: this server's, or another server's (from the cache, or fetched
-    /// now when `fetch` allows).
-    pub async fn media_content(&self, server: &ServerName, media_id: &str, fetch: bool) -> Result<Content> {
+    /// Media for a download: this server's, or another server's (from the cache, or fetched now
+    /// for `fetch_for`, whose allowance of remote downloads it is counted against; `None` when
+    /// the route may not fetch).
+    pub async fn media_content(
+        &self,
+        server: &ServerName,
+        media_id: &str,
+        fetch_for: Option<&UserId>,
+    ) -> Result<Content> {
         if server == self.server_name {
             return self.media.download(server, &self.server_name, media_id).await;
         }
-        self.remote_media(server, media_id, Variant::Original, fetch)
+        self.remote_media(server, media_id, Variant::Original, fetch_for)
             .await
     }
 
@@ -63,7 +69,7 @@ impl Homeserver {
         server: &ServerName,
         media_id: &str,
         (width, height, method): (u32, u32, Method),
-        fetch: bool,
+        fetch_for: Option<&UserId>,
     ) -> Result<Content> {
         if server == self.server_name {
             return self
@@ -76,7 +82,7 @@ impl Homeserver {
             height,
             method,
         };
-        self.remote_media(server, media_id, variant, fetch).await
+        self.remote_media(server, media_id, variant, fetch_for).await
     }
 
     async fn remote_media(
@@ -84,7 +90,7 @@ impl Homeserver {
         origin: &ServerName,
         media_id: &str,
         variant: Variant,
-        fetch: bool,
+        fetch_for: Option<&UserId>,
     ) -> Result<Content> {
         // Media IDs are `[A-Za-z0-9_-]+` (the spec's grammar); nothing else reaches a file path.
         if media_id.is_empty()
@@ -115,13 +121,16 @@ impl Homeserver {
                 }
             }
         }
-        if !fetch {
+        let Some(requester) = fetch_for else {
             return Err(Error::NotFound(
-                "Remote media is only served on the authenticated media routes (/_matrix/client/v1/media)"
-                    .to_owned(),
+                "Remote media is only served on the authenticated media routes (/_matrix/client/v1/media)".to_owned(),
             ));
-        }
+        };
+        // The requester's allowance of remote downloads: refused while in debt, charged after.
+        let allowance = &self.limits.remote_media;
+        allowance.peek(requester.as_str())?;
         let (content_type, filename, size) = self.fetch_remote(origin, media_id, variant, &path).await?;
+        allowance.charge(requester.as_str(), size as f64);
         self.store
             .add_remote_media(
                 origin.as_str(),

@@ -671,3 +671,105 @@ async fn nio_users_on_two_switchboards_exchange_megolm_messages_and_see_new_devi
     let (a, b) = (Peer::switchboard("").await, Peer::switchboard("").await);
     nio_e2ee_between(&a, &b).await;
 }
+
+/// The `ephemeral` items of every transaction a fake service accepted.
+fn service_ephemeral(service: &crate::fake_as::FakeAs) -> Vec<Value> {
+    service
+        .transactions()
+        .into_iter()
+        .flat_map(|(_, body)| {
+            let mut items = body["ephemeral"].as_array().cloned().unwrap_or_default();
+            items.extend(
+                body["de.sorunome.msc2409.ephemeral"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default(),
+            );
+            items
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_services_room_hears_typing_receipts_and_presence_of_synapse_users() {
+    use crate::fake_as::{FakeAs, Registration, as_user, config_files_yaml, register_ghost, write_registrations};
+    let Some(synapse) = Peer::synapse().await else {
+        skip_without("Synapse (tests/interop/setup.sh synapse)");
+        return;
+    };
+    let service = FakeAs::start().await;
+    let fed_port = crate::harness::free_port();
+    let registration = Registration::new("bridge", Some(&service.url))
+        .users(&format!("@_b_.*:localhost:{fed_port}"), true)
+        .extra("receive_ephemeral: true\nde.sorunome.msc2409.push_ephemeral: true\n");
+    let (_dir, paths) = write_registrations(&[("bridge.yaml", &registration.yaml())]);
+    let ours = Peer::switchboard_on(fed_port, &config_files_yaml(&paths)).await;
+    let token = registration.as_token.clone();
+    let ghost = register_ghost(&ours.server, &token, "_b_ghost").await;
+    let sam = synapse.server.register("sam").await;
+    let room = synapse
+        .server
+        .create_room(&sam, json!({"room_alias_name": "bridged", "preset": "public_chat"}))
+        .await;
+    let alias = format!("#bridged:{}", synapse.name);
+    ours.server
+        .ok(
+            Method::POST,
+            &as_user(&format!("/_matrix/client/v3/join/{}", enc(&alias)), &ghost),
+            &token,
+            json!({}),
+        )
+        .await;
+    let said = send_id(&synapse, &sam, &room, "s1", "hello, bridge").await;
+    service
+        .wait_for_events(
+            |events| events.iter().any(|e| e["event_id"] == said.as_str()),
+            Duration::from_secs(30),
+        )
+        .await;
+    put(
+        &synapse,
+        &sam,
+        &format!("/_matrix/client/v3/rooms/{}/typing/{}", enc(&room), enc(&sam.user_id)),
+        json!({"typing": true, "timeout": 20000}),
+    )
+    .await;
+    post(
+        &synapse,
+        &sam,
+        &format!("/_matrix/client/v3/rooms/{}/receipt/m.read/{}", enc(&room), enc(&said)),
+        json!({}),
+    )
+    .await;
+    put(
+        &synapse,
+        &sam,
+        &format!("/_matrix/client/v3/presence/{}/status", enc(&sam.user_id)),
+        json!({"presence": "online", "status_msg": "on Synapse"}),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let items = service_ephemeral(&service);
+        let typing = items.iter().any(|e| {
+            e["type"] == "m.typing"
+                && e["room_id"] == room.as_str()
+                && e["content"]["user_ids"].as_array().is_some_and(|u| u.iter().any(|u| u == sam.user_id.as_str()))
+        });
+        let receipt = items.iter().any(|e| {
+            e["type"] == "m.receipt" && e["content"][said.as_str()]["m.read"][sam.user_id.as_str()].is_object()
+        });
+        let presence = items
+            .iter()
+            .any(|e| e["type"] == "m.presence" && e["sender"] == sam.user_id.as_str() && e["content"]["status_msg"] == "on Synapse");
+        if typing && receipt && presence {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "typing {typing}, receipt {receipt}, presence {presence}: {items:?}\n{}",
+            log_of(&ours)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

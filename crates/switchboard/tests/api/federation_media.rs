@@ -247,3 +247,37 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     files
 }
+
+#[tokio::test]
+async fn remote_downloads_count_against_each_users_allowance() {
+    let (a, b) = (
+        Peer::switchboard("remote_media_download_burst_count: 50K\nremote_media_download_per_second: 1K").await,
+        Peer::switchboard("").await,
+    );
+    let (alice, carol, bob) = (
+        a.server.register("alice").await,
+        a.server.register("carol").await,
+        b.server.register("bob").await,
+    );
+    let noise = |seed: u32| -> Vec<u8> {
+        (0..40_000u32)
+            .map(|i| (i.wrapping_add(seed).wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect()
+    };
+    let mut media = Vec::new();
+    for seed in 0..3 {
+        media.push(upload(&b, &bob, "application/octet-stream", noise(seed)).await);
+    }
+    let download = |m: &str| format!("/_matrix/client/v1/media/download/{m}");
+    // 40 KB, then 40 KB more (the allowance is not yet spent before it): both fetched.
+    assert_eq!(get(&a, Some(&alice), &download(&media[0])).await.0, StatusCode::OK);
+    assert_eq!(get(&a, Some(&alice), &download(&media[1])).await.0, StatusCode::OK);
+    // Now in debt: refused, with the wait.
+    let (status, _, body) = get(&a, Some(&alice), &download(&media[2])).await;
+    let body = json_of(&body);
+    assert_eq!((status, errcode(&body)), (StatusCode::TOO_MANY_REQUESTS, "M_LIMIT_EXCEEDED"), "{body}");
+    assert!(body["retry_after_ms"].as_u64().unwrap_or(0) > 1000, "{body}");
+    // The cache costs nothing, and another user has an allowance of their own.
+    assert_eq!(get(&a, Some(&alice), &download(&media[0])).await.0, StatusCode::OK);
+    assert_eq!(get(&a, Some(&carol), &download(&media[2])).await.0, StatusCode::OK);
+}
