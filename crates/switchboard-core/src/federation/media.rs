@@ -123,7 +123,8 @@ impl Homeserver {
         }
         let Some(requester) = fetch_for else {
             return Err(Error::NotFound(
-                "Remote media is only served on the authenticated media routes (/_matrix/client/v1/media)".to_owned(),
+                "Remote media is only served on the authenticated media routes (/_matrix/client/v1/media)"
+                    .to_owned(),
             ));
         };
         // The requester's allowance of remote downloads: refused while in debt, charged after.

@@ -303,6 +303,41 @@ async fn query_keys(on: &Peer, user: &User, of: &User) -> Value {
     .await
 }
 
+/// A signing key of `user`'s as cross-signing uses them: its key ID names its public key.
+fn cross_signing_key(user: &User, usage: &str) -> (ruma::signatures::Ed25519KeyPair, Value) {
+    use ruma::serde::Base64;
+    let document = ruma::signatures::Ed25519KeyPair::generate();
+    let draft = ruma::signatures::Ed25519KeyPair::from_der(&document, "x".to_owned()).expect("key");
+    let public = Base64::<ruma::serde::base64::Standard>::new(draft.public_key().to_vec()).encode();
+    let pair = ruma::signatures::Ed25519KeyPair::from_der(&document, public.clone()).expect("key");
+    let key = json!({
+        "user_id": user.user_id,
+        "usage": [usage],
+        "keys": { format!("ed25519:{public}"): public },
+    });
+    (pair, key)
+}
+
+/// Uploads a master key and a self-signing key it signed (Synapse checks that signature).
+async fn upload_cross_signing(on: &Peer, user: &User) -> Value {
+    let (master_pair, master) = cross_signing_key(user, "master");
+    let (_, self_signing) = cross_signing_key(user, "self_signing");
+    let mut object: ruma::CanonicalJsonObject = serde_json::from_value(self_signing).expect("canonical");
+    ruma::signatures::sign_json(&user.user_id, &master_pair, &mut object).expect("sign");
+    let self_signing = serde_json::to_value(object).expect("json");
+    let (status, body) = on
+        .server
+        .call(
+            Method::POST,
+            "/_matrix/client/v3/keys/device_signing/upload",
+            Some(&user.token),
+            Some(json!({"master_key": master, "self_signing_key": self_signing})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    master
+}
+
 /// Logs `user` in again on `on`: a second device.
 async fn second_device(on: &Peer, user: &User) -> User {
     let localpart = user.user_id[1..].split(':').next().expect("localpart");
@@ -458,6 +493,22 @@ async fn keys_and_to_device_cross(a: &Peer, b: &Peer, alice: &User, bob: &User) 
     .await;
     let got = to_device_until(a, alice, b, &bob.user_id, "org.example.pong", 1).await;
     assert_eq!(got, vec![json!({"n": 3})]);
+
+    // Cross-signing keys: a new master key reaches the other side (`m.signing_key_update`).
+    for (here, there, owner, viewer) in [(a, b, alice, bob), (b, a, bob, alice)] {
+        let since = next_batch(there, viewer).await;
+        let master = upload_cross_signing(here, owner).await;
+        sync_from_until(there, viewer, here, "the new master key", 30, Some(since), |s| {
+            changed_includes(s, &owner.user_id).then_some(())
+        })
+        .await;
+        let seen = query_keys(there, viewer, owner).await;
+        let mut key = seen["master_keys"][&owner.user_id].clone();
+        if let Some(key) = key.as_object_mut() {
+            key.remove("signatures");
+        }
+        assert_eq!(key, master, "{seen}");
+    }
 
     // A new device of either is seen by the other side (`device_lists.changed`, then its keys).
     let since = next_batch(b, bob).await;
@@ -692,7 +743,9 @@ fn service_ephemeral(service: &crate::fake_as::FakeAs) -> Vec<Value> {
 
 #[tokio::test]
 async fn a_services_room_hears_typing_receipts_and_presence_of_synapse_users() {
-    use crate::fake_as::{FakeAs, Registration, as_user, config_files_yaml, register_ghost, write_registrations};
+    use crate::fake_as::{
+        FakeAs, Registration, as_user, config_files_yaml, register_ghost, write_registrations,
+    };
     let Some(synapse) = Peer::synapse().await else {
         skip_without("Synapse (tests/interop/setup.sh synapse)");
         return;
@@ -709,7 +762,10 @@ async fn a_services_room_hears_typing_receipts_and_presence_of_synapse_users() {
     let sam = synapse.server.register("sam").await;
     let room = synapse
         .server
-        .create_room(&sam, json!({"room_alias_name": "bridged", "preset": "public_chat"}))
+        .create_room(
+            &sam,
+            json!({"room_alias_name": "bridged", "preset": "public_chat"}),
+        )
         .await;
     let alias = format!("#bridged:{}", synapse.name);
     ours.server
@@ -730,14 +786,22 @@ async fn a_services_room_hears_typing_receipts_and_presence_of_synapse_users() {
     put(
         &synapse,
         &sam,
-        &format!("/_matrix/client/v3/rooms/{}/typing/{}", enc(&room), enc(&sam.user_id)),
+        &format!(
+            "/_matrix/client/v3/rooms/{}/typing/{}",
+            enc(&room),
+            enc(&sam.user_id)
+        ),
         json!({"typing": true, "timeout": 20000}),
     )
     .await;
     post(
         &synapse,
         &sam,
-        &format!("/_matrix/client/v3/rooms/{}/receipt/m.read/{}", enc(&room), enc(&said)),
+        &format!(
+            "/_matrix/client/v3/rooms/{}/receipt/m.read/{}",
+            enc(&room),
+            enc(&said)
+        ),
         json!({}),
     )
     .await;
@@ -754,14 +818,19 @@ async fn a_services_room_hears_typing_receipts_and_presence_of_synapse_users() {
         let typing = items.iter().any(|e| {
             e["type"] == "m.typing"
                 && e["room_id"] == room.as_str()
-                && e["content"]["user_ids"].as_array().is_some_and(|u| u.iter().any(|u| u == sam.user_id.as_str()))
+                && e["content"]["user_ids"]
+                    .as_array()
+                    .is_some_and(|u| u.iter().any(|u| u == sam.user_id.as_str()))
         });
         let receipt = items.iter().any(|e| {
-            e["type"] == "m.receipt" && e["content"][said.as_str()]["m.read"][sam.user_id.as_str()].is_object()
+            e["type"] == "m.receipt"
+                && e["content"][said.as_str()]["m.read"][sam.user_id.as_str()].is_object()
         });
-        let presence = items
-            .iter()
-            .any(|e| e["type"] == "m.presence" && e["sender"] == sam.user_id.as_str() && e["content"]["status_msg"] == "on Synapse");
+        let presence = items.iter().any(|e| {
+            e["type"] == "m.presence"
+                && e["sender"] == sam.user_id.as_str()
+                && e["content"]["status_msg"] == "on Synapse"
+        });
         if typing && receipt && presence {
             break;
         }

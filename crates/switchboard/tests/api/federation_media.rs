@@ -251,7 +251,8 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 #[tokio::test]
 async fn remote_downloads_count_against_each_users_allowance() {
     let (a, b) = (
-        Peer::switchboard("remote_media_download_burst_count: 50K\nremote_media_download_per_second: 1K").await,
+        Peer::switchboard("remote_media_download_burst_count: 50K\nremote_media_download_per_second: 1K")
+            .await,
         Peer::switchboard("").await,
     );
     let (alice, carol, bob) = (
@@ -270,14 +271,140 @@ async fn remote_downloads_count_against_each_users_allowance() {
     }
     let download = |m: &str| format!("/_matrix/client/v1/media/download/{m}");
     // 40 KB, then 40 KB more (the allowance is not yet spent before it): both fetched.
-    assert_eq!(get(&a, Some(&alice), &download(&media[0])).await.0, StatusCode::OK);
-    assert_eq!(get(&a, Some(&alice), &download(&media[1])).await.0, StatusCode::OK);
+    assert_eq!(
+        get(&a, Some(&alice), &download(&media[0])).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get(&a, Some(&alice), &download(&media[1])).await.0,
+        StatusCode::OK
+    );
     // Now in debt: refused, with the wait.
     let (status, _, body) = get(&a, Some(&alice), &download(&media[2])).await;
     let body = json_of(&body);
-    assert_eq!((status, errcode(&body)), (StatusCode::TOO_MANY_REQUESTS, "M_LIMIT_EXCEEDED"), "{body}");
+    assert_eq!(
+        (status, errcode(&body)),
+        (StatusCode::TOO_MANY_REQUESTS, "M_LIMIT_EXCEEDED"),
+        "{body}"
+    );
     assert!(body["retry_after_ms"].as_u64().unwrap_or(0) > 1000, "{body}");
     // The cache costs nothing, and another user has an allowance of their own.
-    assert_eq!(get(&a, Some(&alice), &download(&media[0])).await.0, StatusCode::OK);
-    assert_eq!(get(&a, Some(&carol), &download(&media[2])).await.0, StatusCode::OK);
+    assert_eq!(
+        get(&a, Some(&alice), &download(&media[0])).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get(&a, Some(&carol), &download(&media[2])).await.0,
+        StatusCode::OK
+    );
+}
+
+/// A federation origin that misbehaves: TLS with the test CA's certificate on 127.0.0.1, every
+/// request answered with the raw HTTP `answer(path)` gives, then the connection closed. Returns
+/// its server name.
+async fn scripted_origin(answer: fn(&str) -> Vec<u8>) -> String {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    crate::harness::tls_init();
+    let dir = crate::peers::ca_dir();
+    let certs = CertificateDer::pem_file_iter(dir.join("server.pem"))
+        .expect("cert")
+        .collect::<Result<Vec<_>, _>>()
+        .expect("certs");
+    let key = PrivateKeyDer::from_pem_file(dir.join("server.key")).expect("key");
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("tls config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tls.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let text = String::from_utf8_lossy(&request);
+                let path = text.split_whitespace().nth(1).unwrap_or_default().to_owned();
+                let _ = tls.write_all(&answer(&path)).await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    format!("localhost:{port}")
+}
+
+fn http(status: &str, headers: &str, body: &[u8]) -> Vec<u8> {
+    let mut out = format!("HTTP/1.1 {status}\r\nConnection: close\r\n{headers}\r\n").into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+#[tokio::test]
+async fn an_origin_that_lies_about_lengths_or_sends_too_much_leaves_nothing_and_old_servers_are_asked_the_old_way()
+ {
+    let ours = Peer::switchboard("max_upload_size: 100K").await;
+    let alice = ours.server.register("alice").await;
+    let origin = scripted_origin(|path| {
+        let multipart = b"--B\r\nContent-Type: application/json\r\n\r\n{}\r\n--B\r\nContent-Type: image/png\r\n\r\nPNGDATA\r\n--B--\r\n";
+        if path.ends_with("/short") {
+            // Says 5000 bytes, sends fewer and hangs up.
+            http("200 OK", "Content-Type: multipart/mixed; boundary=B\r\nContent-Length: 5000\r\n", multipart)
+        } else if path.ends_with("/huge") {
+            http("200 OK", "Content-Type: multipart/mixed; boundary=B\r\nContent-Length: 10000000\r\n", multipart)
+        } else if path.ends_with("/endless") {
+            // No length at all, and more than max_upload_size.
+            let mut body = b"--B\r\nContent-Type: application/json\r\n\r\n{}\r\n--B\r\nContent-Type: image/png\r\n\r\n".to_vec();
+            body.extend(std::iter::repeat_n(b'x', 300_000));
+            http("200 OK", "Content-Type: multipart/mixed; boundary=B\r\n", &body)
+        } else if path.starts_with("/_matrix/federation/v1/media/") {
+            // A server from before Matrix 1.11.
+            let body = br#"{"errcode":"M_UNRECOGNIZED","error":"Unrecognized request"}"#;
+            http("404 Not Found", &format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()), body)
+        } else if path.starts_with("/_matrix/media/v3/download/") {
+            http(
+                "200 OK",
+                "Content-Type: text/plain\r\nContent-Disposition: inline; filename=\"old.txt\"\r\nContent-Length: 11\r\n",
+                b"legacy body",
+            )
+        } else {
+            http("404 Not Found", "Content-Length: 0\r\n", b"")
+        }
+    })
+    .await;
+    let fetch = |id: &str| format!("/_matrix/client/v1/media/download/{origin}/{id}");
+    let (status, _, body) = get(&ours, Some(&alice), &fetch("short")).await;
+    let body = json_of(&body);
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert!(
+        body["error"].as_str().unwrap_or_default().contains("broke off"),
+        "{body}"
+    );
+    for id in ["huge", "endless"] {
+        let (status, _, body) = get(&ours, Some(&alice), &fetch(id)).await;
+        assert_eq!(
+            (status, errcode(&json_of(&body))),
+            (StatusCode::BAD_GATEWAY, "M_TOO_LARGE"),
+            "{id}: {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    let left = walk(&ours.server.dir.path().join("media/remote_content"));
+    assert!(left.is_empty(), "nothing half-stored: {left:?}");
+    // The legacy route, for a server without the authenticated ones.
+    let (status, kind, body) = get(&ours, Some(&alice), &fetch("oldmedia")).await;
+    assert_eq!(
+        (status, kind.as_str(), body.as_slice()),
+        (StatusCode::OK, "text/plain", &b"legacy body"[..])
+    );
 }

@@ -11,7 +11,7 @@ use std::{
 use crate::harness::{RELAXED_LIMITS, Server, free_port, tls_init};
 
 /// The test CA and one certificate for `localhost` / 127.0.0.1 it issued, made once per run.
-fn ca_dir() -> &'static Path {
+pub(crate) fn ca_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         // Kept for the whole run (servers read the files at start); tiny, under the system's tmp.
