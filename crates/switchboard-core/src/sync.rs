@@ -253,22 +253,24 @@ impl SyncService {
             }
         }
         let mut presence = self.ephemeral.presence_since(since_aux, |_| true);
-        let changed_devices = self.store.device_list_changes(since_aux, current_aux).await?;
-        let mut device_lists_changed = Vec::new();
-        if !presence.is_empty() || !changed_devices.is_empty() {
-            let mut peers: HashSet<String> = HashSet::from([own.clone()]);
-            for room in &joined {
-                peers.extend(self.store.joined_members(room).await?);
-            }
+        if !presence.is_empty() {
+            let peers = self.peers(user).await?;
             presence.retain(|event| {
                 event["sender"]
                     .as_str()
                     .is_some_and(|sender| peers.contains(sender))
             });
-            if request.since.is_some() {
-                device_lists_changed = self.e2ee.changed_users(since_aux, current_aux, &peers).await?;
-            }
         }
+        let (device_lists_changed, device_lists_left) = match request.since {
+            Some(since) => {
+                let now = SyncToken {
+                    events: current,
+                    aux: current_aux,
+                };
+                self.device_list_delta(user, since, now).await?
+            }
+            None => (Vec::new(), Vec::new()),
+        };
         let to_device = self
             .e2ee
             .to_device_for(user, &request.device, since_aux, current_aux)
@@ -281,18 +283,88 @@ impl SyncService {
             && global_data.is_empty()
             && presence.is_empty()
             && to_device.is_empty()
-            && device_lists_changed.is_empty());
+            && device_lists_changed.is_empty()
+            && device_lists_left.is_empty());
         let response = json!({
             "next_batch": SyncToken { events: current, aux: current_aux }.to_string(),
             "rooms": { "join": join, "invite": invite, "leave": leave, "knock": {} },
             "account_data": { "events": global_data },
             "presence": { "events": presence },
             "to_device": { "events": to_device },
-            "device_lists": { "changed": device_lists_changed, "left": [] },
+            "device_lists": { "changed": device_lists_changed, "left": device_lists_left },
             "device_one_time_keys_count": key_counts,
             "device_unused_fallback_key_types": fallback_types,
         });
         Ok((response, has_news))
+    }
+
+    /// The user and everyone joined to a room with them.
+    async fn peers(&self, user: &UserId) -> Result<HashSet<String>> {
+        let mut peers: HashSet<String> = HashSet::from([user.to_string()]);
+        for room in self.rooms.joined_rooms(user).await? {
+            peers.extend(self.store.joined_members(&room).await?);
+        }
+        Ok(peers)
+    }
+
+    /// Whose device lists a client must fetch again, and whose it may forget, between two
+    /// tokens (`device_lists` in `/sync`, `/keys/changes`): `changed` holds the users sharing a
+    /// room whose devices or cross-signing keys changed, and those who came to share one;
+    /// `left` those who shared a room and no longer share any.
+    pub async fn device_list_delta(
+        &self,
+        user: &UserId,
+        from: SyncToken,
+        to: SyncToken,
+    ) -> Result<(Vec<String>, Vec<String>)> {
+        let device_changes = self.store.device_list_changes(from.aux, to.aux).await?;
+        // Only memberships in rooms the user is in, or of the user: nobody comes to share a room
+        // with them, or stops, anywhere else.
+        let joined: HashSet<String> = self.rooms.joined_rooms(user).await?.into_iter().collect();
+        let memberships: Vec<(String, String, String)> = self
+            .store
+            .membership_events_between(from.events, to.events)
+            .await?
+            .into_iter()
+            .filter(|(room, member, _)| joined.contains(room) || member == user.as_str())
+            .collect();
+        if device_changes.is_empty() && memberships.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let peers = self.peers(user).await?;
+        let mut changed: HashSet<String> = device_changes.into_iter().collect();
+        let mut departed = HashSet::new();
+        for (room, member, pdu) in memberships {
+            let membership = serde_json::from_str::<Value>(&pdu)
+                .ok()
+                .and_then(|p| p["content"]["membership"].as_str().map(str::to_owned))
+                .unwrap_or_default();
+            if member == user.as_str() {
+                // Leaving a room parts from everyone in it.
+                if membership != "join" {
+                    departed.extend(self.store.joined_members(&room).await?);
+                }
+            } else {
+                match membership.as_str() {
+                    "join" => {
+                        changed.insert(member);
+                    }
+                    "leave" | "ban" => {
+                        departed.insert(member);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        changed.retain(|u| peers.contains(u) && u != user.as_str());
+        let mut left: Vec<String> = departed
+            .into_iter()
+            .filter(|u| !peers.contains(u) && u != user.as_str())
+            .collect();
+        let mut changed: Vec<String> = changed.into_iter().collect();
+        changed.sort();
+        left.sort();
+        Ok((changed, left))
     }
 
     /// Timeline and state of one room between `since` (exclusive; `None` = from the start, with

@@ -643,6 +643,27 @@ impl Store {
         })
     }
 
+    /// Membership events of the timelines with `after < stream_pos <= until`, in order:
+    /// `(room_id, user_id, pdu)`.
+    pub async fn membership_events_between(
+        &self,
+        after: i64,
+        until: i64,
+    ) -> Result<Vec<(String, String, String)>> {
+        on_db!(self, |write, read| {
+            let rows = sqlx::query(
+                "SELECT room_id, state_key, pdu FROM events
+                 WHERE type = 'm.room.member' AND stream_pos > $1 AND stream_pos <= $2 AND outlier = FALSE
+                 ORDER BY stream_pos",
+            )
+            .bind(after)
+            .bind(until)
+            .fetch_all(read)
+            .await?;
+            Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
+        })
+    }
+
     /// The user's membership events in one room, oldest first: the windows of history they may see.
     pub async fn membership_history(&self, room_id: &str, user_id: &str) -> Result<Vec<EventRow>> {
         on_db!(self, |write, read| {

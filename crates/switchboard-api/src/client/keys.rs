@@ -1,7 +1,7 @@
 //! End-to-end encryption endpoints: key upload, query and claim, device-list changes, and
 //! to-device messages.
 
-use std::{collections::HashSet, sync::Arc};
+use std::sync::Arc;
 
 use axum::{
     Json, Router,
@@ -99,12 +99,8 @@ async fn changes(
 ) -> ApiResult<Json<Value>> {
     let from: SyncToken = params.from.parse()?;
     let to: SyncToken = params.to.parse()?;
-    let mut peers: HashSet<String> = HashSet::from([session.user_id.to_string()]);
-    for room in hs.rooms.joined_rooms(&session.user_id).await? {
-        peers.extend(hs.store.joined_members(&room).await?);
-    }
-    let changed = hs.e2ee.changed_users(from.aux, to.aux, &peers).await?;
-    Ok(Json(json!({ "changed": changed, "left": [] })))
+    let (changed, left) = hs.sync.device_list_delta(&session.user_id, from, to).await?;
+    Ok(Json(json!({ "changed": changed, "left": left })))
 }
 
 #[derive(Deserialize)]

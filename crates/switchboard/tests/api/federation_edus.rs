@@ -842,3 +842,73 @@ async fn a_services_room_hears_typing_receipts_and_presence_of_synapse_users() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test]
+async fn device_lists_name_who_came_to_share_a_room_and_who_left_every_shared_room() {
+    let (a, b, alice, bob, room) = two_in_a_room().await;
+    let carol = b.server.register("carol").await;
+    let since = next_batch(&a, &alice).await;
+    join_alias(&b, &carol, &format!("#hall:{}", a.name), &a).await;
+    let changed = sync_from_until(&a, &alice, &b, "Carol in changed", 30, Some(since.clone()), |s| {
+        changed_includes(s, &carol.user_id).then(|| s["device_lists"].clone())
+    })
+    .await;
+    assert!(
+        !changed_includes(&json!({"device_lists": changed}), &alice.user_id),
+        "never oneself"
+    );
+    let middle = next_batch(&a, &alice).await;
+    post(
+        &b,
+        &bob,
+        &format!("/_matrix/client/v3/rooms/{}/leave", enc(&room)),
+        json!({}),
+    )
+    .await;
+    let left = sync_from_until(&a, &alice, &b, "Bob in left", 30, Some(middle.clone()), |s| {
+        s["device_lists"]["left"]
+            .as_array()
+            .filter(|l| l.iter().any(|u| u == bob.user_id.as_str()))
+            .cloned()
+    })
+    .await;
+    assert_eq!(left, vec![json!(bob.user_id)]);
+    // `/keys/changes` over the same stretch says the same.
+    let now = next_batch(&a, &alice).await;
+    let changes = a
+        .server
+        .ok(
+            Method::GET,
+            &format!(
+                "/_matrix/client/v3/keys/changes?from={}&to={}",
+                enc(&since),
+                enc(&now)
+            ),
+            &alice.token,
+            Value::Null,
+        )
+        .await;
+    assert_eq!(changes["left"], json!([bob.user_id]), "{changes}");
+    assert!(
+        changes["changed"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|u| u == carol.user_id.as_str())),
+        "{changes}"
+    );
+    // When Alice leaves, Carol (in no other room with her) is left too.
+    let later = next_batch(&b, &carol).await;
+    post(
+        &a,
+        &alice,
+        &format!("/_matrix/client/v3/rooms/{}/leave", enc(&room)),
+        json!({}),
+    )
+    .await;
+    sync_from_until(&b, &carol, &a, "Alice in Carol's left", 30, Some(later), |s| {
+        s["device_lists"]["left"]
+            .as_array()
+            .filter(|l| l.iter().any(|u| u == alice.user_id.as_str()))
+            .map(|_| ())
+    })
+    .await;
+}
