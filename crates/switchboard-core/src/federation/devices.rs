@@ -126,14 +126,20 @@ impl Homeserver {
         (local, remote)
     }
 
-    /// Whether this server has a usable copy of `user`'s device list: kept and fresh, or
-    /// fetched now because a local user shares a room with them (then kept from now on).
+    /// Whether this server has a usable copy of `user`'s device list: kept and fresh while a
+    /// local user shares a room with them, or fetched now (and kept from now on); never for users
+    /// no local user shares a room with, whose servers send no updates here.
     async fn kept_device_list(&self, user: &UserId) -> Result<bool> {
-        match self.store.remote_device_list(user.as_str()).await? {
-            Some((_, false)) => return Ok(true),
-            Some((_, true)) => {}
-            None if !self.shares_room_with_local_user(user).await? => return Ok(false),
-            None => {}
+        let kept = self.store.remote_device_list(user.as_str()).await?;
+        if !self.shares_room_with_local_user(user).await? {
+            // Their server sends no updates here any more: the copy ages from now on.
+            if matches!(kept, Some((_, false))) {
+                self.store.mark_remote_device_list_stale(user.as_str()).await?;
+            }
+            return Ok(false);
+        }
+        if matches!(kept, Some((_, false))) {
+            return Ok(true);
         }
         match self.resync_device_list(user).await {
             Ok(()) => Ok(true),

@@ -31,9 +31,21 @@ impl Homeserver {
         if let Some(event_id) = self.first_after_gap(room_id, &objects).await? {
             self.fill_gap(origin, room_id, event_id).await;
         }
-        self.rooms
+        let joining = joining_users(&objects);
+        let verdicts = self
+            .rooms
             .receive_pdus(room_id, objects, &self.federation.keys)
-            .await
+            .await?;
+        // A user who comes (back) into a room with this server's users may have changed devices
+        // while no update reached here: a kept list of theirs is fetched again before use.
+        for (user, verdict) in joining.into_iter().zip(&verdicts) {
+            if let (Some(user), Ok(Received::Accepted(_))) = (user, verdict)
+                && user.server_name() != self.server_name
+            {
+                self.store.mark_remote_device_list_stale(user.as_str()).await?;
+            }
+        }
+        Ok(verdicts)
     }
 
     /// The first PDU naming a predecessor that is neither stored nor earlier in the batch.
@@ -194,4 +206,26 @@ fn prev_events(object: &CanonicalJsonObject) -> Vec<OwnedEventId> {
             .collect(),
         _ => Vec::new(),
     }
+}
+
+/// For each PDU, the user it makes join, if it is a join.
+fn joining_users(objects: &[CanonicalJsonObject]) -> Vec<Option<ruma::OwnedUserId>> {
+    objects
+        .iter()
+        .map(|object| {
+            let is_member =
+                matches!(object.get("type"), Some(CanonicalJsonValue::String(t)) if t == "m.room.member");
+            let joins = matches!(
+                object.get("content"),
+                Some(CanonicalJsonValue::Object(content))
+                    if matches!(content.get("membership"), Some(CanonicalJsonValue::String(m)) if m == "join")
+            );
+            match object.get("state_key") {
+                Some(CanonicalJsonValue::String(user)) if is_member && joins => {
+                    ruma::OwnedUserId::try_from(user.as_str()).ok()
+                }
+                _ => None,
+            }
+        })
+        .collect()
 }
