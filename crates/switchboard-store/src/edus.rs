@@ -165,15 +165,12 @@ impl Store {
             let mut tx = write.begin().await?;
             match &device.keys {
                 Some(keys) => {
-                    sqlx::query(
-                        "INSERT INTO device_keys (user_id, device_id, keys) VALUES ($1, $2, $3)
-                         ON CONFLICT (user_id, device_id) DO UPDATE SET keys = $3",
-                    )
-                    .bind(user_id)
-                    .bind(&device.device_id)
-                    .bind(keys)
-                    .execute(&mut *tx)
-                    .await?;
+                    sqlx::query(crate::UPSERT_DEVICE_KEYS)
+                        .bind(user_id)
+                        .bind(&device.device_id)
+                        .bind(keys)
+                        .execute(&mut *tx)
+                        .await?;
                 }
                 None => {
                     sqlx::query("DELETE FROM device_keys WHERE user_id = $1 AND device_id = $2")
@@ -191,14 +188,12 @@ impl Store {
             .bind(stream_id)
             .execute(&mut *tx)
             .await?;
-            sqlx::query(
-                "INSERT INTO device_list_changes (user_id, stream_pos, device_id) VALUES ($1, $2, $3)",
-            )
-            .bind(user_id)
-            .bind(pos)
-            .bind(&device.device_id)
-            .execute(&mut *tx)
-            .await?;
+            sqlx::query(crate::RECORD_DEVICE_LIST_CHANGE)
+                .bind(user_id)
+                .bind(pos)
+                .bind(&device.device_id)
+                .execute(&mut *tx)
+                .await?;
             tx.commit().await?;
             Ok(())
         })
@@ -232,15 +227,12 @@ impl Store {
                 }
             }
             for (key_type, keys) in cross_signing {
-                sqlx::query(
-                    "INSERT INTO cross_signing_keys (user_id, key_type, keys) VALUES ($1, $2, $3)
-                     ON CONFLICT (user_id, key_type) DO UPDATE SET keys = $3",
-                )
-                .bind(user_id)
-                .bind(key_type)
-                .bind(keys)
-                .execute(&mut *tx)
-                .await?;
+                sqlx::query(crate::UPSERT_CROSS_SIGNING_KEY)
+                    .bind(user_id)
+                    .bind(key_type)
+                    .bind(keys)
+                    .execute(&mut *tx)
+                    .await?;
             }
             sqlx::query(
                 "INSERT INTO remote_device_lists (user_id, stream_id, stale) VALUES ($1, $2, FALSE)

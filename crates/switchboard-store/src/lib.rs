@@ -97,6 +97,15 @@ macro_rules! on_db {
     };
 }
 
+/// Statements more than one method runs (inside their own transactions).
+const UPSERT_DEVICE_KEYS: &str = "INSERT INTO device_keys (user_id, device_id, keys) VALUES ($1, $2, $3)
+     ON CONFLICT (user_id, device_id) DO UPDATE SET keys = $3";
+const UPSERT_CROSS_SIGNING_KEY: &str =
+    "INSERT INTO cross_signing_keys (user_id, key_type, keys) VALUES ($1, $2, $3)
+     ON CONFLICT (user_id, key_type) DO UPDATE SET keys = $3";
+const RECORD_DEVICE_LIST_CHANGE: &str =
+    "INSERT INTO device_list_changes (user_id, stream_pos, device_id) VALUES ($1, $2, $3)";
+
 const EVENT_COLUMNS: &str =
     "stream_pos, event_id, room_id, sender, type, state_key, pdu, unsigned, txn_device, txn_id, relay";
 
@@ -998,23 +1007,18 @@ impl Store {
     pub async fn set_device_keys(&self, user_id: &str, device_id: &str, keys: &str, pos: i64) -> Result<()> {
         on_db!(self, |write, read| {
             let mut tx = write.begin().await?;
-            sqlx::query(
-                "INSERT INTO device_keys (user_id, device_id, keys) VALUES ($1, $2, $3)
-                 ON CONFLICT (user_id, device_id) DO UPDATE SET keys = $3",
-            )
-            .bind(user_id)
-            .bind(device_id)
-            .bind(keys)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(
-                "INSERT INTO device_list_changes (user_id, stream_pos, device_id) VALUES ($1, $2, $3)",
-            )
-            .bind(user_id)
-            .bind(pos)
-            .bind(device_id)
-            .execute(&mut *tx)
-            .await?;
+            sqlx::query(UPSERT_DEVICE_KEYS)
+                .bind(user_id)
+                .bind(device_id)
+                .bind(keys)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(RECORD_DEVICE_LIST_CHANGE)
+                .bind(user_id)
+                .bind(pos)
+                .bind(device_id)
+                .execute(&mut *tx)
+                .await?;
             tx.commit().await?;
             Ok(())
         })
@@ -1171,15 +1175,12 @@ impl Store {
 
     pub async fn set_cross_signing_key(&self, user_id: &str, key_type: &str, keys: &str) -> Result<()> {
         on_db!(self, |write, read| {
-            sqlx::query(
-                "INSERT INTO cross_signing_keys (user_id, key_type, keys) VALUES ($1, $2, $3)
-                 ON CONFLICT (user_id, key_type) DO UPDATE SET keys = $3",
-            )
-            .bind(user_id)
-            .bind(key_type)
-            .bind(keys)
-            .execute(write)
-            .await?;
+            sqlx::query(UPSERT_CROSS_SIGNING_KEY)
+                .bind(user_id)
+                .bind(key_type)
+                .bind(keys)
+                .execute(write)
+                .await?;
             Ok(())
         })
     }
@@ -1231,14 +1232,12 @@ impl Store {
         pos: i64,
     ) -> Result<()> {
         on_db!(self, |write, read| {
-            sqlx::query(
-                "INSERT INTO device_list_changes (user_id, stream_pos, device_id) VALUES ($1, $2, $3)",
-            )
-            .bind(user_id)
-            .bind(pos)
-            .bind(device_id)
-            .execute(write)
-            .await?;
+            sqlx::query(RECORD_DEVICE_LIST_CHANGE)
+                .bind(user_id)
+                .bind(pos)
+                .bind(device_id)
+                .execute(write)
+                .await?;
             Ok(())
         })
     }

@@ -233,14 +233,8 @@ impl FederationClient {
         Ok(destination)
     }
 
-    /// A `GET` of `path_and_query` on `destination` — signed (`X-Matrix`), or not for the legacy
-    /// media routes — whose successful answer is handed back unread, to be streamed.
-    pub async fn get_stream(
-        &self,
-        destination: &ServerName,
-        path_and_query: &str,
-        signed: bool,
-    ) -> Result<reqwest::Response, FederationError> {
+    /// Where a request to `destination` goes, if this server may make it.
+    async fn target(&self, destination: &ServerName) -> Result<Destination, FederationError> {
         if !self.allowed(destination) {
             return Err(FederationError::NotWhitelisted(destination.to_string()));
         }
@@ -249,7 +243,18 @@ impl FederationClient {
                 "a request to this server itself".to_owned(),
             ));
         }
-        let target = self.destination(destination).await?;
+        self.destination(destination).await
+    }
+
+    /// A `GET` of `path_and_query` on `destination` — signed (`X-Matrix`), or not for the legacy
+    /// media routes — whose successful answer is handed back unread, to be streamed.
+    pub async fn get_stream(
+        &self,
+        destination: &ServerName,
+        path_and_query: &str,
+        signed: bool,
+    ) -> Result<reqwest::Response, FederationError> {
+        let target = self.target(destination).await?;
         let mut request = self
             .http
             .get(format!("{}{path_and_query}", target.base_url()))
@@ -275,14 +280,7 @@ impl FederationClient {
         let status = response.status();
         if !status.is_success() {
             let (body, _) = crate::util::read_capped(response, 64 * 1024).await;
-            let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-            return Err(FederationError::Remote {
-                status: status.as_u16(),
-                errcode: json["errcode"].as_str().unwrap_or("M_UNKNOWN").to_owned(),
-                message: json["error"]
-                    .as_str()
-                    .map_or_else(|| format!("{destination} answered {status}"), str::to_owned),
-            });
+            return Err(remote_error(destination, status, &body));
         }
         Ok(response)
     }
@@ -297,15 +295,7 @@ impl FederationClient {
         R: OutgoingRequest<PathBuilder = SinglePath>,
         R::Authentication: Signing,
     {
-        if !self.allowed(destination) {
-            return Err(FederationError::NotWhitelisted(destination.to_string()));
-        }
-        if destination == self.origin {
-            return Err(FederationError::Unreachable(
-                "a request to this server itself".to_owned(),
-            ));
-        }
-        let target = self.destination(destination).await?;
+        let target = self.target(destination).await?;
         let input = R::Authentication::input(&self.origin, destination, &self.key.key_pair);
         let http_request = request
             .try_into_http_request::<Vec<u8>>(&target.base_url(), input, ())
@@ -328,19 +318,24 @@ impl FederationClient {
             )));
         }
         if !status.is_success() {
-            let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-            return Err(FederationError::Remote {
-                status: status.as_u16(),
-                errcode: json["errcode"].as_str().unwrap_or("M_UNKNOWN").to_owned(),
-                message: json["error"]
-                    .as_str()
-                    .map_or_else(|| format!("{destination} answered {status}"), str::to_owned),
-            });
+            return Err(remote_error(destination, status, &body));
         }
         let mut http_response = http::Response::new(body.as_slice());
         *http_response.status_mut() = status;
         <R::IncomingResponse as ruma::api::IncomingResponseExt>::try_from_http_response(http_response)
             .map_err(|e| FederationError::BadResponse(format!("{destination} {path}: {e}")))
+    }
+}
+
+/// Another server's refusal: its Matrix error if it gave one.
+fn remote_error(destination: &ServerName, status: reqwest::StatusCode, body: &[u8]) -> FederationError {
+    let json: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    FederationError::Remote {
+        status: status.as_u16(),
+        errcode: json["errcode"].as_str().unwrap_or("M_UNKNOWN").to_owned(),
+        message: json["error"]
+            .as_str()
+            .map_or_else(|| format!("{destination} answered {status}"), str::to_owned),
     }
 }
 

@@ -49,10 +49,7 @@ impl Homeserver {
                 Ok(answer) => merge(&mut response, answer),
                 Err(e) => {
                     tracing::info!(%server, error = %e, "keys/query over federation failed");
-                    failures.insert(
-                        server.to_string(),
-                        json!({ "errcode": "M_UNKNOWN", "error": e.to_string() }),
-                    );
+                    failures.insert(server.to_string(), failure(&e));
                 }
             }
         }
@@ -87,10 +84,7 @@ impl Homeserver {
                 Err(Error::BadJson(e)) => return Err(Error::BadJson(e)),
                 Err(e) => {
                     tracing::info!(%server, error = %e, "keys/claim over federation failed");
-                    failures.insert(
-                        server.to_string(),
-                        json!({ "errcode": "M_UNKNOWN", "error": e.to_string() }),
-                    );
+                    failures.insert(server.to_string(), failure(&e));
                 }
             }
         }
@@ -261,12 +255,10 @@ impl Homeserver {
         origin: &OwnedServerName,
         content: &Value,
     ) -> Result<EduResult> {
-        let Some(user) = content["user_id"].as_str().and_then(|u| UserId::parse(u).ok()) else {
-            return Ok(Err("no valid user_id".to_owned()));
+        let user = match Self::sender_of(origin, &content["user_id"]) {
+            Ok(user) => user,
+            Err(why) => return Ok(Err(why)),
         };
-        if user.server_name() != origin {
-            return Ok(Err(format!("{origin} cannot speak for {user}")));
-        }
         let (Some(device_id), Some(stream_id)) =
             (content["device_id"].as_str(), content["stream_id"].as_i64())
         else {
@@ -333,12 +325,10 @@ impl Homeserver {
         origin: &OwnedServerName,
         content: &Value,
     ) -> Result<EduResult> {
-        let Some(user) = content["user_id"].as_str().and_then(|u| UserId::parse(u).ok()) else {
-            return Ok(Err("no valid user_id".to_owned()));
+        let user = match Self::sender_of(origin, &content["user_id"]) {
+            Ok(user) => user,
+            Err(why) => return Ok(Err(why)),
         };
-        if user.server_name() != origin {
-            return Ok(Err(format!("{origin} cannot speak for {user}")));
-        }
         if self.store.remote_device_list(user.as_str()).await?.is_none() {
             return Ok(Ok(()));
         }
@@ -417,6 +407,11 @@ impl Homeserver {
         }
         Ok(answer)
     }
+}
+
+/// A server's entry in `failures`: why it could not be asked.
+fn failure(e: &Error) -> Value {
+    json!({ "errcode": "M_UNKNOWN", "error": e.to_string() })
 }
 
 /// Merges one key-query answer into another, user by user.

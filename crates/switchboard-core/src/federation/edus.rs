@@ -19,7 +19,7 @@ impl Homeserver {
         for edu in edus {
             let kind = edu["edu_type"].as_str().unwrap_or_default();
             let content = &edu["content"];
-            let outcome = match kind {
+            let verdict = match kind {
                 "m.typing" => self.receive_typing(origin, content).await?,
                 "m.receipt" => self.receive_receipts(origin, content).await?,
                 "m.presence" => self.receive_presence(origin, content).await?,
@@ -31,7 +31,7 @@ impl Homeserver {
                     Ok(())
                 }
             };
-            if let Err(why) = outcome {
+            if let Err(why) = verdict {
                 tracing::info!(%origin, edu_type = kind, %why, "EDU dropped");
             }
         }
@@ -39,7 +39,10 @@ impl Homeserver {
     }
 
     /// The user an EDU speaks for, if `origin` may speak for them.
-    fn sender_of(origin: &OwnedServerName, user: &Value) -> std::result::Result<ruma::OwnedUserId, String> {
+    pub(super) fn sender_of(
+        origin: &OwnedServerName,
+        user: &Value,
+    ) -> std::result::Result<ruma::OwnedUserId, String> {
         let user = user
             .as_str()
             .and_then(|u| UserId::parse(u).ok())
@@ -115,18 +118,11 @@ impl Homeserver {
                     .set_receipt(room, "m.read", &user, event_id, thread)
                     .await
                 {
-                    match e {
-                        crate::Error::Store(_) | crate::Error::Internal(_) => return Err(e),
-                        e => problems.push(e.to_string()),
-                    }
+                    refused(&mut problems, e)?;
                 }
             }
         }
-        Ok(if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(problems.join("; "))
-        })
+        Ok(outcome(problems))
     }
 
     /// `{push: [{user_id, presence, status_msg, last_active_ago, currently_active}]}`, taken
@@ -152,17 +148,10 @@ impl Homeserver {
             let status = update["status_msg"].as_str().map(str::to_owned);
             let ago = update["last_active_ago"].as_u64().unwrap_or(0);
             if let Err(e) = self.ephemeral.set_presence(&user, presence, status, ago).await {
-                match e {
-                    crate::Error::Store(_) | crate::Error::Internal(_) => return Err(e),
-                    e => problems.push(e.to_string()),
-                }
+                refused(&mut problems, e)?;
             }
         }
-        Ok(if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(problems.join("; "))
-        })
+        Ok(outcome(problems))
     }
 
     /// `{sender, type, message_id, messages: {user: {device or "*": content}}}` for this
@@ -187,5 +176,24 @@ impl Homeserver {
             .receive_to_device(&sender, message_id, kind, messages, &self.server_name)
             .await?;
         Ok(Ok(()))
+    }
+}
+
+/// Notes why one item of an EDU was refused; a storage failure fails the whole transaction.
+fn refused(problems: &mut Vec<String>, e: crate::Error) -> Result<()> {
+    match e {
+        crate::Error::Store(_) | crate::Error::Internal(_) => Err(e),
+        e => {
+            problems.push(e.to_string());
+            Ok(())
+        }
+    }
+}
+
+fn outcome(problems: Vec<String>) -> std::result::Result<(), String> {
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
     }
 }

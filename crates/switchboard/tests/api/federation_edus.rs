@@ -338,6 +338,26 @@ async fn upload_cross_signing(on: &Peer, user: &User) -> Value {
     master
 }
 
+/// Queries `owner`'s keys as `viewer` until `device` is among them (a server may announce a
+/// change before it has fetched the list that shows it).
+async fn query_until_device(on: &Peer, viewer: &User, other: &Peer, owner: &User, device: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let keys = query_keys(on, viewer, owner).await;
+        if keys["device_keys"][&owner.user_id][device].is_object() {
+            return keys;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{device} of {} never showed on {}: {keys}\n{}",
+            owner.user_id,
+            on.name,
+            log_of(other)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Logs `user` in again on `on`: a second device.
 async fn second_device(on: &Peer, user: &User) -> User {
     let localpart = user.user_id[1..].split(':').next().expect("localpart");
@@ -518,7 +538,7 @@ async fn keys_and_to_device_cross(a: &Peer, b: &Peer, alice: &User, bob: &User) 
         changed_includes(s, &alice.user_id).then_some(())
     })
     .await;
-    let theirs = query_keys(b, bob, alice).await;
+    let theirs = query_until_device(b, bob, a, alice, &alice2.device_id).await;
     assert_eq!(
         without_unsigned(&theirs["device_keys"][&alice.user_id][&alice2.device_id]),
         device_keys(alice, &alice2.device_id, "alice2"),
@@ -531,7 +551,7 @@ async fn keys_and_to_device_cross(a: &Peer, b: &Peer, alice: &User, bob: &User) 
         changed_includes(s, &bob.user_id).then_some(())
     })
     .await;
-    let ours = query_keys(a, alice, bob).await;
+    let ours = query_until_device(a, alice, b, bob, &bob2.device_id).await;
     let devices = ours["device_keys"][&bob.user_id]
         .as_object()
         .cloned()
