@@ -436,10 +436,11 @@ impl Accounts {
         Ok(())
     }
 
-    pub async fn logout_all(&self, user_id: &UserId) -> Result<()> {
-        self.store.delete_all_devices(user_id.as_str()).await?;
+    /// Deletes every device of the user; returns their IDs.
+    pub async fn logout_all(&self, user_id: &UserId) -> Result<Vec<String>> {
+        let devices = self.store.delete_all_devices(user_id.as_str()).await?;
         self.forget_sessions(|s| s.user_id == user_id);
-        Ok(())
+        Ok(devices)
     }
 
     /// Grants or revokes server admin; every session of the user sees it at once. `false` if
@@ -451,8 +452,9 @@ impl Accounts {
     }
 
     /// Deactivates an account for good: no login, every device and token gone at once, the
-    /// profile cleared. The name stays taken. (Leaving rooms is the caller's part.)
-    pub async fn deactivate(&self, user_id: &UserId) -> Result<()> {
+    /// profile cleared. The name stays taken. Returns the devices deleted. (Leaving rooms and
+    /// announcing the devices gone are the caller's part.)
+    pub async fn deactivate(&self, user_id: &UserId) -> Result<Vec<String>> {
         self.store.set_deactivated(user_id.as_str()).await?;
         self.logout_all(user_id).await
     }

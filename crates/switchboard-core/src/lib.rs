@@ -257,7 +257,11 @@ impl Homeserver {
     /// Deactivates an account (`/account/deactivate`): every token dead at once, the profile
     /// cleared, and the user leaves every room they are in or invited to, as in Synapse.
     pub async fn deactivate(&self, user: &ruma::UserId) -> Result<()> {
-        self.accounts.deactivate(user).await?;
+        let devices = self.accounts.deactivate(user).await?;
+        // Before leaving: the servers sharing a room must learn the devices are gone.
+        for device in &devices {
+            self.e2ee.device_list_changed(user, Some(device)).await?;
+        }
         for (room, membership, _) in self.store.user_memberships(user.as_str()).await? {
             if !matches!(membership.as_str(), "join" | "invite" | "knock") {
                 continue;

@@ -77,20 +77,23 @@ impl Media {
         self.dir.join("remote_content")
     }
 
-    /// The cached file of another server's media (`variant` "" for the original).
+    /// The cached file of another server's media: the original under `remote_content/`, its
+    /// thumbnails (`variant`) apart under `remote_thumbnails/`, so no media ID can name another's
+    /// file. The whole ID is the file name (a short one cannot name a directory).
     pub(crate) fn remote_path(&self, origin: &ServerName, media_id: &str, variant: &str) -> PathBuf {
         let (a, rest) = media_id.split_at(2.min(media_id.len()));
-        let (b, rest) = rest.split_at(2.min(rest.len()));
-        let name = if variant.is_empty() {
-            rest.to_owned()
+        let b = &rest[..2.min(rest.len())];
+        let root = if variant.is_empty() {
+            self.remote_root()
         } else {
-            format!("{rest}-{variant}")
+            self.dir.join("remote_thumbnails")
         };
-        self.remote_root()
-            .join(origin.as_str())
-            .join(a)
-            .join(b)
-            .join(name)
+        let file = root.join(origin.as_str()).join(a).join(b).join(media_id);
+        if variant.is_empty() {
+            file
+        } else {
+            file.join(variant)
+        }
     }
 
     /// A new file name for a download in progress.

@@ -340,9 +340,12 @@ impl SyncService {
                 .and_then(|p| p["content"]["membership"].as_str().map(str::to_owned))
                 .unwrap_or_default();
             if member == user.as_str() {
-                // Leaving a room parts from everyone in it.
-                if membership != "join" {
-                    departed.extend(self.store.joined_members(&room).await?);
+                // Joining a room meets everyone in it; leaving parts from them.
+                let members = self.store.joined_members(&room).await?;
+                if membership == "join" {
+                    changed.extend(members);
+                } else {
+                    departed.extend(members);
                 }
             } else {
                 match membership.as_str() {

@@ -100,14 +100,22 @@ impl Store {
         })
     }
 
-    /// Drops the EDUs of `destination` up to `upto` (it has them).
-    pub async fn delete_federation_edus(&self, destination: &str, upto: i64) -> Result<()> {
+    /// Drops the EDUs `ids` of `destination` (it has them). By ID, never by range: on
+    /// PostgreSQL a lower ID may commit after a higher one was read and sent.
+    pub async fn delete_federation_edus(&self, destination: &str, ids: &[i64]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
         on_db!(self, |write, read| {
-            sqlx::query("DELETE FROM federation_edus WHERE destination = $1 AND id <= $2")
-                .bind(destination)
-                .bind(upto)
-                .execute(write)
-                .await?;
+            let mut tx = write.begin().await?;
+            for id in ids {
+                sqlx::query("DELETE FROM federation_edus WHERE destination = $1 AND id = $2")
+                    .bind(destination)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
             Ok(())
         })
     }

@@ -278,13 +278,23 @@ fn login_user(body: &LoginBody) -> Result<String, Error> {
     }
 }
 
+/// A device logged out is gone: others (on other servers too) stop encrypting for it.
 async fn logout(State(hs): State<Arc<Homeserver>>, Auth(session): Auth) -> ApiResult<Json<Value>> {
     hs.accounts.logout(&session).await?;
+    if !session.device_id.is_empty() {
+        hs.e2ee
+            .device_list_changed(&session.user_id, Some(&session.device_id))
+            .await?;
+    }
     Ok(Json(json!({})))
 }
 
 async fn logout_all(State(hs): State<Arc<Homeserver>>, Auth(session): Auth) -> ApiResult<Json<Value>> {
-    hs.accounts.logout_all(&session.user_id).await?;
+    for device in hs.accounts.logout_all(&session.user_id).await? {
+        hs.e2ee
+            .device_list_changed(&session.user_id, Some(&device))
+            .await?;
+    }
     Ok(Json(json!({})))
 }
 

@@ -278,11 +278,60 @@ impl FederationClient {
             FederationError::Unreachable(format!("{destination}: {}", crate::util::error_chain(&e)))
         })?;
         let status = response.status();
+        if status.is_redirection() && !signed {
+            // The legacy media routes may send the client elsewhere (Synapse follows).
+            let location = redirect_target(&response)?;
+            return self.get_url(&location).await;
+        }
         if !status.is_success() {
             let (body, _) = crate::util::read_capped(response, 64 * 1024).await;
             return Err(remote_error(destination, status, &body));
         }
         Ok(response)
+    }
+
+    /// A plain `GET` of `url` — where an origin's media answer points (`Location`) —, through
+    /// the same IP filter, following at most five redirects; the answer handed back unread.
+    pub async fn get_url(&self, url: &str) -> Result<reqwest::Response, FederationError> {
+        let mut url = reqwest::Url::parse(url)
+            .map_err(|e| FederationError::BadResponse(format!("a redirect to a bad URL {url:?}: {e}")))?;
+        for _ in 0..=5 {
+            if !matches!(url.scheme(), "https" | "http") {
+                return Err(FederationError::BadResponse(format!("a redirect to {url}")));
+            }
+            // Names pass the filtering resolver; literal addresses are checked here.
+            let literal = url
+                .host_str()
+                .map(|h| h.trim_start_matches('[').trim_end_matches(']'))
+                .and_then(|h| h.parse::<IpAddr>().ok());
+            if literal.is_some_and(|ip| !self.filter.allows(ip)) {
+                return Err(FederationError::Blocked(url.to_string()));
+            }
+            let response = self
+                .http
+                .get(url.clone())
+                .timeout(REQUEST_TIMEOUT)
+                .send()
+                .await
+                .map_err(|e| {
+                    FederationError::Unreachable(format!("{url}: {}", crate::util::error_chain(&e)))
+                })?;
+            let status = response.status();
+            if status.is_redirection() {
+                let next = redirect_target(&response)?;
+                url = url
+                    .join(&next)
+                    .map_err(|e| FederationError::BadResponse(format!("a redirect to {next:?}: {e}")))?;
+                continue;
+            }
+            if !status.is_success() {
+                return Err(FederationError::BadResponse(format!("{url} answered {status}")));
+            }
+            return Ok(response);
+        }
+        Err(FederationError::BadResponse(format!(
+            "too many redirects from {url}"
+        )))
     }
 
     /// Sends one request to `destination`, signed as the endpoint requires, and parses the answer.
@@ -325,6 +374,24 @@ impl FederationClient {
         <R::IncomingResponse as ruma::api::IncomingResponseExt>::try_from_http_response(http_response)
             .map_err(|e| FederationError::BadResponse(format!("{destination} {path}: {e}")))
     }
+}
+
+/// Where a redirect points.
+fn redirect_target(response: &reqwest::Response) -> Result<String, FederationError> {
+    response
+        .headers()
+        .get(reqwest::header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .map(|target| {
+            // Relative targets are resolved against the URL answered.
+            response
+                .url()
+                .join(target)
+                .map_or_else(|_| target.to_owned(), |u| u.to_string())
+        })
+        .ok_or_else(|| {
+            FederationError::BadResponse(format!("a redirect from {} without Location", response.url()))
+        })
 }
 
 /// Another server's refusal: its Matrix error if it gave one.

@@ -77,8 +77,21 @@ impl Homeserver {
             };
             match answer.await {
                 Ok(keys) => {
+                    // Only what the server may answer for: its users' devices that were asked for.
                     for (user, devices) in keys.as_object().into_iter().flatten() {
-                        response["one_time_keys"][user] = devices.clone();
+                        let Some(asked) = requested.get(user).and_then(Value::as_object) else {
+                            continue;
+                        };
+                        if UserId::parse(user.as_str()).is_ok_and(|u| u.server_name() == server) {
+                            let devices: Map<String, Value> = devices
+                                .as_object()
+                                .into_iter()
+                                .flatten()
+                                .filter(|(device, _)| asked.contains_key(*device))
+                                .map(|(d, k)| (d.clone(), k.clone()))
+                                .collect();
+                            response["one_time_keys"][user] = Value::Object(devices);
+                        }
                     }
                 }
                 Err(Error::BadJson(e)) => return Err(Error::BadJson(e)),
@@ -251,7 +264,7 @@ impl Homeserver {
     /// has (its `prev_id`), otherwise the whole list is fetched again. Lists of users no local
     /// user shares a room with are not kept.
     pub(crate) async fn receive_device_list_update(
-        &self,
+        self: &std::sync::Arc<Self>,
         origin: &OwnedServerName,
         content: &Value,
     ) -> Result<EduResult> {
@@ -275,16 +288,17 @@ impl Homeserver {
         }
         let follows = match self.store.remote_device_list(user.as_str()).await? {
             Some((kept, false)) if stream_id <= kept => return Ok(Ok(())),
-            Some((kept, false)) => prev_ids.iter().all(|p| *p == kept),
+            // An update naming no predecessor may follow one this server never got (Synapse
+            // sends `[]` when it no longer knows what it last sent).
+            Some((kept, false)) => !prev_ids.is_empty() && prev_ids.iter().all(|p| *p == kept),
             _ => false,
         };
         if !follows {
-            // A missed update (or a first one): the list as the server has it now.
-            if let Err(e) = self.resync_device_list(&user).await {
-                self.store.mark_remote_device_list_stale(user.as_str()).await?;
-                self.e2ee.device_list_changed(&user, Some(device_id)).await?;
-                return Ok(Err(format!("a gap in {user}'s device list, not fetched: {e}")));
-            }
+            // A missed update, or a first one: the list as the server has it now, fetched in the
+            // background so the transaction is answered at once; until then the kept list is
+            // stale and a key query fetches it itself.
+            self.store.mark_remote_device_list_stale(user.as_str()).await?;
+            self.resync_in_background(user);
             return Ok(Ok(()));
         }
         let keys = if content["deleted"].as_bool() == Some(true) {
@@ -316,6 +330,30 @@ impl Homeserver {
             })
             .await?;
         Ok(Ok(()))
+    }
+
+    /// Fetches `user`'s device list in a task of its own, one at a time per user; if that
+    /// fails, local clients are told the list changed, so their next query tries again.
+    fn resync_in_background(self: &std::sync::Arc<Self>, user: ruma::OwnedUserId) {
+        let Ok(mut busy) = self.federation.resyncing.lock() else {
+            return;
+        };
+        if !busy.insert(user.clone()) {
+            return;
+        }
+        drop(busy);
+        let hs = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = hs.resync_device_list(&user).await {
+                tracing::info!(%user, error = %e, "a gap in a device list, not fetched");
+                if let Err(e) = hs.e2ee.device_list_changed(&user, None).await {
+                    tracing::warn!(%user, error = %e, "cannot record a device-list change");
+                }
+            }
+            if let Ok(mut busy) = hs.federation.resyncing.lock() {
+                busy.remove(&user);
+            }
+        });
     }
 
     /// An `m.signing_key_update` from `origin`: the user's new public cross-signing keys, when

@@ -15,7 +15,11 @@ const REMOTE_TYPING: Duration = Duration::from_secs(60);
 
 impl Homeserver {
     /// Takes the EDUs of one transaction from `origin`, in order.
-    pub async fn receive_edus(&self, origin: &OwnedServerName, edus: &[Value]) -> Result<()> {
+    pub async fn receive_edus(
+        self: &std::sync::Arc<Self>,
+        origin: &OwnedServerName,
+        edus: &[Value],
+    ) -> Result<()> {
         for edu in edus {
             let kind = edu["edu_type"].as_str().unwrap_or_default();
             let content = &edu["content"];

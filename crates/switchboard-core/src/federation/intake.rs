@@ -31,7 +31,16 @@ impl Homeserver {
         if let Some(event_id) = self.first_after_gap(room_id, &objects).await? {
             self.fill_gap(origin, room_id, event_id).await;
         }
-        let joining = joining_users(&objects);
+        // Joins of other servers' users who were not joined before (not profile changes).
+        let mut joining = joining_users(&objects);
+        for user in joining.iter_mut() {
+            if let Some(who) = user
+                && (who.server_name() == self.server_name
+                    || self.rooms.membership(room_id, who).await?.as_deref() == Some("join"))
+            {
+                *user = None;
+            }
+        }
         let verdicts = self
             .rooms
             .receive_pdus(room_id, objects, &self.federation.keys)
@@ -39,9 +48,7 @@ impl Homeserver {
         // A user who comes (back) into a room with this server's users may have changed devices
         // while no update reached here: a kept list of theirs is fetched again before use.
         for (user, verdict) in joining.into_iter().zip(&verdicts) {
-            if let (Some(user), Ok(Received::Accepted(_))) = (user, verdict)
-                && user.server_name() != self.server_name
-            {
+            if let (Some(user), Ok(Received::Accepted(_))) = (user, verdict) {
                 self.store.mark_remote_device_list_stale(user.as_str()).await?;
             }
         }

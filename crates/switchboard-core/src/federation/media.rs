@@ -92,8 +92,10 @@ impl Homeserver {
         variant: Variant,
         fetch_for: Option<&UserId>,
     ) -> Result<Content> {
-        // Media IDs are `[A-Za-z0-9_-]+` (the spec's grammar); nothing else reaches a file path.
-        if media_id.is_empty()
+        // Media IDs are `[A-Za-z0-9_-]+` (the spec's grammar) and server names never start with a
+        // dot (`.` and `..` parse as names): nothing else reaches a file path.
+        if origin.as_str().starts_with('.')
+            || media_id.is_empty()
             || !media_id
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
@@ -127,11 +129,16 @@ impl Homeserver {
                     .to_owned(),
             ));
         };
-        // The requester's allowance of remote downloads: refused while in debt, charged after.
+        // The requester's allowance of remote downloads: refused while in debt, charged with
+        // every byte received, whether the download succeeded or not.
         let allowance = &self.limits.remote_media;
         allowance.peek(requester.as_str())?;
-        let (content_type, filename, size) = self.fetch_remote(origin, media_id, variant, &path).await?;
-        allowance.charge(requester.as_str(), size as f64);
+        let mut received = 0;
+        let fetched = self
+            .fetch_remote(origin, media_id, variant, &path, &mut received)
+            .await;
+        allowance.charge(requester.as_str(), received as f64);
+        let (content_type, filename, size) = fetched?;
         self.store
             .add_remote_media(
                 origin.as_str(),
@@ -152,13 +159,16 @@ impl Homeserver {
     }
 
     /// Fetches media from its origin into `path`: the authenticated federation route first, the
-    /// legacy one if the origin does not know it. Returns content type, file name and size.
+    /// legacy one if the origin does not know it; a file part that points elsewhere
+    /// (`Location`) is fetched from there. Returns content type, file name and size; `received`
+    /// counts every byte that came in.
     async fn fetch_remote(
         &self,
         origin: &ServerName,
         media_id: &str,
         variant: Variant,
         path: &Path,
+        received: &mut u64,
     ) -> Result<(String, Option<String>, u64)> {
         let limit = self.media.max_upload_size as u64;
         let (federation, legacy) = match variant {
@@ -180,43 +190,30 @@ impl Homeserver {
         };
         let client = &self.federation.client;
         let download = self.media.temp_path();
-        let fetched = match client.get_stream(origin, &federation, true).await {
-            Ok(response) => {
-                let boundary = boundary(&response)?;
-                stream_to_file(response, &download, limit + MULTIPART_OVERHEAD)
-                    .await
-                    .map(|_| Some(boundary))
-            }
-            // A server without the authenticated routes (before Matrix 1.11).
-            Err(FederationError::Remote { status, errcode, .. })
-                if errcode == "M_UNRECOGNIZED" || status == 405 || status == 501 =>
-            {
-                tracing::debug!(%origin, media_id, "no authenticated media routes; trying the legacy ones");
-                Ok(None)
-            }
-            Err(e) => Err(remote_error(e)),
-        };
-        let result = match fetched {
-            Ok(Some(boundary)) => extract_part(&download, &boundary, path, limit).await,
-            Ok(None) => match client.get_stream(origin, &legacy, false).await {
+        let result = async {
+            match client.get_stream(origin, &federation, true).await {
                 Ok(response) => {
-                    let content_type = header(&response, reqwest::header::CONTENT_TYPE);
-                    let disposition = header(&response, reqwest::header::CONTENT_DISPOSITION);
-                    match stream_to_file(response, &download, limit).await {
-                        Ok(size) => crate::media::rename(&download, path).await.map(|()| {
-                            (
-                                content_type.unwrap_or_else(|| "application/octet-stream".to_owned()),
-                                disposition.as_deref().and_then(filename_of),
-                                size,
-                            )
-                        }),
-                        Err(e) => Err(e),
+                    let boundary = boundary(&response)?;
+                    stream_to_file(response, &download, limit + MULTIPART_OVERHEAD, received).await?;
+                    match extract_part(&download, &boundary, path, limit).await? {
+                        Part::File(found) => Ok(found),
+                        Part::Elsewhere { location, headers } => {
+                            let response = client.get_url(&location).await.map_err(remote_error)?;
+                            let found = plain_file(response, &download, path, limit, received).await?;
+                            // The part's own headers say what the file is, if they say it.
+                            Ok((headers.0.unwrap_or(found.0), headers.1.or(found.1), found.2))
+                        }
                     }
                 }
+                Err(e) if unknown_endpoint(&e) => {
+                    tracing::debug!(%origin, media_id, "no authenticated media routes; trying the legacy ones");
+                    let response = client.get_stream(origin, &legacy, false).await.map_err(remote_error)?;
+                    plain_file(response, &download, path, limit, received).await
+                }
                 Err(e) => Err(remote_error(e)),
-            },
-            Err(e) => Err(e),
-        };
+            }
+        }
+        .await;
         let _ = tokio::fs::remove_file(&download).await;
         result
     }
@@ -254,15 +251,54 @@ impl Homeserver {
     }
 }
 
-/// The origin's refusal passed on: its 404 stays a 404; anything else is a bad gateway.
+/// Whether the origin does not know the authenticated media routes (a server from before Matrix
+/// 1.11): Synapse's test — `M_UNRECOGNIZED`, or a 404/405 without a Matrix error of its own.
+fn unknown_endpoint(e: &FederationError) -> bool {
+    match e {
+        FederationError::Remote { status, errcode, .. } => {
+            errcode == "M_UNRECOGNIZED"
+                || (matches!(status, 404 | 405) && errcode == "M_UNKNOWN")
+                || *status == 501
+        }
+        _ => false,
+    }
+}
+
+/// The origin's refusal as this server's answer: its "not found" and "not yet uploaded" pass on;
+/// anything else is a bad gateway (never the origin's own status or code, which a client would
+/// take as this server's — a 401 logs it out).
 fn remote_error(e: FederationError) -> Error {
     match e {
         FederationError::Remote { status: 404, .. } => Error::NotFound("Media not found".to_owned()),
+        FederationError::Remote { errcode, .. } if errcode == "M_NOT_YET_UPLOADED" => Error::NotYetUploaded,
         FederationError::Remote { status: 413, .. } => {
             Error::RemoteTooLarge("The origin refused: the media is too large".to_owned())
         }
+        FederationError::Remote { status, message, .. } => {
+            Error::BadGateway(format!("the origin answered {status}: {message}"))
+        }
         e => Error::from(e),
     }
+}
+
+/// A response whose body is the file itself (the legacy routes, a `Location`): streamed to
+/// `download`, then moved to `path`. Returns content type, file name and size.
+async fn plain_file(
+    response: reqwest::Response,
+    download: &Path,
+    path: &Path,
+    limit: u64,
+    received: &mut u64,
+) -> Result<(String, Option<String>, u64)> {
+    let content_type = header(&response, reqwest::header::CONTENT_TYPE);
+    let disposition = header(&response, reqwest::header::CONTENT_DISPOSITION);
+    let size = stream_to_file(response, download, limit, received).await?;
+    crate::media::rename(download, path).await?;
+    Ok((
+        content_type.unwrap_or_else(|| "application/octet-stream".to_owned()),
+        disposition.as_deref().and_then(filename_of),
+        size,
+    ))
 }
 
 fn header(response: &reqwest::Response, name: reqwest::header::HeaderName) -> Option<String> {
@@ -293,7 +329,12 @@ fn boundary(response: &reqwest::Response) -> Result<String> {
 
 /// Writes a response body to `path`, failing once it passes `limit` bytes or breaks off (a
 /// body shorter or longer than its `Content-Length` breaks off). Returns its size.
-async fn stream_to_file(mut response: reqwest::Response, path: &Path, limit: u64) -> Result<u64> {
+async fn stream_to_file(
+    mut response: reqwest::Response,
+    path: &Path,
+    limit: u64,
+    received: &mut u64,
+) -> Result<u64> {
     let too_large = || {
         Error::RemoteTooLarge(format!(
             "The media is larger than this server takes ({limit} bytes)"
@@ -315,6 +356,7 @@ async fn stream_to_file(mut response: reqwest::Response, path: &Path, limit: u64
         match response.chunk().await {
             Ok(Some(chunk)) => {
                 size += chunk.len() as u64;
+                *received += chunk.len() as u64;
                 if size > limit {
                     return Err(too_large());
                 }
@@ -337,14 +379,20 @@ async fn stream_to_file(mut response: reqwest::Response, path: &Path, limit: u64
     Ok(size)
 }
 
+/// The second part of a federation media answer.
+enum Part {
+    /// The file, moved into place: content type, file name, size.
+    File((String, Option<String>, u64)),
+    /// The file is at `location`; the part's content type and file name, if it gave them.
+    Elsewhere {
+        location: String,
+        headers: (Option<String>, Option<String>),
+    },
+}
+
 /// Takes the file out of a downloaded `multipart/mixed` answer (its second part, after the JSON
-/// metadata) into `path`. Returns its content type, file name and size.
-async fn extract_part(
-    download: &Path,
-    boundary: &str,
-    path: &Path,
-    limit: u64,
-) -> Result<(String, Option<String>, u64)> {
+/// metadata) into `path`, or finds where the part says the file is.
+async fn extract_part(download: &Path, boundary: &str, path: &Path, limit: u64) -> Result<Part> {
     let bad = |why: &str| Error::BadGateway(format!("a malformed multipart answer: {why}"));
     let mut file = tokio::fs::File::open(download).await.map_err(Error::internal)?;
     let total = file.metadata().await.map_err(Error::internal)?.len();
@@ -368,10 +416,16 @@ async fn extract_part(
                 .then(|| value.trim().to_owned())
         })
     };
-    if part_header("location").is_some() {
-        return Err(Error::BadGateway(
-            "the origin redirected the media elsewhere; not followed".to_owned(),
-        ));
+    if let Some(location) = part_header("location") {
+        return Ok(Part::Elsewhere {
+            location,
+            headers: (
+                part_header("content-type"),
+                part_header("content-disposition")
+                    .as_deref()
+                    .and_then(filename_of),
+            ),
+        });
     }
     // The closing delimiter, searched for from the end.
     let tail_len = 4096.min(total.saturating_sub(start));
@@ -416,13 +470,13 @@ async fn extract_part(
         return Err(Error::Internal(format!("{}: {e}", temp.display())));
     }
     crate::media::rename(&temp, path).await?;
-    Ok((
+    Ok(Part::File((
         part_header("content-type").unwrap_or_else(|| "application/octet-stream".to_owned()),
         part_header("content-disposition")
             .as_deref()
             .and_then(filename_of),
         size,
-    ))
+    )))
 }
 
 fn find(haystack: &[u8], needle: &[u8], from: usize) -> Option<usize> {
@@ -504,7 +558,9 @@ mod tests {
         let out = dir.path().join("out/file");
         let body = b"--XYZ\r\nContent-Type: application/json\r\n\r\n{}\r\n--XYZ\r\nContent-Type: image/png\r\nContent-Disposition: inline; filename=\"a.png\"\r\n\r\n\x89PNG\r\n--XYZ\r\nbytes\r\n--XYZ--\r\n";
         std::fs::write(&download, body).expect("write");
-        let (kind, name, size) = extract_part(&download, "XYZ", &out, 1000).await.expect("parsed");
+        let Ok(Part::File((kind, name, size))) = extract_part(&download, "XYZ", &out, 1000).await else {
+            panic!("not parsed");
+        };
         assert_eq!(
             (kind.as_str(), name.as_deref(), size),
             ("image/png", Some("a.png"), 18)

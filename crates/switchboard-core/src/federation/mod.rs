@@ -82,6 +82,8 @@ pub struct Federation {
     pub key: Arc<SigningKey>,
     /// Oldest events of rooms before which other servers had no more history to give.
     history_ends: std::sync::Mutex<std::collections::HashSet<ruma::OwnedEventId>>,
+    /// Remote users whose device lists are being fetched in the background.
+    resyncing: std::sync::Mutex<std::collections::HashSet<ruma::OwnedUserId>>,
 }
 
 impl Federation {
@@ -123,6 +125,7 @@ impl Federation {
             sender,
             key,
             history_ends: Default::default(),
+            resyncing: Default::default(),
         })
     }
 

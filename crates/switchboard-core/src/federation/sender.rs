@@ -308,11 +308,10 @@ impl Shared {
                     if let Err(e) = self.store.set_federation_sent(destination.as_str(), *upto).await {
                         tracing::error!(%destination, error = %e, "cannot record the queue's position");
                     }
-                    if let Some(last) = batch.last_edu
-                        && let Err(e) = self
-                            .store
-                            .delete_federation_edus(destination.as_str(), last)
-                            .await
+                    if let Err(e) = self
+                        .store
+                        .delete_federation_edus(destination.as_str(), &batch.edu_ids)
+                        .await
                     {
                         // Sent again later; receivers drop repeats (to-device by message ID).
                         tracing::error!(%destination, error = %e, "cannot drop the EDUs sent");
@@ -414,14 +413,12 @@ impl Shared {
             .next_batch(destination, sent)
             .await?
             .unwrap_or((Vec::new(), sent));
-        let (edus, last_edu) = self.next_edus(destination).await?;
+        let (edus, edu_ids) = self.next_edus(destination).await?;
         if pdus.is_empty() && edus.is_empty() {
-            if let Some(last) = last_edu {
-                // Only stale typing waited.
-                self.store
-                    .delete_federation_edus(destination.as_str(), last)
-                    .await?;
-            }
+            // Only stale typing waited, if anything.
+            self.store
+                .delete_federation_edus(destination.as_str(), &edu_ids)
+                .await?;
             return Ok(if upto > sent { Next::Skip(upto) } else { Next::Wait });
         }
         let n = self.store.next_federation_txn(destination.as_str()).await?;
@@ -430,18 +427,18 @@ impl Shared {
             pdus,
             upto,
             edus,
-            last_edu,
+            edu_ids,
         }))
     }
 
-    /// Up to 100 EDUs waiting for `destination`, oldest first, and the last one's ID. Typing
+    /// Up to 100 EDUs waiting for `destination`, oldest first, and the IDs of all taken. Typing
     /// notifications that waited too long are left out (but counted as sent).
     async fn next_edus(
         &self,
         destination: &ServerName,
-    ) -> Result<(Vec<Box<serde_json::value::RawValue>>, Option<i64>)> {
+    ) -> Result<(Vec<Box<serde_json::value::RawValue>>, Vec<i64>)> {
         let queued = self.store.federation_edus(destination.as_str(), MAX_EDUS).await?;
-        let last = queued.last().map(|e| e.id);
+        let ids = queued.iter().map(|e| e.id).collect();
         let now = crate::util::now_ms() as i64;
         let mut edus = Vec::with_capacity(queued.len());
         for edu in queued {
@@ -455,7 +452,7 @@ impl Shared {
             );
             edus.push(serde_json::value::RawValue::from_string(json).map_err(crate::Error::internal)?);
         }
-        Ok((edus, last))
+        Ok((edus, ids))
     }
 
     async fn sent_pos(&self, destination: &ServerName) -> Result<i64> {
@@ -533,8 +530,8 @@ struct Batch {
     /// The stream position the PDUs reach.
     upto: i64,
     edus: Vec<Box<serde_json::value::RawValue>>,
-    /// The ID of the last EDU taken from the outbox.
-    last_edu: Option<i64>,
+    /// The outbox IDs of the EDUs taken (stale typing too), deleted once the destination answered.
+    edu_ids: Vec<i64>,
 }
 
 enum Next {

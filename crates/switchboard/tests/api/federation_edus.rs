@@ -561,6 +561,31 @@ async fn keys_and_to_device_cross(a: &Peer, b: &Peer, alice: &User, bob: &User) 
         without_unsigned(&devices[&bob2.device_id]),
         device_keys(bob, &bob2.device_id, "bob2")
     );
+
+    // A device logged out is gone on the other side too.
+    let (status, body) = a
+        .server
+        .call(
+            Method::POST,
+            "/_matrix/client/v3/logout",
+            Some(&alice2.token),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let theirs = query_keys(b, bob, alice).await;
+        if !theirs["device_keys"][&alice.user_id][&alice2.device_id].is_object() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} still has Alice's logged-out device: {theirs}",
+            b.name
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 #[tokio::test]
@@ -659,6 +684,10 @@ async fn bad_edus_are_dropped_and_a_broken_device_list_chain_is_fetched_again() 
             {"edu_type": "m.device_list_update", "content": {"user_id": bob.user_id, "device_id": "GHOST",
                 "stream_id": 9_000_000_000_000_i64, "prev_id": [8_999_999_999_999_i64], "deleted": false,
                 "keys": {"user_id": bob.user_id, "device_id": "GHOST", "keys": {}}}},
+            // One naming no predecessor cannot be trusted to follow: fetched too.
+            {"edu_type": "m.device_list_update", "content": {"user_id": bob.user_id, "device_id": "GHOST2",
+                "stream_id": 9_000_000_000_001_i64, "prev_id": [], "deleted": false,
+                "keys": {"user_id": bob.user_id, "device_id": "GHOST2", "keys": {}}}},
         ]),
         "bad1",
     )
@@ -670,7 +699,9 @@ async fn bad_edus_are_dropped_and_a_broken_device_list_chain_is_fetched_again() 
         .cloned()
         .unwrap_or_default();
     assert!(
-        devices.contains_key(&bob.device_id) && !devices.contains_key("GHOST"),
+        devices.contains_key(&bob.device_id)
+            && !devices.contains_key("GHOST")
+            && !devices.contains_key("GHOST2"),
         "the list as Bob's server has it, not the forged device: {kept}"
     );
     let sync = a.server.sync(&alice, "timeout=0").await;
@@ -868,7 +899,19 @@ async fn device_lists_name_who_came_to_share_a_room_and_who_left_every_shared_ro
     let (a, b, alice, bob, room) = two_in_a_room().await;
     let carol = b.server.register("carol").await;
     let since = next_batch(&a, &alice).await;
+    let carols = next_batch(&b, &carol).await;
     join_alias(&b, &carol, &format!("#hall:{}", a.name), &a).await;
+    // Carol, joining, meets everyone in the room.
+    sync_from_until(
+        &b,
+        &carol,
+        &a,
+        "Alice and Bob in Carol's changed",
+        30,
+        Some(carols),
+        |s| (changed_includes(s, &alice.user_id) && changed_includes(s, &bob.user_id)).then_some(()),
+    )
+    .await;
     let changed = sync_from_until(&a, &alice, &b, "Carol in changed", 30, Some(since.clone()), |s| {
         changed_includes(s, &carol.user_id).then(|| s["device_lists"].clone())
     })

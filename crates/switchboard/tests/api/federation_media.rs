@@ -227,7 +227,8 @@ async fn media_crosses_between_switchboards_is_cached_bounded_and_purged() {
         )
         .await;
     assert!(purged["deleted"].as_u64().unwrap_or(0) >= 3, "{purged}");
-    let left: Vec<_> = walk(&a.server.dir.path().join("media/remote_content"));
+    let mut left: Vec<_> = walk(&a.server.dir.path().join("media/remote_content"));
+    left.extend(walk(&a.server.dir.path().join("media/remote_thumbnails")));
     assert!(left.is_empty(), "{left:?}");
     let (status, _, bytes) = get(&a, Some(&alice), &download).await;
     assert_eq!(status, StatusCode::OK);
@@ -300,9 +301,9 @@ async fn remote_downloads_count_against_each_users_allowance() {
 }
 
 /// A federation origin that misbehaves: TLS with the test CA's certificate on 127.0.0.1, every
-/// request answered with the raw HTTP `answer(path)` gives, then the connection closed. Returns
-/// its server name.
-async fn scripted_origin(answer: fn(&str) -> Vec<u8>) -> String {
+/// request answered with the raw HTTP `answer(path, its port)` gives, then the connection
+/// closed. Returns its server name.
+async fn scripted_origin(answer: fn(&str, u16) -> Vec<u8>) -> String {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     crate::harness::tls_init();
@@ -336,7 +337,7 @@ async fn scripted_origin(answer: fn(&str) -> Vec<u8>) -> String {
                 }
                 let text = String::from_utf8_lossy(&request);
                 let path = text.split_whitespace().nth(1).unwrap_or_default().to_owned();
-                let _ = tls.write_all(&answer(&path)).await;
+                let _ = tls.write_all(&answer(&path, port)).await;
                 let _ = tls.shutdown().await;
             });
         }
@@ -355,7 +356,7 @@ async fn an_origin_that_lies_about_lengths_or_sends_too_much_leaves_nothing_and_
  {
     let ours = Peer::switchboard("max_upload_size: 100K").await;
     let alice = ours.server.register("alice").await;
-    let origin = scripted_origin(|path| {
+    let origin = scripted_origin(|path, port| {
         let multipart = b"--B\r\nContent-Type: application/json\r\n\r\n{}\r\n--B\r\nContent-Type: image/png\r\n\r\nPNGDATA\r\n--B--\r\n";
         if path.ends_with("/short") {
             // Says 5000 bytes, sends fewer and hangs up.
@@ -367,6 +368,25 @@ async fn an_origin_that_lies_about_lengths_or_sends_too_much_leaves_nothing_and_
             let mut body = b"--B\r\nContent-Type: application/json\r\n\r\n{}\r\n--B\r\nContent-Type: image/png\r\n\r\n".to_vec();
             body.extend(std::iter::repeat_n(b'x', 300_000));
             http("200 OK", "Content-Type: multipart/mixed; boundary=B\r\n", &body)
+        } else if path.ends_with("/elsewhere") {
+            // The file part points to where the file is (the spec allows it).
+            let body = format!(
+                "--B\r\nContent-Type: application/json\r\n\r\n{{}}\r\n--B\r\nLocation: https://localhost:{port}/files/real\r\n\r\n\r\n--B--\r\n"
+            );
+            http("200 OK", "Content-Type: multipart/mixed; boundary=B\r\n", body.as_bytes())
+        } else if path == "/files/real" {
+            http("200 OK", "Content-Type: image/png\r\nContent-Length: 8\r\n", b"REALFILE")
+        } else if path.ends_with("/unauthorized") {
+            // An origin trying to make clients log out: never passed on as this server's answer.
+            let body = br#"{"errcode":"M_UNKNOWN_TOKEN","error":"who are you"}"#;
+            http("401 Unauthorized", &format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()), body)
+        } else if path.starts_with("/_matrix/federation/v1/media/download/bare404") {
+            // An old server's plain 404 for an unknown route: the legacy route is tried.
+            http("404 Not Found", "Content-Length: 0\r\n", b"")
+        } else if path.starts_with("/_matrix/media/v3/download/") && path.contains("/bare404") {
+            http("307 Temporary Redirect", "Location: /files/moved\r\nContent-Length: 0\r\n", b"")
+        } else if path == "/files/moved" {
+            http("200 OK", "Content-Type: text/plain\r\nContent-Length: 5\r\n", b"moved")
         } else if path.starts_with("/_matrix/federation/v1/media/") {
             // A server from before Matrix 1.11.
             let body = br#"{"errcode":"M_UNRECOGNIZED","error":"Unrecognized request"}"#;
@@ -406,5 +426,22 @@ async fn an_origin_that_lies_about_lengths_or_sends_too_much_leaves_nothing_and_
     assert_eq!(
         (status, kind.as_str(), body.as_slice()),
         (StatusCode::OK, "text/plain", &b"legacy body"[..])
+    );
+    // A plain 404 for the route counts as an old server too; its legacy answer redirects.
+    let (status, _, body) = get(&ours, Some(&alice), &fetch("bare404")).await;
+    assert_eq!((status, body.as_slice()), (StatusCode::OK, &b"moved"[..]));
+    // A file part pointing elsewhere is fetched from there.
+    let (status, kind, body) = get(&ours, Some(&alice), &fetch("elsewhere")).await;
+    assert_eq!(
+        (status, kind.as_str(), body.as_slice()),
+        (StatusCode::OK, "image/png", &b"REALFILE"[..])
+    );
+    // The origin's 401 is this server's 502.
+    let (status, _, body) = get(&ours, Some(&alice), &fetch("unauthorized")).await;
+    assert_eq!(
+        status,
+        StatusCode::BAD_GATEWAY,
+        "{}",
+        String::from_utf8_lossy(&body)
     );
 }
