@@ -812,7 +812,7 @@ async function runFlow(hsUrl) {
 // The README's feature table row of what is missing, verbatim; the first check makes sure the
 // README still says so, so that this allow-list cannot outlive it.
 const README_MISSING_ROW =
-    "| Pushers, user directory search, room hierarchy, OpenID tokens, 3PIDs, remote media (needs federation) | missing (issue 3) — answer `404 M_UNRECOGNIZED` |";
+    "| Pushers, user directory search, room hierarchy, OpenID tokens, 3PIDs | missing (issue 3) — answer `404 M_UNRECOGNIZED` |";
 
 // The endpoints of that row this test calls: the README's words for each, and the request paths
 // (as normalizePath writes them) whose 404 M_UNRECOGNIZED that row explains.
