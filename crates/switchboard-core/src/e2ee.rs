@@ -132,11 +132,20 @@ impl E2ee {
                 let Some(from_signer) = signatures.get(signer.as_str()).and_then(Value::as_object) else {
                     continue;
                 };
-                // One signs one's own devices and keys, and other users' master keys only.
-                let allowed = user == signer.as_str() || self.is_master_key(user, key_id).await?;
-                let merged = if allowed {
+                // One signs one's own devices and keys (the signatures go into them), and other
+                // users' master keys only (kept apart, for the signer's eyes).
+                let merged = if user == signer.as_str() {
                     self.add_signatures(signer.as_str(), user, key_id, from_signer)
                         .await?
+                } else if self.is_master_key(user, key_id).await? {
+                    let signatures: Vec<(String, String)> = from_signer
+                        .iter()
+                        .filter_map(|(id, sig)| sig.as_str().map(|sig| (id.clone(), sig.to_owned())))
+                        .collect();
+                    self.store
+                        .add_cross_signing_signatures(signer.as_str(), user, key_id, &signatures)
+                        .await?;
+                    Some(None)
                 } else {
                     None
                 };
@@ -243,10 +252,33 @@ impl E2ee {
                     "user_signing" if requester.is_some_and(|r| r.as_str() == user) => "user_signing_keys",
                     _ => continue,
                 };
-                response[field][user] = serde_json::from_str(&keys).unwrap_or(Value::Null);
+                let mut key: Value = serde_json::from_str(&keys).unwrap_or(Value::Null);
+                if kind == "master"
+                    && let Some(requester) = requester.filter(|r| r.as_str() != user)
+                {
+                    self.add_own_signatures(requester, user, &mut key).await?;
+                }
+                response[field][user] = key;
             }
         }
         Ok(response)
+    }
+
+    /// Adds to another user's master key the signatures `requester` made on it.
+    async fn add_own_signatures(&self, requester: &UserId, user: &str, key: &mut Value) -> Result<()> {
+        for (key_id, signing_key_id, signature) in self
+            .store
+            .cross_signing_signatures(requester.as_str(), user)
+            .await?
+        {
+            let names_it = key["keys"]
+                .as_object()
+                .is_some_and(|k| k.keys().any(|id| id.ends_with(&format!(":{key_id}"))));
+            if names_it {
+                key["signatures"][requester.as_str()][signing_key_id.as_str()] = json!(signature);
+            }
+        }
+        Ok(())
     }
 
     /// `POST /keys/query`: device keys of the requested users (all devices for an empty list).

@@ -332,4 +332,54 @@ impl Store {
             Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
         })
     }
+
+    // ---- signatures on other users' keys ------------------------------------------------------
+
+    /// Keeps `signer`'s signatures `(signing key ID, signature)` on `user_id`'s key `key_id`.
+    pub async fn add_cross_signing_signatures(
+        &self,
+        signer: &str,
+        user_id: &str,
+        key_id: &str,
+        signatures: &[(String, String)],
+    ) -> Result<()> {
+        on_db!(self, |write, read| {
+            let mut tx = write.begin().await?;
+            for (signing_key_id, signature) in signatures {
+                sqlx::query(
+                    "INSERT INTO cross_signing_signatures (signer, user_id, key_id, signing_key_id, signature)
+                     VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (signer, user_id, key_id, signing_key_id) DO UPDATE SET signature = $5",
+                )
+                .bind(signer)
+                .bind(user_id)
+                .bind(key_id)
+                .bind(signing_key_id)
+                .bind(signature)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    /// `signer`'s signatures on `user_id`'s keys: `(key_id, signing_key_id, signature)`.
+    pub async fn cross_signing_signatures(
+        &self,
+        signer: &str,
+        user_id: &str,
+    ) -> Result<Vec<(String, String, String)>> {
+        on_db!(self, |write, read| {
+            let rows = sqlx::query(
+                "SELECT key_id, signing_key_id, signature FROM cross_signing_signatures
+                 WHERE signer = $1 AND user_id = $2",
+            )
+            .bind(signer)
+            .bind(user_id)
+            .fetch_all(read)
+            .await?;
+            Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
+        })
+    }
 }

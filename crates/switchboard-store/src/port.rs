@@ -262,6 +262,16 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
         &[("user_id", Text), ("stream_id", Int), ("stale", Bool)],
     ),
     (
+        "cross_signing_signatures",
+        &[
+            ("signer", Text),
+            ("user_id", Text),
+            ("key_id", Text),
+            ("signing_key_id", Text),
+            ("signature", Text),
+        ],
+    ),
+    (
         "remote_media",
         &[
             ("origin", Text),

@@ -39,3 +39,15 @@ CREATE TABLE remote_media (
     PRIMARY KEY (origin, media_id, variant)
 );
 CREATE INDEX remote_media_access ON remote_media (last_access_ts);
+
+-- Signatures a user made on another user's master key (with their user-signing key): kept apart
+-- from the key, which its owner's server may replace, and shown only to the signer (the spec's
+-- rule; Synapse's e2e_cross_signing_signatures).
+CREATE TABLE cross_signing_signatures (
+    signer          TEXT NOT NULL,
+    user_id         TEXT NOT NULL,
+    key_id          TEXT NOT NULL,
+    signing_key_id  TEXT NOT NULL,
+    signature       TEXT NOT NULL,
+    PRIMARY KEY (signer, user_id, key_id, signing_key_id)
+);

@@ -272,9 +272,51 @@ async fn replacing_cross_signing_keys_needs_uia_and_others_see_signatures_not_us
         "sig-of-device"
     );
     let own = s
-        .ok(Method::POST, "/_matrix/client/v3/keys/query", &alice.token, query)
+        .ok(
+            Method::POST,
+            "/_matrix/client/v3/keys/query",
+            &alice.token,
+            query.clone(),
+        )
         .await;
     assert!(own["user_signing_keys"][&alice.user_id].is_object());
+
+    // Bob signs Alice's master key with his user-signing key: only Bob sees that signature.
+    let signed_master = json!({alice.user_id.clone(): {"MASTERPUB": {
+        "user_id": alice.user_id, "usage": ["master"], "keys": {"ed25519:MASTERPUB": "MASTERPUB"},
+        "signatures": {bob.user_id.clone(): {"ed25519:BOBUSK": "bob-trusts-alice"}},
+    }}});
+    let result = s
+        .ok(
+            Method::POST,
+            "/_matrix/client/v3/keys/signatures/upload",
+            &bob.token,
+            signed_master,
+        )
+        .await;
+    assert_eq!(result["failures"], json!({}));
+    let seen_by_bob = s
+        .ok(
+            Method::POST,
+            "/_matrix/client/v3/keys/query",
+            &bob.token,
+            query.clone(),
+        )
+        .await;
+    assert_eq!(
+        seen_by_bob["master_keys"][&alice.user_id]["signatures"][&bob.user_id]["ed25519:BOBUSK"],
+        "bob-trusts-alice",
+        "{seen_by_bob}"
+    );
+    let seen_by_alice = s
+        .ok(Method::POST, "/_matrix/client/v3/keys/query", &alice.token, query)
+        .await;
+    assert!(
+        seen_by_alice["master_keys"][&alice.user_id]["signatures"]
+            .get(&bob.user_id)
+            .is_none(),
+        "{seen_by_alice}"
+    );
 }
 
 /// MSC3202: a service that encrypts learns its devices' one-time-key counts and the device-list
