@@ -502,32 +502,15 @@ fn filename_of(disposition: &str) -> Option<String> {
         let encoded = value
             .strip_prefix("UTF-8''")
             .or_else(|| value.strip_prefix("utf-8''"))?;
-        return String::from_utf8(percent_decode(encoded)).ok();
+        return percent_encoding::percent_decode_str(encoded)
+            .decode_utf8()
+            .ok()
+            .map(std::borrow::Cow::into_owned);
     }
     params
         .iter()
         .find(|(k, _)| k == "filename")
         .map(|(_, v)| v.trim_matches('"').to_owned())
-}
-
-fn percent_decode(text: &str) -> Vec<u8> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && let Some(byte) = text
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-        {
-            out.push(byte);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    out
 }
 
 #[cfg(test)]

@@ -609,8 +609,25 @@ async fn device_updates_and_to_device_messages_sent_while_the_peer_is_down_arriv
     // Bob's server keeps Alice's list from here on (fetched on Bob's query or on the update
     // Alice's upload sent, whichever came first; the other finds it current).
     query_keys(&b, &bob, &alice).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let since = next_batch(&b, &bob).await;
+    // The sync token to watch from: after the fetches of that list have been announced (a
+    // long-poll that comes back without Alice in `changed`).
+    let mut since = next_batch(&b, &bob).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let sync = b
+            .server
+            .sync(&bob, &format!("timeout=1000&since={}", enc(&since)))
+            .await;
+        since = sync["next_batch"].as_str().expect("next_batch").to_owned();
+        if !changed_includes(&sync, &alice.user_id) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Alice's device list never settled on {}",
+            b.name
+        );
+    }
     b.server.terminate();
     put(
         &a,
@@ -641,7 +658,7 @@ async fn device_updates_and_to_device_messages_sent_while_the_peer_is_down_arriv
         );
     }
     assert_eq!(got, vec![json!({"while": "down"})]);
-    let theirs = query_keys(&b, &bob, &alice).await;
+    let theirs = query_until_device(&b, &bob, &a, &alice, &alice2.device_id).await;
     assert_eq!(
         without_unsigned(&theirs["device_keys"][&alice.user_id][&alice2.device_id]),
         device_keys(&alice, &alice2.device_id, "alice2"),
