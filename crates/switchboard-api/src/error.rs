@@ -72,6 +72,10 @@ impl IntoResponse for ApiError {
                 return matrix_error(status, errcode, message);
             }
             Error::BadState(_) => (StatusCode::BAD_REQUEST, "M_UNKNOWN"),
+            Error::WrongRoomKeysVersion { current_version } => {
+                let body = json!({ "errcode": "M_WRONG_ROOM_KEYS_VERSION", "error": message, "current_version": current_version });
+                return (StatusCode::FORBIDDEN, Json(body)).into_response();
+            }
             Error::LimitExceeded { retry_after_ms } => {
                 let body = json!({ "errcode": "M_LIMIT_EXCEEDED", "error": message, "retry_after_ms": retry_after_ms });
                 let mut response = (StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response();

@@ -95,6 +95,9 @@ pub enum Error {
         errcode: String,
         message: String,
     },
+    /// Keys uploaded to a backup version that is no longer the current one.
+    #[error("Wrong backup version: the current version is {current_version}")]
+    WrongRoomKeysVersion { current_version: String },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("internal error: {0}")]

@@ -4,6 +4,7 @@
 pub mod account_data;
 pub mod accounts;
 pub mod appservice;
+pub mod backup;
 pub mod config;
 pub mod e2ee;
 pub mod ephemeral;
@@ -70,6 +71,7 @@ pub struct Homeserver {
     pub account_data: account_data::AccountData,
     pub ephemeral: Arc<ephemeral::Ephemeral>,
     pub e2ee: Arc<e2ee::E2ee>,
+    pub backup: backup::KeyBackup,
     pub media: media::Media,
     pub federation: Arc<federation::Federation>,
 }
@@ -145,6 +147,7 @@ impl Homeserver {
                 e2ee.clone(),
             ),
             e2ee,
+            backup: backup::KeyBackup::new(store.clone()),
             media: media::Media::new(
                 store.clone(),
                 config.media_store_path.clone(),

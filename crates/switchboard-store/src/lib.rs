@@ -16,6 +16,7 @@ pub mod testing;
 
 use sqlx::{AssertSqlSafe, Row, postgres::PgPool, sqlite::SqlitePool};
 
+pub use backup::{BackedUpKey, BackupVersion};
 pub use edus::{OutboundEdu, QueuedEdu, RemoteDevice};
 pub use federation::StoredServerKey;
 pub use migrate::SCHEMA_VERSION;
@@ -1929,7 +1930,8 @@ fn prefixed_event_columns(prefix: &str) -> String {
         .join(", ")
 }
 
-// After the macros, which it uses.
+// After the macros, which they use.
+mod backup;
 mod edus;
 mod federation;
 

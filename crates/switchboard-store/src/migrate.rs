@@ -23,6 +23,7 @@ const SQLITE_MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0013_state_snapshots.sql"),
     include_str!("../migrations/sqlite/0014_backfill_and_relay.sql"),
     include_str!("../migrations/sqlite/0015_federation_edus_and_media.sql"),
+    include_str!("../migrations/sqlite/0016_key_backup.sql"),
 ];
 
 const POSTGRES_MIGRATIONS: &[&str] = &[
@@ -41,6 +42,7 @@ const POSTGRES_MIGRATIONS: &[&str] = &[
     include_str!("../migrations/postgres/0013_state_snapshots.sql"),
     include_str!("../migrations/postgres/0014_backfill_and_relay.sql"),
     include_str!("../migrations/postgres/0015_federation_edus_and_media.sql"),
+    include_str!("../migrations/postgres/0016_key_backup.sql"),
 ];
 
 /// The schema version this binary writes.

@@ -284,6 +284,30 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
             ("last_access_ts", Int),
         ],
     ),
+    (
+        "room_key_backup_versions",
+        &[
+            ("user_id", Text),
+            ("version", Int),
+            ("algorithm", Text),
+            ("auth_data", Text),
+            ("etag", Int),
+            ("deleted", Bool),
+        ],
+    ),
+    (
+        "room_key_backup_keys",
+        &[
+            ("user_id", Text),
+            ("version", Int),
+            ("room_id", Text),
+            ("session_id", Text),
+            ("first_message_index", Int),
+            ("forwarded_count", Int),
+            ("is_verified", Bool),
+            ("session_data", Text),
+        ],
+    ),
 ];
 
 /// Rows read from SQLite per query.

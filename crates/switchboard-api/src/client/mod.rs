@@ -2,6 +2,7 @@
 
 mod account;
 mod appservice;
+mod backup;
 mod devices;
 mod directory;
 pub(crate) use directory::{PublicRoomsBody, directory_json};
@@ -44,6 +45,7 @@ pub(crate) fn router() -> Router<Arc<Homeserver>> {
         .merge(devices::routes())
         .merge(ephemeral::routes())
         .merge(keys::routes())
+        .merge(backup::routes())
         .merge(thirdparty::routes());
     Router::new()
         .merge(versions::routes())

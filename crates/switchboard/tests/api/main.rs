@@ -5,6 +5,7 @@ mod harness;
 
 mod accounts;
 mod appservice;
+mod backup;
 mod durability;
 mod ephemeral;
 mod fake_as;
