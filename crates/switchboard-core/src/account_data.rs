@@ -1,9 +1,12 @@
 //! Account data (global and per room) and push rules, which are global account data
 //! (`m.push_rules`) with the spec's server-default rule set underneath the user's changes.
 
-use std::sync::Arc;
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
 
-use ruma::{RoomId, UserId, push::Ruleset};
+use ruma::{OwnedUserId, RoomId, UserId, push::Ruleset};
 use serde_json::{Value, json};
 use switchboard_store::Store;
 
@@ -12,13 +15,23 @@ use crate::{Error, Result, stream::EventStream};
 pub struct AccountData {
     store: Store,
     stream: Arc<EventStream>,
+    /// Users' push rules as the push-rule evaluator reads them for every event; dropped when
+    /// they change.
+    rules: Mutex<HashMap<OwnedUserId, Arc<Ruleset>>>,
 }
+
+/// Rule sets cached at most; beyond, the cache starts again (they are read from one row).
+const MAX_CACHED_RULES: usize = 10_000;
 
 pub const PUSH_RULES: &str = "m.push_rules";
 
 impl AccountData {
     pub fn new(store: Store, stream: Arc<EventStream>) -> Self {
-        Self { store, stream }
+        Self {
+            store,
+            stream,
+            rules: Mutex::new(HashMap::new()),
+        }
     }
 
     pub async fn set(&self, user: &UserId, room: Option<&RoomId>, kind: &str, content: &Value) -> Result<()> {
@@ -35,6 +48,12 @@ impl AccountData {
                     .await?)
             })
             .await?;
+        if kind == PUSH_RULES
+            && room.is_empty()
+            && let Ok(mut rules) = self.rules.lock()
+        {
+            rules.remove(user);
+        }
         Ok(())
     }
 
@@ -55,6 +74,21 @@ impl AccountData {
             .and_then(|text| serde_json::from_str::<Value>(&text).ok())
             .and_then(|v| serde_json::from_value::<Ruleset>(v["global"].clone()).ok());
         Ok(parsed.unwrap_or_else(|| Ruleset::server_default(user)))
+    }
+
+    /// The user's push rules, cached (for evaluating every event).
+    pub async fn cached_push_rules(&self, user: &UserId) -> Result<Arc<Ruleset>> {
+        if let Some(rules) = self.rules.lock().ok().and_then(|r| r.get(user).cloned()) {
+            return Ok(rules);
+        }
+        let rules = Arc::new(self.push_rules(user).await?);
+        if let Ok(mut cache) = self.rules.lock() {
+            if cache.len() >= MAX_CACHED_RULES {
+                cache.clear();
+            }
+            cache.insert(user.to_owned(), rules.clone());
+        }
+        Ok(rules)
     }
 
     pub async fn set_push_rules(&self, user: &UserId, rules: &Ruleset) -> Result<()> {

@@ -209,6 +209,9 @@ impl Ephemeral {
         }
         let ts = now_ms() as i64;
         let thread_id = thread.unwrap_or("");
+        if self.outbox.is_local(user) {
+            crate::push::receipt_read(&self.store, user, room.as_str(), thread, event_id).await?;
+        }
         self.stream
             .aux_write(|pos| async move {
                 Ok(self

@@ -58,6 +58,8 @@ pub struct RoomEventFilter {
     pub include_redundant_members: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub contains_url: Option<bool>,
+    /// Thread counts apart (`unread_thread_notifications`) rather than in the room's.
+    pub unread_thread_notifications: bool,
 }
 
 /// Matches an event type against a filter pattern; `*` matches any run of characters.

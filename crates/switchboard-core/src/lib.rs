@@ -15,6 +15,7 @@ pub mod keys;
 pub mod media;
 pub mod pdu;
 pub mod profile;
+pub mod push;
 pub mod ratelimit;
 pub mod rooms;
 pub mod shared_secret;
@@ -68,7 +69,8 @@ pub struct Homeserver {
     pub limits: Limits,
     pub appservices: Arc<AppServices>,
     pub nonces: shared_secret::Nonces,
-    pub account_data: account_data::AccountData,
+    pub account_data: Arc<account_data::AccountData>,
+    pub push: Arc<push::Push>,
     pub ephemeral: Arc<ephemeral::Ephemeral>,
     pub e2ee: Arc<e2ee::E2ee>,
     pub backup: backup::KeyBackup,
@@ -137,6 +139,17 @@ impl Homeserver {
             )
             .await?,
         );
+        let account_data = Arc::new(account_data::AccountData::new(store.clone(), stream.clone()));
+        let push = push::Push::start(
+            &config,
+            store.clone(),
+            rooms.clone(),
+            stream.clone(),
+            account_data.clone(),
+            appservices.clone(),
+        )
+        .await
+        .map_err(|e| StartupError::Other(format!("push: {e}")))?;
         Ok(Self {
             federation,
             sync: SyncService::new(
@@ -145,7 +158,9 @@ impl Homeserver {
                 stream.clone(),
                 ephemeral.clone(),
                 e2ee.clone(),
+                push.clone(),
             ),
+            push,
             e2ee,
             backup: backup::KeyBackup::new(store.clone()),
             media: media::Media::new(
@@ -156,7 +171,7 @@ impl Homeserver {
                 config.thumbnail_sizes.clone(),
             ),
             ephemeral,
-            account_data: account_data::AccountData::new(store.clone(), stream.clone()),
+            account_data,
             nonces: Default::default(),
             appservices,
             accounts: Accounts::new(store.clone(), server_name.clone()),

@@ -13,7 +13,7 @@ use serde_json::{Map, Value, json};
 use switchboard_store::Store;
 
 use crate::{
-    Error, Result, e2ee::E2ee, ephemeral::Ephemeral, filter::Filter, pdu::Pdu, rooms::Rooms,
+    Error, Result, e2ee::E2ee, ephemeral::Ephemeral, filter::Filter, pdu::Pdu, push::Push, rooms::Rooms,
     stream::EventStream,
 };
 
@@ -93,6 +93,7 @@ pub struct SyncService {
     stream: Arc<EventStream>,
     ephemeral: Arc<Ephemeral>,
     e2ee: Arc<E2ee>,
+    push: Arc<Push>,
 }
 
 const DEFAULT_TIMELINE_LIMIT: u64 = 10;
@@ -104,6 +105,7 @@ impl SyncService {
         stream: Arc<EventStream>,
         ephemeral: Arc<Ephemeral>,
         e2ee: Arc<E2ee>,
+        push: Arc<Push>,
     ) -> Self {
         Self {
             rooms,
@@ -111,6 +113,7 @@ impl SyncService {
             stream,
             ephemeral,
             e2ee,
+            push,
         }
     }
 
@@ -260,6 +263,24 @@ impl SyncService {
                     .as_str()
                     .is_some_and(|sender| peers.contains(sender))
             });
+        }
+        // Unread counts of every joined room in the response (a receipt that resets them
+        // brings its room in).
+        let unread = self.push.unread(user, current).await?;
+        let threaded = room_filter.timeline.unread_thread_notifications;
+        for (room, section) in join.iter_mut() {
+            let counts = unread.get(room).cloned().unwrap_or_default();
+            if threaded {
+                section["unread_notifications"] = counts.main.json();
+                let threads: Map<String, Value> = counts
+                    .threads
+                    .iter()
+                    .map(|(root, c)| (root.clone(), c.json()))
+                    .collect();
+                section["unread_thread_notifications"] = Value::Object(threads);
+            } else {
+                section["unread_notifications"] = counts.total().json();
+            }
         }
         let (device_lists_changed, device_lists_left) = match request.since {
             Some(since) => {

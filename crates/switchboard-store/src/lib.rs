@@ -21,6 +21,7 @@ pub use edus::{OutboundEdu, QueuedEdu, RemoteDevice};
 pub use federation::StoredServerKey;
 pub use migrate::SCHEMA_VERSION;
 pub use open::{DatabaseSettings, PostgresSettings};
+pub use push::{PushAction, PusherRow, ReadPosition, UnreadCount};
 pub use rows::{AsPosition, EventRow, NewEvent, NewSnapshot, NewUser, StateRow, StoredTxn, UserRow};
 
 /// A storage failure. The homeserver maps all of these to `500 M_UNKNOWN`; the details go to the log.
@@ -291,9 +292,15 @@ impl Store {
                 .bind(device_id)
                 .execute(&mut *tx)
                 .await?;
-            // A device's keys and queued messages go with it: a new device with the same ID must not
-            // inherit them.
-            for table in ["device_keys", "one_time_keys", "fallback_keys", "to_device"] {
+            // A device's keys, queued messages and pushers go with it: a new device with the same
+            // ID must not inherit them, and a phone logged out is not woken any more.
+            for table in [
+                "device_keys",
+                "one_time_keys",
+                "fallback_keys",
+                "to_device",
+                "pushers",
+            ] {
                 sqlx::query(AssertSqlSafe(format!(
                     "DELETE FROM {table} WHERE user_id = $1 AND device_id = $2"
                 )))
@@ -322,7 +329,13 @@ impl Store {
                 .bind(user_id)
                 .execute(&mut *tx)
                 .await?;
-            for table in ["device_keys", "one_time_keys", "fallback_keys", "to_device"] {
+            for table in [
+                "device_keys",
+                "one_time_keys",
+                "fallback_keys",
+                "to_device",
+                "pushers",
+            ] {
                 sqlx::query(AssertSqlSafe(format!("DELETE FROM {table} WHERE user_id = $1")))
                     .bind(user_id)
                     .execute(&mut *tx)
@@ -1934,6 +1947,7 @@ fn prefixed_event_columns(prefix: &str) -> String {
 mod backup;
 mod edus;
 mod federation;
+mod push;
 
 #[cfg(test)]
 mod tests;

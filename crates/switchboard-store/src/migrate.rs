@@ -24,6 +24,7 @@ const SQLITE_MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0014_backfill_and_relay.sql"),
     include_str!("../migrations/sqlite/0015_federation_edus_and_media.sql"),
     include_str!("../migrations/sqlite/0016_key_backup.sql"),
+    include_str!("../migrations/sqlite/0017_push.sql"),
 ];
 
 const POSTGRES_MIGRATIONS: &[&str] = &[
@@ -43,6 +44,7 @@ const POSTGRES_MIGRATIONS: &[&str] = &[
     include_str!("../migrations/postgres/0014_backfill_and_relay.sql"),
     include_str!("../migrations/postgres/0015_federation_edus_and_media.sql"),
     include_str!("../migrations/postgres/0016_key_backup.sql"),
+    include_str!("../migrations/postgres/0017_push.sql"),
 ];
 
 /// The schema version this binary writes.

@@ -308,6 +308,48 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
             ("session_data", Text),
         ],
     ),
+    (
+        "event_push_actions",
+        &[
+            ("user_id", Text),
+            ("room_id", Text),
+            ("stream_pos", Int),
+            ("event_id", Text),
+            ("thread_id", Text),
+            ("notify", Bool),
+            ("highlight", Bool),
+            ("actions", Text),
+        ],
+    ),
+    (
+        "push_read_positions",
+        &[
+            ("user_id", Text),
+            ("room_id", Text),
+            ("thread_id", Text),
+            ("stream_pos", Int),
+        ],
+    ),
+    ("push_progress", &[("id", Int), ("evaluated_pos", Int)]),
+    (
+        "pushers",
+        &[
+            ("id", Int),
+            ("user_id", Text),
+            ("device_id", Text),
+            ("kind", Text),
+            ("app_id", Text),
+            ("pushkey", Text),
+            ("app_display_name", Text),
+            ("device_display_name", Text),
+            ("profile_tag", Text),
+            ("lang", Text),
+            ("data", Text),
+            ("created_ts", Int),
+            ("sent_pos", Int),
+            ("failing_since", Int),
+        ],
+    ),
 ];
 
 /// Rows read from SQLite per query.
@@ -415,12 +457,14 @@ pub async fn sqlite_to_postgres(source: &Store, target: &Store) -> Result<PortRe
     )
     .execute(&mut *to)
     .await?;
-    sqlx::query(
-        "SELECT setval(pg_get_serial_sequence('federation_edus', 'id'), (SELECT MAX(id) FROM federation_edus))
-         WHERE EXISTS (SELECT 1 FROM federation_edus)",
-    )
-    .execute(&mut *to)
-    .await?;
+    for table in ["federation_edus", "pushers"] {
+        sqlx::query(AssertSqlSafe(format!(
+            "SELECT setval(pg_get_serial_sequence('{table}', 'id'), (SELECT MAX(id) FROM {table}))
+             WHERE EXISTS (SELECT 1 FROM {table})"
+        )))
+        .execute(&mut *to)
+        .await?;
+    }
     for (table, copied) in &report.tables {
         let source_rows: i64 = sqlx::query(AssertSqlSafe(format!("SELECT COUNT(*) FROM {table}")))
             .fetch_one(&mut *from)

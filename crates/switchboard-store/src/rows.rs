@@ -107,18 +107,30 @@ where
     bool: Decode<'r, R::Database> + Type<R::Database>,
     String: Decode<'r, R::Database> + Type<R::Database>,
 {
+    event_from_row_at(r, 0)
+}
+
+/// Decodes [`EVENT_COLUMNS`](crate::EVENT_COLUMNS) starting at column `at` (after other columns).
+pub(crate) fn event_from_row_at<'r, R>(r: &'r R, at: usize) -> Result<EventRow>
+where
+    R: Row,
+    usize: ColumnIndex<R>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    bool: Decode<'r, R::Database> + Type<R::Database>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+{
     Ok(EventRow {
-        stream_pos: r.try_get(0)?,
-        event_id: r.try_get(1)?,
-        room_id: r.try_get(2)?,
-        sender: r.try_get(3)?,
-        kind: r.try_get(4)?,
-        state_key: r.try_get(5)?,
-        pdu: r.try_get(6)?,
-        unsigned: r.try_get(7)?,
-        txn_device: r.try_get(8)?,
-        txn_id: r.try_get(9)?,
-        relay: r.try_get(10)?,
+        stream_pos: r.try_get(at)?,
+        event_id: r.try_get(at + 1)?,
+        room_id: r.try_get(at + 2)?,
+        sender: r.try_get(at + 3)?,
+        kind: r.try_get(at + 4)?,
+        state_key: r.try_get(at + 5)?,
+        pdu: r.try_get(at + 6)?,
+        unsigned: r.try_get(at + 7)?,
+        txn_device: r.try_get(at + 8)?,
+        txn_id: r.try_get(at + 9)?,
+        relay: r.try_get(at + 10)?,
     })
 }
 

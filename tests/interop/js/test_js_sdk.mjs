@@ -812,19 +812,18 @@ async function runFlow(hsUrl) {
 // The README's feature table row of what is missing, verbatim; the first check makes sure the
 // README still says so, so that this allow-list cannot outlive it.
 const README_MISSING_ROW =
-    "| Pushers, user directory search, room hierarchy, OpenID tokens, 3PIDs | missing (issue 3) — answer `404 M_UNRECOGNIZED` |";
+    "| User directory search, room hierarchy, OpenID tokens, 3PIDs | missing — answer `404 M_UNRECOGNIZED` |";
 
 // The endpoints of that row this test calls: the README's words for each, and the request paths
 // (as normalizePath writes them) whose 404 M_UNRECOGNIZED that row explains.
 const README_MISSING = {
-    pushers: { feature: "Pushers", path: /^\/_matrix\/client\/(v3|r0)\/pushers$/ },
     threePids: { feature: "3PIDs", path: /^\/_matrix\/client\/(v3|r0)\/account\/3pid$/ },
     hierarchy: {
         feature: "room hierarchy",
         path: /^\/_matrix\/client\/(v1|unstable\/org\.matrix\.msc2946)\/rooms\/\{roomId\}\/hierarchy$/,
     },
     userDirectory: {
-        feature: "user directory search",
+        feature: "User directory search",
         path: /^\/_matrix\/client\/(v3|r0)\/user_directory\/search$/,
     },
     openId: {
@@ -961,9 +960,25 @@ async function furtherChecks({ alice, bob, roomId, aliceMessage, suffix }) {
         assertEqual(bobDevice?.display_name, "matrix-js-sdk interop", "bob's device display_name");
     });
 
-    await checkMissing("getPushers", README_MISSING.pushers, async () => {
-        const response = await a.getPushers();
-        assert(Array.isArray(response?.pushers), `getPushers returned ${safeJson(response)}`);
+    await check("setPusher adds a pusher that getPushers lists, and kind null removes it", async () => {
+        const pusher = {
+            pushkey: "js-sdk-pushkey",
+            kind: "http",
+            app_id: "org.example.jssdk",
+            app_display_name: "js-sdk interop",
+            device_display_name: "test device",
+            lang: "en",
+            // A public address: refused ranges (loopback, private) need ip_range_whitelist.
+            data: { url: "https://198.51.99.1/_matrix/push/v1/notify", format: "event_id_only" },
+        };
+        await a.setPusher(pusher);
+        const listed = (await a.getPushers()).pushers ?? [];
+        const found = listed.find((p) => p.pushkey === pusher.pushkey);
+        assertEqual(found?.app_id, pusher.app_id, "listed pusher app_id");
+        assertEqual(found?.data?.format, "event_id_only", "listed pusher data.format");
+        await a.setPusher({ ...pusher, kind: null });
+        const after = (await a.getPushers()).pushers ?? [];
+        assert(!after.some((p) => p.pushkey === pusher.pushkey), `pusher still listed: ${safeJson(after)}`);
     });
 
     await checkMissing("getThreePids", README_MISSING.threePids, async () => {

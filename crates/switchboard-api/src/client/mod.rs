@@ -10,6 +10,7 @@ mod ephemeral;
 mod events;
 mod keys;
 mod profile;
+mod push;
 mod rooms;
 mod sync;
 mod thirdparty;
@@ -46,6 +47,7 @@ pub(crate) fn router() -> Router<Arc<Homeserver>> {
         .merge(ephemeral::routes())
         .merge(keys::routes())
         .merge(backup::routes())
+        .merge(push::routes())
         .merge(thirdparty::routes());
     Router::new()
         .merge(versions::routes())

@@ -74,6 +74,17 @@ impl IpFilter {
         Self::new(black, white)
     }
 
+    /// The filter of the server's other outbound requests (push gateways): Synapse's
+    /// `ip_range_blacklist` (its defaults when absent) and `ip_range_whitelist`.
+    pub fn for_outbound(config: &Config) -> Self {
+        let parse = |list: &[String]| list.iter().filter_map(|r| parse_ip_range(r)).collect::<Vec<_>>();
+        let defaults: Vec<String> = DEFAULT_BLACKLIST.iter().map(|s| (*s).to_owned()).collect();
+        Self::new(
+            parse(config.ip_range_blacklist.as_deref().unwrap_or(&defaults)),
+            parse(&config.ip_range_whitelist),
+        )
+    }
+
     pub fn new(mut blacklist: Vec<IpNet>, whitelist: Vec<IpNet>) -> Self {
         // The unspecified addresses are never a peer (Synapse adds them to every blacklist).
         blacklist.extend(
@@ -126,6 +137,37 @@ impl reqwest::dns::Resolve for FilteringResolver {
     }
 }
 
+/// The system's DNS resolver; without a usable /etc/resolv.conf, public resolvers rather than
+/// no outbound requests at all.
+fn system_resolver() -> TokioResolver {
+    match TokioResolver::builder_tokio() {
+        Ok(builder) => builder.build(),
+        Err(_) => TokioResolver::builder_with_config(
+            hickory_resolver::config::ResolverConfig::default(),
+            hickory_resolver::name_server::TokioConnectionProvider::default(),
+        )
+        .build(),
+    }
+}
+
+/// An HTTP client for requests outside federation (push gateways) whose connections reach
+/// only the addresses `filter` allows; it follows no redirects (they would bypass nothing, but a
+/// gateway has no reason to send any).
+pub fn filtered_http_client(filter: Arc<IpFilter>) -> Result<reqwest::Client, String> {
+    let dns = Arc::new(system_resolver());
+    reqwest::Client::builder()
+        .dns_resolver(Arc::new(FilteringResolver {
+            dns,
+            filter,
+            targets: Arc::new(Mutex::new(HashMap::new())),
+        }))
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(Duration::from_secs(10))
+        .user_agent(concat!("Switchboard/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| format!("cannot build an HTTP client: {e}"))
+}
+
 /// The signing step of a request's authentication scheme: `X-Matrix` for most federation
 /// endpoints, nothing for the key API.
 pub trait Signing: AuthScheme {
@@ -167,15 +209,7 @@ impl FederationClient {
         key: Arc<crate::keys::SigningKey>,
     ) -> Result<Self, String> {
         let filter = Arc::new(IpFilter::for_federation(config));
-        let dns = Arc::new(match TokioResolver::builder_tokio() {
-            Ok(builder) => builder.build(),
-            // No usable /etc/resolv.conf: public resolvers rather than no federation at all.
-            Err(_) => TokioResolver::builder_with_config(
-                hickory_resolver::config::ResolverConfig::default(),
-                hickory_resolver::name_server::TokioConnectionProvider::default(),
-            )
-            .build(),
-        });
+        let dns = Arc::new(system_resolver());
         let targets = Arc::new(Mutex::new(HashMap::new()));
         let tls = tls_config(config)?;
         let build = |redirects: reqwest::redirect::Policy| {

@@ -20,6 +20,7 @@ mod ops;
 mod peers;
 mod port;
 mod profile;
+mod push;
 mod rooms;
 mod sdk;
 mod sync;
