@@ -108,6 +108,16 @@ const UPSERT_CROSS_SIGNING_KEY: &str =
 const RECORD_DEVICE_LIST_CHANGE: &str =
     "INSERT INTO device_list_changes (user_id, stream_pos, device_id) VALUES ($1, $2, $3)";
 
+/// What belongs to a device and goes with it: its keys, queued messages and pushers (a new
+/// device with the same ID must not inherit them, and a phone logged out is not woken any more).
+const DEVICE_TABLES: [&str; 5] = [
+    "device_keys",
+    "one_time_keys",
+    "fallback_keys",
+    "to_device",
+    "pushers",
+];
+
 const EVENT_COLUMNS: &str =
     "stream_pos, event_id, room_id, sender, type, state_key, pdu, unsigned, txn_device, txn_id, relay";
 
@@ -292,15 +302,7 @@ impl Store {
                 .bind(device_id)
                 .execute(&mut *tx)
                 .await?;
-            // A device's keys, queued messages and pushers go with it: a new device with the same
-            // ID must not inherit them, and a phone logged out is not woken any more.
-            for table in [
-                "device_keys",
-                "one_time_keys",
-                "fallback_keys",
-                "to_device",
-                "pushers",
-            ] {
+            for table in DEVICE_TABLES {
                 sqlx::query(AssertSqlSafe(format!(
                     "DELETE FROM {table} WHERE user_id = $1 AND device_id = $2"
                 )))
@@ -329,13 +331,7 @@ impl Store {
                 .bind(user_id)
                 .execute(&mut *tx)
                 .await?;
-            for table in [
-                "device_keys",
-                "one_time_keys",
-                "fallback_keys",
-                "to_device",
-                "pushers",
-            ] {
+            for table in DEVICE_TABLES {
                 sqlx::query(AssertSqlSafe(format!("DELETE FROM {table} WHERE user_id = $1")))
                     .bind(user_id)
                     .execute(&mut *tx)

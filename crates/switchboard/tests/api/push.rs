@@ -447,6 +447,32 @@ async fn pushers_wake_the_gateway_catch_up_after_an_outage_and_go_when_rejected(
         .ok(Method::GET, "/_matrix/client/v3/pushers", &alice.token, json!({}))
         .await;
     assert_eq!(listed["pushers"], json!([]));
+
+    // A pusher goes with the device that set it: a phone logged out is not woken.
+    let phone = s
+        .ok(
+            Method::POST,
+            "/_matrix/client/v3/login",
+            "",
+            json!({ "type": "m.login.password", "identifier": { "type": "m.id.user", "user": "alice" }, "password": "password" }),
+        )
+        .await["access_token"]
+        .as_str()
+        .expect("token")
+        .to_owned();
+    s.ok(
+        Method::POST,
+        "/_matrix/client/v3/pushers/set",
+        &phone,
+        pusher("phone", &gateway.url(), json!({})),
+    )
+    .await;
+    s.ok(Method::POST, "/_matrix/client/v3/logout", &phone, json!({}))
+        .await;
+    let listed = s
+        .ok(Method::GET, "/_matrix/client/v3/pushers", &alice.token, json!({}))
+        .await;
+    assert_eq!(listed["pushers"], json!([]));
 }
 
 #[tokio::test]
