@@ -72,6 +72,7 @@ impl IntoResponse for ApiError {
                 return matrix_error(status, errcode, message);
             }
             Error::BadState(_) => (StatusCode::BAD_REQUEST, "M_UNKNOWN"),
+            Error::UnknownPos(_) => (StatusCode::BAD_REQUEST, "M_UNKNOWN_POS"),
             Error::WrongRoomKeysVersion { current_version } => {
                 let body = json!({ "errcode": "M_WRONG_ROOM_KEYS_VERSION", "error": message, "current_version": current_version });
                 return (StatusCode::FORBIDDEN, Json(body)).into_response();

@@ -247,23 +247,19 @@ impl Ephemeral {
         until: i64,
         may_see_private: impl Fn(&str) -> bool,
     ) -> Result<HashMap<String, Value>> {
-        let mut rooms: HashMap<String, Map<String, Value>> = HashMap::new();
-        for (room, kind, user, thread, event_id, ts, _) in self.store.receipt_changes(after, until).await? {
-            if kind == "m.read.private" && !may_see_private(&user) {
-                continue;
-            }
-            let mut receipt = json!({ "ts": ts });
-            if !thread.is_empty() {
-                receipt["thread_id"] = json!(thread);
-            }
-            let content = rooms.entry(room).or_default();
-            let by_event = content.entry(event_id).or_insert_with(|| json!({}));
-            by_event[kind.as_str()][user.as_str()] = receipt;
-        }
-        Ok(rooms
-            .into_iter()
-            .map(|(room, content)| (room, json!({ "type": "m.receipt", "content": content })))
-            .collect())
+        let rows = self.store.receipt_changes(after, until).await?;
+        Ok(receipt_events_by_room(rows, may_see_private))
+    }
+
+    /// Every stored receipt of these rooms (the latest of each user), as `receipts_since` shapes
+    /// them: what a client starting on a room needs, read without scanning other rooms.
+    pub async fn receipts_of_rooms(
+        &self,
+        rooms: &[String],
+        may_see_private: impl Fn(&str) -> bool,
+    ) -> Result<HashMap<String, Value>> {
+        let rows = self.store.room_receipts(rooms).await?;
+        Ok(receipt_events_by_room(rows, may_see_private))
     }
 
     /// One `m.receipt` event per receipt changed in `(after, until]`, with its position and room —
@@ -380,4 +376,30 @@ impl Ephemeral {
             })
             .collect()
     }
+}
+
+type ReceiptRow = (String, String, String, String, String, i64, i64);
+
+/// One `m.receipt` event per room from stored receipt rows, leaving out others' private ones.
+fn receipt_events_by_room(
+    rows: Vec<ReceiptRow>,
+    may_see_private: impl Fn(&str) -> bool,
+) -> HashMap<String, Value> {
+    let mut rooms: HashMap<String, Map<String, Value>> = HashMap::new();
+    for (room, kind, user, thread, event_id, ts, _) in rows {
+        if kind == "m.read.private" && !may_see_private(&user) {
+            continue;
+        }
+        let mut receipt = json!({ "ts": ts });
+        if !thread.is_empty() {
+            receipt["thread_id"] = json!(thread);
+        }
+        let content = rooms.entry(room).or_default();
+        let by_event = content.entry(event_id).or_insert_with(|| json!({}));
+        by_event[kind.as_str()][user.as_str()] = receipt;
+    }
+    rooms
+        .into_iter()
+        .map(|(room, content)| (room, json!({ "type": "m.receipt", "content": content })))
+        .collect()
 }

@@ -95,6 +95,9 @@ pub enum Error {
         errcode: String,
         message: String,
     },
+    /// A sliding-sync `pos` this server does not know (expired, or from before a restart).
+    #[error("Unknown position: {0}")]
+    UnknownPos(String),
     /// Keys uploaded to a backup version that is no longer the current one.
     #[error("Wrong backup version: the current version is {current_version}")]
     WrongRoomKeysVersion { current_version: String },

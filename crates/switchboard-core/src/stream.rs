@@ -166,6 +166,10 @@ impl EventStream {
         self.closing.send_replace(true);
     }
 
+    pub fn is_closed(&self) -> bool {
+        *self.closing.borrow()
+    }
+
     /// Resolves once [`EventStream::close`] was called.
     pub async fn closed(&self) {
         let mut rx = self.closing.subscribe();

@@ -23,6 +23,7 @@ pub use migrate::SCHEMA_VERSION;
 pub use open::{DatabaseSettings, PostgresSettings};
 pub use push::{PushAction, PusherRow, ReadPosition, UnreadCount};
 pub use rows::{AsPosition, EventRow, NewEvent, NewSnapshot, NewUser, StateRow, StoredTxn, UserRow};
+pub use sliding::{BUMP_EVENT_TYPES, ListedRoom};
 
 /// A storage failure. The homeserver maps all of these to `500 M_UNKNOWN`; the details go to the log.
 #[derive(Debug, thiserror::Error)]
@@ -1500,6 +1501,37 @@ impl Store {
         })
     }
 
+    /// The receipts of these rooms, in the shape of [`Store::receipt_changes`].
+    pub async fn room_receipts(
+        &self,
+        rooms: &[String],
+    ) -> Result<Vec<(String, String, String, String, String, i64, i64)>> {
+        let mut all = Vec::new();
+        for room in rooms {
+            on_db!(self, |write, read| {
+                let rows = sqlx::query(
+                    "SELECT room_id, receipt_type, user_id, thread_id, event_id, ts, stream_pos FROM receipts
+                     WHERE room_id = $1 ORDER BY stream_pos",
+                )
+                .bind(room)
+                .fetch_all(read)
+                .await?;
+                for r in &rows {
+                    all.push((
+                        r.try_get(0)?,
+                        r.try_get(1)?,
+                        r.try_get(2)?,
+                        r.try_get(3)?,
+                        r.try_get(4)?,
+                        r.try_get(5)?,
+                        r.try_get(6)?,
+                    ));
+                }
+            });
+        }
+        Ok(all)
+    }
+
     /// Receipts changed with `after < stream_pos <= until`:
     /// `(room_id, receipt_type, user_id, thread_id, event_id, ts, stream_pos)`.
     pub async fn receipt_changes(
@@ -1944,6 +1976,7 @@ mod backup;
 mod edus;
 mod federation;
 mod push;
+mod sliding;
 
 #[cfg(test)]
 mod tests;

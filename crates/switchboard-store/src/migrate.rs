@@ -25,6 +25,7 @@ const SQLITE_MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0015_federation_edus_and_media.sql"),
     include_str!("../migrations/sqlite/0016_key_backup.sql"),
     include_str!("../migrations/sqlite/0017_push.sql"),
+    include_str!("../migrations/sqlite/0018_sliding_sync.sql"),
 ];
 
 const POSTGRES_MIGRATIONS: &[&str] = &[
@@ -45,6 +46,7 @@ const POSTGRES_MIGRATIONS: &[&str] = &[
     include_str!("../migrations/postgres/0015_federation_edus_and_media.sql"),
     include_str!("../migrations/postgres/0016_key_backup.sql"),
     include_str!("../migrations/postgres/0017_push.sql"),
+    include_str!("../migrations/postgres/0018_sliding_sync.sql"),
 ];
 
 /// The schema version this binary writes.

@@ -51,6 +51,7 @@ pub(crate) fn router() -> Router<Arc<Homeserver>> {
         .merge(thirdparty::routes());
     Router::new()
         .merge(versions::routes())
+        .merge(sync::sliding_routes())
         .merge(appservice::routes())
         .merge(events::v1_routes())
         .nest("/_matrix/client/v3", api.clone())

@@ -7,20 +7,33 @@ use axum::{
     extract::{Path, State},
     routing::{get, post},
 };
-use ruma::OwnedUserId;
+use std::collections::BTreeMap;
+
+use ruma::{
+    OwnedRoomId, OwnedUserId,
+    api::client::sync::sync_events::v5::request::{List, RoomSubscription},
+};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use switchboard_core::{
     Error, Homeserver,
     accounts::Session,
     filter::Filter,
-    sync::{SyncRequest, SyncToken},
+    sync::{SlidingExtensions, SlidingRequest, SyncRequest, SyncToken},
 };
 
 use crate::{
     error::ApiResult,
     extract::{Auth, Body, Params},
 };
+
+/// Simplified sliding sync (MSC4186), served at its unstable path only.
+pub(super) fn sliding_routes() -> Router<Arc<Homeserver>> {
+    Router::new().route(
+        "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync",
+        post(sliding_sync),
+    )
+}
 
 pub(super) fn routes() -> Router<Arc<Homeserver>> {
     Router::new()
@@ -117,4 +130,46 @@ async fn get_filter(
         .await?
         .ok_or_else(|| Error::NotFound("No such filter".to_owned()))?;
     Ok(Json(serde_json::from_str(&text).map_err(Error::internal)?))
+}
+
+#[derive(Deserialize)]
+struct SlidingParams {
+    pos: Option<String>,
+    timeout: Option<u64>,
+}
+
+/// The request body, in ruma's v5 types.
+#[derive(Deserialize)]
+struct SlidingBody {
+    conn_id: Option<String>,
+    txn_id: Option<String>,
+    #[serde(default)]
+    lists: BTreeMap<String, List>,
+    #[serde(default)]
+    room_subscriptions: BTreeMap<OwnedRoomId, RoomSubscription>,
+    #[serde(default)]
+    extensions: SlidingExtensions,
+}
+
+async fn sliding_sync(
+    State(hs): State<Arc<Homeserver>>,
+    Auth(session): Auth,
+    Params(params): Params<SlidingParams>,
+    Body(body): Body<SlidingBody>,
+) -> ApiResult<Json<Value>> {
+    if body.conn_id.as_ref().is_some_and(|c| c.len() > 16) {
+        return Err(Error::InvalidParam("conn_id is longer than 16 characters".to_owned()).into());
+    }
+    let request = SlidingRequest {
+        user: session.user_id,
+        device: session.device_id,
+        pos: params.pos.filter(|p| !p.is_empty()),
+        timeout: Duration::from_millis(params.timeout.unwrap_or(0)).min(MAX_TIMEOUT),
+        conn_id: body.conn_id,
+        txn_id: body.txn_id,
+        lists: body.lists,
+        room_subscriptions: body.room_subscriptions,
+        extensions: body.extensions,
+    };
+    Ok(Json(hs.sync.sliding_sync(&request).await?))
 }

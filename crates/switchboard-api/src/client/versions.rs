@@ -22,7 +22,11 @@ const VERSIONS: &[&str] = &[
 
 async fn versions() -> Json<Value> {
     // fi.mau.msc2659.stable: the application-service ping works (mautrix bridges check it).
-    Json(json!({ "versions": VERSIONS, "unstable_features": { "fi.mau.msc2659.stable": true } }))
+    // org.matrix.simplified_msc3575: sliding sync, without which Element X will not log in.
+    Json(json!({
+        "versions": VERSIONS,
+        "unstable_features": { "fi.mau.msc2659.stable": true, "org.matrix.simplified_msc3575": true },
+    }))
 }
 
 async fn well_known(State(hs): State<Arc<Homeserver>>) -> ApiResult<Json<Value>> {

@@ -23,4 +23,5 @@ mod profile;
 mod push;
 mod rooms;
 mod sdk;
+mod sliding_sync;
 mod sync;

@@ -12,6 +12,9 @@ use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId, events::TimelineEventType};
 use serde_json::{Map, Value, json};
 use switchboard_store::Store;
 
+mod sliding;
+pub use sliding::{Extensions as SlidingExtensions, SlidingRequest};
+
 use crate::{
     Error, Result, e2ee::E2ee, ephemeral::Ephemeral, filter::Filter, pdu::Pdu, push::Push, rooms::Rooms,
     stream::EventStream,
@@ -94,6 +97,7 @@ pub struct SyncService {
     ephemeral: Arc<Ephemeral>,
     e2ee: Arc<E2ee>,
     push: Arc<Push>,
+    connections: sliding::Connections,
 }
 
 const DEFAULT_TIMELINE_LIMIT: u64 = 10;
@@ -114,6 +118,7 @@ impl SyncService {
             ephemeral,
             e2ee,
             push,
+            connections: sliding::Connections::default(),
         }
     }
 

@@ -1,0 +1,3 @@
+-- Sliding sync orders a user's rooms by their latest "bump" event (a message, not a receipt or
+-- a state change): one index seek per room and type instead of a scan of the room's history.
+CREATE INDEX events_room_type ON events (room_id, type, stream_pos);
