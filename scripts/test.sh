@@ -25,6 +25,8 @@ cargo test --workspace
 # homeserver's database run again.
 echo "==> cargo test (the homeserver's crates again, PostgreSQL)"
 SWITCHBOARD_TEST_DATABASE=postgres cargo test -p switchboard-store -p switchboard-core -p switchboard
+echo "==> Element X's engine (matrix-rust-sdk, scripts/element-x-tests.sh)"
+bash scripts/element-x-tests.sh
 echo "==> interop tests (matrix-nio, mautrix-python, matrix-js-sdk) on SQLite, then PostgreSQL"
 for database in sqlite postgres; do
     echo "==> interop on $database"

@@ -386,7 +386,14 @@ impl SyncService {
             let sent = base.and_then(|b| b.rooms.get(room_id));
             let counts = unread.get(room_id).map(|u| u.total()).unwrap_or_default();
             let is_dm = direct.contains(room_id);
-            let initial = sent.is_none_or(|s| s.config != *config || s.membership != listed_room.membership);
+            // New to the connection, asked for differently, or joined since it was an invite:
+            // sent whole. A join that became a leave is an ordinary update (the leave event).
+            let initial = sent.is_none_or(|s| {
+                s.config != *config
+                    || (s.membership != listed_room.membership
+                        && (matches!(s.membership.as_str(), "invite" | "knock")
+                            || matches!(listed_room.membership.as_str(), "invite" | "knock")))
+            });
             let section = match listed_room.membership.as_str() {
                 "invite" | "knock" => initial.then(
                     || json!({ "initial": true, "is_dm": is_dm, "bump_stamp": bump_stamp(listed_room) }),
