@@ -23,7 +23,7 @@ pub use migrate::SCHEMA_VERSION;
 pub use open::{DatabaseSettings, PostgresSettings};
 pub use push::{PushAction, PusherRow, ReadPosition, UnreadCount};
 pub use rows::{AsPosition, EventRow, NewEvent, NewSnapshot, NewUser, StateRow, StoredTxn, UserRow};
-pub use sliding::{BUMP_EVENT_TYPES, ListedRoom};
+pub use sliding::BUMP_EVENT_TYPES;
 
 /// A storage failure. The homeserver maps all of these to `500 M_UNKNOWN`; the details go to the log.
 #[derive(Debug, thiserror::Error)]
@@ -1507,16 +1507,21 @@ impl Store {
         rooms: &[String],
     ) -> Result<Vec<(String, String, String, String, String, i64, i64)>> {
         let mut all = Vec::new();
-        for room in rooms {
+        for chunk in rooms.chunks(500) {
+            let placeholders = (1..=chunk.len())
+                .map(|i| format!("${i}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!(
+                "SELECT room_id, receipt_type, user_id, thread_id, event_id, ts, stream_pos FROM receipts
+                 WHERE room_id IN ({placeholders}) ORDER BY stream_pos"
+            );
             on_db!(self, |write, read| {
-                let rows = sqlx::query(
-                    "SELECT room_id, receipt_type, user_id, thread_id, event_id, ts, stream_pos FROM receipts
-                     WHERE room_id = $1 ORDER BY stream_pos",
-                )
-                .bind(room)
-                .fetch_all(read)
-                .await?;
-                for r in &rows {
+                let mut query = sqlx::query(AssertSqlSafe(sql));
+                for room in chunk {
+                    query = query.bind(room);
+                }
+                for r in query.fetch_all(read).await? {
                     all.push((
                         r.try_get(0)?,
                         r.try_get(1)?,

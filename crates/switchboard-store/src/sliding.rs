@@ -1,7 +1,7 @@
-//! What sliding sync needs to list a user's rooms without loading them: membership, the latest
-//! event that moves a room up the list, its type and whether it is encrypted, in one query.
+//! What sliding sync reads to list a user's rooms without loading them: where each room's
+//! latest "bump" event is, and a state event of every room of a user (for filters).
 
-use sqlx::Row;
+use sqlx::{AssertSqlSafe, Row};
 
 use crate::{Pools, Result, Store};
 
@@ -17,56 +17,77 @@ pub const BUMP_EVENT_TYPES: &[&str] = &[
     "m.beacon_info",
 ];
 
-/// One of a user's rooms, as sliding sync lists it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ListedRoom {
-    pub room_id: String,
-    pub membership: String,
-    /// The stream position of the user's membership event.
-    pub membership_pos: i64,
-    /// The stream position of the room's latest bump event up to the asked position.
-    pub bump_pos: Option<i64>,
-    /// The create event's JSON (for `content.type`), when the room has one here.
-    pub create_pdu: Option<String>,
-    pub encrypted: bool,
+fn bump_types() -> String {
+    BUMP_EVENT_TYPES
+        .iter()
+        .map(|t| format!("'{t}'"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl Store {
-    /// Every room the user has a membership in, with what sorting and filtering need.
-    pub async fn listed_rooms(&self, user_id: &str, until: i64) -> Result<Vec<ListedRoom>> {
-        let types = BUMP_EVENT_TYPES
-            .iter()
-            .map(|t| format!("'{t}'"))
-            .collect::<Vec<_>>()
-            .join(", ");
+    /// Each room's latest bump event with `after < stream_pos <= until` (timeline events only).
+    pub async fn bump_positions(&self, after: i64, until: i64) -> Result<Vec<(String, i64)>> {
+        let types = bump_types();
         let sql = format!(
-            "SELECT m.room_id, m.membership, m.stream_pos,
-                 (SELECT MAX(e.stream_pos) FROM events e WHERE e.room_id = m.room_id AND e.type IN ({types})
-                    AND e.stream_pos > 0 AND e.stream_pos <= $2 AND NOT e.outlier),
-                 (SELECT c.pdu FROM current_state s JOIN events c ON c.event_id = s.event_id
-                    WHERE s.room_id = m.room_id AND s.type = 'm.room.create' AND s.state_key = ''),
-                 EXISTS (SELECT 1 FROM current_state s
-                    WHERE s.room_id = m.room_id AND s.type = 'm.room.encryption' AND s.state_key = '')
-             FROM current_state m WHERE m.type = 'm.room.member' AND m.state_key = $1"
+            "SELECT room_id, MAX(stream_pos) FROM events
+             WHERE stream_pos > $1 AND stream_pos <= $2 AND type IN ({types}) AND NOT outlier
+             GROUP BY room_id"
         );
         on_db!(self, |write, read| {
-            let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-                .bind(user_id)
+            let rows = sqlx::query(AssertSqlSafe(sql))
+                .bind(after.max(0))
                 .bind(until)
                 .fetch_all(read)
                 .await?;
-            rows.iter()
-                .map(|r| {
-                    Ok(ListedRoom {
-                        room_id: r.try_get(0)?,
-                        membership: r.try_get::<Option<String>, _>(1)?.unwrap_or_default(),
-                        membership_pos: r.try_get(2)?,
-                        bump_pos: r.try_get(3)?,
-                        create_pdu: r.try_get(4)?,
-                        encrypted: r.try_get(5)?,
-                    })
-                })
-                .collect()
+            rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect()
+        })
+    }
+
+    /// The latest bump event up to `until` of each of these rooms (`None`: it has none).
+    pub async fn latest_bumps(&self, rooms: &[String], until: i64) -> Result<Vec<(String, Option<i64>)>> {
+        let types = bump_types();
+        let mut found = Vec::with_capacity(rooms.len());
+        for chunk in rooms.chunks(500) {
+            let placeholders = (0..chunk.len())
+                .map(|i| format!("(${})", i + 2))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!(
+                "WITH wanted (room_id) AS (VALUES {placeholders})
+                 SELECT w.room_id, (SELECT MAX(e.stream_pos) FROM events e
+                     WHERE e.room_id = w.room_id AND e.type IN ({types})
+                     AND e.stream_pos > 0 AND e.stream_pos <= $1 AND NOT e.outlier)
+                 FROM wanted w"
+            );
+            on_db!(self, |write, read| {
+                let mut query = sqlx::query(AssertSqlSafe(sql)).bind(until);
+                for room in chunk {
+                    query = query.bind(room);
+                }
+                for r in query.fetch_all(read).await? {
+                    found.push((r.try_get(0)?, r.try_get(1)?));
+                }
+            });
+        }
+        Ok(found)
+    }
+
+    /// The current `kind` state event (empty state key) of every room the user has a membership
+    /// in that has one: `(room_id, pdu)`.
+    pub async fn state_of_user_rooms(&self, user_id: &str, kind: &str) -> Result<Vec<(String, String)>> {
+        on_db!(self, |write, read| {
+            let rows = sqlx::query(
+                "SELECT m.room_id, e.pdu FROM current_state m
+                 JOIN current_state s ON s.room_id = m.room_id AND s.type = $2 AND s.state_key = ''
+                 JOIN events e ON e.event_id = s.event_id
+                 WHERE m.type = 'm.room.member' AND m.state_key = $1",
+            )
+            .bind(user_id)
+            .bind(kind)
+            .fetch_all(read)
+            .await?;
+            rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect()
         })
     }
 }

@@ -316,6 +316,12 @@ impl Rooms {
         Ok(audience)
     }
 
+    /// Changes whenever any membership (or alias) changes, before the change is announced: what
+    /// was read of memberships under one value stays true while it holds.
+    pub fn membership_epoch(&self) -> u64 {
+        self.audience_epoch.load(Ordering::Acquire)
+    }
+
     /// Called once a change of the room's local members or aliases is stored, so that a reader of
     /// the database sees it (for events: before they are announced).
     pub(crate) fn audience_changed(&self, room_id: &RoomId) {

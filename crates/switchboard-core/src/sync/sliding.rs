@@ -13,7 +13,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -24,7 +24,7 @@ use ruma::{
     events::TimelineEventType,
 };
 use serde_json::{Map, Value, json};
-use switchboard_store::ListedRoom;
+use switchboard_store::Store;
 
 use super::{StreamToken, SyncService, SyncToken, to_value};
 use crate::{Error, Result, pdu::Pdu, push::Counts};
@@ -39,6 +39,53 @@ const MAX_TIMELINE: u64 = 100;
 const SNAPSHOTS: usize = 3;
 /// A connection not used for this long is forgotten.
 const CONNECTION_TTL: Duration = Duration::from_secs(30 * 60);
+
+/// One of a user's rooms, as a list sorts and filters it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct ListedRoom {
+    room_id: String,
+    membership: String,
+    /// The stream position of the user's membership event.
+    membership_pos: i64,
+    /// The room's latest bump event.
+    bump_pos: Option<i64>,
+    /// The create event's JSON, read only when a filter asks for room types.
+    create_pdu: Option<String>,
+    /// Read only when a filter asks.
+    encrypted: bool,
+}
+
+/// Where each room's latest bump event is: filled per room on first use (one index seek per
+/// bump type), then kept up to date from the stream, so listing costs no scan of history.
+#[derive(Default)]
+struct BumpIndex {
+    /// Every bump event up to here is in `rooms`.
+    upto: i64,
+    rooms: HashMap<String, Option<i64>>,
+}
+
+/// What an answer does with one room.
+struct RoomPlan<'a> {
+    room_id: OwnedRoomId,
+    listed: &'a ListedRoom,
+    config: &'a RoomConfig,
+    counts: Counts,
+    /// Sent whole.
+    initial: bool,
+    unread_changed: bool,
+    is_dm: bool,
+}
+
+/// What part of a room's history an answer covers: after `since` (all of it when `None`) up
+/// to `until`.
+struct RoomSpan {
+    since: Option<i64>,
+    until: i64,
+    /// Joined (its state is the current state), not just left.
+    joined: bool,
+    /// Its unread counts changed since the last answer (sent even without events).
+    unread_changed: bool,
+}
 
 /// A sliding-sync request, parsed with ruma's v5 types.
 pub struct SlidingRequest {
@@ -107,11 +154,20 @@ struct Connection {
 
 type ConnectionKey = (OwnedUserId, String, String);
 
-/// Sliding-sync connections of this process.
+/// A user's memberships `(room, membership, position)` as read under a membership epoch.
+type Memberships = (u64, Arc<Vec<(String, String, i64)>>);
+
+/// Users whose memberships are kept at most; beyond, the cache starts again.
+const MAX_CACHED_USERS: usize = 10_000;
+
+/// Sliding-sync connections of this process, and what their lists are made of: the bump index
+/// and users' memberships (read again only after a membership changed somewhere).
 pub struct Connections {
     /// Marks this process's `pos` values: one from before a restart is unknown, never mistaken.
     nonce: String,
     map: Mutex<HashMap<ConnectionKey, Connection>>,
+    bumps: Mutex<BumpIndex>,
+    memberships: Mutex<HashMap<OwnedUserId, Memberships>>,
 }
 
 impl Default for Connections {
@@ -125,6 +181,8 @@ impl Default for Connections {
         Self {
             nonce,
             map: Mutex::new(HashMap::new()),
+            bumps: Mutex::new(BumpIndex::default()),
+            memberships: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -155,6 +213,52 @@ impl Connections {
             .find(|(n, _)| *n == number)
             .map(|(_, s)| Some(s.clone()))
             .ok_or_else(unknown)
+    }
+
+    /// The latest bump event of each room up to `until`.
+    async fn bumps(
+        &self,
+        store: &Store,
+        rooms: &[String],
+        until: i64,
+    ) -> Result<HashMap<String, Option<i64>>> {
+        let lock = || {
+            self.bumps
+                .lock()
+                .map_err(|_| Error::internal("bump index poisoned"))
+        };
+        let upto = lock()?.upto;
+        if until > upto {
+            // What happened since the index last looked; a room's newest bump is its latest.
+            let delta = store.bump_positions(upto, until).await?;
+            let mut index = lock()?;
+            for (room, pos) in delta {
+                let entry = index.rooms.entry(room).or_insert(None);
+                *entry = (*entry).max(Some(pos));
+            }
+            index.upto = index.upto.max(until);
+        }
+        let missing: Vec<String> = {
+            let index = lock()?;
+            rooms
+                .iter()
+                .filter(|r| !index.rooms.contains_key(*r))
+                .cloned()
+                .collect()
+        };
+        if !missing.is_empty() {
+            let found = store.latest_bumps(&missing, until).await?;
+            let mut index = lock()?;
+            for (room, pos) in found {
+                let entry = index.rooms.entry(room).or_insert(None);
+                *entry = (*entry).max(pos);
+            }
+        }
+        let index = lock()?;
+        Ok(rooms
+            .iter()
+            .map(|r| (r.clone(), index.rooms.get(r).copied().flatten()))
+            .collect())
     }
 
     /// Keeps a snapshot; returns its `pos`.
@@ -299,7 +403,7 @@ impl SyncService {
         current: SyncToken,
     ) -> Result<(Value, bool, Snapshot)> {
         let user = &request.user;
-        let listed = self.store.listed_rooms(user.as_str(), current.events).await?;
+        let listed = self.listed_rooms(request, current.events).await?;
         let direct = self.direct_rooms(user).await?;
         let by_id: HashMap<&str, &ListedRoom> = listed.iter().map(|r| (r.room_id.as_str(), r)).collect();
         let mut candidates: Vec<&ListedRoom> = listed
@@ -377,15 +481,15 @@ impl SyncService {
             rooms: HashMap::new(),
             list_counts,
         };
-        let mut initial_rooms = Vec::new();
+        // What each room needs is decided first; the rooms are then built side by side (their
+        // reads go to the database's read connections in parallel).
+        let mut plans = Vec::with_capacity(selected.len());
         for (room_id, config) in &selected {
             let Some(listed_room) = by_id.get(room_id.as_str()) else {
                 continue;
             };
-            let room = OwnedRoomId::try_from(room_id.as_str()).map_err(Error::internal)?;
             let sent = base.and_then(|b| b.rooms.get(room_id));
             let counts = unread.get(room_id).map(|u| u.total()).unwrap_or_default();
-            let is_dm = direct.contains(room_id);
             // New to the connection, asked for differently, or joined since it was an invite:
             // sent whole. A join that became a leave is an ordinary update (the leave event).
             let initial = sent.is_none_or(|s| {
@@ -394,44 +498,15 @@ impl SyncService {
                         && (matches!(s.membership.as_str(), "invite" | "knock")
                             || matches!(listed_room.membership.as_str(), "invite" | "knock")))
             });
-            let section = match listed_room.membership.as_str() {
-                "invite" | "knock" => initial.then(
-                    || json!({ "initial": true, "is_dm": is_dm, "bump_stamp": bump_stamp(listed_room) }),
-                ),
-                _ => {
-                    let since = if initial {
-                        None
-                    } else {
-                        base.map(|b| b.token.events)
-                    };
-                    let until = if listed_room.membership == "join" {
-                        current.events
-                    } else {
-                        listed_room.membership_pos.min(current.events)
-                    };
-                    let unread_changed = sent.is_some_and(|s| s.unread != counts);
-                    self.sliding_room(request, &room, config, since, until, unread_changed)
-                        .await?
-                        .map(|mut section| {
-                            section["bump_stamp"] = json!(bump_stamp(listed_room));
-                            section["is_dm"] = json!(is_dm);
-                            section["notification_count"] = json!(counts.notifications);
-                            section["highlight_count"] = json!(counts.highlights);
-                            section
-                        })
-                }
-            };
-            if let Some(mut section) = section {
-                if listed_room.membership == "invite" || listed_room.membership == "knock" {
-                    section["invite_state"] =
-                        self.invite_section(&room, user).await?["invite_state"]["events"].take();
-                    self.room_summary(&room, user, &mut section).await?;
-                }
-                if initial {
-                    initial_rooms.push(room_id.clone());
-                }
-                rooms.insert(room_id.clone(), section);
-            }
+            plans.push(RoomPlan {
+                room_id: OwnedRoomId::try_from(room_id.as_str()).map_err(Error::internal)?,
+                listed: listed_room,
+                config,
+                counts,
+                initial,
+                unread_changed: sent.is_some_and(|s| s.unread != counts),
+                is_dm: direct.contains(room_id),
+            });
             snapshot.rooms.insert(
                 room_id.clone(),
                 SentRoom {
@@ -440,6 +515,22 @@ impl SyncService {
                     unread: counts,
                 },
             );
+        }
+        let since = base.map(|b| b.token.events);
+        let sections = futures_util::future::try_join_all(
+            plans
+                .iter()
+                .map(|plan| self.planned_room(request, plan, since, current.events)),
+        )
+        .await?;
+        let mut initial_rooms = Vec::new();
+        for (plan, section) in plans.iter().zip(sections) {
+            if let Some(section) = section {
+                if plan.initial {
+                    initial_rooms.push(plan.room_id.to_string());
+                }
+                rooms.insert(plan.room_id.to_string(), section);
+            }
         }
 
         let (extensions, extension_news) = self
@@ -451,6 +542,112 @@ impl SyncService {
         Ok((response, has_news, snapshot))
     }
 
+    /// A planned room's section, or `None` when nothing is to be sent of it.
+    async fn planned_room(
+        &self,
+        request: &SlidingRequest,
+        plan: &RoomPlan<'_>,
+        since: Option<i64>,
+        current: i64,
+    ) -> Result<Option<Value>> {
+        let room = &plan.room_id;
+        let listed = plan.listed;
+        if matches!(listed.membership.as_str(), "invite" | "knock") {
+            if !plan.initial {
+                return Ok(None);
+            }
+            let mut section =
+                json!({ "initial": true, "is_dm": plan.is_dm, "bump_stamp": bump_stamp(listed) });
+            section["invite_state"] =
+                self.invite_section(room, &request.user).await?["invite_state"]["events"].take();
+            // An invite to another server's room: its stripped state is all there is.
+            if self.rooms.is_resident(room).await? {
+                self.room_summary(room, &request.user, &mut section).await?;
+            }
+            return Ok(Some(section));
+        }
+        let joined = listed.membership == "join";
+        let span = RoomSpan {
+            since: if plan.initial { None } else { since },
+            until: if joined {
+                current
+            } else {
+                listed.membership_pos.min(current)
+            },
+            joined,
+            unread_changed: plan.unread_changed,
+        };
+        Ok(self
+            .sliding_room(request, room, plan.config, span)
+            .await?
+            .map(|mut section| {
+                section["bump_stamp"] = json!(bump_stamp(listed));
+                section["is_dm"] = json!(plan.is_dm);
+                section["notification_count"] = json!(plan.counts.notifications);
+                section["highlight_count"] = json!(plan.counts.highlights);
+                section
+            }))
+    }
+
+    /// The user's memberships, from the cache while no membership changed since it was read.
+    async fn memberships(&self, user: &ruma::UserId) -> Result<Arc<Vec<(String, String, i64)>>> {
+        let epoch = self.rooms.membership_epoch();
+        let cache = &self.connections.memberships;
+        if let Some((seen, list)) = cache.lock().ok().and_then(|c| c.get(user).cloned())
+            && seen == epoch
+        {
+            return Ok(list);
+        }
+        let list = Arc::new(self.store.user_memberships(user.as_str()).await?);
+        if let Ok(mut cache) = cache.lock() {
+            if cache.len() >= MAX_CACHED_USERS {
+                cache.clear();
+            }
+            cache.insert(user.to_owned(), (epoch, list.clone()));
+        }
+        Ok(list)
+    }
+
+    /// The user's rooms with what sorting needs, and what the request's filters need.
+    async fn listed_rooms(&self, request: &SlidingRequest, until: i64) -> Result<Vec<ListedRoom>> {
+        let user = request.user.as_str();
+        let memberships = self.memberships(&request.user).await?;
+        let ids: Vec<String> = memberships.iter().map(|(room, _, _)| room.clone()).collect();
+        let bumps = self.connections.bumps(&self.store, &ids, until).await?;
+        let filters = || request.lists.values().filter_map(|l| l.filters.as_ref());
+        let creates: HashMap<String, String> =
+            if filters().any(|f| !f.room_types.is_empty() || !f.not_room_types.is_empty()) {
+                self.store
+                    .state_of_user_rooms(user, "m.room.create")
+                    .await?
+                    .into_iter()
+                    .collect()
+            } else {
+                HashMap::new()
+            };
+        let encrypted: HashSet<String> = if filters().any(|f| f.is_encrypted.is_some()) {
+            self.store
+                .state_of_user_rooms(user, "m.room.encryption")
+                .await?
+                .into_iter()
+                .map(|(room, _)| room)
+                .collect()
+        } else {
+            HashSet::new()
+        };
+        Ok(memberships
+            .iter()
+            .map(|(room_id, membership, membership_pos)| ListedRoom {
+                bump_pos: bumps.get(room_id).copied().flatten(),
+                create_pdu: creates.get(room_id).cloned(),
+                encrypted: encrypted.contains(room_id),
+                room_id: room_id.clone(),
+                membership: membership.clone(),
+                membership_pos: *membership_pos,
+            })
+            .collect())
+    }
+
     /// A joined (or just left) room's section: everything for an initial one (`since` None),
     /// what happened after `since` otherwise — `None` when nothing did.
     async fn sliding_room(
@@ -458,10 +655,14 @@ impl SyncService {
         request: &SlidingRequest,
         room_id: &RoomId,
         config: &RoomConfig,
-        since: Option<i64>,
-        until: i64,
-        unread_changed: bool,
+        span: RoomSpan,
     ) -> Result<Option<Value>> {
+        let RoomSpan {
+            since,
+            until,
+            joined,
+            unread_changed,
+        } = span;
         let limit = config.timeline_limit as i64;
         let mut rows = self
             .store
@@ -484,19 +685,20 @@ impl SyncService {
         if since.is_some() && rows.is_empty() && state_changes.is_empty() && !unread_changed {
             return Ok(None);
         }
-        let visibility = self.rooms.visibility(room_id, &request.user).await?;
-        let timeline: Vec<Pdu> = rows
-            .into_iter()
-            .map(Pdu::from_row)
-            .collect::<Result<Vec<_>>>()?
-            .into_iter()
-            .filter(|e| visibility.can_see(e))
-            .collect();
+        let mut timeline: Vec<Pdu> = rows.into_iter().map(Pdu::from_row).collect::<Result<_>>()?;
+        // A member of a room whose history is shared sees all of it: no membership history is
+        // read for it.
+        if !(joined && self.history_shared(room_id).await?) {
+            let visibility = self.rooms.visibility(room_id, &request.user).await?;
+            timeline.retain(|e| visibility.can_see(e));
+        }
         let start = timeline.first().map_or(until, |e| e.stream_pos - 1);
         let mut lazy: HashSet<&str> = timeline.iter().map(|e| e.sender.as_str()).collect();
         lazy.insert(request.user.as_str());
         let in_timeline: HashSet<_> = timeline.iter().map(|e| e.event_id.clone()).collect();
         let state = match since {
+            // A joined room's state is the current state, in memory.
+            None if joined => self.rooms.current_state(room_id).await?,
             None => self.rooms.state_at(room_id, until).await?,
             Some(_) => state_changes,
         };
@@ -522,6 +724,23 @@ impl SyncService {
         }
         self.room_summary(room_id, &request.user, &mut section).await?;
         Ok(Some(section))
+    }
+
+    /// Whether the room's history is `shared` or `world_readable` (what every member sees whole).
+    async fn history_shared(&self, room_id: &RoomId) -> Result<bool> {
+        let setting = self
+            .rooms
+            .state_event(room_id, &ruma::events::StateEventType::RoomHistoryVisibility, "")
+            .await?;
+        let value = setting.map(|e| {
+            e.content_value()["history_visibility"]
+                .as_str()
+                .map(str::to_owned)
+        });
+        Ok(matches!(
+            value.flatten().as_deref(),
+            None | Some("shared" | "world_readable")
+        ))
     }
 
     /// Name, avatar, member counts and — for a room without a name — heroes.

@@ -802,6 +802,22 @@ async fn invites_kicks_bans_and_leaves_cross_between_switchboards() {
             .any(|e| e["type"] == "m.room.name" && e["content"]["name"] == "Secret"),
         "{state}"
     );
+    // Sliding sync lists the invite to a room this server does not hold, with its state.
+    let sliding = b
+        .server
+        .ok(
+            Method::POST,
+            "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync",
+            &bob.token,
+            json!({ "lists": { "all": { "ranges": [[0, 9]], "timeline_limit": 1 } } }),
+        )
+        .await;
+    assert!(
+        sliding["rooms"][&room]["invite_state"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|e| e["type"] == "m.room.name")),
+        "{sliding}"
+    );
     let (status, body) = b
         .server
         .call(
