@@ -439,13 +439,33 @@ async fn an_encrypted_room_is_backed_up_and_a_second_device_restores_its_history
             .expect("send");
     }
     wait_for_body(&timeline, "secret 3").await;
-    // Every room key is in the backup before the second device looks.
-    first
-        .encryption()
-        .backups()
-        .wait_for_steady_state()
-        .await
-        .expect("backup upload");
+    // Sent (not just echoed locally): the room key exists and was shared.
+    wait_until("the three messages to be sent", async || {
+        timeline
+            .items()
+            .await
+            .iter()
+            .filter_map(|i| i.as_event())
+            .filter(|e| e.is_remote_event() && e.content().as_message().is_some())
+            .count()
+            == 3
+    })
+    .await;
+    // The room key is in the server's backup before the second device looks.
+    let token = first.access_token().expect("token");
+    wait_until("the room key in the backup", async || {
+        let _ = first.encryption().backups().wait_for_steady_state().await;
+        let version = server
+            .call(
+                reqwest::Method::GET,
+                "/_matrix/client/v3/room_keys/version",
+                &token,
+                Value::Null,
+            )
+            .await;
+        version["count"].as_u64().is_some_and(|count| count >= 1)
+    })
+    .await;
 
     let second_store = tempfile::tempdir().expect("store");
     let second = server.client("alice", second_store.path()).await;

@@ -155,8 +155,11 @@ async fn sliding_sync(
     State(hs): State<Arc<Homeserver>>,
     Auth(session): Auth,
     Params(params): Params<SlidingParams>,
-    Body(body): Body<SlidingBody>,
+    Body(raw): Body<Value>,
 ) -> ApiResult<Json<Value>> {
+    let spaces = spaces_filters(&raw)?;
+    let body: SlidingBody =
+        serde_json::from_value(raw).map_err(|e| Error::BadJson(format!("Invalid request body: {e}")))?;
     if body.conn_id.as_ref().is_some_and(|c| c.len() > 16) {
         return Err(Error::InvalidParam("conn_id is longer than 16 characters".to_owned()).into());
     }
@@ -168,8 +171,23 @@ async fn sliding_sync(
         conn_id: body.conn_id,
         txn_id: body.txn_id,
         lists: body.lists,
+        spaces,
         room_subscriptions: body.room_subscriptions,
         extensions: body.extensions,
     };
     Ok(Json(hs.sync.sliding_sync(&request).await?))
+}
+
+/// Each list's `filters.spaces`, which ruma's v5 `ListFilters` does not carry.
+fn spaces_filters(raw: &Value) -> Result<BTreeMap<String, Vec<OwnedRoomId>>, Error> {
+    let mut filters = BTreeMap::new();
+    for (name, list) in raw["lists"].as_object().into_iter().flatten() {
+        let Some(spaces) = list.get("filters").and_then(|f| f.get("spaces")) else {
+            continue;
+        };
+        let spaces: Vec<OwnedRoomId> = serde_json::from_value(spaces.clone())
+            .map_err(|e| Error::BadJson(format!("list {name}: filters.spaces: {e}")))?;
+        filters.insert(name.clone(), spaces);
+    }
+    Ok(filters)
 }

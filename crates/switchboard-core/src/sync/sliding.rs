@@ -96,6 +96,9 @@ pub struct SlidingRequest {
     pub conn_id: Option<String>,
     pub txn_id: Option<String>,
     pub lists: BTreeMap<String, List>,
+    /// Each list's `filters.spaces` (ruma's `ListFilters` predates it): only rooms that are
+    /// children of these spaces.
+    pub spaces: BTreeMap<String, Vec<OwnedRoomId>>,
     pub room_subscriptions: BTreeMap<OwnedRoomId, RoomSubscription>,
     pub extensions: Extensions,
 }
@@ -419,6 +422,15 @@ impl SyncService {
                 .then_with(|| a.room_id.cmp(&b.room_id))
         });
 
+        // The rooms each list's `spaces` filter lets through: the spaces' children.
+        let mut in_spaces: HashMap<&str, HashSet<String>> = HashMap::new();
+        for (name, spaces) in &request.spaces {
+            let mut children = HashSet::new();
+            for space in spaces {
+                children.extend(self.space_children(space).await?);
+            }
+            in_spaces.insert(name.as_str(), children);
+        }
         let mut selected: BTreeMap<String, RoomConfig> = BTreeMap::new();
         let mut lists = Map::new();
         let mut list_counts = BTreeMap::new();
@@ -426,7 +438,12 @@ impl SyncService {
         for (name, list) in &request.lists {
             let rooms: Vec<&&ListedRoom> = candidates
                 .iter()
-                .filter(|r| passes(list.filters.as_ref(), r, &direct))
+                .filter(|r| {
+                    passes(list.filters.as_ref(), r, &direct)
+                        && in_spaces
+                            .get(name.as_str())
+                            .is_none_or(|c| c.contains(&r.room_id))
+                })
                 .collect();
             lists.insert(name.clone(), json!({ "count": rooms.len() }));
             list_counts.insert(name.clone(), rooms.len());
@@ -724,6 +741,26 @@ impl SyncService {
         }
         self.room_summary(room_id, &request.user, &mut section).await?;
         Ok(Some(section))
+    }
+
+    /// The rooms a space names as children (`m.space.child` with a non-empty `via`).
+    async fn space_children(&self, space: &RoomId) -> Result<Vec<String>> {
+        if !self.rooms.is_resident(space).await? {
+            return Ok(Vec::new());
+        }
+        Ok(self
+            .rooms
+            .current_state(space)
+            .await?
+            .iter()
+            .filter(|e| e.event_type == "m.space.child")
+            .filter(|e| {
+                e.content_value()["via"]
+                    .as_array()
+                    .is_some_and(|via| !via.is_empty())
+            })
+            .filter_map(|e| e.state_key.clone())
+            .collect())
     }
 
     /// Whether the room's history is `shared` or `world_readable` (what every member sees whole).

@@ -233,6 +233,17 @@ async fn subscriptions_wildcards_filters_and_invites() {
     let invite = s
         .create_room(&bob, json!({ "name": "invited", "invite": [alice.user_id] }))
         .await;
+    s.ok(
+        Method::PUT,
+        &format!(
+            "/_matrix/client/v3/rooms/{}/state/m.space.child/{}",
+            enc(&space),
+            enc(&plain)
+        ),
+        &alice.token,
+        json!({ "via": ["localhost"] }),
+    )
+    .await;
 
     let answer = sliding(
         &s,
@@ -242,6 +253,7 @@ async fn subscriptions_wildcards_filters_and_invites() {
             "lists": {
                 "rooms": { "ranges": [[0, 9]], "timeline_limit": 1, "filters": { "not_room_types": ["m.space"], "is_invite": false } },
                 "invites": { "ranges": [[0, 9]], "timeline_limit": 1, "filters": { "is_invite": true } },
+                "in_space": { "ranges": [[0, 9]], "timeline_limit": 1, "filters": { "spaces": [space] } },
             },
             "room_subscriptions": { space.clone(): { "timeline_limit": 0, "required_state": [["*", "*"]] } },
         }),
@@ -249,6 +261,10 @@ async fn subscriptions_wildcards_filters_and_invites() {
     .await;
     assert_eq!(answer["lists"]["rooms"]["count"], 1, "{answer}");
     assert_eq!(answer["lists"]["invites"]["count"], 1, "{answer}");
+    assert_eq!(
+        answer["lists"]["in_space"]["count"], 1,
+        "the space's one child: {answer}"
+    );
     let got = rooms_of(&answer);
     assert_eq!(got, sorted(vec![plain.clone(), space.clone(), invite.clone()]));
     // The subscription's wildcard brings all of the space's state.
@@ -313,6 +329,11 @@ async fn bad_sliding_sync_requests_get_the_spec_errors() {
             "M_BAD_JSON",
         ),
         (String::new(), json!({ "lists": "all" }), "M_BAD_JSON"),
+        (
+            String::new(),
+            json!({ "lists": { "all": { "ranges": [[0, 1]], "timeline_limit": 1, "filters": { "spaces": "!a:b" } } } }),
+            "M_BAD_JSON",
+        ),
         (
             String::new(),
             json!({ "lists": { "all": { "ranges": [[0, 1]], "timeline_limit": 1 } },
