@@ -51,6 +51,10 @@ const DEFAULT_BLACKLIST: &[&str] = &[
     "fec0::/10",
 ];
 
+fn parse_ranges(list: &[String]) -> Vec<IpNet> {
+    list.iter().filter_map(|r| parse_ip_range(r)).collect()
+}
+
 /// Which addresses outbound requests may reach: the whitelist wins, then the blacklist refuses.
 #[derive(Debug, Default)]
 pub struct IpFilter {
@@ -62,27 +66,29 @@ impl IpFilter {
     /// The filter of federation requests, from Synapse's keys and with Synapse's precedence:
     /// `federation_ip_range_blacklist`, when given, replaces both lists.
     pub fn for_federation(config: &Config) -> Self {
-        let parse = |list: &[String]| list.iter().filter_map(|r| parse_ip_range(r)).collect::<Vec<_>>();
-        let defaults: Vec<String> = DEFAULT_BLACKLIST.iter().map(|s| (*s).to_owned()).collect();
-        let (black, white) = match &config.federation_ip_range_blacklist {
-            Some(list) => (parse(list), Vec::new()),
-            None => (
-                parse(config.ip_range_blacklist.as_deref().unwrap_or(&defaults)),
-                parse(&config.ip_range_whitelist),
-            ),
-        };
-        Self::new(black, white)
+        match &config.federation_ip_range_blacklist {
+            Some(list) => Self::new(parse_ranges(list), Vec::new()),
+            None => Self::for_outbound(config),
+        }
     }
 
     /// The filter of the server's other outbound requests (push gateways): Synapse's
     /// `ip_range_blacklist` (its defaults when absent) and `ip_range_whitelist`.
     pub fn for_outbound(config: &Config) -> Self {
-        let parse = |list: &[String]| list.iter().filter_map(|r| parse_ip_range(r)).collect::<Vec<_>>();
-        let defaults: Vec<String> = DEFAULT_BLACKLIST.iter().map(|s| (*s).to_owned()).collect();
-        Self::new(
-            parse(config.ip_range_blacklist.as_deref().unwrap_or(&defaults)),
-            parse(&config.ip_range_whitelist),
-        )
+        let blacklist = match &config.ip_range_blacklist {
+            Some(list) => parse_ranges(list),
+            None => DEFAULT_BLACKLIST
+                .iter()
+                .filter_map(|r| parse_ip_range(r))
+                .collect(),
+        };
+        Self::new(blacklist, parse_ranges(&config.ip_range_whitelist))
+    }
+
+    /// The address a URL names literally (such a host never passes the filtering resolver).
+    pub fn literal_ip(url: &reqwest::Url) -> Option<IpAddr> {
+        // IPv6 hosts come bracketed (`[::1]`).
+        url.host_str()?.trim_matches(['[', ']']).parse().ok()
     }
 
     pub fn new(mut blacklist: Vec<IpNet>, whitelist: Vec<IpNet>) -> Self {

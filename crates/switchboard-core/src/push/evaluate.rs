@@ -1,8 +1,9 @@
 //! The push-rule evaluator: one task reads each new event once, in stream order, and runs the
 //! push rules of every local member it concerns (ruma's evaluation, with the member's own rules
 //! from account data), storing what notifies or highlights. Its place in the stream is stored
-//! with the actions, so after a crash it carries on where it stopped and nothing is counted
-//! twice or missed.
+//! with the actions, so after a crash it carries on where it stopped: nothing is missed, and
+//! what it evaluates again (`ON CONFLICT DO NOTHING`, read positions only move forward) is not
+//! counted twice.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -30,6 +31,9 @@ use crate::{
 
 /// Events read per round.
 const BATCH: usize = 500;
+/// Positions passed without anything to record after which the evaluator's place is written
+/// anyway, so a restart does not read far back.
+const PROGRESS_EVERY: i64 = 1_000;
 
 pub(super) struct Evaluator {
     pub store: Store,
@@ -81,12 +85,16 @@ impl Evaluator {
             }
         };
         self.evaluated.send_replace(pos);
+        let mut stored = pos;
         loop {
             let now = *news.borrow_and_update();
             while pos < now {
-                match self.round(pos, now).await {
-                    Ok(next) => {
+                match self.round(pos, now, stored).await {
+                    Ok((next, wrote)) => {
                         pos = next;
+                        if wrote {
+                            stored = pos;
+                        }
                         self.evaluated.send_replace(pos);
                     }
                     Err(e) => {
@@ -113,8 +121,11 @@ impl Evaluator {
         Ok(head)
     }
 
-    /// Evaluates the events in `(after, until]` (at most a batch); returns how far it got.
-    async fn round(&self, after: i64, until: i64) -> Result<i64> {
+    /// Evaluates the events in `(after, until]` (at most a batch); returns how far it got and
+    /// whether it wrote its place. A round that found nothing to record writes nothing (its
+    /// place goes with the next actions, or after [`PROGRESS_EVERY`] positions): evaluating
+    /// an event again after a crash stores nothing twice, and the writer stays free for events.
+    async fn round(&self, after: i64, until: i64, stored: i64) -> Result<(i64, bool)> {
         let events = match self.stream.recent_after(after, until, BATCH) {
             Some(events) => events,
             None => self
@@ -214,9 +225,12 @@ impl Evaluator {
                 });
             }
         }
-        self.store.record_push_actions(&actions, &read, reached).await?;
+        let write = !actions.is_empty() || !read.is_empty() || reached - stored >= PROGRESS_EVERY;
+        if write {
+            self.store.record_push_actions(&actions, &read, reached).await?;
+        }
         self.pushers.wake(&notified);
-        Ok(reached)
+        Ok((reached, write))
     }
 
     async fn room_facts(&self, room_id: &RoomId) -> Result<RoomFacts> {

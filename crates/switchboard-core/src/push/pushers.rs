@@ -223,10 +223,10 @@ impl Pushers {
             .host_str()
             .ok_or_else(|| Error::InvalidParam(format!("data.url {raw} has no host")))?;
         let port = url.port_or_known_default().unwrap_or(443);
-        let addresses: Vec<IpAddr> = match host.trim_matches(['[', ']']).parse::<IpAddr>() {
-            Ok(ip) => vec![ip],
+        let addresses: Vec<IpAddr> = match IpFilter::literal_ip(&url) {
+            Some(ip) => vec![ip],
             // A name that does not resolve now may later; the connection is filtered anyway.
-            Err(_) => tokio::time::timeout(Duration::from_secs(5), tokio::net::lookup_host((host, port)))
+            None => tokio::time::timeout(Duration::from_secs(5), tokio::net::lookup_host((host, port)))
                 .await
                 .ok()
                 .and_then(|found| found.ok())
@@ -355,10 +355,11 @@ impl Pushers {
         let url = data["url"]
             .as_str()
             .ok_or_else(|| Error::internal("pusher without a url"))?;
-        if let Some(ip) = reqwest::Url::parse(url).ok().and_then(|u| {
-            u.host_str()
-                .and_then(|h| h.trim_matches(['[', ']']).parse::<IpAddr>().ok())
-        }) && !self.filter.allows(ip)
+        if let Some(ip) = reqwest::Url::parse(url)
+            .ok()
+            .as_ref()
+            .and_then(IpFilter::literal_ip)
+            && !self.filter.allows(ip)
         {
             return Err(Error::Forbidden(format!("{url} is in ip_range_blacklist")));
         }
