@@ -73,6 +73,10 @@ impl IntoResponse for ApiError {
             }
             Error::BadState(_) => (StatusCode::BAD_REQUEST, "M_UNKNOWN"),
             Error::UnknownPos(_) => (StatusCode::BAD_REQUEST, "M_UNKNOWN_POS"),
+            // MSC4190's code, as Synapse 1.163 sends it.
+            Error::AppserviceLoginUnsupported(_) => {
+                (StatusCode::BAD_REQUEST, "M_APPSERVICE_LOGIN_UNSUPPORTED")
+            }
             Error::WrongRoomKeysVersion { current_version } => {
                 let body = json!({ "errcode": "M_WRONG_ROOM_KEYS_VERSION", "error": message, "current_version": current_version });
                 return (StatusCode::FORBIDDEN, Json(body)).into_response();

@@ -4,7 +4,10 @@
 //! go to the servers sharing a room with them, to-device messages for other servers' users to
 //! those servers, both through the outbox; `crate::federation::devices` is the other side.
 
-use std::{collections::HashSet, sync::Arc};
+use std::{
+    collections::{BTreeSet, HashSet},
+    sync::Arc,
+};
 
 use ruma::UserId;
 use serde_json::{Map, Value, json};
@@ -12,6 +15,7 @@ use switchboard_store::Store;
 
 use crate::{
     Error, Result,
+    appservice::AppServices,
     federation::outbox::{Edu, Outbox},
     stream::EventStream,
 };
@@ -20,18 +24,27 @@ pub struct E2ee {
     store: Store,
     stream: Arc<EventStream>,
     outbox: Arc<Outbox>,
+    /// Told when keys of services' users are claimed (their counts go out in transactions).
+    appservices: Arc<AppServices>,
 }
 
 impl E2ee {
-    pub fn new(store: Store, stream: Arc<EventStream>, outbox: Arc<Outbox>) -> Self {
+    pub fn new(
+        store: Store,
+        stream: Arc<EventStream>,
+        outbox: Arc<Outbox>,
+        appservices: Arc<AppServices>,
+    ) -> Self {
         Self {
             store,
             stream,
             outbox,
+            appservices,
         }
     }
 
-    /// `POST /keys/upload`: returns the device's unclaimed one-time key counts.
+    /// `POST /keys/upload`: returns the device's unclaimed one-time key counts. Everything is
+    /// checked before anything is stored.
     pub async fn upload(
         &self,
         user: &UserId,
@@ -40,14 +53,37 @@ impl E2ee {
         one_time_keys: Option<&Map<String, Value>>,
         fallback_keys: Option<&Map<String, Value>>,
     ) -> Result<Map<String, Value>> {
-        if let Some(keys) = device_keys {
-            if keys.get("user_id").and_then(Value::as_str) != Some(user.as_str())
-                || keys.get("device_id").and_then(Value::as_str) != Some(device)
-            {
-                return Err(Error::BadJson(
-                    "device_keys must name this user and device".to_owned(),
-                ));
+        if let Some(keys) = device_keys
+            && (keys.get("user_id").and_then(Value::as_str) != Some(user.as_str())
+                || keys.get("device_id").and_then(Value::as_str) != Some(device))
+        {
+            return Err(Error::BadJson(
+                "device_keys must name this user and device".to_owned(),
+            ));
+        }
+        let one_time_keys = key_algorithms(one_time_keys)?;
+        let fallback_keys = key_algorithms(fallback_keys)?;
+        if !one_time_keys.is_empty() {
+            let held: std::collections::HashMap<String, i64> = self
+                .store
+                .one_time_key_counts(user.as_str(), device)
+                .await?
+                .into_iter()
+                .collect();
+            let mut adding: std::collections::HashMap<&str, i64> = Default::default();
+            for (algorithm, _, _) in &one_time_keys {
+                *adding.entry(algorithm).or_default() += 1;
             }
+            for (algorithm, count) in adding {
+                let total = held.get(algorithm).copied().unwrap_or(0) + count;
+                if total > MAX_ONE_TIME_KEYS_PER_ALGORITHM {
+                    return Err(Error::TooLarge(format!(
+                        "Uploading {count} more {algorithm} one-time keys would leave the device holding {total}, over the limit of {MAX_ONE_TIME_KEYS_PER_ALGORITHM}"
+                    )));
+                }
+            }
+        }
+        if let Some(keys) = device_keys {
             let text = keys.to_string();
             let pos = self
                 .stream
@@ -60,18 +96,12 @@ impl E2ee {
                 .await?;
             self.announce(user, Some(device), pos).await?;
         }
-        for (id, key) in one_time_keys.into_iter().flatten() {
-            let (algorithm, _) = id
-                .split_once(':')
-                .ok_or_else(|| Error::BadJson(format!("bad key ID `{id}`")))?;
+        for (algorithm, id, key) in one_time_keys {
             self.store
                 .add_one_time_key(user.as_str(), device, algorithm, id, &key.to_string())
                 .await?;
         }
-        for (id, key) in fallback_keys.into_iter().flatten() {
-            let (algorithm, _) = id
-                .split_once(':')
-                .ok_or_else(|| Error::BadJson(format!("bad key ID `{id}`")))?;
+        for (algorithm, id, key) in fallback_keys {
             self.store
                 .set_fallback_key(user.as_str(), device, algorithm, id, &key.to_string())
                 .await?;
@@ -305,6 +335,7 @@ impl E2ee {
     /// `POST /keys/claim`: one key per requested device and algorithm.
     pub async fn claim(&self, requested: &Map<String, Value>) -> Result<Value> {
         let mut claimed = Map::new();
+        let mut drained = BTreeSet::new();
         for (user, devices) in requested {
             let mut per_device = Map::new();
             for (device, algorithm) in devices.as_object().into_iter().flatten() {
@@ -314,9 +345,13 @@ impl E2ee {
                 if let Some((key_id, key)) = self.store.claim_key(user, device, algorithm).await? {
                     let key: Value = serde_json::from_str(&key).unwrap_or(Value::Null);
                     per_device.insert(device.clone(), json!({ key_id: key }));
+                    drained.insert(user.clone());
                 }
             }
             claimed.insert(user.clone(), Value::Object(per_device));
+        }
+        if !drained.is_empty() {
+            self.appservices.delivery.keys_claimed(&drained);
         }
         Ok(json!({ "one_time_keys": claimed, "failures": {} }))
     }
@@ -486,9 +521,7 @@ impl E2ee {
     ) -> Result<()> {
         let mut queued = Vec::new();
         for (user, device, kind, content) in self.local_deliveries(kind, messages).await? {
-            if UserId::parse(user.as_str()).is_ok_and(|u| u.server_name() == server_name)
-                && self.store.device_exists(&user, &device).await?
-            {
+            if UserId::parse(user.as_str()).is_ok_and(|u| u.server_name() == server_name) {
                 queued.push((user, device, kind, content));
             }
         }
@@ -506,7 +539,8 @@ impl E2ee {
     }
 
     /// `(user, device, type, content)` for each local device `messages` names (`*`: all the
-    /// user's devices).
+    /// user's devices). Devices that do not exist are skipped, as in Synapse: the sender may
+    /// have an outdated list, and nothing should wait for a device that will never sync.
     async fn local_deliveries(
         &self,
         kind: &str,
@@ -520,19 +554,17 @@ impl E2ee {
             if UserId::parse(user.as_str()).is_ok_and(|u| !self.outbox.is_local(&u)) {
                 continue;
             }
+            let existing: Vec<String> = self
+                .store
+                .devices(user)
+                .await?
+                .into_iter()
+                .map(|(id, _, _)| id)
+                .collect();
             for (device, content) in devices {
-                let targets: Vec<String> = if device == "*" {
-                    self.store
-                        .devices(user)
-                        .await?
-                        .into_iter()
-                        .map(|(id, _, _)| id)
-                        .collect()
-                } else {
-                    vec![device.clone()]
-                };
+                let targets = existing.iter().filter(|id| device == "*" || *id == device);
                 for target in targets {
-                    queued.push((user.clone(), target, kind.to_owned(), content.to_string()));
+                    queued.push((user.clone(), target.clone(), kind.to_owned(), content.to_string()));
                 }
             }
         }
@@ -558,6 +590,23 @@ impl E2ee {
             })
             .collect())
     }
+}
+
+/// One-time keys a device may hold per algorithm (Synapse's limit): a client that uploads
+/// regardless of the counts it is told is stopped, not silently trimmed.
+const MAX_ONE_TIME_KEYS_PER_ALGORITHM: i64 = 500;
+
+/// `(algorithm, key ID, key)` of uploaded keys named `<algorithm>:<id>`.
+fn key_algorithms(keys: Option<&Map<String, Value>>) -> Result<Vec<(&str, &str, &Value)>> {
+    keys.into_iter()
+        .flatten()
+        .map(|(id, key)| {
+            let (algorithm, _) = id
+                .split_once(':')
+                .ok_or_else(|| Error::BadJson(format!("bad key ID `{id}`")))?;
+            Ok((algorithm, id.as_str(), key))
+        })
+        .collect()
 }
 
 /// The federation message ID of a client's to-device send: the same for a repeated request, so

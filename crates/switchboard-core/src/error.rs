@@ -101,6 +101,9 @@ pub enum Error {
     /// Keys uploaded to a backup version that is no longer the current one.
     #[error("Wrong backup version: the current version is {current_version}")]
     WrongRoomKeysVersion { current_version: String },
+    /// A service that manages its devices itself (MSC4190) asked for a login.
+    #[error("{0}")]
+    AppserviceLoginUnsupported(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("internal error: {0}")]

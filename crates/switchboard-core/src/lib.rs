@@ -121,7 +121,12 @@ impl Homeserver {
             federation::outbox::Outbox::new(store.clone(), rooms.clone(), server_name.clone());
         let ephemeral =
             ephemeral::Ephemeral::new(store.clone(), stream.clone(), outbox.clone(), config.use_presence);
-        let e2ee = Arc::new(e2ee::E2ee::new(store.clone(), stream.clone(), outbox.clone()));
+        let e2ee = Arc::new(e2ee::E2ee::new(
+            store.clone(),
+            stream.clone(),
+            outbox.clone(),
+            appservices.clone(),
+        ));
         appservices.delivery.set_ephemeral(ephemeral.clone());
         let count = appservices.load(&config.app_service_config_files).await?;
         if count > 0 {

@@ -22,7 +22,9 @@ pub use federation::StoredServerKey;
 pub use migrate::SCHEMA_VERSION;
 pub use open::{DatabaseSettings, PostgresSettings};
 pub use push::{PushAction, PusherRow, ReadPosition, UnreadCount};
-pub use rows::{AsPosition, EventRow, NewEvent, NewSnapshot, NewUser, StateRow, StoredTxn, UserRow};
+pub use rows::{
+    AsPosition, EventRow, NewEvent, NewSnapshot, NewUser, QueuedToDevice, StateRow, StoredTxn, UserRow,
+};
 pub use sliding::BUMP_EVENT_TYPES;
 
 /// A storage failure. The homeserver maps all of these to `500 M_UNKNOWN`; the details go to the log.
@@ -1336,6 +1338,53 @@ impl Store {
             .fetch_all(write)
             .await?;
             Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
+        })
+    }
+
+    /// To-device messages queued in `(after, until]` for any device, oldest first, at most about
+    /// `limit`: what application services' senders pick their users' messages from. Returns the
+    /// messages and the position they cover: a position is never split, so a message sent to many
+    /// devices at once is read whole.
+    pub async fn to_device_between(
+        &self,
+        after: i64,
+        until: i64,
+        limit: i64,
+    ) -> Result<(Vec<QueuedToDevice>, i64)> {
+        on_db!(self, |write, read| {
+            let mut rows = sqlx::query(
+                "SELECT stream_pos, user_id, device_id, sender, type, content FROM to_device
+                 WHERE stream_pos > $1 AND stream_pos <= $2 ORDER BY stream_pos LIMIT $3",
+            )
+            .bind(after)
+            .bind(until)
+            .bind(limit)
+            .fetch_all(read)
+            .await?
+            .iter()
+            .map(rows::to_device_from_row)
+            .collect::<Result<Vec<_>>>()?;
+            if (rows.len() as i64) < limit {
+                return Ok((rows, until));
+            }
+            let (first, last) = (rows[0].pos, rows[rows.len() - 1].pos);
+            if first < last {
+                // The last position may continue beyond the limit: leave it for the next read.
+                rows.retain(|m| m.pos < last);
+                return Ok((rows, last - 1));
+            }
+            // One position holds more than the limit: read all of it.
+            let rows = sqlx::query(
+                "SELECT stream_pos, user_id, device_id, sender, type, content FROM to_device
+                 WHERE stream_pos = $1",
+            )
+            .bind(last)
+            .fetch_all(read)
+            .await?
+            .iter()
+            .map(rows::to_device_from_row)
+            .collect::<Result<Vec<_>>>()?;
+            Ok((rows, last))
         })
     }
 

@@ -26,6 +26,7 @@ const SQLITE_MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0016_key_backup.sql"),
     include_str!("../migrations/sqlite/0017_push.sql"),
     include_str!("../migrations/sqlite/0018_sliding_sync.sql"),
+    include_str!("../migrations/sqlite/0019_appservice_to_device.sql"),
 ];
 
 const POSTGRES_MIGRATIONS: &[&str] = &[
@@ -47,6 +48,7 @@ const POSTGRES_MIGRATIONS: &[&str] = &[
     include_str!("../migrations/postgres/0016_key_backup.sql"),
     include_str!("../migrations/postgres/0017_push.sql"),
     include_str!("../migrations/postgres/0018_sliding_sync.sql"),
+    include_str!("../migrations/postgres/0019_appservice_to_device.sql"),
 ];
 
 /// The schema version this binary writes.

@@ -172,3 +172,32 @@ pub struct StoredTxn {
     pub event_count: i64,
     pub body: String,
 }
+
+/// A to-device message waiting for a device, with its place in the auxiliary stream.
+#[derive(Clone, Debug)]
+pub struct QueuedToDevice {
+    pub pos: i64,
+    pub user_id: String,
+    pub device_id: String,
+    pub sender: String,
+    pub kind: String,
+    /// The content as the sender gave it (JSON text).
+    pub content: String,
+}
+
+pub(crate) fn to_device_from_row<'r, R>(r: &'r R) -> Result<QueuedToDevice>
+where
+    R: Row,
+    usize: ColumnIndex<R>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+{
+    Ok(QueuedToDevice {
+        pos: r.try_get(0)?,
+        user_id: r.try_get(1)?,
+        device_id: r.try_get(2)?,
+        sender: r.try_get(3)?,
+        kind: r.try_get(4)?,
+        content: r.try_get(5)?,
+    })
+}

@@ -123,6 +123,12 @@ async fn register_for_service(
     let service = session.and_then(|s| s.appservice).ok_or_else(|| {
         Error::Forbidden("m.login.application_service needs an application service's as_token".to_owned())
     })?;
+    if service.registration.msc4190 && !body.inhibit_login {
+        return Err(Error::AppserviceLoginUnsupported(
+            "This application service manages its devices itself (io.element.msc4190): register with inhibit_login: true and create devices with PUT /devices/{deviceId}".to_owned(),
+        )
+        .into());
+    }
     let username = body
         .username
         .ok_or_else(|| Error::MissingParam("Missing username".to_owned()))?;
@@ -194,6 +200,12 @@ async fn login(
         let service = session.and_then(|s| s.appservice).ok_or_else(|| {
             Error::Forbidden("m.login.application_service needs an application service's as_token".to_owned())
         })?;
+        if service.registration.msc4190 {
+            return Err(Error::AppserviceLoginUnsupported(
+                "This application service manages its devices itself (io.element.msc4190): create devices with PUT /devices/{deviceId} instead of logging in".to_owned(),
+            )
+            .into());
+        }
         let user = login_user(&body)?;
         let user_id = if user.starts_with('@') {
             parse_user_id(&user).map_err(Error::InvalidParam)?

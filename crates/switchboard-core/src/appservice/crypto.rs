@@ -103,13 +103,15 @@ impl Delivery {
         Ok(false)
     }
 
-    /// Adds the MSC3202 keys to a transaction body. Key counts cover the service's sender and
-    /// its users joined to the rooms the transaction mentions, as in Synapse.
+    /// Adds the MSC3202 keys to a transaction body. Key counts cover the service's sender, its
+    /// users joined to the rooms the transaction mentions (as in Synapse) and `users` (those
+    /// whose keys were claimed, or who receive to-device messages).
     pub(super) async fn add_msc3202_keys(
         &self,
         service: &AppService,
         events: &[Arc<Pdu>],
         ephemeral: &[Value],
+        mut users: BTreeSet<String>,
         device_lists: DeviceLists,
         body: &mut Value,
     ) -> Result<()> {
@@ -125,7 +127,7 @@ impl Delivery {
                 .iter()
                 .filter_map(|e| e["room_id"].as_str().map(str::to_owned)),
         );
-        let mut users = BTreeSet::from([service.sender.to_string()]);
+        users.insert(service.sender.to_string());
         for room in rooms {
             let Ok(room_id) = ruma::OwnedRoomId::try_from(room) else {
                 continue;
@@ -145,9 +147,14 @@ impl Delivery {
             let mut user_counts = BTreeMap::new();
             let mut user_fallback = BTreeMap::new();
             for (device, _, _) in self.store.devices(&user).await? {
-                // As in `/sync`, signed_curve25519 is always present.
-                let mut device_counts = BTreeMap::from([("signed_curve25519".to_owned(), 0)]);
-                device_counts.extend(self.store.one_time_key_counts(&user, &device).await?);
+                // Synapse's shape: a device without keys has an empty map (SDKs read a missing
+                // count as zero).
+                let device_counts: BTreeMap<String, i64> = self
+                    .store
+                    .one_time_key_counts(&user, &device)
+                    .await?
+                    .into_iter()
+                    .collect();
                 let unused = self.store.unused_fallback_algorithms(&user, &device).await?;
                 user_counts.insert(device.clone(), device_counts);
                 user_fallback.insert(device, unused);

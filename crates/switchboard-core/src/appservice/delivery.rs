@@ -8,7 +8,7 @@
 //! retry is byte-identical, also after a crash. One slow or dead service never delays another.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     sync::{Arc, Mutex, RwLock},
     time::{Duration, Instant},
 };
@@ -29,7 +29,10 @@ use super::{
 use crate::{Result, ephemeral::Ephemeral, pdu::Pdu, rooms::Rooms, stream::EventStream};
 
 pub const MAX_EVENTS_PER_TXN: usize = 100;
-const MAX_EPHEMERAL_PER_TXN: usize = 100;
+/// Ephemeral items and to-device messages per transaction (a position's items are not split).
+const MAX_AUX_PER_TXN: usize = 100;
+/// To-device messages read per transaction (for all users; the service's are picked out).
+const TO_DEVICE_SCAN: i64 = 1000;
 const MAX_TXN_BYTES: usize = 1024 * 1024;
 const SCAN_BATCH: i64 = 500;
 const MAX_BACKOFF_STEP: u32 = 9; // 2^9 = 512 s, Synapse's cap
@@ -78,6 +81,9 @@ pub struct Sender {
     stop: tokio::sync::watch::Sender<bool>,
     pub(super) interest: InterestCache,
     status: Mutex<(SenderStatus, Option<Instant>)>,
+    /// The service's users whose one-time keys were claimed since its last transaction
+    /// (MSC3202): their counts go out even when nothing else does.
+    keys_claimed: Mutex<BTreeSet<String>>,
 }
 
 impl Sender {
@@ -271,6 +277,7 @@ impl Delivery {
                     },
                     None,
                 )),
+                keys_claimed: Mutex::new(BTreeSet::new()),
             });
             senders.insert(id, sender.clone());
             let task = tokio::spawn(self.clone().run(sender));
@@ -286,6 +293,29 @@ impl Delivery {
             .collect();
         self.dispatcher.set_targets(registry.clone(), in_order);
         Ok(())
+    }
+
+    /// One-time keys of these local users were claimed: services that encrypt (MSC3202) and own
+    /// one of them get its new counts in a transaction soon, with or without other traffic, so
+    /// they upload more before the device runs dry.
+    pub fn keys_claimed(&self, users: &BTreeSet<String>) {
+        let Ok(senders) = self.senders.lock() else {
+            return;
+        };
+        for sender in senders.values() {
+            let service = sender.service();
+            if !service.registration.msc3202 {
+                continue;
+            }
+            let owned: Vec<&String> = users.iter().filter(|u| service.owns_user(u)).collect();
+            if owned.is_empty() {
+                continue;
+            }
+            if let Ok(mut claimed) = sender.keys_claimed.lock() {
+                claimed.extend(owned.into_iter().cloned());
+            }
+            sender.news.notify_one();
+        }
     }
 
     pub fn sender(&self, id: &str) -> Option<Arc<Sender>> {
@@ -379,7 +409,8 @@ impl Delivery {
         }
 
         let now = self.now();
-        if cursor.at.events >= now.events && (!wants_aux(&service) || cursor.at.aux >= now.aux) {
+        let claimed = sender.keys_claimed.lock().is_ok_and(|c| !c.is_empty());
+        if cursor.at.events >= now.events && (!wants_aux(&service) || cursor.at.aux >= now.aux) && !claimed {
             return Ok(Step::Idle);
         }
         let selection = self.select(sender, &service, cursor.at).await?;
@@ -440,27 +471,40 @@ impl Delivery {
                 }
             }
         }
-        let mut ephemeral = Vec::new();
+        let (mut ephemeral, mut to_device) = (Vec::new(), Vec::new());
         if after.aux < now.aux {
             upto.aux = now.aux;
             if wants_ephemeral(service) {
-                let mut items = self.ephemeral_for(sender, service, after.aux, now.aux).await?;
-                items.sort_by_key(|(pos, _)| *pos);
-                if items.len() > MAX_EPHEMERAL_PER_TXN {
-                    // The rest goes in the next transaction: cover only what is included.
-                    items.truncate(MAX_EPHEMERAL_PER_TXN);
-                    upto.aux = items.last().map_or(now.aux, |(pos, _)| *pos);
+                let (items, covered) = self.aux_items(sender, service, after.aux, now.aux).await?;
+                upto.aux = covered;
+                for (_, item) in items {
+                    match item {
+                        AuxItem::Ephemeral(item) => ephemeral.push(item),
+                        AuxItem::ToDevice(item) => to_device.push(item),
+                    }
                 }
-                ephemeral = items.into_iter().map(|(_, item)| item).collect();
             }
         }
+        let claimed = if service.registration.msc3202 {
+            sender
+                .keys_claimed
+                .lock()
+                .map(|mut c| std::mem::take(&mut *c))
+                .unwrap_or_default()
+        } else {
+            BTreeSet::new()
+        };
         let device_lists = if service.registration.msc3202 {
             self.device_list_summary(sender, service, after.aux, upto.aux, &selected.pdus)
                 .await?
         } else {
             DeviceLists::default()
         };
-        if (selected.json.is_empty() && ephemeral.is_empty() && device_lists.is_empty())
+        if (selected.json.is_empty()
+            && ephemeral.is_empty()
+            && to_device.is_empty()
+            && device_lists.is_empty()
+            && claimed.is_empty())
             || service.registration.url.is_none()
         {
             // Nothing for this service (or it takes no traffic).
@@ -469,8 +513,22 @@ impl Delivery {
         let count = selected.json.len() as i64;
         let mut body = serde_json::json!({ "events": selected.json });
         if service.registration.msc3202 {
-            self.add_msc3202_keys(service, &selected.pdus, &ephemeral, device_lists, &mut body)
-                .await?;
+            // As in Synapse: the recipients of to-device messages may have used keys too.
+            let mut users = claimed;
+            users.extend(
+                to_device
+                    .iter()
+                    .filter_map(|m| m["to_user_id"].as_str().map(str::to_owned)),
+            );
+            self.add_msc3202_keys(
+                service,
+                &selected.pdus,
+                &ephemeral,
+                users,
+                device_lists,
+                &mut body,
+            )
+            .await?;
         }
         if !ephemeral.is_empty() {
             if service.registration.push_ephemeral_unstable {
@@ -479,11 +537,67 @@ impl Delivery {
             }
             body["ephemeral"] = serde_json::json!(ephemeral);
         }
+        if !to_device.is_empty() {
+            // MSC4203 kept MSC2409's unstable key, which is what Synapse sends and SDKs read.
+            body["de.sorunome.msc2409.to_device"] = serde_json::json!(to_device);
+        }
         Ok(Selection::Txn {
             upto,
             count,
             body: body.to_string(),
         })
+    }
+
+    /// The auxiliary stream's items for a transaction, in order: ephemeral data and to-device
+    /// messages for the service's users in `(after, until]`, at most [`MAX_AUX_PER_TXN`], and
+    /// the position they cover. A position is never split between two transactions.
+    async fn aux_items(
+        &self,
+        sender: &Sender,
+        service: &AppService,
+        after: i64,
+        until: i64,
+    ) -> Result<(Vec<(i64, AuxItem)>, i64)> {
+        let (messages, mut covered) = self.store.to_device_between(after, until, TO_DEVICE_SCAN).await?;
+        let mut items: Vec<(i64, AuxItem)> = self
+            .ephemeral_for(sender, service, after, covered)
+            .await?
+            .into_iter()
+            .map(|(pos, item)| (pos, AuxItem::Ephemeral(item)))
+            .collect();
+        for message in messages {
+            if !service.owns_user(&message.user_id) {
+                continue;
+            }
+            let content: Box<RawValue> = match RawValue::from_string(message.content) {
+                Ok(content) => content,
+                Err(e) => {
+                    tracing::warn!(error = %e, "stored to-device message is not JSON; skipped");
+                    continue;
+                }
+            };
+            let item = serde_json::json!({
+                "type": message.kind,
+                "sender": message.sender,
+                "content": content,
+                "to_user_id": message.user_id,
+                "to_device_id": message.device_id,
+            });
+            items.push((message.pos, AuxItem::ToDevice(item)));
+        }
+        items.sort_by_key(|(pos, _)| *pos);
+        if let Some((cut, _)) = items.get(MAX_AUX_PER_TXN) {
+            let cut = *cut;
+            if items[0].0 < cut {
+                // The rest goes in the next transaction: cover only what is included.
+                items.retain(|(pos, _)| *pos < cut);
+                covered = cut - 1;
+            } else {
+                items.retain(|(pos, _)| *pos <= cut);
+                covered = cut;
+            }
+        }
+        Ok((items, covered))
     }
 
     /// Events the dispatcher queued for the service in `(after, until]`.
@@ -707,6 +821,12 @@ fn take_queued(sender: &Sender, after: i64, until: i64) -> Result<Queued> {
         positions: queue.positions.iter().take(take).copied().collect(),
         more: due > take,
     })
+}
+
+/// An item of the auxiliary stream a transaction carries.
+enum AuxItem {
+    Ephemeral(serde_json::Value),
+    ToDevice(serde_json::Value),
 }
 
 /// The events of the next transaction, and their client format.

@@ -7,6 +7,7 @@ mod accounts;
 mod appservice;
 mod backup;
 mod durability;
+mod encrypted_services;
 mod ephemeral;
 mod fake_as;
 mod federation;
