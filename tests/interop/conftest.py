@@ -89,6 +89,8 @@ class AppServiceRegistration:
     as_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     hs_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     rate_limited: bool = False
+    # Further top-level keys, as YAML lines (e.g. "receive_ephemeral: true\n").
+    extra: str = ""
 
     def to_yaml(self) -> str:
         def rules(kind: str, entries: list[NamespaceRule]) -> str:
@@ -112,6 +114,7 @@ class AppServiceRegistration:
             + rules("users", self.users)
             + rules("aliases", self.aliases)
             + rules("rooms", self.rooms)
+            + self.extra
         )
 
 
@@ -438,7 +441,9 @@ class Synapse:
     """Synapse, the reference homeserver, from target/synapse-venv (tests/interop/setup.sh synapse):
     SQLite, loopback, `server_name: localhost`, open registration, relaxed rate limits."""
 
-    def __init__(self, data_dir: Path, port: int, app_service_files: list[Path]):
+    def __init__(
+        self, data_dir: Path, port: int, app_service_files: list[Path], extra_config: str = ""
+    ):
         if not SYNAPSE_PYTHON.exists():
             pytest.fail(
                 f"Synapse is not installed at {SYNAPSE_PYTHON}: run `bash tests/interop/setup.sh synapse`"
@@ -473,7 +478,7 @@ rc_login:
   address: {{per_second: 1000, burst_count: 1000}}
   account: {{per_second: 1000, burst_count: 1000}}
   failed_attempts: {{per_second: 1000, burst_count: 1000}}
-"""
+{extra_config}"""
         )
         self._proc: subprocess.Popen | None = None
 
@@ -503,6 +508,10 @@ rc_login:
     def stop(self) -> None:
         proc, self._proc = self._proc, None
         terminate(proc)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         try:
