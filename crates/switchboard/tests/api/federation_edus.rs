@@ -810,7 +810,7 @@ fn service_ephemeral(service: &crate::fake_as::FakeAs) -> Vec<Value> {
 }
 
 #[tokio::test]
-async fn a_services_room_hears_typing_receipts_and_presence_of_synapse_users() {
+async fn a_service_hears_typing_receipts_presence_and_to_device_messages_of_synapse_users() {
     use crate::fake_as::{
         FakeAs, Registration, as_user, config_files_yaml, register_ghost, write_registrations,
     };
@@ -822,11 +822,21 @@ async fn a_services_room_hears_typing_receipts_and_presence_of_synapse_users() {
     let fed_port = crate::harness::free_port();
     let registration = Registration::new("bridge", Some(&service.url))
         .users(&format!("@_b_.*:localhost:{fed_port}"), true)
-        .extra("receive_ephemeral: true\nde.sorunome.msc2409.push_ephemeral: true\n");
+        .extra(
+            "receive_ephemeral: true\nde.sorunome.msc2409.push_ephemeral: true\nio.element.msc4190: true\n",
+        );
     let (_dir, paths) = write_registrations(&[("bridge.yaml", &registration.yaml())]);
     let ours = Peer::switchboard_on(fed_port, &config_files_yaml(&paths)).await;
     let token = registration.as_token.clone();
     let ghost = register_ghost(&ours.server, &token, "_b_ghost").await;
+    ours.server
+        .ok(
+            Method::PUT,
+            &as_user("/_matrix/client/v3/devices/GHOSTDEV", &ghost),
+            &token,
+            json!({}),
+        )
+        .await;
     let sam = synapse.server.register("sam").await;
     let room = synapse
         .server
@@ -905,6 +915,41 @@ async fn a_services_room_hears_typing_receipts_and_presence_of_synapse_users() {
         assert!(
             Instant::now() < deadline,
             "typing {typing}, receipt {receipt}, presence {presence}: {items:?}\n{}",
+            log_of(&ours)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // A to-device message from Synapse's user to the service's ghost reaches the service.
+    put(
+        &synapse,
+        &sam,
+        "/_matrix/client/v3/sendToDevice/org.example.ping/t1",
+        json!({"messages": { ghost.clone(): { "GHOSTDEV": {"from": "synapse"} } }}),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let messages: Vec<Value> = service
+            .transactions()
+            .into_iter()
+            .flat_map(|(_, body)| {
+                body["de.sorunome.msc2409.to_device"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .collect();
+        let expected = json!({
+            "type": "org.example.ping", "sender": sam.user_id, "content": {"from": "synapse"},
+            "to_user_id": ghost, "to_device_id": "GHOSTDEV",
+        });
+        if messages.contains(&expected) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no to-device message from Synapse in the transactions: {messages:?}\n{}",
             log_of(&ours)
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
