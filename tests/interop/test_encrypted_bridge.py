@@ -137,9 +137,11 @@ class EchoService:
             )
         )
         self._proc: subprocess.Popen | None = None
+        # Where this run's output starts in the log.
+        self._offset = 0
 
     def start(self) -> None:
-        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self._offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(
                 [sys.executable, str(ECHO_SCRIPT), str(self.config_path)],
@@ -148,7 +150,6 @@ class EchoService:
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
-        self._offset = offset
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
@@ -161,19 +162,12 @@ class EchoService:
             proc.kill()
             proc.wait()
 
-    def lines(self, prefix: str) -> list[str]:
-        """This run's output lines starting with `prefix` (the prefix removed)."""
+    def lines(self, prefix: str, this_run: bool = True) -> list[str]:
+        """Output lines starting with `prefix` (the prefix removed), of this run or of all."""
         try:
             with self.log_path.open("rb") as log:
-                log.seek(getattr(self, "_offset", 0))
+                log.seek(self._offset if this_run else 0)
                 text = log.read().decode(errors="replace")
-        except FileNotFoundError:
-            return []
-        return [line[len(prefix) :].strip() for line in text.splitlines() if line.startswith(prefix)]
-
-    def all_lines(self, prefix: str) -> list[str]:
-        try:
-            text = self.log_path.read_text(errors="replace")
         except FileNotFoundError:
             return []
         return [line[len(prefix) :].strip() for line in text.splitlines() if line.startswith(prefix)]
@@ -242,7 +236,7 @@ async def echoes(client: AsyncClient, room_id: str, texts: list[str], timeout: f
 async def round_trip(client: AsyncClient, room_id: str, text: str, echo: EchoService) -> None:
     await send_encrypted(client, room_id, text)
     await echoes(client, room_id, [text])
-    assert text in echo.all_lines("DECRYPTED"), f"the service did not decrypt {text!r}"
+    assert text in echo.lines("DECRYPTED", this_run=False), f"the service did not decrypt {text!r}"
 
 
 async def claim_bot_key(client: AsyncClient, device_id: str) -> dict:

@@ -69,6 +69,21 @@ fn marked(txn: &Value, mark: &str) -> Vec<Value> {
         .collect()
 }
 
+/// Waits until the service accepted a transaction carrying a to-device message marked `mark`;
+/// returns every request so far.
+async fn delivered(service: &FakeAs, mark: &str) -> Vec<Request> {
+    service
+        .wait_for_requests(
+            |r| {
+                txns_of(r, "crypto")
+                    .iter()
+                    .any(|t| t.succeeded() && !marked(&t.json(), mark).is_empty())
+            },
+            WAIT,
+        )
+        .await
+}
+
 /// To-device messages for a service's users (and its sender) arrive in its transactions with
 /// `to_user_id`/`to_device_id`; unknown devices get nothing; a transaction that failed is sent
 /// again byte for byte — after `kill -9` too — and each message is delivered once.
@@ -165,16 +180,7 @@ async fn to_device_messages_reach_services_once_and_byte_identical_across_failur
         json!({}),
     )
     .await;
-    let requests = service
-        .wait_for_requests(
-            |r| {
-                txns_of(r, "crypto")
-                    .iter()
-                    .any(|t| t.succeeded() && !marked(&t.json(), "two").is_empty())
-            },
-            WAIT,
-        )
-        .await;
+    let requests = delivered(&service, "two").await;
     let attempts: Vec<&Request> = txns_of(&requests, "crypto")
         .into_iter()
         .filter(|t| !marked(&t.json(), "two").is_empty())
@@ -193,16 +199,7 @@ async fn to_device_messages_reach_services_once_and_byte_identical_across_failur
         json!({ ghost.clone(): { "GHOSTDEV": {"mark": "three"} } }),
     )
     .await;
-    let requests = service
-        .wait_for_requests(
-            |r| {
-                txns_of(r, "crypto")
-                    .iter()
-                    .any(|t| t.succeeded() && !marked(&t.json(), "three").is_empty())
-            },
-            WAIT,
-        )
-        .await;
+    let requests = delivered(&service, "three").await;
     let accepted: Vec<Value> = txns_of(&requests, "crypto")
         .into_iter()
         .filter(|t| t.succeeded())
@@ -285,32 +282,22 @@ async fn services_managing_devices_cannot_log_in() {
     let (s, _files) = start_server(&[&registration, &old]).await;
     let ghost = register_ghost(&s, &registration.as_token, "_c_ghost").await;
     let login = |user: &str| json!({"type": "m.login.application_service", "identifier": {"type": "m.id.user", "user": user}});
-    let (status, body) = s
-        .call(
-            Method::POST,
-            "/_matrix/client/v3/login",
-            Some(&registration.as_token),
-            Some(login(&ghost)),
-        )
-        .await;
-    assert_eq!(
-        (status, errcode(&body)),
-        (StatusCode::BAD_REQUEST, "M_APPSERVICE_LOGIN_UNSUPPORTED"),
-        "{body}"
-    );
-    let (status, body) = s
-        .call(
-            Method::POST,
-            "/_matrix/client/v3/register",
-            Some(&registration.as_token),
-            Some(json!({"type": "m.login.application_service", "username": "_c_other"})),
-        )
-        .await;
-    assert_eq!(
-        (status, errcode(&body)),
-        (StatusCode::BAD_REQUEST, "M_APPSERVICE_LOGIN_UNSUPPORTED"),
-        "{body}"
-    );
+    let register = json!({"type": "m.login.application_service", "username": "_c_other"});
+    for (path, request) in [("login", login(&ghost)), ("register", register)] {
+        let (status, body) = s
+            .call(
+                Method::POST,
+                &format!("/_matrix/client/v3/{path}"),
+                Some(&registration.as_token),
+                Some(request),
+            )
+            .await;
+        assert_eq!(
+            (status, errcode(&body)),
+            (StatusCode::BAD_REQUEST, "M_APPSERVICE_LOGIN_UNSUPPORTED"),
+            "{path}: {body}"
+        );
+    }
     let (status, _) = s
         .call(
             Method::GET,
@@ -530,16 +517,7 @@ async fn bad_key_uploads_and_to_device_targets_get_the_spec_errors() {
         json!({ ghost.clone(): { "GHOSTDEV": {"mark": "kept"} } }),
     )
     .await;
-    let requests = service
-        .wait_for_requests(
-            |r| {
-                txns_of(r, "crypto")
-                    .iter()
-                    .any(|t| !marked(&t.json(), "kept").is_empty())
-            },
-            WAIT,
-        )
-        .await;
+    let requests = delivered(&service, "kept").await;
     assert!(
         txns_of(&requests, "crypto")
             .iter()
