@@ -32,6 +32,9 @@ struct ClientInner {
     txn_prefix: String,
     txn_counter: AtomicU64,
     cache: Mutex<Cache>,
+    /// Set when the service encrypts (feature `e2ee`, [`crate::AppserviceBuilder::encryption`]).
+    #[cfg(feature = "e2ee")]
+    crypto: std::sync::OnceLock<Arc<crate::crypto::Crypto>>,
 }
 
 /// What is known to be true already, so it is not asked again.
@@ -75,6 +78,8 @@ impl Client {
                 txn_prefix: format!("sb{started}"),
                 txn_counter: AtomicU64::new(0),
                 cache: Mutex::new(Cache::default()),
+                #[cfg(feature = "e2ee")]
+                crypto: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -141,6 +146,16 @@ impl Client {
             error: value["error"].as_str().unwrap_or_default().to_owned(),
         }
         .into())
+    }
+
+    #[cfg(feature = "e2ee")]
+    pub(crate) fn set_crypto(&self, crypto: Arc<crate::crypto::Crypto>) {
+        let _ = self.inner.crypto.set(crypto);
+    }
+
+    #[cfg(feature = "e2ee")]
+    pub(crate) fn crypto(&self) -> Option<&Arc<crate::crypto::Crypto>> {
+        self.inner.crypto.get()
     }
 
     fn next_txn_id(&self) -> String {
@@ -295,7 +310,8 @@ impl Intent {
             .unwrap_or_default()
     }
 
-    /// Sends a message event (joining first if needed); returns its event ID.
+    /// Sends a message event (joining first if needed); returns its event ID. With encryption
+    /// on, an event for an encrypted room goes out as `m.room.encrypted` from this user's device.
     pub async fn send(
         &self,
         room_id: &RoomId,
@@ -303,6 +319,25 @@ impl Intent {
         content: &Value,
     ) -> Result<OwnedEventId, Error> {
         self.ensure_joined(room_id).await?;
+        #[cfg(feature = "e2ee")]
+        if let Some(crypto) = self.client.crypto()
+            && event_type != "m.room.encrypted"
+            && crypto.is_encrypted(&self.user_id, room_id).await?
+        {
+            let encrypted = crypto
+                .encrypt(&self.user_id, room_id, event_type, content)
+                .await?;
+            return self.send_as_is(room_id, "m.room.encrypted", &encrypted).await;
+        }
+        self.send_as_is(room_id, event_type, content).await
+    }
+
+    async fn send_as_is(
+        &self,
+        room_id: &RoomId,
+        event_type: &str,
+        content: &Value,
+    ) -> Result<OwnedEventId, Error> {
         let path = format!(
             "/_matrix/client/v3/rooms/{}/send/{}/{}",
             enc(room_id.as_str()),

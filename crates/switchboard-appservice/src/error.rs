@@ -26,6 +26,9 @@ pub enum Error {
     Setup(String),
     #[error("{context}: {source}")]
     Io { context: String, source: std::io::Error },
+    /// End-to-end encryption failed (feature `e2ee`): the crypto machine or its store.
+    #[error("encryption: {0}")]
+    Crypto(String),
 }
 
 impl Error {

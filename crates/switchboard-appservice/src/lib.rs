@@ -49,6 +49,8 @@ pub mod registration;
 pub mod cli;
 #[cfg(feature = "runtime")]
 mod client;
+#[cfg(feature = "e2ee")]
+mod crypto;
 #[cfg(feature = "runtime")]
 mod error;
 #[cfg(feature = "runtime")]

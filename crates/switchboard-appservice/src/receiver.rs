@@ -157,7 +157,34 @@ impl<H: Handler> Receiver<H> {
     /// Hands everything in a transaction to the handler: each room's events in order, rooms
     /// concurrently; then ephemeral data, to-device messages and key updates.
     async fn handle(&self, body: &Value) {
-        let events = body["events"].as_array().cloned().unwrap_or_default();
+        #[cfg_attr(not(feature = "e2ee"), allow(unused_mut))]
+        let mut events = body["events"].as_array().cloned().unwrap_or_default();
+        #[cfg(feature = "e2ee")]
+        if let Some(crypto) = &self.shared.crypto {
+            // Keys first: a room key sent before a message comes in the same transaction or an
+            // earlier one, so the message decrypts.
+            let to_device = with_fallback(body, "to_device", "de.sorunome.msc2409")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            let update = crypto_update(body).unwrap_or_default();
+            crypto.receive(&to_device, &update).await;
+            for event in &mut events {
+                match event["type"].as_str() {
+                    Some("m.room.encryption") => {
+                        if let Some(room) = event["room_id"].as_str() {
+                            crypto.room_encrypted(room);
+                        }
+                    }
+                    Some("m.room.encrypted") => {
+                        if let Some(decrypted) = crypto.decrypt(event).await {
+                            *event = decrypted;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
         let mut rooms: Vec<(Option<OwnedRoomId>, Vec<Value>)> = Vec::new();
         for event in events {
             let room = event["room_id"]

@@ -20,6 +20,8 @@ pub(crate) struct Shared {
     pub(crate) client: Client,
     pub(crate) bot: OwnedUserId,
     pub(crate) server_name: String,
+    #[cfg(feature = "e2ee")]
+    pub(crate) crypto: Option<Arc<crate::crypto::Crypto>>,
 }
 
 /// Builds an [`Appservice`].
@@ -30,9 +32,23 @@ pub struct AppserviceBuilder {
     txn_store: Option<Arc<dyn TxnStore>>,
     txn_path: Option<PathBuf>,
     startup_timeout: Duration,
+    #[cfg(feature = "e2ee")]
+    crypto_dir: Option<PathBuf>,
 }
 
 impl AppserviceBuilder {
+    /// Reads and writes encrypted rooms (feature `e2ee`): the bot, and each virtual user that
+    /// speaks in an encrypted room, gets a device of its own (MSC4190), whose keys and sessions
+    /// are kept under `dir`. The registration needs `receive_ephemeral: true`,
+    /// `org.matrix.msc3202: true` and `io.element.msc4190: true` (to-device messages, key counts
+    /// and device lists come in transactions). Handlers see encrypted events decrypted; intents
+    /// encrypt what they send into encrypted rooms.
+    #[cfg(feature = "e2ee")]
+    pub fn encryption(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.crypto_dir = Some(dir.into());
+        self
+    }
+
     /// Keeps the handled-transaction record in this file (default: in memory only, so a
     /// transaction re-sent after a restart of the service would be handled again).
     pub fn txn_file(mut self, path: impl Into<PathBuf>) -> Self {
@@ -63,11 +79,20 @@ impl AppserviceBuilder {
             (None, Some(path)) => Arc::new(FileTxnStore::open(&path)?),
             (None, None) => Arc::new(MemoryTxnStore::default()),
         };
+        let client = Client::new(&self.homeserver, &self.registration.as_token, &bot);
+        #[cfg(feature = "e2ee")]
+        let crypto = self.crypto_dir.map(|dir| {
+            let crypto = Arc::new(crate::crypto::Crypto::new(dir, client.clone()));
+            client.set_crypto(crypto.clone());
+            crypto
+        });
         let shared = Arc::new(Shared {
-            client: Client::new(&self.homeserver, &self.registration.as_token, &bot),
+            client,
             registration: self.registration,
             bot,
             server_name: self.server_name,
+            #[cfg(feature = "e2ee")]
+            crypto,
         });
         Ok(Appservice {
             receiver: Arc::new(Receiver {
@@ -98,6 +123,8 @@ impl Appservice<()> {
             txn_store: None,
             txn_path: None,
             startup_timeout: Duration::from_secs(60),
+            #[cfg(feature = "e2ee")]
+            crypto_dir: None,
         }
     }
 }
@@ -158,6 +185,10 @@ impl<H: Handler> Appservice<H> {
                 return Err(Error::Setup(ping_failure(&shared.registration, &e)));
             }
             other => other?,
+        }
+        #[cfg(feature = "e2ee")]
+        if let Some(crypto) = &shared.crypto {
+            crypto.start(&shared.bot).await?;
         }
         let supports_ping = versions["versions"].as_array().is_some_and(|list| {
             list.iter().filter_map(|v| v.as_str()).any(|v| {

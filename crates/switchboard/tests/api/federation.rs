@@ -1733,7 +1733,7 @@ async fn public_rooms_are_listed_over_federation_only_where_allowed() {
 }
 
 /// A binary of the workspace, built next to this test's (`cargo build -p <name>`), if it is.
-fn workspace_binary(name: &str) -> Option<std::path::PathBuf> {
+pub(crate) fn workspace_binary(name: &str) -> Option<std::path::PathBuf> {
     std::env::current_exe()
         .ok()
         .and_then(|exe| Some(exe.parent()?.parent()?.join(name)))
@@ -1741,7 +1741,7 @@ fn workspace_binary(name: &str) -> Option<std::path::PathBuf> {
 }
 
 /// A child process, stopped when dropped (also when a test panics).
-struct Process(std::process::Child);
+pub(crate) struct Process(pub(crate) std::process::Child);
 
 impl Drop for Process {
     fn drop(&mut self) {

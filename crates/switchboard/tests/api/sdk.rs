@@ -176,3 +176,160 @@ async fn startup_names_the_cause_when_the_service_is_unreachable_or_misregistere
     let err = service.start().await.expect_err("unknown as_token").to_string();
     assert!(err.contains("as_token"), "{err}");
 }
+
+/// The SDK's encrypted echo example (feature `e2ee`) and a matrix-nio user with end-to-end
+/// encryption (`tests/interop/sdk_encrypted_echo.py`) in an encrypted DM: her messages decrypt
+/// on the bot's device (keys from transactions only), its replies on hers; after the service
+/// restarts (its Olm account and sessions are on disk); and on a new device of hers.
+async fn encrypted_echo_with_nio(server: &crate::harness::Server, registration: &std::path::Path, port: u16) {
+    use std::io::Write as _;
+
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+
+    use crate::{
+        federation::{Process, workspace_binary},
+        peers::skip_without,
+    };
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let python = root.join("target/interop-venv/bin/python");
+    if !python.exists() {
+        skip_without("matrix-nio (tests/interop/setup.sh interop)");
+        return;
+    }
+    let example = workspace_binary("examples/encrypted_echo")
+        .expect("the example (cargo build -p switchboard-appservice --features e2ee --examples)");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log_path = dir.path().join("echo.log");
+    let crypto = dir.path().join("crypto");
+    let start_echo = || {
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .expect("log");
+        writeln!(log, "===== starting the example").expect("log");
+        Process(
+            std::process::Command::new(&example)
+                .arg(registration)
+                .arg(&server.base)
+                .arg("localhost")
+                .arg(format!("127.0.0.1:{port}"))
+                .arg(&crypto)
+                .stdout(log.try_clone().expect("log"))
+                .stderr(log)
+                .spawn()
+                .expect("start the example"),
+        )
+    };
+    let runs_ready = |runs: usize| {
+        let log_path = log_path.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                if log.matches("application service ready").count() >= runs {
+                    return;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the example did not start:\n{log}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let mut echo = start_echo();
+    runs_ready(1).await;
+
+    let bot = format!("@{}:localhost", "encecho");
+    let mut nio = tokio::process::Command::new(&python)
+        .arg(root.join("tests/interop/sdk_encrypted_echo.py"))
+        .arg(&server.base)
+        .arg(&bot)
+        .arg(dir.path().join("nio"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run python");
+    let mut stdin = nio.stdin.take().expect("stdin");
+    let mut lines = tokio::io::BufReader::new(nio.stdout.take().expect("stdout")).lines();
+    let log_path_ = log_path.clone();
+    let mut expect = async |prefix: &str| -> String {
+        let line = tokio::time::timeout(Duration::from_secs(90), lines.next_line())
+            .await
+            .ok()
+            .and_then(|l| l.ok().flatten())
+            .unwrap_or_default();
+        assert!(
+            line.starts_with(prefix),
+            "nio said {line:?}, expected {prefix:?}\n--- the example's log:\n{}\n--- the server's log:\n{}",
+            std::fs::read_to_string(&log_path_).unwrap_or_default(),
+            server.log()
+        );
+        line
+    };
+    let say = async |stdin: &mut tokio::process::ChildStdin, line: &str| {
+        stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .await
+            .expect("write");
+        stdin.flush().await.expect("flush");
+    };
+    expect("READY").await;
+    say(&mut stdin, "hello, encrypted bridge").await;
+    expect("ECHOED hello, encrypted bridge").await;
+
+    // A restart of the service: its devices, Olm account and sessions come back from disk.
+    drop(echo);
+    echo = start_echo();
+    runs_ready(2).await;
+    say(&mut stdin, "after a restart").await;
+    expect("ECHOED after a restart").await;
+
+    // A second device of hers: the bot learns of it and shares its room key with it too.
+    say(&mut stdin, "NEW DEVICE").await;
+    expect("DEVICE").await;
+    say(&mut stdin, "now on two devices").await;
+    expect("ECHOED now on two devices").await;
+    drop(stdin);
+    drop(echo);
+}
+
+/// The registration the encrypted echo example needs: to-device messages, key counts and device
+/// lists in transactions, and devices without logins.
+fn encrypted_echo_registration(port: u16) -> Registration {
+    Registration::new("encecho", Some(&format!("http://127.0.0.1:{port}")))
+        .sender("encecho")
+        .users("@_encecho_.*:localhost", true)
+        .extra(
+            "receive_ephemeral: true\nde.sorunome.msc2409.push_ephemeral: true\n\
+             org.matrix.msc3202: true\nio.element.msc4190: true\n",
+        )
+}
+
+#[tokio::test]
+async fn the_encrypted_echo_example_talks_with_a_nio_user_on_switchboard() {
+    let port = free_port();
+    let registration = encrypted_echo_registration(port);
+    let (server, files) = start_server(&[&registration]).await;
+    encrypted_echo_with_nio(&server, &files.path().join("encecho.yaml"), port).await;
+}
+
+#[tokio::test]
+async fn the_encrypted_echo_example_talks_with_a_nio_user_on_synapse() {
+    let port = free_port();
+    let registration = encrypted_echo_registration(port);
+    let (_dir, paths) = crate::fake_as::write_registrations(&[("encecho.yaml", &registration.yaml())]);
+    let Some(server) = crate::harness::Server::start_synapse_edited(&paths, |config| {
+        config
+            + "experimental_features:\n  msc2409_to_device_messages_enabled: true\n  \
+               msc3202_transaction_extensions: true\n"
+    })
+    .await
+    else {
+        crate::peers::skip_without("Synapse (tests/interop/setup.sh synapse)");
+        return;
+    };
+    encrypted_echo_with_nio(&server, &paths[0], port).await;
+}

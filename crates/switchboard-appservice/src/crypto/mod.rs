@@ -1,0 +1,533 @@
+//! End-to-end encryption for services (feature `e2ee`), on matrix-sdk-crypto (vodozemac).
+//!
+//! Each user the service speaks as in an encrypted room — the bot, or a virtual user — gets a
+//! device of its own, created with MSC4190 (`PUT /devices/{id}` under the `as_token`, no login),
+//! and an `OlmMachine` whose store lives in a directory per user ([`store::FileCryptoStore`]).
+//! The machines learn everything from transactions: to-device messages (MSC4203), one-time-key
+//! counts and device-list changes (MSC3202); nothing calls `/sync`. Their requests (key uploads,
+//! queries and claims, to-device messages) are made with device masquerading. Incoming
+//! `m.room.encrypted` events are decrypted before a handler sees them; what an intent sends into
+//! an encrypted room is encrypted, the room key shared with every device of the room's members
+//! first.
+//!
+//! matrix-sdk-crypto speaks ruma 0.16 (`ruma_crypto` here); the rest of the SDK speaks the
+//! workspace's ruma. Between the two, values travel as JSON.
+
+mod store;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+
+use matrix_sdk_crypto::{
+    DecryptionSettings, EncryptionSettings, EncryptionSyncChanges, OlmMachine, TrustRequirement,
+    types::requests::{AnyOutgoingRequest, OutgoingRequest, ToDeviceRequest},
+};
+use reqwest::Method;
+use ruma_crypto::{
+    OneTimeKeyAlgorithm, OwnedRoomId, OwnedUserId, UInt,
+    api::{
+        IncomingResponse,
+        client::{
+            keys::{claim_keys, get_keys, upload_keys, upload_signatures},
+            message::send_message_event,
+            sync::sync_events::DeviceLists,
+            to_device::send_event_to_device,
+        },
+    },
+    events::{AnyMessageLikeEventContent, AnyToDeviceEvent},
+    serde::Raw,
+};
+use serde_json::{Value, json};
+
+use crate::{Client, Error, client::enc};
+
+const UNTRUSTED: DecryptionSettings = DecryptionSettings {
+    sender_device_trust_requirement: TrustRequirement::Untrusted,
+};
+
+/// One device of one of the service's users.
+struct Device {
+    olm: OlmMachine,
+    device_id: String,
+    /// One sequence of requests at a time per device: two concurrent key claims or shares would
+    /// each start sessions of their own.
+    busy: tokio::sync::Mutex<()>,
+}
+
+pub(crate) struct Crypto {
+    dir: PathBuf,
+    client: Client,
+    devices: tokio::sync::Mutex<HashMap<String, Arc<Device>>>,
+    /// Rooms known to be encrypted (or not): `m.room.encryption` cannot be removed.
+    encrypted: Mutex<HashMap<String, bool>>,
+}
+
+fn crypto_error(e: impl std::fmt::Display) -> Error {
+    Error::Crypto(e.to_string())
+}
+
+/// A directory name for a user ID.
+fn user_dir(user: &str) -> String {
+    user.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The query that masquerades as one device of a user (`?user_id=` is added by the client).
+fn device_query(device: &str) -> [(&'static str, String); 2] {
+    [
+        ("device_id", device.to_owned()),
+        ("org.matrix.msc3202.device_id", device.to_owned()),
+    ]
+}
+
+/// A ruma 0.16 response from a JSON answer.
+fn response<R: IncomingResponse>(answer: &Value) -> Result<R, Error> {
+    let body = serde_json::to_vec(answer).map_err(crypto_error)?;
+    let http = http::Response::builder()
+        .status(200)
+        .body(body)
+        .map_err(crypto_error)?;
+    R::try_from_http_response(http).map_err(crypto_error)
+}
+
+impl Crypto {
+    pub(crate) fn new(dir: PathBuf, client: Client) -> Self {
+        Self {
+            dir,
+            client,
+            devices: Default::default(),
+            encrypted: Default::default(),
+        }
+    }
+
+    /// The device of `user`, created (with its keys uploaded) on first use and loaded from disk
+    /// after a restart.
+    async fn device(&self, user: &ruma::UserId) -> Result<Arc<Device>, Error> {
+        let mut devices = self.devices.lock().await;
+        if let Some(device) = devices.get(user.as_str()) {
+            return Ok(device.clone());
+        }
+        let dir = self.dir.join(user_dir(user.as_str()));
+        std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
+            context: format!("cannot create {}", dir.display()),
+            source,
+        })?;
+        let id_file = dir.join("device_id");
+        let device_id = match std::fs::read_to_string(&id_file) {
+            Ok(id) => id.trim().to_owned(),
+            Err(_) => {
+                use rand::Rng as _;
+                let suffix: String = rand::thread_rng()
+                    .sample_iter(rand::distributions::Uniform::from(b'A'..=b'Z'))
+                    .take(10)
+                    .map(char::from)
+                    .collect();
+                format!("SB{suffix}")
+            }
+        };
+        // MSC4190: the service makes its users' devices itself; repeating it is harmless.
+        let path = format!("/_matrix/client/v3/devices/{}", enc(&device_id));
+        self.client
+            .request(
+                Method::PUT,
+                &path,
+                Some(user),
+                &[],
+                Some(&json!({"display_name": "Switchboard bridge"})),
+            )
+            .await?;
+        std::fs::write(&id_file, &device_id).map_err(|source| Error::Io {
+            context: format!("cannot write {}", id_file.display()),
+            source,
+        })?;
+        let store = store::FileCryptoStore::open(&dir.join("store"))
+            .await
+            .map_err(crypto_error)?;
+        let user_id = OwnedUserId::try_from(user.as_str()).map_err(crypto_error)?;
+        let olm = OlmMachine::with_store(&user_id, device_id.as_str().into(), store, None)
+            .await
+            .map_err(crypto_error)?;
+        let device = Arc::new(Device {
+            olm,
+            device_id,
+            busy: tokio::sync::Mutex::new(()),
+        });
+        devices.insert(user.to_string(), device.clone());
+        drop(devices);
+        {
+            let _busy = device.busy.lock().await;
+            self.send_outgoing(user, &device).await?;
+        }
+        tracing::info!(user = %user, device = %device.device_id, "encryption device ready");
+        Ok(device)
+    }
+
+    /// Makes sure the bot's device exists and its keys are on the server, and loads the devices
+    /// an earlier run made, so every room key they hold decrypts from the first transaction on.
+    pub(crate) async fn start(&self, bot: &ruma::UserId) -> Result<(), Error> {
+        self.device(bot).await?;
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Ok(());
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let user = (0..name.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(name.get(i..i + 2).unwrap_or("zz"), 16))
+                .collect::<Result<Vec<u8>, _>>()
+                .ok()
+                .and_then(|bytes| String::from_utf8(bytes).ok())
+                .and_then(|user| ruma::OwnedUserId::try_from(user).ok());
+            if let Some(user) = user
+                && entry.path().join("device_id").exists()
+            {
+                self.device(&user).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends whatever the machine wants sent (key uploads and queries, to-device messages, …)
+    /// and tells it the answers.
+    async fn send_outgoing(&self, user: &ruma::UserId, device: &Device) -> Result<(), Error> {
+        for request in device.olm.outgoing_requests().await.map_err(crypto_error)? {
+            self.send_request(user, device, &request).await?;
+        }
+        Ok(())
+    }
+
+    async fn send_request(
+        &self,
+        user: &ruma::UserId,
+        device: &Device,
+        request: &OutgoingRequest,
+    ) -> Result<(), Error> {
+        let query = device_query(&device.device_id);
+        let call = |method: Method, path: String, body: Value| async move {
+            self.client
+                .request(method, &path, Some(user), &query, Some(&body))
+                .await
+        };
+        let id = request.request_id();
+        let olm = &device.olm;
+        let marked = match request.request() {
+            AnyOutgoingRequest::KeysUpload(r) => {
+                // Absent, not null: Synapse refuses `"device_keys": null`.
+                let mut body = json!({});
+                if let Some(keys) = &r.device_keys {
+                    body["device_keys"] = json!(keys);
+                }
+                if !r.one_time_keys.is_empty() {
+                    body["one_time_keys"] = json!(r.one_time_keys);
+                }
+                if !r.fallback_keys.is_empty() {
+                    body["fallback_keys"] = json!(r.fallback_keys);
+                }
+                let answer = call(Method::POST, "/_matrix/client/v3/keys/upload".into(), body).await?;
+                let response: upload_keys::v3::Response = self::response(&answer)?;
+                olm.mark_request_as_sent(id, &response).await
+            }
+            AnyOutgoingRequest::KeysQuery(r) => {
+                let body = json!({ "device_keys": r.device_keys });
+                let answer = call(Method::POST, "/_matrix/client/v3/keys/query".into(), body).await?;
+                let response: get_keys::v3::Response = self::response(&answer)?;
+                olm.mark_request_as_sent(id, &response).await
+            }
+            AnyOutgoingRequest::KeysClaim(r) => {
+                let body = json!({ "one_time_keys": r.one_time_keys });
+                let answer = call(Method::POST, "/_matrix/client/v3/keys/claim".into(), body).await?;
+                let response: claim_keys::v3::Response = self::response(&answer)?;
+                olm.mark_request_as_sent(id, &response).await
+            }
+            AnyOutgoingRequest::ToDeviceRequest(r) => {
+                let response = self.send_to_device(user, device, r).await?;
+                olm.mark_request_as_sent(id, &response).await
+            }
+            AnyOutgoingRequest::SignatureUpload(r) => {
+                let body = serde_json::to_value(&r.signed_keys).map_err(crypto_error)?;
+                let answer = call(
+                    Method::POST,
+                    "/_matrix/client/v3/keys/signatures/upload".into(),
+                    body,
+                )
+                .await?;
+                let response: upload_signatures::v3::Response = self::response(&answer)?;
+                olm.mark_request_as_sent(id, &response).await
+            }
+            AnyOutgoingRequest::RoomMessage(r) => {
+                use ruma_crypto::events::MessageLikeEventContent as _;
+                let content: &AnyMessageLikeEventContent = &r.content;
+                let path = format!(
+                    "/_matrix/client/v3/rooms/{}/send/{}/{}",
+                    enc(r.room_id.as_str()),
+                    enc(&content.event_type().to_string()),
+                    enc(r.txn_id.as_str())
+                );
+                let body = serde_json::to_value(content).map_err(crypto_error)?;
+                let answer = call(Method::PUT, path, body).await?;
+                let response: send_message_event::v3::Response = self::response(&answer)?;
+                olm.mark_request_as_sent(id, &response).await
+            }
+        };
+        marked.map_err(crypto_error)
+    }
+
+    async fn send_to_device(
+        &self,
+        user: &ruma::UserId,
+        device: &Device,
+        request: &ToDeviceRequest,
+    ) -> Result<send_event_to_device::v3::Response, Error> {
+        let path = format!(
+            "/_matrix/client/v3/sendToDevice/{}/{}",
+            enc(&request.event_type.to_string()),
+            enc(request.txn_id.as_str())
+        );
+        let body = json!({ "messages": request.messages });
+        self.client
+            .request(
+                Method::PUT,
+                &path,
+                Some(user),
+                &device_query(&device.device_id),
+                Some(&body),
+            )
+            .await?;
+        Ok(send_event_to_device::v3::Response::new())
+    }
+
+    /// Feeds a transaction's extensions to the machines: to-device messages to the device they
+    /// name, device-list changes to every machine, key counts to each device's own. A device of a
+    /// user not loaded yet is loaded when something is addressed to it.
+    pub(crate) async fn receive(&self, to_device: &[Value], lists: &crate::CryptoUpdate) {
+        let mut by_user: BTreeMap<String, Vec<Raw<AnyToDeviceEvent>>> = BTreeMap::new();
+        for message in to_device {
+            let Some(user) = message["to_user_id"].as_str() else {
+                continue;
+            };
+            match serde_json::value::to_raw_value(message) {
+                Ok(raw) => by_user
+                    .entry(user.to_owned())
+                    .or_default()
+                    .push(Raw::from_json(raw)),
+                Err(e) => tracing::warn!(error = %e, "unreadable to-device message"),
+            }
+        }
+        let mut users: Vec<String> = self.devices.lock().await.keys().cloned().collect();
+        if let Some(counts) = lists.one_time_keys_count.as_object() {
+            users.extend(counts.keys().cloned());
+        }
+        users.extend(by_user.keys().cloned());
+        users.sort();
+        users.dedup();
+        let parse_users = |list: &[ruma::OwnedUserId]| -> Vec<OwnedUserId> {
+            list.iter()
+                .filter_map(|u| OwnedUserId::try_from(u.as_str()).ok())
+                .collect()
+        };
+        let mut device_lists = DeviceLists::new();
+        device_lists.changed = parse_users(&lists.device_lists_changed);
+        device_lists.left = parse_users(&lists.device_lists_left);
+        for user in users {
+            let Ok(user_id) = ruma::OwnedUserId::try_from(user.as_str()) else {
+                continue;
+            };
+            // Only users that have a device already (or whose device is addressed and kept on
+            // disk): counts for devices of other services' or SDKs' making are not ours.
+            let known = self.devices.lock().await.contains_key(&user)
+                || self.dir.join(user_dir(&user)).join("device_id").exists();
+            if !known {
+                continue;
+            }
+            let counted = lists.one_time_keys_count.get(&user).is_some();
+            if !counted
+                && !by_user.contains_key(&user)
+                && device_lists.changed.is_empty()
+                && device_lists.left.is_empty()
+            {
+                // Nothing for this device in the transaction.
+                continue;
+            }
+            let device = match self.device(&user_id).await {
+                Ok(device) => device,
+                Err(e) => {
+                    tracing::warn!(user = %user, error = %e, "cannot load the encryption device");
+                    continue;
+                }
+            };
+            let messages: Vec<Raw<AnyToDeviceEvent>> = by_user
+                .remove(&user)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|m| {
+                    m.get_field::<String>("to_device_id")
+                        .ok()
+                        .flatten()
+                        .is_some_and(|d| d == device.device_id)
+                })
+                .collect();
+            let own = &lists.one_time_keys_count[&user][&device.device_id];
+            let mut counts: BTreeMap<OneTimeKeyAlgorithm, UInt> =
+                serde_json::from_value(own.clone()).unwrap_or_default();
+            if own.is_object() {
+                // Synapse's shape for a device without keys is `{}`: the machine must read it as
+                // zero to upload more.
+                counts
+                    .entry(OneTimeKeyAlgorithm::SignedCurve25519)
+                    .or_insert(UInt::MIN);
+            }
+            let fallback: Option<Vec<OneTimeKeyAlgorithm>> =
+                serde_json::from_value(lists.unused_fallback_key_types[&user][&device.device_id].clone())
+                    .ok();
+            let _busy = device.busy.lock().await;
+            let changes = EncryptionSyncChanges {
+                to_device_events: messages,
+                changed_devices: &device_lists,
+                one_time_keys_counts: &counts,
+                unused_fallback_keys: fallback.as_deref(),
+                next_batch_token: None,
+            };
+            if let Err(e) = device.olm.receive_sync_changes(changes, &UNTRUSTED).await {
+                tracing::warn!(user = %user, error = %e, "the crypto machine refused a transaction's keys");
+                continue;
+            }
+            if let Err(e) = self.send_outgoing(&user_id, &device).await {
+                tracing::warn!(user = %user, error = %e, "sending key requests failed");
+            }
+        }
+    }
+
+    /// The decrypted form of an `m.room.encrypted` event, by the first of the service's devices
+    /// that holds its room key; `None` if none does.
+    pub(crate) async fn decrypt(&self, event: &Value) -> Option<Value> {
+        let room_id = OwnedRoomId::try_from(event["room_id"].as_str()?).ok()?;
+        let raw = Raw::from_json(serde_json::value::to_raw_value(event).ok()?);
+        let devices: Vec<Arc<Device>> = self.devices.lock().await.values().cloned().collect();
+        let mut last_error = None;
+        for device in devices {
+            match device.olm.decrypt_room_event(&raw, &room_id, &UNTRUSTED).await {
+                Ok(decrypted) => return serde_json::from_str(decrypted.event.json().get()).ok(),
+                Err(e) => last_error = Some(e.to_string()),
+            }
+        }
+        tracing::warn!(
+            event_id = %event["event_id"],
+            error = last_error.as_deref().unwrap_or("no encryption device"),
+            "cannot decrypt an event"
+        );
+        None
+    }
+
+    /// Whether the room is encrypted (asked once per room, as `user`).
+    pub(crate) async fn is_encrypted(&self, user: &ruma::UserId, room: &ruma::RoomId) -> Result<bool, Error> {
+        if let Some(known) = self
+            .encrypted
+            .lock()
+            .ok()
+            .and_then(|e| e.get(room.as_str()).copied())
+        {
+            return Ok(known);
+        }
+        let path = format!(
+            "/_matrix/client/v3/rooms/{}/state/m.room.encryption/",
+            enc(room.as_str())
+        );
+        let encrypted = match self
+            .client
+            .request(Method::GET, &path, Some(user), &[], None)
+            .await
+        {
+            Ok(content) => content.get("algorithm").is_some(),
+            Err(e) if e.errcode() == Some("M_NOT_FOUND") => false,
+            Err(e) => return Err(e),
+        };
+        if let Ok(mut known) = self.encrypted.lock() {
+            known.insert(room.to_string(), encrypted);
+        }
+        Ok(encrypted)
+    }
+
+    /// Notes that a room became encrypted (an `m.room.encryption` event was seen).
+    pub(crate) fn room_encrypted(&self, room: &str) {
+        if let Ok(mut known) = self.encrypted.lock() {
+            known.insert(room.to_owned(), true);
+        }
+    }
+
+    /// Encrypts `content` for the room as `user`'s device, sharing the room key with every
+    /// device of the room's members first. Returns the `m.room.encrypted` content.
+    pub(crate) async fn encrypt(
+        &self,
+        user: &ruma::UserId,
+        room: &ruma::RoomId,
+        event_type: &str,
+        content: &Value,
+    ) -> Result<Value, Error> {
+        let device = self.device(user).await?;
+        let path = format!("/_matrix/client/v3/rooms/{}/joined_members", enc(room.as_str()));
+        let joined = self
+            .client
+            .request(Method::GET, &path, Some(user), &[], None)
+            .await?;
+        let members: Vec<OwnedUserId> = joined["joined"]
+            .as_object()
+            .map(|m| {
+                m.keys()
+                    .filter_map(|u| OwnedUserId::try_from(u.as_str()).ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let room_id = OwnedRoomId::try_from(room.as_str()).map_err(crypto_error)?;
+        let _busy = device.busy.lock().await;
+        let olm = &device.olm;
+        olm.update_tracked_users(members.iter().map(AsRef::as_ref))
+            .await
+            .map_err(crypto_error)?;
+        // Key queries for new members first, then Olm sessions where missing.
+        self.send_outgoing(user, &device).await?;
+        if let Some((id, claim)) = olm
+            .get_missing_sessions(members.iter().map(AsRef::as_ref))
+            .await
+            .map_err(crypto_error)?
+        {
+            let body = json!({ "one_time_keys": claim.one_time_keys });
+            let answer = self
+                .client
+                .request(
+                    Method::POST,
+                    "/_matrix/client/v3/keys/claim",
+                    Some(user),
+                    &device_query(&device.device_id),
+                    Some(&body),
+                )
+                .await?;
+            let response: claim_keys::v3::Response = self::response(&answer)?;
+            olm.mark_request_as_sent(&id, &response)
+                .await
+                .map_err(crypto_error)?;
+        }
+        let shares = olm
+            .share_room_key(
+                &room_id,
+                members.iter().map(AsRef::as_ref),
+                EncryptionSettings::default(),
+            )
+            .await
+            .map_err(crypto_error)?;
+        for share in shares {
+            let response = self.send_to_device(user, &device, &share).await?;
+            olm.mark_request_as_sent(&share.txn_id, &response)
+                .await
+                .map_err(crypto_error)?;
+        }
+        let raw: Raw<AnyMessageLikeEventContent> =
+            Raw::from_json(serde_json::value::to_raw_value(content).map_err(crypto_error)?);
+        let encrypted = olm
+            .encrypt_room_event_raw(&room_id, event_type, &raw)
+            .await
+            .map_err(crypto_error)?;
+        serde_json::from_str(encrypted.content.json().get()).map_err(crypto_error)
+    }
+}
