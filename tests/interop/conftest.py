@@ -434,6 +434,13 @@ async def clients(homeserver: Homeserver):
 
 
 SYNAPSE_PYTHON = REPO_ROOT / "target/synapse-venv/bin/python"
+# Synapse's switches for what encrypting services need: to-device messages (MSC2409/MSC4203) and
+# key counts and device lists (MSC3202) in transactions. (MSC4190 needs only the registration.)
+SYNAPSE_APPSERVICE_ENCRYPTION = (
+    "experimental_features:\n"
+    "  msc2409_to_device_messages_enabled: true\n"
+    "  msc3202_transaction_extensions: true\n"
+)
 SYNAPSE_READY_TIMEOUT = 120.0  # seconds; the first start creates the whole schema
 
 

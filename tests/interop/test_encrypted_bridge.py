@@ -38,6 +38,7 @@ from nio import (
 from conftest import (
     DEFAULT_PASSWORD,
     SERVER_NAME,
+    SYNAPSE_APPSERVICE_ENCRYPTION,
     AppServiceRegistration,
     Homeserver,
     NamespaceRule,
@@ -91,11 +92,7 @@ class Server:
                 data_dir,
                 free_port(),
                 [path],
-                extra_config=(
-                    "experimental_features:\n"
-                    "  msc2409_to_device_messages_enabled: true\n"
-                    "  msc3202_transaction_extensions: true\n"
-                ),
+                extra_config=SYNAPSE_APPSERVICE_ENCRYPTION,
             )
 
     @property

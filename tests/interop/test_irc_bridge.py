@@ -17,9 +17,27 @@ import time
 from pathlib import Path
 
 import pytest
-from nio import JoinResponse, RoomMessageEmote, RoomMessageNotice, RoomMessageText, SyncResponse
+from nio import (
+    JoinResponse,
+    MegolmEvent,
+    RoomMessageEmote,
+    RoomMessageNotice,
+    RoomMessageText,
+    RoomSendResponse,
+    SyncResponse,
+)
 
-from conftest import REPO_ROOT, SERVER_NAME, Homeserver, Synapse, free_port, register_user, server_binary
+from conftest import (
+    REPO_ROOT,
+    SERVER_NAME,
+    SYNAPSE_APPSERVICE_ENCRYPTION,
+    Homeserver,
+    Synapse,
+    free_port,
+    register_user,
+    server_binary,
+)
+from federated_e2ee import MEGOLM, People, sync
 
 READY_TIMEOUT = 30.0
 # How long to wait for something that should happen. Every wait is for a condition and ends as soon
@@ -197,6 +215,7 @@ def bridged(request, tmp_path: Path):
     if not os.access(bridge_binary(), os.X_OK):
         pytest.fail(f"switchboard-irc not found at {bridge_binary()} (cargo build)")
     kind = getattr(request, "param", "switchboard")
+    encrypted = kind.startswith("encrypted")
     irc = IrcServer(tmp_path, tls=kind == "tls")
     bridge_port = free_port()
     registration = tmp_path / "irc.yaml"
@@ -210,12 +229,14 @@ def bridged(request, tmp_path: Path):
             SERVER_NAME,
             "--output",
             str(registration),
-        ],
+        ]
+        + (["--encryption"] if encrypted else []),
         check=True,
         capture_output=True,
     )
-    if kind == "synapse":
-        server = Synapse(tmp_path, free_port(), [registration])
+    if kind in ("synapse", "encrypted-synapse"):
+        extra = SYNAPSE_APPSERVICE_ENCRYPTION if encrypted else ""
+        server = Synapse(tmp_path, free_port(), [registration], extra_config=extra)
     else:
         server = Homeserver(server_binary(), tmp_path, free_port(), app_service_files=[registration])
     server.start()
@@ -231,6 +252,8 @@ def bridged(request, tmp_path: Path):
 listen: 127.0.0.1:{bridge_port}
 registration: irc.yaml
 data_dir: irc-state
+encryption: {str(encrypted).lower()}
+encrypt_channel_rooms: {str(encrypted).lower()}
 networks:
   - {{id: test, name: Test IRC, host: 127.0.0.1, bot_nick: MatrixBridge,
       flood_burst: 20, flood_interval_ms: 50, {network_connection}{limit}}}
@@ -656,3 +679,95 @@ async def test_idle_connections_quit_and_come_back(bridged):
     finally:
         await alice.close()
         carol.close()
+
+
+async def send_encrypted(client, room_id: str, body: str) -> None:
+    sent = await client.room_send(
+        room_id, "m.room.message", {"msgtype": "m.text", "body": body}, ignore_unverified_devices=True
+    )
+    assert isinstance(sent, RoomSendResponse), sent
+
+
+async def decrypted_from(client, room_id: str, sender: str, body: str) -> None:
+    """Syncs until `sender`'s `body` arrives in `room_id`, decrypted."""
+    undecryptable = []
+    deadline = time.monotonic() + EVENTUALLY
+    while time.monotonic() < deadline:
+        resp = await sync(client, 1_000)
+        room = resp.rooms.join.get(room_id)
+        for event in room.timeline.events if room else []:
+            if event.sender != sender:
+                continue
+            if isinstance(event, RoomMessageText) and event.body == body:
+                assert event.decrypted, f"{body!r} came in the clear"
+                return
+            if isinstance(event, MegolmEvent):
+                undecryptable.append(event.event_id)
+    pytest.fail(f"{client.user_id} never decrypted {body!r} from {sender} (undecryptable: {undecryptable})")
+
+
+@pytest.mark.parametrize("bridged", ["encrypted", "encrypted-synapse"], indirect=True)
+async def test_encrypted_rooms_and_private_chats(bridged, tmp_path: Path):
+    """With `encryption: true` the bridge reads and writes encrypted rooms and private chats:
+    a matrix-nio user with end-to-end encryption (vodozemac) talks to IRC people in an encrypted
+    channel room, in a private chat she starts and in one an IRC person starts."""
+    server, irc, _bridge = bridged
+    carol = in_channel(irc, "carol", "#secret")
+    dave = IrcPerson(irc.port, "dave")
+    erin = IrcPerson(irc.port, "erin")
+    people = People(tmp_path / "nio")
+    encryption = [{"type": "m.room.encryption", "state_key": "", "content": {"algorithm": MEGOLM}}]
+    try:
+        alice = await people.register(server.url, "alice")
+        joined = await alice.join(f"#irc_test_#secret:{SERVER_NAME}")
+        assert isinstance(joined, JoinResponse), joined
+        room_id = joined.room_id
+        # She sees the channel's room encrypted, then asks for the members' devices (the bot's).
+        await sync(alice)
+        await sync(alice)
+        assert alice.rooms[room_id].encrypted, "the bridge made the channel's room encrypted"
+        await send_encrypted(alice, room_id, "a secret hello")
+        carol.expect(r"^:alice!\S+ PRIVMSG #secret :a secret hello$")
+        carol.send("PRIVMSG #secret :a secret reply")
+        await decrypted_from(alice, room_id, f"@irc_test_carol:{SERVER_NAME}", "a secret reply")
+
+        # A private chat alice starts: dave's user accepts, with a device of its own (no bot in
+        # the chat: the SDK gives a user joining an encrypted room a device first).
+        dave_id = f"@irc_test_dave:{SERVER_NAME}"
+        created = await alice.room_create(is_direct=True, invite=[dave_id], initial_state=encryption)
+        assert hasattr(created, "room_id"), created
+        dm = created.room_id
+
+        async def dave_joined():
+            return await _has(alice, dm, dave_id)
+
+        await eventually(dave_joined, "dave's user in the private chat")
+        await sync(alice)
+        await sync(alice)
+        assert list(alice.device_store.active_user_devices(dave_id)), "dave's user has a device"
+        await send_encrypted(alice, dm, "a private hello")
+        dave.expect(r"^:alice!\S+ PRIVMSG dave :a private hello$")
+        dave.send("PRIVMSG alice :a private reply")
+        await decrypted_from(alice, dm, dave_id, "a private reply")
+
+        # A private chat erin starts: an encrypted room with the bot in it.
+        erin.send("PRIVMSG alice :are you there?")
+        invited = None
+        deadline = time.monotonic() + EVENTUALLY
+        while invited is None and time.monotonic() < deadline:
+            resp = await sync(alice, 1_000)
+            invited = next((r for r in resp.rooms.invite if r not in (room_id, dm)), None)
+        assert invited, "no invite to erin's private chat"
+        assert isinstance(await alice.join(invited), JoinResponse)
+        await sync(alice)
+        await sync(alice)
+        assert alice.rooms[invited].encrypted, "the chat an IRC person opens is encrypted"
+        await send_encrypted(alice, invited, "yes, here")
+        erin.expect(r"^:alice!\S+ PRIVMSG erin :yes, here$")
+        erin.send("PRIVMSG alice :good")
+        await decrypted_from(alice, invited, f"@irc_test_erin:{SERVER_NAME}", "good")
+    finally:
+        await people.close()
+        carol.close()
+        dave.close()
+        erin.close()

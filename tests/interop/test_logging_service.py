@@ -22,6 +22,7 @@ from nio import AsyncClient, JoinResponse, RoomCreateResponse, RoomSendResponse
 from conftest import (
     REPO_ROOT,
     SERVER_NAME,
+    SYNAPSE_APPSERVICE_ENCRYPTION,
     Homeserver,
     Synapse,
     free_port,
@@ -29,6 +30,8 @@ from conftest import (
     server_binary,
     user_id,
 )
+
+from federated_e2ee import People, sync
 
 LOGGER_READY_TIMEOUT = 30.0
 LOG_TIMEOUT = 10.0
@@ -42,7 +45,8 @@ def logger_binary() -> Path:
 class Logger:
     """The switchboard-logger process, with its registration, log and transaction record."""
 
-    def __init__(self, data_dir: Path):
+    def __init__(self, data_dir: Path, encrypted: bool = False):
+        self.encrypted = encrypted
         self.port = free_port()
         self.data_dir = data_dir
         self.registration = data_dir / "logger.yaml"
@@ -60,7 +64,8 @@ class Logger:
                 SERVER_NAME,
                 "--output",
                 str(self.registration),
-            ],
+            ]
+            + (["--encryption"] if encrypted else []),
             capture_output=True,
             text=True,
         )
@@ -92,7 +97,12 @@ class Logger:
                 str(self.log),
                 "--txn-file",
                 str(self.data_dir / "logger-txns"),
-            ],
+            ]
+            + (
+                ["--encryption-dir", str(self.data_dir / "logger-crypto"), "--encrypt-new-rooms"]
+                if self.encrypted
+                else []
+            ),
             stdout=subprocess.DEVNULL,
             stderr=self.stderr.open("ab"),
             env={**os.environ, "NO_COLOR": "1"},
@@ -129,14 +139,17 @@ class Logger:
 
 @pytest.fixture(params=["switchboard", "synapse"])
 def system(request, tmp_path: Path):
+    # Also "encrypted" and "encrypted-synapse": the service logs encrypted rooms.
     """A homeserver (Switchboard or Synapse) with the logging service registered and running."""
     if not os.access(logger_binary(), os.X_OK):
         pytest.fail(f"switchboard-logger not found at {logger_binary()} (cargo build)")
-    logger = Logger(tmp_path)
-    if request.param == "switchboard":
+    encrypted = request.param.startswith("encrypted")
+    logger = Logger(tmp_path, encrypted)
+    if request.param in ("switchboard", "encrypted"):
         server = Homeserver(server_binary(), tmp_path, free_port(), app_service_files=[logger.registration])
     else:
-        server = Synapse(tmp_path, free_port(), [logger.registration])
+        extra = SYNAPSE_APPSERVICE_ENCRYPTION if encrypted else ""
+        server = Synapse(tmp_path, free_port(), [logger.registration], extra_config=extra)
     server.start()
     try:
         logger.start(server.url)
@@ -220,3 +233,42 @@ async def test_a_redelivered_transaction_is_logged_once_even_after_a_restart(sys
         put_transaction(logger, "again-2", event)
     assert refused.value.code == 403
     assert json.load(refused.value)["errcode"] == "M_FORBIDDEN"
+
+
+@pytest.mark.parametrize("system", ["encrypted", "encrypted-synapse"], indirect=True)
+async def test_encrypted_logged_rooms_are_logged_decrypted(system, tmp_path: Path):
+    """With `--encryption-dir` (and `--encrypt-new-rooms`) the service creates logged rooms
+    encrypted, and its bot's device decrypts what a matrix-nio user with end-to-end encryption
+    says there: the log has the plaintext, the homeserver only the ciphertext."""
+    server, logger = system
+    people = People(tmp_path / "nio")
+    try:
+        alice = await people.register(server.url, "alice")
+        joined = await alice.join(f"#logged_secret:{SERVER_NAME}")
+        assert isinstance(joined, JoinResponse), joined
+        room_id = joined.room_id
+        await sync(alice)
+        await sync(alice)  # the /keys/query for the bot's device
+        assert alice.rooms[room_id].encrypted, "the service created the logged room encrypted"
+        sent = await alice.room_send(
+            room_id,
+            "m.room.message",
+            {"msgtype": "m.text", "body": "for the record"},
+            ignore_unverified_devices=True,
+        )
+        assert isinstance(sent, RoomSendResponse), sent
+        line = await logger.wait_for("for the record")
+        assert (line["type"], line["event_id"], line["sender"]) == (
+            "m.room.message",
+            sent.event_id,
+            user_id("alice"),
+        )
+        request = urllib.request.Request(
+            f"{server.url}/_matrix/client/v3/rooms/{room_id}/event/{sent.event_id}",
+            headers={"Authorization": f"Bearer {alice.access_token}"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            stored = json.load(response)
+        assert stored["type"] == "m.room.encrypted", f"the server holds ciphertext only: {stored}"
+    finally:
+        await people.close()

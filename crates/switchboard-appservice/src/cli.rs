@@ -33,6 +33,10 @@ pub struct GenerateRegistration {
     /// Third-party protocols the service bridges.
     #[arg(long = "protocol")]
     pub protocols: Vec<String>,
+    /// Ask for what an encrypting service needs (to-device messages, key counts and device
+    /// lists in transactions; devices without logins).
+    #[arg(long)]
+    pub encryption: bool,
     /// The file to write (refuses to overwrite one).
     #[arg(long, short)]
     pub output: PathBuf,
@@ -56,6 +60,7 @@ impl GenerateRegistration {
             user_prefix: self.user_prefix.as_deref().or(default_user_prefix),
             alias_prefix: self.alias_prefix.as_deref().or(default_alias_prefix),
             protocols: &self.protocols,
+            encryption: self.encryption,
         });
         let yaml = registration.to_yaml();
         // What is written must load (a bad --sender-localpart or prefix fails here, not later).

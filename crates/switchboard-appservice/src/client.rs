@@ -265,6 +265,14 @@ impl Intent {
             Err(e) => return Err(e),
         }
         self.client.cached(|c| c.joined.insert(key));
+        // In an encrypted room the user needs a device before anyone writes, or what they write
+        // is shared with no device of the service's.
+        #[cfg(feature = "e2ee")]
+        if let Some(crypto) = self.client.crypto()
+            && crypto.is_encrypted(&self.user_id, room_id).await?
+        {
+            crypto.ensure_device(&self.user_id).await?;
+        }
         Ok(())
     }
 

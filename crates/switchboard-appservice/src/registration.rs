@@ -12,6 +12,7 @@
 //!     user_prefix: None,
 //!     alias_prefix: Some("logged_"),
 //!     protocols: &[],
+//!     encryption: false,
 //! });
 //! assert_eq!(registration.as_token.len(), 64);
 //! let again = parse(&registration.to_yaml(), "logger.yaml").expect("valid");
@@ -271,6 +272,10 @@ pub struct Generate<'a> {
     /// Claims `#<prefix>…:<server_name>` exclusively.
     pub alias_prefix: Option<&'a str>,
     pub protocols: &'a [String],
+    /// The keys an encrypting service needs: `receive_ephemeral` (and MSC2409's unstable
+    /// name) for to-device messages, `org.matrix.msc3202` for key counts and device lists,
+    /// `io.element.msc4190` for making devices without logins.
+    pub encryption: bool,
 }
 
 /// A new registration with fresh random 64-character tokens.
@@ -307,10 +312,10 @@ pub fn generate(options: &Generate<'_>) -> Registration {
         },
         rate_limited: false,
         protocols: options.protocols.to_vec(),
-        receive_ephemeral: false,
-        push_ephemeral_unstable: false,
-        msc3202: false,
-        msc4190: false,
+        receive_ephemeral: options.encryption,
+        push_ephemeral_unstable: options.encryption,
+        msc3202: options.encryption,
+        msc4190: options.encryption,
     }
 }
 
@@ -435,6 +440,7 @@ namespaces:
             user_prefix: Some("irc_"),
             alias_prefix: Some("irc_"),
             protocols: &protocols,
+            encryption: true,
         });
         assert_eq!(generated.as_token.len(), 64);
         assert_ne!(generated.as_token, generated.hs_token, "two secrets");
@@ -442,6 +448,10 @@ namespaces:
         let parsed = parse(&yaml, "irc.yaml").expect("the generated file loads");
         assert_eq!(parsed.as_token, generated.as_token);
         assert_eq!(parsed.protocols, protocols);
+        assert!(
+            parsed.receive_ephemeral && parsed.push_ephemeral_unstable && parsed.msc3202 && parsed.msc4190,
+            "an encrypting service's keys"
+        );
         assert!(warnings(&parsed).is_empty(), "{:?}", warnings(&parsed));
         let users = Namespace::compile(&parsed.namespaces.users, "irc.yaml", "users").expect("compiles");
         assert!(users.matches_exclusive("@irc_alice:example.org"));
@@ -464,6 +474,7 @@ namespaces:
                 user_prefix: None,
                 alias_prefix: None,
                 protocols: &[],
+                encryption: false,
             }
         });
         let parsed = parse(&silent.to_yaml(), "x.yaml").expect("loads");

@@ -188,6 +188,15 @@ impl<H: Handler> Appservice<H> {
         }
         #[cfg(feature = "e2ee")]
         if let Some(crypto) = &shared.crypto {
+            let r = &shared.registration;
+            if !(r.receive_ephemeral || r.push_ephemeral_unstable) || !r.msc3202 || !r.msc4190 {
+                return Err(Error::Setup(format!(
+                    "encryption needs `receive_ephemeral: true`, `org.matrix.msc3202: true` and \
+                     `io.element.msc4190: true` in the registration (id `{}`): without them the \
+                     homeserver sends no keys and makes no devices",
+                    r.id
+                )));
+            }
             crypto.start(&shared.bot).await?;
         }
         let supports_ping = versions["versions"].as_array().is_some_and(|list| {

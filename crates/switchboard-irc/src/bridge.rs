@@ -820,14 +820,18 @@ impl Inner {
         let room = match existing {
             Some(room) => room,
             None => {
-                let room = intent
-                    .create_room(json!({
-                        "preset": "trusted_private_chat",
-                        "is_direct": true,
-                        "invite": [user],
-                        "name": format!("{nick} (IRC)"),
-                    }))
-                    .await?;
+                let mut create = json!({
+                    "preset": "trusted_private_chat",
+                    "is_direct": true,
+                    "invite": [user],
+                    "name": format!("{nick} (IRC)"),
+                });
+                if self.config.encryption {
+                    // The IRC person's user gets a device when it first speaks (just below),
+                    // which then reads what the Matrix user answers.
+                    create["initial_state"] = encryption_state();
+                }
+                let room = intent.create_room(create).await?;
                 self.remember_dm(&room, network, nick, user).await?;
                 room
             }
@@ -908,16 +912,17 @@ impl Inner {
             .ok()
             .and_then(|t| t.get(&(network.id.clone(), fold_case(channel))).cloned())
             .unwrap_or_else(|| format!("{channel} on {network_name}, bridged from IRC"));
-        let created = context
-            .bot()
-            .create_room(json!({
-                "room_alias_name": alias,
-                "name": format!("{channel} ({network_name})"),
-                "topic": used_topic,
-                "preset": "public_chat",
-                "visibility": "public",
-            }))
-            .await;
+        let mut create = json!({
+            "room_alias_name": alias,
+            "name": format!("{channel} ({network_name})"),
+            "topic": used_topic,
+            "preset": "public_chat",
+            "visibility": "public",
+        });
+        if self.config.encryption && self.config.encrypt_channel_rooms {
+            create["initial_state"] = encryption_state();
+        }
+        let created = context.bot().create_room(create).await;
         let room = match created {
             Ok(room) => room,
             // Made at the same moment by another request: find it by its alias.
@@ -1177,6 +1182,11 @@ impl Inner {
             Err(_) => Err(format!("no answer to JOIN {channel} within {JOIN_TIMEOUT:?}")),
         }
     }
+}
+
+/// `initial_state` that makes a new room encrypted (Megolm).
+fn encryption_state() -> Value {
+    json!([{"type": "m.room.encryption", "state_key": "", "content": {"algorithm": "m.megolm.v1.aes-sha2"}}])
 }
 
 /// Joins a room the user was invited to, trying again (up to [`INVITE_JOIN_ATTEMPTS`] times)

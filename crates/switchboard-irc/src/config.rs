@@ -14,6 +14,15 @@ pub struct Config {
     /// Where the bridge keeps its state.
     pub data_dir: PathBuf,
     pub networks: Vec<Network>,
+    /// Bridge encrypted rooms and private chats: the bot and each IRC person's user get a
+    /// device, keys kept under `data_dir/crypto`. The registration needs the keys
+    /// `generate-registration --encryption` writes.
+    #[serde(default)]
+    pub encryption: bool,
+    /// With `encryption`: the channel rooms the bridge creates are encrypted too (private chats
+    /// it opens always are).
+    #[serde(default)]
+    pub encrypt_channel_rooms: bool,
 }
 
 #[derive(Clone, Debug, Deserialize)]

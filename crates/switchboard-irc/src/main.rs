@@ -61,9 +61,12 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         .map_err(|e| format!("cannot open {}: {e}", config.data_dir.join("bridge.db").display()))?;
     let bridge = Bridge::new(config.clone(), store);
     let handle = bridge.handle();
-    let service = Appservice::builder(registration, &config.homeserver.url, &config.homeserver.domain)
-        .txn_file(config.data_dir.join("txns"))
-        .build(bridge)?;
+    let mut builder = Appservice::builder(registration, &config.homeserver.url, &config.homeserver.domain)
+        .txn_file(config.data_dir.join("txns"));
+    if config.encryption {
+        builder = builder.encryption(config.data_dir.join("crypto"));
+    }
+    let service = builder.build(bridge)?;
     handle.set_context(service.context());
     let restored = handle.restore().await?;
     tracing::info!(channels = restored, "restored bridged channels");

@@ -40,6 +40,13 @@ struct Cli {
     /// service is not logged twice.
     #[arg(long, default_value = "logger-txns")]
     txn_file: PathBuf,
+    /// Log encrypted rooms too, decrypted: the bot gets a device whose keys are kept in this
+    /// directory (the registration needs `generate-registration --encryption`).
+    #[arg(long)]
+    encryption_dir: Option<PathBuf>,
+    /// With `--encryption-dir`: the logged rooms this service creates are encrypted.
+    #[arg(long, requires = "encryption_dir")]
+    encrypt_new_rooms: bool,
 }
 
 #[derive(Subcommand)]
@@ -50,6 +57,7 @@ enum Command {
 
 struct Logger {
     out: Mutex<Box<dyn Write + Send>>,
+    encrypt_new_rooms: bool,
 }
 
 impl Logger {
@@ -65,6 +73,11 @@ impl Handler for Logger {
     // The exact JSON the homeserver sent (every key of the content, also ones ruma does not
     // know). The homeserver sends only events of rooms with a `#logged_*` alias (our namespace).
     async fn raw_event(&self, _ctx: Context, event: Value) -> HandlerResult {
+        if event["type"] == "m.room.encrypted" {
+            // Encrypted messages arrive decrypted with `--encryption-dir`; this one could not be.
+            tracing::warn!(event_id = %event["event_id"], "not logged: cannot decrypt it");
+            return Ok(());
+        }
         if event["type"] != "m.room.message" {
             return Ok(());
         }
@@ -83,15 +96,20 @@ impl Handler for Logger {
         if !localpart.starts_with(PREFIX) || alias.server_name().as_str() != ctx.server_name() {
             return Ok(false);
         }
-        let created = ctx
-            .bot()
-            .create_room(json!({
-                "room_alias_name": localpart,
-                "name": localpart,
-                "topic": "Every message here is logged.",
-                "preset": "public_chat",
-            }))
-            .await;
+        let mut create = json!({
+            "room_alias_name": localpart,
+            "name": localpart,
+            "topic": "Every message here is logged.",
+            "preset": "public_chat",
+        });
+        if self.encrypt_new_rooms {
+            create["initial_state"] = json!([{
+                "type": "m.room.encryption",
+                "state_key": "",
+                "content": {"algorithm": "m.megolm.v1.aes-sha2"},
+            }]);
+        }
+        let created = ctx.bot().create_room(create).await;
         match created {
             Ok(room) => tracing::info!(%alias, %room, "created a logged room"),
             // Two people joined the new alias at once: the other query created it.
@@ -135,11 +153,15 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         ),
         None => Box::new(std::io::stdout()),
     };
-    let logger = Logger { out: Mutex::new(out) };
-    Appservice::builder(registration, &cli.homeserver, &cli.server_name)
-        .txn_file(&cli.txn_file)
-        .build(logger)?
-        .run(cli.listen)
-        .await?;
+    let logger = Logger {
+        out: Mutex::new(out),
+        encrypt_new_rooms: cli.encrypt_new_rooms,
+    };
+    let mut builder =
+        Appservice::builder(registration, &cli.homeserver, &cli.server_name).txn_file(&cli.txn_file);
+    if let Some(dir) = &cli.encryption_dir {
+        builder = builder.encryption(dir);
+    }
+    builder.build(logger)?.run(cli.listen).await?;
     Ok(())
 }

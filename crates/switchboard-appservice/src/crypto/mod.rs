@@ -164,6 +164,11 @@ impl Crypto {
         Ok(device)
     }
 
+    /// Makes sure `user` has a device (made and its keys uploaded if not).
+    pub(crate) async fn ensure_device(&self, user: &ruma::UserId) -> Result<(), Error> {
+        self.device(user).await.map(|_| ())
+    }
+
     /// Makes sure the bot's device exists and its keys are on the server, and loads the devices
     /// an earlier run made, so every room key they hold decrypts from the first transaction on.
     pub(crate) async fn start(&self, bot: &ruma::UserId) -> Result<(), Error> {
