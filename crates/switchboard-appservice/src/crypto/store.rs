@@ -493,3 +493,47 @@ impl CryptoStore for FileCryptoStore {
         self.inner.get_size().await.map_err(never)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use matrix_sdk_crypto::OlmMachine;
+    use ruma_crypto::{device_id, user_id};
+
+    use super::FileCryptoStore;
+
+    #[tokio::test]
+    async fn a_device_keeps_its_identity_and_tracked_users_across_a_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (user, device) = (user_id!("@bot:example.org"), device_id!("SBDEVICE"));
+        let alice = user_id!("@alice:example.org");
+        let keys = {
+            let store = FileCryptoStore::open(dir.path()).await.expect("open");
+            let machine = OlmMachine::with_store(user, device, store, None)
+                .await
+                .expect("machine");
+            machine.update_tracked_users([alice]).await.expect("track");
+            machine.identity_keys()
+        };
+        let store = FileCryptoStore::open(dir.path()).await.expect("reopen");
+        let machine = OlmMachine::with_store(user, device, store, None)
+            .await
+            .expect("the same account");
+        let again = machine.identity_keys();
+        assert_eq!(
+            (again.ed25519.to_base64(), again.curve25519.to_base64()),
+            (keys.ed25519.to_base64(), keys.curve25519.to_base64()),
+            "the same identity keys"
+        );
+        assert!(
+            machine.tracked_users().await.expect("tracked").contains(alice),
+            "tracked users are kept"
+        );
+        // Another device's account in the same directory is refused, not mixed up.
+        let store = FileCryptoStore::open(dir.path()).await.expect("reopen");
+        assert!(
+            OlmMachine::with_store(user, device_id!("OTHER"), store, None)
+                .await
+                .is_err()
+        );
+    }
+}

@@ -287,6 +287,50 @@ async fn encrypted_echo_with_nio(server: &crate::harness::Server, registration: 
     say(&mut stdin, "after a restart").await;
     expect("ECHOED after a restart").await;
 
+    // 60 claims of the bot's one-time keys (it keeps 50): the counts reach the service, which
+    // uploads more — a claim after that gets a one-time key, not the fallback key.
+    let bot_dir: String = bot.bytes().map(|b| format!("{b:02x}")).collect();
+    let bot_device =
+        std::fs::read_to_string(crypto.join(bot_dir).join("device_id")).expect("the bot's device");
+    let claimer = server.register("claimer").await;
+    let claim = json!({"one_time_keys": { bot.clone(): { bot_device.clone(): "signed_curve25519" } }});
+    for _ in 0..60 {
+        server
+            .ok(
+                Method::POST,
+                "/_matrix/client/v3/keys/claim",
+                &claimer.token,
+                claim.clone(),
+            )
+            .await;
+    }
+    // (Synapse sends the counts only with other traffic: this is some.)
+    say(&mut stdin, "after the claims").await;
+    expect("ECHOED after the claims").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let claimed = server
+            .ok(
+                Method::POST,
+                "/_matrix/client/v3/keys/claim",
+                &claimer.token,
+                claim.clone(),
+            )
+            .await;
+        let keys = &claimed["one_time_keys"][&bot][&bot_device];
+        let fresh = keys
+            .as_object()
+            .is_some_and(|k| !k.is_empty() && k.values().all(|key| key.get("fallback").is_none()));
+        if fresh {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the service never uploaded more one-time keys: {claimed}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
     // A second device of hers: the bot learns of it and shares its room key with it too.
     say(&mut stdin, "NEW DEVICE").await;
     expect("DEVICE").await;
