@@ -732,7 +732,7 @@ async def test_encrypted_rooms_and_private_chats(bridged, tmp_path: Path):
         await decrypted_from(alice, room_id, f"@irc_test_carol:{SERVER_NAME}", "a secret reply")
 
         # A private chat alice starts: dave's user accepts, with a device of its own (no bot in
-        # the chat: the SDK gives a user joining an encrypted room a device first).
+        # the chat: the SDK gives a user joining an encrypted room a device).
         dave_id = f"@irc_test_dave:{SERVER_NAME}"
         created = await alice.room_create(is_direct=True, invite=[dave_id], initial_state=encryption)
         assert hasattr(created, "room_id"), created
@@ -742,15 +742,19 @@ async def test_encrypted_rooms_and_private_chats(bridged, tmp_path: Path):
             return await _has(alice, dm, dave_id)
 
         await eventually(dave_joined, "dave's user in the private chat")
-        await sync(alice)
-        await sync(alice)
-        assert list(alice.device_store.active_user_devices(dave_id)), "dave's user has a device"
+
+        async def knows_daves_device():
+            # The device is made right after the join: she hears of it (device_lists.changed).
+            await sync(alice, 500)
+            return bool(list(alice.device_store.active_user_devices(dave_id)))
+
+        await eventually(knows_daves_device, "alice learning the device of dave's user")
         await send_encrypted(alice, dm, "a private hello")
         dave.expect(r"^:alice!\S+ PRIVMSG dave :a private hello$")
         dave.send("PRIVMSG alice :a private reply")
         await decrypted_from(alice, dm, dave_id, "a private reply")
 
-        # A private chat erin starts: an encrypted room with the bot in it.
+        # A private chat erin starts: encrypted, her user's device made before the invite.
         erin.send("PRIVMSG alice :are you there?")
         invited = None
         deadline = time.monotonic() + EVENTUALLY

@@ -264,15 +264,16 @@ impl Intent {
             }
             Err(e) => return Err(e),
         }
-        self.client.cached(|c| c.joined.insert(key));
         // In an encrypted room the user needs a device before anyone writes, or what they write
-        // is shared with no device of the service's.
+        // is shared with no device of the service's. (Remembered as joined only then: a retry
+        // makes the device if this failed.)
         #[cfg(feature = "e2ee")]
         if let Some(crypto) = self.client.crypto()
             && crypto.is_encrypted(&self.user_id, room_id).await?
         {
             crypto.ensure_device(&self.user_id).await?;
         }
+        self.client.cached(|c| c.joined.insert(key));
         Ok(())
     }
 
@@ -406,6 +407,16 @@ impl Intent {
     /// Creates a room (the `/createRoom` body as the spec defines it) as this user.
     pub async fn create_room(&self, body: Value) -> Result<OwnedRoomId, Error> {
         self.ensure_registered().await?;
+        // An encrypted room: the user's device exists before anyone is invited, so whoever
+        // writes first shares their room key with it.
+        #[cfg(feature = "e2ee")]
+        if let Some(crypto) = self.client.crypto()
+            && body["initial_state"]
+                .as_array()
+                .is_some_and(|state| state.iter().any(|e| e["type"] == "m.room.encryption"))
+        {
+            crypto.ensure_device(&self.user_id).await?;
+        }
         let answer = self
             .call(Method::POST, "/_matrix/client/v3/createRoom", &[], Some(&body))
             .await?;

@@ -124,7 +124,11 @@ async fn transaction<H: Handler>(
             tracing::debug!("transaction seen before; acknowledged again");
             return Json(json!({})).into_response();
         }
-        receiver.handle(&body).await;
+        if let Err(e) = receiver.handle(&body).await {
+            // Not acknowledged: the homeserver sends it again.
+            tracing::error!(error = %e, "cannot handle the transaction");
+            return error(StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN", &e);
+        }
         let (txns, id) = (receiver.txns.clone(), txn_id.clone());
         match tokio::task::spawn_blocking(move || txns.record(&id)).await {
             Ok(Ok(())) => Json(json!({})).into_response(),
@@ -156,34 +160,40 @@ impl<H: Handler> Receiver<H> {
 
     /// Hands everything in a transaction to the handler: each room's events in order, rooms
     /// concurrently; then ephemeral data, to-device messages and key updates.
-    async fn handle(&self, body: &Value) {
+    async fn handle(&self, body: &Value) -> Result<(), String> {
         #[cfg_attr(not(feature = "e2ee"), allow(unused_mut))]
         let mut events = body["events"].as_array().cloned().unwrap_or_default();
         #[cfg(feature = "e2ee")]
         if let Some(crypto) = &self.shared.crypto {
             // Keys first: a room key sent before a message comes in the same transaction or an
-            // earlier one, so the message decrypts.
+            // earlier one. Keys that could not be taken in fail the transaction (it comes again).
             let to_device = with_fallback(body, "to_device", "de.sorunome.msc2409")
                 .and_then(Value::as_array)
                 .cloned()
                 .unwrap_or_default();
             let update = crypto_update(body).unwrap_or_default();
-            crypto.receive(&to_device, &update).await;
-            for event in &mut events {
+            crypto
+                .receive(&to_device, &update)
+                .await
+                .map_err(|e| format!("taking in the transaction's keys: {e}"))?;
+            // Earlier events whose keys came since go first; an event without its key yet waits.
+            let mut readable = crypto.unpark().await;
+            for event in events {
                 match event["type"].as_str() {
                     Some("m.room.encryption") => {
                         if let Some(room) = event["room_id"].as_str() {
                             crypto.room_encrypted(room);
                         }
+                        readable.push(event);
                     }
-                    Some("m.room.encrypted") => {
-                        if let Some(decrypted) = crypto.decrypt(event).await {
-                            *event = decrypted;
-                        }
-                    }
-                    _ => {}
+                    Some("m.room.encrypted") => match crypto.decrypt(&event).await {
+                        Some(decrypted) => readable.push(decrypted),
+                        None => crypto.park(event),
+                    },
+                    _ => readable.push(event),
                 }
             }
+            events = readable;
         }
         let mut rooms: Vec<(Option<OwnedRoomId>, Vec<Value>)> = Vec::new();
         for event in events {
@@ -246,6 +256,7 @@ impl<H: Handler> Receiver<H> {
         {
             tracing::warn!(error = %e, "handling key updates failed");
         }
+        Ok(())
     }
 }
 

@@ -70,9 +70,19 @@ impl E2ee {
                 .await?
                 .into_iter()
                 .collect();
+            // Keys held already are not counted twice: a client repeating an upload whose
+            // answer it lost must get through.
+            let known: HashSet<String> = self
+                .store
+                .one_time_key_ids(user.as_str(), device)
+                .await?
+                .into_iter()
+                .collect();
             let mut adding: std::collections::HashMap<&str, i64> = Default::default();
-            for (algorithm, _, _) in &one_time_keys {
-                *adding.entry(algorithm).or_default() += 1;
+            for (algorithm, id, _) in &one_time_keys {
+                if !known.contains(*id) {
+                    *adding.entry(algorithm).or_default() += 1;
+                }
             }
             for (algorithm, count) in adding {
                 let total = held.get(algorithm).copied().unwrap_or(0) + count;

@@ -1115,6 +1115,18 @@ impl Store {
         })
     }
 
+    /// The IDs of a device's unclaimed one-time keys (an upload repeating one adds nothing).
+    pub async fn one_time_key_ids(&self, user_id: &str, device_id: &str) -> Result<Vec<String>> {
+        on_db!(self, |write, read| {
+            let rows = sqlx::query("SELECT key_id FROM one_time_keys WHERE user_id = $1 AND device_id = $2")
+                .bind(user_id)
+                .bind(device_id)
+                .fetch_all(write)
+                .await?;
+            Ok(rows.iter().map(|r| r.get(0)).collect())
+        })
+    }
+
     pub async fn unused_fallback_algorithms(&self, user_id: &str, device_id: &str) -> Result<Vec<String>> {
         on_db!(self, |write, read| {
             let rows = sqlx::query(

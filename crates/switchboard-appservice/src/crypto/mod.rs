@@ -60,18 +60,41 @@ struct Device {
 pub(crate) struct Crypto {
     dir: PathBuf,
     client: Client,
-    devices: tokio::sync::Mutex<HashMap<String, Arc<Device>>>,
+    /// Per user: the device once it is ready. One cell per user, so making one device (HTTP,
+    /// files) holds up nobody else.
+    devices: Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Arc<Device>>>>>,
     /// Rooms known to be encrypted (or not): `m.room.encryption` cannot be removed.
     encrypted: Mutex<HashMap<String, bool>>,
+    /// Events that could not be decrypted yet (their room key may come in a later transaction),
+    /// also kept in `parked.json`: the transaction that brought them was acknowledged.
+    parked: Mutex<Vec<Parked>>,
+}
+
+/// An event waiting for its room key.
+#[derive(Clone, serde::Deserialize, serde::Serialize)]
+struct Parked {
+    since_ms: u64,
+    event: Value,
+}
+
+/// How long an event waits for its room key before the handler gets it still encrypted.
+const PARK_FOR_MS: u64 = 10 * 60 * 1000;
+/// At most this many events wait; beyond, the oldest go to the handler encrypted.
+const MAX_PARKED: usize = 1000;
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
 }
 
 fn crypto_error(e: impl std::fmt::Display) -> Error {
     Error::Crypto(e.to_string())
 }
 
-/// A directory name for a user ID.
-fn user_dir(user: &str) -> String {
-    user.bytes().map(|b| format!("{b:02x}")).collect()
+fn io_error(context: String) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Io { context, source }
 }
 
 /// The query that masquerades as one device of a user (`?user_id=` is added by the client).
@@ -99,21 +122,46 @@ impl Crypto {
             client,
             devices: Default::default(),
             encrypted: Default::default(),
+            parked: Default::default(),
         }
+    }
+
+    /// Where a user's device lives: a directory named by a hash of the user ID (which may be
+    /// longer than a file name), with the ID in `user_id`.
+    fn user_dir(&self, user: &str) -> PathBuf {
+        self.dir.join(store::file_name(&[user]).trim_end_matches(".json"))
+    }
+
+    /// The devices ready so far.
+    fn loaded(&self) -> Vec<Arc<Device>> {
+        self.devices
+            .lock()
+            .map(|d| d.values().filter_map(|cell| cell.get().cloned()).collect())
+            .unwrap_or_default()
+    }
+
+    fn is_loaded(&self, user: &str) -> bool {
+        self.devices
+            .lock()
+            .is_ok_and(|d| d.get(user).is_some_and(|cell| cell.initialized()))
     }
 
     /// The device of `user`, created (with its keys uploaded) on first use and loaded from disk
     /// after a restart.
     async fn device(&self, user: &ruma::UserId) -> Result<Arc<Device>, Error> {
-        let mut devices = self.devices.lock().await;
-        if let Some(device) = devices.get(user.as_str()) {
-            return Ok(device.clone());
-        }
-        let dir = self.dir.join(user_dir(user.as_str()));
-        std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
-            context: format!("cannot create {}", dir.display()),
-            source,
-        })?;
+        let cell = self
+            .devices
+            .lock()
+            .map_err(|_| Error::Crypto("device table poisoned".to_owned()))?
+            .entry(user.to_string())
+            .or_default()
+            .clone();
+        cell.get_or_try_init(|| self.load_device(user)).await.cloned()
+    }
+
+    async fn load_device(&self, user: &ruma::UserId) -> Result<Arc<Device>, Error> {
+        let dir = self.user_dir(user.as_str());
+        store::private_dir(&dir).map_err(io_error(format!("cannot create {}", dir.display())))?;
         let id_file = dir.join("device_id");
         let device_id = match std::fs::read_to_string(&id_file) {
             Ok(id) => id.trim().to_owned(),
@@ -127,7 +175,8 @@ impl Crypto {
                 format!("SB{suffix}")
             }
         };
-        // MSC4190: the service makes its users' devices itself; repeating it is harmless.
+        // MSC4190: the service makes its users' devices itself; repeating it is harmless (and
+        // brings back a device someone deleted).
         let path = format!("/_matrix/client/v3/devices/{}", enc(&device_id));
         self.client
             .request(
@@ -138,10 +187,9 @@ impl Crypto {
                 Some(&json!({"display_name": "Switchboard bridge"})),
             )
             .await?;
-        std::fs::write(&id_file, &device_id).map_err(|source| Error::Io {
-            context: format!("cannot write {}", id_file.display()),
-            source,
-        })?;
+        std::fs::write(dir.join("user_id"), user.as_str())
+            .and_then(|()| std::fs::write(&id_file, &device_id))
+            .map_err(io_error(format!("cannot write {}", id_file.display())))?;
         let store = store::FileCryptoStore::open(&dir.join("store"))
             .await
             .map_err(crypto_error)?;
@@ -154,8 +202,6 @@ impl Crypto {
             device_id,
             busy: tokio::sync::Mutex::new(()),
         });
-        devices.insert(user.to_string(), device.clone());
-        drop(devices);
         {
             let _busy = device.busy.lock().await;
             self.send_outgoing(user, &device).await?;
@@ -170,25 +216,27 @@ impl Crypto {
     }
 
     /// Makes sure the bot's device exists and its keys are on the server, and loads the devices
-    /// an earlier run made, so every room key they hold decrypts from the first transaction on.
+    /// an earlier run made, so every room key they hold decrypts from the first transaction on
+    /// (one that fails to load is skipped: it is tried again when something is addressed to it).
     pub(crate) async fn start(&self, bot: &ruma::UserId) -> Result<(), Error> {
         self.device(bot).await?;
+        if let Ok(Some(parked)) = store::read_json::<Vec<Parked>>(&self.dir.join("parked.json"))
+            && let Ok(mut waiting) = self.parked.lock()
+        {
+            *waiting = parked;
+        }
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return Ok(());
         };
         for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let user = (0..name.len())
-                .step_by(2)
-                .map(|i| u8::from_str_radix(name.get(i..i + 2).unwrap_or("zz"), 16))
-                .collect::<Result<Vec<u8>, _>>()
-                .ok()
-                .and_then(|bytes| String::from_utf8(bytes).ok())
-                .and_then(|user| ruma::OwnedUserId::try_from(user).ok());
-            if let Some(user) = user
-                && entry.path().join("device_id").exists()
-            {
-                self.device(&user).await?;
+            let Ok(user) = std::fs::read_to_string(entry.path().join("user_id")) else {
+                continue;
+            };
+            let Ok(user) = ruma::OwnedUserId::try_from(user.trim()) else {
+                continue;
+            };
+            if let Err(e) = self.device(&user).await {
+                tracing::warn!(user = %user, error = %e, "cannot load an encryption device");
             }
         }
         Ok(())
@@ -305,8 +353,14 @@ impl Crypto {
 
     /// Feeds a transaction's extensions to the machines: to-device messages to the device they
     /// name, device-list changes to every machine, key counts to each device's own. A device of a
-    /// user not loaded yet is loaded when something is addressed to it.
-    pub(crate) async fn receive(&self, to_device: &[Value], lists: &crate::CryptoUpdate) {
+    /// user not loaded yet is loaded when something is addressed to it. An error means the keys
+    /// were not taken in: the transaction must not be acknowledged, so the homeserver sends it
+    /// again.
+    pub(crate) async fn receive(
+        &self,
+        to_device: &[Value],
+        lists: &crate::CryptoUpdate,
+    ) -> Result<(), Error> {
         let mut by_user: BTreeMap<String, Vec<Raw<AnyToDeviceEvent>>> = BTreeMap::new();
         for message in to_device {
             let Some(user) = message["to_user_id"].as_str() else {
@@ -320,13 +374,6 @@ impl Crypto {
                 Err(e) => tracing::warn!(error = %e, "unreadable to-device message"),
             }
         }
-        let mut users: Vec<String> = self.devices.lock().await.keys().cloned().collect();
-        if let Some(counts) = lists.one_time_keys_count.as_object() {
-            users.extend(counts.keys().cloned());
-        }
-        users.extend(by_user.keys().cloned());
-        users.sort();
-        users.dedup();
         let parse_users = |list: &[ruma::OwnedUserId]| -> Vec<OwnedUserId> {
             list.iter()
                 .filter_map(|u| OwnedUserId::try_from(u.as_str()).ok())
@@ -335,30 +382,37 @@ impl Crypto {
         let mut device_lists = DeviceLists::new();
         device_lists.changed = parse_users(&lists.device_lists_changed);
         device_lists.left = parse_users(&lists.device_lists_left);
+        let lists_changed = !device_lists.changed.is_empty() || !device_lists.left.is_empty();
+        let mut users: Vec<String> = self
+            .devices
+            .lock()
+            .map(|d| d.keys().cloned().collect())
+            .unwrap_or_default();
+        if let Some(counts) = lists.one_time_keys_count.as_object() {
+            users.extend(counts.keys().cloned());
+        }
+        users.extend(by_user.keys().cloned());
+        users.sort();
+        users.dedup();
         for user in users {
             let Ok(user_id) = ruma::OwnedUserId::try_from(user.as_str()) else {
                 continue;
             };
-            // Only users that have a device already (or whose device is addressed and kept on
-            // disk): counts for devices of other services' or SDKs' making are not ours.
-            let known = self.devices.lock().await.contains_key(&user)
-                || self.dir.join(user_dir(&user)).join("device_id").exists();
-            if !known {
+            let addressed = by_user.contains_key(&user);
+            let counted = lists.one_time_keys_count.get(&user).is_some();
+            if !addressed && !counted && !lists_changed {
                 continue;
             }
-            let counted = lists.one_time_keys_count.get(&user).is_some();
-            if !counted
-                && !by_user.contains_key(&user)
-                && device_lists.changed.is_empty()
-                && device_lists.left.is_empty()
-            {
-                // Nothing for this device in the transaction.
+            // Only users with a device of ours (loaded, or kept on disk): counts for devices of
+            // other SDKs' making are not ours.
+            if !self.is_loaded(&user) && !self.user_dir(&user).join("device_id").exists() {
                 continue;
             }
             let device = match self.device(&user_id).await {
                 Ok(device) => device,
+                Err(e) if addressed => return Err(e),
                 Err(e) => {
-                    tracing::warn!(user = %user, error = %e, "cannot load the encryption device");
+                    tracing::warn!(user = %user, error = %e, "cannot load an encryption device");
                     continue;
                 }
             };
@@ -394,35 +448,78 @@ impl Crypto {
                 unused_fallback_keys: fallback.as_deref(),
                 next_batch_token: None,
             };
-            if let Err(e) = device.olm.receive_sync_changes(changes, &UNTRUSTED).await {
-                tracing::warn!(user = %user, error = %e, "the crypto machine refused a transaction's keys");
-                continue;
-            }
+            device
+                .olm
+                .receive_sync_changes(changes, &UNTRUSTED)
+                .await
+                .map_err(crypto_error)?;
+            // A failed request is made again with the next transaction (the machine keeps it).
             if let Err(e) = self.send_outgoing(&user_id, &device).await {
                 tracing::warn!(user = %user, error = %e, "sending key requests failed");
             }
         }
+        Ok(())
     }
 
     /// The decrypted form of an `m.room.encrypted` event, by the first of the service's devices
-    /// that holds its room key; `None` if none does.
+    /// that holds its room key; `None` if none does (yet).
     pub(crate) async fn decrypt(&self, event: &Value) -> Option<Value> {
         let room_id = OwnedRoomId::try_from(event["room_id"].as_str()?).ok()?;
         let raw = Raw::from_json(serde_json::value::to_raw_value(event).ok()?);
-        let devices: Vec<Arc<Device>> = self.devices.lock().await.values().cloned().collect();
-        let mut last_error = None;
-        for device in devices {
-            match device.olm.decrypt_room_event(&raw, &room_id, &UNTRUSTED).await {
-                Ok(decrypted) => return serde_json::from_str(decrypted.event.json().get()).ok(),
-                Err(e) => last_error = Some(e.to_string()),
+        for device in self.loaded() {
+            if let Ok(decrypted) = device.olm.decrypt_room_event(&raw, &room_id, &UNTRUSTED).await {
+                return serde_json::from_str(decrypted.event.json().get()).ok();
             }
         }
-        tracing::warn!(
-            event_id = %event["event_id"],
-            error = last_error.as_deref().unwrap_or("no encryption device"),
-            "cannot decrypt an event"
-        );
         None
+    }
+
+    /// Keeps an event that cannot be decrypted yet, to try again after later transactions.
+    pub(crate) fn park(&self, event: Value) {
+        tracing::debug!(event_id = %event["event_id"], "no room key yet; the event waits for it");
+        if let Ok(mut parked) = self.parked.lock() {
+            parked.push(Parked {
+                since_ms: now_ms(),
+                event,
+            });
+            self.keep_parked(&parked);
+        }
+    }
+
+    /// The waiting events whose room key has come (decrypted), and those that waited too long
+    /// (still encrypted, for the handler to see), in the order they arrived.
+    pub(crate) async fn unpark(&self) -> Vec<Value> {
+        let waiting = match self.parked.lock() {
+            Ok(parked) if !parked.is_empty() => parked.clone(),
+            _ => return Vec::new(),
+        };
+        let (mut ready, mut settled) = (Vec::new(), Vec::new());
+        let now = now_ms();
+        let overflow = waiting.len().saturating_sub(MAX_PARKED);
+        for (i, item) in waiting.iter().enumerate() {
+            if let Some(decrypted) = self.decrypt(&item.event).await {
+                ready.push(decrypted);
+            } else if i < overflow || now.saturating_sub(item.since_ms) > PARK_FOR_MS {
+                tracing::warn!(event_id = %item.event["event_id"], "no room key came for an event; handed over encrypted");
+                ready.push(item.event.clone());
+            } else {
+                continue;
+            }
+            settled.push(item.event["event_id"].clone());
+        }
+        if !settled.is_empty()
+            && let Ok(mut parked) = self.parked.lock()
+        {
+            parked.retain(|p| !settled.contains(&p.event["event_id"]));
+            self.keep_parked(&parked);
+        }
+        ready
+    }
+
+    fn keep_parked(&self, parked: &[Parked]) {
+        if let Err(e) = store::write_json(&self.dir.join("parked.json"), &parked) {
+            tracing::warn!(error = %e, "cannot keep the events waiting for room keys");
+        }
     }
 
     /// Whether the room is encrypted (asked once per room, as `user`).

@@ -53,34 +53,59 @@ fn backend(e: impl std::error::Error + Send + Sync + 'static) -> CryptoStoreErro
     CryptoStoreError::backend(e)
 }
 
-/// A file name for an ID of any characters.
-fn file_name(parts: &[&str]) -> String {
-    let mut name = String::new();
-    for (i, part) in parts.iter().enumerate() {
-        if i > 0 {
-            name.push('_');
-        }
-        for b in part.bytes() {
-            name.push_str(&format!("{b:02x}"));
-        }
+/// A file name for IDs of any length and characters (a hash: file names are limited to 255
+/// bytes, room and session IDs are not).
+pub(super) fn file_name(parts: &[&str]) -> String {
+    use sha2::Digest as _;
+    let mut hash = sha2::Sha256::new();
+    for part in parts {
+        hash.update(part.as_bytes());
+        hash.update([0]);
     }
-    name.push_str(".json");
-    name
+    let digest: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    format!("{digest}.json")
 }
 
-fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
+/// Creates a directory (and its parents) only its owner may read: it holds private keys.
+pub(super) fn private_dir(path: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(path)
+}
+
+/// Writes `value` as JSON to `path` whole or not at all: a temporary file of its own (writers
+/// of the same item may race), readable by its owner only, synced, renamed into place, and the
+/// directory synced so the rename survives a crash.
+pub(super) fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
+    use std::{
+        io::Write as _,
+        sync::atomic::{AtomicU64, Ordering},
+    };
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
     let text = serde_json::to_vec(value).map_err(backend)?;
-    let tmp = path.with_extension("tmp");
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let tmp = path.with_extension(format!("{}.{n}.tmp", std::process::id()));
     {
-        use std::io::Write as _;
-        let mut file = std::fs::File::create(&tmp).map_err(backend)?;
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut file = options.open(&tmp).map_err(backend)?;
         file.write_all(&text).map_err(backend)?;
         file.sync_all().map_err(backend)?;
     }
-    std::fs::rename(&tmp, path).map_err(backend)
+    std::fs::rename(&tmp, path).map_err(backend)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(backend)?;
+    }
+    Ok(())
 }
 
-fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
+pub(super) fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
     match std::fs::read(path) {
         Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).map_err(backend)?)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -88,15 +113,21 @@ fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
     }
 }
 
-/// Every JSON file of a directory, parsed.
+/// Every JSON file of a directory, parsed; one that cannot be read is skipped with a warning
+/// (losing one session beats losing the device).
 fn read_all<T: DeserializeOwned>(dir: &Path) -> Result<Vec<T>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(backend)? {
         let path = entry.map_err(backend)?.path();
-        if path.extension().is_some_and(|e| e == "json")
-            && let Some(item) = read_json(&path)?
-        {
-            out.push(item);
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        match read_json(&path) {
+            Ok(Some(item)) => out.push(item),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "skipping an unreadable crypto store file")
+            }
         }
     }
     Ok(out)
@@ -106,7 +137,7 @@ impl FileCryptoStore {
     /// Opens (or creates) the store in `dir`, loading what an earlier run kept.
     pub(crate) async fn open(dir: &Path) -> Result<Self> {
         for sub in ["sessions", "inbound", "custom"] {
-            std::fs::create_dir_all(dir.join(sub)).map_err(backend)?;
+            private_dir(&dir.join(sub)).map_err(backend)?;
         }
         let store = Self {
             inner: MemoryStore::new(),

@@ -110,6 +110,19 @@ impl Sender {
         }
     }
 
+    /// The users whose key counts are due (see [`Delivery::keys_claimed`]).
+    fn claimed(&self) -> BTreeSet<String> {
+        self.keys_claimed.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    /// A stored transaction carries the counts of these users (or the service stopped asking
+    /// for counts): only claims made since keep them due.
+    fn forget_claimed(&self, users: &BTreeSet<String>) {
+        if let Ok(mut claimed) = self.keys_claimed.lock() {
+            claimed.retain(|u| !users.contains(u));
+        }
+    }
+
     fn update(&self, f: impl FnOnce(&mut SenderStatus, &mut Option<Instant>)) {
         if let Ok(mut guard) = self.status.lock() {
             let (status, retry_at) = &mut *guard;
@@ -393,6 +406,7 @@ impl Delivery {
             // The cursor changes only after the commit: if anything fails before, the stored
             // transaction stays pending in memory as it is in the database.
             let (acked, at) = (pending.txn_id, max(cursor.at, pending.upto));
+            let claimed = sender.claimed();
             let selection = self.select(sender, &service, at).await?;
             let (skip, next) = match &selection {
                 Selection::Nothing { upto } => (Some(*upto), None),
@@ -402,6 +416,7 @@ impl Delivery {
                 .store
                 .appservice_ack_and_continue(id, acked, skip, next)
                 .await?;
+            sender.forget_claimed(&claimed);
             cursor.pending = None;
             cursor.at = at;
             self.advance(cursor, selection, new_id);
@@ -409,8 +424,11 @@ impl Delivery {
         }
 
         let now = self.now();
-        let claimed = sender.keys_claimed.lock().is_ok_and(|c| !c.is_empty());
-        if cursor.at.events >= now.events && (!wants_aux(&service) || cursor.at.aux >= now.aux) && !claimed {
+        let claimed = sender.claimed();
+        if cursor.at.events >= now.events
+            && (!wants_aux(&service) || cursor.at.aux >= now.aux)
+            && claimed.is_empty()
+        {
             return Ok(Step::Idle);
         }
         let selection = self.select(sender, &service, cursor.at).await?;
@@ -425,6 +443,7 @@ impl Delivery {
                 self.advance(cursor, selection, Some(txn_id));
             }
         }
+        sender.forget_claimed(&claimed);
         Ok(Step::Progress)
     }
 
@@ -485,12 +504,10 @@ impl Delivery {
                 }
             }
         }
+        // Forgotten only once the transaction is stored (`Sender::forget_claimed`): a failure
+        // before that leaves them to the next attempt.
         let claimed = if service.registration.msc3202 {
-            sender
-                .keys_claimed
-                .lock()
-                .map(|mut c| std::mem::take(&mut *c))
-                .unwrap_or_default()
+            sender.claimed()
         } else {
             BTreeSet::new()
         };

@@ -485,6 +485,9 @@ async fn bad_key_uploads_and_to_device_targets_get_the_spec_errors() {
     );
     let counts = s.ok(Method::POST, &upload, &token, batch(450, 50)).await;
     assert_eq!(counts["one_time_key_counts"]["signed_curve25519"], 500);
+    // Repeating an upload (its answer was lost) at the limit adds nothing and is not refused.
+    let counts = s.ok(Method::POST, &upload, &token, batch(450, 50)).await;
+    assert_eq!(counts["one_time_key_counts"]["signed_curve25519"], 500);
 
     // To-device messages for unknown devices and users are dropped; a malformed body is refused.
     send_to_device(

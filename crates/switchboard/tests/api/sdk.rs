@@ -289,9 +289,13 @@ async fn encrypted_echo_with_nio(server: &crate::harness::Server, registration: 
 
     // 60 claims of the bot's one-time keys (it keeps 50): the counts reach the service, which
     // uploads more — a claim after that gets a one-time key, not the fallback key.
-    let bot_dir: String = bot.bytes().map(|b| format!("{b:02x}")).collect();
-    let bot_device =
-        std::fs::read_to_string(crypto.join(bot_dir).join("device_id")).expect("the bot's device");
+    // The service keeps each device in a directory holding `user_id` and `device_id`.
+    let bot_device = std::fs::read_dir(&crypto)
+        .expect("the crypto directory")
+        .flatten()
+        .find(|d| std::fs::read_to_string(d.path().join("user_id")).is_ok_and(|u| u == bot))
+        .and_then(|d| std::fs::read_to_string(d.path().join("device_id")).ok())
+        .expect("the bot's device");
     let claimer = server.register("claimer").await;
     let claim = json!({"one_time_keys": { bot.clone(): { bot_device.clone(): "signed_curve25519" } }});
     for _ in 0..60 {
