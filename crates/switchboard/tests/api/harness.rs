@@ -177,6 +177,7 @@ impl Server {
     /// Starts the binary and waits until it answers; `Err` with its log if it exited first.
     async fn try_spawn(&mut self) -> Result<(), String> {
         tls_init();
+        let earlier = self.log().len();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -192,12 +193,20 @@ impl Server {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         let client = self.http.clone();
+        // Answered by this process: another test's server may hold the port for a moment (it
+        // was free when picked) and answer first, while this one fails to bind it.
+        let address = self.base.trim_start_matches("http://").to_owned();
+        let listening = |log: &str| {
+            log.get(earlier..)
+                .is_some_and(|new| new.contains("listening") && new.contains(&address))
+        };
         while Instant::now() < deadline {
             if let Ok(r) = client
                 .get(format!("{}/_matrix/client/versions", self.base))
                 .send()
                 .await
                 && r.status().is_success()
+                && listening(&self.log())
             {
                 return Ok(());
             }
