@@ -124,22 +124,26 @@ async function step(name, fn) {
 }
 
 const CHECK_TIMEOUT_MS = 10_000; // more than DELIVERY_TIMEOUT_MS, so a wait inside says what it missed
+// The key backup check waits out the SDK's random pause (up to 10 s) before it uploads room keys,
+// on top of two logins and a room: it gets its own bound, above the upload wait inside it.
+const BACKUP_UPLOAD_WAIT_MS = 30_000;
+const BACKUP_CHECK_TIMEOUT_MS = 60_000;
 
 /** One check of an endpoint the README lists as done: a failure (or no answer within
- * CHECK_TIMEOUT_MS) is recorded and fails the run, and the next check runs all the same. */
-async function check(name, fn) {
+ * `timeoutMs`) is recorded and fails the run, and the next check runs all the same. */
+async function check(name, fn, timeoutMs = CHECK_TIMEOUT_MS) {
     const start = performance.now();
     try {
-        await withTimeout(name, fn);
+        await withTimeout(name, fn, timeoutMs);
         record(name, start);
     } catch (error) {
         record(name, start, error);
     }
 }
 
-/** Runs `fn`, rejecting if it takes longer than CHECK_TIMEOUT_MS. */
-function withTimeout(name, fn) {
-    return waitFor(name, CHECK_TIMEOUT_MS, (ok, fail) => {
+/** Runs `fn`, rejecting if it takes longer than `ms`. */
+function withTimeout(name, fn, ms = CHECK_TIMEOUT_MS) {
+    return waitFor(name, ms, (ok, fail) => {
         Promise.resolve().then(fn).then(ok, fail);
     });
 }
@@ -1037,7 +1041,7 @@ async function furtherChecks({ alice, bob, roomId, aliceMessage, suffix }) {
         await waitUntil("the encrypted room in alice's new session", first, () => Boolean(first.getRoom(secretRoom)));
         await first.sendTextMessage(secretRoom, "kept in the backup");
         // The SDK uploads room keys after a random pause of up to 10 s (to spread the load).
-        const deadline = Date.now() + 30_000;
+        const deadline = Date.now() + BACKUP_UPLOAD_WAIT_MS;
         let version = null;
         while (Date.now() < deadline) {
             version = await authedGet(first, "/room_keys/version");
@@ -1056,7 +1060,7 @@ async function furtherChecks({ alice, bob, roomId, aliceMessage, suffix }) {
         assert(restored?.imported >= 1, `restoreKeyBackup imported nothing: ${safeJson(restored)}`);
         stoppedClients.add("alice-backup-2");
         second.stopClient();
-    });
+    }, BACKUP_CHECK_TIMEOUT_MS);
 
     await checkMissing("getThreePids", README_MISSING.threePids, async () => {
         const response = await a.getThreePids();
