@@ -763,7 +763,8 @@ async def test_encrypted_rooms_and_private_chats(bridged, tmp_path: Path):
             invited = next((r for r in resp.rooms.invite if r not in (room_id, dm)), None)
         assert invited, "no invite to erin's private chat"
         assert isinstance(await alice.join(invited), JoinResponse)
-        await sync(alice)
+        # Her first words were said before alice joined: the key went to invited members too.
+        await decrypted_from(alice, invited, f"@irc_test_erin:{SERVER_NAME}", "are you there?")
         await sync(alice)
         assert alice.rooms[invited].encrypted, "the chat an IRC person opens is encrypted"
         await send_encrypted(alice, invited, "yes, here")

@@ -7,8 +7,8 @@
 //! counts and device-list changes (MSC3202); nothing calls `/sync`. Their requests (key uploads,
 //! queries and claims, to-device messages) are made with device masquerading. Incoming
 //! `m.room.encrypted` events are decrypted before a handler sees them; what an intent sends into
-//! an encrypted room is encrypted, the room key shared with every device of the room's members
-//! first.
+//! an encrypted room is encrypted, the room key shared first with every device of the room's
+//! members (invited ones too, unless the history is for joined members only).
 //!
 //! matrix-sdk-crypto speaks ruma 0.16 (`ruma_crypto` here); the rest of the SDK speaks the
 //! workspace's ruma. Between the two, values travel as JSON.
@@ -22,7 +22,8 @@ use std::{
 };
 
 use matrix_sdk_crypto::{
-    DecryptionSettings, EncryptionSettings, EncryptionSyncChanges, OlmMachine, TrustRequirement,
+    CollectStrategy, DecryptionSettings, EncryptionSettings, EncryptionSyncChanges, OlmMachine,
+    TrustRequirement,
     types::requests::{AnyOutgoingRequest, OutgoingRequest, ToDeviceRequest},
 };
 use reqwest::Method;
@@ -37,7 +38,13 @@ use ruma_crypto::{
             to_device::send_event_to_device,
         },
     },
-    events::{AnyMessageLikeEventContent, AnyToDeviceEvent},
+    events::{
+        AnyMessageLikeEventContent, AnyToDeviceEvent,
+        room::{
+            encryption::RoomEncryptionEventContent,
+            history_visibility::{HistoryVisibility, RoomHistoryVisibilityEventContent},
+        },
+    },
     serde::Raw,
 };
 use serde_json::{Value, json};
@@ -558,8 +565,9 @@ impl Crypto {
         }
     }
 
-    /// Encrypts `content` for the room as `user`'s device, sharing the room key with every
-    /// device of the room's members first. Returns the `m.room.encrypted` content.
+    /// Encrypts `content` for the room as `user`'s device, sharing the room key with the devices
+    /// of the room's members first (invited ones too, unless only joined members may read the
+    /// history), with the room's rotation settings. Returns the `m.room.encrypted` content.
     pub(crate) async fn encrypt(
         &self,
         user: &ruma::UserId,
@@ -568,19 +576,12 @@ impl Crypto {
         content: &Value,
     ) -> Result<Value, Error> {
         let device = self.device(user).await?;
-        let path = format!("/_matrix/client/v3/rooms/{}/joined_members", enc(room.as_str()));
-        let joined = self
+        let path = format!("/_matrix/client/v3/rooms/{}/state", enc(room.as_str()));
+        let state = self
             .client
             .request(Method::GET, &path, Some(user), &[], None)
             .await?;
-        let members: Vec<OwnedUserId> = joined["joined"]
-            .as_object()
-            .map(|m| {
-                m.keys()
-                    .filter_map(|u| OwnedUserId::try_from(u.as_str()).ok())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let Recipients { members, settings } = recipients(&state);
         let room_id = OwnedRoomId::try_from(room.as_str()).map_err(crypto_error)?;
         let _busy = device.busy.lock().await;
         let olm = &device.olm;
@@ -611,11 +612,7 @@ impl Crypto {
                 .map_err(crypto_error)?;
         }
         let shares = olm
-            .share_room_key(
-                &room_id,
-                members.iter().map(AsRef::as_ref),
-                EncryptionSettings::default(),
-            )
+            .share_room_key(&room_id, members.iter().map(AsRef::as_ref), settings)
             .await
             .map_err(crypto_error)?;
         for share in shares {
@@ -631,5 +628,98 @@ impl Crypto {
             .await
             .map_err(crypto_error)?;
         serde_json::from_str(encrypted.content.json().get()).map_err(crypto_error)
+    }
+}
+
+/// Who gets a room's key, and how often it changes.
+struct Recipients {
+    members: Vec<OwnedUserId>,
+    settings: EncryptionSettings,
+}
+
+/// Reads the room's state (`GET /rooms/{id}/state`) as Element does: joined members, and invited
+/// ones when they may read what was said before they joined (a chat a bridge opens and writes in
+/// before its invitee accepts); the rotation periods of `m.room.encryption`.
+fn recipients(state: &Value) -> Recipients {
+    let events = state.as_array().map(Vec::as_slice).unwrap_or_default();
+    let content = |kind: &str| {
+        events
+            .iter()
+            .find(|e| e["type"] == kind && e["state_key"] == "")
+            .map(|e| e["content"].clone())
+    };
+    let visibility = content("m.room.history_visibility")
+        .and_then(|c| serde_json::from_value::<RoomHistoryVisibilityEventContent>(c).ok())
+        .map_or(HistoryVisibility::Shared, |c| c.history_visibility);
+    let settings = content("m.room.encryption")
+        .and_then(|c| serde_json::from_value::<RoomEncryptionEventContent>(c).ok())
+        .map_or_else(EncryptionSettings::default, |c| {
+            EncryptionSettings::new(c, visibility.clone(), CollectStrategy::default())
+        });
+    let invited_read = visibility != HistoryVisibility::Joined;
+    let members = events
+        .iter()
+        .filter(|e| e["type"] == "m.room.member")
+        .filter(|e| match e["content"]["membership"].as_str() {
+            Some("join") => true,
+            Some("invite") => invited_read,
+            _ => false,
+        })
+        .filter_map(|e| e["state_key"].as_str())
+        .filter_map(|u| OwnedUserId::try_from(u).ok())
+        .collect();
+    Recipients { members, settings }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(user: &str, membership: &str) -> Value {
+        json!({"type": "m.room.member", "state_key": user, "content": {"membership": membership}})
+    }
+
+    fn users(recipients: &Recipients) -> Vec<&str> {
+        recipients.members.iter().map(|u| u.as_str()).collect()
+    }
+
+    #[test]
+    fn invited_members_get_the_key_unless_history_is_for_joined_members() {
+        let mut state = vec![
+            member("@bot:hs", "join"),
+            member("@alice:hs", "invite"),
+            member("@bob:hs", "leave"),
+            member("@carol:hs", "ban"),
+            member("@dave:hs", "knock"),
+            json!({"type": "m.room.encryption", "state_key": "",
+                   "content": {"algorithm": "m.megolm.v1.aes-sha2",
+                               "rotation_period_ms": 3_600_000, "rotation_period_msgs": 10}}),
+        ];
+        let shared = recipients(&Value::Array(state.clone()));
+        assert_eq!(users(&shared), ["@bot:hs", "@alice:hs"]);
+        assert_eq!(shared.settings.history_visibility, HistoryVisibility::Shared);
+        assert_eq!(shared.settings.rotation_period_msgs, 10);
+        assert_eq!(shared.settings.rotation_period.as_millis(), 3_600_000);
+
+        state.push(json!({"type": "m.room.history_visibility", "state_key": "",
+                          "content": {"history_visibility": "joined"}}));
+        let joined = recipients(&Value::Array(state));
+        assert_eq!(users(&joined), ["@bot:hs"]);
+        assert_eq!(joined.settings.history_visibility, HistoryVisibility::Joined);
+    }
+
+    #[test]
+    fn odd_state_falls_back_to_defaults() {
+        let state = json!([
+            {"type": "m.room.member", "state_key": "not a user id", "content": {"membership": "join"}},
+            {"type": "m.room.encryption", "state_key": "", "content": {"rotation_period_msgs": "many"}},
+            {"type": "m.room.history_visibility", "state_key": "x", "content": {"history_visibility": "joined"}},
+        ]);
+        let odd = recipients(&state);
+        assert!(odd.members.is_empty());
+        let defaults = EncryptionSettings::default();
+        assert_eq!(odd.settings.rotation_period_msgs, defaults.rotation_period_msgs);
+        assert_eq!(odd.settings.history_visibility, HistoryVisibility::Shared);
+        assert!(recipients(&json!({"errcode": "M_FORBIDDEN"})).members.is_empty());
     }
 }
