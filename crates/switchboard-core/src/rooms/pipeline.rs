@@ -105,20 +105,29 @@ pub(super) struct Resolution {
 }
 
 impl Accepted {
-    /// `pdu` with the `unsigned` data of a state event replacing another in `state`.
+    /// `pdu` with the `unsigned` data of a state event replacing another in `state`, and for an
+    /// invite or a knock the room's stripped state before it (Synapse's `invite_room_state` /
+    /// `knock_room_state`: services and clients see what the room is without joining it).
     pub(super) fn new(pdu: Pdu, state: &StateView<'_>) -> Self {
         let state_key = pdu
             .state_key
             .clone()
             .map(|k| (StateEventType::from(pdu.kind.to_string()), k));
-        let unsigned = state_key.as_ref().and_then(|key| state.get(key)).map(|prev| {
-            json!({
-                "replaces_state": prev.event_id,
-                "prev_content": prev.content,
-                "prev_sender": prev.sender,
-            })
-            .to_string()
-        });
+        let mut unsigned = serde_json::Map::new();
+        if let Some(prev) = state_key.as_ref().and_then(|key| state.get(key)) {
+            unsigned.insert("replaces_state".to_owned(), json!(prev.event_id));
+            unsigned.insert("prev_content".to_owned(), json!(prev.content));
+            unsigned.insert("prev_sender".to_owned(), json!(prev.sender));
+        }
+        let preview = match pdu.membership().as_deref() {
+            Some("invite") => Some("invite_room_state"),
+            Some("knock") => Some("knock_room_state"),
+            _ => None,
+        };
+        if let Some(field) = preview {
+            unsigned.insert(field.to_owned(), stripped_state(state, &pdu.sender).into());
+        }
+        let unsigned = (!unsigned.is_empty()).then(|| serde_json::Value::Object(unsigned).to_string());
         Self {
             pdu,
             state_key,
@@ -128,6 +137,18 @@ impl Accepted {
             relay: false,
         }
     }
+}
+
+/// The stripped state an invitee or knocker is shown: the spec's recommended kinds, and the
+/// member event of the one who sends the invite (or knocks), as Synapse sends.
+fn stripped_state(state: &StateView<'_>, sender: &UserId) -> Vec<serde_json::Value> {
+    crate::federation::STRIPPED
+        .iter()
+        .map(|kind| (StateEventType::from(*kind), String::new()))
+        .chain([(StateEventType::RoomMember, sender.to_string())])
+        .filter_map(|key| state.get(&key))
+        .map(|e| e.to_stripped())
+        .collect()
 }
 
 impl Rooms {

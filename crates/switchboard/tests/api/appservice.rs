@@ -828,7 +828,7 @@ async fn interest_follows_the_namespaces() {
 
     // A member event whose state_key is in the namespace: the invite goes to the service; the
     // room's chatter does not while the ghost is only invited.
-    let invited_room = s.create_room(&alice, json!({})).await;
+    let invited_room = s.create_room(&alice, json!({"name": "Invited here"})).await;
     send_ok(&s, &alice, &invited_room, "b1", "before-invite").await;
     s.ok(
         Method::POST,
@@ -885,6 +885,38 @@ async fn interest_follows_the_namespaces() {
         .unwrap_or_else(|| panic!("the invite of the ghost reaches the service: {}", fake.summary()));
     assert_eq!(invite["room_id"], invited_room.as_str());
     assert_eq!(invite["sender"], alice.user_id.as_str());
+    // As from Synapse: the room's stripped state, so the service knows the room before joining.
+    let preview = invite["unsigned"]["invite_room_state"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no invite_room_state in {invite}"));
+    let kinds: Vec<(&str, &str)> = preview
+        .iter()
+        .map(|e| {
+            (
+                e["type"].as_str().unwrap_or(""),
+                e["state_key"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    for kind in ["m.room.create", "m.room.join_rules", "m.room.name"] {
+        assert!(kinds.contains(&(kind, "")), "{kind} missing from {preview:?}");
+    }
+    assert!(
+        kinds.contains(&("m.room.member", alice.user_id.as_str())),
+        "the inviter's member event: {preview:?}"
+    );
+    assert!(
+        !kinds.contains(&("m.room.member", ghost_b.as_str())),
+        "the invitee's own event: {preview:?}"
+    );
+    let name = preview.iter().find(|e| e["type"] == "m.room.name");
+    assert_eq!(name.map(|e| &e["content"]["name"]), Some(&json!("Invited here")));
+    assert!(
+        preview
+            .iter()
+            .all(|e| e.get("event_id").is_none() && e["sender"].is_string()),
+        "stripped: {preview:?}"
+    );
     assert!(
         events.iter().all(|e| e["room_id"] != quiet.as_str()),
         "nothing from a room without interest"
