@@ -182,13 +182,12 @@ impl Rooms {
 
     /// The state an invitee sees of a room before joining (the spec's stripped state).
     pub async fn stripped_state(&self, room_id: &RoomId) -> Result<Vec<serde_json::Value>> {
-        Ok(self
-            .current_state(room_id)
-            .await?
-            .iter()
-            .filter(|e| crate::federation::STRIPPED.contains(&e.event_type.as_str()))
-            .map(|e| e.to_stripped())
-            .collect())
+        let handle = self.handle(room_id).await?;
+        let inner = handle.inner.lock().await;
+        Ok(pipeline::stripped_state(
+            &pipeline::StateView::over(&inner.state),
+            None,
+        ))
     }
 
     fn cached(&self, room_id: &RoomId) -> Option<Arc<RoomHandle>> {

@@ -125,7 +125,7 @@ impl Accepted {
             _ => None,
         };
         if let Some(field) = preview {
-            unsigned.insert(field.to_owned(), stripped_state(state, &pdu.sender).into());
+            unsigned.insert(field.to_owned(), stripped_state(state, Some(&pdu.sender)).into());
         }
         let unsigned = (!unsigned.is_empty()).then(|| serde_json::Value::Object(unsigned).to_string());
         Self {
@@ -139,13 +139,13 @@ impl Accepted {
     }
 }
 
-/// The stripped state an invitee or knocker is shown: the spec's recommended kinds, and the
-/// member event of the one who sends the invite (or knocks), as Synapse sends.
-fn stripped_state(state: &StateView<'_>, sender: &UserId) -> Vec<serde_json::Value> {
+/// The stripped state an invitee or knocker is shown: the spec's recommended kinds, and with
+/// `member` that user's member event (the one who sends an invite or knocks, as Synapse sends).
+pub(super) fn stripped_state(state: &StateView<'_>, member: Option<&UserId>) -> Vec<serde_json::Value> {
     crate::federation::STRIPPED
         .iter()
         .map(|kind| (StateEventType::from(*kind), String::new()))
-        .chain([(StateEventType::RoomMember, sender.to_string())])
+        .chain(member.map(|user| (StateEventType::RoomMember, user.to_string())))
         .filter_map(|key| state.get(&key))
         .map(|e| e.to_stripped())
         .collect()
